@@ -1,0 +1,288 @@
+"""The standard offline evaluation protocol for next-item recommendation, over arrays.
+
+Per user, interactions are ordered by timestamp (ties: log order); the last one is the
+test target, the second-last the validation target, the rest is training history
+(:func:`leave_last_split`). Every target is ranked against ALL items (full ranking, nothing
+excluded) and Recall@k / NDCG@k are averaged over users (:func:`evaluate_ranking`). Ties
+count against the target (pessimistic rank), so constant scores never look lucky.
+
+Slices (:func:`target_slices`): ``head`` = targets among the top 20% items by training
+interactions, ``cold`` = targets that never appear in any training interaction.
+
+:func:`holdout_split` is the publish gate's split: the latest interaction of the most recent
+users, never trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quantize.exceptions import QuantizeError
+
+ScoreFn = Callable[[np.ndarray], "np.ndarray | torch.Tensor"]
+"""Given case indices ``[b]`` returns scores ``[b, n_items]`` for those evaluation cases."""
+
+
+def _check_log(users: np.ndarray, timestamps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    u = np.asarray(users)
+    t = np.asarray(timestamps)
+    if u.ndim != 1 or t.shape != u.shape:
+        raise QuantizeError(
+            f"users {u.shape} and timestamps {t.shape} must be parallel 1-D arrays (one entry "
+            "per interaction); pass the interaction log column by column"
+        )
+    if u.size and (not np.issubdtype(u.dtype, np.integer) or u.min() < 0):
+        raise QuantizeError("users must be non-negative integer indices; map user ids first")
+    return u.astype(np.int64), t.astype(np.int64)
+
+
+def time_order(users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:
+    """Permutation sorting the log by (user, timestamp, log position)."""
+    u, t = _check_log(users, timestamps)
+    return np.lexsort((np.arange(len(u)), t, u))
+
+
+@dataclass(frozen=True)
+class LeaveLastSplit:
+    """Boolean masks over the interaction log: exactly one of them is set per interaction.
+
+    Users with >= 3 interactions get a test and a validation target; users with 2 a test
+    target only; users with 1 keep it as training history.
+    """
+
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+
+
+def leave_last_split(users: np.ndarray, timestamps: np.ndarray) -> LeaveLastSplit:
+    """Per user: last interaction -> test, second-last -> validation, the rest -> train."""
+    u, _ = _check_log(users, timestamps)
+    order = time_order(users, timestamps)
+    su = u[order]
+    n = len(su)
+    last = np.ones(n, dtype=bool)
+    if n:
+        last[:-1] = su[1:] != su[:-1]
+    first = np.ones(n, dtype=bool)
+    if n:
+        first[1:] = su[1:] != su[:-1]
+    second_last = np.zeros(n, dtype=bool)
+    if n > 1:
+        second_last[:-1] = last[1:] & ~last[:-1] & (su[:-1] == su[1:])
+    test_sorted = last & ~first
+    # A user with exactly two interactions gives its second to test, keeps the first.
+    valid_sorted = second_last & ~first
+    test = np.zeros(n, dtype=bool)
+    valid = np.zeros(n, dtype=bool)
+    test[order] = test_sorted
+    valid[order] = valid_sorted
+    return LeaveLastSplit(train=~(test | valid), valid=valid, test=test)
+
+
+def user_sequences(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, n_users: int | None = None
+) -> list[np.ndarray]:
+    """Per user index, the item indices in time order (empty arrays for absent users)."""
+    order = time_order(users, timestamps)
+    su = np.asarray(users, dtype=np.int64)[order]
+    si = np.asarray(items, dtype=np.int64)[order]
+    count = int(su.max()) + 1 if su.size else 0
+    total = count if n_users is None else n_users
+    if total < count:
+        raise QuantizeError(f"n_users={total} but the log has user index {count - 1}; raise it")
+    bounds = np.searchsorted(su, np.arange(total + 1))
+    return [si[bounds[i] : bounds[i + 1]] for i in range(total)]
+
+
+def pad_histories(sequences: list[np.ndarray], max_len: int) -> np.ndarray:
+    """The last ``max_len`` items of each sequence, left-padded with ``-1`` to ``[n, max_len]``."""
+    out = np.full((len(sequences), max_len), -1, dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        tail = np.asarray(seq, dtype=np.int64)[-max_len:]
+        if len(tail):
+            out[i, max_len - len(tail) :] = tail
+    return out
+
+
+def ranks(scores: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor) -> np.ndarray:
+    """0-based rank of each target among all items; ties count against the target.
+
+    ``rank = #(score > s_t) + #(score == s_t) - 1`` where ``s_t`` is the target's score.
+    """
+    s = torch.as_tensor(scores)
+    t = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=s.device)
+    if s.ndim != 2 or t.shape != (s.shape[0],):
+        raise QuantizeError(
+            f"scores {tuple(s.shape)} and targets {tuple(t.shape)} do not match: pass scores "
+            "[n_cases, n_items] and one target per case"
+        )
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= s.shape[1]):
+        raise QuantizeError(
+            f"a target item index is outside [0, {s.shape[1]}); score every item of the domain"
+        )
+    target_scores = s.gather(1, t.view(-1, 1))
+    if torch.isnan(s).any():
+        raise QuantizeError("scores contain NaN; the model diverged: lower the learning rate")
+    return ((s >= target_scores).sum(dim=1) - 1).cpu().numpy().astype(np.int64)
+
+
+def recall_ndcg(rank: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Per-case Recall@k (hit) and NDCG@k (one relevant item) from 0-based ranks."""
+    r = np.asarray(rank, dtype=np.int64)
+    hit = r < k
+    ndcg = np.where(hit, 1.0 / np.log2(r.astype(np.float64) + 2.0), 0.0)
+    return hit.astype(np.float64), ndcg
+
+
+@dataclass(frozen=True)
+class SliceMetrics:
+    """Mean Recall@k and NDCG@k over the ``n`` cases of one slice (NaN when empty)."""
+
+    recall: float
+    ndcg: float
+    n: int
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Metrics per slice (``"all"`` always present) and the per-case ranks."""
+
+    k: int
+    slices: dict[str, SliceMetrics]
+    rank: np.ndarray
+
+    @property
+    def recall(self) -> float:
+        return self.slices["all"].recall
+
+    @property
+    def ndcg(self) -> float:
+        return self.slices["all"].ndcg
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat ``{"recall", "ndcg", "<slice>_recall", "<slice>_ndcg", "<slice>_n"}``."""
+        out: dict[str, float] = {}
+        for name, m in self.slices.items():
+            prefix = "" if name == "all" else f"{name}_"
+            out[f"{prefix}recall"] = m.recall
+            out[f"{prefix}ndcg"] = m.ndcg
+            out[f"{prefix}n"] = float(m.n)
+        return out
+
+
+def summarize(
+    rank: np.ndarray, k: int = 10, slices: Mapping[str, np.ndarray] | None = None
+) -> Evaluation:
+    """Average Recall@k / NDCG@k over all cases and over each boolean slice mask."""
+    recall, ndcg = recall_ndcg(rank, k)
+    masks: dict[str, np.ndarray] = {"all": np.ones(len(rank), dtype=bool)}
+    for name, mask in (slices or {}).items():
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != (len(rank),):
+            raise QuantizeError(
+                f"slice {name!r} has shape {m.shape} but there are {len(rank)} cases; pass one "
+                "flag per evaluation case"
+            )
+        masks[name] = m
+    out = {}
+    for name, m in masks.items():
+        n = int(m.sum())
+        out[name] = SliceMetrics(
+            recall=float(recall[m].mean()) if n else float("nan"),
+            ndcg=float(ndcg[m].mean()) if n else float("nan"),
+            n=n,
+        )
+    return Evaluation(k=k, slices=out, rank=np.asarray(rank, dtype=np.int64))
+
+
+def evaluate_ranking(
+    score_fn: ScoreFn,
+    targets: np.ndarray,
+    *,
+    k: int = 10,
+    slices: Mapping[str, np.ndarray] | None = None,
+    batch_size: int = 1024,
+) -> Evaluation:
+    """Full-ranking evaluation of ``len(targets)`` cases, scored in batches by ``score_fn``."""
+    t = np.asarray(targets, dtype=np.int64)
+    if t.ndim != 1:
+        raise QuantizeError(f"targets must be 1-D (one item per case), got shape {t.shape}")
+    if batch_size < 1 or k < 1:
+        raise QuantizeError(f"batch_size={batch_size} and k={k} must be >= 1")
+    parts = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(t), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(t)))
+        parts.append(ranks(score_fn(idx), t[idx]))
+    return summarize(np.concatenate(parts), k, slices)
+
+
+def target_slices(
+    train_items: np.ndarray, targets: np.ndarray, n_items: int, *, head_fraction: float = 0.2
+) -> dict[str, np.ndarray]:
+    """``head`` and ``cold`` masks over ``targets`` given the training interactions' items.
+
+    Head items: the top ``head_fraction`` of all ``n_items`` by training count (ties: lower
+    index first). Cold: never in a training interaction.
+    """
+    if not 0.0 < head_fraction <= 1.0:
+        raise QuantizeError(f"head_fraction={head_fraction} must be in (0, 1]")
+    counts = np.bincount(np.asarray(train_items, dtype=np.int64), minlength=n_items)
+    if len(counts) != n_items:
+        raise QuantizeError(
+            f"training items reach index {len(counts) - 1} but n_items={n_items}; pass the "
+            "domain's item count"
+        )
+    order = np.lexsort((np.arange(n_items), -counts))
+    head = np.zeros(n_items, dtype=bool)
+    head[order[: round(head_fraction * n_items)]] = True
+    t = np.asarray(targets, dtype=np.int64)
+    return {"head": head[t], "cold": counts[t] == 0}
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Indices into the log: ``train`` (everything else) and ``holdout`` (one per chosen user)."""
+
+    train: np.ndarray
+    holdout: np.ndarray
+
+
+def holdout_split(
+    users: np.ndarray,
+    timestamps: np.ndarray,
+    *,
+    max_users: int = 1000,
+    min_history: int = 1,
+) -> Holdout:
+    """The publish gate's split: the latest interaction of the most recently active users.
+
+    Users are ranked by the time of their last interaction (most recent first; ties: later
+    log position first); among those with at least ``min_history`` earlier interactions, the
+    first ``max_users`` give their last interaction to the holdout. The model that is
+    gated must be trained on ``train`` only.
+    """
+    if max_users < 0 or min_history < 0:
+        raise QuantizeError(f"max_users={max_users} and min_history={min_history} must be >= 0")
+    u, t = _check_log(users, timestamps)
+    order = time_order(u, t)
+    su = u[order]
+    n = len(su)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return Holdout(train=empty, holdout=empty)
+    last = np.ones(n, dtype=bool)
+    last[:-1] = su[1:] != su[:-1]
+    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]])
+    ends = np.flatnonzero(last)
+    history = ends - starts  # interactions before the last one
+    candidates = order[ends][history >= min_history]
+    recency = np.lexsort((candidates, t[candidates]))[::-1]
+    held = np.sort(candidates[recency[:max_users]])
+    mask = np.ones(n, dtype=bool)
+    mask[held] = False
+    return Holdout(train=np.flatnonzero(mask), holdout=held)

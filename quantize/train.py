@@ -1,0 +1,473 @@
+"""Per-domain training of a :class:`~quantize.table_model.CodeTableRecommender`.
+
+:func:`train_domain` trains next-item prediction over a domain's interaction log (parallel
+arrays: user index, item index, timestamp). Every user's time-ordered sequence is cut into
+windows of ``max_len`` inputs from the end; every position predicts the next item
+(SASRec-style), with a full softmax over the domain's items (or shared sampled negatives
+for very large domains). The last interaction of every user is held out as the validation
+target for early stopping; the parameters of the best validation epoch are returned.
+
+Warm starts: ``init_from`` loads a previous version or a cross-domain pretrained model
+(shapes that grew, e.g. more table rows, keep their fresh initialisation beyond the copied
+overlap). With ``new_since`` only windows holding interactions at or after that timestamp
+are trained, plus a replay sample of older windows (incremental adaptation).
+``trainable="domain"`` freezes the shared encoder so only the domain table moves.
+
+Deterministic for a seed on a given device and thread count; the global torch RNG and
+thread count are restored on return.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from quantize.evaluate import evaluate_ranking, pad_histories, time_order
+from quantize.exceptions import QuantizeError
+from quantize.table_model import (
+    CodeTableRecommender,
+    ModelConfig,
+    Params,
+    build_model,
+    check_item_rows,
+    count_parameters,
+    export_params,
+    load_params,
+)
+
+Trainable = Literal["all", "domain"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings (the same rule for every domain).
+
+    ``epochs``: maximum passes over the training windows. ``patience``: epochs without a
+    validation NDCG@10 gain before stopping (0 = never stop early). ``trainable``:
+    ``"all"`` or ``"domain"`` (shared encoder frozen). ``replay_ratio``: in incremental
+    mode, old windows sampled per new window. ``negatives``: 0 = full softmax, else the
+    number of uniformly sampled items shared by a batch. ``threads``: torch CPU threads
+    while training. ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+    ``max_seconds``: stop after the epoch that crosses this wall time. ``val_users``: cap on
+    validation users (a seeded sample), ``None`` = all.
+    """
+
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    trainable: Trainable = "all"
+    replay_ratio: float = 1.0
+    negatives: int = 0
+    seed: int = 0
+    threads: int = 2
+    device: str = "auto"
+    max_seconds: float | None = None
+    val_users: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1 or self.batch_size < 1 or self.threads < 1:
+            problems.append("epochs, batch_size and threads must be >= 1")
+        if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
+            problems.append("lr must be > 0, weight_decay and patience >= 0")
+        if self.trainable not in ("all", "domain"):
+            problems.append(f"trainable={self.trainable!r} is not 'all' or 'domain'")
+        if self.replay_ratio < 0 or self.negatives < 0:
+            problems.append("replay_ratio and negatives must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            problems.append(f"device={self.device!r} is not 'auto', 'cpu' or 'cuda'")
+        if problems:
+            raise QuantizeError(
+                "invalid TrainConfig: " + "; ".join(problems) + "; fix the training settings"
+            )
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """Progress after one epoch (passed to the ``progress`` callback)."""
+
+    epoch: int
+    loss: float
+    val_recall: float
+    val_ndcg: float
+    elapsed_s: float
+    best_epoch: int
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Trained parameters (best validation epoch) and how training went."""
+
+    params: Params
+    config: ModelConfig
+    epochs_run: int
+    best_epoch: int
+    wall_s: float
+    trainable_params: int
+    n_windows: int
+    n_targets: int
+    val_recall: float
+    val_ndcg: float
+    history: list[EpochReport] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Flat summary for logs and benchmarks."""
+        return {
+            "val_recall": self.val_recall,
+            "val_ndcg": self.val_ndcg,
+            "epochs_run": float(self.epochs_run),
+            "best_epoch": float(self.best_epoch),
+            "wall_s": self.wall_s,
+            "trainable_params": float(self.trainable_params),
+            "n_windows": float(self.n_windows),
+            "n_targets": float(self.n_targets),
+        }
+
+
+@dataclass(frozen=True)
+class _Windows:
+    inputs: np.ndarray  # int64 [n_windows, max_len], left-padded with -1
+    targets: np.ndarray  # int64 [n_windows, max_len], -1 = no loss at this position
+    is_new: np.ndarray  # bool [n_windows]: holds a target at/after new_since
+
+
+@dataclass(frozen=True)
+class _Data:
+    windows: _Windows
+    val_histories: np.ndarray  # int64 [n_val, max_len]
+    val_targets: np.ndarray  # int64 [n_val]
+
+
+def _prepare(
+    users: np.ndarray,
+    items: np.ndarray,
+    timestamps: np.ndarray,
+    n_items: int,
+    max_len: int,
+    new_since: int | None,
+    validate: bool,
+) -> _Data:
+    u = np.asarray(users, dtype=np.int64)
+    it = np.asarray(items, dtype=np.int64)
+    ts = np.asarray(timestamps, dtype=np.int64)
+    if not (u.shape == it.shape == ts.shape) or u.ndim != 1:
+        raise QuantizeError(
+            f"users {u.shape}, items {it.shape} and timestamps {ts.shape} must be parallel 1-D "
+            "arrays; pass the interaction log column by column"
+        )
+    if it.size and (it.min() < 0 or it.max() >= n_items):
+        raise QuantizeError(
+            f"item indices must be in [0, {n_items}) (rows of item_rows), got "
+            f"[{it.min()}, {it.max()}]; map item ids to table rows first"
+        )
+    order = time_order(u, ts)
+    su, si, st = u[order], it[order], ts[order]
+    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if su.size else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(su)].astype(np.int64)
+    inputs: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    is_new: list[bool] = []
+    val_hist: list[np.ndarray] = []
+    val_tgt: list[int] = []
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        seq = si[a:b]
+        stamps = st[a:b]
+        if validate and len(seq) >= 2:
+            val_hist.append(seq[:-1])
+            val_tgt.append(int(seq[-1]))
+            seq, stamps = seq[:-1], stamps[:-1]
+        # pairs (input seq[i], target seq[i + 1]) for i < len(seq) - 1, cut from the end
+        end = len(seq) - 1
+        while end > 0:
+            begin = max(0, end - max_len)
+            inp = np.full(max_len, -1, dtype=np.int64)
+            tgt = np.full(max_len, -1, dtype=np.int64)
+            inp[max_len - (end - begin) :] = seq[begin:end]
+            tgt[max_len - (end - begin) :] = seq[begin + 1 : end + 1]
+            inputs.append(inp)
+            targets.append(tgt)
+            is_new.append(
+                new_since is not None and bool((stamps[begin + 1 : end + 1] >= new_since).any())
+            )
+            end = begin
+    shape = (len(inputs), max_len)
+    windows = _Windows(
+        inputs=np.stack(inputs) if inputs else np.zeros(shape, np.int64),
+        targets=np.stack(targets) if targets else np.zeros(shape, np.int64),
+        is_new=np.asarray(is_new, dtype=bool),
+    )
+    return _Data(windows, pad_histories(val_hist, max_len), np.asarray(val_tgt, dtype=np.int64))
+
+
+def _select_windows(
+    windows: _Windows, new_since: int | None, replay_ratio: float, rng: np.random.Generator
+) -> np.ndarray:
+    if new_since is None:
+        return np.arange(len(windows.inputs))
+    new = np.flatnonzero(windows.is_new)
+    old = np.flatnonzero(~windows.is_new)
+    n_replay = min(len(old), round(replay_ratio * len(new)))
+    replay = rng.choice(old, size=n_replay, replace=False) if n_replay else old[:0]
+    return np.sort(np.concatenate([new, replay]))
+
+
+def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of windows of similar length (little padding), in random order."""
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise QuantizeError(
+                "device='cuda' was asked but CUDA is not available; use 'auto' or 'cpu'"
+            )
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def score_histories(
+    model: CodeTableRecommender,
+    item_rows: np.ndarray | torch.Tensor,
+    histories: np.ndarray,
+    *,
+    text: np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """Scores ``[n, n_items]`` of every item after each left-padded history ``[n, T]``."""
+    device = next(model.parameters()).device
+    rows = torch.as_tensor(np.asarray(item_rows, dtype=np.int64), device=device)
+    txt = (
+        None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
+    )
+    out = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        vecs = model.item_vectors(rows, txt)
+        for start in range(0, len(histories), batch_size):
+            batch = torch.as_tensor(histories[start : start + batch_size], device=device)
+            out.append(model.score_last(batch[:, -model.config.max_len :], vecs).cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, rows.shape[0]), dtype=np.float32)
+
+
+def _validate(
+    model: CodeTableRecommender,
+    rows: torch.Tensor,
+    text: torch.Tensor | None,
+    histories: torch.Tensor,
+    targets: np.ndarray,
+) -> tuple[float, float]:
+    if len(targets) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    with torch.no_grad():
+        vecs = model.item_vectors(rows, text)
+
+        def score(idx: np.ndarray) -> torch.Tensor:
+            return model.score_last(histories[torch.as_tensor(idx, device=histories.device)], vecs)
+
+        result = evaluate_ranking(score, targets, batch_size=512)
+    model.train()
+    return result.recall, result.ndcg
+
+
+def _loss(
+    model: CodeTableRecommender,
+    vecs: torch.Tensor,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    negatives: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    states = model.encode(inputs, vecs)
+    keep = targets >= 0
+    states = states[keep]
+    tgt = targets[keep]
+    if negatives <= 0 or negatives >= vecs.shape[0]:
+        return F.cross_entropy(model.logits(states, vecs), tgt)
+    sampled = torch.randint(0, vecs.shape[0], (negatives,), generator=generator).to(vecs.device)
+    candidates, inverse = torch.unique(torch.cat([tgt, sampled]), return_inverse=True)
+    return F.cross_entropy(model.logits(states, vecs[candidates]), inverse[: len(tgt)])
+
+
+def train_domain(
+    item_rows: np.ndarray,
+    users: np.ndarray,
+    items: np.ndarray,
+    timestamps: np.ndarray,
+    *,
+    model_config: ModelConfig | None = None,
+    config: TrainConfig | None = None,
+    text: np.ndarray | None = None,
+    init_from: Mapping[str, np.ndarray] | None = None,
+    new_since: int | None = None,
+    n_rows: int | None = None,
+    progress: Callable[[EpochReport], None] | None = None,
+) -> TrainResult:
+    """Train (or fine-tune) a domain model on its interaction log; see the module docstring.
+
+    ``item_rows``: ``[n_items, max_code_len]`` table row ids per item (``-1`` padding);
+    ``items`` index its rows. ``text``: ``[n_items, text_dim]`` frozen text embeddings when
+    ``model_config.text_dim > 0``. ``init_from``: params to start from (a previous version,
+    or a pretrained model of another domain sharing the codebook). ``new_since``: train on
+    windows with targets at/after this timestamp plus a replay sample of older windows.
+    ``n_rows``: table size (default ``item_rows.max() + 1``).
+    """
+    mcfg = model_config or ModelConfig()
+    cfg = config or TrainConfig()
+    rows_np = check_item_rows(item_rows)
+    n_items = rows_np.shape[0]
+    if mcfg.text_dim and (text is None or np.asarray(text).shape != (n_items, mcfg.text_dim)):
+        got = None if text is None else np.asarray(text).shape
+        raise QuantizeError(
+            f"model_config.text_dim={mcfg.text_dim} needs text embeddings of shape "
+            f"({n_items}, {mcfg.text_dim}), got {got}; pass the items' frozen embeddings"
+        )
+    if cfg.trainable == "domain" and init_from is None:
+        raise QuantizeError(
+            "trainable='domain' freezes the shared encoder, so init_from must give trained "
+            "shared parameters; pass a pretrained model or use trainable='all'"
+        )
+    if new_since is not None and init_from is None:
+        raise QuantizeError(
+            "incremental training (new_since) adapts a previous version; pass it as init_from"
+        )
+    started = time.perf_counter()
+    data = _prepare(users, items, timestamps, n_items, mcfg.max_len, new_since, validate=True)
+    device = _device(cfg.device)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            return _run(
+                rows_np,
+                data,
+                mcfg,
+                cfg,
+                text,
+                init_from,
+                new_since,
+                n_rows,
+                device,
+                progress,
+                started,
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(
+    rows_np: np.ndarray,
+    data: _Data,
+    mcfg: ModelConfig,
+    cfg: TrainConfig,
+    text: np.ndarray | None,
+    init_from: Mapping[str, np.ndarray] | None,
+    new_since: int | None,
+    n_rows: int | None,
+    device: torch.device,
+    progress: Callable[[EpochReport], None] | None,
+    started: float,
+) -> TrainResult:
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = build_model(mcfg, rows_np, n_rows)
+    if init_from is not None:
+        load_params(model, init_from, partial=True)
+    model.to(device)
+    if cfg.trainable == "domain":
+        for p in model.shared_parameters():
+            p.requires_grad_(False)
+        params = model.domain_parameters()
+    else:
+        params = [p for p in model.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rows = torch.as_tensor(rows_np, device=device)
+    txt = (
+        None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
+    )
+    chosen = _select_windows(data.windows, new_since, cfg.replay_ratio, rng)
+    inputs = torch.as_tensor(data.windows.inputs[chosen], device=device)
+    targets = torch.as_tensor(data.windows.targets[chosen], device=device)
+    lengths_np = (data.windows.inputs[chosen] >= 0).sum(axis=1)
+    val_targets = data.val_targets
+    val_hist_np = data.val_histories
+    if cfg.val_users is not None and len(val_targets) > cfg.val_users:
+        keep = np.sort(rng.choice(len(val_targets), size=cfg.val_users, replace=False))
+        val_targets, val_hist_np = val_targets[keep], val_hist_np[keep]
+    val_hist = torch.as_tensor(val_hist_np, device=device)
+    n_targets = int((targets >= 0).sum())
+    history: list[EpochReport] = []
+    best = (-1.0, 0, float("nan"), float("nan"))  # ndcg, epoch, recall, ndcg
+    best_params: Params | None = None
+    if len(chosen) == 0:
+        raise QuantizeError(
+            "no training windows: every user has at most one interaction besides the "
+            "validation target (or none is new); collect more interactions before training"
+        )
+    model.train()
+    for epoch in range(1, cfg.epochs + 1):
+        total = 0.0
+        steps = 0
+        for idx in _batches(lengths_np, cfg.batch_size, rng):
+            batch = torch.as_tensor(idx, device=device)
+            width = int(lengths_np[idx].max())
+            vecs = model.item_vectors(rows, txt)
+            loss = _loss(
+                model,
+                vecs,
+                inputs[batch, -width:],
+                targets[batch, -width:],
+                cfg.negatives,
+                generator,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+        recall, ndcg = _validate(model, rows, txt, val_hist, val_targets)
+        score = ndcg if not np.isnan(ndcg) else -float(epoch)
+        if best_params is None or score > best[0]:
+            best = (score, epoch, recall, ndcg)
+            best_params = export_params(model)
+        report = EpochReport(
+            epoch, total / max(steps, 1), recall, ndcg, time.perf_counter() - started, best[1]
+        )
+        history.append(report)
+        if progress is not None:
+            progress(report)
+        if cfg.patience and epoch - best[1] >= cfg.patience:
+            break
+        if cfg.max_seconds is not None and report.elapsed_s >= cfg.max_seconds:
+            break
+    if best_params is None:  # unreachable: epochs >= 1 always sets it
+        raise QuantizeError("training ran no epoch; set epochs >= 1")
+    trainable = count_parameters(params)
+    return TrainResult(
+        params=best_params,
+        config=mcfg,
+        epochs_run=len(history),
+        best_epoch=best[1],
+        wall_s=time.perf_counter() - started,
+        trainable_params=trainable,
+        n_windows=len(chosen),
+        n_targets=n_targets,
+        val_recall=best[2],
+        val_ndcg=best[3],
+        history=history,
+    )

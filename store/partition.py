@@ -1,0 +1,176 @@
+"""The state partition: an ordered key-value store with column families.
+
+Modelled on quix-streams' ``state/``: one abstract :class:`StorePartition` with a
+RocksDB implementation (:mod:`store.rocksdb`) and an in-memory one
+(:mod:`store.memory`); the same test suite runs against both.
+
+Keys and values are ``bytes``. Every change goes through a :class:`WriteBatch`
+which is applied atomically by :meth:`StorePartition.write`: the worker puts a
+polled batch's state changes *and* the next consumer offset of each partition in
+the same batch, so state and offsets never disagree.
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from store.exceptions import StateFormatError
+
+#: Column families every partition has. Values are documented in store/records.py.
+COLUMN_FAMILIES: tuple[str, ...] = (
+    "meta",  # format version, codebooks, misc singletons
+    "items",  # domain \x00 item_id -> ItemRecord
+    "popularity",  # domain \x00 item_id -> Popularity (small, hot)
+    "interactions",  # domain \x00 ts(8, BE) partition(4) offset(8) -> Interaction
+    "users",  # domain \x00 user_id -> recent item ids
+    "codes",  # domain \x00 item_id -> code assignment; code history
+    "versions",  # domain \x00 version(8, BE) -> version record; table rows
+    "offsets",  # topic \x00 partition(4, BE) -> next offset (8, BE)
+)
+
+#: The format marker every partition holds in ``meta``: ``FORMAT_KEY`` -> ``FORMAT``.
+FORMAT_KEY = b"format"
+FORMAT = b"adacode-state-v1"
+
+_OFFSET = struct.Struct(">q")
+_PARTITION = struct.Struct(">i")
+
+
+def offset_key(topic: str, partition: int) -> bytes:
+    """Key of a consumer offset in the ``offsets`` column family."""
+    return topic.encode() + b"\x00" + _PARTITION.pack(partition)
+
+
+def decode_offset_key(key: bytes) -> tuple[str, int]:
+    """Inverse of :func:`offset_key`.
+
+    The partition number is the fixed-size tail (its bytes may contain ``\\x00``, so
+    the key is not split at the last separator).
+    """
+    size = _PARTITION.size
+    topic, sep, part = key[: -size - 1], key[-size - 1 : -size], key[-size:]
+    if sep != b"\x00" or len(part) != size:
+        raise StateFormatError(
+            f"the offsets column family holds {key!r}, which is not an offset key "
+            "(topic, \\x00, 4-byte partition); the state store was written by other "
+            "software: move it away or point state_dir elsewhere"
+        )
+    return topic.decode(), _PARTITION.unpack(part)[0]
+
+
+def prefix_upper_bound(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with ``prefix``.
+
+    Trailing ``\\xff`` bytes are dropped and the last remaining byte incremented;
+    ``None`` when there is no such key (``prefix`` is empty or all ``\\xff``).
+    """
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def key_range(prefix: bytes, start: bytes | None, end: bytes | None) -> tuple[bytes, bytes | None]:
+    """The ``[lower, upper)`` key range of ``items(prefix=, start=, end=)``; ``None``: unbounded."""
+    lower = prefix if start is None else max(start, prefix)
+    upper = prefix_upper_bound(prefix)
+    if end is not None:
+        upper = end if upper is None else min(end, upper)
+    return lower, upper
+
+
+class WriteBatch(ABC):
+    """A set of changes applied all together or not at all."""
+
+    @abstractmethod
+    def put(self, cf: str, key: bytes, value: bytes) -> None:
+        """Set ``key`` to ``value`` in column family ``cf``."""
+
+    @abstractmethod
+    def delete(self, cf: str, key: bytes) -> None:
+        """Remove ``key`` from ``cf`` (no error if absent)."""
+
+    @abstractmethod
+    def delete_range(self, cf: str, start: bytes, end: bytes) -> None:
+        """Remove every key ``k`` of ``cf`` with ``start <= k < end`` (none if ``start >= end``)."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of operations recorded."""
+
+    def set_offset(self, topic: str, partition: int, next_offset: int) -> None:
+        """Record the next offset to consume for ``topic``/``partition``."""
+        self.put("offsets", offset_key(topic, partition), _OFFSET.pack(next_offset))
+
+
+class StorePartition(ABC):
+    """An ordered, column-family key-value store with atomic batches."""
+
+    @abstractmethod
+    def get(self, cf: str, key: bytes) -> bytes | None:
+        """The value of ``key`` in ``cf``, or ``None``."""
+
+    @abstractmethod
+    def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
+        """Values of many keys at once, in the order given."""
+
+    @abstractmethod
+    def items(
+        self,
+        cf: str,
+        *,
+        prefix: bytes = b"",
+        start: bytes | None = None,
+        end: bytes | None = None,
+        reverse: bool = False,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """Key/value pairs of ``cf`` in key order (``start <= k < end``, and ``k`` starts with ``prefix``)."""
+
+    @abstractmethod
+    def batch(self) -> WriteBatch:
+        """A new, empty batch for this partition."""
+
+    @abstractmethod
+    def write(self, batch: WriteBatch) -> None:
+        """Apply ``batch`` atomically and durably (fsync'd WAL where the backend has one).
+
+        The batch is consumed: writing it again raises. A failed write applies nothing
+        and raises :class:`store.exceptions.StoreWriteError`.
+        """
+
+    @abstractmethod
+    def checkpoint(self, path: Path) -> StorePartition:
+        """A consistent, read-only copy of the whole partition at one instant, opened at ``path``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the partition; further calls fail."""
+
+    # ---- derived helpers -------------------------------------------------------------
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        """Every stored next-offset, as ``{(topic, partition): offset}``."""
+        return {decode_offset_key(k): _OFFSET.unpack(v)[0] for k, v in self.items("offsets")}
+
+    def get_offset(self, topic: str, partition: int) -> int | None:
+        raw = self.get("offsets", offset_key(topic, partition))
+        return None if raw is None else _OFFSET.unpack(raw)[0]
+
+    def count(self, cf: str, *, prefix: bytes = b"") -> int:
+        return sum(1 for _ in self.items(cf, prefix=prefix))
+
+    def __enter__(self) -> StorePartition:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def apply_all(batch: WriteBatch, ops: Iterable[tuple[str, bytes, bytes]]) -> WriteBatch:
+    """Put each ``(cf, key, value)`` into ``batch``; returns ``batch``."""
+    for cf, key, value in ops:
+        batch.put(cf, key, value)
+    return batch

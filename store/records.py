@@ -1,0 +1,210 @@
+"""Binary layouts of the records kept in a partition.
+
+Every value starts with a one-byte layout version so that a later layout can be
+read beside an older one. Keys put the domain first (``domain \\x00 ...``) so a
+domain's records are one contiguous, ordered range.
+
+==============  =====================================  ==================================
+column family   key                                    value
+==============  =====================================  ==================================
+items           domain 0 item_id                       :class:`ItemRecord`
+popularity      domain 0 item_id                       :class:`Popularity`
+interactions    domain 0 ts(>q) partition(>i) off(>q)  :class:`LoggedInteraction`
+meta            b"domain/" domain                      :class:`DomainCounters`
+==============  =====================================  ==================================
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from store.exceptions import StoreError
+
+_V1 = 1
+
+
+def item_key(domain: str, item_id: str) -> bytes:
+    return f"{domain}\x00{item_id}".encode()
+
+
+def split_item_key(key: bytes) -> tuple[str, str]:
+    domain, _, item_id = key.decode().partition("\x00")
+    return domain, item_id
+
+
+def domain_prefix(domain: str) -> bytes:
+    return domain.encode() + b"\x00"
+
+
+def _corrupt(what: str, raw: bytes) -> StoreError:
+    return StoreError(
+        f"{what} record of {len(raw)} bytes is malformed or of an unknown layout "
+        f"(first byte {raw[:1]!r}); the state directory may be corrupted or written by a newer "
+        f"adacode: restore it from a backup or rebuild it by replaying the topics"
+    )
+
+
+# --- items ---------------------------------------------------------------------------
+
+_ITEM_HEAD = struct.Struct(">BBqqH")  # version, flags, first_seen, last_seen, text_hash length
+_PLACEHOLDER = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRecord:
+    """An item: its frozen embedding and when it was seen.
+
+    A *placeholder* stands for an item that interactions named before its item
+    event arrived: it has no embedding yet; the item event fills it in.
+    """
+
+    first_seen: int
+    last_seen: int
+    text_hash: bytes = b""
+    embedding: bytes = b""  # float32, little-endian
+    placeholder: bool = False
+
+    def vector(self) -> np.ndarray:
+        return np.frombuffer(self.embedding, dtype="<f4")
+
+    def encode(self) -> bytes:
+        flags = _PLACEHOLDER if self.placeholder else 0
+        head = _ITEM_HEAD.pack(_V1, flags, self.first_seen, self.last_seen, len(self.text_hash))
+        return head + self.text_hash + self.embedding
+
+    @classmethod
+    def decode(cls, raw: bytes) -> ItemRecord:
+        if len(raw) < _ITEM_HEAD.size or raw[0] != _V1:
+            raise _corrupt("item", raw)
+        _, flags, first, last, hlen = _ITEM_HEAD.unpack_from(raw)
+        body = raw[_ITEM_HEAD.size :]
+        if len(body) < hlen or (len(body) - hlen) % 4:
+            raise _corrupt("item", raw)
+        return cls(first, last, body[:hlen], body[hlen:], bool(flags & _PLACEHOLDER))
+
+    def seen(self, ts: int) -> ItemRecord:
+        return replace(self, first_seen=min(self.first_seen, ts), last_seen=max(self.last_seen, ts))
+
+
+# --- popularity ----------------------------------------------------------------------
+
+_POP = struct.Struct(">Bqdqdq")  # version, count, weight_sum, decay_ts, decayed, last_ts
+
+
+@dataclass(frozen=True, slots=True)
+class Popularity:
+    """Raw and time-decayed interaction counts of an item.
+
+    ``decayed`` is the exponentially decayed sum of weights, valid at event time
+    ``decay_ts``; :meth:`add` folds in one interaction, :meth:`at` reads the value
+    at another time. Both use the half-life given in seconds.
+    """
+
+    count: int = 0
+    weight_sum: float = 0.0
+    decay_ts: int = 0
+    decayed: float = 0.0
+    last_ts: int = 0
+
+    def add(self, ts: int, weight: float, half_life_s: float) -> Popularity:
+        if self.count == 0:
+            return Popularity(1, weight, ts, weight, ts)
+        if ts >= self.decay_ts:
+            decayed = self.decayed * math.exp2(-(ts - self.decay_ts) / half_life_s) + weight
+            decay_ts = ts
+        else:  # late event: decay its weight to the reference time instead
+            decayed = self.decayed + weight * math.exp2(-(self.decay_ts - ts) / half_life_s)
+            decay_ts = self.decay_ts
+        return Popularity(
+            self.count + 1, self.weight_sum + weight, decay_ts, decayed, max(self.last_ts, ts)
+        )
+
+    def at(self, ts: int, half_life_s: float) -> float:
+        """The decayed count as seen at event time ``ts`` (never grows backwards)."""
+        if self.count == 0:
+            return 0.0
+        return self.decayed * math.exp2(-max(0, ts - self.decay_ts) / half_life_s)
+
+    def encode(self) -> bytes:
+        return _POP.pack(
+            _V1, self.count, self.weight_sum, self.decay_ts, self.decayed, self.last_ts
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Popularity:
+        if len(raw) != _POP.size or raw[0] != _V1:
+            raise _corrupt("popularity", raw)
+        _, count, wsum, dts, decayed, last = _POP.unpack(raw)
+        return cls(count, wsum, dts, decayed, last)
+
+
+# --- interaction log -----------------------------------------------------------------
+
+_LOG_KEY = struct.Struct(">qiq")  # ts, source partition, source offset
+_LOG_WEIGHT = struct.Struct(">Bd")
+
+
+def interaction_key(domain: str, ts: int, partition: int, offset: int) -> bytes:
+    """Time-ordered, unique key: replaying a record writes the same key again."""
+    return domain_prefix(domain) + _LOG_KEY.pack(ts, partition, offset)
+
+
+def interaction_key_ts(key: bytes) -> int:
+    ts, _, _ = _LOG_KEY.unpack(key[-_LOG_KEY.size :])
+    return int(ts)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedInteraction:
+    user_id: str
+    item_id: str
+    weight: float = 1.0
+
+    def encode(self) -> bytes:
+        return _LOG_WEIGHT.pack(_V1, self.weight) + f"{self.user_id}\x00{self.item_id}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> LoggedInteraction:
+        if len(raw) < _LOG_WEIGHT.size or raw[0] != _V1:
+            raise _corrupt("interaction", raw)
+        _, weight = _LOG_WEIGHT.unpack_from(raw)
+        user, sep, item = raw[_LOG_WEIGHT.size :].decode().partition("\x00")
+        if not sep:
+            raise _corrupt("interaction", raw)
+        return cls(user, item, weight)
+
+
+# --- per-domain counters -------------------------------------------------------------
+
+_COUNTERS = struct.Struct(">Bqqqqq")
+
+
+def domain_counters_key(domain: str) -> bytes:
+    return b"domain/" + domain.encode()
+
+
+@dataclass(frozen=True, slots=True)
+class DomainCounters:
+    """Totals kept per domain, updated in the same batch as the records they count."""
+
+    items: int = 0  # items with an item event
+    placeholders: int = 0  # items named only by interactions so far
+    interactions: int = 0  # interactions applied
+    logged: int = 0  # interactions currently in the log (after retention)
+    last_ts: int = 0  # newest event time seen
+
+    def encode(self) -> bytes:
+        return _COUNTERS.pack(
+            _V1, self.items, self.placeholders, self.interactions, self.logged, self.last_ts
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> DomainCounters:
+        if len(raw) != _COUNTERS.size or raw[0] != _V1:
+            raise _corrupt("domain counters", raw)
+        _, items, placeholders, interactions, logged, last_ts = _COUNTERS.unpack(raw)
+        return cls(items, placeholders, interactions, logged, last_ts)

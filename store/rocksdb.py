@@ -1,0 +1,549 @@
+"""The RocksDB :class:`~store.partition.StorePartition`, on rocksdict in raw (bytes) mode.
+
+One RocksDB database per state directory, one RocksDB column family per entry of
+:data:`~store.partition.COLUMN_FAMILIES`. Three ways to open it:
+
+* primary (the worker): read-write, holds the directory's lock, every batch
+  written with an fsync'd WAL unless ``sync_writes=False``;
+* ``read_only=True``: a frozen view of the database as it was when opened, usable
+  while the primary runs (in this process or another);
+* ``secondary_path=DIR``: a read-only view that follows the primary on
+  :meth:`RocksDBPartition.catch_up`; ``DIR`` holds the secondary's own logs.
+
+The ``meta`` column family holds a format marker (``b"format"`` →
+``b"adacode-state-v1"``), written when the store is created. A directory with other
+files, another format, or a corrupted database raises
+:class:`~store.exceptions.StateFormatError`; it is never reused silently.
+
+rocksdict pitfalls, checked in ``tests/store/test_rocksdb.py``:
+
+* ``ReadOptions.set_iterate_lower_bound`` sets the *upper* bound (rocksdict 0.3.29
+  assigns the wrong field), so lower bounds are applied by seeking and, in reverse,
+  by stopping at the bound;
+* an ``RdictItems`` iterator does not keep its ``ReadOptions`` alive although it
+  reads the iterate bound from it, so each scan holds on to its options;
+* iterators of ``Rdict.snapshot()`` show writes made after the snapshot (only its
+  point reads are consistent), so consistent copies are taken with
+  :meth:`RocksDBPartition.checkpoint` instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import rocksdict
+
+from store.exceptions import (
+    StateFormatError,
+    StateLockedError,
+    StoreClosedError,
+    StoreError,
+    StoreWriteError,
+)
+from store.partition import (
+    COLUMN_FAMILIES,
+    FORMAT,
+    FORMAT_KEY,
+    StorePartition,
+    WriteBatch,
+    key_range,
+)
+
+_DEFAULT_CF = "default"
+_MOVE_AWAY = "move it away or point state_dir elsewhere"
+
+Mode = Literal["primary", "read-only", "secondary"]
+
+
+def _options(*, create: bool = False) -> rocksdict.Options:
+    options = rocksdict.Options(raw_mode=True)
+    options.create_if_missing(create)
+    options.create_missing_column_families(create)
+    return options
+
+
+def _open_error(path: Path, exc: Exception) -> StoreError:
+    """Translate a rocksdict error raised while opening ``path``."""
+    message = str(exc)
+    lowered = message.lower()
+    if "lock" in lowered:
+        return StateLockedError(
+            f"state directory {path} is in use by another process or open partition "
+            f"({message}); stop the other worker first, or inspect it with "
+            "read_only=True or a secondary_path"
+        )
+    if "permission denied" in lowered:
+        return StoreError(
+            f"cannot open state directory {path}: permission denied ({message}); "
+            "give the worker's user read and write access to it"
+        )
+    return StateFormatError(
+        f"state directory {path} could not be opened as a RocksDB database ({message}); "
+        f"it is corrupted or not an adacode state store: {_MOVE_AWAY}"
+    )
+
+
+class RocksDBWriteBatch(WriteBatch):
+    """A rocksdict ``WriteBatch`` addressed by column family name."""
+
+    def __init__(self, owner: RocksDBPartition) -> None:
+        self._owner = owner
+        self._batch = rocksdict.WriteBatch(raw_mode=True)
+        self._count = 0
+        self._consumed = False
+
+    def _handle(self, cf: str) -> rocksdict.ColumnFamily:
+        if self._consumed:
+            raise StoreError(
+                f"state store {self._owner.path}: this batch was already written; "
+                "start a new one with partition.batch()"
+            )
+        handle = self._owner._handle(cf)
+        self._count += 1
+        return handle
+
+    def put(self, cf: str, key: bytes, value: bytes) -> None:
+        self._batch.put(key, value, self._handle(cf))
+
+    def delete(self, cf: str, key: bytes) -> None:
+        self._batch.delete(key, self._handle(cf))
+
+    def delete_range(self, cf: str, start: bytes, end: bytes) -> None:
+        handle = self._handle(cf)
+        if start < end:  # RocksDB rejects or mishandles reversed ranges
+            self._batch.delete_range(start, end, handle)
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class _Cursor(Iterator[tuple[bytes, bytes]]):
+    """An ordered scan of one column family; its rows come from one implicit snapshot.
+
+    The partition releases live cursors on close (an open rocksdict iterator would
+    keep the database, and its lock, alive); a released cursor raises
+    :class:`StoreClosedError`.
+    """
+
+    def __init__(
+        self,
+        owner: RocksDBPartition,
+        rows: Iterator[Any],
+        floor: bytes | None,
+        read_options: rocksdict.ReadOptions,
+    ) -> None:
+        self._owner = owner
+        self._rows: Iterator[Any] | None = rows
+        # rocksdict's iterator does not keep its ReadOptions alive, and the upper
+        # bound lives there: freeing it early makes the scan stop at garbage.
+        self._read_options: rocksdict.ReadOptions | None = read_options
+        self._floor = floor
+        self._released = False
+
+    def __next__(self) -> tuple[bytes, bytes]:
+        rows = self._rows
+        if rows is None:
+            if self._released:
+                raise StoreClosedError(
+                    f"state store {self._owner.path} was closed while being iterated"
+                )
+            raise StopIteration
+        try:
+            key, value = cast(tuple[bytes, bytes], next(rows))
+        except StopIteration:
+            self._rows = self._read_options = None
+            raise
+        except rocksdict.DbClosedError as exc:
+            raise StoreClosedError(
+                f"state store {self._owner.path} was closed while being iterated"
+            ) from exc
+        except Exception as exc:
+            raise StoreError(
+                f"reading state store {self._owner.path} failed ({exc}); "
+                "check the disk, then restart the worker"
+            ) from exc
+        if self._floor is not None and key < self._floor:
+            self._rows = self._read_options = None
+            raise StopIteration
+        return key, value
+
+    def release(self) -> None:
+        self._rows = self._read_options = None
+        self._released = True
+
+
+class RocksDBPartition(StorePartition):
+    """A state partition in one RocksDB directory. Create it with :meth:`open`."""
+
+    def __init__(
+        self,
+        db: rocksdict.Rdict,
+        path: Path,
+        *,
+        mode: Mode,
+        sync_writes: bool,
+    ) -> None:
+        self._db: rocksdict.Rdict | None = db
+        self._path = path
+        self._mode: Mode = mode
+        self._families = {cf: db.get_column_family(cf) for cf in COLUMN_FAMILIES}
+        self._handles = {cf: db.get_column_family_handle(cf) for cf in COLUMN_FAMILIES}
+        self._write_options = rocksdict.WriteOptions()
+        self._write_options.sync = sync_writes
+        self._cursors: weakref.WeakSet[_Cursor] = weakref.WeakSet()
+        self._closed = False
+
+    # ---- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        read_only: bool = False,
+        secondary_path: Path | None = None,
+        sync_writes: bool = True,
+    ) -> RocksDBPartition:
+        """Open (the primary creates) the state store at ``path``.
+
+        ``secondary_path`` opens a read-only secondary that follows the primary on
+        :meth:`catch_up`; ``read_only`` a frozen view. Raises
+        :class:`StateFormatError` for anything but an adacode state store of this
+        format, :class:`StateLockedError` when another primary holds ``path``.
+        """
+        path = Path(path)
+        mode: Mode = (
+            "secondary" if secondary_path is not None else "read-only" if read_only else "primary"
+        )
+        if path.exists() and not path.is_dir():
+            raise StateFormatError(
+                f"state directory {path} is a file, not a directory; {_MOVE_AWAY}"
+            )
+        if not path.exists() or not any(path.iterdir()):
+            if mode != "primary":
+                raise StateFormatError(
+                    f"state directory {path} holds no state store (it is missing or empty); "
+                    "start the worker once to create it, or check the path"
+                )
+            return cls._create(path, sync_writes=sync_writes)
+        if not (path / "CURRENT").is_file():
+            found = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+            raise StateFormatError(
+                f"state directory {path} is not a RocksDB database (found {found}, "
+                f"no CURRENT file); {_MOVE_AWAY}"
+            )
+        try:
+            existing = rocksdict.Rdict.list_cf(str(path), _options())
+        except Exception as exc:
+            raise _open_error(path, exc) from exc
+        if "meta" not in existing:
+            # RocksDB lists only "default" for an unreadable MANIFEST too.
+            raise StateFormatError(
+                f"state directory {path} holds a RocksDB database without adacode's column "
+                f"families (found {', '.join(existing)}): another program's database or a "
+                f"corrupted one; {_MOVE_AWAY}"
+            )
+        db = cls._open_rdict(path, existing, secondary_path=secondary_path, read_only=read_only)
+        try:
+            cls._check_format(db, path, existing, writable=mode == "primary")
+            missing = [cf for cf in COLUMN_FAMILIES if cf not in existing]
+            if missing and mode != "primary":
+                raise StateFormatError(
+                    f"state store {path} lacks column families {', '.join(missing)}; "
+                    "open it once read-write (start the worker) to add them"
+                )
+            for cf in missing:
+                db.create_column_family(cf, rocksdict.Options(raw_mode=True)).close()
+            return cls(db, path, mode=mode, sync_writes=sync_writes)
+        except BaseException:
+            db.close()
+            raise
+
+    @classmethod
+    def _create(cls, path: Path, *, sync_writes: bool) -> RocksDBPartition:
+        db = cls._open_rdict(path, list(COLUMN_FAMILIES), create=True)
+        partition = cls(db, path, mode="primary", sync_writes=sync_writes)
+        batch = partition.batch()
+        batch.put("meta", FORMAT_KEY, FORMAT)
+        partition._write_now(batch, sync=True)
+        return partition
+
+    @staticmethod
+    def _open_rdict(
+        path: Path,
+        families: list[str],
+        *,
+        secondary_path: Path | None = None,
+        read_only: bool = False,
+        create: bool = False,
+    ) -> rocksdict.Rdict:
+        if secondary_path is not None:
+            secondary_path.mkdir(parents=True, exist_ok=True)
+            access = rocksdict.AccessType.secondary(str(secondary_path))
+        elif read_only:
+            access = rocksdict.AccessType.read_only(False)
+        else:
+            access = rocksdict.AccessType.read_write()
+        column_families = {
+            cf: rocksdict.Options(raw_mode=True) for cf in families if cf != _DEFAULT_CF
+        }
+        try:
+            return rocksdict.Rdict(
+                str(path), _options(create=create), column_families, access_type=access
+            )
+        except Exception as exc:
+            raise _open_error(path, exc) from exc
+
+    @staticmethod
+    def _check_format(
+        db: rocksdict.Rdict, path: Path, existing: list[str], *, writable: bool
+    ) -> None:
+        meta = db.get_column_family("meta")
+        try:
+            found = meta.get(FORMAT_KEY)
+            if found == FORMAT:
+                return
+            if found is None and writable and _is_blank(db, existing):
+                # Created by us and interrupted before the marker was written.
+                meta.put(FORMAT_KEY, FORMAT, _synced())
+                return
+        finally:
+            meta.close()
+        if found is None:
+            raise StateFormatError(
+                f"state directory {path} is a RocksDB database without adacode's format "
+                f"marker (meta/{FORMAT_KEY.decode()} is missing) and holds data; {_MOVE_AWAY}"
+            )
+        raise StateFormatError(
+            f"state directory {path} holds state format {found!r}; this version of adacode "
+            f"reads {FORMAT!r} only: {_MOVE_AWAY}, or run the adacode version that wrote it"
+        )
+
+    # ---- properties ----------------------------------------------------------------
+
+    @property
+    def path(self) -> Path:
+        """The state directory."""
+        return self._path
+
+    @property
+    def mode(self) -> Mode:
+        """``"primary"``, ``"read-only"`` or ``"secondary"``."""
+        return self._mode
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self._mode
+        return f"RocksDBPartition({str(self._path)!r}, {state})"
+
+    # ---- reads ---------------------------------------------------------------------
+
+    def _closed_error(self) -> StoreClosedError:
+        return StoreClosedError(f"state store {self._path} was used after close(); open it again")
+
+    def _family(self, cf: str) -> rocksdict.Rdict:
+        if self._closed:
+            raise self._closed_error()
+        try:
+            return self._families[cf]
+        except KeyError:
+            raise StoreError(
+                f"state store {self._path}: unknown column family {cf!r}; "
+                f"use one of {', '.join(COLUMN_FAMILIES)}"
+            ) from None
+
+    def _handle(self, cf: str) -> rocksdict.ColumnFamily:
+        self._family(cf)
+        return self._handles[cf]
+
+    def _read_error(self, exc: Exception) -> StoreError:
+        if isinstance(exc, rocksdict.DbClosedError):
+            return self._closed_error()
+        return StoreError(
+            f"reading state store {self._path} failed ({exc}); check the disk, then restart"
+        )
+
+    def get(self, cf: str, key: bytes) -> bytes | None:
+        family = self._family(cf)
+        try:
+            return cast(bytes | None, family.get(key))
+        except Exception as exc:
+            raise self._read_error(exc) from exc
+
+    def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
+        family = self._family(cf)
+        if not keys:
+            return []
+        try:
+            return cast(list[bytes | None], family.get(list(keys)))
+        except Exception as exc:
+            raise self._read_error(exc) from exc
+
+    def items(
+        self,
+        cf: str,
+        *,
+        prefix: bytes = b"",
+        start: bytes | None = None,
+        end: bytes | None = None,
+        reverse: bool = False,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        family = self._family(cf)
+        lower, upper = key_range(prefix, start, end)
+        if upper is not None and lower >= upper:
+            return iter(())
+        read_options = rocksdict.ReadOptions()
+        if upper is not None:
+            read_options.set_iterate_upper_bound(upper)
+        try:
+            if reverse:
+                rows = family.items(backwards=True, read_opt=read_options)
+            else:
+                rows = family.items(from_key=lower, read_opt=read_options)
+        except Exception as exc:
+            raise self._read_error(exc) from exc
+        cursor = _Cursor(self, rows, lower if reverse and lower else None, read_options)
+        self._cursors.add(cursor)
+        return cursor
+
+    # ---- writes --------------------------------------------------------------------
+
+    def batch(self) -> RocksDBWriteBatch:
+        if self._closed:
+            raise self._closed_error()
+        return RocksDBWriteBatch(self)
+
+    def write(self, batch: WriteBatch) -> None:
+        if not isinstance(batch, RocksDBWriteBatch) or batch._owner is not self:
+            raise StoreError(
+                f"state store {self._path}: the batch was not made by this partition; "
+                "use partition.batch()"
+            )
+        if self._mode != "primary":
+            raise StoreError(
+                f"state store {self._path} is open {self._mode}; "
+                "only the primary (the worker) writes"
+            )
+        self._write_now(batch, sync=None)
+
+    def _write_now(self, batch: RocksDBWriteBatch, *, sync: bool | None) -> None:
+        if self._closed or self._db is None:
+            raise self._closed_error()
+        if batch._consumed:
+            raise StoreError(
+                f"state store {self._path}: this batch was already written; "
+                "start a new one with partition.batch()"
+            )
+        batch._consumed = True  # rocksdict consumes it even when the write fails
+        options = self._write_options if sync is None else _synced()
+        try:
+            self._db.write(batch._batch, options)
+        except rocksdict.DbClosedError as exc:
+            raise self._closed_error() from exc
+        except Exception as exc:
+            raise StoreWriteError(
+                f"writing a batch of {len(batch)} operations to state store {self._path} "
+                f"failed ({exc}); nothing of it was committed, consumer offsets included. "
+                "Free disk space or fix the disk, then restart the worker: it resumes "
+                "from the last committed offsets"
+            ) from exc
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def checkpoint(self, path: Path) -> RocksDBPartition:
+        """A RocksDB checkpoint (hard links where possible) at ``path``, opened read-only.
+
+        ``path`` must not exist; the caller removes it when done. This is how a job
+        off the consumer thread gets a consistent copy of every column family.
+        """
+        if self._closed or self._db is None:
+            raise self._closed_error()
+        path = Path(path)
+        if path.exists():
+            raise StoreError(
+                f"checkpoint directory {path} already exists; pass a fresh path "
+                "or remove the old checkpoint"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            rocksdict.Checkpoint(self._db).create_checkpoint(str(path))
+        except Exception as exc:
+            raise StoreError(
+                f"creating a checkpoint of state store {self._path} at {path} failed "
+                f"({exc}); check free disk space and that {path.parent} is writable"
+            ) from exc
+        return RocksDBPartition.open(path, read_only=True)
+
+    def catch_up(self) -> None:
+        """Make a secondary see everything the primary has written so far."""
+        if self._closed or self._db is None:
+            raise self._closed_error()
+        if self._mode != "secondary":
+            raise StoreError(
+                f"state store {self._path} is open {self._mode}; catch_up() needs a "
+                "secondary: open it with secondary_path=..."
+            )
+        try:
+            self._db.try_catch_up_with_primary()
+        except Exception as exc:
+            raise StoreError(
+                f"secondary of state store {self._path} could not catch up with the "
+                f"primary ({exc}); reopen the secondary"
+            ) from exc
+
+    def close(self) -> None:
+        """Release the database and its lock; idempotent.
+
+        Live iterators are released too. Raises :class:`StoreError` when RocksDB
+        fails to flush on close (after a disk error): batches written with
+        ``sync_writes`` are in the write-ahead log and are replayed on the next open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for cursor in list(self._cursors):
+            cursor.release()
+        db, families = self._db, list(self._families.values())
+        self._db, self._families, self._handles = None, {}, {}
+        failures: list[Exception] = []
+        for family in families:
+            try:
+                family.close()
+            except Exception as exc:
+                failures.append(exc)
+        if db is not None:
+            try:
+                db.close()
+            except Exception as exc:
+                failures.append(exc)
+        del db, families
+        if failures:
+            raise StoreError(
+                f"closing state store {self._path} failed ({failures[-1]}); batches written "
+                "with sync_writes are in the write-ahead log and replay on the next open; "
+                "fix the disk before restarting"
+            ) from failures[-1]
+
+
+def _synced() -> rocksdict.WriteOptions:
+    options = rocksdict.WriteOptions()
+    options.sync = True
+    return options
+
+
+def _is_blank(db: rocksdict.Rdict, existing: list[str]) -> bool:
+    """Whether ``db`` has only adacode's column families and no key at all."""
+    if not set(existing) <= {*COLUMN_FAMILIES, _DEFAULT_CF}:
+        return False
+    for cf in existing:
+        family = db if cf == _DEFAULT_CF else db.get_column_family(cf)
+        keys: Any = family.keys()
+        empty = next(keys, None) is None
+        del keys
+        if family is not db:
+            family.close()
+        if not empty:
+            return False
+    return True

@@ -1,0 +1,270 @@
+"""The worker against the real broker and a real RocksDB: exact counts, crashes, poison, SIGTERM."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import orjson
+from kafka import KafkaConsumer, TopicPartition
+
+from store.records import DomainCounters
+from store.rocksdb import RocksDBPartition
+from tests.kafka_utils import consume_all, produce_json
+from tests.worker_process import (
+    DIM,
+    applied_offsets,
+    dump_state,
+    make_events,
+    start_worker,
+    wait_for,
+    worker_env,
+)
+from worker.consumer import ConsumerLoop
+from worker.inspection import domain_counters
+from worker.metrics import Metrics
+from worker.processor import Processor
+from worker.settings import Settings
+from worker.topics import create_topics
+
+
+def _settings(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> Settings:
+    base: dict[str, object] = {
+        "kafka_bootstrap": bootstrap,
+        "topic_prefix": prefix,
+        "kafka_group_id": f"{prefix}g",
+        "state_dir": str(state_dir),
+        "embedding_dim": DIM,
+        "http_port": 0,
+        "kafka_session_timeout_ms": 6000,
+    }
+    base.update(over)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+def _end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        consumer.topics()  # fetch metadata, so partitions_for_topic knows every topic
+        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
+        ends = {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(tps).items() if off}
+        assert ends, f"no records found in {topics}"
+        return ends
+    finally:
+        consumer.close()
+
+
+class InProcessWorker:
+    """The consumer loop on a thread, with its own RocksDB (no encoder: items carry embeddings)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.store = RocksDBPartition.open(settings.state_path)
+        self.loop = ConsumerLoop(settings, self.store, Processor(self.store, settings, None), Metrics())
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+        self.store.close()
+
+
+def test_counts_in_rocksdb_match_what_was_produced(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "state")
+    create_topics(s, partitions=3)
+    items, inters = make_events(300, 3000)
+    produce_json(kafka_bootstrap, s.topic("items"), items)
+    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
+    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    worker = InProcessWorker(s)
+    try:
+        wait_for(lambda: worker.store.offsets() == end, 60, "the worker to apply every event")
+        counters = domain_counters(worker.store)
+    finally:
+        worker.stop()
+    # what was produced, counted independently
+    expected_inter: dict[str, int] = {}
+    named: dict[str, set[str]] = {}
+    for d, raw in inters:
+        expected_inter[d] = expected_inter.get(d, 0) + 1
+        named.setdefault(d, set()).add(orjson.loads(raw)["item_id"])
+    for d in ("shop", "news"):
+        produced_items = {orjson.loads(raw)["item_id"] for dd, raw in items if dd == d}
+        c = counters[d]
+        assert c.interactions == expected_inter[d] == c.logged
+        assert c.items == len(produced_items)
+        assert c.placeholders == len(named[d] - produced_items)
+    assert sum(c.interactions for c in counters.values()) == 3000
+
+
+def test_kill9_at_random_moments_equals_an_uninterrupted_run(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    create_topics(s, partitions=3)
+    items, inters = make_events(400, 30_000, seed=1)
+    produce_json(kafka_bootstrap, s.topic("items"), items)
+    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
+    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    total = sum(end.values())
+
+    crashed = tmp_path / "crashed"
+    env = worker_env(
+        kafka_bootstrap, topic_prefix, crashed, poll_max_records=50,
+        kafka_group_instance_id="w1", kafka_group_id=f"{topic_prefix}crash",
+    )
+    rng = random.Random(42)
+    kills = 0
+    mid_stream = 0
+    progress = [0]
+    log = tmp_path / "crashed.log"
+    while mid_stream < 6:
+        proc = start_worker(env, log)
+        seen = progress[-1]
+        wait_for(
+            lambda seen=seen: sum(applied_offsets(crashed).values()) > seen or proc.poll() is not None,
+            60,
+            "progress before the next kill",
+        )
+        threading.Event().wait(rng.uniform(0.05, 0.5))
+        proc.kill()
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        kills += 1
+        done = sum(applied_offsets(crashed).values())
+        progress.append(done)
+        mid_stream += done < total
+        if done >= total:
+            break
+    assert mid_stream >= 5, f"only {mid_stream} kills landed mid-stream: {progress}"
+    proc = start_worker(env, log)
+    try:
+        wait_for(lambda: applied_offsets(crashed) == end, 120, "the restarted worker to finish")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+
+    clean = tmp_path / "clean"
+    env_clean = worker_env(kafka_bootstrap, topic_prefix, clean, kafka_group_id=f"{topic_prefix}clean")
+    proc = start_worker(env_clean, tmp_path / "clean.log")
+    try:
+        wait_for(lambda: applied_offsets(clean) == end, 120, "the uninterrupted worker to finish")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    got, want = dump_state(crashed), dump_state(clean)
+    for cf in want:
+        assert got[cf] == want[cf], f"column family {cf} differs after {kills} kills ({progress})"
+    assert len(want["items"]) > 400 and len(want["interactions"]) == 30_000
+
+
+def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_carries_on(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "state", max_message_bytes=4000)
+    create_topics(s, partitions=2)
+    items, inters = make_events(40, 400, seed=2)
+    bad_items = [
+        ("shop", b"{not json"),
+        ("shop", orjson.dumps({"item_id": "x", "domain": "shop", "ts": 1, "embedding": [1.0] * (DIM + 1)})),
+        ("shop", orjson.dumps({"item_id": "x", "domain": "shop", "ts": 1, "text": None})),
+        ("shop", b'{"item_id": "x", "domain": "shop", "ts": 1, "embedding": [NaN, 1, 1, 1, 1, 1, 1, 1]}'),
+        ("shop", orjson.dumps({"item_id": "x", "domain": "Not A Domain", "ts": 1, "text": "t"})),
+        ("shop", orjson.dumps({"item_id": "x", "domain": "shop", "ts": 1, "text": "y" * 5000})),
+    ]
+    bad_inters = [
+        ("news", b"\xff\xfe binary"),
+        ("news", orjson.dumps({"user_id": "u", "domain": "news", "ts": 3})),
+        ("news", orjson.dumps({"user_id": "u", "item_id": "i1", "domain": "news", "ts": "soon"})),
+        ("news", orjson.dumps({"user_id": "u", "item_id": "i1", "domain": "news", "ts": 3, "weight": -1})),
+    ]
+    mixed_items = items[:20] + bad_items + items[20:]
+    mixed_inters = [m for pair in zip(inters[:4], bad_inters, strict=True) for m in pair] + inters[4:]
+    produce_json(kafka_bootstrap, s.topic("items"), mixed_items)
+    produce_json(kafka_bootstrap, s.topic("interactions"), mixed_inters)
+    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    worker = InProcessWorker(s)
+    try:
+        wait_for(lambda: worker.store.offsets() == end, 60, "the worker to get through the poison")
+        assert worker.thread.is_alive()
+        counters = domain_counters(worker.store)
+    finally:
+        worker.stop()
+    assert sum(c.interactions for c in counters.values()) == 400
+    assert sum(c.items for c in counters.values()) == 40
+    dead = consume_all(kafka_bootstrap, s.topic("deadletter"), timeout_s=20)
+    docs = [r.json() for r in dead]
+    assert len(docs) == len(bad_items) + len(bad_inters)
+    reasons = sorted(d["reason"] for d in docs)
+    for needle in ("not JSON", "embedding_dim", "needs 'text' or 'embedding'", "domain_pattern",
+                   "exceeds max_message_bytes", "missing field 'item_id'", "'ts' must be an integer",
+                   "'weight'"):
+        assert any(needle in r for r in reasons), (needle, reasons)
+    for d in docs:
+        assert d["topic"] in (s.topic("items"), s.topic("interactions"))
+        assert isinstance(d["offset"], int) and isinstance(d["partition"], int)
+    binary = next(d for d in docs if d["value_encoding"] == "hex")
+    assert bytes.fromhex(binary["value"]) == b"\xff\xfe binary"
+
+
+def test_sigterm_mid_stream_stops_cleanly_with_consistent_state(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    create_topics(s, partitions=3)
+    items, inters = make_events(200, 20_000, seed=3)
+    produce_json(kafka_bootstrap, s.topic("items"), items)
+    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
+    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    state = tmp_path / "state"
+    env = worker_env(kafka_bootstrap, topic_prefix, state, poll_max_records=50)
+    log = tmp_path / "w.log"
+    proc = start_worker(env, log)
+    wait_for(lambda: sum(applied_offsets(state).values()) > 500, 60, "some progress")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    assert "received SIGTERM" in log.read_text()
+
+    def consistent() -> int:
+        store = RocksDBPartition.open(state, read_only=True)
+        try:
+            offsets = store.offsets()
+            counters = domain_counters(store)
+            applied = sum(o for (t, _), o in offsets.items() if t == s.topic("interactions"))
+            assert sum(c.interactions for c in counters.values()) == applied
+            assert store.count("interactions") == applied
+            return applied
+        finally:
+            store.close()
+
+    stopped_at = consistent()
+    assert 0 < stopped_at < 20_000
+    proc = start_worker(env, log)
+    try:
+        wait_for(lambda: applied_offsets(state) == end, 120, "the restarted worker to finish")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert consistent() == 20_000
+    final = dump_state(state, ("meta",))
+    counters = {k: DomainCounters.decode(v) for k, v in final["meta"] if k.startswith(b"domain/")}
+    assert sum(c.items for c in counters.values()) == 200
+
+
+def test_cli_rejects_a_bad_setting_with_the_key_and_the_fix(tmp_path: Path) -> None:
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "stats", "--state-dir", str(tmp_path / "nope")],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 2 and "does not exist" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "run", "--poll-max-records", "zero"],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.returncode == 2 and "'poll_max_records'" in out.stderr and "integer" in out.stderr

@@ -1,0 +1,130 @@
+"""Event parsing: valid events round-trip, every malformed one is rejected with a reason."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from worker.events import (
+    EventLimits,
+    interaction_payload,
+    item_payload,
+    parse_interaction,
+    parse_item,
+)
+from worker.exceptions import EventError
+
+LIMITS = EventLimits(
+    embedding_dim=4,
+    max_bytes=2000,
+    domain_re=re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$"),
+    max_text_chars=100,
+)
+
+ids = st.text(min_size=1, max_size=40)
+domains = st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,10}", fullmatch=True)
+timestamps = st.integers(min_value=0, max_value=2**40)
+finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids, domains, timestamps, st.lists(finite, min_size=4, max_size=4))
+def test_item_with_embedding_round_trips(item_id: str, domain: str, ts: int, emb: list[float]) -> None:
+    if not np.asarray(emb, dtype=np.float32).any():
+        emb[0] = 1.0
+    ev = parse_item(item_payload(item_id, domain, ts, embedding=emb), LIMITS)
+    assert (ev.item_id, ev.domain, ev.ts, ev.text) == (item_id, domain, ts, None)
+    assert ev.embedding is not None
+    np.testing.assert_allclose(ev.embedding, np.asarray(emb, dtype=np.float32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(ids, ids, domains, timestamps, st.floats(min_value=0.001, max_value=1e6))
+def test_interaction_round_trips(user: str, item: str, domain: str, ts: int, w: float) -> None:
+    ev = parse_interaction(interaction_payload(user, item, domain, ts, w), LIMITS)
+    assert (ev.user_id, ev.item_id, ev.domain, ev.ts, ev.weight) == (user, item, domain, ts, w)
+
+
+def test_weight_defaults_to_one() -> None:
+    raw = orjson.dumps({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1})
+    assert parse_interaction(raw, LIMITS).weight == 1.0
+
+
+def _item(**over: object) -> bytes:
+    doc: dict[str, object] = {"item_id": "i", "domain": "d", "text": "hello", "embedding": None, "ts": 1}
+    doc.update(over)
+    return orjson.dumps(doc)
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (None, "empty message"),
+        (_item(item_id=None), "missing field 'item_id'"),
+        (_item(item_id=5), "must be a string"),
+        (_item(domain="Bad Domain!"), "does not match domain_pattern"),
+        (_item(ts="yesterday"), "'ts' must be an integer"),
+        (_item(ts=-1), "out of range"),
+        (_item(text=None, embedding=None), "needs 'text' or 'embedding'"),
+        (_item(text=None, embedding=[1.0, 2.0]), "has 2 values, expected embedding_dim=4"),
+        (_item(text=None, embedding=[1.0, "x", 2.0, 3.0]), "only numbers"),
+        (_item(text=None, embedding=[0.0, 0.0, 0.0, 0.0]), "all zeros"),
+        (_item(text=None, embedding=[1e39, 1.0, 1.0, 1.0]), "NaN or infinite"),
+        (_item(text=7), "'text' must be a string"),
+        (b'{"item_id": "i", "domain": "d", "text": "' + b"x" * 3000 + b'", "ts": 1}', "exceeds max_message_bytes"),
+    ],
+)
+def test_bad_items_are_rejected_with_a_reason(raw: bytes | None, reason: str) -> None:
+    with pytest.raises(EventError) as info:
+        parse_item(raw, LIMITS)
+    assert reason in info.value.reason
+
+
+def test_nan_embedding_is_rejected() -> None:
+    raw = b'{"item_id":"i","domain":"d","embedding":[NaN,1,1,1],"ts":1}'
+    with pytest.raises(EventError):  # orjson refuses NaN literals: "not JSON"
+        parse_item(raw, LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        ({"item_id": "i", "domain": "d", "ts": 1}, "missing field 'user_id'"),
+        ({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": "1"}, "'weight' must be a number"),
+        ({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": -2}, "> 0"),
+        ({"user_id": "u", "item_id": "i", "domain": "d", "ts": True}, "'ts' must be an integer"),
+        ({"user_id": "", "item_id": "i", "domain": "d", "ts": 1}, "1 to 256 characters"),
+    ],
+)
+def test_bad_interactions_are_rejected(doc: dict[str, object], reason: str) -> None:
+    with pytest.raises(EventError) as info:
+        parse_interaction(orjson.dumps(doc), LIMITS)
+    assert reason in info.value.reason
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=6),
+    max_leaves=20,
+).map(lambda doc: json.dumps(doc).encode())))
+def test_arbitrary_payloads_never_crash(raw: bytes) -> None:
+    """Any payload is either a valid event or an EventError with a non-empty reason."""
+    for parse in (parse_item, parse_interaction):
+        try:
+            ev = parse(raw, LIMITS)
+        except EventError as exc:
+            assert exc.reason
+        else:
+            assert ev.domain and ev.item_id and ev.ts >= 0
+            weight = getattr(ev, "weight", 1.0)
+            assert math.isfinite(weight)

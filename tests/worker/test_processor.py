@@ -1,0 +1,198 @@
+"""The batch processor on the in-memory store: counts, placeholders, dead letters, offsets.
+
+The key property: the final state depends only on the records, not on how they
+were cut into batches (what makes crash-and-replay exactly-once).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from store.memory import MemoryPartition
+from store.partition import COLUMN_FAMILIES, StorePartition
+from store.records import DomainCounters, ItemRecord, Popularity, domain_counters_key, item_key
+from worker.events import interaction_payload, item_payload
+from worker.processor import Processor, SourceRecord
+from worker.settings import Settings
+
+SETTINGS = Settings(embedding_dim=8, topic_prefix="t.")
+ITEMS, INTER = SETTINGS.topic("items"), SETTINGS.topic("interactions")
+
+
+class CountingEncoder:
+    """A deterministic stand-in for MiniLM: a unit vector from the text's digest."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        out = np.stack(
+            [np.frombuffer(hashlib.sha256(t.encode()).digest(), dtype=np.uint8)[:8] for t in texts]
+        ).astype(np.float32) + 1
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _records(topic: str, payloads: list[bytes], partition: int = 0, start: int = 0) -> list[SourceRecord]:
+    return [SourceRecord(topic, partition, start + i, b"d", p) for i, p in enumerate(payloads)]
+
+
+def _dump(store: StorePartition) -> dict[str, list[tuple[bytes, bytes]]]:
+    return {cf: list(store.items(cf)) for cf in COLUMN_FAMILIES}
+
+
+def _apply(store: StorePartition, proc: Processor, records: list[SourceRecord]):
+    result = proc.process(records)
+    store.write(result.batch)
+    return result
+
+
+def test_items_and_interactions_are_counted_exactly() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, CountingEncoder())
+    items = _records(ITEMS, [item_payload(f"i{k}", "shop", 10 + k, text=f"text {k}") for k in range(5)])
+    inters = _records(
+        INTER, [interaction_payload(f"u{k % 3}", f"i{k % 5}", "shop", 100 + k) for k in range(20)]
+    )
+    result = _apply(store, proc, items + inters)
+    assert result.applied == {("item", "shop"): 5, ("interaction", "shop"): 20}
+    c = DomainCounters.decode(store.get("meta", domain_counters_key("shop")))
+    assert (c.items, c.placeholders, c.interactions, c.logged) == (5, 0, 20, 20)
+    for k in range(5):
+        pop = Popularity.decode(store.get("popularity", item_key("shop", f"i{k}")))
+        assert pop.count == 4
+        rec = ItemRecord.decode(store.get("items", item_key("shop", f"i{k}")))
+        assert rec.vector().shape == (8,) and not rec.placeholder
+    assert store.get_offset(ITEMS, 0) == 5 and store.get_offset(INTER, 0) == 20
+    assert store.count("interactions") == 20
+
+
+def test_interaction_before_item_makes_a_placeholder_that_the_item_fills() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, CountingEncoder())
+    _apply(store, proc, _records(INTER, [interaction_payload("u", "late", "shop", 50)] * 3))
+    rec = ItemRecord.decode(store.get("items", item_key("shop", "late")))
+    assert rec.placeholder and rec.embedding == b""
+    c = DomainCounters.decode(store.get("meta", domain_counters_key("shop")))
+    assert (c.items, c.placeholders) == (0, 1)
+    _apply(store, proc, _records(ITEMS, [item_payload("late", "shop", 60, text="hi")]))
+    rec = ItemRecord.decode(store.get("items", item_key("shop", "late")))
+    assert not rec.placeholder and rec.vector().shape == (8,)
+    c = DomainCounters.decode(store.get("meta", domain_counters_key("shop")))
+    assert (c.items, c.placeholders, c.interactions) == (1, 0, 3)
+    assert Popularity.decode(store.get("popularity", item_key("shop", "late"))).count == 3
+
+
+def test_bad_records_are_dead_lettered_and_their_offsets_committed() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, CountingEncoder())
+    payloads = [
+        interaction_payload("u", "a", "shop", 1),
+        b"{broken",
+        orjson.dumps({"user_id": "u", "domain": "shop", "ts": 1}),
+        interaction_payload("u", "b", "shop", 2),
+    ]
+    result = _apply(store, proc, _records(INTER, payloads))
+    assert [d.record.offset for d in result.dead] == [1, 2]
+    assert "not JSON" in result.dead[0].reason and "item_id" in result.dead[1].reason
+    assert result.applied["interaction", "shop"] == 2
+    assert store.get_offset(INTER, 0) == 4
+
+
+def test_text_only_items_without_encoder_are_dead_lettered() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, None)
+    emb = [0.5] * 8
+    result = _apply(
+        store,
+        proc,
+        _records(ITEMS, [item_payload("a", "shop", 1, text="x"), item_payload("b", "shop", 1, embedding=emb)]),
+    )
+    assert [d.record.offset for d in result.dead] == [0]
+    assert "no text encoder" in result.dead[0].reason
+    assert store.get("items", item_key("shop", "b")) is not None
+
+
+def test_unchanged_text_is_not_encoded_again() -> None:
+    store = MemoryPartition()
+    enc = CountingEncoder()
+    proc = Processor(store, SETTINGS, enc)
+    _apply(store, proc, _records(ITEMS, [item_payload("a", "shop", 1, text="same")]))
+    _apply(store, proc, _records(ITEMS, [item_payload("a", "shop", 2, text="same")], start=1))
+    _apply(store, proc, _records(ITEMS, [item_payload("a", "shop", 3, text="new")], start=2))
+    assert enc.calls == [["same"], ["new"]]
+    rec = ItemRecord.decode(store.get("items", item_key("shop", "a")))
+    assert (rec.first_seen, rec.last_seen) == (1, 3)
+
+
+def test_log_retention_trims_the_oldest() -> None:
+    s = Settings(embedding_dim=8, topic_prefix="t.", interaction_retention=1000)
+    store = MemoryPartition()
+    proc = Processor(store, s, CountingEncoder())
+    for b in range(6):
+        payloads = [interaction_payload("u", "i", "shop", b * 1000 + k) for k in range(400)]
+        _apply(store, proc, _records(INTER, payloads, start=b * 400))
+    c = DomainCounters.decode(store.get("meta", domain_counters_key("shop")))
+    assert c.interactions == 2400
+    assert c.logged == store.count("interactions") <= 1000 + 400
+    first_key = next(store.items("interactions"))[0]
+    kept_ts = int.from_bytes(first_key[-20:-12], "big")
+    assert kept_ts >= 1000  # the oldest batches are gone
+
+
+# --- batch boundaries do not matter --------------------------------------------------
+
+def _stream(seed: int) -> list[SourceRecord]:
+    rng = np.random.default_rng(seed)
+    recs: list[SourceRecord] = []
+    n_items = 12
+    item_recs = [
+        item_payload(f"i{k}", "shop", 5 + k, text=f"text {k % 4}") if k % 3 else
+        item_payload(f"i{k}", "shop", 5 + k, embedding=list(rng.random(8) + 0.1))
+        for k in range(n_items)
+    ]
+    inter = [
+        interaction_payload(f"u{rng.integers(5)}", f"i{rng.integers(n_items + 3)}", "shop", 10 * k)
+        for k in range(60)
+    ] + [b"garbage"]
+    recs += _records(ITEMS, item_recs)
+    recs += _records(INTER, inter, partition=1)
+    return recs
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 3), st.lists(st.integers(1, 30), min_size=1, max_size=10), st.integers(0, 2**32))
+def test_state_is_independent_of_batching_and_topic_interleaving(
+    seed: int, sizes: list[int], shuffle_seed: int
+) -> None:
+    rnd = random.Random(shuffle_seed)
+    records = _stream(seed)
+    whole = MemoryPartition()
+    _apply(whole, Processor(whole, SETTINGS, CountingEncoder()), records)
+
+    # Same records, cut into batches of random sizes, items and interactions interleaved
+    # differently (each partition keeps its own order, as Kafka guarantees).
+    by_tp: dict[tuple[str, int], list[SourceRecord]] = {}
+    for r in records:
+        by_tp.setdefault((r.topic, r.partition), []).append(r)
+    queues = list(by_tp.values())
+    split = MemoryPartition()
+    proc = Processor(split, SETTINGS, CountingEncoder())
+    i = 0
+    while any(queues):
+        size = sizes[i % len(sizes)]
+        i += 1
+        batch: list[SourceRecord] = []
+        for q in queues:
+            take = rnd.randint(0, size)
+            batch += q[:take]
+            del q[:take]
+        if batch:
+            _apply(split, proc, batch)
+    assert _dump(split) == _dump(whole)

@@ -1,0 +1,104 @@
+"""Running the real worker (``python -m worker.cli run``) as a subprocess in tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from store.partition import COLUMN_FAMILIES
+from store.rocksdb import RocksDBPartition
+from worker.events import interaction_payload, item_payload
+
+REPO = Path(__file__).resolve().parent.parent
+DIM = 8
+
+
+def worker_env(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADACODE_")}
+    env.update(
+        {
+            "ADACODE_KAFKA_BOOTSTRAP": bootstrap,
+            "ADACODE_TOPIC_PREFIX": prefix,
+            "ADACODE_KAFKA_GROUP_ID": f"{prefix}workers",
+            "ADACODE_STATE_DIR": str(state_dir),
+            "ADACODE_EMBEDDING_DIM": str(DIM),
+            "ADACODE_HTTP_PORT": "0",
+            "ADACODE_KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({f"ADACODE_{k.upper()}": str(v) for k, v in over.items()})
+    return env
+
+
+def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = log_path.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@contextmanager
+def secondary(state_dir: Path) -> Iterator[RocksDBPartition]:
+    with tempfile.TemporaryDirectory() as tmp:
+        store = RocksDBPartition.open(state_dir, secondary_path=Path(tmp))
+        try:
+            store.catch_up()
+            yield store
+        finally:
+            store.close()
+
+
+def applied_offsets(state_dir: Path) -> dict[tuple[str, int], int]:
+    if not (state_dir / "CURRENT").exists():
+        return {}
+    with secondary(state_dir) as store:
+        return store.offsets()
+
+
+def dump_state(state_dir: Path, families: tuple[str, ...] = COLUMN_FAMILIES) -> dict[str, list[tuple[bytes, bytes]]]:
+    store = RocksDBPartition.open(state_dir, read_only=True)
+    try:
+        return {cf: list(store.items(cf)) for cf in families}
+    finally:
+        store.close()
+
+
+def make_events(
+    n_items: int, n_interactions: int, domains: tuple[str, ...] = ("shop", "news"), seed: int = 0
+) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """Keyed item and interaction payloads; interactions also name a few unknown items."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n_items):
+        d = domains[i % len(domains)]
+        emb = rng.normal(size=DIM).astype(np.float32)
+        items.append((d, item_payload(f"i{i}", d, 1000 + i, embedding=emb)))
+    inters = []
+    for k in range(n_interactions):
+        i = int(rng.integers(n_items + 5))  # a few items that never get an item event
+        d = domains[i % len(domains)]
+        inters.append((d, interaction_payload(f"u{rng.integers(50)}", f"i{i}", d, 2000 + k)))
+    return items, inters

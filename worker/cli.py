@@ -1,0 +1,254 @@
+"""The ``adacode`` command line.
+
+Every sub-command takes ``--config FILE`` and the setting flags (see
+``adacode config --help-settings``); bad arguments say what is wrong and what is
+allowed, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from adacode.errors import AdacodeError
+from worker.logs import setup_logging
+from worker.settings import (
+    Settings,
+    add_setting_flags,
+    describe_settings,
+    flag_overrides,
+    load_settings,
+)
+
+log = logging.getLogger("adacode")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+KAFKA_SCRIPT = REPO_ROOT / "ops" / "kafka.sh"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an integer; give a whole number >= 1"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give a whole number >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a number >= 0") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give a number >= 0")
+    return value
+
+
+def _existing_dir(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a directory; give a dataset directory with items.jsonl and interactions.csv"
+        )
+    return path
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config, flag_overrides(args))
+
+
+def _print_json(doc: object) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+# --- commands --------------------------------------------------------------------------
+
+
+def cmd_kafka(args: argparse.Namespace) -> int:
+    cmd = ["bash", str(KAFKA_SCRIPT), args.action]
+    if args.port:
+        cmd += ["--port", str(args.port)]
+    if args.data:
+        cmd += ["--data", str(args.data)]
+    return subprocess.call(cmd)
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from worker.topics import create_topics
+
+    settings = _settings(args)
+    for name, status in create_topics(settings, args.partitions).items():
+        print(f"{name:40} {status}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from worker.replay import replay
+
+    settings = _settings(args)
+    report = replay(
+        settings,
+        args.dataset,
+        rate=args.rate,
+        limit=args.limit,
+        skip=args.skip,
+        items=not args.no_items,
+        progress=not args.quiet,
+    )
+    print(
+        f"replayed {report.items} items and {report.interactions} interactions "
+        f"in {report.seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from worker.synthetic import generate
+
+    out = generate(
+        args.out,
+        domain=args.domain,
+        n_items=args.items,
+        n_users=args.users,
+        n_interactions=args.interactions,
+        seed=args.seed,
+    )
+    print(f"wrote a synthetic dataset to {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.daemon import run_daemon
+
+    settings = _settings(args)
+    setup_logging(settings.log_format, settings.log_level)
+    return run_daemon(settings)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from worker.inspection import open_state_readonly, stats
+
+    settings = _settings(args)
+    with open_state_readonly(settings) as store:
+        doc = stats(store)
+    if args.json:
+        _print_json(doc)
+        return 0
+    print(f"{'domain':16} {'items':>8} {'placeholders':>12} {'interactions':>12} {'logged':>10}")
+    for domain, c in doc["domains"].items():
+        print(
+            f"{domain:16} {c['items']:8d} {c['placeholders']:12d} "
+            f"{c['interactions']:12d} {c['logged_interactions']:10d}"
+        )
+    print("offsets: " + ", ".join(f"{k}={v}" for k, v in doc["offsets"].items()))
+    return 0
+
+
+def cmd_item(args: argparse.Namespace) -> int:
+    from worker.inspection import find_item, open_state_readonly
+
+    settings = _settings(args)
+    with open_state_readonly(settings) as store:
+        found = find_item(store, args.item_id, args.domain)
+    if not found:
+        print(
+            f"item {args.item_id!r} not found"
+            + (f" in domain {args.domain!r}" if args.domain else "")
+        )
+        return 1
+    _print_json(found)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.help_settings:
+        print(describe_settings())
+        return 0
+    _print_json(_settings(args).redacted())
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adacode", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument("--config", default=None, help="TOML settings file [env ADACODE_CONFIG]")
+        add_setting_flags(p)
+        return p
+
+    p = command("kafka", cmd_kafka, "start, stop or check the local Kafka broker (ops/kafka.sh)")
+    p.add_argument("action", choices=("up", "down", "status", "logs", "fetch"))
+    p.add_argument("--port", type=_positive_int, default=None)
+    p.add_argument("--data", type=Path, default=None)
+
+    p = command("topics", cmd_topics, "create the adacode topics")
+    p.add_argument("action", choices=("create",))
+    p.add_argument("--partitions", type=_positive_int, default=None)
+
+    p = command("replay", cmd_replay, "produce a dataset directory's events to Kafka")
+    p.add_argument("--dataset", type=_existing_dir, required=True)
+    p.add_argument("--rate", type=_non_negative_float, default=0.0, help="events/s (0: max)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="most interactions sent")
+    p.add_argument("--skip", type=int, default=0, help="interactions skipped first")
+    p.add_argument("--no-items", action="store_true", help="send interactions only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = command("synth", cmd_synth, "write a synthetic dataset (power-law popularity, texts)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--domain", default="shop")
+    p.add_argument("--items", type=_positive_int, default=2000)
+    p.add_argument("--users", type=_positive_int, default=1500)
+    p.add_argument("--interactions", type=_positive_int, default=40_000)
+    p.add_argument("--seed", type=int, default=7)
+
+    command("run", cmd_run, "run the worker daemon")
+
+    p = command("stats", cmd_stats, "what the worker holds, per domain (safe while it runs)")
+    p.add_argument("--json", action="store_true")
+
+    p = command("item", cmd_item, "everything stored about one item (safe while it runs)")
+    p.add_argument("item_id")
+    p.add_argument("--domain", default=None)
+
+    p = command("config", cmd_config, "print the effective settings (secrets hidden)")
+    p.add_argument("--help-settings", action="store_true", help="list every setting")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        setup_logging("human", "WARNING")
+    try:
+        return int(args.func(args))
+    except AdacodeError as exc:
+        print(f"adacode {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The worker daemon: wires the store, the consumer loop and the HTTP server.
+
+``adacode run`` calls :func:`run_daemon`. SIGTERM and SIGINT stop it gracefully:
+the batch in progress is finished and committed, then everything is closed. A
+store failure (e.g. a full disk) stops consuming without committing and exits
+non-zero; a restart resumes from the last committed batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from store.rocksdb import RocksDBPartition
+
+from store.exceptions import StoreError
+from store.partition import StorePartition
+from worker.api import HttpServer, Request, Response, Router
+from worker.consumer import ConsumerLoop
+from worker.encoder import TextEncoder
+from worker.metrics import Metrics
+from worker.processor import Processor
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Daemon:
+    """One worker process: state, consumer loop, HTTP endpoints."""
+
+    def __init__(self, settings: Settings, store: StorePartition | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = store or RocksDBPartition.open(
+            settings.state_path, sync_writes=settings.sync_writes
+        )
+        self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
+        self.processor = Processor(self.store, settings, self.encoder.encode)
+        self.loop = ConsumerLoop(settings, self.store, self.processor, self.metrics)
+        self.router = Router()
+        self.router.add("GET", "/healthz", self._healthz)
+        self.router.add("GET", "/readyz", self._readyz)
+        self.router.add("GET", "/metrics", self._metrics)
+        self.http: HttpServer | None = None
+        if settings.http_port:
+            self.http = HttpServer(self.router, settings.http_host, settings.http_port)
+
+    def _healthz(self, _: Request) -> Response:
+        ok = self.loop.healthy or not self.loop.stats.batches
+        return Response.json(200 if ok else 503, {"status": "ok" if ok else "unhealthy"})
+
+    def _readyz(self, _: Request) -> Response:
+        ready = self.loop.healthy and bool(self.loop.assigned)
+        return Response.json(
+            200 if ready else 503,
+            {
+                "ready": ready,
+                "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in self.loop.assigned),
+                "batches": self.loop.stats.batches,
+                "records": self.loop.stats.records,
+            },
+        )
+
+    def _metrics(self, _: Request) -> Response:
+        self.metrics.up.set(1 if self.loop.healthy else 0)
+        return Response(200, self.metrics.render(), "text/plain; version=0.0.4")
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        if self.http is not None:
+            self.http.start()
+        started = time.monotonic()
+        code = 0
+        try:
+            self.loop.run()
+        except StoreError as exc:
+            log.error("state store failed, stopping without committing: %s", exc)
+            code = 3
+        finally:
+            if self.http is not None:
+                self.http.stop()
+            self.store.close()
+        log.info(
+            "stopped after %.1f s: %d batches, %d records, %d dead-lettered",
+            time.monotonic() - started,
+            self.loop.stats.batches,
+            self.loop.stats.records,
+            self.loop.stats.dead,
+        )
+        return code
+
+    def stop(self) -> None:
+        self.loop.stop()
+
+
+def run_daemon(settings: Settings) -> int:
+    """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code.
+
+    The signal handlers are installed first, so a signal during start-up also
+    stops the daemon cleanly (it then stops before its first poll).
+    """
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing the current batch", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+    log.info("starting worker with settings %s", settings.redacted())
+    daemon = Daemon(settings)
+    daemon.loop.stop_event = stop
+    return daemon.run()

@@ -1,0 +1,184 @@
+"""Event schemas and their validation.
+
+Item event::
+
+    {"item_id": str, "domain": str, "text": str | null, "embedding": [float] | null, "ts": int}
+
+(text or embedding required; an embedding has the deployment's dimension and only
+finite values). Interaction event::
+
+    {"user_id": str, "item_id": str, "domain": str, "ts": int, "weight": float = 1}
+
+:func:`parse_item` and :func:`parse_interaction` turn raw bytes into small frozen
+dataclasses or raise :class:`~worker.exceptions.EventError` whose ``reason`` goes
+to the dead-letter topic. They are on the hot path: plain type checks, no schema
+library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from worker.exceptions import EventError
+
+MAX_ID_CHARS = 256
+_MAX_TS = 1 << 62
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemEvent:
+    item_id: str
+    domain: str
+    text: str | None
+    embedding: np.ndarray | None  # float32 [dim]
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class InteractionEvent:
+    user_id: str
+    item_id: str
+    domain: str
+    ts: int
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EventLimits:
+    """What a valid event may hold; built once from the settings."""
+
+    embedding_dim: int
+    max_bytes: int
+    domain_re: re.Pattern[str]
+    max_text_chars: int
+
+
+def _load(raw: bytes | None, limits: EventLimits) -> dict[str, Any]:
+    if raw is None:
+        raise EventError("empty message (null value)")
+    if len(raw) > limits.max_bytes:
+        raise EventError(
+            f"payload of {len(raw)} bytes exceeds max_message_bytes={limits.max_bytes}"
+        )
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise EventError(f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise EventError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _str_field(data: dict[str, Any], name: str) -> str:
+    value = data.get(name)
+    if value is None:
+        raise EventError(f"missing field {name!r}")
+    if not isinstance(value, str):
+        raise EventError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_CHARS:
+        raise EventError(f"field {name!r} must have 1 to {MAX_ID_CHARS} characters")
+    return value
+
+
+def _domain(data: dict[str, Any], limits: EventLimits) -> str:
+    domain = _str_field(data, "domain")
+    if limits.domain_re.match(domain) is None:
+        raise EventError(
+            f"domain {domain!r} does not match domain_pattern {limits.domain_re.pattern!r}"
+        )
+    return domain
+
+
+def _ts(data: dict[str, Any]) -> int:
+    ts = data.get("ts")
+    if ts is None:
+        raise EventError("missing field 'ts'")
+    if isinstance(ts, bool) or not isinstance(ts, int):
+        raise EventError(f"field 'ts' must be an integer, got {type(ts).__name__}")
+    if not 0 <= ts < _MAX_TS:
+        raise EventError(f"field 'ts' out of range: {ts}")
+    return ts
+
+
+def parse_item(raw: bytes | None, limits: EventLimits) -> ItemEvent:
+    """Validate an item event; raise :class:`EventError` with the reason."""
+    data = _load(raw, limits)
+    item_id = _str_field(data, "item_id")
+    domain = _domain(data, limits)
+    ts = _ts(data)
+    text = data.get("text")
+    if text is not None:
+        if not isinstance(text, str):
+            raise EventError(f"field 'text' must be a string or null, got {type(text).__name__}")
+        text = text.strip()[: limits.max_text_chars] or None
+    emb_raw = data.get("embedding")
+    embedding = None
+    if emb_raw is not None:
+        if not isinstance(emb_raw, list):
+            raise EventError(
+                f"field 'embedding' must be a list of numbers or null, got {type(emb_raw).__name__}"
+            )
+        if len(emb_raw) != limits.embedding_dim:
+            raise EventError(
+                f"field 'embedding' has {len(emb_raw)} values, expected embedding_dim="
+                f"{limits.embedding_dim}"
+            )
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in emb_raw):
+            raise EventError("field 'embedding' must hold only numbers")
+        wide = np.asarray(emb_raw, dtype=np.float64)
+        if not np.isfinite(wide).all() or np.abs(wide).max() > _F32_MAX:
+            raise EventError("field 'embedding' holds NaN or infinite values (as float32)")
+        embedding = wide.astype(np.float32)
+        if not math.isfinite(float(np.linalg.norm(embedding))) or not embedding.any():
+            raise EventError("field 'embedding' is all zeros or overflows")
+    if text is None and embedding is None:
+        raise EventError("an item needs 'text' or 'embedding' (both are missing or null)")
+    return ItemEvent(item_id, domain, text, embedding, ts)
+
+
+def parse_interaction(raw: bytes | None, limits: EventLimits) -> InteractionEvent:
+    """Validate an interaction event; raise :class:`EventError` with the reason."""
+    data = _load(raw, limits)
+    user_id = _str_field(data, "user_id")
+    item_id = _str_field(data, "item_id")
+    domain = _domain(data, limits)
+    ts = _ts(data)
+    weight = data.get("weight", 1.0)
+    if weight is None:
+        weight = 1.0
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise EventError(f"field 'weight' must be a number, got {type(weight).__name__}")
+    weight = float(weight)
+    if not math.isfinite(weight) or weight <= 0 or weight > 1e6:
+        raise EventError(f"field 'weight' must be finite, > 0 and <= 1e6, got {weight}")
+    return InteractionEvent(user_id, item_id, domain, ts, weight)
+
+
+def item_payload(
+    item_id: str,
+    domain: str,
+    ts: int,
+    text: str | None = None,
+    embedding: list[float] | np.ndarray | None = None,
+) -> bytes:
+    """Serialize an item event (producer side)."""
+    emb = None if embedding is None else [float(v) for v in np.asarray(embedding).ravel()]
+    return orjson.dumps(
+        {"item_id": item_id, "domain": domain, "text": text, "embedding": emb, "ts": ts}
+    )
+
+
+def interaction_payload(
+    user_id: str, item_id: str, domain: str, ts: int, weight: float = 1.0
+) -> bytes:
+    """Serialize an interaction event (producer side)."""
+    return orjson.dumps(
+        {"user_id": user_id, "item_id": item_id, "domain": domain, "ts": ts, "weight": weight}
+    )

@@ -1,0 +1,114 @@
+"""Read-only inspection of a worker's state, safe while the daemon runs.
+
+Opens the RocksDB as a *secondary* instance and catches up with the primary, so it
+sees every committed batch without taking the primary's lock.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from store.rocksdb import RocksDBPartition
+
+from store.partition import StorePartition
+from store.records import (
+    DomainCounters,
+    ItemRecord,
+    LoggedInteraction,
+    Popularity,
+    domain_prefix,
+    interaction_key_ts,
+    item_key,
+    split_item_key,
+)
+from worker.exceptions import WorkerError
+from worker.settings import Settings
+
+
+@contextmanager
+def open_state_readonly(settings: Settings) -> Iterator[StorePartition]:
+    path = settings.state_path
+    if not path.exists():
+        raise WorkerError(
+            f"state directory {path} does not exist; run the worker first "
+            f"(adacode run) or point --state-dir / ADACODE_STATE_DIR at its state"
+        )
+    with tempfile.TemporaryDirectory(prefix="adacode-secondary-") as secondary:
+        store = RocksDBPartition.open(path, secondary_path=Path(secondary))
+        try:
+            store.catch_up()
+            yield store
+        finally:
+            store.close()
+
+
+def domain_counters(store: StorePartition) -> dict[str, DomainCounters]:
+    return {
+        k[len(b"domain/") :].decode(): DomainCounters.decode(v)
+        for k, v in store.items("meta", prefix=b"domain/")
+    }
+
+
+def stats(store: StorePartition) -> dict[str, Any]:
+    """Per-domain counts and stored consumer offsets."""
+    return {
+        "domains": {
+            d: {
+                "items": c.items,
+                "placeholders": c.placeholders,
+                "interactions": c.interactions,
+                "logged_interactions": c.logged,
+                "last_event_ts": c.last_ts,
+            }
+            for d, c in sorted(domain_counters(store).items())
+        },
+        "offsets": {f"{t}-{p}": o for (t, p), o in sorted(store.offsets().items())},
+    }
+
+
+def find_item(
+    store: StorePartition, item_id: str, domain: str | None = None
+) -> list[dict[str, Any]]:
+    """Everything stored about ``item_id`` (in every domain unless ``domain`` is given)."""
+    domains = [domain] if domain else sorted(domain_counters(store))
+    out = []
+    for d in domains:
+        raw = store.get("items", item_key(d, item_id))
+        if raw is None:
+            continue
+        rec = ItemRecord.decode(raw)
+        pop_raw = store.get("popularity", item_key(d, item_id))
+        pop = Popularity.decode(pop_raw) if pop_raw else Popularity()
+        out.append(
+            {
+                "domain": d,
+                "item_id": item_id,
+                "placeholder": rec.placeholder,
+                "first_seen": rec.first_seen,
+                "last_seen": rec.last_seen,
+                "text_hash": rec.text_hash.hex(),
+                "embedding_dim": len(rec.embedding) // 4,
+                "interactions": pop.count,
+                "weight_sum": pop.weight_sum,
+                "decayed_count": round(pop.decayed, 6),
+                "decayed_at": pop.decay_ts,
+            }
+        )
+    return out
+
+
+def iter_items(store: StorePartition, domain: str) -> Iterator[tuple[str, ItemRecord]]:
+    for k, v in store.items("items", prefix=domain_prefix(domain)):
+        yield split_item_key(k)[1], ItemRecord.decode(v)
+
+
+def iter_interactions(
+    store: StorePartition, domain: str
+) -> Iterator[tuple[int, LoggedInteraction]]:
+    """The domain's logged interactions in time order: ``(ts, interaction)``."""
+    for k, v in store.items("interactions", prefix=domain_prefix(domain)):
+        yield interaction_key_ts(k), LoggedInteraction.decode(v)

@@ -1,0 +1,56 @@
+"""Prometheus metrics of the worker, in a registry of its own (served at /metrics)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from worker.processor import BatchResult
+
+
+class Metrics:
+    """Counters of consumed/applied/rejected events, batch latency and consumer lag."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter(
+            "adacode_consumed_records", "records polled from Kafka", ["topic"], registry=r
+        )
+        self.applied = Counter(
+            "adacode_applied_events", "events applied to state", ["kind", "domain"], registry=r
+        )
+        self.rejected = Counter(
+            "adacode_rejected_events", "events sent to the dead-letter topic", ["topic"], registry=r
+        )
+        self.texts = Counter("adacode_texts_encoded", "item texts encoded by MiniLM", registry=r)
+        self.batch_seconds = Histogram(
+            "adacode_batch_seconds",
+            "time to process and commit one polled batch",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.lag = Gauge(
+            "adacode_consumer_lag", "records behind the log end", ["topic", "partition"], registry=r
+        )
+        self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
+
+    def observe_batch(self, result: BatchResult, n_records: int, seconds: float) -> None:
+        for (kind, domain), n in result.applied.items():
+            self.applied.labels(kind, domain).inc(n)
+        for dead in result.dead:
+            self.rejected.labels(dead.record.topic).inc()
+        if result.texts_encoded:
+            self.texts.inc(result.texts_encoded)
+        self.batch_seconds.observe(seconds)
+
+    def count_consumed(self, topic: str, n: int) -> None:
+        self.consumed.labels(topic).inc(n)
+
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        self.lag.labels(topic, str(partition)).set(lag)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

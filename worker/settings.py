@@ -1,0 +1,318 @@
+"""Frozen, typed settings: each declared once, with its default, env var and CLI flag.
+
+Sources, lowest to highest precedence: defaults < TOML file < ``ADACODE_*``
+environment < command-line flags. This is the ONE module that reads the
+environment. Every value is validated at load time; an error names the key, the
+source, what was wrong and what is allowed.
+
+A TOML file may be flat (``kafka_bootstrap = "..."``) or use sections whose name is
+the key's first word (``[kafka] bootstrap = "..."``); both spell the same key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from worker.exceptions import ConfigError
+
+ENV_PREFIX = "ADACODE_"
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare a setting: its default, its help and its bounds."""
+    return field(
+        default=default,
+        metadata={
+            "help": help,
+            "choices": tuple(choices) if choices else None,
+            "minimum": minimum,
+            "maximum": maximum,
+            "secret": secret,
+        },
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All settings of the worker and the CLI. Read with :func:`load_settings`."""
+
+    # --- Kafka -----------------------------------------------------------------------
+    kafka_bootstrap: str = setting("127.0.0.1:9092", "Kafka bootstrap servers, comma-separated")
+    kafka_group_id: str = setting("adacode-worker", "consumer group of the workers")
+    kafka_client_id: str = setting("adacode", "client id sent to the broker")
+    kafka_group_instance_id: str = setting(
+        "", "static group membership id (a restart keeps its partitions without a rebalance)"
+    )
+    kafka_session_timeout_ms: int = setting(
+        10_000, "consumer session timeout in ms", minimum=6_000, maximum=300_000
+    )
+    kafka_security_protocol: str = setting(
+        "PLAINTEXT",
+        "security protocol passed to kafka-python",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    )
+    kafka_sasl_mechanism: str = setting(
+        "", "SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) or empty"
+    )
+    kafka_sasl_username: str = setting("", "SASL user name")
+    kafka_sasl_password: str = setting("", "SASL password (never logged)", secret=True)
+    kafka_ssl_cafile: str = setting("", "CA file for SSL connections")
+    topic_prefix: str = setting("adacode.", "prefix of every topic name")
+    topic_partitions: int = setting(
+        3, "partitions of the event topics (adacode topics create)", minimum=1, maximum=1024
+    )
+    topic_retention_hours: int = setting(
+        168, "retention of the event topics in hours (-1: forever)", minimum=-1
+    )
+    poll_max_records: int = setting(
+        5000, "most records applied in one batch", minimum=1, maximum=100_000
+    )
+    poll_timeout_ms: int = setting(200, "poll timeout in ms", minimum=1, maximum=60_000)
+    max_message_bytes: int = setting(
+        1_000_000, "larger event payloads are dead-lettered", minimum=256
+    )
+
+    # --- state -----------------------------------------------------------------------
+    state_dir: str = setting("state/worker", "directory of the worker's RocksDB")
+    sync_writes: bool = setting(True, "fsync the RocksDB WAL on every batch")
+    interaction_retention: int = setting(
+        5_000_000, "interactions kept per domain in the log (oldest trimmed)", minimum=1000
+    )
+    popularity_half_life_hours: float = setting(
+        168.0, "half-life of the time-decayed interaction count", minimum=0.001
+    )
+    domain_pattern: str = setting(
+        r"^[a-z0-9][a-z0-9_.-]{0,62}$", "regular expression a domain name must match"
+    )
+
+    # --- items -----------------------------------------------------------------------
+    embedding_dim: int = setting(384, "dimension of item embeddings", minimum=1, maximum=65536)
+    text_batch_size: int = setting(64, "texts encoded per MiniLM call", minimum=1)
+    torch_threads: int = setting(1, "torch threads of the text encoder", minimum=1, maximum=64)
+    max_text_chars: int = setting(4000, "item texts are cut to this length", minimum=16)
+
+    # --- daemon ----------------------------------------------------------------------
+    http_host: str = setting("127.0.0.1", "address of the health/metrics/API server")
+    http_port: int = setting(8321, "port of the HTTP server (0: none)", minimum=0, maximum=65535)
+    log_format: str = setting("human", "log line format", choices=("human", "json"))
+    log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    # ---------------------------------------------------------------------------------
+
+    def topic(self, name: str) -> str:
+        """Full name of topic ``name`` (items, interactions, deadletter, control, snapshots)."""
+        return f"{self.topic_prefix}{name}"
+
+    def kafka_common(self) -> dict[str, Any]:
+        """Connection settings shared by every kafka-python client (secrets included)."""
+        conf: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap.split(","),
+            "client_id": self.kafka_client_id,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_sasl_mechanism:
+            conf["sasl_mechanism"] = self.kafka_sasl_mechanism
+            conf["sasl_plain_username"] = self.kafka_sasl_username
+            conf["sasl_plain_password"] = self.kafka_sasl_password
+        if self.kafka_ssl_cafile:
+            conf["ssl_cafile"] = self.kafka_ssl_cafile
+        return conf
+
+    def redacted(self) -> dict[str, Any]:
+        """All settings as a dict, secrets replaced by ``***`` (safe to log)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata["secret"] and value else value
+        return out
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _convert(key: str, raw: Any, source: str) -> Any:
+    f = FIELDS[key]
+    kind = type(f.default)
+    meta = f.metadata
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on"):
+                value = True
+            elif isinstance(raw, str) and raw.lower() in ("0", "false", "no", "off"):
+                value = False
+            else:
+                raise ValueError("expected true or false")
+        elif kind is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError("expected an integer")
+            value = int(raw)
+        elif kind is float:
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            value = float(raw)
+        else:
+            if not isinstance(raw, str):
+                raise ValueError("expected a string")
+            value = raw
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"setting {key!r} from {source}: {raw!r} is not valid ({exc}); "
+            f"expected a {kind.__name__}, e.g. {f.default!r}"
+        ) from exc
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(
+            f"setting {key!r} from {source}: {value!r} is not allowed; "
+            f"choose one of {', '.join(meta['choices'])}"
+        )
+    if meta["minimum"] is not None and value < meta["minimum"]:
+        raise ConfigError(
+            f"setting {key!r} from {source}: {value!r} is below the minimum {meta['minimum']}"
+        )
+    if meta["maximum"] is not None and value > meta["maximum"]:
+        raise ConfigError(
+            f"setting {key!r} from {source}: {value!r} is above the maximum {meta['maximum']}"
+        )
+    return value
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(
+        f"unknown setting {key!r} in {source}{hint} (all settings: adacode config --help-settings)"
+    )
+
+
+def _flatten_toml(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                flat[f"{key}_{sub}"] = inner
+        else:
+            flat[key] = value
+    for key in flat:
+        if key not in FIELDS:
+            raise _unknown(key, source)
+    return flat
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"config file {path} does not exist; pass an existing file with --config "
+            f"or leave --config out to use defaults and ADACODE_* variables"
+        ) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    return _flatten_toml(data, f"config file {path}")
+
+
+def load_settings(
+    config: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from defaults, a TOML file, the environment and explicit overrides.
+
+    ``config`` defaults to ``$ADACODE_CONFIG`` when that is set. ``overrides`` are
+    values from command-line flags (``None`` values are ignored).
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config = config or env.get("ADACODE_CONFIG") or None
+    if config:
+        path = Path(config)
+        for key, raw in read_toml(path).items():
+            values[key] = _convert(key, raw, f"config file {path}")
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "ADACODE_CONFIG":
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key in FIELDS:
+            values[key] = _convert(key, raw, f"environment variable {name}")
+        elif not key.startswith(("test_", "kafka_home", "kafka_port", "kafka_data", "venv")):
+            # ADACODE_TEST_* and the ops/ script variables are not worker settings.
+            raise _unknown(key, f"environment variable {name}")
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in FIELDS:
+            raise _unknown(key, "command-line flags")
+        values[key] = _convert(key, raw, f"flag {flag_name(key)}")
+    settings = Settings(**values)
+    try:
+        re.compile(settings.domain_pattern)
+    except re.error as exc:
+        raise ConfigError(
+            f"setting 'domain_pattern' is not a valid regular expression: {exc}"
+        ) from exc
+    if not settings.kafka_bootstrap.strip():
+        raise ConfigError("setting 'kafka_bootstrap' is empty; give host:port, e.g. 127.0.0.1:9092")
+    return settings
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, keys: Sequence[str] | None = None) -> None:
+    """Add a ``--flag`` for each setting (all of them, or ``keys``)."""
+    group = parser.add_argument_group("settings (also ADACODE_* variables and --config)")
+    for key in keys or list(FIELDS):
+        f = FIELDS[key]
+        meta = f.metadata
+        help_text = f"{meta['help']} [env {env_name(key)}; default {f.default!r}]"
+        group.add_argument(flag_name(key), dest=f"setting_{key}", default=None, help=help_text)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags in ``args`` (see :func:`add_setting_flags`)."""
+    return {
+        name[len("setting_") :]: value
+        for name, value in vars(args).items()
+        if name.startswith("setting_") and value is not None
+    }
+
+
+def describe_settings() -> str:
+    """A table of every setting, its env var, flag, default and help."""
+    lines = []
+    for key, f in FIELDS.items():
+        meta = f.metadata
+        allowed = f" (one of {', '.join(meta['choices'])})" if meta["choices"] else ""
+        lines.append(
+            f"{key:28} {env_name(key):36} {flag_name(key):30} default={f.default!r}\n"
+            f"{'':28} {meta['help']}{allowed}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,66 @@
+"""Topic names and their creation (``adacode topics create``)."""
+
+from __future__ import annotations
+
+import logging
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from worker.exceptions import KafkaUnavailableError
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Event topics (partitioned by domain key) and service topics (one partition, ordered).
+EVENT_TOPICS = ("items", "interactions")
+SERVICE_TOPICS = ("deadletter", "control", "snapshots")
+
+
+def topic_configs(settings: Settings, name: str) -> dict[str, str]:
+    retention_ms = (
+        "-1"
+        if settings.topic_retention_hours < 0
+        else str(settings.topic_retention_hours * 3600_000)
+    )
+    # Larger than the worker's payload limit, so oversized events reach it and get
+    # dead-lettered with a reason instead of failing at the producer.
+    max_bytes = max(4 * settings.max_message_bytes, 4 * 1024 * 1024)
+    conf = {"retention.ms": retention_ms, "max.message.bytes": str(max_bytes)}
+    if name == "control":
+        conf["retention.ms"] = "-1"  # rollbacks and pins must never expire
+    return conf
+
+
+def create_topics(settings: Settings, partitions: int | None = None) -> dict[str, str]:
+    """Create every adacode topic that does not exist yet; returns ``{name: status}``."""
+    parts = partitions or settings.topic_partitions
+    wanted = [
+        NewTopic(settings.topic(n), parts, 1, topic_configs=topic_configs(settings, n))
+        for n in EVENT_TOPICS
+    ] + [
+        NewTopic(settings.topic(n), 1, 1, topic_configs=topic_configs(settings, n))
+        for n in SERVICE_TOPICS
+    ]
+    try:
+        admin = KafkaAdminClient(**settings.kafka_common(), request_timeout_ms=15_000)
+    except KafkaError as exc:
+        raise KafkaUnavailableError(
+            f"Kafka at {settings.kafka_bootstrap} did not answer: {exc}; start a broker "
+            f"(adacode kafka up) or set --kafka-bootstrap / ADACODE_KAFKA_BOOTSTRAP"
+        ) from exc
+    status: dict[str, str] = {}
+    try:
+        existing = set(admin.list_topics())
+        for topic in wanted:
+            if topic.name in existing:
+                status[topic.name] = "exists"
+                continue
+            try:
+                admin.create_topics([topic])
+                status[topic.name] = f"created ({topic.num_partitions} partitions)"
+            except TopicAlreadyExistsError:
+                status[topic.name] = "exists"
+    finally:
+        admin.close()
+    return status
