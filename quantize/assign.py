@@ -619,15 +619,16 @@ class CodeAssigner:
         except LengthPolicyError as exc:
             raise AssignmentError(f"CodeAssigner: the length policy failed ({exc})") from exc
         cur = self._lengths
-        cur_total = cur + self._uses.astype(np.int64)
         fresh = cur == 0  # new or re-coded items take the policy length at once
-        longer = target >= cur_total
+        # a head item's disambiguation digit is not the policy's business: compare path
+        # digits only; for other items the digit counts, so it is dropped lazily too
+        compared = np.where(head, cur, cur + self._uses.astype(np.int64))
+        longer = target >= compared
         if round_:
             self._streak = np.where(longer, 0, self._streak + 1)
         shrink = ~longer & ~fresh & (self._streak >= self.demote_after)
-        keep = ~(longer | fresh | shrink)
-        new_len = np.where(keep, cur, target)
-        uses = keep & self._uses
+        new_len = np.where(longer | fresh | shrink, target, cur)
+        uses = self._uses & ~fresh & ~shrink & (new_len >= self.levels)
         self._streak[shrink] = 0
         # incumbents (served this very code before) keep it, then the more popular item
         incumbent = ~fresh & (new_len == cur) & (uses == self._uses)

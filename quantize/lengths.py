@@ -104,8 +104,8 @@ def head_flags(
     """
     pop = check_vector(popularity, len(np.asarray(popularity)), "head_flags")
     prev = check_mask(prev_is_head, len(pop), "head_flags")
-    if not (math.isfinite(enter_threshold) and math.isfinite(exit_threshold)):
-        raise LengthPolicyError("head_flags: thresholds must be finite numbers")
+    if math.isnan(enter_threshold) or math.isnan(exit_threshold):
+        raise LengthPolicyError("head_flags: thresholds are NaN; pass numbers (inf = no head)")
     if exit_threshold > enter_threshold:
         raise LengthPolicyError(
             f"head_flags: exit_threshold={exit_threshold} exceeds enter_threshold="

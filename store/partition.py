@@ -16,6 +16,7 @@ import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Self
 
 from store.exceptions import StateFormatError
 
@@ -162,7 +163,7 @@ class StorePartition(ABC):
     def count(self, cf: str, *, prefix: bytes = b"") -> int:
         return sum(1 for _ in self.items(cf, prefix=prefix))
 
-    def __enter__(self) -> StorePartition:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -222,15 +222,22 @@ class RocksDBPartition(StorePartition):
             raise StateFormatError(
                 f"state directory {path} is a file, not a directory; {_MOVE_AWAY}"
             )
-        if not path.exists() or not any(path.iterdir()):
+        try:
+            entries = sorted(p.name for p in path.iterdir()) if path.exists() else []
+        except OSError as exc:
+            raise StoreError(
+                f"cannot list state directory {path} ({exc}); give the worker's user "
+                "read and write access to it"
+            ) from exc
+        if not entries:
             if mode != "primary":
                 raise StateFormatError(
                     f"state directory {path} holds no state store (it is missing or empty); "
                     "start the worker once to create it, or check the path"
                 )
             return cls._create(path, sync_writes=sync_writes)
-        if not (path / "CURRENT").is_file():
-            found = ", ".join(sorted(p.name for p in path.iterdir())[:5])
+        if "CURRENT" not in entries:
+            found = ", ".join(entries[:5])
             raise StateFormatError(
                 f"state directory {path} is not a RocksDB database (found {found}, "
                 f"no CURRENT file); {_MOVE_AWAY}"
@@ -266,9 +273,13 @@ class RocksDBPartition(StorePartition):
     def _create(cls, path: Path, *, sync_writes: bool) -> RocksDBPartition:
         db = cls._open_rdict(path, list(COLUMN_FAMILIES), create=True)
         partition = cls(db, path, mode="primary", sync_writes=sync_writes)
-        batch = partition.batch()
-        batch.put("meta", FORMAT_KEY, FORMAT)
-        partition._write_now(batch, sync=True)
+        try:
+            batch = partition.batch()
+            batch.put("meta", FORMAT_KEY, FORMAT)
+            partition._write_now(batch, sync=True)
+        except BaseException:
+            partition.close()
+            raise
         return partition
 
     @staticmethod
@@ -315,7 +326,7 @@ class RocksDBPartition(StorePartition):
         if found is None:
             raise StateFormatError(
                 f"state directory {path} is a RocksDB database without adacode's format "
-                f"marker (meta/{FORMAT_KEY.decode()} is missing) and holds data; {_MOVE_AWAY}"
+                f"marker (meta/{FORMAT_KEY.decode()} is missing); {_MOVE_AWAY}"
             )
         raise StateFormatError(
             f"state directory {path} holds state format {found!r}; this version of adacode "
@@ -404,7 +415,7 @@ class RocksDBPartition(StorePartition):
                 rows = family.items(from_key=lower, read_opt=read_options)
         except Exception as exc:
             raise self._read_error(exc) from exc
-        cursor = _Cursor(self, rows, lower if reverse and lower else None, read_options)
+        cursor = _Cursor(self, rows, None, read_options)
         self._cursors.add(cursor)
         return cursor
 

@@ -78,7 +78,9 @@ def applied_offsets(state_dir: Path) -> dict[tuple[str, int], int]:
         return store.offsets()
 
 
-def dump_state(state_dir: Path, families: tuple[str, ...] = COLUMN_FAMILIES) -> dict[str, list[tuple[bytes, bytes]]]:
+def dump_state(
+    state_dir: Path, families: tuple[str, ...] = COLUMN_FAMILIES
+) -> dict[str, list[tuple[bytes, bytes]]]:
     store = RocksDBPartition.open(state_dir, read_only=True)
     try:
         return {cf: list(store.items(cf)) for cf in families}

@@ -171,6 +171,13 @@ def cmd_item(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    settings = _settings(args)
+    return run_demo(settings, args.dataset, args.workdir, args.limit)
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.help_settings:
         print(describe_settings())
@@ -228,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("item", cmd_item, "everything stored about one item (safe while it runs)")
     p.add_argument("item_id")
     p.add_argument("--domain", default=None)
+
+    p = command("demo", cmd_demo, "the end-to-end demo: topics, worker, replay, summary")
+    p.add_argument("--dataset", type=_existing_dir, default=None, help="default: synthetic")
+    p.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
+    p.add_argument("--limit", type=_positive_int, default=None, help="most interactions sent")
 
     p = command("config", cmd_config, "print the effective settings (secrets hidden)")
     p.add_argument("--help-settings", action="store_true", help="list every setting")

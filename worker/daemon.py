@@ -14,10 +14,9 @@ import threading
 import time
 from types import FrameType
 
-from store.rocksdb import RocksDBPartition
-
 from store.exceptions import StoreError
 from store.partition import StorePartition
+from store.rocksdb import RocksDBPartition
 from worker.api import HttpServer, Request, Response, Router
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder

@@ -12,8 +12,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from store.rocksdb import RocksDBPartition
-
 from store.partition import StorePartition
 from store.records import (
     DomainCounters,
@@ -25,6 +23,7 @@ from store.records import (
     item_key,
     split_item_key,
 )
+from store.rocksdb import RocksDBPartition
 from worker.exceptions import WorkerError
 from worker.settings import Settings
 

@@ -36,3 +36,5 @@ def setup_logging(fmt: str = "human", level: str = "INFO") -> None:
     root.setLevel(level)
     for noisy in ("kafka", "sentence_transformers", "transformers", "apscheduler"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # kafka-python warns that a group-less consumer (offset look-ups) has no auto-commit
+    logging.getLogger("kafka.coordinator.consumer").setLevel(logging.ERROR)

@@ -25,6 +25,22 @@ from typing import Any
 from worker.exceptions import ConfigError
 
 ENV_PREFIX = "ADACODE_"
+#: ADACODE_* variables read by the ops/ scripts and the tests, not worker settings.
+OPS_ENV = frozenset(
+    {
+        "ADACODE_CONFIG",
+        "ADACODE_VENV",
+        "ADACODE_PYTHON",
+        "ADACODE_TORCH_INDEX",
+        "ADACODE_KAFKA_HOME",
+        "ADACODE_KAFKA_PORT",
+        "ADACODE_KAFKA_CONTROLLER_PORT",
+        "ADACODE_KAFKA_DATA",
+        "ADACODE_KAFKA_HEAP",
+        "ADACODE_KAFKA_START_TIMEOUT",
+        "ADACODE_DEMO_WORKDIR",
+    }
+)
 
 
 def setting(
@@ -260,13 +276,12 @@ def load_settings(
         for key, raw in read_toml(path).items():
             values[key] = _convert(key, raw, f"config file {path}")
     for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX) or name == "ADACODE_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in OPS_ENV or name.startswith("ADACODE_TEST_"):
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key in FIELDS:
             values[key] = _convert(key, raw, f"environment variable {name}")
-        elif not key.startswith(("test_", "kafka_home", "kafka_port", "kafka_data", "venv")):
-            # ADACODE_TEST_* and the ops/ script variables are not worker settings.
+        else:
             raise _unknown(key, f"environment variable {name}")
     for key, raw in (overrides or {}).items():
         if raw is None:

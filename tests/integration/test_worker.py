@@ -50,7 +50,9 @@ def _end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int
     try:
         consumer.topics()  # fetch metadata, so partitions_for_topic knows every topic
         tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
-        ends = {(tp.topic, tp.partition): off for tp, off in consumer.end_offsets(tps).items() if off}
+        ends = {
+            (tp.topic, tp.partition): off for tp, off in consumer.end_offsets(tps).items() if off
+        }
         assert ends, f"no records found in {topics}"
         return ends
     finally:
@@ -62,7 +64,9 @@ class InProcessWorker:
 
     def __init__(self, settings: Settings) -> None:
         self.store = RocksDBPartition.open(settings.state_path)
-        self.loop = ConsumerLoop(settings, self.store, Processor(self.store, settings, None), Metrics())
+        self.loop = ConsumerLoop(
+            settings, self.store, Processor(self.store, settings, None), Metrics()
+        )
         self.thread = threading.Thread(target=self.loop.run, daemon=True)
         self.thread.start()
 
@@ -73,7 +77,9 @@ class InProcessWorker:
         self.store.close()
 
 
-def test_counts_in_rocksdb_match_what_was_produced(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+def test_counts_in_rocksdb_match_what_was_produced(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
     s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "state")
     create_topics(s, partitions=3)
     items, inters = make_events(300, 3000)
@@ -114,8 +120,12 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
 
     crashed = tmp_path / "crashed"
     env = worker_env(
-        kafka_bootstrap, topic_prefix, crashed, poll_max_records=50,
-        kafka_group_instance_id="w1", kafka_group_id=f"{topic_prefix}crash",
+        kafka_bootstrap,
+        topic_prefix,
+        crashed,
+        poll_max_records=50,
+        kafka_group_instance_id="w1",
+        kafka_group_id=f"{topic_prefix}crash",
     )
     rng = random.Random(42)
     kills = 0
@@ -126,7 +136,9 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
         proc = start_worker(env, log)
         seen = progress[-1]
         wait_for(
-            lambda seen=seen: sum(applied_offsets(crashed).values()) > seen or proc.poll() is not None,
+            lambda seen=seen: (
+                sum(applied_offsets(crashed).values()) > seen or proc.poll() is not None
+            ),
             60,
             "progress before the next kill",
         )
@@ -149,7 +161,9 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
 
     clean = tmp_path / "clean"
-    env_clean = worker_env(kafka_bootstrap, topic_prefix, clean, kafka_group_id=f"{topic_prefix}clean")
+    env_clean = worker_env(
+        kafka_bootstrap, topic_prefix, clean, kafka_group_id=f"{topic_prefix}clean"
+    )
     proc = start_worker(env_clean, tmp_path / "clean.log")
     try:
         wait_for(lambda: applied_offsets(clean) == end, 120, "the uninterrupted worker to finish")
@@ -170,9 +184,17 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_carries_on(
     items, inters = make_events(40, 400, seed=2)
     bad_items = [
         ("shop", b"{not json"),
-        ("shop", orjson.dumps({"item_id": "x", "domain": "shop", "ts": 1, "embedding": [1.0] * (DIM + 1)})),
+        (
+            "shop",
+            orjson.dumps(
+                {"item_id": "x", "domain": "shop", "ts": 1, "embedding": [1.0] * (DIM + 1)}
+            ),
+        ),
         ("shop", orjson.dumps({"item_id": "x", "domain": "shop", "ts": 1, "text": None})),
-        ("shop", b'{"item_id": "x", "domain": "shop", "ts": 1, "embedding": [NaN, 1, 1, 1, 1, 1, 1, 1]}'),
+        (
+            "shop",
+            b'{"item_id": "x", "domain": "shop", "ts": 1, "embedding": [NaN, 1, 1, 1, 1, 1, 1, 1]}',
+        ),
         ("shop", orjson.dumps({"item_id": "x", "domain": "Not A Domain", "ts": 1, "text": "t"})),
         ("shop", orjson.dumps({"item_id": "x", "domain": "shop", "ts": 1, "text": "y" * 5000})),
     ]
@@ -180,10 +202,17 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_carries_on(
         ("news", b"\xff\xfe binary"),
         ("news", orjson.dumps({"user_id": "u", "domain": "news", "ts": 3})),
         ("news", orjson.dumps({"user_id": "u", "item_id": "i1", "domain": "news", "ts": "soon"})),
-        ("news", orjson.dumps({"user_id": "u", "item_id": "i1", "domain": "news", "ts": 3, "weight": -1})),
+        (
+            "news",
+            orjson.dumps(
+                {"user_id": "u", "item_id": "i1", "domain": "news", "ts": 3, "weight": -1}
+            ),
+        ),
     ]
     mixed_items = items[:20] + bad_items + items[20:]
-    mixed_inters = [m for pair in zip(inters[:4], bad_inters, strict=True) for m in pair] + inters[4:]
+    mixed_inters = [m for pair in zip(inters[:4], bad_inters, strict=True) for m in pair] + inters[
+        4:
+    ]
     produce_json(kafka_bootstrap, s.topic("items"), mixed_items)
     produce_json(kafka_bootstrap, s.topic("interactions"), mixed_inters)
     end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
@@ -200,9 +229,16 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_carries_on(
     docs = [r.json() for r in dead]
     assert len(docs) == len(bad_items) + len(bad_inters)
     reasons = sorted(d["reason"] for d in docs)
-    for needle in ("not JSON", "embedding_dim", "needs 'text' or 'embedding'", "domain_pattern",
-                   "exceeds max_message_bytes", "missing field 'item_id'", "'ts' must be an integer",
-                   "'weight'"):
+    for needle in (
+        "not JSON",
+        "embedding_dim",
+        "needs 'text' or 'embedding'",
+        "domain_pattern",
+        "exceeds max_message_bytes",
+        "missing field 'item_id'",
+        "'ts' must be an integer",
+        "'weight'",
+    ):
         assert any(needle in r for r in reasons), (needle, reasons)
     for d in docs:
         assert d["topic"] in (s.topic("items"), s.topic("interactions"))
@@ -260,11 +296,17 @@ def test_cli_rejects_a_bad_setting_with_the_key_and_the_fix(tmp_path: Path) -> N
 
     out = subprocess.run(
         [sys.executable, "-m", "worker.cli", "stats", "--state-dir", str(tmp_path / "nope")],
-        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 2 and "does not exist" in out.stderr
     out = subprocess.run(
         [sys.executable, "-m", "worker.cli", "run", "--poll-max-records", "zero"],
-        capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert out.returncode == 2 and "'poll_max_records'" in out.stderr and "integer" in out.stderr

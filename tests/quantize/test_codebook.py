@@ -4,7 +4,9 @@ serialization round trips and the shape rule."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
+import faiss
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -51,6 +53,15 @@ def reference_rkmeans(x: np.ndarray, levels: int, k: int, seed: int, niter: int)
         out[level] = cents
         residual -= cents[assign]
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_faiss_thread() -> Iterator[None]:
+    """Small problems run faster on one thread (OpenMP spin-up dominates otherwise)."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,9 @@ finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinit
 
 @settings(max_examples=100, deadline=None)
 @given(ids, domains, timestamps, st.lists(finite, min_size=4, max_size=4))
-def test_item_with_embedding_round_trips(item_id: str, domain: str, ts: int, emb: list[float]) -> None:
+def test_item_with_embedding_round_trips(
+    item_id: str, domain: str, ts: int, emb: list[float]
+) -> None:
     if not np.asarray(emb, dtype=np.float32).any():
         emb[0] = 1.0
     ev = parse_item(item_payload(item_id, domain, ts, embedding=emb), LIMITS)
@@ -58,7 +60,13 @@ def test_weight_defaults_to_one() -> None:
 
 
 def _item(**over: object) -> bytes:
-    doc: dict[str, object] = {"item_id": "i", "domain": "d", "text": "hello", "embedding": None, "ts": 1}
+    doc: dict[str, object] = {
+        "item_id": "i",
+        "domain": "d",
+        "text": "hello",
+        "embedding": None,
+        "ts": 1,
+    }
     doc.update(over)
     return orjson.dumps(doc)
 
@@ -80,7 +88,10 @@ def _item(**over: object) -> bytes:
         (_item(text=None, embedding=[0.0, 0.0, 0.0, 0.0]), "all zeros"),
         (_item(text=None, embedding=[1e39, 1.0, 1.0, 1.0]), "NaN or infinite"),
         (_item(text=7), "'text' must be a string"),
-        (b'{"item_id": "i", "domain": "d", "text": "' + b"x" * 3000 + b'", "ts": 1}', "exceeds max_message_bytes"),
+        (
+            b'{"item_id": "i", "domain": "d", "text": "' + b"x" * 3000 + b'", "ts": 1}',
+            "exceeds max_message_bytes",
+        ),
     ],
 )
 def test_bad_items_are_rejected_with_a_reason(raw: bytes | None, reason: str) -> None:
@@ -99,7 +110,10 @@ def test_nan_embedding_is_rejected() -> None:
     ("doc", "reason"),
     [
         ({"item_id": "i", "domain": "d", "ts": 1}, "missing field 'user_id'"),
-        ({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": "1"}, "'weight' must be a number"),
+        (
+            {"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": "1"},
+            "'weight' must be a number",
+        ),
         ({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": -2}, "> 0"),
         ({"user_id": "u", "item_id": "i", "domain": "d", "ts": True}, "'ts' must be an integer"),
         ({"user_id": "", "item_id": "i", "domain": "d", "ts": 1}, "1 to 256 characters"),
@@ -112,11 +126,23 @@ def test_bad_interactions_are_rejected(doc: dict[str, object], reason: str) -> N
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=300), st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=6),
-    max_leaves=20,
-).map(lambda doc: json.dumps(doc).encode())))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False)
+            | st.text(max_size=20),
+            lambda children: (
+                st.lists(children, max_size=5)
+                | st.dictionaries(st.text(max_size=10), children, max_size=6)
+            ),
+            max_leaves=20,
+        ).map(lambda doc: json.dumps(doc).encode()),
+    )
+)
 def test_arbitrary_payloads_never_crash(raw: bytes) -> None:
     """Any payload is either a valid event or an EventError with a non-empty reason."""
     for parse in (parse_item, parse_interaction):

@@ -33,13 +33,21 @@ class CountingEncoder:
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         self.calls.append(list(texts))
-        out = np.stack(
-            [np.frombuffer(hashlib.sha256(t.encode()).digest(), dtype=np.uint8)[:8] for t in texts]
-        ).astype(np.float32) + 1
+        out = (
+            np.stack(
+                [
+                    np.frombuffer(hashlib.sha256(t.encode()).digest(), dtype=np.uint8)[:8]
+                    for t in texts
+                ]
+            ).astype(np.float32)
+            + 1
+        )
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def _records(topic: str, payloads: list[bytes], partition: int = 0, start: int = 0) -> list[SourceRecord]:
+def _records(
+    topic: str, payloads: list[bytes], partition: int = 0, start: int = 0
+) -> list[SourceRecord]:
     return [SourceRecord(topic, partition, start + i, b"d", p) for i, p in enumerate(payloads)]
 
 
@@ -56,7 +64,9 @@ def _apply(store: StorePartition, proc: Processor, records: list[SourceRecord]):
 def test_items_and_interactions_are_counted_exactly() -> None:
     store = MemoryPartition()
     proc = Processor(store, SETTINGS, CountingEncoder())
-    items = _records(ITEMS, [item_payload(f"i{k}", "shop", 10 + k, text=f"text {k}") for k in range(5)])
+    items = _records(
+        ITEMS, [item_payload(f"i{k}", "shop", 10 + k, text=f"text {k}") for k in range(5)]
+    )
     inters = _records(
         INTER, [interaction_payload(f"u{k % 3}", f"i{k % 5}", "shop", 100 + k) for k in range(20)]
     )
@@ -112,7 +122,10 @@ def test_text_only_items_without_encoder_are_dead_lettered() -> None:
     result = _apply(
         store,
         proc,
-        _records(ITEMS, [item_payload("a", "shop", 1, text="x"), item_payload("b", "shop", 1, embedding=emb)]),
+        _records(
+            ITEMS,
+            [item_payload("a", "shop", 1, text="x"), item_payload("b", "shop", 1, embedding=emb)],
+        ),
     )
     assert [d.record.offset for d in result.dead] == [0]
     assert "no text encoder" in result.dead[0].reason
@@ -148,13 +161,15 @@ def test_log_retention_trims_the_oldest() -> None:
 
 # --- batch boundaries do not matter --------------------------------------------------
 
+
 def _stream(seed: int) -> list[SourceRecord]:
     rng = np.random.default_rng(seed)
     recs: list[SourceRecord] = []
     n_items = 12
     item_recs = [
-        item_payload(f"i{k}", "shop", 5 + k, text=f"text {k % 4}") if k % 3 else
-        item_payload(f"i{k}", "shop", 5 + k, embedding=list(rng.random(8) + 0.1))
+        item_payload(f"i{k}", "shop", 5 + k, text=f"text {k % 4}")
+        if k % 3
+        else item_payload(f"i{k}", "shop", 5 + k, embedding=list(rng.random(8) + 0.1))
         for k in range(n_items)
     ]
     inter = [
@@ -167,7 +182,9 @@ def _stream(seed: int) -> list[SourceRecord]:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 3), st.lists(st.integers(1, 30), min_size=1, max_size=10), st.integers(0, 2**32))
+@given(
+    st.integers(0, 3), st.lists(st.integers(1, 30), min_size=1, max_size=10), st.integers(0, 2**32)
+)
 def test_state_is_independent_of_batching_and_topic_interleaving(
     seed: int, sizes: list[int], shuffle_seed: int
 ) -> None:

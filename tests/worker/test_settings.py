@@ -53,7 +53,7 @@ def test_bad_values_name_the_key_and_the_fix(env: dict[str, str], needle: str) -
 def test_unknown_key_in_file_and_bad_toml(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("[kafka]\nbootstrapp = 'x'\n")
-    with pytest.raises(ConfigError, match="unknown setting 'kafka_bootstrapp'.*kafka_bootstrap"):
+    with pytest.raises(ConfigError, match=r"unknown setting 'kafka_bootstrapp'.*kafka_bootstrap"):
         load_settings(cfg, environ={})
     cfg.write_text("this is = = not toml")
     with pytest.raises(ConfigError, match="not valid TOML"):

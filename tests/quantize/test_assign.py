@@ -1,0 +1,325 @@
+"""Served-code assignment (batch and incremental) and code metrics: properties and
+slow references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from quantize.assign import (
+    AssignerState,
+    CodeAssigner,
+    CodeChange,
+    ServedCodes,
+    assign_codes,
+    row_ids,
+    state_equal,
+)
+from quantize.code_metrics import code_report, collision_rate, level_balance, level_utilization
+from quantize.exceptions import AssignmentError
+from quantize.lengths import POLICIES, make_policy
+
+POLICY_NAMES = sorted(POLICIES)
+GROWING = {"new", "recode", "promote", "deepen", "disambiguate"}
+SHRINKING = {"demote", "shorten"}
+
+
+def check_served_code(code: tuple[int, ...], path: tuple[int, ...], levels: int) -> None:
+    """A served code is a prefix of the full path plus at most one trailing digit."""
+    assert 1 <= len(code) <= levels + 1
+    if len(code) == levels + 1:
+        assert code[:levels] == path and code[levels] >= 0
+    else:
+        assert code == path[: len(code)]
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, int]:
+    n = draw(st.integers(min_value=1, max_value=50))
+    levels = draw(st.integers(min_value=1, max_value=4))
+    k = draw(st.integers(min_value=2, max_value=3))
+    paths = draw(hnp.arrays(np.int64, (n, levels), elements=st.integers(0, k - 1)))
+    pop = draw(hnp.arrays(np.float64, n, elements=st.sampled_from([0.0, 1.0, 2.0, 5.0, 9.0])))
+    return paths, pop, k
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches(), st.sampled_from(POLICY_NAMES), st.integers(1, 3))
+def test_batch_codes_are_prefixes_and_head_is_unique(
+    case: tuple[np.ndarray, np.ndarray, int], name: str, min_len: int
+) -> None:
+    paths, pop, k = case
+    levels = paths.shape[1]
+    policy = make_policy(name) if name == "fixed" else make_policy(name, min_len=min_len)
+    served = assign_codes(paths, pop, policy, k=k, head_fraction=0.3)
+    codes = served.codes()
+    for i, code in enumerate(codes):
+        check_served_code(code, tuple(int(c) for c in paths[i]), levels)
+        assert len(code) >= min(min_len, levels)
+    head_codes = [codes[i] for i in np.flatnonzero(served.is_head)]
+    assert len(set(head_codes)) == len(head_codes)
+    # digits are compact (0..m-1), one per disambiguated item, and only on head items
+    digits = sorted(int(served.digits[i]) for i in np.flatnonzero(served.uses_digit))
+    assert digits == list(range(served.n_digit_rows))
+    assert not np.any(served.uses_digit & ~served.is_head)
+    # row matrix agrees with row_ids, and a disambiguated item owns its deepest row
+    matrix = served.row_matrix()
+    for i, code in enumerate(codes):
+        rows = row_ids(code, k, levels)
+        np.testing.assert_array_equal(matrix[i][matrix[i] >= 0], rows)
+        assert rows.max() < served.table_rows
+    last_rows = matrix[served.uses_digit, levels]
+    assert len(set(last_rows.tolist())) == last_rows.size
+    again = assign_codes(paths, pop, policy, k=k, head_fraction=0.3)
+    assert again.codes() == codes  # deterministic
+
+
+def test_disambiguation_of_identical_head_paths() -> None:
+    paths = np.array([[1, 2], [1, 2], [1, 2], [0, 0]])
+    pop = np.array([5.0, 9.0, 5.0, 1.0])
+    served = assign_codes(paths, pop, make_policy("fixed"), k=4, is_head=pop > 2)
+    # the most popular keeps the plain path; the others get digits in index order
+    assert served.codes() == [(1, 2, 0), (1, 2), (1, 2, 1), (0, 0)]
+    assert served.table_rows == 2 * 4 + 2
+    np.testing.assert_array_equal(row_ids((1, 2, 1), 4, 2), [1, 4 + 2, 8 + 1])
+    raw = assign_codes(paths, pop, make_policy("fixed"), k=4, is_head=pop > 2, unique_head=False)
+    assert code_report(raw).collision_head == pytest.approx(2 / 3)
+    assert code_report(served).collision_head == 0.0
+
+
+def test_row_ids_rejects_foreign_codes() -> None:
+    with pytest.raises(AssignmentError, match="outside"):
+        row_ids((5,), k=4, levels=2)
+    with pytest.raises(AssignmentError, match="at most"):
+        row_ids((1, 1, 1, 1), k=4, levels=2)
+
+
+# -- the incremental assigner ---------------------------------------------------------------
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> dict[str, object]:
+    n = draw(st.integers(min_value=2, max_value=30))
+    levels = draw(st.integers(min_value=1, max_value=3))
+    k = draw(st.integers(min_value=2, max_value=3))
+    paths = draw(hnp.arrays(np.int64, (n, levels), elements=st.integers(0, k - 1)))
+    rounds = draw(
+        st.lists(
+            hnp.arrays(np.float64, n, elements=st.sampled_from([0.0, 1.0, 3.0, 6.0, 10.0])),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    return {
+        "paths": paths,
+        "k": k,
+        "rounds": rounds,
+        "policy": draw(st.sampled_from(POLICY_NAMES)),
+        "split": draw(st.integers(1, n)),
+        "demote_after": draw(st.integers(1, 3)),
+    }
+
+
+def codes_of(assigner: CodeAssigner) -> dict[str, tuple[int, ...]]:
+    return {key: assigner.served_code(key) for key in assigner.keys}
+
+
+def check_invariants(assigner: CodeAssigner) -> None:
+    levels = assigner.levels
+    head_codes = []
+    for key in assigner.keys:
+        code = assigner.served_code(key)
+        check_served_code(code, assigner.full_path(key), levels)
+        if assigner.is_head(key):
+            head_codes.append(code)
+    assert len(set(head_codes)) == len(head_codes), "head items share a served code"
+
+
+def check_changes(
+    before: dict[str, tuple[int, ...]], after: dict[str, tuple[int, ...]], changes: list[CodeChange]
+) -> None:
+    """The change list is exactly the diff, and promotion only appends digits."""
+    diff = {key for key in after if before.get(key, ()) != after[key]}
+    assert {c.key for c in changes} == diff and len(changes) == len(diff)
+    for change in changes:
+        assert change.old == before.get(change.key, ())
+        assert change.new == after[change.key]
+        if change.reason in GROWING - {"recode"}:
+            assert len(change.new) > len(change.old)
+            assert change.new[: len(change.old)] == change.old  # only appends
+        else:
+            assert change.reason in SHRINKING
+            assert change.old[: len(change.new)] == change.new  # only drops digits
+
+
+def run_history(h: dict[str, object], assigner: CodeAssigner) -> list[list[CodeChange]]:
+    paths = h["paths"]
+    assert isinstance(paths, np.ndarray)
+    split = int(h["split"])  # type: ignore[call-overload]
+    keys = [f"item-{i}" for i in range(len(paths))]
+    log = []
+    before = codes_of(assigner)
+    log.append(assigner.add(keys[:split], paths[:split]))
+    after = codes_of(assigner)
+    check_changes(before, after, log[-1])
+    check_invariants(assigner)
+    for j, pop in enumerate(h["rounds"]):  # type: ignore[arg-type]
+        if j == 1 and split < len(keys):
+            before = after
+            log.append(assigner.add(keys[split:], paths[split:]))
+            after = codes_of(assigner)
+            check_changes(before, after, log[-1])
+            assert all(c.reason == "new" for c in log[-1])
+        live = assigner.keys
+        before = codes_of(assigner)
+        log.append(assigner.update_popularity(live, pop[: len(live)]))
+        after = codes_of(assigner)
+        check_changes(before, after, log[-1])
+        check_invariants(assigner)
+    return log
+
+
+def make_assigner(h: dict[str, object]) -> CodeAssigner:
+    paths = h["paths"]
+    assert isinstance(paths, np.ndarray)
+    return CodeAssigner(
+        paths.shape[1],
+        int(h["k"]),  # type: ignore[call-overload]
+        make_policy(str(h["policy"])),
+        enter_threshold=5.0,
+        exit_threshold=2.0,
+        demote_after=int(h["demote_after"]),  # type: ignore[call-overload]
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(histories())
+def test_incremental_invariants_and_determinism(h: dict[str, object]) -> None:
+    first = make_assigner(h)
+    log_a = run_history(h, first)
+    second = make_assigner(h)
+    log_b = run_history(h, second)
+    assert log_a == log_b
+    assert state_equal(first.state(), second.state())
+    new_items = [c for batch in log_a for c in batch if c.reason == "new"]
+    assert all(len(c.new) >= 1 for c in new_items)
+
+
+@settings(max_examples=50, deadline=None)
+@given(histories(), hnp.arrays(np.float64, 30, elements=st.sampled_from([0.0, 3.0, 10.0])))
+def test_state_round_trip(h: dict[str, object], extra: np.ndarray) -> None:
+    original = make_assigner(h)
+    run_history(h, original)
+    state = original.state()
+    rebuilt = CodeAssigner.from_state(AssignerState.from_bytes(state.to_bytes()))
+    assert state_equal(state, rebuilt.state())
+    assert codes_of(rebuilt) == codes_of(original)
+    live = original.keys
+    pop = extra[: len(live)]
+    assert original.update_popularity(live, pop, ts=99) == rebuilt.update_popularity(
+        live, pop, ts=99
+    )
+    assert state_equal(original.state(), rebuilt.state())
+
+
+def test_demotion_is_lazy_and_repromotion_restores_the_code() -> None:
+    paths = np.array([[0, 1, 2], [0, 1, 2], [0, 1, 3], [1, 0, 0]])
+    keys = ["a", "b", "c", "d"]
+    assigner = CodeAssigner(
+        3, 4, make_policy("entropy"), enter_threshold=5.0, exit_threshold=2.0, demote_after=2
+    )
+    assert all(len(c.new) == 1 for c in assigner.add(keys, paths))
+    changes = assigner.update_popularity(keys, np.array([9.0, 8.0, 0.0, 0.0]))
+    assert {c.key: c.reason for c in changes} == {"a": "promote", "b": "promote"}
+    assert assigner.served_code("a") == (0, 1, 2)
+    assert assigner.served_code("b") == (0, 1, 2, 0)  # identical path: disambiguated
+    # b falls between exit and enter: still head (hysteresis), nothing changes
+    assert assigner.update_popularity(["b"], np.array([3.0])) == []
+    assert assigner.is_head("b")
+    # b falls below exit: no longer head, but its code survives demote_after - 1 rounds
+    assert assigner.update_popularity(["b"], np.array([1.0])) == []
+    assert not assigner.is_head("b")
+    changes = assigner.update_popularity(["b"], np.array([1.0]), ts=50)
+    assert changes == [CodeChange("b", (0, 1, 2, 0), (0,), "demote", 50)]
+    # re-promotion appends again and gets its old disambiguation digit (and row) back
+    changes = assigner.update_popularity(["b"], np.array([7.0]))
+    assert [(c.key, c.new, c.reason) for c in changes] == [("b", (0, 1, 2, 0), "promote")]
+    assert assigner.n_digit_rows == 1
+
+
+def test_newcomer_yields_to_incumbent_head() -> None:
+    assigner = CodeAssigner(
+        2, 4, make_policy("reverse"), enter_threshold=5.0, exit_threshold=1.0, demote_after=1
+    )
+    assigner.add(["old"], np.array([[2, 1]]), np.array([6.0]))
+    assert assigner.served_code("old") == (2,)
+    # the newcomer is more popular, but the incumbent keeps its code
+    changes = assigner.add(["new"], np.array([[2, 3]]), np.array([50.0]))
+    assert changes[0].new == (2, 3)
+    assert assigner.served_code("old") == (2,)
+
+
+def test_recode_and_errors() -> None:
+    assigner = CodeAssigner(
+        2, 4, make_policy("fixed"), enter_threshold=5.0, exit_threshold=1.0
+    )
+    assigner.add(["x"], np.array([[1, 1]]))
+    changes = assigner.add(["x"], np.array([[3, 0]]))
+    assert [(c.old, c.new, c.reason) for c in changes] == [((1, 1), (3, 0), "recode")]
+    assert assigner.add(["x"], np.array([[3, 0]])) == []
+    with pytest.raises(AssignmentError, match="unknown item"):
+        assigner.served_code("missing")
+    with pytest.raises(AssignmentError, match="k=4"):
+        assigner.add(["y"], np.array([[4, 0]]))
+    with pytest.raises(AssignmentError, match="duplicate"):
+        assigner.add(["y", "y"], np.array([[0, 0], [0, 0]]))
+    with pytest.raises(AssignmentError, match="hysteresis"):
+        assigner.set_thresholds(1.0, 2.0)
+    with pytest.raises(AssignmentError, match="not a saved assigner state"):
+        AssignerState.from_bytes(b"garbage")
+
+
+def test_set_thresholds_promotes_and_counts_as_a_round() -> None:
+    assigner = CodeAssigner(
+        3, 4, make_policy("popularity"), enter_threshold=50.0, exit_threshold=40.0
+    )
+    assigner.add(["a", "b"], np.array([[0, 1, 2], [3, 2, 1]]), np.array([10.0, 1.0]))
+    assert not assigner.is_head("a")
+    assigner.set_thresholds(5.0, 4.0)
+    assert assigner.is_head("a") and not assigner.is_head("b")
+
+
+# -- metrics -----------------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(batches(), st.sampled_from(POLICY_NAMES))
+def test_code_report_matches_reference(case: tuple[np.ndarray, np.ndarray, int], name: str) -> None:
+    paths, pop, k = case
+    served: ServedCodes = assign_codes(paths, pop, make_policy(name), k=k, unique_head=False)
+    report = code_report(served)
+    codes = served.codes()
+    head = [codes[i] for i in np.flatnonzero(served.is_head)]
+    assert report.collision_all == pytest.approx(1 - len(set(codes)) / len(codes))
+    expected_head = 1 - len(set(head)) / len(head) if head else 0.0
+    assert report.collision_head == pytest.approx(expected_head)
+    rows = {int(r) for code in codes for r in row_ids(code, k, paths.shape[1])}
+    assert report.rows_used == len(rows)
+    assert report.memory_ratio == pytest.approx(served.table_rows / len(codes))
+    for level in range(paths.shape[1]):
+        counts = np.bincount(paths[:, level], minlength=k)
+        assert report.utilization[level] == pytest.approx((counts > 0).sum() / k)
+        probs = counts[counts > 0] / counts.sum()
+        assert report.balance[level] == pytest.approx(-(probs * np.log(probs)).sum() / np.log(k))
+
+
+def test_metric_edge_cases() -> None:
+    assert collision_rate(np.zeros((0, 3))) == 0.0
+    even = np.array([[0], [1], [2], [3]])
+    assert level_balance(even, 4)[0] == pytest.approx(1.0)
+    assert level_utilization(even, 8)[0] == pytest.approx(0.5)
+    skewed = np.array([[0], [0], [0], [1]])
+    assert 0 < level_balance(skewed, 4)[0] < level_balance(even, 4)[0]

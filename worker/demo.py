@@ -1,0 +1,132 @@
+"""The end-to-end demo behind ``ops/demo.sh``: topics, worker, replay, summary.
+
+It drives the real pieces as a user would: ``adacode topics create``, a worker
+daemon in a subprocess (``adacode run``), ``adacode replay`` of a dataset, then
+read-only inspection of the worker's RocksDB while it still runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+
+from worker.dataset import read_interactions, read_items
+from worker.inspection import find_item, open_state_readonly, stats
+from worker.replay import replay
+from worker.settings import Settings
+from worker.synthetic import generate
+from worker.topics import create_topics
+
+
+def _end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = KafkaConsumer(**settings.kafka_common())
+    try:
+        consumer.topics()
+        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
+        return {
+            (tp.topic, tp.partition): off for tp, off in consumer.end_offsets(tps).items() if off
+        }
+    finally:
+        consumer.close()
+
+
+def _applied(settings: Settings) -> dict[tuple[str, int], int]:
+    if not (settings.state_path / "CURRENT").exists():
+        return {}
+    with open_state_readonly(settings) as store:
+        return store.offsets()
+
+
+def _wait_caught_up(settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float) -> float:
+    topics = [settings.topic("items"), settings.topic("interactions")]
+    end = _end_offsets(settings, topics)
+    total = sum(end.values())
+    started = time.monotonic()
+    last_print = 0.0
+    while True:
+        applied = _applied(settings)
+        done = sum(min(applied.get(tp, 0), off) for tp, off in end.items())
+        now = time.monotonic()
+        if done >= total:
+            return now - started
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited with status {worker.returncode}; see its log")
+        if now - started > timeout_s:
+            raise SystemExit(f"the worker applied {done}/{total} events in {timeout_s:.0f} s")
+        if now - last_print > 2:
+            print(f"  worker applied {done:,}/{total:,} events", flush=True)
+            last_print = now
+        time.sleep(0.5)
+
+
+def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int | None) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    if dataset is None:
+        dataset = generate(workdir / "synthetic", n_items=2000, n_users=1500, n_interactions=40_000)
+        print(f"1. generated a synthetic dataset in {dataset} (power-law popularity, item texts)")
+    else:
+        print(f"1. using the dataset in {dataset}")
+    n_items = sum(1 for _ in read_items(dataset))
+    n_inter = sum(1 for _ in read_interactions(dataset))
+    print(f"   {n_items:,} items, {n_inter:,} interactions")
+
+    print(f"2. creating topics on {settings.kafka_bootstrap}")
+    for name, status in create_topics(settings).items():
+        print(f"   {name:36} {status}")
+
+    print(
+        f"3. starting the worker (state in {settings.state_dir}, log in {workdir / 'worker.log'})"
+    )
+    env = dict(os.environ)
+    env.update(
+        {
+            "ADACODE_STATE_DIR": settings.state_dir,
+            "ADACODE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "ADACODE_TOPIC_PREFIX": settings.topic_prefix,
+            "ADACODE_HTTP_PORT": str(settings.http_port),
+        }
+    )
+    log = (workdir / "worker.log").open("ab")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        print("4. replaying the dataset into Kafka (items first, then interactions in time order)")
+        report = replay(settings, dataset, limit=limit)
+        print(
+            f"   produced {report.items:,} items and {report.interactions:,} interactions "
+            f"in {report.seconds:.1f} s"
+        )
+        print("5. waiting for the worker to apply everything (MiniLM encodes the item texts)")
+        took = _wait_caught_up(settings, worker, timeout_s=900)
+        print(f"   caught up {took:.1f} s after the replay ended")
+
+        print("6. what the worker holds (read from its RocksDB while it runs):")
+        with tempfile.TemporaryDirectory(), open_state_readonly(settings) as store:
+            doc = stats(store)
+            first_item = next(read_items(dataset))
+            sample = find_item(store, first_item.item_id, first_item.domain)
+        for domain, c in doc["domains"].items():
+            print(
+                f"   domain {domain}: {c['items']:,} items, {c['placeholders']:,} placeholders, "
+                f"{c['interactions']:,} interactions ({c['logged_interactions']:,} in the log)"
+            )
+        print(f"   offsets: {doc['offsets']}")
+        if sample:
+            s = sample[0]
+            print(
+                f"   item {s['item_id']}: {s['interactions']} interactions, decayed count "
+                f"{s['decayed_count']:.3f}, embedding of {s['embedding_dim']} floats"
+            )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(timeout=60)
+        print(f"7. worker stopped (exit status {code})")
+    return 0 if code == 0 else 1
