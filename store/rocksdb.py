@@ -415,7 +415,7 @@ class RocksDBPartition(StorePartition):
                 rows = family.items(from_key=lower, read_opt=read_options)
         except Exception as exc:
             raise self._read_error(exc) from exc
-        cursor = _Cursor(self, rows, None, read_options)
+        cursor = _Cursor(self, rows, lower if reverse and lower else None, read_options)
         self._cursors.add(cursor)
         return cursor
 
