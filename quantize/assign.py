@@ -28,11 +28,16 @@ Stability rules of :class:`CodeAssigner`
     * Full paths never change, except by re-adding a key with a new path (``recode``).
     * Lengthening is immediate and only *appends* digits (promotion, deeper policy length,
       uniqueness): the served prefix never changes.
-    * Shortening is lazy: an item is shortened only after its policy length stayed below
-      its current length for ``demote_after`` consecutive popularity rounds (calls of
-      :meth:`CodeAssigner.update_popularity` / :meth:`CodeAssigner.set_thresholds`). With
-      the head hysteresis (enter/exit thresholds) this means a head item is demoted only
-      after it stayed below the exit threshold that long.
+    * Head items never get shorter. Shortening is lazy *demotion*: a non-head item is
+      shortened (to its policy length, its disambiguation digit dropped) only after its
+      policy length stayed below its served length for ``demote_after`` consecutive
+      popularity rounds (calls of :meth:`CodeAssigner.update_popularity` /
+      :meth:`CodeAssigner.set_thresholds`). With the head hysteresis (enter/exit
+      thresholds), a head item is shortened only after it fell below the exit threshold
+      and stayed non-head that long. Consequence for the ``reverse`` policy (head items
+      short): an item promoted later keeps its longer tail code, since promotion may only
+      append; reverse lengths apply to items that are head when added and to rebuilds
+      with :func:`assign_codes`.
     * Head uniqueness: when head items share a served code, the *incumbent* (the one
       already served that code) keeps it, then the more popular one, then the one added
       first; the others are deepened by one digit (or get a disambiguation digit at full
@@ -44,8 +49,8 @@ Stability rules of :class:`CodeAssigner`
 from __future__ import annotations
 
 import io
-import zipfile
 import json
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -78,9 +83,8 @@ class CodeChange:
 
     ``reason`` is one of ``new``, ``recode`` (new full path), ``promote`` (became head and
     got longer), ``deepen`` (longer for another reason), ``disambiguate`` (a
-    disambiguation digit was appended), ``demote`` (a non-head item got shorter, lazily
-    after leaving the head or its policy length dropping), ``shorten`` (a head item got
-    shorter because its policy length dropped, e.g. the ``reverse`` policy).
+    disambiguation digit was appended), ``demote`` (a non-head item got shorter, lazily:
+    after leaving the head, or after its policy length dropped, ``demote_after`` rounds).
     """
 
     key: str
@@ -120,7 +124,7 @@ def _code_keys(
     paths: np.ndarray, lengths: np.ndarray, digits: np.ndarray, uses_digit: np.ndarray
 ) -> np.ndarray:
     """A row per item that is equal for two items iff their served codes are equal."""
-    n, levels = paths.shape
+    levels = paths.shape[1]
     cols = np.arange(levels)[None, :]
     prefix = np.where(cols < lengths[:, None], paths, -1)
     last = np.where(uses_digit, digits, -1)
@@ -226,7 +230,7 @@ class ServedCodes:
 
     def row_matrix(self) -> np.ndarray:
         """Row ids per item, int64 ``[n, L + 1]``, padded with ``-1`` (for batched lookup)."""
-        n, levels = self.paths.shape
+        levels = self.paths.shape[1]
         cols = np.arange(levels)[None, :]
         rows = np.where(cols < self.lengths[:, None], cols * self.k + self.paths, -1)
         extra = np.where(self.uses_digit, levels * self.k + self.digits, -1)
@@ -250,7 +254,7 @@ def assign_codes(
     measure a policy's raw collisions). Deterministic: ties go to the lower index.
     """
     p = check_paths(paths, "assign_codes")
-    n, levels = p.shape
+    n = p.shape[0]
     if p.size and p.max() >= k:
         raise AssignmentError(
             f"assign_codes: paths hold digit {int(p.max())} >= k={k}; pass the codebook's K"
@@ -620,14 +624,13 @@ class CodeAssigner:
             raise AssignmentError(f"CodeAssigner: the length policy failed ({exc})") from exc
         cur = self._lengths
         fresh = cur == 0  # new or re-coded items take the policy length at once
-        # a head item's disambiguation digit is not the policy's business: compare path
-        # digits only; for other items the digit counts, so it is dropped lazily too
-        compared = np.where(head, cur, cur + self._uses.astype(np.int64))
-        longer = target >= compared
+        # head items never get shorter; other items only after demote_after rounds in
+        # which their policy length stayed below their served length (digit included)
+        below = ~head & (target < cur + self._uses.astype(np.int64))
         if round_:
-            self._streak = np.where(longer, 0, self._streak + 1)
-        shrink = ~longer & ~fresh & (self._streak >= self.demote_after)
-        new_len = np.where(longer | fresh | shrink, target, cur)
+            self._streak = np.where(below, self._streak + 1, 0)
+        shrink = below & ~fresh & (self._streak >= self.demote_after)
+        new_len = np.where(fresh | shrink, target, np.maximum(target, cur))
         uses = self._uses & ~fresh & ~shrink & (new_len >= self.levels)
         self._streak[shrink] = 0
         # incumbents (served this very code before) keep it, then the more popular item
@@ -649,15 +652,14 @@ class CodeAssigner:
                 continue
             reason = reasons.get(i)
             if reason is None:
-                if len(new) > len(old):
-                    if head[i] and not was_head[i]:
-                        reason = "promote"
-                    elif len(new) == self.levels + 1 and self._uses[i]:
-                        reason = "disambiguate"
-                    else:
-                        reason = "deepen"
+                if len(new) < len(old):
+                    reason = "demote"
+                elif head[i] and not was_head[i]:
+                    reason = "promote"
+                elif len(new) == self.levels + 1 and self._uses[i]:
+                    reason = "disambiguate"
                 else:
-                    reason = "shorten" if head[i] else "demote"
+                    reason = "deepen"
             changes.append(CodeChange(self._keys[i], old, new, reason, stamp))
         return changes
 
@@ -690,7 +692,9 @@ class CodeAssigner:
         try:
             policy = make_policy(state.policy_name, **state.policy_params)
         except LengthPolicyError as exc:
-            raise AssignmentError(f"CodeAssigner.from_state: cannot rebuild policy ({exc})") from exc
+            raise AssignmentError(
+                f"CodeAssigner.from_state: cannot rebuild policy ({exc})"
+            ) from exc
         out = cls(
             state.levels,
             state.k,

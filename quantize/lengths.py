@@ -61,7 +61,9 @@ def check_paths(paths: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
-def check_vector(values: np.ndarray | None, n: int, what: str, *, default: float = 0.0) -> np.ndarray:
+def check_vector(
+    values: np.ndarray | None, n: int, what: str, *, default: float = 0.0
+) -> np.ndarray:
     """``values`` as float64 ``[n]`` (``default`` everywhere when ``None``), finite and >= 0."""
     if values is None:
         return np.full(n, default, dtype=np.float64)
@@ -280,7 +282,10 @@ class PrefixStats:
 class LengthPolicy(Protocol):
     """Picks a served prefix length in ``[1, L]`` per item."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The registry name of the policy."""
+        ...
 
     def served_lengths(
         self,
@@ -414,7 +419,7 @@ class ReverseLength:
         is_head: np.ndarray,
         stats: PrefixStats,
     ) -> np.ndarray:
-        n, levels = np.shape(paths)
+        levels = np.shape(paths)[1]
         head = np.asarray(is_head, dtype=bool)
         return np.where(head, min(self.min_len, levels), levels).astype(np.int64)
 

@@ -129,7 +129,8 @@ def produce_json(
             producer.send(topic, key=_key_bytes(key), value=_as_bytes(value))
             for key, value in messages
         ]
-        producer.flush(timeout=timeout_s)
+        # Wait on each future rather than producer.flush(): get() survives a batch being split
+        # and re-sent, where kafka-python's flush() can raise UnknownError('Future not done').
         placed: list[tuple[int, int]] = []
         for future in futures:
             meta = future.get(timeout=timeout_s)

@@ -6,16 +6,22 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from kafka import KafkaConsumer, TopicPartition
 
 from store.partition import COLUMN_FAMILIES
 from store.rocksdb import RocksDBPartition
+from worker.consumer import ConsumerLoop
 from worker.events import interaction_payload, item_payload
+from worker.metrics import Metrics
+from worker.processor import Processor
+from worker.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 8
@@ -104,3 +110,49 @@ def make_events(
         d = domains[i % len(domains)]
         inters.append((d, interaction_payload(f"u{rng.integers(50)}", f"i{i}", d, 2000 + k)))
     return items, inters
+
+
+def settings_for(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> Settings:
+    base: dict[str, object] = {
+        "kafka_bootstrap": bootstrap,
+        "topic_prefix": prefix,
+        "kafka_group_id": f"{prefix}g",
+        "state_dir": str(state_dir),
+        "embedding_dim": DIM,
+        "http_port": 0,
+        "kafka_session_timeout_ms": 6000,
+    }
+    base.update(over)
+    return Settings(**base)  # type: ignore[arg-type]
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        consumer.topics()  # fetch metadata, so partitions_for_topic knows every topic
+        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
+        ends = {
+            (tp.topic, tp.partition): off for tp, off in consumer.end_offsets(tps).items() if off
+        }
+        assert ends, f"no records found in {topics}"
+        return ends
+    finally:
+        consumer.close()
+
+
+class InProcessWorker:
+    """The consumer loop on a thread, with its own RocksDB (no encoder: items carry embeddings)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.store = RocksDBPartition.open(settings.state_path)
+        self.loop = ConsumerLoop(
+            settings, self.store, Processor(self.store, settings, None), Metrics()
+        )
+        self.thread = threading.Thread(target=self.loop.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.loop.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+        self.store.close()

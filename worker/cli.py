@@ -152,6 +152,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{c['interactions']:12d} {c['logged_interactions']:10d}"
         )
     print("offsets: " + ", ".join(f"{k}={v}" for k, v in doc["offsets"].items()))
+    cb = doc["codebook"]
+    if cb is None:
+        print("codebook: none yet (trained once codebook_min_items items have embeddings)")
+        return 0
+    print(f"codebook {cb['id']}: {cb['levels']} levels x {cb['k']} codewords")
+    for domain, c in doc["codes"].items():
+        if c is None:
+            continue
+        print(
+            f"  {domain}: {c['items']} coded, {c['head_items']} head; collisions all "
+            f"{c['collision_rate_all']:.3f} head {c['collision_rate_head']:.3f}; mean length "
+            f"head {c['mean_length_head']:.2f} tail {c['mean_length_tail']:.2f}; utilization "
+            f"{c['utilization_per_level']}; table {c['table_rows']} rows "
+            f"({c['table_memory_vs_id_table']:.1%} of an ID table); changes {c['changes']}"
+        )
     return 0
 
 
@@ -176,6 +191,46 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     return run_demo(settings, args.dataset, args.workdir, args.limit)
+
+
+def cmd_codebook(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from store.rocksdb import RocksDBPartition
+    from worker.coding import load_codebook, retrain_codebook
+    from worker.dataset import read_items
+    from worker.encoder import TextEncoder
+
+    settings = _settings(args)
+    if args.action == "show":
+        from worker.inspection import open_state_readonly
+
+        with open_state_readonly(settings) as store:
+            cb = load_codebook(store)
+        print("no codebook" if cb is None else repr(cb))
+        return 0
+    vectors = None
+    if args.dataset is not None:
+        texts = [item.text or item.item_id for item in read_items(args.dataset)]
+        encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
+        chunks = [
+            encoder.encode(texts[i : i + 512])
+            for i in tqdm(range(0, len(texts), 512), desc="MiniLM", unit="batch")
+        ]
+        vectors = np.concatenate(chunks)
+    store = RocksDBPartition.open(settings.state_path, sync_writes=settings.sync_writes)
+    try:
+        codebook, recoded = retrain_codebook(
+            store, settings, vectors, levels=args.levels or 0, k=args.k or 0
+        )
+    finally:
+        store.close()
+    print(
+        f"codebook {codebook.codebook_id}: {codebook.levels} levels x {codebook.k} codewords; "
+        f"{recoded} items re-coded"
+    )
+    return 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -240,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=_existing_dir, default=None, help="default: synthetic")
     p.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     p.add_argument("--limit", type=_positive_int, default=None, help="most interactions sent")
+
+    p = command("codebook", cmd_codebook, "train (and re-code every item) or show the codebook")
+    p.add_argument("action", choices=("train", "show"))
+    p.add_argument("--dataset", type=_existing_dir, default=None, help="train on its item texts")
+    p.add_argument("--levels", type=_positive_int, default=None)
+    p.add_argument("--k", type=_positive_int, default=None)
 
     p = command("config", cmd_config, "print the effective settings (secrets hidden)")
     p.add_argument("--help-settings", action="store_true", help="list every setting")

@@ -12,6 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from quantize.assign import AssignerState, CodeAssigner
+from quantize.code_metrics import code_report
 from store.partition import StorePartition
 from store.records import (
     DomainCounters,
@@ -24,6 +28,7 @@ from store.records import (
     split_item_key,
 )
 from store.rocksdb import RocksDBPartition
+from worker.coding import code_history, history_prefix, load_codebook, state_key
 from worker.exceptions import WorkerError
 from worker.settings import Settings
 
@@ -53,8 +58,13 @@ def domain_counters(store: StorePartition) -> dict[str, DomainCounters]:
 
 
 def stats(store: StorePartition) -> dict[str, Any]:
-    """Per-domain counts and stored consumer offsets."""
+    """Per-domain counts, code metrics and stored consumer offsets."""
+    codebook = load_codebook(store)
     return {
+        "codebook": None
+        if codebook is None
+        else {"id": codebook.codebook_id, "levels": codebook.levels, "k": codebook.k},
+        "codes": {d: code_stats(store, d) for d in sorted(domain_counters(store))},
         "domains": {
             d: {
                 "items": c.items,
@@ -66,6 +76,38 @@ def stats(store: StorePartition) -> dict[str, Any]:
             for d, c in sorted(domain_counters(store).items())
         },
         "offsets": {f"{t}-{p}": o for (t, p), o in sorted(store.offsets().items())},
+    }
+
+
+def domain_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:
+    raw = store.get("codes", state_key(domain))
+    return None if raw is None else CodeAssigner.from_state(AssignerState.from_bytes(raw))
+
+
+def code_stats(store: StorePartition, domain: str) -> dict[str, Any] | None:
+    """Code metrics of a domain: utilization, collisions, lengths, changes by reason."""
+    assigner = domain_assigner(store, domain)
+    if assigner is None:
+        return None
+    report = code_report(assigner.served())
+    changes: dict[str, int] = {}
+    for _, value in store.items("codes", prefix=history_prefix(domain)):
+        reason = orjson.loads(value)["reason"]
+        changes[reason] = changes.get(reason, 0) + 1
+    return {
+        "items": report.n_items,
+        "head_items": report.n_head,
+        "levels": report.levels,
+        "k": report.k,
+        "collision_rate_all": round(report.collision_all, 4),
+        "collision_rate_head": round(report.collision_head, 4),
+        "utilization_per_level": [round(u, 3) for u in report.utilization],
+        "balance_per_level": [round(b, 3) for b in report.balance],
+        "mean_length_head": round(report.mean_len_head, 3),
+        "mean_length_tail": round(report.mean_len_tail, 3),
+        "table_rows": report.rows_allocated,
+        "table_memory_vs_id_table": round(report.memory_ratio, 4),
+        "changes": changes,
     }
 
 
@@ -95,9 +137,26 @@ def find_item(
                 "weight_sum": pop.weight_sum,
                 "decayed_count": round(pop.decayed, 6),
                 "decayed_at": pop.decay_ts,
+                **_item_code(store, d, item_id),
             }
         )
     return out
+
+
+def _item_code(store: StorePartition, domain: str, item_id: str) -> dict[str, Any]:
+    assigner = domain_assigner(store, domain)
+    if assigner is None or item_id not in assigner:
+        return {"code": None}
+    served = assigner.served_code(item_id)
+    return {
+        "code": {
+            "full_path": list(assigner.full_path(item_id)),
+            "served": list(served),
+            "served_length": len(served),
+            "head": assigner.is_head(item_id),
+            "history": code_history(store, domain, item_id),
+        }
+    }
 
 
 def iter_items(store: StorePartition, domain: str) -> Iterator[tuple[str, ItemRecord]]:

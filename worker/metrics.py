@@ -35,6 +35,12 @@ class Metrics:
         self.lag = Gauge(
             "adacode_consumer_lag", "records behind the log end", ["topic", "partition"], registry=r
         )
+        self.code_changes = Counter(
+            "adacode_code_changes",
+            "served-code changes (new, promote, deepen, disambiguate, demote, recode)",
+            ["domain", "reason"],
+            registry=r,
+        )
         self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
 
     def observe_batch(self, result: BatchResult, n_records: int, seconds: float) -> None:
@@ -44,6 +50,8 @@ class Metrics:
             self.rejected.labels(dead.record.topic).inc()
         if result.texts_encoded:
             self.texts.inc(result.texts_encoded)
+        for domain, change in result.coding.changes:
+            self.code_changes.labels(domain, change.reason).inc()
         self.batch_seconds.observe(seconds)
 
     def count_consumed(self, topic: str, n: int) -> None:

@@ -31,6 +31,7 @@ from store.records import (
     interaction_key,
     item_key,
 )
+from worker.coding import CodeService, CodingResult
 from worker.encoder import text_hash
 from worker.events import (
     EventLimits,
@@ -72,6 +73,7 @@ class BatchResult:
     applied: Counter[tuple[str, str]] = field(default_factory=Counter)  # (kind, domain) -> n
     new_items: list[tuple[str, str]] = field(default_factory=list)  # (domain, item_id)
     texts_encoded: int = 0
+    coding: CodingResult = field(default_factory=CodingResult)
 
 
 class _Cache:
@@ -120,6 +122,7 @@ class Processor:
             max_text_chars=settings.max_text_chars,
         )
         self.half_life_s = settings.popularity_half_life_hours * 3600.0
+        self.codes = CodeService(store, settings) if settings.codes_enabled else None
 
     # ------------------------------------------------------------------------------------
 
@@ -130,8 +133,9 @@ class Processor:
         2. Read the records the batch touches (one multi-get per column family).
         3. Encode the texts of new or changed items in one MiniLM call.
         4. Apply item events, then interactions, in offset order, in memory.
-        5. Trim each domain's interaction log to its retention.
-        6. Put every change and the next offset of each partition into one batch.
+        5. Code new items and re-evaluate code lengths of items whose popularity moved.
+        6. Trim each domain's interaction log to its retention.
+        7. Put every change and the next offset of each partition into one batch.
         """
         result = BatchResult(batch=self.store.batch())
         # -- 1. parse ----------------------------------------------------------------------
@@ -180,14 +184,20 @@ class Processor:
                 result.dead.append(DeadLetter(reason, rec))
                 continue
             self._apply_item(event, vector, item_cache, counters, result)
-        for rec, event in interactions:
-            self._apply_interaction(rec, event, item_cache, pop_cache, counters, result)
+        for rec, ievent in interactions:
+            self._apply_interaction(rec, ievent, item_cache, pop_cache, counters, result)
 
-        # -- 5. retention ------------------------------------------------------------------
+        # -- 5. codes ---------------------------------------------------------------------
+        if self.codes is not None:
+            self._assign_codes(
+                self.codes, items, interactions, item_cache, pop_cache, counters, result
+            )
+
+        # -- 6. retention ------------------------------------------------------------------
         for domain in sorted(domains):
             counters[domain] = self._trim_log(domain, counters[domain], result.batch)
 
-        # -- 6. batch ----------------------------------------------------------------------
+        # -- 7. batch ----------------------------------------------------------------------
         for domain, c in counters.items():
             meta_cache.put(domain_counters_key(domain), c.encode())
         for cache in (item_cache, pop_cache, meta_cache):
@@ -288,6 +298,40 @@ class Processor:
             c.items, placeholders, c.interactions + 1, c.logged + 1, max(c.last_ts, event.ts)
         )
         result.applied["interaction", event.domain] += 1
+
+    def _assign_codes(
+        self,
+        codes: CodeService,
+        items: list[tuple[SourceRecord, ItemEvent]],
+        interactions: list[tuple[SourceRecord, InteractionEvent]],
+        item_cache: _Cache,
+        pop_cache: _Cache,
+        counters: dict[str, DomainCounters],
+        result: BatchResult,
+    ) -> None:
+        new: dict[str, dict[str, bytes]] = {}
+        for _, event in items:
+            raw = item_cache.values.get(item_key(event.domain, event.item_id))
+            if raw is not None and item_key(event.domain, event.item_id) in item_cache.dirty:
+                rec = ItemRecord.decode(raw)
+                if rec.embedding:
+                    new.setdefault(event.domain, {})[event.item_id] = rec.embedding
+        pops: dict[str, dict[str, float]] = {}
+        domain_ts = {d: c.last_ts for d, c in counters.items()}
+        for _, ievent in interactions:
+            raw = pop_cache.values.get(item_key(ievent.domain, ievent.item_id))
+            if raw is not None:
+                at = domain_ts[ievent.domain]
+                pops.setdefault(ievent.domain, {})[ievent.item_id] = Popularity.decode(raw).at(
+                    at, self.half_life_s
+                )
+
+        def held() -> list[tuple[bytes, bytes]]:
+            return list(self.store.items("items"))
+
+        result.coding = codes.apply(
+            result.batch, new, pops, domain_ts, held() if codes.codebook is None else []
+        )
 
     def _trim_log(self, domain: str, c: DomainCounters, batch: WriteBatch) -> DomainCounters:
         """Delete the oldest logged interactions beyond the retention (in chunks of 10%)."""

@@ -124,6 +124,25 @@ class Settings:
     torch_threads: int = setting(1, "torch threads of the text encoder", minimum=1, maximum=64)
     max_text_chars: int = setting(4000, "item texts are cut to this length", minimum=16)
 
+    # --- codes -----------------------------------------------------------------------
+    codes_enabled: bool = setting(True, "assign residual codes to items as they arrive")
+    code_policy: str = setting(
+        "entropy",
+        "length policy of served codes",
+        choices=("fixed", "popularity", "entropy", "reverse"),
+    )
+    code_min_len: int = setting(1, "shortest served code (tail and cold items)", minimum=1)
+    code_levels: int = setting(0, "codebook levels (0: by rule from the item count)", minimum=0)
+    code_k: int = setting(
+        0, "codewords per level (0: by rule from the item count)", minimum=0, maximum=256
+    )
+    code_head_fraction: float = setting(
+        0.2, "fraction of a domain's items treated as head", minimum=0.0, maximum=1.0
+    )
+    codebook_min_items: int = setting(
+        1000, "items with embeddings needed to train the bootstrap codebook", minimum=16
+    )
+
     # --- daemon ----------------------------------------------------------------------
     http_host: str = setting("127.0.0.1", "address of the health/metrics/API server")
     http_port: int = setting(8321, "port of the HTTP server (0: none)", minimum=0, maximum=65535)

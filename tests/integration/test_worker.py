@@ -9,83 +9,35 @@ import threading
 from pathlib import Path
 
 import orjson
-from kafka import KafkaConsumer, TopicPartition
 
 from store.records import DomainCounters
 from store.rocksdb import RocksDBPartition
 from tests.kafka_utils import consume_all, produce_json
 from tests.worker_process import (
     DIM,
+    InProcessWorker,
     applied_offsets,
     dump_state,
+    end_offsets,
     make_events,
+    settings_for,
     start_worker,
     wait_for,
     worker_env,
 )
-from worker.consumer import ConsumerLoop
 from worker.inspection import domain_counters
-from worker.metrics import Metrics
-from worker.processor import Processor
-from worker.settings import Settings
 from worker.topics import create_topics
-
-
-def _settings(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> Settings:
-    base: dict[str, object] = {
-        "kafka_bootstrap": bootstrap,
-        "topic_prefix": prefix,
-        "kafka_group_id": f"{prefix}g",
-        "state_dir": str(state_dir),
-        "embedding_dim": DIM,
-        "http_port": 0,
-        "kafka_session_timeout_ms": 6000,
-    }
-    base.update(over)
-    return Settings(**base)  # type: ignore[arg-type]
-
-
-def _end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        consumer.topics()  # fetch metadata, so partitions_for_topic knows every topic
-        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
-        ends = {
-            (tp.topic, tp.partition): off for tp, off in consumer.end_offsets(tps).items() if off
-        }
-        assert ends, f"no records found in {topics}"
-        return ends
-    finally:
-        consumer.close()
-
-
-class InProcessWorker:
-    """The consumer loop on a thread, with its own RocksDB (no encoder: items carry embeddings)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.store = RocksDBPartition.open(settings.state_path)
-        self.loop = ConsumerLoop(
-            settings, self.store, Processor(self.store, settings, None), Metrics()
-        )
-        self.thread = threading.Thread(target=self.loop.run, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.loop.stop()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive()
-        self.store.close()
 
 
 def test_counts_in_rocksdb_match_what_was_produced(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "state")
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "state")
     create_topics(s, partitions=3)
     items, inters = make_events(300, 3000)
     produce_json(kafka_bootstrap, s.topic("items"), items)
     produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
     worker = InProcessWorker(s)
     try:
         wait_for(lambda: worker.store.offsets() == end, 60, "the worker to apply every event")
@@ -110,12 +62,12 @@ def test_counts_in_rocksdb_match_what_was_produced(
 def test_kill9_at_random_moments_equals_an_uninterrupted_run(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
     create_topics(s, partitions=3)
     items, inters = make_events(400, 30_000, seed=1)
     produce_json(kafka_bootstrap, s.topic("items"), items)
     produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
     total = sum(end.values())
 
     crashed = tmp_path / "crashed"
@@ -136,7 +88,7 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
         proc = start_worker(env, log)
         seen = progress[-1]
         wait_for(
-            lambda seen=seen: (
+            lambda seen=seen, proc=proc: (
                 sum(applied_offsets(crashed).values()) > seen or proc.poll() is not None
             ),
             60,
@@ -179,7 +131,7 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
 def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_carries_on(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "state", max_message_bytes=4000)
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "state", max_message_bytes=4000)
     create_topics(s, partitions=2)
     items, inters = make_events(40, 400, seed=2)
     bad_items = [
@@ -215,7 +167,7 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_carries_on(
     ]
     produce_json(kafka_bootstrap, s.topic("items"), mixed_items)
     produce_json(kafka_bootstrap, s.topic("interactions"), mixed_inters)
-    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
     worker = InProcessWorker(s)
     try:
         wait_for(lambda: worker.store.offsets() == end, 60, "the worker to get through the poison")
@@ -250,12 +202,12 @@ def test_poison_messages_go_to_the_dead_letter_topic_and_the_worker_carries_on(
 def test_sigterm_mid_stream_stops_cleanly_with_consistent_state(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
-    s = _settings(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
     create_topics(s, partitions=3)
     items, inters = make_events(200, 20_000, seed=3)
     produce_json(kafka_bootstrap, s.topic("items"), items)
     produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = _end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
     state = tmp_path / "state"
     env = worker_env(kafka_bootstrap, topic_prefix, state, poll_max_records=50)
     log = tmp_path / "w.log"

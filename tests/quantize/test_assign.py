@@ -24,7 +24,7 @@ from quantize.lengths import POLICIES, make_policy
 
 POLICY_NAMES = sorted(POLICIES)
 GROWING = {"new", "recode", "promote", "deepen", "disambiguate"}
-SHRINKING = {"demote", "shorten"}
+SHRINKING = {"demote"}
 
 
 def check_served_code(code: tuple[int, ...], path: tuple[int, ...], levels: int) -> None:
@@ -166,7 +166,9 @@ def run_history(h: dict[str, object], assigner: CodeAssigner) -> list[list[CodeC
     after = codes_of(assigner)
     check_changes(before, after, log[-1])
     check_invariants(assigner)
-    for j, pop in enumerate(h["rounds"]):  # type: ignore[arg-type]
+    rounds = h["rounds"]
+    assert isinstance(rounds, list)
+    for j, pop in enumerate(rounds):
         if j == 1 and split < len(keys):
             before = after
             log.append(assigner.add(keys[split:], paths[split:]))
@@ -175,10 +177,16 @@ def run_history(h: dict[str, object], assigner: CodeAssigner) -> list[list[CodeC
             assert all(c.reason == "new" for c in log[-1])
         live = assigner.keys
         before = codes_of(assigner)
+        head_before = {key for key in live if assigner.is_head(key)}
         log.append(assigner.update_popularity(live, pop[: len(live)]))
         after = codes_of(assigner)
         check_changes(before, after, log[-1])
         check_invariants(assigner)
+        for change in log[-1]:
+            if change.reason == "demote":
+                assert not assigner.is_head(change.key), "a head item got shorter"
+                if int(h["demote_after"]) > 1:  # type: ignore[call-overload]
+                    assert change.key not in head_before, "demotion was not lazy"
     return log
 
 
@@ -263,9 +271,7 @@ def test_newcomer_yields_to_incumbent_head() -> None:
 
 
 def test_recode_and_errors() -> None:
-    assigner = CodeAssigner(
-        2, 4, make_policy("fixed"), enter_threshold=5.0, exit_threshold=1.0
-    )
+    assigner = CodeAssigner(2, 4, make_policy("fixed"), enter_threshold=5.0, exit_threshold=1.0)
     assigner.add(["x"], np.array([[1, 1]]))
     changes = assigner.add(["x"], np.array([[3, 0]]))
     assert [(c.old, c.new, c.reason) for c in changes] == [((1, 1), (3, 0), "recode")]

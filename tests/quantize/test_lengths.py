@@ -34,9 +34,7 @@ def item_sets(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     levels = draw(st.integers(min_value=1, max_value=4))
     k = draw(st.integers(min_value=2, max_value=4))
     paths = draw(hnp.arrays(np.int64, (n, levels), elements=st.integers(0, k - 1)))
-    pop = draw(
-        hnp.arrays(np.float64, n, elements=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 10.0]))
-    )
+    pop = draw(hnp.arrays(np.float64, n, elements=st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, 10.0])))
     head = draw(hnp.arrays(np.bool_, n)) & (pop > 0)
     return paths, pop, head
 

@@ -1,0 +1,129 @@
+"""Live code assignment inside the processor (in-memory store): bootstrap, codes, promotion."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantize.assign import AssignerState
+from store.memory import MemoryPartition
+from worker.coding import CODEBOOK_CURRENT, code_history, load_codebook, state_key
+from worker.events import interaction_payload, item_payload
+from worker.processor import Processor, SourceRecord
+from worker.settings import Settings
+
+S = Settings(embedding_dim=16, topic_prefix="t.", codebook_min_items=64, code_head_fraction=0.1)
+ITEMS, INTER = S.topic("items"), S.topic("interactions")
+
+
+def _items(n: int, start: int = 0, seed: int = 0) -> list[SourceRecord]:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, 16))
+    out = []
+    for i in range(start, start + n):
+        vec = centers[i % 8] + 0.3 * rng.normal(size=16)
+        out.append(SourceRecord(ITEMS, 0, i, b"d", item_payload(f"i{i}", "shop", i, embedding=vec)))
+    return out
+
+
+def _apply(store: MemoryPartition, proc: Processor, records: list[SourceRecord]):
+    result = proc.process(records)
+    store.write(result.batch)
+    return result
+
+
+def _state(store: MemoryPartition) -> AssignerState:
+    raw = store.get("codes", state_key("shop"))
+    assert raw is not None
+    return AssignerState.from_bytes(raw)
+
+
+def test_no_codebook_until_enough_items_then_every_item_is_coded_in_that_batch() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    r = _apply(store, proc, _items(40))
+    assert r.coding.trained is None and store.get("meta", CODEBOOK_CURRENT) is None
+    r = _apply(store, proc, _items(40, start=40))
+    assert r.coding.trained is not None
+    assert store.get("meta", CODEBOOK_CURRENT) == r.coding.trained.encode()
+    state = _state(store)
+    assert len(state.keys) == 80
+    codebook = load_codebook(store)
+    assert codebook is not None and codebook.codebook_id == r.coding.trained
+    # later items are coded in the batch that stores them, as short codes
+    r = _apply(store, proc, _items(5, start=80))
+    new = [c for _, c in r.coding.changes if c.reason == "new"]
+    assert sorted(c.key for c in new) == [f"i{i}" for i in range(80, 85)]
+    assert all(len(c.new) == S.code_min_len for c in new)
+    state = _state(store)
+    for key, path, length in zip(state.keys, state.paths, state.lengths, strict=True):
+        assert 1 <= length <= codebook.levels
+        assert path.shape == (codebook.levels,) and key.startswith("i")
+
+
+def test_interactions_promote_a_head_item_by_appending_digits_and_history_records_it() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _apply(store, proc, _items(100))
+    before = {k: int(n) for k, n in zip(_state(store).keys, _state(store).lengths, strict=True)}
+    offset = 0
+    for round_ in range(4):
+        recs = []
+        for j in range(60):
+            item = "i3" if j % 2 else f"i{(j * 7 + round_) % 100}"
+            recs.append(
+                SourceRecord(
+                    INTER,
+                    0,
+                    offset,
+                    b"d",
+                    interaction_payload(f"u{j}", item, "shop", 1000 + offset),
+                )
+            )
+            offset += 1
+        _apply(store, proc, recs)
+    state = _state(store)
+    idx = state.keys.index("i3")
+    assert state.is_head[idx]
+    history = code_history(store, "shop", "i3")
+    assert history[0]["reason"] == "new"
+    for h in history[1:]:
+        old, new = tuple(h["old"]), tuple(h["new"])
+        if h["reason"] in ("promote", "deepen", "disambiguate"):
+            assert new[: len(old)] == old and len(new) > len(old)
+    # head items never share a served code
+    served = proc.codes.assigner("shop").served().codes()  # type: ignore[union-attr]
+    heads = [served[i] for i in np.flatnonzero(state.is_head)]
+    assert len(set(heads)) == len(heads)
+    assert int(state.lengths[idx]) >= before["i3"]
+
+
+def test_codes_survive_a_restart_of_the_processor() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _apply(store, proc, _items(70))
+    again = Processor(store, S, None)
+    assert again.codes is not None and again.codes.codebook is not None
+    assigner = again.codes.assigner("shop")
+    assert assigner is not None and len(assigner) == 70
+    assert assigner.served_code("i5") == proc.codes.assigner("shop").served_code("i5")  # type: ignore[union-attr]
+
+
+def test_retraining_is_explicit_and_recodes_every_item_with_history() -> None:
+    from worker.coding import retrain_codebook
+
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _apply(store, proc, _items(100))
+    first = load_codebook(store)
+    assert first is not None
+    codebook, recoded = retrain_codebook(store, S, levels=2, k=8, seed=3)
+    assert recoded == 100
+    assert load_codebook(store) == codebook != first
+    assert codebook.levels == 2 and codebook.k == 8
+    state = _state(store)
+    assert state.paths.shape == (100, 2) and int(state.paths.max()) < 8
+    history = code_history(store, "shop", "i7")
+    assert [h["reason"] for h in history] == ["new", "recode"]
+    # a worker started afterwards serves the new codes
+    again = Processor(store, S, None)
+    assert again.codes is not None and again.codes.codebook == codebook
