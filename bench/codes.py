@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-fraction", type=float, default=0.2)
     parser.add_argument("--min-len", type=int, default=1, help="adaptive policies' min length")
     parser.add_argument("--runs", type=int, default=5, help="throughput repetitions (median)")
-    parser.add_argument("--threads", type=int, default=2, help="faiss OpenMP threads")
+    parser.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     faiss.omp_set_num_threads(args.threads)

@@ -62,8 +62,10 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import kafka
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.record import util as kafka_record_util
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,12 +73,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import worker.processor as processor_module
 from adacode.errors import AdacodeError
 from bench.common import out_path
-from store.partition import StorePartition, WriteBatch
+from store.partition import WriteBatch
 from store.rocksdb import RocksDBPartition
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder
 from worker.events import interaction_payload, item_payload
-from worker.inspection import domain_counters
 from worker.metrics import Metrics
 from worker.processor import BatchResult, Encode, Processor, SourceRecord
 from worker.settings import Settings
@@ -179,35 +180,46 @@ def _domains(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.choice(len(DOMAINS), size=n, p=np.asarray(DOMAIN_WEIGHTS))
 
 
-def interaction_events(n: int, n_items: int, seed: int) -> list[Event]:
-    """``n`` interactions: Zipf item popularity, each item in one domain, time-ordered."""
+@dataclass(frozen=True)
+class Catalogue:
+    """The items with embeddings; interactions name these items (ids and domains)."""
+
+    item_ids: list[str]
+    domains: np.ndarray  # int [n_items], index into DOMAINS
+    vectors: np.ndarray  # float32 [n_items, DIM], L2-normalized
+
+
+def make_catalogue(n_items: int, seed: int) -> Catalogue:
     rng = np.random.default_rng(seed)
-    n_items = max(1, n_items)
-    ranks = np.arange(1, n_items + 1, dtype=np.float64)
-    p = ranks**-ZIPF_EXPONENT
-    by_rank = rng.permutation(n_items)  # popularity rank -> item index
-    items = by_rank[rng.choice(n_items, size=n, p=p / p.sum())]
-    item_domain = _domains(rng, n_items)
-    users = rng.integers(0, max(1, n // 10), size=n)
-    ts = BASE_TS + np.cumsum(rng.exponential(5.0, size=n)).astype(np.int64)
+    vectors = rng.standard_normal((n_items, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return Catalogue([f"i{i:07d}" for i in range(n_items)], _domains(rng, n_items), vectors)
+
+
+def embedding_item_events(cat: Catalogue) -> list[Event]:
+    """One item event per catalogue item, with its 384-float embedding (as ``item_payload``)."""
     out: list[Event] = []
-    for i in tqdm(range(n), desc="make interactions", unit="ev", leave=False):
-        domain = DOMAINS[item_domain[items[i]]]
-        value = interaction_payload(f"u{users[i]:07d}", f"i{items[i]:07d}", domain, int(ts[i]))
+    for i in tqdm(range(len(cat.item_ids)), desc="make items+embedding", unit="ev", leave=False):
+        domain = DOMAINS[cat.domains[i]]
+        value = item_payload(cat.item_ids[i], domain, BASE_TS + i, embedding=cat.vectors[i])
         out.append((domain.encode(), value))
     return out
 
 
-def embedding_item_events(n: int, seed: int) -> list[Event]:
-    """``n`` item events with a normalized 384-float embedding (float32 values as JSON)."""
-    rng = np.random.default_rng(seed)
-    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    domains = _domains(rng, n)
+def interaction_events(n: int, cat: Catalogue, seed: int) -> list[Event]:
+    """``n`` interactions with catalogue items: Zipf item popularity, time-ordered."""
+    rng = np.random.default_rng(seed + 1)
+    n_items = len(cat.item_ids)
+    ranks = np.arange(1, n_items + 1, dtype=np.float64)
+    p = ranks**-ZIPF_EXPONENT
+    by_rank = rng.permutation(n_items)  # popularity rank -> item index
+    items = by_rank[rng.choice(n_items, size=n, p=p / p.sum())]
+    users = rng.integers(0, max(1, n // 10), size=n)
+    ts = BASE_TS + n_items + np.cumsum(rng.exponential(5.0, size=n)).astype(np.int64)
     out: list[Event] = []
-    for i in tqdm(range(n), desc="make items+embedding", unit="ev", leave=False):
-        domain = DOMAINS[domains[i]]
-        value = item_payload(f"e{i:07d}", domain, BASE_TS + i, embedding=vectors[i])
+    for i in tqdm(range(n), desc="make interactions", unit="ev", leave=False):
+        domain = DOMAINS[cat.domains[items[i]]]
+        value = interaction_payload(f"u{users[i]:07d}", cat.item_ids[items[i]], domain, int(ts[i]))
         out.append((domain.encode(), value))
     return out
 
@@ -311,6 +323,7 @@ class Run:
     seconds: float
     join_s: float = 0.0
     batches: int = 0
+    bootstrap_s: float = 0.0  # apply time of the batch that trained the codebook, if any
     stages: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -318,7 +331,7 @@ class Run:
         return self.records / self.seconds if self.seconds > 0 else math.inf
 
 
-def measure_raw(wl: Workload, repeat: int) -> Run:
+def measure_raw(wl: Workload, repeat: int, *, check_crcs: bool = True) -> Run:
     """Group-less consume of every partition from the beginning; values untouched."""
     consumer = KafkaConsumer(
         bootstrap_servers=wl.settings.kafka_bootstrap,
@@ -327,6 +340,7 @@ def measure_raw(wl: Workload, repeat: int) -> Run:
         enable_auto_commit=False,
         fetch_max_bytes=FETCH_MAX_BYTES,
         max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
+        check_crcs=check_crcs,
     )
     try:
         tps = [TopicPartition(t, p) for t, p in wl.partitions]
@@ -416,6 +430,7 @@ class TimedLoop(ConsumerLoop):
         self.timed_store = store
         self.expected = expected
         self.finished_at: float | None = None
+        self.bootstrap_s = 0.0
         self.progress = progress
         self.timing: dict[str, float] = dict.fromkeys(
             ("poll", "apply", "process", "commit_async", "lag report"), 0.0
@@ -456,6 +471,9 @@ class TimedLoop(ConsumerLoop):
         started = time.perf_counter()
         result = super().apply(polled)
         self._add("apply", started)
+        coding = getattr(result, "coding", None)
+        if coding is not None and getattr(coding, "trained", None):
+            self.bootstrap_s += time.perf_counter() - started
         if self.progress is not None:
             self.progress.update(sum(len(r) for r in polled.values()))
         if self.stats.records >= self.expected and self.finished_at is None:
@@ -506,7 +524,7 @@ def timed_processor(base: type[Processor]) -> type[Processor]:
 # the split of Processor.process (one extra run per workload: per-call timers cost a bit)
 # --------------------------------------------------------------------------------------
 
-PROCESS_PARTS = ("parse", "read", "encode", "apply", "flush", "other")
+PROCESS_PARTS = ("parse", "read", "encode", "apply", "codes", "flush", "other")
 
 
 @contextlib.contextmanager
@@ -544,6 +562,9 @@ def process_split(timing: dict[str, float]) -> Iterator[type[Processor]]:
         def _trim_log(self, *args: Any, **kwargs: Any) -> Any:
             return timed("apply", super()._trim_log)(*args, **kwargs)
 
+        def _assign_codes(self, *args: Any, **kwargs: Any) -> None:
+            timed("codes", super()._assign_codes)(*args, **kwargs)
+
     with (
         mock.patch.object(
             processor_module,
@@ -578,18 +599,26 @@ def measure_applied(
     cfg: AppliedConfig,
     tag: str,
     *,
+    initial: Path | None = None,
+    keep: Path | None = None,
     profile: cProfile.Profile | None = None,
-    keep_state: Callable[[StorePartition], None] | None = None,
 ) -> Run:
-    """One run of the real worker over ``wl`` with a fresh group and a fresh RocksDB."""
+    """One run of the real worker over ``wl`` with a fresh group.
+
+    The RocksDB starts empty, or as a copy of the state directory ``initial`` (items
+    already applied from another topic set); ``keep`` receives the final state.
+    """
     state = Path(tempfile.mkdtemp(prefix="adacode-bench-state-"))
+    db = state / "db"
+    if initial is not None:
+        shutil.copytree(initial, db)
     settings = dataclasses.replace(
         wl.settings,
         kafka_group_id=f"{wl.settings.topic_prefix}g-{uuid.uuid4().hex[:8]}",
-        state_dir=str(state),
+        state_dir=str(db),
         sync_writes=cfg.sync_writes,
     )
-    store = open_timed_store(state / "db", cfg.sync_writes)
+    store = open_timed_store(db, cfg.sync_writes)
     bar = tqdm(total=wl.records, desc=f"{tag} {wl.name}", unit="rec", leave=False)
     try:
         processor = timed_processor(cfg.processor)(store, settings, cfg.encode)
@@ -611,32 +640,57 @@ def measure_applied(
                 f"{cfg.label} on {wl.name} applied {loop.stats.records} of {wl.records} "
                 f"records within {RUN_TIMEOUT_S:.0f}s; see the log above for the cause"
             )
-        offsets = store.offsets()
-        if offsets != wl.end or loop.stats.dead:
+        offsets = {tp: off for tp, off in store.offsets().items() if tp[0] in wl.topics}
+        if offsets != wl.end or loop.stats.dead or loop.stats.records != wl.records:
             raise IngestBenchError(
                 f"{cfg.label} on {wl.name}: stored offsets {offsets} differ from the end "
-                f"offsets {wl.end} or {loop.stats.dead} records were dead-lettered; the "
-                "run is not a valid measurement"
+                f"offsets {wl.end}, or {loop.stats.dead} records were dead-lettered, or "
+                f"{loop.stats.records} of {wl.records} were applied; not a valid measurement"
             )
-        counters = domain_counters(store)
-        applied = sum(c.interactions for c in counters.values()) + sum(
-            c.items for c in counters.values()
-        )
-        if applied > wl.records:
-            raise IngestBenchError(f"{cfg.label} counted {applied} events of {wl.records}")
-        if keep_state is not None:
-            keep_state(store)
         return Run(
             loop.stats.records,
             loop.finished_at - loop.assigned_at,
             join_s=loop.assigned_at - loop.created_at,
             batches=loop.stats.batches,
+            bootstrap_s=loop.bootstrap_s,
             stages=loop.stage_times() | {f"store.{k}": v for k, v in store.timing.items()},
         )
     finally:
         bar.close()
         store.close()
+        if keep is not None and db.is_dir():
+            shutil.move(db, keep)
         shutil.rmtree(state, ignore_errors=True)
+
+
+# ======================================================================================
+# prototype fixes (measured here; the changes themselves belong in worker/)
+# ======================================================================================
+
+#: Which CRC-32C kafka-python uses to check every fetched record batch.
+CRC_IMPL = "C (crc32c package)" if kafka_record_util.crc32c_c is not None else "pure Python"
+
+
+class NoCrcLoop(TimedLoop):
+    """The loop with kafka-python's CRC check off: the cost a C CRC-32C would leave (~0)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumer._fetcher.config["check_crcs"] = False
+
+
+def measure_prototypes(inter: Workload, warm: Path, raw: Row, repeats: int) -> list[Row]:
+    """Rows for each prototype fix, against their own raw baseline where it moves."""
+    raw_nocrc = Row(inter, "raw, check_crcs=False")
+    raw_nocrc.note = "prototype: no CRC check in the baseline either"
+    nocrc = Row(inter, "applied, check_crcs=False", raw=raw_nocrc)
+    nocrc.note = f"prototype: CRC-32C cost removed (kafka-python uses {CRC_IMPL} CRC here)"
+    for i in range(repeats):
+        raw_nocrc.runs.append(measure_raw(inter, i, check_crcs=False))
+        nocrc.runs.append(
+            measure_applied(inter, AppliedConfig(nocrc.path, loop=NoCrcLoop), f"#{i}", initial=warm)
+        )
+    return [raw_nocrc, nocrc]
 
 
 # ======================================================================================
@@ -689,21 +743,27 @@ def fmt_rate(x: float) -> str:
 def render_table(rows: list[Row]) -> str:
     head = (
         f"{'workload':<26}{'path':<34}{'median/s':>11}{'min/s':>11}{'max/s':>11}"
-        f"{'ratio':>8}{'join s':>8}{'batches':>8}"
+        f"{'ratio':>8}{'join s':>8}{'boot s':>8}{'batches':>8}"
     )
     lines = [head, "-" * len(head)]
     last = ""
+    notes: list[str] = []
     for row in rows:
         wl = f"{row.workload.name} ({row.workload.records:,})" if row.workload.name != last else ""
         last = row.workload.name
         ratio = "" if row.ratio is None else f"{row.ratio:.3f}"
         join = statistics.median(r.join_s for r in row.runs)
+        boot = statistics.median(r.bootstrap_s for r in row.runs)
         batches = statistics.median(r.batches for r in row.runs)
+        path = row.path
+        if row.note:
+            notes.append(row.note)
+            path += f" [{len(notes)}]"
         lines.append(
-            f"{wl:<26}{row.path:<34}{fmt_rate(row.median):>11}{fmt_rate(min(row.rates)):>11}"
-            f"{fmt_rate(max(row.rates)):>11}{ratio:>8}{join if row.raw else 0.0:>8.2f}"
-            f"{batches:>8.0f}"
+            f"{wl:<26}{path:<34}{fmt_rate(row.median):>11}{fmt_rate(min(row.rates)):>11}"
+            f"{fmt_rate(max(row.rates)):>11}{ratio:>8}{join:>8.2f}{boot:>8.2f}{batches:>8.0f}"
         )
+    lines += [f"  [{i}] {note}" for i, note in enumerate(notes, start=1)]
     return "\n".join(lines)
 
 
@@ -865,41 +925,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     splits: dict[str, tuple[dict[str, float], Run]] = {}
     profile_entries: list[dict[str, Any]] = []
     model_load: dict[str, float] = {}
-    with broker(args.bootstrap) as bootstrap:
+    with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory() as scratch:
         print(f"broker {bootstrap}; producing workloads", flush=True)
+        cat = make_catalogue(args.items, args.seed)
+        emb = make_workload(bootstrap, base, "items+embedding", "items", embedding_item_events(cat))
         inter = make_workload(
             bootstrap,
             base,
             "interactions",
             "interactions",
-            interaction_events(args.interactions, args.items, args.seed),
-        )
-        emb = make_workload(
-            bootstrap,
-            base,
-            "items+embedding",
-            "items",
-            embedding_item_events(args.items, args.seed),
+            interaction_events(args.interactions, cat, args.seed),
         )
         text = make_workload(
             bootstrap, base, "items+text", "items", text_item_events(args.text_items, args.seed)
         )
+        warm = Path(scratch) / "warm"  # the state after the catalogue: items coded
 
-        # -- interactions and embedding items: raw and applied, interleaved per repeat ----
-        for wl in (inter, emb):
-            raw = Row(wl, "raw kafka-python")
+        # -- items with embeddings, fresh state (the codebook bootstrap is part of it) -----
+        raws: dict[str, Row] = {}
+        for wl, initial in ((emb, None), (inter, warm)):
+            raw = raws[wl.name] = Row(wl, "raw kafka-python")
             synced = Row(wl, "applied sync_writes=True", raw=raw)
             unsynced = Row(wl, "applied sync_writes=False", raw=raw)
             for i in range(args.repeats):
                 raw.runs.append(measure_raw(wl, i))
-                synced.runs.append(measure_applied(wl, AppliedConfig(synced.path, True), f"#{i}"))
+                keep = warm if wl is emb and i == 0 else None
+                synced.runs.append(
+                    measure_applied(
+                        wl, AppliedConfig(synced.path), f"#{i}", initial=initial, keep=keep
+                    )
+                )
                 unsynced.runs.append(
-                    measure_applied(wl, AppliedConfig(unsynced.path, False), f"#{i}")
+                    measure_applied(
+                        wl, AppliedConfig(unsynced.path, False), f"#{i}", initial=initial
+                    )
                 )
             rows += [raw, synced, unsynced]
+        cold = Row(inter, "applied, empty state", raw=raws[inter.name])
+        cold.note = "no catalogue: every item is a placeholder, no codebook"
+        for i in range(args.repeats):
+            cold.runs.append(measure_applied(inter, AppliedConfig(cold.path), f"#{i}"))
+        rows.append(cold)
 
-        # -- text items through MiniLM ------------------------------------------------
-        raw = Row(text, "raw kafka-python")
+        # -- text items through MiniLM, on the warm state ------------------------------
+        raw = raws[text.name] = Row(text, "raw kafka-python")
         for i in range(args.repeats):
             raw.runs.append(measure_raw(text, i))
         rows.append(raw)
@@ -910,22 +979,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_load[f"torch_threads={threads}"] = load_s
             row = Row(text, f"applied MiniLM torch_threads={threads}", raw=raw)
             row.note = f"model load {load_s:.1f} s excluded"
-            cfg = AppliedConfig(row.path, True, encode=encoder.encode)
+            cfg = AppliedConfig(row.path, encode=encoder.encode)
             for i in range(args.repeats):
-                row.runs.append(measure_applied(text, cfg, f"#{i}"))
+                row.runs.append(measure_applied(text, cfg, f"#{i}", initial=warm))
             rows.append(row)
+
+        # -- prototype fixes, measured on the same topics ------------------------------
+        rows += measure_prototypes(inter, warm, raws[inter.name], args.repeats)
 
         # -- split of Processor.process and cProfile -----------------------------------
         if not args.no_profile:
-            for wl, enc, label in (
-                (inter, None, "interactions"),
-                (emb, None, "items+embedding"),
-                (text, encoders[2].encode, "items+text (2 thr)"),
+            for wl, enc, initial, label in (
+                (inter, None, warm, "interactions"),
+                (emb, None, None, "items+embedding"),
+                (text, encoders[2].encode, warm, "items+text (2 thr)"),
             ):
                 timing: dict[str, float] = {}
                 with process_split(timing) as split_cls:
                     run = measure_applied(
-                        wl, AppliedConfig("split", True, enc, processor=split_cls), "split"
+                        wl,
+                        AppliedConfig("split", encode=enc, processor=split_cls),
+                        "split",
+                        initial=initial,
                     )
                 timing["other"] = run.stages["process"] - sum(
                     v for k, v in timing.items() if k != "other"
@@ -933,7 +1008,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 splits[label] = (timing, run)
             profile = cProfile.Profile()
             prun = measure_applied(
-                inter, AppliedConfig("cProfile", True), "cProfile", profile=profile
+                inter, AppliedConfig("cProfile"), "cProfile", initial=warm, profile=profile
             )
             text_report, profile_entries = profile_top(profile, 15)
             out_path("ingest_profile.txt").write_text(
@@ -951,6 +1026,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.repeats} repeats (median, min, max); {os.cpu_count()} cores; "
         f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
+    print(f"kafka-python {kafka.__version__}, CRC-32C check of fetched batches: {CRC_IMPL}")
     print(
         f"payload sizes: interactions {inter.payload_bytes:.0f} B, items+embedding "
         f"{emb.payload_bytes:.0f} B, items+text {text.payload_bytes:.0f} B"

@@ -195,9 +195,14 @@ cmd_fetch() {
     command -v mvn >/dev/null ||
         die "broker jars missing in ${libs_dir} and mvn not found; install Maven (apt-get install maven) or point ADACODE_KAFKA_HOME at an unpacked kafka_2.13-${KAFKA_VERSION} distribution"
     echo "fetching kafka ${KAFKA_VERSION} jars into ${libs_dir} (mvn, once)"
-    mkdir -p "${libs_dir}"
-    mvn -q -B -f "${SCRIPT_DIR}/pom.xml" dependency:copy-dependencies "-Dkafka.libs=${libs_dir}" ||
-        die "mvn could not fetch the Kafka ${KAFKA_VERSION} jars (see its output above); check network access to Maven Central"
+    mkdir -p "${libs_dir}" 2>/dev/null ||
+        die "cannot create ${libs_dir}; set ADACODE_KAFKA_HOME to a writable directory"
+    local mvn_log="${libs_dir}/.mvn.log"
+    if ! mvn -B -Dstyle.color=never -f "${SCRIPT_DIR}/pom.xml" dependency:copy-dependencies \
+        "-Dkafka.libs=${libs_dir}" >"${mvn_log}" 2>&1; then
+        tail -n 40 "${mvn_log}" >&2
+        die "mvn could not fetch the Kafka ${KAFKA_VERSION} jars (output above, full log ${mvn_log}); check network access to Maven Central"
+    fi
     check_libs || die "mvn finished but ${libs_dir} still lacks the kafka jars; check ops/pom.xml"
     echo "kafka ${KAFKA_VERSION} jars fetched into ${libs_dir}"
 }
@@ -276,7 +281,7 @@ cmd_up() {
         fi
         echo "kafka process ${pid} for ${data_dir} exists but is not answering yet; waiting"
     else
-        cmd_fetch >/dev/null
+        check_libs || cmd_fetch
         require_java
         absolute_data_dir
         rm -f "${pid_file}"

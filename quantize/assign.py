@@ -549,7 +549,7 @@ class CodeAssigner:
         if len(set(keys)) != len(keys):
             raise AssignmentError("CodeAssigner.add: duplicate keys in one call; deduplicate")
         pop = None if popularity is None else check_vector(popularity, len(keys), "add")
-        old_codes = self._all_codes()
+        before: dict[int, Code] = {}
         reasons: dict[int, str] = {}
         new_rows: list[int] = []
         for j, key in enumerate(keys):
@@ -558,6 +558,7 @@ class CodeAssigner:
                 new_rows.append(j)
                 continue
             if not np.array_equal(self._paths[i], p[j]):
+                before[i] = self._code(i)
                 self._paths[i] = p[j]
                 self._lengths[i] = 0
                 self._uses[i] = False
@@ -582,8 +583,8 @@ class CodeAssigner:
             self._streak = np.concatenate([self._streak, np.zeros(m, dtype=np.int64)])
             for i in range(start, len(self._keys)):
                 reasons[i] = "new"
-        old_codes.extend([()] * (len(self._keys) - start))
-        return self._reassign(old_codes, reasons, stamp, round_=False)
+                before[i] = ()
+        return self._reassign(before, reasons, stamp, round_=False)
 
     def update_popularity(
         self, keys: Sequence[str], popularity: np.ndarray, *, ts: int | None = None
@@ -594,7 +595,7 @@ class CodeAssigner:
         pop = check_vector(popularity, len(keys), "CodeAssigner.update_popularity")
         idx = np.asarray([self._idx(key) for key in keys], dtype=np.int64)
         self._pop[idx] = pop
-        return self._reassign(self._all_codes(), {}, stamp, round_=True)
+        return self._reassign({}, {}, stamp, round_=True)
 
     def set_thresholds(
         self, enter_threshold: float, exit_threshold: float, *, ts: int | None = None
@@ -604,18 +605,18 @@ class CodeAssigner:
         stamp = self._tick(ts)
         self.enter_threshold = float(enter_threshold)
         self.exit_threshold = float(exit_threshold)
-        return self._reassign(self._all_codes(), {}, stamp, round_=True)
-
-    def _all_codes(self) -> list[Code]:
-        return [self._code(i) for i in range(len(self._keys))]
+        return self._reassign({}, {}, stamp, round_=True)
 
     def _reassign(
-        self, old_codes: list[Code], reasons: dict[int, str], stamp: int, *, round_: bool
+        self, before: dict[int, Code], reasons: dict[int, str], stamp: int, *, round_: bool
     ) -> list[CodeChange]:
+        """Re-evaluate every item; ``before`` holds the old codes of new/re-coded items."""
         n = len(self._keys)
         if n == 0:
             return []
         was_head = self._head.copy()
+        old_len = self._lengths.copy()
+        old_uses = self._uses.copy()
         head = head_flags(self._pop, self._head, self.enter_threshold, self.exit_threshold)
         stats = PrefixStats.compute(self._paths, self._pop, head)
         try:
@@ -644,10 +645,18 @@ class CodeAssigner:
         self._lengths = new_len
         self._uses = uses
         self._head = head
+        changed = (new_len != old_len) | (uses != old_uses)
+        if before:
+            changed[np.fromiter(before, dtype=np.int64, count=len(before))] = True
         changes: list[CodeChange] = []
-        for i in range(n):
+        for i in np.flatnonzero(changed).tolist():
             new = self._code(i)
-            old = old_codes[i]
+            if i in before:
+                old = before[i]
+            else:
+                old = tuple(int(c) for c in self._paths[i, : old_len[i]])
+                if old_uses[i]:
+                    old = (*old, int(self._digits[i]))
             if new == old:
                 continue
             reason = reasons.get(i)

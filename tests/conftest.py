@@ -72,12 +72,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``host:port`` of a running Kafka 3.9 broker, shared by the whole session."""
     given = os.environ.get("ADACODE_TEST_BOOTSTRAP", "").strip()
     if given:
+        problem = ""
         try:
             wait_until_answers(given, timeout_s=30.0)
         except KafkaTestSupportError as exc:
+            problem = str(exc)
+        if problem:
             pytest.fail(
-                f"ADACODE_TEST_BOOTSTRAP={given} does not answer: {exc}. Start that broker "
-                "(./ops/kafka.sh up) or unset ADACODE_TEST_BOOTSTRAP to let the tests start one.",
+                f"ADACODE_TEST_BOOTSTRAP={given} does not answer: {problem}. Start that broker "
+                "or unset ADACODE_TEST_BOOTSTRAP to let the tests start one.",
                 pytrace=False,
             )
         yield given

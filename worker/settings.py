@@ -194,6 +194,9 @@ def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _convert(key: str, raw: Any, source: str) -> Any:
     f = FIELDS[key]
     kind = type(f.default)
@@ -223,7 +226,7 @@ def _convert(key: str, raw: Any, source: str) -> Any:
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             f"setting {key!r} from {source}: {raw!r} is not valid ({exc}); "
-            f"expected a {kind.__name__}, e.g. {f.default!r}"
+            f"expected {_KIND_NAMES[kind]}, e.g. {f.default!r}"
         ) from exc
     if meta["choices"] and value not in meta["choices"]:
         raise ConfigError(

@@ -1,0 +1,174 @@
+"""Tests of the offline evaluation protocol against slow reference implementations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantize.evaluate import (
+    evaluate_ranking,
+    holdout_split,
+    leave_last_split,
+    pad_histories,
+    ranks,
+    recall_ndcg,
+    summarize,
+    target_slices,
+    user_sequences,
+)
+from quantize.exceptions import QuantizeError
+
+
+def _random_log(seed: int, n: int = 60, n_users: int = 8, n_items: int = 12):
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, size=n)
+    items = rng.integers(0, n_items, size=n)
+    stamps = rng.integers(0, 10, size=n)  # many ties on purpose
+    return users, items, stamps
+
+
+def _reference_split(users, stamps):
+    """Slow reference: per user, sort (timestamp, log position); label the last two."""
+    label = ["train"] * len(users)
+    for u in set(users.tolist()):
+        idx = sorted(np.flatnonzero(users == u).tolist(), key=lambda i: (stamps[i], i))
+        if len(idx) >= 2:
+            label[idx[-1]] = "test"
+        if len(idx) >= 3:
+            label[idx[-2]] = "valid"
+    return label
+
+
+def _reference_rank(row: np.ndarray, target: int) -> int:
+    """Slow reference: sort descending with the target after its ties; its position."""
+    order = sorted(range(len(row)), key=lambda i: (-row[i], i == target))
+    return order.index(target)
+
+
+def test_leave_last_split_by_hand() -> None:
+    # user 0: times 5, 1, 3 -> order (1, 3, 5): test = index 0, valid = index 2, train = 1
+    # user 1: two interactions -> test = the later, the earlier stays in train
+    # user 2: one interaction -> train
+    users = np.array([0, 0, 1, 0, 1, 2])
+    stamps = np.array([5, 1, 7, 3, 2, 4])
+    split = leave_last_split(users, stamps)
+    assert split.test.tolist() == [True, False, True, False, False, False]
+    assert split.valid.tolist() == [False, False, False, True, False, False]
+    assert split.train.tolist() == [False, True, False, False, True, True]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10_000))
+def test_leave_last_split_matches_reference(seed: int) -> None:
+    users, _, stamps = _random_log(seed)
+    split = leave_last_split(users, stamps)
+    label = _reference_split(users, stamps)
+    assert split.test.tolist() == [x == "test" for x in label]
+    assert split.valid.tolist() == [x == "valid" for x in label]
+    assert split.train.tolist() == [x == "train" for x in label]
+
+
+def test_user_sequences_and_padding() -> None:
+    users = np.array([1, 0, 1, 1])
+    items = np.array([7, 3, 5, 6])
+    stamps = np.array([2, 0, 1, 2])
+    seqs = user_sequences(users, items, stamps, n_users=3)
+    assert [s.tolist() for s in seqs] == [[3], [5, 7, 6], []]
+    padded = pad_histories(seqs, 2)
+    assert padded.tolist() == [[-1, 3], [7, 6], [-1, -1]]
+
+
+def test_ranks_by_hand() -> None:
+    scores = np.array([[0.1, 0.9, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    # row 0, target 2: one better (0.9), one tie (index 3) -> rank 2
+    # row 1, target 0: three ties -> rank 3 (ties count against the target)
+    assert ranks(scores, np.array([2, 0])).tolist() == [2, 3]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10_000))
+def test_ranks_match_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 5, size=(6, 9)).astype(np.float32)  # coarse values: many ties
+    targets = rng.integers(0, 9, size=6)
+    expected = [_reference_rank(scores[i], int(targets[i])) for i in range(6)]
+    assert ranks(scores, targets).tolist() == expected
+    assert ranks(torch.from_numpy(scores), targets).tolist() == expected
+
+
+def test_recall_ndcg_by_hand() -> None:
+    recall, ndcg = recall_ndcg(np.array([0, 1, 9, 10]), k=10)
+    assert recall.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert ndcg[0] == 1.0
+    assert ndcg[1] == pytest.approx(1.0 / math.log2(3.0))
+    assert ndcg[2] == pytest.approx(1.0 / math.log2(11.0))
+    assert ndcg[3] == 0.0
+
+
+def test_evaluate_ranking_batches_equal_one_pass() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(37, 15))
+    targets = rng.integers(0, 15, size=37)
+    slices = {"odd": np.arange(37) % 2 == 1}
+    batched = evaluate_ranking(lambda idx: scores[idx], targets, k=5, slices=slices, batch_size=4)
+    whole = summarize(ranks(scores, targets), k=5, slices=slices)
+    assert batched.as_dict() == whole.as_dict()
+    # reference average computed by hand from the slow rank
+    ref = [_reference_rank(scores[i], int(targets[i])) for i in range(37)]
+    hits = [r < 5 for r in ref]
+    assert batched.recall == pytest.approx(sum(hits) / 37)
+    odd_hits = [h for i, h in enumerate(hits) if i % 2 == 1]
+    assert batched.slices["odd"].recall == pytest.approx(sum(odd_hits) / len(odd_hits))
+    assert batched.slices["odd"].n == len(odd_hits)
+
+
+def test_empty_slice_is_nan_not_zero() -> None:
+    result = summarize(np.array([0, 3]), slices={"none": np.array([False, False])})
+    assert math.isnan(result.slices["none"].recall)
+    assert result.slices["none"].n == 0
+
+
+def test_target_slices_by_hand() -> None:
+    # counts: item0=3, item1=1, item2=2, item3=0, item4=0 -> head (top 20% of 5 = 1): item0
+    train_items = np.array([0, 0, 0, 1, 2, 2])
+    slices = target_slices(train_items, np.array([0, 2, 3, 4]), n_items=5)
+    assert slices["head"].tolist() == [True, False, False, False]
+    assert slices["cold"].tolist() == [False, False, True, True]
+
+
+def test_holdout_split_takes_latest_of_recent_users() -> None:
+    users = np.array([0, 1, 0, 2, 1, 2, 3])
+    stamps = np.array([1, 2, 3, 4, 5, 6, 7])
+    # last interactions: u0 @3 (idx 2), u1 @5 (idx 4), u2 @6 (idx 5), u3 @7 (idx 6, no history)
+    split = holdout_split(users, stamps, max_users=2, min_history=1)
+    assert split.holdout.tolist() == [4, 5]
+    assert split.train.tolist() == [0, 1, 2, 3, 6]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 10), st.integers(0, 3))
+def test_holdout_split_matches_reference(seed: int, max_users: int, min_history: int) -> None:
+    users, _, stamps = _random_log(seed)
+    split = holdout_split(users, stamps, max_users=max_users, min_history=min_history)
+    lasts = []
+    for u in set(users.tolist()):
+        idx = sorted(np.flatnonzero(users == u).tolist(), key=lambda i: (stamps[i], i))
+        if len(idx) - 1 >= min_history:
+            lasts.append(idx[-1])
+    lasts.sort(key=lambda i: (stamps[i], i), reverse=True)
+    assert sorted(split.holdout.tolist()) == sorted(lasts[:max_users])
+    assert sorted(split.train.tolist() + split.holdout.tolist()) == list(range(len(users)))
+
+
+def test_bad_inputs_raise_quantize_error() -> None:
+    with pytest.raises(QuantizeError):
+        ranks(np.zeros((2, 3)), np.array([0, 3]))
+    with pytest.raises(QuantizeError):
+        leave_last_split(np.array([0, 1]), np.array([1]))
+    with pytest.raises(QuantizeError):
+        target_slices(np.array([0]), np.array([0]), n_items=1, head_fraction=0.0)

@@ -1,0 +1,196 @@
+"""Tests of the code-table recommender: item vectors, the encoder, params round trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quantize.exceptions import QuantizeError
+from quantize.table_model import (
+    DOMAIN_PREFIX,
+    ModelConfig,
+    Snapshot,
+    build_model,
+    domain_names,
+    export_params,
+    load_params,
+    model_from_params,
+    pad_rows,
+    shared_names,
+)
+
+ROWS = pad_rows([[0, 3], [1], [2, 4, 5], [0, 4]])
+
+
+def _config(**kw: object) -> ModelConfig:
+    base: dict[str, object] = {"hidden": 8, "max_len": 6, "heads": 2, "layers": 1}
+    base.update(kw)
+    return ModelConfig(**base)  # type: ignore[arg-type]
+
+
+def test_pad_rows_pads_with_minus_one() -> None:
+    assert ROWS.tolist() == [[0, 3, -1], [1, -1, -1], [2, 4, 5], [0, 4, -1]]
+    with pytest.raises(QuantizeError):
+        pad_rows([[1, 2, 3]], width=2)
+
+
+def test_item_vectors_are_sums_of_code_rows() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config(), ROWS)
+    rows = model.table.rows.detach().numpy()
+    vecs = model.item_vectors(torch.as_tensor(ROWS)).detach().numpy()
+    expected = np.stack([rows[[r for r in code if r >= 0]].sum(axis=0) for code in ROWS])
+    np.testing.assert_allclose(vecs, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_level_weights_scale_each_code_position() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config(combine="level"), ROWS)
+    assert model.table.level_weight is not None
+    with torch.no_grad():
+        model.table.level_weight.copy_(torch.tensor([1.0, 0.5, 2.0]))
+    rows = model.table.rows.detach().numpy()
+    vecs = model.item_vectors(torch.as_tensor(ROWS)).detach().numpy()
+    np.testing.assert_allclose(vecs[2], rows[2] + 0.5 * rows[4] + 2.0 * rows[5], rtol=1e-6, atol=1e-6)
+    with pytest.raises(QuantizeError):
+        model.item_vectors(torch.as_tensor(pad_rows([[0, 1, 2, 3]])))
+
+
+def test_text_projection_is_added() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config(text_dim=5), ROWS)
+    text = torch.randn(4, 5)
+    with_text = model.item_vectors(torch.as_tensor(ROWS), text)
+    zero_text = model.item_vectors(torch.as_tensor(ROWS), torch.zeros(4, 5))
+    assert model.table.text_proj is not None
+    np.testing.assert_allclose(
+        (with_text - zero_text).detach().numpy(),
+        model.table.text_proj(text).detach().numpy(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    with pytest.raises(QuantizeError):
+        model.item_vectors(torch.as_tensor(ROWS))
+
+
+@pytest.mark.parametrize("encoder", ["transformer", "attention"])
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), cut=st.integers(1, 5))
+def test_encoder_is_causal_and_padding_invariant(encoder: str, seed: int, cut: int) -> None:
+    torch.manual_seed(seed)
+    model = build_model(_config(encoder=encoder), ROWS).eval()
+    vecs = model.item_vectors(torch.as_tensor(ROWS))
+    rng = np.random.default_rng(seed)
+    seq = torch.as_tensor(rng.integers(0, 4, size=(1, 6)))
+    out = model.encode(seq, vecs)
+    # causal: changing items after position `cut - 1` leaves positions < cut unchanged
+    changed = seq.clone()
+    changed[0, cut:] = (changed[0, cut:] + 1) % 4
+    np.testing.assert_allclose(
+        model.encode(changed, vecs)[0, :cut].detach().numpy(),
+        out[0, :cut].detach().numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # padding: the last state of the last `cut` items is the same with or without left pads
+    short = seq[:, -cut:]
+    padded = torch.cat([torch.full((1, 6 - cut), -1), short], dim=1)
+    np.testing.assert_allclose(
+        model.encode(short, vecs)[0, -1].detach().numpy(),
+        model.encode(padded, vecs)[0, -1].detach().numpy(),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_cosine_scores_are_bounded_by_inverse_temperature() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config(temperature=0.5), ROWS).eval()
+    vecs = model.item_vectors(torch.as_tensor(ROWS))
+    scores = model.score_last(torch.as_tensor([[-1, 0, 1, 2, 3, 0]]), vecs)
+    assert scores.shape == (1, 4)
+    assert float(scores.abs().max()) <= 2.0 + 1e-5
+
+
+@pytest.mark.parametrize("combine", ["sum", "level"])
+def test_export_load_round_trip_is_exact(combine: str) -> None:
+    torch.manual_seed(1)
+    config = _config(combine=combine, text_dim=3)
+    model = build_model(config, ROWS, n_rows=9)
+    params = export_params(model)
+    restored = model_from_params(config, params)
+    again = export_params(restored)
+    assert params.keys() == again.keys()
+    for name in params:
+        assert params[name].dtype == again[name].dtype
+        assert np.array_equal(params[name], again[name]), name
+    # and the exported arrays are copies, not views into the live model
+    with torch.no_grad():
+        model.table.rows.add_(1.0)
+    assert np.array_equal(export_params(restored)["table.rows"], params["table.rows"])
+
+
+def test_snapshot_bytes_round_trip_is_exact() -> None:
+    torch.manual_seed(2)
+    config = _config(encoder="attention", score="dot")
+    params = export_params(build_model(config, ROWS))
+    snap = Snapshot(config, params)
+    back = Snapshot.from_bytes(snap.to_bytes())
+    assert back.config == config
+    assert back.params.keys() == params.keys()
+    for name in params:
+        assert np.array_equal(back.params[name], params[name]), name
+    assert back.table_bytes() == sum(params[n].nbytes for n in domain_names(params))
+    seq = torch.as_tensor([[0, 1, 2]])
+    rows = torch.as_tensor(ROWS)
+    a = snap.model()
+    b = back.model()
+    assert torch.equal(a.score_last(seq, a.item_vectors(rows)), b.score_last(seq, b.item_vectors(rows)))
+
+
+def test_snapshot_from_garbage_raises() -> None:
+    with pytest.raises(QuantizeError):
+        Snapshot.from_bytes(b"not a snapshot")
+
+
+def test_partial_load_copies_the_overlap_of_a_grown_table() -> None:
+    torch.manual_seed(3)
+    config = _config()
+    small = export_params(build_model(config, ROWS, n_rows=6))
+    grown = build_model(config, ROWS, n_rows=10)
+    fresh_tail = grown.table.rows.detach()[6:].clone()
+    load_params(grown, small, partial=True)
+    rows = grown.table.rows.detach().numpy()
+    assert np.array_equal(rows[:6], small["table.rows"])
+    assert np.array_equal(rows[6:], fresh_tail.numpy())
+    with pytest.raises(QuantizeError):
+        load_params(grown, small)  # an exact load refuses the mismatch
+
+
+def test_params_split_into_domain_and_shared() -> None:
+    config = _config(text_dim=2, combine="level")
+    model = build_model(config, ROWS)
+    params = export_params(model)
+    domain = domain_names(params)
+    shared = shared_names(params)
+    assert set(domain) == {"table.rows", "table.level_weight", "table.text_proj.weight"}
+    assert all(n.startswith("encoder.") for n in shared)
+    assert set(domain) | set(shared) == set(params)
+    n_domain = sum(p.numel() for p in model.domain_parameters())
+    assert n_domain == sum(params[n].size for n in params if n.startswith(DOMAIN_PREFIX))
+
+
+def test_invalid_inputs_raise_quantize_error() -> None:
+    with pytest.raises(QuantizeError):
+        ModelConfig(hidden=10, heads=3)
+    with pytest.raises(QuantizeError):
+        ModelConfig(encoder="rnn")  # type: ignore[arg-type]
+    with pytest.raises(QuantizeError):
+        build_model(_config(), np.array([[-1, 2]]))
+    with pytest.raises(QuantizeError):
+        build_model(_config(), ROWS, n_rows=3)
+    with pytest.raises(QuantizeError):
+        ModelConfig.from_dict({"hidden": 8, "colour": "red"})
