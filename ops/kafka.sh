@@ -272,8 +272,11 @@ format_storage() {
 }
 
 cmd_up() {
-    local pid
+    local pid began=${SECONDS}
     if pid="$(broker_pid)"; then
+        if ! grep -q "^listeners=PLAINTEXT://127.0.0.1:${port}," "${props}" 2>/dev/null; then
+            die "the broker for ${data_dir} (pid ${pid}) listens on another port than ${port}; stop it first: ops/kafka.sh down --data ${data_dir}"
+        fi
         if port_open "${port}" && broker_started; then
             echo "kafka already running (pid ${pid}, data ${data_dir})"
             echo "bootstrap: ${bootstrap}"
@@ -311,7 +314,7 @@ cmd_up() {
             sleep 0.1
             waited=$((waited + 1))
         done
-        pid="$(tr -dc '0-9' <"${pid_file}" 2>/dev/null || true)"
+        pid="$(tr -dc '0-9' 2>/dev/null <"${pid_file}" || true)"
         [[ -n "${pid}" ]] || die "could not start java for the broker (no pid written to ${pid_file})"
         echo "kafka starting (pid ${pid}, data ${data_dir}, log ${log_file})"
     fi
@@ -329,7 +332,7 @@ cmd_up() {
         fi
         sleep 0.2
     done
-    echo "kafka up in $((SECONDS - start))s (pid ${pid})"
+    echo "kafka up in $((SECONDS - began))s (pid ${pid})"
     echo "bootstrap: ${bootstrap}"
 }
 

@@ -14,6 +14,8 @@ import threading
 import time
 from types import FrameType
 
+import faiss
+
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
@@ -32,6 +34,9 @@ class Daemon:
 
     def __init__(self, settings: Settings, store: StorePartition | None = None) -> None:
         self.settings = settings
+        # batched code search is fastest single-threaded on small batches, and leaves
+        # the other core to kafka-python's I/O thread
+        faiss.omp_set_num_threads(1)
         self.metrics = Metrics()
         self.store = store or RocksDBPartition.open(
             settings.state_path, sync_writes=settings.sync_writes
