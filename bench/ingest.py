@@ -56,6 +56,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,22 +65,43 @@ from unittest import mock
 
 import kafka
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
 from kafka.record import util as kafka_record_util
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import worker.consumer as consumer_module
 import worker.processor as processor_module
 from adacode.errors import AdacodeError
 from bench.common import out_path
-from store.partition import WriteBatch
-from store.rocksdb import RocksDBPartition
+from store.exceptions import StoreError
+from store.partition import COLUMN_FAMILIES, WriteBatch
+from store.records import (
+    DomainCounters,
+    ItemRecord,
+    LoggedInteraction,
+    Popularity,
+    domain_counters_key,
+    interaction_key,
+    item_key,
+)
+from store.rocksdb import RocksDBPartition, RocksDBWriteBatch
+from worker.coding import CodeService
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder
-from worker.events import interaction_payload, item_payload
+from worker.events import (
+    InteractionEvent,
+    ItemEvent,
+    interaction_payload,
+    item_payload,
+    parse_interaction,
+    parse_item,
+)
+from worker.exceptions import EventError
 from worker.metrics import Metrics
-from worker.processor import BatchResult, Encode, Processor, SourceRecord
+from worker.processor import BatchResult, DeadLetter, Encode, Processor, SourceRecord, _Cache
 from worker.settings import Settings
 from worker.topics import create_topics
 
@@ -320,7 +342,8 @@ def make_workload(
 @dataclass
 class Run:
     records: int
-    seconds: float
+    seconds: float  # wall time of the measured window
+    cpu_s: float  # CPU time of this process (all its threads) in that window
     join_s: float = 0.0
     batches: int = 0
     bootstrap_s: float = 0.0  # apply time of the batch that trained the codebook, if any
@@ -329,6 +352,10 @@ class Run:
     @property
     def rate(self) -> float:
         return self.records / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.records / self.cpu_s if self.cpu_s > 0 else math.inf
 
 
 def measure_raw(wl: Workload, repeat: int, *, check_crcs: bool = True) -> Run:
@@ -349,7 +376,7 @@ def measure_raw(wl: Workload, repeat: int, *, check_crcs: bool = True) -> Run:
         total = sum(wl.end.values())
         count = batches = 0
         bar = tqdm(total=total, desc=f"raw {wl.name} #{repeat}", unit="rec", leave=False)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         deadline = started + RUN_TIMEOUT_S
         while count < total:
             polled = consumer.poll(timeout_ms=200, max_records=POLL_MAX_RECORDS)
@@ -362,48 +389,71 @@ def measure_raw(wl: Workload, repeat: int, *, check_crcs: bool = True) -> Run:
                     f"raw consume of {wl.name} read {count} of {total} records in "
                     f"{RUN_TIMEOUT_S:.0f}s; the broker is stuck or overloaded: check its log"
                 )
-        seconds = time.perf_counter() - started
+        seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu
         bar.close()
     finally:
         consumer.close()
-    return Run(count, seconds, batches=batches)
+    return Run(count, seconds, cpu_s, batches=batches)
 
 
+#: Stages of an applied run; they add up to its wall time.
 STAGES = (
-    "poll",  # kafka-python: fetch responses, decode record batches into ConsumerRecords
+    "poll",  # kafka-python: fetch responses, CRC check, decode record batches
     "flatten+metrics",  # ConsumerLoop.apply minus the parts below
-    "process",  # Processor.process: parse, read, encode, apply in memory, build the batch
+    "process",  # Processor.process: parse, read, encode, apply in memory, codes, build batch
     "store.write",  # RocksDB write of the batch (fsync'd WAL with sync_writes)
     "commit_async",  # Kafka offset commit (monitoring only)
     "lag report",  # ConsumerLoop._report_lag after every poll
     "loop rest",  # the remainder of the run loop
 )
+#: Parts of "process" timed in every run (per batch, so at no measurable cost).
+SUB_STAGES = ("process: read", "process: MiniLM", "process: codes")
+
+
+class CountingBatch(RocksDBWriteBatch):
+    """A RocksDB write batch that counts the bytes put per column family."""
+
+    def __init__(self, owner: RocksDBPartition, counts: dict[str, int]) -> None:
+        super().__init__(owner)
+        self.counts = counts
+
+    def put(self, cf: str, key: bytes, value: bytes) -> None:
+        self.counts[cf] = self.counts.get(cf, 0) + len(key) + len(value)
+        super().put(cf, key, value)
 
 
 class TimedStore(RocksDBPartition):
-    """The real RocksDB partition; times ``write`` and ``multi_get``."""
+    """The real RocksDB partition; times ``write`` and ``multi_get``, can count bytes."""
 
     timing: dict[str, float]
+    bytes_put: dict[str, int] | None = None
+
+    def batch(self) -> RocksDBWriteBatch:
+        if self.bytes_put is None:
+            return super().batch()
+        return CountingBatch(self, self.bytes_put)
 
     def write(self, batch: WriteBatch) -> None:
         started = time.perf_counter()
         super().write(batch)
-        self.timing["store.write"] = (
-            self.timing.get("store.write", 0.0) + time.perf_counter() - started
-        )
+        self._add("store.write", started)
 
     def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
         started = time.perf_counter()
         out = super().multi_get(cf, keys)
-        self.timing["read"] = self.timing.get("read", 0.0) + time.perf_counter() - started
+        self._add("process: read", started)
         return out
 
+    def _add(self, stage: str, started: float) -> None:
+        self.timing[stage] = self.timing.get(stage, 0.0) + time.perf_counter() - started
 
-def open_timed_store(path: Path, sync_writes: bool) -> TimedStore:
+
+def open_timed_store(path: Path, sync_writes: bool, *, count_bytes: bool = False) -> TimedStore:
     store = TimedStore.open(path, sync_writes=sync_writes)
     if not isinstance(store, TimedStore):
         raise IngestBenchError(f"RocksDBPartition.open({path}) did not return the subclass")
     store.timing = {}
+    store.bytes_put = {} if count_bytes else None
     return store
 
 
@@ -422,19 +472,26 @@ class TimedLoop(ConsumerLoop):
         processor: Processor,
         expected: int,
         progress: tqdm[Any] | None = None,
+        *,
+        check_crcs: bool = True,
     ) -> None:
         self._assigned: set[TopicPartition] = set()
         self.assigned_at: float | None = None
+        self.assigned_cpu = 0.0
         self.created_at = time.perf_counter()
         super().__init__(settings, store, processor, Metrics())
         self.timed_store = store
         self.expected = expected
         self.finished_at: float | None = None
+        self.finished_cpu = 0.0
         self.bootstrap_s = 0.0
         self.progress = progress
         self.timing: dict[str, float] = dict.fromkeys(
-            ("poll", "apply", "process", "commit_async", "lag report"), 0.0
+            ("poll", "apply", "process", "commit_async", "lag report", "process: MiniLM"), 0.0
         )
+        self.timing["process: codes"] = 0.0
+        if not check_crcs:  # prototype: what a C CRC-32C leaves of the CRC cost (~0)
+            self.consumer._fetcher.config["check_crcs"] = False
         raw_poll = self.consumer.poll
         raw_commit = self.consumer.commit_async
 
@@ -465,11 +522,12 @@ class TimedLoop(ConsumerLoop):
     def assigned(self, value: set[TopicPartition]) -> None:
         if value and self.assigned_at is None:
             self.assigned_at = time.perf_counter()
+            self.assigned_cpu = time.process_time()
         self._assigned = value
 
     def apply(self, polled: dict[TopicPartition, list[Any]]) -> BatchResult:
         started = time.perf_counter()
-        result = super().apply(polled)
+        result = self.apply_batch(polled)
         self._add("apply", started)
         coding = getattr(result, "coding", None)
         if coding is not None and getattr(coding, "trained", None):
@@ -478,8 +536,13 @@ class TimedLoop(ConsumerLoop):
             self.progress.update(sum(len(r) for r in polled.values()))
         if self.stats.records >= self.expected and self.finished_at is None:
             self.finished_at = time.perf_counter()
+            self.finished_cpu = time.process_time()
             self.stop()
         return result
+
+    def apply_batch(self, polled: dict[TopicPartition, list[Any]]) -> BatchResult:
+        """The worker's own ``ConsumerLoop.apply`` (:class:`FastLoop` replaces it)."""
+        return super().apply(polled)
 
     def _report_lag(self) -> None:
         started = time.perf_counter()
@@ -487,11 +550,13 @@ class TimedLoop(ConsumerLoop):
         if self.finished_at is None:
             self._add("lag report", started)
 
-    def stage_times(self) -> dict[str, float]:
+    def run_stats(self) -> tuple[float, float, dict[str, float]]:
+        """Wall seconds, CPU seconds and the stage times of the measured window."""
         if self.assigned_at is None or self.finished_at is None:
             raise IngestBenchError("the run did not finish; no stage times")
         total = self.finished_at - self.assigned_at
-        write = self.timed_store.timing.get("store.write", 0.0)
+        store = self.timed_store.timing
+        write = store.get("store.write", 0.0)
         inner = self.timing["process"] + write + self.timing["commit_async"]
         out = {
             "poll": self.timing["poll"],
@@ -502,26 +567,42 @@ class TimedLoop(ConsumerLoop):
             "lag report": self.timing["lag report"],
         }
         out["loop rest"] = total - sum(out.values())
-        return out
+        out["process: read"] = store.get("process: read", 0.0)
+        out["process: MiniLM"] = self.timing["process: MiniLM"]
+        out["process: codes"] = self.timing["process: codes"]
+        return total, self.finished_cpu - self.assigned_cpu, out
 
 
-def timed_processor(base: type[Processor]) -> type[Processor]:
-    """``base`` with ``process`` timed into ``self.loop_timing['process']``."""
+def timed_processor(base: type[Processor], timing: dict[str, float]) -> type[Processor]:
+    """``base`` with ``process`` and its per-batch ``_assign_codes`` timed into ``timing``."""
 
     class Timed(base):  # type: ignore[valid-type,misc]
-        loop_timing: dict[str, float]
-
         def process(self, records: Sequence[SourceRecord]) -> BatchResult:
             started = time.perf_counter()
             out = super().process(records)
-            self.loop_timing["process"] += time.perf_counter() - started
+            timing["process"] += time.perf_counter() - started
             return out
+
+        def _assign_codes(self, *args: Any, **kwargs: Any) -> None:
+            started = time.perf_counter()
+            super()._assign_codes(*args, **kwargs)
+            timing["process: codes"] += time.perf_counter() - started
 
     return Timed
 
 
+def timed_encode(encode: Encode, timing: dict[str, float]) -> Encode:
+    def run(texts: list[str]) -> np.ndarray:
+        started = time.perf_counter()
+        out = encode(texts)
+        timing["process: MiniLM"] += time.perf_counter() - started
+        return out
+
+    return run
+
+
 # --------------------------------------------------------------------------------------
-# the split of Processor.process (one extra run per workload: per-call timers cost a bit)
+# the split of Processor.process (one extra run: its per-record timers cost a little)
 # --------------------------------------------------------------------------------------
 
 PROCESS_PARTS = ("parse", "read", "encode", "apply", "codes", "flush", "other")
@@ -592,6 +673,7 @@ class AppliedConfig:
     encode: Encode | None = None
     processor: type[Processor] = Processor
     loop: type[TimedLoop] = TimedLoop
+    check_crcs: bool = True
 
 
 def measure_applied(
@@ -602,12 +684,17 @@ def measure_applied(
     initial: Path | None = None,
     keep: Path | None = None,
     profile: cProfile.Profile | None = None,
+    limit: int | None = None,
+    bytes_put: dict[str, int] | None = None,
 ) -> Run:
     """One run of the real worker over ``wl`` with a fresh group.
 
     The RocksDB starts empty, or as a copy of the state directory ``initial`` (items
-    already applied from another topic set); ``keep`` receives the final state.
+    already applied from another topic set); ``keep`` receives the final state. ``limit``
+    stops after that many records (the profiled run); ``bytes_put`` collects the bytes put
+    per column family.
     """
+    expected = min(limit or wl.records, wl.records)
     state = Path(tempfile.mkdtemp(prefix="adacode-bench-state-"))
     db = state / "db"
     if initial is not None:
@@ -618,12 +705,16 @@ def measure_applied(
         state_dir=str(db),
         sync_writes=cfg.sync_writes,
     )
-    store = open_timed_store(db, cfg.sync_writes)
-    bar = tqdm(total=wl.records, desc=f"{tag} {wl.name}", unit="rec", leave=False)
+    store = open_timed_store(db, cfg.sync_writes, count_bytes=bytes_put is not None)
+    bar = tqdm(total=expected, desc=f"{tag} {wl.name}", unit="rec", leave=False)
     try:
-        processor = timed_processor(cfg.processor)(store, settings, cfg.encode)
-        loop = cfg.loop(settings, store, processor, wl.records, bar)
-        processor.loop_timing = loop.timing  # type: ignore[attr-defined]
+        timing: dict[str, float] = {}
+        processor_cls = timed_processor(cfg.processor, timing)
+        encode = None if cfg.encode is None else timed_encode(cfg.encode, timing)
+        processor = processor_cls(store, settings, encode)
+        loop = cfg.loop(settings, store, processor, expected, bar, check_crcs=cfg.check_crcs)
+        timing.update(loop.timing)
+        loop.timing = timing
         watchdog = threading.Timer(RUN_TIMEOUT_S, loop.stop)
         watchdog.daemon = True
         watchdog.start()
@@ -637,23 +728,28 @@ def measure_applied(
         bar.close()
         if loop.finished_at is None or loop.assigned_at is None:
             raise IngestBenchError(
-                f"{cfg.label} on {wl.name} applied {loop.stats.records} of {wl.records} "
+                f"{cfg.label} on {wl.name} applied {loop.stats.records} of {expected} "
                 f"records within {RUN_TIMEOUT_S:.0f}s; see the log above for the cause"
             )
         offsets = {tp: off for tp, off in store.offsets().items() if tp[0] in wl.topics}
-        if offsets != wl.end or loop.stats.dead or loop.stats.records != wl.records:
+        complete = expected == wl.records
+        if loop.stats.dead or (complete and (offsets != wl.end or loop.stats.records != expected)):
             raise IngestBenchError(
                 f"{cfg.label} on {wl.name}: stored offsets {offsets} differ from the end "
                 f"offsets {wl.end}, or {loop.stats.dead} records were dead-lettered, or "
-                f"{loop.stats.records} of {wl.records} were applied; not a valid measurement"
+                f"{loop.stats.records} of {expected} were applied; not a valid measurement"
             )
+        if bytes_put is not None and store.bytes_put is not None:
+            bytes_put.update(store.bytes_put)
+        seconds, cpu_s, stages = loop.run_stats()
         return Run(
             loop.stats.records,
-            loop.finished_at - loop.assigned_at,
+            seconds,
+            cpu_s,
             join_s=loop.assigned_at - loop.created_at,
             batches=loop.stats.batches,
             bootstrap_s=loop.bootstrap_s,
-            stages=loop.stage_times() | {f"store.{k}": v for k, v in store.timing.items()},
+            stages=stages,
         )
     finally:
         bar.close()
@@ -664,33 +760,272 @@ def measure_applied(
 
 
 # ======================================================================================
-# prototype fixes (measured here; the changes themselves belong in worker/)
+# prototype fixes (measured here; the changes themselves belong in worker/ and store/)
 # ======================================================================================
 
 #: Which CRC-32C kafka-python uses to check every fetched record batch.
 CRC_IMPL = "C (crc32c package)" if kafka_record_util.crc32c_c is not None else "pure Python"
 
 
-class NoCrcLoop(TimedLoop):
-    """The loop with kafka-python's CRC check off: the cost a C CRC-32C would leave (~0)."""
+class FastLoop(TimedLoop):
+    """Prototype of ``ConsumerLoop.apply`` without the per-record ``SourceRecord`` copy.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.consumer._fetcher.config["check_crcs"] = False
+    kafka-python's ``ConsumerRecord`` already has ``topic``, ``partition``, ``offset``,
+    ``key`` and ``value``: the processor reads nothing else, so the records go as they are.
+    Everything else is the worker's ``apply`` unchanged.
+    """
+
+    def apply_batch(self, polled: dict[TopicPartition, list[Any]]) -> BatchResult:
+        started = time.perf_counter()
+        for tp, recs in polled.items():
+            self.metrics.count_consumed(tp.topic, len(recs))
+        records: list[Any] = []
+        for tp in sorted(polled, key=lambda t: (t.topic, t.partition)):
+            records += polled[tp]
+        result = self.processor.process(records)
+        if result.dead:
+            for dead in result.dead:
+                self.producer.send(
+                    self.deadletter_topic,
+                    key=dead.record.key,
+                    value=consumer_module.dead_letter_payload(dead),
+                )
+            self.producer.flush(timeout=30)
+        try:
+            self.store.write(result.batch)
+        except StoreError:
+            self.healthy = False
+            raise
+        offsets = {
+            tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1)
+            for tp, recs in polled.items()
+            if recs
+        }
+        try:
+            self.consumer.commit_async(offsets)
+        except KafkaError as exc:
+            log.debug("kafka offset commit failed: %s", exc)
+        elapsed = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.records += len(records)
+        self.stats.dead += len(result.dead)
+        self.stats.last_batch_s = elapsed
+        self.metrics.observe_batch(result, len(records), elapsed)
+        if self.on_applied is not None:
+            self.on_applied(result)
+        return result
 
 
-def measure_prototypes(inter: Workload, warm: Path, raw: Row, repeats: int) -> list[Row]:
-    """Rows for each prototype fix, against their own raw baseline where it moves."""
-    raw_nocrc = Row(inter, "raw, check_crcs=False")
-    raw_nocrc.note = "prototype: no CRC check in the baseline either"
-    nocrc = Row(inter, "applied, check_crcs=False", raw=raw_nocrc)
-    nocrc.note = f"prototype: CRC-32C cost removed (kafka-python uses {CRC_IMPL} CRC here)"
-    for i in range(repeats):
-        raw_nocrc.runs.append(measure_raw(inter, i, check_crcs=False))
-        nocrc.runs.append(
-            measure_applied(inter, AppliedConfig(nocrc.path, loop=NoCrcLoop), f"#{i}", initial=warm)
-        )
-    return [raw_nocrc, nocrc]
+class FastProcessor(Processor):
+    """Prototype of ``Processor.process`` with the interaction path folded per batch.
+
+    Same result as the worker's (checked by :func:`compare_processors`), with:
+
+    1. each item's ``Popularity`` decoded once per batch, every interaction of the batch
+       folded into the object, encoded once (the worker decodes and encodes it per event);
+    2. ``DomainCounters`` built once per domain per batch from plain counts (the worker
+       builds a new one per event);
+    3. each interaction's item key computed once (the worker builds it 4 times);
+    4. the codes step reads the folded popularities instead of decoding them again per
+       interaction;
+    5. while there is no codebook, the full scan of the items column family (to bootstrap
+       one) is skipped when the domain counters show fewer items with embeddings than
+       ``codebook_min_items`` (the worker scans every item on every batch until then).
+    """
+
+    def process(self, records: Sequence[SourceRecord]) -> BatchResult:
+        result = BatchResult(batch=self.store.batch())
+        items: list[tuple[SourceRecord, ItemEvent]] = []
+        interactions: list[tuple[SourceRecord, InteractionEvent]] = []
+        next_offsets: dict[tuple[str, int], int] = {}
+        for rec in records:
+            tp = (rec.topic, rec.partition)
+            if rec.offset + 1 > next_offsets.get(tp, -1):
+                next_offsets[tp] = rec.offset + 1
+            try:
+                if rec.topic == self.interactions_topic:
+                    interactions.append((rec, parse_interaction(rec.value, self.limits)))
+                elif rec.topic == self.items_topic:
+                    items.append((rec, parse_item(rec.value, self.limits)))
+                else:
+                    raise EventError(f"no handler for topic {rec.topic!r}")
+            except EventError as exc:
+                result.dead.append(DeadLetter(exc.reason, rec))
+
+        item_cache = _Cache(self.store, "items")
+        pop_cache = _Cache(self.store, "popularity")
+        meta_cache = _Cache(self.store, "meta")
+        ikeys = [item_key(e.domain, e.item_id) for _, e in interactions]
+        item_cache.prefetch([item_key(e.domain, e.item_id) for _, e in items] + ikeys)
+        pop_cache.prefetch(ikeys)
+        domains = {e.domain for _, e in items} | {e.domain for _, e in interactions}
+        meta_cache.prefetch([domain_counters_key(d) for d in sorted(domains)])
+        counters = {
+            d: DomainCounters.decode(raw)
+            if (raw := meta_cache.get(domain_counters_key(d)))
+            else DomainCounters()
+            for d in domains
+        }
+        vectors = self._encode_items([e for _, e in items], item_cache, result)
+        for (rec, event), vector in zip(items, vectors, strict=True):
+            if vector == b"":
+                reason = "item has only text and this worker has no text encoder configured"
+                result.dead.append(DeadLetter(reason, rec))
+                continue
+            self._apply_item(event, vector, item_cache, counters, result)
+
+        # interactions, folded per item and per domain
+        pops: dict[bytes, Popularity] = {}
+        named: dict[bytes, tuple[str, str]] = {}
+        count: Counter[str] = Counter()
+        placeholders: Counter[str] = Counter()
+        last_ts: dict[str, int] = {}
+        half_life = self.half_life_s
+        put = result.batch.put
+        for (rec, ev), key in zip(interactions, ikeys, strict=True):
+            domain = ev.domain
+            pop = pops.get(key)
+            if pop is None:
+                if item_cache.get(key) is None:  # the item event has not arrived yet
+                    item_cache.put(key, ItemRecord(ev.ts, ev.ts, placeholder=True).encode())
+                    placeholders[domain] += 1
+                raw = pop_cache.get(key)
+                pop = Popularity.decode(raw) if raw else Popularity()
+                named[key] = (domain, ev.item_id)
+            pops[key] = pop.add(ev.ts, ev.weight, half_life)
+            put(
+                "interactions",
+                interaction_key(domain, ev.ts, rec.partition, rec.offset),
+                LoggedInteraction(ev.user_id, ev.item_id, ev.weight).encode(),
+            )
+            count[domain] += 1
+            if ev.ts > last_ts.get(domain, -1):
+                last_ts[domain] = ev.ts
+        for key, pop in pops.items():
+            pop_cache.put(key, pop.encode())
+        for domain, n in count.items():
+            c = counters[domain]
+            counters[domain] = DomainCounters(
+                c.items,
+                c.placeholders + placeholders[domain],
+                c.interactions + n,
+                c.logged + n,
+                max(c.last_ts, last_ts[domain]),
+            )
+            result.applied["interaction", domain] += n
+
+        if self.codes is not None:
+            self._codes_folded(self.codes, items, item_cache, pops, named, counters, result)
+        for domain in sorted(domains):
+            counters[domain] = self._trim_log(domain, counters[domain], result.batch)
+        for domain, c in counters.items():
+            meta_cache.put(domain_counters_key(domain), c.encode())
+        for cache in (item_cache, pop_cache, meta_cache):
+            cache.flush(result.batch)
+        for (topic, partition), offset in sorted(next_offsets.items()):
+            result.batch.set_offset(topic, partition, offset)
+        return result
+
+    def _codes_folded(
+        self,
+        codes: CodeService,
+        items: list[tuple[SourceRecord, ItemEvent]],
+        item_cache: Any,
+        pops: dict[bytes, Popularity],
+        named: dict[bytes, tuple[str, str]],
+        counters: dict[str, DomainCounters],
+        result: BatchResult,
+    ) -> None:
+        new: dict[str, dict[str, bytes]] = {}
+        for _, event in items:
+            key = item_key(event.domain, event.item_id)
+            raw = item_cache.values.get(key)
+            if raw is not None and key in item_cache.dirty:
+                rec = ItemRecord.decode(raw)
+                if rec.embedding:
+                    new.setdefault(event.domain, {})[event.item_id] = rec.embedding
+        domain_ts = {d: c.last_ts for d, c in counters.items()}
+        popularity: dict[str, dict[str, float]] = {}
+        for key, pop in pops.items():
+            domain, item_id = named[key]
+            popularity.setdefault(domain, {})[item_id] = pop.at(domain_ts[domain], self.half_life_s)
+        held: list[tuple[bytes, bytes]] = []
+        if codes.codebook is None:
+            stored = {
+                k[len(b"domain/") :].decode(): DomainCounters.decode(v)
+                for k, v in self.store.items("meta", prefix=b"domain/")
+            }
+            with_embedding = sum(c.items for c in (stored | counters).values())
+            if with_embedding >= self.settings.codebook_min_items:
+                held = list(self.store.items("items"))
+        result.coding = codes.apply(result.batch, new, popularity, domain_ts, held)
+
+
+@dataclass
+class Comparison:
+    """Offline (no Kafka) run of the worker's and the prototype's processor on one input."""
+
+    name: str
+    records: int
+    worker_cpu_us: float  # CPU microseconds per record in process()
+    prototype_cpu_us: float
+    equal: bool
+    differing: list[str]
+
+    @property
+    def gain(self) -> float:
+        return self.worker_cpu_us / self.prototype_cpu_us if self.prototype_cpu_us else math.inf
+
+
+def compare_processors(
+    name: str, settings: Settings, events: Sequence[Event], initial: Path | None
+) -> Comparison:
+    """Feed the same batches to ``Processor`` and ``FastProcessor``; compare time and state.
+
+    Both start from a copy of ``initial`` (or empty), see the same records in the same
+    batches of ``POLL_MAX_RECORDS`` (batches interleaved, so both meet the same machine
+    load), and every column family is compared afterwards.
+    """
+    topic = settings.topic("interactions")
+    offsets = [0] * PARTITIONS
+    records: list[SourceRecord] = []
+    for key, value in events:
+        partition = DOMAINS.index(key.decode()) % PARTITIONS
+        records.append(SourceRecord(topic, partition, offsets[partition], key, value))
+        offsets[partition] += 1
+    with tempfile.TemporaryDirectory(prefix="adacode-bench-compare-") as tmp:
+        stores: list[RocksDBPartition] = []
+        processors: list[Processor] = []
+        for i, cls in enumerate((Processor, FastProcessor)):
+            db = Path(tmp) / f"db{i}"
+            if initial is not None:
+                shutil.copytree(initial, db)
+            store = RocksDBPartition.open(db, sync_writes=False)
+            stores.append(store)
+            processors.append(cls(store, dataclasses.replace(settings, state_dir=str(db)), None))
+        cpu = [0.0, 0.0]
+        try:
+            for start in tqdm(
+                range(0, len(records), POLL_MAX_RECORDS), desc=f"compare {name}", leave=False
+            ):
+                chunk = records[start : start + POLL_MAX_RECORDS]
+                for i, (store, proc) in enumerate(zip(stores, processors, strict=True)):
+                    began = time.process_time()
+                    result = proc.process(chunk)
+                    cpu[i] += time.process_time() - began
+                    store.write(result.batch)
+            differing = [
+                cf
+                for cf in COLUMN_FAMILIES
+                if list(stores[0].items(cf)) != list(stores[1].items(cf))
+            ]
+        finally:
+            for store in stores:
+                store.close()
+    n = max(1, len(records))
+    return Comparison(
+        name, len(records), 1e6 * cpu[0] / n, 1e6 * cpu[1] / n, not differing, differing
+    )
 
 
 # ======================================================================================
@@ -715,11 +1050,23 @@ class Row:
         return statistics.median(self.rates)
 
     @property
+    def cpu_median(self) -> float:
+        return statistics.median(r.cpu_rate for r in self.runs)
+
+    @property
     def ratio(self) -> float | None:
         return None if self.raw is None else self.median / self.raw.median
 
+    @property
+    def cpu_ratio(self) -> float | None:
+        return None if self.raw is None else self.cpu_median / self.raw.cpu_median
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.runs)
+
     def stage_medians(self) -> dict[str, float]:
-        keys = [k for k in STAGES if all(k in r.stages for r in self.runs)]
+        keys = [k for k in (*STAGES, *SUB_STAGES) if all(k in r.stages for r in self.runs)]
         return {k: statistics.median(r.stages[k] for r in self.runs) for k in keys}
 
     def to_json(self) -> dict[str, Any]:
@@ -731,8 +1078,12 @@ class Row:
             "rate_min": min(self.rates),
             "rate_max": max(self.rates),
             "ratio_vs_raw": self.ratio,
+            "cpu_rate_median": self.cpu_median,
+            "cpu_ratio_vs_raw": self.cpu_ratio,
             "note": self.note,
-            "runs": [dataclasses.asdict(r) | {"rate": r.rate} for r in self.runs],
+            "runs": [
+                dataclasses.asdict(r) | {"rate": r.rate, "cpu_rate": r.cpu_rate} for r in self.runs
+            ],
         }
 
 
@@ -740,10 +1091,14 @@ def fmt_rate(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def fmt_ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
 def render_table(rows: list[Row]) -> str:
     head = (
-        f"{'workload':<26}{'path':<34}{'median/s':>11}{'min/s':>11}{'max/s':>11}"
-        f"{'ratio':>8}{'join s':>8}{'boot s':>8}{'batches':>8}"
+        f"{'workload':<24}{'path':<38}{'median/s':>10}{'min/s':>10}{'max/s':>10}{'ratio':>7}"
+        f"{'cpu/s':>10}{'cpu ratio':>10}{'join s':>7}{'boot s':>7}{'batches':>8}"
     )
     lines = [head, "-" * len(head)]
     last = ""
@@ -751,7 +1106,6 @@ def render_table(rows: list[Row]) -> str:
     for row in rows:
         wl = f"{row.workload.name} ({row.workload.records:,})" if row.workload.name != last else ""
         last = row.workload.name
-        ratio = "" if row.ratio is None else f"{row.ratio:.3f}"
         join = statistics.median(r.join_s for r in row.runs)
         boot = statistics.median(r.bootstrap_s for r in row.runs)
         batches = statistics.median(r.batches for r in row.runs)
@@ -760,44 +1114,62 @@ def render_table(rows: list[Row]) -> str:
             notes.append(row.note)
             path += f" [{len(notes)}]"
         lines.append(
-            f"{wl:<26}{path:<34}{fmt_rate(row.median):>11}{fmt_rate(min(row.rates)):>11}"
-            f"{fmt_rate(max(row.rates)):>11}{ratio:>8}{join:>8.2f}{boot:>8.2f}{batches:>8.0f}"
+            f"{wl:<24}{path:<38}{fmt_rate(row.median):>10}{fmt_rate(min(row.rates)):>10}"
+            f"{fmt_rate(max(row.rates)):>10}{fmt_ratio(row.ratio):>7}"
+            f"{fmt_rate(row.cpu_median):>10}{fmt_ratio(row.cpu_ratio):>10}"
+            f"{join:>7.2f}{boot:>7.2f}{batches:>8.0f}"
         )
     lines += [f"  [{i}] {note}" for i, note in enumerate(notes, start=1)]
     return "\n".join(lines)
 
 
+_SHORT = {
+    "poll": "poll",
+    "flatten+metrics": "flatten",
+    "process": "process",
+    "store.write": "write",
+    "commit_async": "commit",
+    "lag report": "lag",
+    "loop rest": "rest",
+    "process: read": "read",
+    "process: MiniLM": "MiniLM",
+    "process: codes": "codes",
+}
+
+
 def render_stages(rows: list[Row]) -> str:
-    applied = [r for r in rows if r.raw is not None and r.runs and r.runs[0].stages]
-    head = f"{'stage (median s, share)':<26}" + "".join(
-        f"{r.workload.name[:12] + ' ' + r.path.split(' ', 1)[-1][:13]:>27}" for r in applied
+    """Share of each stage in the median applied run (the process parts are inside process)."""
+    applied = [r for r in rows if r.raw is not None]
+    head = f"{'applied run':<44}{'wall s':>8}" + "".join(
+        f"{_SHORT[s]:>9}" for s in (*STAGES, *SUB_STAGES)
     )
+    head += "  dominant"
     lines = [head, "-" * len(head)]
-    medians = [r.stage_medians() for r in applied]
-    totals = [statistics.median(run.seconds for run in r.runs) for r in applied]
-    for stage in STAGES:
-        cells = []
-        for med, total in zip(medians, totals, strict=True):
-            v = med.get(stage, 0.0)
-            cells.append(f"{v:>10.3f} s {100 * v / total:>5.1f} %     ")
-        lines.append(f"{stage:<26}" + "".join(f"{c:>27}" for c in cells))
-    dominant = [max(med, key=lambda k: med[k]) for med in medians]
-    lines.append(f"{'dominant stage':<26}" + "".join(f"{d:>27}" for d in dominant))
+    for row in applied:
+        med = row.stage_medians()
+        total = row.seconds
+        cells = "".join(f"{100 * med.get(s, 0.0) / total:>8.1f}%" for s in (*STAGES, *SUB_STAGES))
+        dominant = max(STAGES, key=lambda s: med.get(s, 0.0))
+        name = f"{row.workload.name}: {row.path}"[:43]
+        lines.append(f"{name:<44}{total:>8.2f}{cells}  {dominant}")
     return "\n".join(lines)
 
 
-def render_split(splits: dict[str, tuple[dict[str, float], Run]]) -> str:
-    head = f"{'Processor.process part':<26}" + "".join(f"{name:>24}" for name in splits)
-    lines = [head, "-" * len(head)]
+def render_split(timing: dict[str, float], run: Run, bytes_put: dict[str, int]) -> str:
+    total = sum(timing[p] for p in PROCESS_PARTS)
+    lines = [f"{'part':<10}{'s':>8}{'share':>8}{'us/record':>11}", "-" * 37]
     for part in PROCESS_PARTS:
-        cells = []
-        for timing, _ in splits.values():
-            total = sum(timing[p] for p in PROCESS_PARTS)
-            v = timing.get(part, 0.0)
-            cells.append(f"{v:.3f} s {100 * v / total if total else 0:5.1f} %")
-        lines.append(f"{part:<26}" + "".join(f"{c:>24}" for c in cells))
-    cells = [f"{fmt_rate(run.rate)}/s" for _, run in splits.values()]
-    lines.append(f"{'rate of the timed run':<26}" + "".join(f"{c:>24}" for c in cells))
+        v = timing[part]
+        lines.append(
+            f"{part:<10}{v:>8.3f}{100 * v / total if total else 0:>7.1f}%"
+            f"{1e6 * v / max(1, run.records):>11.2f}"
+        )
+    lines.append(f"rate of this timed run: {fmt_rate(run.rate)}/s")
+    written = ", ".join(
+        f"{cf} {v / max(1, run.records):,.0f}"
+        for cf, v in sorted(bytes_put.items(), key=lambda kv: -kv[1])
+    )
+    lines.append(f"bytes put per record, by column family: {written}")
     return "\n".join(lines)
 
 
@@ -825,11 +1197,24 @@ def profile_top(profile: cProfile.Profile, n: int) -> tuple[str, list[dict[str, 
 
 
 def render_profile(entries: list[dict[str, Any]]) -> str:
-    head = f"{'tottime s':>10}{'share':>8}{'calls':>10}  function"
-    lines = [head, "-" * 90]
+    lines = [f"{'own s':>8}{'share':>8}{'calls':>9}  function", "-" * 90]
     for e in entries:
         lines.append(
-            f"{e['tottime']:>10.3f}{100 * e['share']:>7.1f}%{e['calls']:>10}  {e['function'][-70:]}"
+            f"{e['tottime']:>8.3f}{100 * e['share']:>7.1f}%{e['calls']:>9}  {e['function'][-70:]}"
+        )
+    return "\n".join(lines)
+
+
+def render_comparisons(comparisons: list[Comparison]) -> str:
+    lines = [
+        f"{'input':<34}{'records':>9}{'worker us':>11}{'prototype us':>14}{'gain':>7}  state",
+        "-" * 90,
+    ]
+    for c in comparisons:
+        state = "identical" if c.equal else f"DIFFERS in {', '.join(c.differing)}"
+        lines.append(
+            f"{c.name:<34}{c.records:>9,}{c.worker_cpu_us:>11.1f}{c.prototype_cpu_us:>14.1f}"
+            f"{c.gain:>6.2f}x  {state}"
         )
     return "\n".join(lines)
 
@@ -840,44 +1225,37 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
-    labels = [f"{r.workload.name}\n{r.path}" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 7), gridspec_kw={"width_ratios": [3, 2]})
+    labels = [f"{r.workload.name}: {r.path}" for r in rows]
     med = np.array([r.median for r in rows])
     lo = med - np.array([min(r.rates) for r in rows])
     hi = np.array([max(r.rates) for r in rows]) - med
-    colours = ["#888888" if r.raw is None else "#1f77b4" for r in rows]
+    colours = ["#999999" if r.raw is None else "#1f77b4" for r in rows]
     y = np.arange(len(rows))[::-1]
     ax1.barh(y, med, xerr=[lo, hi], color=colours, capsize=3)
     ax1.set_yticks(y, labels, fontsize=7)
     ax1.set_xscale("log")
-    ax1.set_xlabel("records/s (median, min-max whiskers; grey = raw kafka-python)")
-    ax1.axvline(GOAL_APPLIED_PER_S, color="red", ls="--", lw=1, label="goal 20k interactions/s")
+    ax1.set_xlabel("records/s, wall (median; whiskers min-max; grey = raw kafka-python)")
+    ax1.axvline(GOAL_APPLIED_PER_S, color="red", ls="--", lw=1, label="goal: 20k interactions/s")
     for yi, r in zip(y, rows, strict=True):
         if r.ratio is not None:
-            ax1.text(r.median * 1.05, yi, f"{r.ratio:.2f}x raw", va="center", fontsize=7)
-    ax1.legend(fontsize=7)
-    ax1.set_title("ingest rate: applied (worker) vs raw consume")
-    applied = [r for r in rows if r.raw is not None and r.runs[0].stages]
+            ax1.text(r.median * 1.08, yi, f"{r.ratio:.2f}x raw", va="center", fontsize=7)
+    ax1.legend(fontsize=7, loc="lower right")
+    ax1.set_title("ingest rate: applied by the worker vs raw consume")
+    applied = [r for r in rows if r.raw is not None]
     bottom = np.zeros(len(applied))
     for stage in STAGES:
-        shares = np.array(
-            [
-                r.stage_medians().get(stage, 0.0) / statistics.median(run.seconds for run in r.runs)
-                for r in applied
-            ]
-        )
-        ax2.bar(np.arange(len(applied)), shares, bottom=bottom, label=stage)
+        shares = np.array([r.stage_medians().get(stage, 0.0) / r.seconds for r in applied])
+        ax2.barh(np.arange(len(applied))[::-1], shares, left=bottom, label=stage)
         bottom += shares
-    ax2.set_xticks(
-        np.arange(len(applied)),
-        [f"{r.workload.name}\n{r.path.replace('applied ', '')}" for r in applied],
-        fontsize=6,
-        rotation=30,
-        ha="right",
+    ax2.set_yticks(
+        np.arange(len(applied))[::-1],
+        [f"{r.workload.name}: {r.path}"[:40] for r in applied],
+        fontsize=7,
     )
-    ax2.set_ylabel("share of applied wall time")
+    ax2.set_xlabel("share of the applied run's wall time")
     ax2.set_title("where the applied time goes")
-    ax2.legend(fontsize=7)
+    ax2.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -889,15 +1267,17 @@ def plot(rows: list[Row], path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--bootstrap", help="HOST:PORT of a running broker (default: start one)")
     parser.add_argument("--interactions", type=int, default=200_000, help="interaction events")
-    parser.add_argument("--items", type=int, default=20_000, help="items with embeddings")
+    parser.add_argument(
+        "--items", type=int, default=20_000, help="items with embeddings (also the catalogue)"
+    )
     parser.add_argument("--text-items", type=int, default=2_000, help="items with text (MiniLM)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated events")
     parser.add_argument(
-        "--no-profile", action="store_true", help="skip the split and cProfile runs"
+        "--no-profile", action="store_true", help="skip the split, cProfile and offline runs"
     )
     args = parser.parse_args(argv)
     for name in ("interactions", "items", "text_items", "repeats"):
@@ -922,109 +1302,131 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()
     base = Settings(kafka_client_id="adacode-bench", http_port=0, kafka_session_timeout_ms=6000)
     rows: list[Row] = []
-    splits: dict[str, tuple[dict[str, float], Run]] = {}
+    split: tuple[dict[str, float], Run, dict[str, int]] | None = None
+    comparisons: list[Comparison] = []
     profile_entries: list[dict[str, Any]] = []
     model_load: dict[str, float] = {}
     with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory() as scratch:
-        print(f"broker {bootstrap}; producing workloads", flush=True)
+        print(f"broker {bootstrap}; producing the workloads", flush=True)
         cat = make_catalogue(args.items, args.seed)
         emb = make_workload(bootstrap, base, "items+embedding", "items", embedding_item_events(cat))
-        inter = make_workload(
-            bootstrap,
-            base,
-            "interactions",
-            "interactions",
-            interaction_events(args.interactions, cat, args.seed),
-        )
+        inter_events = interaction_events(args.interactions, cat, args.seed)
+        inter = make_workload(bootstrap, base, "interactions", "interactions", inter_events)
         text = make_workload(
             bootstrap, base, "items+text", "items", text_item_events(args.text_items, args.seed)
         )
-        warm = Path(scratch) / "warm"  # the state after the catalogue: items coded
+        warm = Path(scratch) / "warm"  # the state once the catalogue is applied (items coded)
 
-        # -- items with embeddings, fresh state (the codebook bootstrap is part of it) -----
-        raws: dict[str, Row] = {}
-        for wl, initial in ((emb, None), (inter, warm)):
-            raw = raws[wl.name] = Row(wl, "raw kafka-python")
-            synced = Row(wl, "applied sync_writes=True", raw=raw)
-            unsynced = Row(wl, "applied sync_writes=False", raw=raw)
-            for i in range(args.repeats):
-                raw.runs.append(measure_raw(wl, i))
-                keep = warm if wl is emb and i == 0 else None
-                synced.runs.append(
-                    measure_applied(
-                        wl, AppliedConfig(synced.path), f"#{i}", initial=initial, keep=keep
-                    )
-                )
-                unsynced.runs.append(
-                    measure_applied(
-                        wl, AppliedConfig(unsynced.path, False), f"#{i}", initial=initial
-                    )
-                )
-            rows += [raw, synced, unsynced]
-        cold = Row(inter, "applied, empty state", raw=raws[inter.name])
-        cold.note = "no catalogue: every item is a placeholder, no codebook"
+        # -- items with embeddings on a fresh state (the codebook bootstrap is part of it);
+        #    interactions on the catalogue's state. Raw and applied interleaved per repeat.
+        emb_raw = Row(emb, "raw kafka-python")
+        emb_applied = Row(emb, "applied sync_writes=True", raw=emb_raw)
+        emb_applied.note = (
+            "fresh state: the batch that reaches codebook_min_items trains the codebook (boot s)"
+        )
+        raw = Row(inter, "raw kafka-python")
+        synced = Row(inter, "applied sync_writes=True", raw=raw)
+        unsynced = Row(inter, "applied sync_writes=False", raw=raw)
+        raw_nocrc = Row(inter, "raw, check_crcs=False")
+        raw_nocrc.note = "prototype baseline: no CRC check (what a C CRC-32C leaves: ~0)"
+        nocrc = Row(inter, "applied, check_crcs=False", raw=raw_nocrc)
+        nocrc.note = f"prototype: CRC check off (kafka-python uses a {CRC_IMPL} CRC-32C here)"
+        fast = Row(inter, "applied, FastLoop+FastProcessor", raw=raw)
+        fast.note = "prototype: FastLoop + FastProcessor (see the offline comparison)"
+        every = Row(inter, "applied, all prototypes", raw=raw_nocrc)
+        every.note = "prototype: CRC check off + FastLoop + FastProcessor"
         for i in range(args.repeats):
-            cold.runs.append(measure_applied(inter, AppliedConfig(cold.path), f"#{i}"))
-        rows.append(cold)
+            emb_raw.runs.append(measure_raw(emb, i))
+            emb_applied.runs.append(
+                measure_applied(
+                    emb, AppliedConfig(emb_applied.path), f"#{i}", keep=warm if i == 0 else None
+                )
+            )
+            raw.runs.append(measure_raw(inter, i))
+            synced.runs.append(
+                measure_applied(inter, AppliedConfig(synced.path), f"#{i}", initial=warm)
+            )
+            unsynced.runs.append(
+                measure_applied(inter, AppliedConfig(unsynced.path, False), f"#{i}", initial=warm)
+            )
+            raw_nocrc.runs.append(measure_raw(inter, i, check_crcs=False))
+            nocrc.runs.append(
+                measure_applied(
+                    inter, AppliedConfig(nocrc.path, check_crcs=False), f"#{i}", initial=warm
+                )
+            )
+            fast_cfg = AppliedConfig(fast.path, processor=FastProcessor, loop=FastLoop)
+            fast.runs.append(measure_applied(inter, fast_cfg, f"#{i}", initial=warm))
+            every_cfg = dataclasses.replace(fast_cfg, label=every.path, check_crcs=False)
+            every.runs.append(measure_applied(inter, every_cfg, f"#{i}", initial=warm))
+        cold = Row(inter, "applied, empty state (1 run)", raw=raw)
+        cold.note = "no catalogue: every item becomes a placeholder; no codebook yet"
+        cold.runs.append(measure_applied(inter, AppliedConfig(cold.path), "cold"))
+        rows += [emb_raw, emb_applied, raw, synced, unsynced, cold, raw_nocrc, nocrc, fast, every]
 
-        # -- text items through MiniLM, on the warm state ------------------------------
-        raw = raws[text.name] = Row(text, "raw kafka-python")
+        # -- text items through MiniLM, on the catalogue's state -------------------------
+        text_raw = Row(text, "raw kafka-python")
         for i in range(args.repeats):
-            raw.runs.append(measure_raw(text, i))
-        rows.append(raw)
-        encoders: dict[int, TextEncoder] = {}
+            text_raw.runs.append(measure_raw(text, i))
+        rows.append(text_raw)
         for threads in (1, 2):
             encoder, load_s = load_encoder(threads)
-            encoders[threads] = encoder
             model_load[f"torch_threads={threads}"] = load_s
-            row = Row(text, f"applied MiniLM torch_threads={threads}", raw=raw)
-            row.note = f"model load {load_s:.1f} s excluded"
+            row = Row(text, f"applied MiniLM torch_threads={threads}", raw=text_raw)
+            row.note = f"model load {load_s:.1f} s excluded from the rate"
             cfg = AppliedConfig(row.path, encode=encoder.encode)
             for i in range(args.repeats):
                 row.runs.append(measure_applied(text, cfg, f"#{i}", initial=warm))
             rows.append(row)
 
-        # -- prototype fixes, measured on the same topics ------------------------------
-        rows += measure_prototypes(inter, warm, raws[inter.name], args.repeats)
-
-        # -- split of Processor.process and cProfile -----------------------------------
+        # -- the split of Processor.process, cProfile, offline prototype check --------------
         if not args.no_profile:
-            for wl, enc, initial, label in (
-                (inter, None, warm, "interactions"),
-                (emb, None, None, "items+embedding"),
-                (text, encoders[2].encode, warm, "items+text (2 thr)"),
-            ):
-                timing: dict[str, float] = {}
-                with process_split(timing) as split_cls:
-                    run = measure_applied(
-                        wl,
-                        AppliedConfig("split", encode=enc, processor=split_cls),
-                        "split",
-                        initial=initial,
-                    )
-                timing["other"] = run.stages["process"] - sum(
-                    v for k, v in timing.items() if k != "other"
+            timing: dict[str, float] = {}
+            bytes_put: dict[str, int] = {}
+            with process_split(timing) as split_cls:
+                run = measure_applied(
+                    inter,
+                    AppliedConfig("split", processor=split_cls),
+                    "split",
+                    initial=warm,
+                    bytes_put=bytes_put,
                 )
-                splits[label] = (timing, run)
+            timing["other"] = run.stages["process"] - sum(
+                v for k, v in timing.items() if k != "other"
+            )
+            split = (timing, run, bytes_put)
             profile = cProfile.Profile()
+            limit = min(inter.records, 50_000)
             prun = measure_applied(
-                inter, AppliedConfig("cProfile"), "cProfile", initial=warm, profile=profile
+                inter,
+                AppliedConfig("cProfile"),
+                "cProfile",
+                initial=warm,
+                profile=profile,
+                limit=limit,
             )
             text_report, profile_entries = profile_top(profile, 15)
             out_path("ingest_profile.txt").write_text(
-                f"cProfile of the applied interactions run ({prun.rate:,.0f} records/s "
-                f"under the profiler)\n\n{text_report}"
+                f"cProfile of the applied interactions run, first {prun.records:,} records "
+                f"({prun.rate:,.0f} records/s under the profiler)\n\n{text_report}"
+            )
+            sample = inter_events[: min(len(inter_events), 50_000)]
+            settings = inter.settings
+            comparisons.append(
+                compare_processors("interactions, catalogue state", settings, sample, warm)
+            )
+            comparisons.append(
+                compare_processors("interactions, empty state", settings, sample, None)
             )
 
     load_after = os.getloadavg()
     elapsed = time.perf_counter() - wall
-    table = render_table(rows)
     print()
     print(
         f"Ingest benchmark: {args.interactions:,} interactions, {args.items:,} items with "
         f"embeddings, {args.text_items:,} items with text; {PARTITIONS} partitions; "
-        f"{args.repeats} repeats (median, min, max); {os.cpu_count()} cores; "
-        f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+        f"{args.repeats} repeats; {os.cpu_count()} cores; load average {load_before[0]:.1f} "
+        f"before, {load_after[0]:.1f} after"
     )
     print(f"kafka-python {kafka.__version__}, CRC-32C check of fetched batches: {CRC_IMPL}")
     print(
@@ -1032,40 +1434,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{emb.payload_bytes:.0f} B, items+text {text.payload_bytes:.0f} B"
     )
     print(
-        "ratio = applied median / raw median on the same topics; join s = group join "
-        "(excluded from the rate)"
+        "median/min/max: records/s over the wall time (partition assignment to last commit); "
+        "ratio = applied median / raw median on the same topics; cpu/s = records per CPU "
+        "second of this process (robust to other load on the machine); join s = group join, "
+        "excluded; boot s = codebook bootstrap batch, included"
     )
-    print(table)
+    print(render_table(rows))
     print("model load (excluded): " + ", ".join(f"{k} {v:.1f} s" for k, v in model_load.items()))
     print()
-    print("Stage breakdown of the applied runs (median seconds over repeats, share of the run)")
+    print(
+        "Stage breakdown: share of the median applied run's wall time (read, MiniLM and codes are parts of process)"
+    )
     print(render_stages(rows))
-    if splits:
+    if split is not None:
         print()
-        print("Split of Processor.process (one extra run each, per-call timers included)")
-        print(render_split(splits))
+        print(
+            "Split of Processor.process, interactions on the catalogue state (one extra run, per-record timers)"
+        )
+        print(render_split(*split))
     if profile_entries:
         print()
         print(
-            "cProfile, applied interactions (top 15 by own time; full: bench/out/ingest_profile.txt)"
+            "cProfile of the applied interactions (top 15 by own time; full: bench/out/ingest_profile.txt)"
         )
         print(render_profile(profile_entries))
+    if comparisons:
+        print()
+        print(
+            "Offline Processor.process, worker vs FastProcessor prototype (same batches, CPU us/record)"
+        )
+        print(render_comparisons(comparisons))
 
-    inter_row = next(r for r in rows if r.workload is inter and r.path.endswith("=True"))
     goals = {
-        "applied_interactions_per_s": inter_row.median,
+        "applied_interactions_per_s": synced.median,
+        "applied_interactions_per_cpu_s": synced.cpu_median,
         "goal_applied_per_s": GOAL_APPLIED_PER_S,
-        "ratio": inter_row.ratio,
+        "ratio": synced.ratio,
+        "cpu_ratio": synced.cpu_ratio,
         "goal_ratio": GOAL_RATIO,
-        "rate_met": inter_row.median >= GOAL_APPLIED_PER_S,
-        "ratio_met": (inter_row.ratio or 0.0) >= GOAL_RATIO,
+        "rate_met": synced.median >= GOAL_APPLIED_PER_S,
+        "ratio_met": (synced.ratio or 0.0) >= GOAL_RATIO,
+        "all_prototypes_rate": every.median,
+        "all_prototypes_ratio": every.ratio,
     }
     print()
     print(
-        f"Goals (interactions, sync_writes=True): {fmt_rate(inter_row.median)}/s applied "
-        f"(goal {fmt_rate(GOAL_APPLIED_PER_S)}: {'met' if goals['rate_met'] else 'MISSED'}), "
-        f"ratio {inter_row.ratio:.3f} (goal {GOAL_RATIO}: "
-        f"{'met' if goals['ratio_met'] else 'MISSED'})"
+        f"Goals (interactions, sync_writes=True): {fmt_rate(synced.median)}/s applied "
+        f"(goal {fmt_rate(GOAL_APPLIED_PER_S)}: {'met' if goals['rate_met'] else 'MISSED'}; "
+        f"{fmt_rate(synced.cpu_median)} per CPU second), ratio {fmt_ratio(synced.ratio)} "
+        f"(goal {GOAL_RATIO}: {'met' if goals['ratio_met'] else 'MISSED'}; CPU ratio "
+        f"{fmt_ratio(synced.cpu_ratio)}); with all prototypes: {fmt_rate(every.median)}/s, ratio "
+        f"{fmt_ratio(every.ratio)} against the CRC-free baseline"
     )
     print(f"total wall time {elapsed:.0f} s")
 
@@ -1074,15 +1493,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {
             "cores": os.cpu_count(),
             "python": platform.python_version(),
+            "kafka_python": kafka.__version__,
+            "crc32c": CRC_IMPL,
             "loadavg_before": load_before,
             "loadavg_after": load_after,
         },
         "payload_bytes": {wl.name: wl.payload_bytes for wl in (inter, emb, text)},
         "rows": [r.to_json() for r in rows],
-        "stages": {
-            f"{r.workload.name} | {r.path}": r.stage_medians() for r in rows if r.raw is not None
-        },
-        "process_split": {k: {"seconds": t, "rate": run.rate} for k, (t, run) in splits.items()},
+        "stages": {f"{r.workload.name} | {r.path}": r.stage_medians() for r in rows if r.raw},
+        "process_split": None
+        if split is None
+        else {"seconds": split[0], "rate": split[1].rate, "bytes_put": split[2]},
+        "offline_comparison": [dataclasses.asdict(c) | {"gain": c.gain} for c in comparisons],
         "model_load_s": model_load,
         "profile_top": profile_entries,
         "goals": goals,

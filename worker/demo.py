@@ -14,9 +14,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
+from store.partition import StorePartition
+from store.records import Popularity, domain_prefix, split_item_key
 from worker.dataset import read_interactions, read_items
 from worker.inspection import find_item, open_state_readonly, stats
 from worker.replay import replay
@@ -66,6 +69,18 @@ def _wait_caught_up(settings: Settings, worker: subprocess.Popen[bytes], timeout
         time.sleep(0.5)
 
 
+def _most_popular(store: StorePartition, domain: str) -> dict[str, Any] | None:
+    best, best_count = None, -1
+    for key, raw in store.items("popularity", prefix=domain_prefix(domain)):
+        pop = Popularity.decode(raw)
+        if pop.count > best_count:
+            best, best_count = split_item_key(key)[1], pop.count
+    if best is None:
+        return None
+    found = find_item(store, best, domain)
+    return found[0] if found else None
+
+
 def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int | None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if dataset is None:
@@ -113,6 +128,7 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
             doc = stats(store)
             first_item = next(read_items(dataset))
             sample = find_item(store, first_item.item_id, first_item.domain)
+            head = _most_popular(store, first_item.domain)
         for domain, c in doc["domains"].items():
             print(
                 f"   domain {domain}: {c['items']:,} items, {c['placeholders']:,} placeholders, "
@@ -124,6 +140,30 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
             print(
                 f"   item {s['item_id']}: {s['interactions']} interactions, decayed count "
                 f"{s['decayed_count']:.3f}, embedding of {s['embedding_dim']} floats"
+            )
+        cb = doc["codebook"]
+        if cb is not None:
+            print(
+                f"   codebook {cb['id']}: {cb['levels']} levels x {cb['k']} codewords (all domains)"
+            )
+        for domain, c in doc["codes"].items():
+            if c is None:
+                continue
+            print(
+                f"   codes in {domain}: {c['items']:,} coded, {c['head_items']:,} head; collision "
+                f"rate head {c['collision_rate_head']:.3f}, all {c['collision_rate_all']:.3f}; "
+                f"mean served length head {c['mean_length_head']:.2f}, tail {c['mean_length_tail']:.2f}"
+            )
+            print(
+                f"   code table: {c['table_rows']:,} rows = {c['table_memory_vs_id_table']:.1%} of a "
+                f"per-item ID table; code changes {c['changes']}"
+            )
+        if head is not None:
+            head_code: dict[str, Any] = head.get("code") or {}
+            print(
+                f"   most popular item {head['item_id']}: full path {head_code.get('full_path')}, served "
+                f"{head_code.get('served')} (head={head_code.get('head')}), "
+                f"{len(head_code.get('history') or [])} code changes"
             )
     finally:
         worker.send_signal(signal.SIGTERM)

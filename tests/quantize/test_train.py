@@ -1,0 +1,241 @@
+"""Tests of per-domain training on a small synthetic log with a planted structure."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from quantize.evaluate import evaluate_ranking, leave_last_split, pad_histories, user_sequences
+from quantize.exceptions import QuantizeError
+from quantize.table_model import ModelConfig, model_from_params, pad_rows, shared_names
+from quantize.train import EpochReport, TrainConfig, score_histories, train_domain
+
+N_CLUSTERS = 4
+PER_CLUSTER = 6
+N_ITEMS = N_CLUSTERS * PER_CLUSTER
+MODEL = ModelConfig(hidden=16, max_len=8, layers=1, heads=2, dropout=0.0)
+TRAIN = TrainConfig(epochs=12, batch_size=32, lr=1e-2, patience=0, threads=1, seed=0)
+
+
+def _planted_log(seed: int = 0, n_users: int = 60, length: int = 10):
+    """Each user walks one cluster cyclically: the next item is fully determined."""
+    rng = np.random.default_rng(seed)
+    users, items, stamps = [], [], []
+    for u in range(n_users):
+        cluster = int(rng.integers(N_CLUSTERS))
+        start = int(rng.integers(PER_CLUSTER))
+        t0 = int(rng.integers(0, 1000))
+        for t in range(length):
+            users.append(u)
+            items.append(cluster * PER_CLUSTER + (start + t) % PER_CLUSTER)
+            stamps.append(t0 + t)
+    return np.array(users), np.array(items), np.array(stamps)
+
+
+def _codes() -> np.ndarray:
+    """Two-level codes: a shared cluster row, then an item row."""
+    return pad_rows([[i // PER_CLUSTER, N_CLUSTERS + i] for i in range(N_ITEMS)])
+
+
+@pytest.fixture(scope="module")
+def log():
+    users, items, stamps = _planted_log()
+    split = leave_last_split(users, stamps)
+    return users, items, stamps, split
+
+
+@pytest.fixture(scope="module")
+def trained(log):
+    users, items, stamps, split = log
+    keep = ~split.test
+    return train_domain(
+        _codes(), users[keep], items[keep], stamps[keep], model_config=MODEL, config=TRAIN
+    )
+
+
+def _test_recall(params, log) -> float:
+    users, items, stamps, split = log
+    keep = ~split.test
+    seqs = user_sequences(users[keep], items[keep], stamps[keep])
+    hist = pad_histories([seqs[u] for u in users[split.test]], MODEL.max_len)
+    model = model_from_params(MODEL, params)
+    return evaluate_ranking(
+        lambda idx: score_histories(model, _codes(), hist[idx]), items[split.test]
+    ).recall
+
+
+def test_training_reduces_loss_and_beats_popularity(trained, log) -> None:
+    users, items, stamps, split = log
+    assert trained.history[-1].loss < trained.history[0].loss
+    counts = np.bincount(items[split.train], minlength=N_ITEMS).astype(float)
+    popularity = evaluate_ranking(
+        lambda idx: np.tile(counts, (len(idx), 1)), items[split.test]
+    ).recall
+    assert _test_recall(trained.params, log) > popularity
+    assert trained.val_recall > popularity
+
+
+def test_same_seed_gives_identical_params(trained, log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    again = train_domain(
+        _codes(), users[keep], items[keep], stamps[keep], model_config=MODEL, config=TRAIN
+    )
+    assert all(np.array_equal(trained.params[n], again.params[n]) for n in trained.params)
+    other = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=replace(TRAIN, seed=1, epochs=2),
+    )
+    assert not np.array_equal(trained.params["table.rows"], other.params["table.rows"])
+
+
+def test_domain_fine_tune_leaves_shared_params_bitwise_unchanged(trained, log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    tuned = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=replace(TRAIN, trainable="domain", epochs=3, seed=5),
+        init_from=trained.params,
+    )
+    names = shared_names(trained.params)
+    assert names
+    for name in names:
+        assert np.array_equal(tuned.params[name], trained.params[name]), name
+    assert not np.array_equal(tuned.params["table.rows"], trained.params["table.rows"])
+    n_table = sum(trained.params[n].size for n in trained.params if n.startswith("table."))
+    assert tuned.trainable_params == n_table
+
+
+def test_warm_start_starts_at_the_given_params(trained, log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    frozen_lr = replace(TRAIN, epochs=1, lr=1e-12)
+    warm = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=frozen_lr,
+        init_from=trained.params,
+    )
+    cold = train_domain(
+        _codes(), users[keep], items[keep], stamps[keep], model_config=MODEL, config=frozen_lr
+    )
+    for name in trained.params:
+        np.testing.assert_allclose(warm.params[name], trained.params[name], atol=1e-6)
+    assert not np.allclose(cold.params["table.rows"], trained.params["table.rows"], atol=1e-3)
+    assert warm.val_ndcg == pytest.approx(trained.val_ndcg, abs=1e-6)
+
+
+def test_warm_start_into_a_grown_table_copies_the_overlap(trained, log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    grown_rows = trained.params["table.rows"].shape[0] + 5
+    warm = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=replace(TRAIN, epochs=1, lr=1e-12),
+        init_from=trained.params,
+        n_rows=grown_rows,
+    )
+    rows = warm.params["table.rows"]
+    assert rows.shape[0] == grown_rows
+    np.testing.assert_allclose(rows[: grown_rows - 5], trained.params["table.rows"], atol=1e-6)
+
+
+def test_incremental_trains_fewer_windows_and_keeps_quality(trained, log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    u, it, ts = users[keep], items[keep], stamps[keep]
+    cutoff = int(np.quantile(ts, 0.9))
+    inc = train_domain(
+        _codes(),
+        u,
+        it,
+        ts,
+        model_config=MODEL,
+        config=replace(TRAIN, epochs=3, replay_ratio=0.5),
+        init_from=trained.params,
+        new_since=cutoff,
+    )
+    assert 0 < inc.n_windows < trained.n_windows
+    assert _test_recall(inc.params, log) >= 0.9 * _test_recall(trained.params, log)
+
+
+def test_sampled_negatives_reduce_loss(log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    result = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=replace(TRAIN, negatives=8, epochs=6),
+    )
+    assert result.history[-1].loss < result.history[0].loss
+
+
+def test_progress_time_budget_and_threads(log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    seen: list[EpochReport] = []
+    before = torch.get_num_threads()
+    result = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=replace(MODEL, encoder="attention"),
+        config=replace(TRAIN, max_seconds=0.0, threads=1),
+        progress=seen.append,
+    )
+    assert [r.epoch for r in seen] == [1]
+    assert result.epochs_run == 1
+    assert torch.get_num_threads() == before
+
+
+def test_text_projection_model_trains(log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    text = np.random.default_rng(0).normal(size=(N_ITEMS, 5)).astype(np.float32)
+    result = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=replace(MODEL, text_dim=5, combine="level"),
+        config=replace(TRAIN, epochs=3),
+        text=text,
+    )
+    assert result.params["table.text_proj.weight"].shape == (16, 5)
+    assert result.history[-1].loss < result.history[0].loss
+
+
+def test_invalid_calls_raise_quantize_error(log) -> None:
+    users, items, stamps, split = log
+    with pytest.raises(QuantizeError):
+        train_domain(_codes(), users, items, stamps, config=replace(TRAIN, trainable="domain"))
+    with pytest.raises(QuantizeError):
+        train_domain(_codes(), users, items, stamps, new_since=5)
+    with pytest.raises(QuantizeError):
+        train_domain(_codes(), users, items + N_ITEMS, stamps)
+    with pytest.raises(QuantizeError):
+        train_domain(_codes(), users, items, stamps, model_config=replace(MODEL, text_dim=3))
+    with pytest.raises(QuantizeError):
+        TrainConfig(lr=0.0)
