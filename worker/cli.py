@@ -12,12 +12,14 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import orjson
 
 from adacode.errors import AdacodeError
+from worker.exceptions import WorkerError
 from worker.logs import setup_logging
 from worker.settings import (
     Settings,
@@ -233,6 +235,73 @@ def cmd_codebook(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from worker.operations import do_finetune
+
+    settings = _settings(args)
+    setup_logging("human", "INFO")
+    outcome = do_finetune(settings, args.domain)
+    if isinstance(outcome, str):
+        print(outcome)
+        return 0
+    version = "" if outcome.record is None else f" version {outcome.record.version}"
+    print(
+        f"{outcome.domain}:{version} {outcome.status} ({outcome.reason}) in {outcome.seconds:.1f} s"
+    )
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from worker.operations import do_rollback
+
+    if (args.to is None) == (not args.previous):
+        raise WorkerError("adacode rollback: give exactly one of --to V and --previous")
+    print(do_rollback(_settings(args), args.domain, args.to, args.previous))
+    return 0
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from worker.operations import versions_report
+
+    doc = versions_report(_settings(args), args.domain)
+    if args.json:
+        _print_json(doc)
+        return 0
+    print(f"domain {doc['domain']}: current version {doc['current']}")
+    print(
+        f"{'':2}{'version':>7} {'parent':>6} {'status':10} {'created':19} {'recall@10':>9} "
+        f"{'vs current':>10} {'ndcg@10':>8} {'items':>6} {'train s':>7}  note"
+    )
+    for r in doc["versions"]:
+        m = r["metrics"]
+        mark = "*" if r["version"] == doc["current"] else " "
+        pin = " (pinned)" if r["pinned"] else ""
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+        base = m.get("current_recall@10")
+        print(
+            f"{mark:2}{r['version']:>7} {r['parent'] if r['parent'] is not None else '-':>6} "
+            f"{r['status']:10} {created:19} {m.get('recall@10', 0):9.4f} "
+            f"{base if base is None else round(base, 4)!s:>10} {m.get('ndcg@10', 0):8.4f} "
+            f"{r['n_items']:6d} {m.get('train_s', 0):7.1f}  {r['note']}{pin}"
+        )
+    print("switches:")
+    for sw in doc["switches"]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sw["at"]))
+        print(f"  {at}  {sw['from']} -> {sw['to']}  ({sw['reason']})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from worker.operations import export_version
+
+    manifest = export_version(_settings(args), args.domain, args.version, args.out)
+    print(
+        f"wrote {args.out} ({manifest['n_items']} item vectors of {manifest['dim']} floats, "
+        f"version {manifest['version']}) and {args.out}.manifest.json"
+    )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.help_settings:
         print(describe_settings())
@@ -301,6 +370,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=_existing_dir, default=None, help="train on its item texts")
     p.add_argument("--levels", type=_positive_int, default=None)
     p.add_argument("--k", type=_positive_int, default=None)
+
+    p = command(
+        "finetune",
+        cmd_finetune,
+        "fine-tune a domain now (via the control topic if the worker runs)",
+    )
+    p.add_argument("--domain", required=True)
+
+    p = command("rollback", cmd_rollback, "switch a domain back to an earlier version")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--to", type=_positive_int, default=None, help="version to serve")
+    p.add_argument(
+        "--previous", action="store_true", help="the published version before the current"
+    )
+
+    p = command("versions", cmd_versions, "a domain's versions with metrics, and every switch")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = command("export", cmd_export, "write a version's item vectors and table (.npz + manifest)")
+    p.add_argument("--domain", required=True)
+    p.add_argument("--version", type=_positive_int, default=None, help="default: the current one")
+    p.add_argument("--out", type=Path, required=True)
 
     p = command("config", cmd_config, "print the effective settings (secrets hidden)")
     p.add_argument("--help-settings", action="store_true", help="list every setting")

@@ -113,7 +113,16 @@ class ConsumerLoop:
         self.assigned: set[TopicPartition] = set()
         self.stats = LoopStats()
         self.healthy = False
-        self.topics = [settings.topic("items"), settings.topic("interactions")]
+        self.topics = [
+            settings.topic("items"),
+            settings.topic("interactions"),
+            settings.topic("control"),
+        ]
+        self.control_topic = settings.topic("control")
+        self.snapshots_topic = settings.topic("snapshots")
+        #: held while a batch with control commands is processed and written, and by the
+        #: publisher, so version pointers are changed by one writer at a time
+        self.versions_lock = threading.RLock()
         self.deadletter_topic = settings.topic("deadletter")
         common = settings.kafka_common()
         self.consumer = KafkaConsumer(
@@ -172,28 +181,37 @@ class ConsumerLoop:
             for tp in sorted(polled, key=lambda t: (t.topic, t.partition))
             for r in polled[tp]
         ]
-        # -- 2. process --------------------------------------------------------------------
-        result = self.processor.process(records)
-        # -- 3. dead letters ---------------------------------------------------------------
-        if result.dead:
-            for dead in result.dead:
-                self.producer.send(
-                    self.deadletter_topic, key=dead.record.key, value=dead_letter_payload(dead)
-                )
-                log.warning(
-                    "dead-lettered %s-%d@%d: %s",
-                    dead.record.topic,
-                    dead.record.partition,
-                    dead.record.offset,
-                    dead.reason,
-                )
-            self.producer.flush(timeout=30)
-        # -- 4. write ----------------------------------------------------------------------
+        # -- 2. process (under the versions lock if the batch holds control commands) -----
+        has_control = any(r.topic == self.control_topic for r in records)
+        if has_control:
+            self.versions_lock.acquire()
         try:
-            self.store.write(result.batch)
-        except StoreError:
-            self.healthy = False
-            raise
+            result = self.processor.process(records)
+            # -- 3. dead letters -----------------------------------------------------------
+            if result.dead:
+                for dead in result.dead:
+                    self.producer.send(
+                        self.deadletter_topic, key=dead.record.key, value=dead_letter_payload(dead)
+                    )
+                    log.warning(
+                        "dead-lettered %s-%d@%d: %s",
+                        dead.record.topic,
+                        dead.record.partition,
+                        dead.record.offset,
+                        dead.reason,
+                    )
+                self.producer.flush(timeout=30)
+            # -- 4. write ------------------------------------------------------------------
+            try:
+                self.store.write(result.batch)
+            except StoreError:
+                self.healthy = False
+                raise
+        finally:
+            if has_control:
+                self.versions_lock.release()
+        for switch in result.switches:
+            self.announce({"event": "rollback", **switch, "at": time.time()})
         # -- 5. commit to Kafka (monitoring) -----------------------------------------------
         offsets = {
             tp: OffsetAndMetadata(records_[-1].offset + 1, "", -1)
@@ -213,6 +231,14 @@ class ConsumerLoop:
         if self.on_applied is not None:
             self.on_applied(result)
         return result
+
+    def announce(self, event: dict[str, Any]) -> None:
+        """A small message on the snapshots topic (publish, rejection, rollback)."""
+        domain = str(event.get("domain", ""))
+        try:
+            self.producer.send(self.snapshots_topic, key=domain.encode(), value=orjson.dumps(event))
+        except KafkaError as exc:  # the version switch is committed; the notice is best-effort
+            log.warning("could not announce %s on %s: %s", event, self.snapshots_topic, exc)
 
     def _report_lag(self) -> None:
         if not self.assigned:

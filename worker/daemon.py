@@ -22,8 +22,10 @@ from store.rocksdb import RocksDBPartition
 from worker.api import HttpServer, Request, Response, Router
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder
+from worker.finetune import FineTuner
 from worker.metrics import Metrics
 from worker.processor import Processor
+from worker.scheduler import FinetuneScheduler
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,11 @@ class Daemon:
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
         self.processor = Processor(self.store, settings, self.encoder.encode)
         self.loop = ConsumerLoop(settings, self.store, self.processor, self.metrics)
+        self.tuner = FineTuner(
+            self.store, settings, lock=self.loop.versions_lock, announce=self.loop.announce
+        )
+        self.scheduler = FinetuneScheduler(self.tuner, settings)
+        self.loop.on_applied = self.scheduler.on_applied
         self.router = Router()
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
@@ -78,12 +85,14 @@ class Daemon:
             self.http.start()
         started = time.monotonic()
         code = 0
+        self.scheduler.start()
         try:
             self.loop.run()
         except StoreError as exc:
             log.error("state store failed, stopping without committing: %s", exc)
             code = 3
         finally:
+            self.scheduler.shutdown()
             if self.http is not None:
                 self.http.stop()
             self.store.close()

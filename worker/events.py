@@ -182,3 +182,47 @@ def interaction_payload(
     return orjson.dumps(
         {"user_id": user_id, "item_id": item_id, "domain": domain, "ts": ts, "weight": weight}
     )
+
+
+CONTROL_OPS = ("rollback", "pin", "unpin", "finetune")
+
+
+@dataclass(frozen=True, slots=True)
+class ControlCommand:
+    """An operator command on the control topic, applied in order by the worker.
+
+    ``{"op": "rollback", "domain": d, "version": V | null, "previous": bool}``,
+    ``{"op": "pin" | "unpin", "domain": d, "version": V}``, ``{"op": "finetune", "domain": d}``.
+    """
+
+    op: str
+    domain: str
+    version: int | None = None
+    previous: bool = False
+
+
+def parse_control(raw: bytes | None, limits: EventLimits) -> ControlCommand:
+    data = _load(raw, limits)
+    op = data.get("op")
+    if op not in CONTROL_OPS:
+        raise EventError(f"field 'op' must be one of {', '.join(CONTROL_OPS)}, got {op!r}")
+    domain = _domain(data, limits)
+    version = data.get("version")
+    if version is not None and (
+        isinstance(version, bool) or not isinstance(version, int) or version < 1
+    ):
+        raise EventError(f"field 'version' must be a positive integer or null, got {version!r}")
+    previous = data.get("previous", False)
+    if not isinstance(previous, bool):
+        raise EventError("field 'previous' must be true or false")
+    if op == "rollback" and (version is None) == (not previous):
+        raise EventError("a rollback needs exactly one of 'version' and 'previous': true")
+    if op in ("pin", "unpin") and version is None:
+        raise EventError(f"{op} needs a 'version'")
+    return ControlCommand(op, domain, version, previous)
+
+
+def control_payload(
+    op: str, domain: str, version: int | None = None, previous: bool = False
+) -> bytes:
+    return orjson.dumps({"op": op, "domain": domain, "version": version, "previous": previous})

@@ -34,14 +34,17 @@ from store.records import (
 from worker.coding import CodeService, CodingResult
 from worker.encoder import text_hash
 from worker.events import (
+    ControlCommand,
     EventLimits,
     InteractionEvent,
     ItemEvent,
+    parse_control,
     parse_interaction,
     parse_item,
 )
 from worker.exceptions import EventError
 from worker.settings import Settings
+from worker.versions import VersionError, rollback, set_pinned
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +77,8 @@ class BatchResult:
     new_items: list[tuple[str, str]] = field(default_factory=list)  # (domain, item_id)
     texts_encoded: int = 0
     coding: CodingResult = field(default_factory=CodingResult)
+    finetune_requests: list[str] = field(default_factory=list)  # domains (control topic)
+    switches: list[dict[str, object]] = field(default_factory=list)  # rollbacks applied
 
 
 class _Cache:
@@ -114,6 +119,7 @@ class Processor:
         self.settings = settings
         self.encode = encode
         self.items_topic = settings.topic("items")
+        self.control_topic = settings.topic("control")
         self.interactions_topic = settings.topic("interactions")
         self.limits = EventLimits(
             embedding_dim=settings.embedding_dim,
@@ -135,13 +141,15 @@ class Processor:
         4. Apply item events, then interactions, in offset order, in memory.
         5. Code new items and re-evaluate code lengths of items whose popularity moved.
         6. Trim each domain's interaction log to its retention.
-        7. Put every change and the next offset of each partition into one batch.
+        7. Apply control commands (rollback, pin) to the version pointers.
+        8. Put every change and the next offset of each partition into one batch.
         """
         result = BatchResult(batch=self.store.batch())
         # -- 1. parse ----------------------------------------------------------------------
         items: list[tuple[SourceRecord, ItemEvent]] = []
         interactions: list[tuple[SourceRecord, InteractionEvent]] = []
         next_offsets: dict[tuple[str, int], int] = {}
+        controls: list[tuple[SourceRecord, ControlCommand]] = []
         for rec in records:
             tp = (rec.topic, rec.partition)
             if rec.offset + 1 > next_offsets.get(tp, -1):
@@ -151,6 +159,8 @@ class Processor:
                     interactions.append((rec, parse_interaction(rec.value, self.limits)))
                 elif rec.topic == self.items_topic:
                     items.append((rec, parse_item(rec.value, self.limits)))
+                elif rec.topic == self.control_topic:
+                    controls.append((rec, parse_control(rec.value, self.limits)))
                 else:
                     raise EventError(f"no handler for topic {rec.topic!r}")
             except EventError as exc:
@@ -197,7 +207,11 @@ class Processor:
         for domain in sorted(domains):
             counters[domain] = self._trim_log(domain, counters[domain], result.batch)
 
-        # -- 7. batch ----------------------------------------------------------------------
+        # -- 7. control commands (rollback, pin, finetune), in offset order ---------------
+        for rec, command in controls:
+            self._apply_control(rec, command, result)
+
+        # -- 8. batch ----------------------------------------------------------------------
         for domain, c in counters.items():
             meta_cache.put(domain_counters_key(domain), c.encode())
         for cache in (item_cache, pop_cache, meta_cache):
@@ -332,6 +346,31 @@ class Processor:
         result.coding = codes.apply(
             result.batch, new, pops, domain_ts, held() if codes.codebook is None else []
         )
+
+    def _apply_control(
+        self, rec: SourceRecord, command: ControlCommand, result: BatchResult
+    ) -> None:
+        if command.op == "finetune":
+            result.finetune_requests.append(command.domain)
+            return
+        try:
+            if command.op == "rollback":
+                old, new = rollback(
+                    self.store,
+                    result.batch,
+                    command.domain,
+                    to=command.version,
+                    previous=command.previous,
+                )
+                result.switches.append({"domain": command.domain, "from": old, "to": new})
+            else:
+                if command.version is None:
+                    raise VersionError(f"{command.op} needs a version")
+                set_pinned(
+                    self.store, result.batch, command.domain, command.version, command.op == "pin"
+                )
+        except VersionError as exc:
+            result.dead.append(DeadLetter(f"control command refused: {exc}", rec))
 
     def _trim_log(self, domain: str, c: DomainCounters, batch: WriteBatch) -> DomainCounters:
         """Delete the oldest logged interactions beyond the retention (in chunks of 10%)."""

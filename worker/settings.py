@@ -143,6 +143,31 @@ class Settings:
         1000, "items with embeddings needed to train the bootstrap codebook", minimum=16
     )
 
+    # --- fine-tuning and versions ------------------------------------------------------
+    finetune_interval_s: float = setting(
+        600.0, "seconds between scheduled fine-tunes of a domain (0: never)", minimum=0.0
+    )
+    finetune_after_interactions: int = setting(
+        50_000, "fine-tune a domain after this many new interactions (0: never)", minimum=0
+    )
+    finetune_min_interactions: int = setting(
+        200, "coded interactions a domain needs before its first fine-tune", minimum=10
+    )
+    finetune_epochs: int = setting(20, "most epochs of a full fine-tune", minimum=1)
+    finetune_max_seconds: float = setting(300.0, "wall-time budget of one fine-tune", minimum=1.0)
+    finetune_threads: int = setting(1, "torch threads of a fine-tune", minimum=1, maximum=64)
+    finetune_hidden: int = setting(64, "width of the code-table rows", minimum=8, maximum=1024)
+    finetune_encoder: str = setting(
+        "transformer", "user sequence encoder", choices=("transformer", "attention")
+    )
+    gate_tolerance: float = setting(
+        0.005, "a candidate may lose this much Recall@10 against the current version", minimum=0.0
+    )
+    gate_users: int = setting(1000, "recent users whose latest interaction is held out", minimum=10)
+    versions_keep: int = setting(
+        5, "published versions whose tables are kept (plus pinned)", minimum=1
+    )
+
     # --- daemon ----------------------------------------------------------------------
     http_host: str = setting("127.0.0.1", "address of the health/metrics/API server")
     http_port: int = setting(8321, "port of the HTTP server (0: none)", minimum=0, maximum=65535)

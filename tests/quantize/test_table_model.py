@@ -54,7 +54,9 @@ def test_level_weights_scale_each_code_position() -> None:
         model.table.level_weight.copy_(torch.tensor([1.0, 0.5, 2.0]))
     rows = model.table.rows.detach().numpy()
     vecs = model.item_vectors(torch.as_tensor(ROWS)).detach().numpy()
-    np.testing.assert_allclose(vecs[2], rows[2] + 0.5 * rows[4] + 2.0 * rows[5], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        vecs[2], rows[2] + 0.5 * rows[4] + 2.0 * rows[5], rtol=1e-6, atol=1e-6
+    )
     with pytest.raises(QuantizeError):
         model.item_vectors(torch.as_tensor(pad_rows([[0, 1, 2, 3]])))
 
@@ -148,7 +150,9 @@ def test_snapshot_bytes_round_trip_is_exact() -> None:
     rows = torch.as_tensor(ROWS)
     a = snap.model()
     b = back.model()
-    assert torch.equal(a.score_last(seq, a.item_vectors(rows)), b.score_last(seq, b.item_vectors(rows)))
+    assert torch.equal(
+        a.score_last(seq, a.item_vectors(rows)), b.score_last(seq, b.item_vectors(rows))
+    )
 
 
 def test_snapshot_from_garbage_raises() -> None:

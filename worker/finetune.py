@@ -1,0 +1,341 @@
+"""One domain's fine-tune: snapshot, train, gate, publish (or record the rejection).
+
+Runs off the consumer thread (see :mod:`worker.scheduler`), on a RocksDB
+checkpoint of the state: a consistent copy at one instant, so ingestion never
+stalls and the job never sees half a batch. The text encoder is never trained:
+items enter the model through their residual codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantize.assign import AssignerState, CodeAssigner
+from quantize.evaluate import holdout_split, pad_histories, ranks, recall_ndcg, user_sequences
+from quantize.table_model import ModelConfig, Snapshot
+from quantize.train import EpochReport, TrainConfig, score_histories, train_domain
+from store.partition import StorePartition
+from worker.coding import load_codebook, state_key
+from worker.exceptions import WorkerError
+from worker.inspection import iter_interactions
+from worker.settings import Settings
+from worker.versions import (
+    PUBLISHED,
+    REJECTED,
+    VersionRecord,
+    VersionTable,
+    add_version,
+    current_version,
+    domains_with_versions,
+    get_record,
+    load_table,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Abandoned(WorkerError):
+    """The fine-tune was stopped (shutdown); nothing was published."""
+
+
+@dataclass
+class DomainData:
+    """A domain's training material, read from one consistent snapshot."""
+
+    item_ids: list[str]
+    item_rows: np.ndarray  # [n_items, width] row ids, -1 padded
+    n_rows: int
+    users: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    offsets: dict[str, int]
+    codebook_id: str
+
+    @property
+    def watermark_ts(self) -> int:
+        return int(self.timestamps.max()) if self.timestamps.size else 0
+
+
+@dataclass
+class Outcome:
+    domain: str
+    status: str  # published | rejected | skipped
+    reason: str
+    record: VersionRecord | None = None
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def read_domain(store: StorePartition, domain: str) -> DomainData | None:
+    """Coded items and the interaction log of ``domain`` (None: no codes yet)."""
+    codebook = load_codebook(store)
+    raw = store.get("codes", state_key(domain))
+    if codebook is None or raw is None:
+        return None
+    assigner = CodeAssigner.from_state(AssignerState.from_bytes(raw))
+    served = assigner.served()
+    item_ids = list(assigner.keys)
+    index = {item: i for i, item in enumerate(item_ids)}
+    users: dict[str, int] = {}
+    u, it, ts = [], [], []
+    for t, inter in iter_interactions(store, domain):
+        i = index.get(inter.item_id)
+        if i is None:
+            continue  # an item without an item event yet: no code, no row
+        u.append(users.setdefault(inter.user_id, len(users)))
+        it.append(i)
+        ts.append(t)
+    offsets = {f"{t}-{p}": o for (t, p), o in sorted(store.offsets().items())}
+    return DomainData(
+        item_ids,
+        served.row_matrix(),
+        served.table_rows,
+        np.asarray(u, dtype=np.int64),
+        np.asarray(it, dtype=np.int64),
+        np.asarray(ts, dtype=np.int64),
+        offsets,
+        codebook.codebook_id,
+    )
+
+
+def recall_at_10(
+    snapshot: Snapshot, item_rows: np.ndarray, histories: np.ndarray, targets: np.ndarray
+) -> tuple[float, float]:
+    """Recall@10 and NDCG@10 of a version on held-out next items (full ranking)."""
+    if not len(targets):
+        return 0.0, 0.0
+    width = snapshot.params["table.rows"].shape[0]
+    rows = np.where(item_rows < width, item_rows, -1)  # rows the version never had
+    model = snapshot.model()
+    scores = score_histories(model, rows, histories)
+    hit, ndcg = recall_ndcg(ranks(scores, targets), 10)
+    return float(hit.mean()), float(ndcg.mean())
+
+
+class FineTuner:
+    """Fine-tunes and publishes one domain at a time; thread-safe."""
+
+    def __init__(
+        self,
+        store: StorePartition,
+        settings: Settings,
+        *,
+        lock: threading.RLock | None = None,
+        announce: Callable[[dict[str, Any]], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.lock = lock or threading.RLock()
+        self.announce = announce
+        self.stop = stop or threading.Event()
+        self.model_config = ModelConfig(
+            hidden=settings.finetune_hidden,
+            encoder="transformer" if settings.finetune_encoder == "transformer" else "attention",
+        )
+        self.last: dict[str, Outcome] = {}
+
+    def run(self, domain: str) -> Outcome:
+        """Fine-tune ``domain`` now.
+
+        1. Checkpoint the state (a consistent copy) and read the domain from it.
+        2. Hold out the latest interaction of recent users (never trained on).
+        3. Train from the current version (incremental), else from another domain's
+           current version (shared warm start), else from scratch.
+        4. Gate: score candidate and current version on the holdout.
+        5. Publish (new version, atomic pointer switch) or record the rejection.
+        6. Announce on the snapshots topic.
+        """
+        started = time.perf_counter()
+        # -- 1. snapshot --------------------------------------------------------------------
+        tmp = Path(tempfile.mkdtemp(prefix="adacode-ft-"))
+        try:
+            snap = self.store.checkpoint(tmp / "checkpoint")
+            try:
+                data = read_domain(snap, domain)
+            finally:
+                snap.close()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if data is None or len(data.items) < self.settings.finetune_min_interactions:
+            n = 0 if data is None else len(data.items)
+            outcome = Outcome(
+                domain, "skipped", f"{n} coded interactions (< finetune_min_interactions)"
+            )
+            self.last[domain] = outcome
+            return outcome
+        # -- 2. holdout ---------------------------------------------------------------------
+        split = holdout_split(data.users, data.timestamps, max_users=self.settings.gate_users)
+        train = split.train
+        seqs = user_sequences(
+            data.users[train],
+            data.items[train],
+            data.timestamps[train],
+            n_users=int(data.users.max()) + 1,
+        )
+        held_users = data.users[split.holdout]
+        histories = pad_histories([seqs[u] for u in held_users], self.model_config.max_len)
+        targets = data.items[split.holdout]
+        # -- 3. train -----------------------------------------------------------------------
+        parent = current_version(self.store, domain)
+        init, mode, new_since = self._warm_start(domain, parent)
+        if new_since is not None and not (data.timestamps[train] >= new_since).any():
+            outcome = Outcome(domain, "skipped", f"no new interactions since version {parent}")
+            self.last[domain] = outcome
+            return outcome
+        candidate, train_metrics = self.train_candidate(domain, data, train, init, new_since)
+        # -- 4. gate ------------------------------------------------------------------------
+        cand_recall, cand_ndcg = recall_at_10(candidate, data.item_rows, histories, targets)
+        base_recall = base_ndcg = None
+        if parent is not None:
+            current = load_table(self.store, domain, parent)
+            base_recall, base_ndcg = recall_at_10(
+                current.snapshot, data.item_rows, histories, targets
+            )
+        passed = base_recall is None or cand_recall >= base_recall - self.settings.gate_tolerance
+        metrics = {
+            "recall@10": cand_recall,
+            "ndcg@10": cand_ndcg,
+            "holdout_users": float(len(targets)),
+            "train_interactions": float(len(train)),
+            **train_metrics,
+        }
+        if base_recall is not None:
+            metrics["current_recall@10"] = base_recall
+            metrics["current_ndcg@10"] = base_ndcg or 0.0
+        if self.stop.is_set():
+            raise Abandoned(f"fine-tune of {domain!r} abandoned before publishing: stopping")
+        # -- 5. publish ---------------------------------------------------------------------
+        record = VersionRecord(
+            version=0,
+            parent=parent,
+            created_at=time.time(),
+            codebook_id=data.codebook_id,
+            watermark={"offsets": data.offsets, "ts": data.watermark_ts},
+            metrics=metrics,
+            status=PUBLISHED if passed else REJECTED,
+            n_items=len(data.item_ids),
+            table_bytes=candidate.table_bytes(),
+            note=mode,
+        )
+        table = VersionTable(candidate, data.item_ids, data.item_rows)
+        with self.lock:
+            batch = self.store.batch()
+            record = add_version(
+                self.store,
+                batch,
+                domain,
+                record,
+                table if passed else None,
+                keep=self.settings.versions_keep,
+            )
+            self.store.write(batch)
+        elapsed = time.perf_counter() - started
+        reason = f"recall@10 {cand_recall:.4f} vs current {base_recall if base_recall is not None else 'none'}"
+        outcome = Outcome(domain, record.status, reason, record, elapsed, metrics)
+        self.last[domain] = outcome
+        log.info(
+            "fine-tune %s: version %d %s (%s) in %.1f s",
+            domain,
+            record.version,
+            record.status,
+            reason,
+            elapsed,
+        )
+        # -- 6. announce --------------------------------------------------------------------
+        if self.announce is not None:
+            self.announce(
+                {
+                    "event": record.status,
+                    "domain": domain,
+                    "version": record.version,
+                    "parent": parent,
+                    "metrics": metrics,
+                    "at": record.created_at,
+                }
+            )
+        return outcome
+
+    def train_candidate(
+        self,
+        domain: str,
+        data: DomainData,
+        train: np.ndarray,
+        init: Snapshot | None,
+        new_since: int | None,
+    ) -> tuple[Snapshot, dict[str, float]]:
+        """Train a candidate on the ``train`` rows of the log; shared parts stay frozen
+        whenever there is a model to start from."""
+        cfg = TrainConfig(
+            epochs=self.settings.finetune_epochs
+            if new_since is None
+            else max(2, self.settings.finetune_epochs // 3),
+            threads=self.settings.finetune_threads,
+            trainable="all" if init is None else "domain",
+            max_seconds=self.settings.finetune_max_seconds,
+            patience=2,
+            seed=0,
+        )
+
+        def progress(report: EpochReport) -> None:
+            if self.stop.is_set():
+                raise Abandoned(
+                    f"fine-tune of {domain!r} abandoned at epoch {report.epoch}: stopping"
+                )
+            log.info(
+                "fine-tune %s epoch %d: loss %.4f, val recall@10 %.4f (%.1f s)",
+                domain,
+                report.epoch,
+                report.loss,
+                report.val_recall,
+                report.elapsed_s,
+            )
+
+        result = train_domain(
+            data.item_rows,
+            data.users[train],
+            data.items[train],
+            data.timestamps[train],
+            model_config=self.model_config,
+            config=cfg,
+            init_from=init.params if init is not None else None,
+            new_since=new_since,
+            n_rows=data.n_rows,
+            progress=progress,
+        )
+        return Snapshot(result.config, result.params), {
+            "train_s": result.wall_s,
+            "epochs": float(result.epochs_run),
+            "val_recall@10": result.val_recall,
+            "trainable_params": float(result.trainable_params),
+        }
+
+    def _warm_start(
+        self, domain: str, parent: int | None
+    ) -> tuple[Snapshot | None, str, int | None]:
+        if parent is not None:
+            record = get_record(self.store, domain, parent)
+            table = load_table(self.store, domain, parent)
+            since = None if record is None else int(record.watermark.get("ts", 0)) + 1
+            return table.snapshot, "incremental", since
+        codebook = load_codebook(self.store)
+        for other in domains_with_versions(self.store):
+            v = current_version(self.store, other)
+            rec = None if v is None else get_record(self.store, other, v)
+            if rec is not None and codebook is not None and rec.codebook_id == codebook.codebook_id:
+                return (
+                    load_table(self.store, other, rec.version).snapshot,
+                    f"warm start from {other} v{rec.version}",
+                    None,
+                )
+        return None, "scratch", None

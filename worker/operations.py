@@ -1,0 +1,146 @@
+"""Operator actions on versions, done directly or through the control topic.
+
+With the worker stopped, the CLI opens the state and acts on it (one atomic
+batch). With the worker running (the state is locked), it sends the command to
+the control topic; the worker applies it in order with its next batch.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from store.exceptions import StateLockedError
+from store.rocksdb import RocksDBPartition
+from worker.events import control_payload
+from worker.exceptions import KafkaUnavailableError
+from worker.finetune import FineTuner, Outcome
+from worker.inspection import open_state_readonly
+from worker.settings import Settings
+from worker.versions import (
+    VersionError,
+    current_version,
+    item_vectors,
+    list_records,
+    load_table,
+    rollback,
+    switches,
+)
+
+
+def send_control(settings: Settings, op: str, domain: str, **fields: Any) -> None:
+    try:
+        producer = KafkaProducer(**settings.kafka_common(), acks="all")
+    except KafkaError as exc:
+        raise KafkaUnavailableError(
+            f"the worker holds {settings.state_dir} and Kafka at {settings.kafka_bootstrap} did "
+            f"not answer ({exc}); start the broker or stop the worker to act on the state directly"
+        ) from exc
+    try:
+        producer.send(
+            settings.topic("control"),
+            key=domain.encode(),
+            value=control_payload(op, domain, **fields),
+        ).get(timeout=30)
+    finally:
+        producer.close()
+
+
+def do_rollback(settings: Settings, domain: str, to: int | None, previous: bool) -> str:
+    try:
+        store = RocksDBPartition.open(settings.state_path, sync_writes=settings.sync_writes)
+    except StateLockedError:
+        send_control(settings, "rollback", domain, version=to, previous=previous)
+        return (
+            f"the worker is running: rollback of {domain} sent on {settings.topic('control')}; "
+            f"it is applied with the worker's next batch (check: adacode versions --domain {domain})"
+        )
+    try:
+        batch = store.batch()
+        old, new = rollback(store, batch, domain, to=to, previous=previous)
+        store.write(batch)
+    finally:
+        store.close()
+    return f"{domain}: current version {old} -> {new}"
+
+
+def do_finetune(settings: Settings, domain: str) -> Outcome | str:
+    try:
+        store = RocksDBPartition.open(settings.state_path, sync_writes=settings.sync_writes)
+    except StateLockedError:
+        send_control(settings, "finetune", domain)
+        return (
+            f"the worker is running: fine-tune of {domain} requested on {settings.topic('control')}"
+        )
+    try:
+        return FineTuner(store, settings).run(domain)
+    finally:
+        store.close()
+
+
+def versions_report(settings: Settings, domain: str) -> dict[str, Any]:
+    with open_state_readonly(settings) as store:
+        return {
+            "domain": domain,
+            "current": current_version(store, domain),
+            "versions": [r.__dict__ for r in list_records(store, domain)],
+            "switches": switches(store, domain),
+        }
+
+
+def export_version(
+    settings: Settings, domain: str, version: int | None, out: Path
+) -> dict[str, Any]:
+    """Write a version's item vectors and table rows as .npz, with a manifest beside it."""
+    with open_state_readonly(settings) as store:
+        v = version if version is not None else current_version(store, domain)
+        if v is None:
+            raise VersionError(
+                f"domain {domain!r} has no published version to export; run "
+                f"adacode finetune --domain {domain} first"
+            )
+        table = load_table(store, domain, v)
+        record = next(r for r in list_records(store, domain) if r.version == v)
+    vectors = item_vectors(table)
+    manifest = {
+        "format": "adacode-export-v1",
+        "domain": domain,
+        "version": v,
+        "parent": record.parent,
+        "codebook_id": record.codebook_id,
+        "created_at": record.created_at,
+        "exported_at": time.time(),
+        "metrics": record.metrics,
+        "watermark": record.watermark,
+        "n_items": len(table.item_ids),
+        "dim": int(vectors.shape[1]),
+        "model_config": table.snapshot.config.to_dict(),
+        "arrays": {
+            "item_ids": "item ids",
+            "item_vectors": "float32 [n, dim]",
+            "item_rows": "table row ids per item (-1 pad)",
+            "rows": "the code table",
+        },
+    }
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        item_ids=np.asarray(table.item_ids, dtype=str),
+        item_vectors=vectors.astype(np.float32),
+        item_rows=table.item_rows,
+        rows=table.snapshot.params["table.rows"],
+        manifest=np.frombuffer(orjson.dumps(manifest), dtype=np.uint8),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(buf.getvalue())
+    out.with_suffix(out.suffix + ".manifest.json").write_bytes(
+        orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
+    )
+    return manifest

@@ -1,0 +1,102 @@
+"""The fine-tune scheduler: APScheduler inside the daemon, off the consumer thread.
+
+Each domain gets an interval job (``finetune_interval_s``) and a run-now trigger
+after ``finetune_after_interactions`` new interactions (or a ``finetune`` control
+message). One executor thread runs the jobs, so at most one fine-tune runs at a
+time (per domain and overall, which keeps a core for ingestion); a job already
+waiting for a domain absorbs later triggers (missed runs coalesce).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from datetime import datetime, timedelta
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from worker.finetune import Abandoned, FineTuner, Outcome
+from worker.processor import BatchResult
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneScheduler:
+    def __init__(self, tuner: FineTuner, settings: Settings) -> None:
+        self.tuner = tuner
+        self.settings = settings
+        self.scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            timezone="UTC",
+        )
+        self.new_interactions: Counter[str] = Counter()
+        self.domains: set[str] = set()
+        self.runs: list[Outcome] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def shutdown(self) -> None:
+        """Stop scheduling; a running fine-tune is abandoned at its next epoch."""
+        self.tuner.stop.set()
+        self.scheduler.shutdown(wait=True)
+
+    def on_applied(self, result: BatchResult) -> None:
+        """Called by the consumer loop after each committed batch (keep it short)."""
+        for (kind, domain), n in result.applied.items():
+            if domain not in self.domains:
+                self._add_domain(domain)
+            if kind == "interaction":
+                with self._lock:
+                    self.new_interactions[domain] += n
+                    due = (
+                        self.settings.finetune_after_interactions
+                        and self.new_interactions[domain]
+                        >= self.settings.finetune_after_interactions
+                    )
+                if due:
+                    self.run_soon(domain, "after new interactions")
+        for domain in result.finetune_requests:
+            self.run_soon(domain, "requested on the control topic")
+
+    def _add_domain(self, domain: str) -> None:
+        self.domains.add(domain)
+        if self.settings.finetune_interval_s > 0:
+            self.scheduler.add_job(
+                self._job,
+                "interval",
+                seconds=self.settings.finetune_interval_s,
+                args=[domain, "scheduled"],
+                id=f"interval:{domain}",
+                replace_existing=True,
+            )
+
+    def run_soon(self, domain: str, why: str) -> None:
+        """Queue a fine-tune of ``domain``; a queued one for it absorbs this trigger."""
+        self.scheduler.add_job(
+            self._job,
+            "date",
+            run_date=datetime.now().astimezone() + timedelta(milliseconds=10),
+            args=[domain, why],
+            id=f"now:{domain}",
+            replace_existing=True,
+        )
+
+    def _job(self, domain: str, why: str) -> None:
+        with self._lock:
+            self.new_interactions[domain] = 0
+        log.info("fine-tune of %s starts (%s)", domain, why)
+        try:
+            outcome = self.tuner.run(domain)
+        except Abandoned as exc:
+            log.warning("%s", exc)
+            return
+        except Exception:  # a failed fine-tune must not stop the scheduler or the worker
+            log.exception("fine-tune of %s failed; nothing was published", domain)
+            return
+        self.runs.append(outcome)
