@@ -12,7 +12,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -261,33 +260,13 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from worker.operations import versions_report
+    from worker.operations import format_versions, versions_report
 
     doc = versions_report(_settings(args), args.domain)
     if args.json:
         _print_json(doc)
         return 0
-    print(f"domain {doc['domain']}: current version {doc['current']}")
-    print(
-        f"{'':2}{'version':>7} {'parent':>6} {'status':10} {'created':19} {'recall@10':>9} "
-        f"{'vs current':>10} {'ndcg@10':>8} {'items':>6} {'train s':>7}  note"
-    )
-    for r in doc["versions"]:
-        m = r["metrics"]
-        mark = "*" if r["version"] == doc["current"] else " "
-        pin = " (pinned)" if r["pinned"] else ""
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
-        base = m.get("current_recall@10")
-        print(
-            f"{mark:2}{r['version']:>7} {r['parent'] if r['parent'] is not None else '-':>6} "
-            f"{r['status']:10} {created:19} {m.get('recall@10', 0):9.4f} "
-            f"{base if base is None else round(base, 4)!s:>10} {m.get('ndcg@10', 0):8.4f} "
-            f"{r['n_items']:6d} {m.get('train_s', 0):7.1f}  {r['note']}{pin}"
-        )
-    print("switches:")
-    for sw in doc["switches"]:
-        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sw["at"]))
-        print(f"  {at}  {sw['from']} -> {sw['to']}  ({sw['reason']})")
+    print(format_versions(doc))
     return 0
 
 

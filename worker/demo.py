@@ -22,10 +22,12 @@ from store.partition import StorePartition
 from store.records import Popularity, domain_prefix, split_item_key
 from worker.dataset import read_interactions, read_items
 from worker.inspection import find_item, open_state_readonly, stats
+from worker.operations import do_finetune, do_rollback, format_versions, versions_report
 from worker.replay import replay
 from worker.settings import Settings
 from worker.synthetic import generate
 from worker.topics import create_topics
+from worker.versions import VersionRecord, current_version, get_record
 
 
 def _end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
@@ -81,6 +83,47 @@ def _most_popular(store: StorePartition, domain: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
+def _record(settings: Settings, domain: str, version: int) -> VersionRecord | None:
+    if not (settings.state_path / "CURRENT").exists():
+        return None
+    with open_state_readonly(settings) as store:
+        return get_record(store, domain, version)
+
+
+def _wait_version(
+    settings: Settings, domain: str, version: int, worker: subprocess.Popen[bytes]
+) -> str:
+    """Wait until version ``version`` exists (published or rejected); describe it."""
+    started = time.monotonic()
+    while (rec := _record(settings, domain, version)) is None:
+        if worker.poll() is not None:
+            raise SystemExit(f"the worker exited with status {worker.returncode}; see its log")
+        if time.monotonic() - started > 900:
+            raise SystemExit(f"no version {version} of {domain} after 900 s; see the worker log")
+        time.sleep(1)
+    m = rec.metrics
+    base = m.get("current_recall@10")
+    versus = "" if base is None else f" (current version: {base:.4f})"
+    return (
+        f"version {rec.version} {rec.status} after {time.monotonic() - started:.0f} s: "
+        f"Recall@10 {m['recall@10']:.4f}{versus} on {int(m['holdout_users'])} held-out users, "
+        f"{rec.note}, {m['train_s']:.1f} s of training"
+    )
+
+
+def _wait_current(
+    settings: Settings, domain: str, version: int, worker: subprocess.Popen[bytes]
+) -> None:
+    started = time.monotonic()
+    while True:
+        with open_state_readonly(settings) as store:
+            if current_version(store, domain) == version:
+                return
+        if worker.poll() is not None or time.monotonic() - started > 120:
+            raise SystemExit(f"{domain} did not switch to version {version}; see the worker log")
+        time.sleep(0.5)
+
+
 def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int | None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if dataset is None:
@@ -106,6 +149,7 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
             "ADACODE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
             "ADACODE_TOPIC_PREFIX": settings.topic_prefix,
             "ADACODE_HTTP_PORT": str(settings.http_port),
+            "ADACODE_FINETUNE_EPOCHS": os.environ.get("ADACODE_FINETUNE_EPOCHS", "6"),
         }
     )
     log = (workdir / "worker.log").open("ab")
@@ -113,8 +157,10 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
         [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        print("4. replaying the dataset into Kafka (items first, then interactions in time order)")
-        report = replay(settings, dataset, limit=limit)
+        total = n_inter if limit is None else min(limit, n_inter)
+        first = max(1, int(total * 0.8))
+        print(f"4. replaying the dataset into Kafka: items, then the first {first:,} interactions")
+        report = replay(settings, dataset, limit=first)
         print(
             f"   produced {report.items:,} items and {report.interactions:,} interactions "
             f"in {report.seconds:.1f} s"
@@ -122,7 +168,6 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
         print("5. waiting for the worker to apply everything (MiniLM encodes the item texts)")
         took = _wait_caught_up(settings, worker, timeout_s=900)
         print(f"   caught up {took:.1f} s after the replay ended")
-
         print("6. what the worker holds (read from its RocksDB while it runs):")
         with tempfile.TemporaryDirectory(), open_state_readonly(settings) as store:
             doc = stats(store)
@@ -165,8 +210,26 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
                 f"{head_code.get('served')} (head={head_code.get('head')}), "
                 f"{len(head_code.get('history') or [])} code changes"
             )
+        domain = first_item.domain
+        print(
+            f"7. fine-tune {domain} (adacode finetune: the worker runs, so via the control topic)"
+        )
+        print(f"   {do_finetune(settings, domain)}")
+        v1 = _wait_version(settings, domain, 1, worker)
+        print(f"   {v1}")
+        print(f"8. more events: the last {total - first:,} interactions")
+        replay(settings, dataset, limit=total - first, skip=first, items=False, progress=False)
+        _wait_caught_up(settings, worker, timeout_s=900)
+        print(f"9. fine-tune {domain} again: incremental, from version 1")
+        do_finetune(settings, domain)
+        print(f"   {_wait_version(settings, domain, 2, worker)}")
+        print("10. roll back to version 1 (adacode rollback --to 1, through the control topic)")
+        print(f"   {do_rollback(settings, domain, 1, False)}")
+        _wait_current(settings, domain, 1, worker)
+        print("11. the versions table (adacode versions):")
+        print("   " + format_versions(versions_report(settings, domain)).replace("\n", "\n   "))
     finally:
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=60)
-        print(f"7. worker stopped (exit status {code})")
+        print(f"12. worker stopped (exit status {code})")
     return 0 if code == 0 else 1

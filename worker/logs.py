@@ -38,3 +38,4 @@ def setup_logging(fmt: str = "human", level: str = "INFO") -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # kafka-python warns that a group-less consumer (offset look-ups) has no auto-commit
     logging.getLogger("kafka.coordinator.consumer").setLevel(logging.ERROR)
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)

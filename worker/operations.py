@@ -144,3 +144,30 @@ def export_version(
         orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
     )
     return manifest
+
+
+def format_versions(doc: dict[str, Any]) -> str:
+    """The versions table of :func:`versions_report`, with every switch."""
+    lines: list[str] = []
+    lines.append(f"domain {doc['domain']}: current version {doc['current']}")
+    lines.append(
+        f"{'':2}{'version':>7} {'parent':>6} {'status':10} {'created':19} {'recall@10':>9} "
+        f"{'vs current':>10} {'ndcg@10':>8} {'items':>6} {'train s':>7}  note"
+    )
+    for r in doc["versions"]:
+        m = r["metrics"]
+        mark = "*" if r["version"] == doc["current"] else " "
+        pin = " (pinned)" if r["pinned"] else ""
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"]))
+        base = m.get("current_recall@10")
+        lines.append(
+            f"{mark:2}{r['version']:>7} {r['parent'] if r['parent'] is not None else '-':>6} "
+            f"{r['status']:10} {created:19} {m.get('recall@10', 0):9.4f} "
+            f"{base if base is None else round(base, 4)!s:>10} {m.get('ndcg@10', 0):8.4f} "
+            f"{r['n_items']:6d} {m.get('train_s', 0):7.1f}  {r['note']}{pin}"
+        )
+    lines.append("switches:")
+    for sw in doc["switches"]:
+        at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sw["at"]))
+        lines.append(f"  {at}  {sw['from']} -> {sw['to']}  ({sw['reason']})")
+    return "\n".join(lines)
