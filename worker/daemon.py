@@ -16,6 +16,7 @@ from types import FrameType
 
 import faiss
 
+from quantize.code_metrics import code_report
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
@@ -27,6 +28,7 @@ from worker.metrics import Metrics
 from worker.processor import Processor
 from worker.scheduler import FinetuneScheduler
 from worker.settings import Settings
+from worker.versions import REJECTED, current_version, domains_with_versions, list_records
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,25 @@ class Daemon:
 
     def _metrics(self, _: Request) -> Response:
         self.metrics.up.set(1 if self.loop.healthy else 0)
+        codes = self.processor.codes
+        if codes is not None:
+            for domain, assigner in list(codes.assigners.items()):
+                self.metrics.observe_codes(domain, code_report(assigner.served()))
+        now = time.time()
+        for domain in domains_with_versions(self.store):
+            version = current_version(self.store, domain)
+            records = list_records(self.store, domain)
+            if version is not None:
+                self.metrics.version.labels(domain).set(version)
+                created = next((r.created_at for r in records if r.version == version), now)
+                self.metrics.staleness.labels(domain).set(now - created)
+            self.metrics.rejected_versions.labels(domain).set(
+                sum(r.status == REJECTED for r in records)
+            )
+        for domain, outcome in list(self.tuner.last.items()):
+            if outcome.record is not None:
+                self.metrics.finetune_seconds.labels(domain).set(outcome.seconds)
+                self.metrics.finetune_recall.labels(domain).set(outcome.metrics.get("recall@10", 0))
         return Response(200, self.metrics.render(), "text/plain; version=0.0.4")
 
     def run(self) -> int:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
+    from quantize.code_metrics import CodeReport
     from worker.processor import BatchResult
 
 
@@ -41,6 +42,42 @@ class Metrics:
             ["domain", "reason"],
             registry=r,
         )
+        self.code_utilization = Gauge(
+            "adacode_code_utilization", "codewords used / K", ["domain", "level"], registry=r
+        )
+        self.code_collisions = Gauge(
+            "adacode_code_collision_rate",
+            "1 - distinct served codes / items",
+            ["domain", "scope"],
+            registry=r,
+        )
+        self.code_length = Gauge(
+            "adacode_code_mean_length", "mean served code length", ["domain", "group"], registry=r
+        )
+        self.version = Gauge(
+            "adacode_current_version", "the domain's current table version", ["domain"], registry=r
+        )
+        self.staleness = Gauge(
+            "adacode_version_age_seconds",
+            "seconds since the current version was created",
+            ["domain"],
+            registry=r,
+        )
+        self.finetune_seconds = Gauge(
+            "adacode_last_finetune_seconds",
+            "wall time of the last fine-tune",
+            ["domain"],
+            registry=r,
+        )
+        self.finetune_recall = Gauge(
+            "adacode_last_finetune_recall_at_10",
+            "holdout Recall@10 of the last candidate",
+            ["domain"],
+            registry=r,
+        )
+        self.rejected_versions = Gauge(
+            "adacode_rejected_candidates", "candidates the gate rejected", ["domain"], registry=r
+        )
         self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
 
     def observe_batch(self, result: BatchResult, n_records: int, seconds: float) -> None:
@@ -59,6 +96,14 @@ class Metrics:
 
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self.lag.labels(topic, str(partition)).set(lag)
+
+    def observe_codes(self, domain: str, report: CodeReport) -> None:
+        for level, u in enumerate(report.utilization):
+            self.code_utilization.labels(domain, str(level)).set(u)
+        self.code_collisions.labels(domain, "all").set(report.collision_all)
+        self.code_collisions.labels(domain, "head").set(report.collision_head)
+        self.code_length.labels(domain, "head").set(report.mean_len_head)
+        self.code_length.labels(domain, "tail").set(report.mean_len_tail)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,6 +12,7 @@ import numpy as np
 
 from tests.kafka_utils import consume_all, produce_json
 from tests.worker_process import DIM, REPO, settings_for, wait_for, worker_env
+from worker.api import Request
 from worker.daemon import Daemon
 from worker.events import interaction_payload, item_payload
 from worker.topics import create_topics
@@ -91,6 +92,11 @@ def test_scheduled_fine_tunes_publish_and_a_live_rollback_restores_v1_vectors(
             ),
             v1_vectors,
         )
+        metrics = daemon.router.dispatch(Request("GET", "/metrics", {}, {}, b"")).body.decode()
+        assert 'adacode_current_version{domain="shop"} 1.0' in metrics
+        assert 'adacode_code_collision_rate{domain="shop",scope="head"} 0.0' in metrics
+        assert 'adacode_code_utilization{domain="shop",level="0"}' in metrics
+        assert 'adacode_applied_events_total{domain="shop",kind="interaction"} 1760.0' in metrics
         records = list_records(daemon.store, "shop")
         assert [r.version for r in records] == [1, 2] and records[1].parent == 1
         assert records[1].note == "incremental"
