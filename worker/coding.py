@@ -52,7 +52,7 @@ def state_key(domain: str) -> bytes:
     return b"state\x00" + domain.encode()
 
 
-def history_prefix(domain: str, item_id: str | None = None) -> bytes:
+def history_prefix(domain: str) -> bytes:
     return b"hist\x00" + domain.encode() + b"\x00"
 
 
