@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import Any
 
 import faiss
 
@@ -23,10 +24,13 @@ from store.rocksdb import RocksDBPartition
 from worker.api import HttpServer, Request, Response, Router
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder
+from worker.events import control_payload
 from worker.finetune import FineTuner
 from worker.metrics import Metrics
-from worker.processor import Processor
+from worker.processor import BatchResult, Processor
+from worker.routes import ApiRoutes
 from worker.scheduler import FinetuneScheduler
+from worker.serving import Serving
 from worker.settings import Settings
 from worker.versions import REJECTED, current_version, domains_with_versions, list_records
 
@@ -48,18 +52,36 @@ class Daemon:
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
         self.processor = Processor(self.store, settings, self.encoder.encode)
         self.loop = ConsumerLoop(settings, self.store, self.processor, self.metrics)
+        self.serving = Serving(self.store, settings)
         self.tuner = FineTuner(
-            self.store, settings, lock=self.loop.versions_lock, announce=self.loop.announce
+            self.store, settings, lock=self.loop.versions_lock, announce=self._announce
         )
         self.scheduler = FinetuneScheduler(self.tuner, settings)
-        self.loop.on_applied = self.scheduler.on_applied
+        self.loop.on_applied = self._on_applied
         self.router = Router()
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
         self.router.add("GET", "/metrics", self._metrics)
+        ApiRoutes(self.serving, self.store, settings, self._send_control).register(self.router)
         self.http: HttpServer | None = None
         if settings.http_port:
             self.http = HttpServer(self.router, settings.http_host, settings.http_port)
+
+    def _on_applied(self, result: BatchResult) -> None:
+        self.serving.on_applied(result)  # new items servable at once; rollbacks wake it
+        self.scheduler.on_applied(result)
+
+    def _announce(self, event: dict[str, Any]) -> None:
+        self.loop.announce(event)
+        self.serving.wake()  # a publish: build and swap the new version's index now
+
+    def _send_control(self, op: str, domain: str, fields: dict[str, Any]) -> None:
+        """What ``adacode rollback`` sends while the worker runs, on the loop's producer."""
+        self.loop.producer.send(
+            self.settings.topic("control"),
+            key=domain.encode(),
+            value=control_payload(op, domain, **fields),
+        ).get(timeout=10)
 
     def _healthz(self, _: Request) -> Response:
         ok = self.loop.healthy or not self.loop.stats.batches
@@ -107,6 +129,7 @@ class Daemon:
         started = time.monotonic()
         code = 0
         self.scheduler.start()
+        self.serving.start()
         try:
             self.loop.run()
         except StoreError as exc:
@@ -114,6 +137,7 @@ class Daemon:
             code = 3
         finally:
             self.scheduler.shutdown()
+            self.serving.stop()
             if self.http is not None:
                 self.http.stop()
             self.store.close()

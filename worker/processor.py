@@ -44,6 +44,7 @@ from worker.events import (
 )
 from worker.exceptions import EventError
 from worker.settings import Settings
+from worker.users import RecentItems, user_key
 from worker.versions import VersionError, rollback, set_pinned
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,8 @@ class Processor:
         1. Parse and validate every record; a bad one becomes a dead letter.
         2. Read the records the batch touches (one multi-get per column family).
         3. Encode the texts of new or changed items in one MiniLM call.
-        4. Apply item events, then interactions, in offset order, in memory.
+        4. Apply item events, then interactions, in offset order, in memory (interactions
+           also go to each user's recent items, see :mod:`worker.users`).
         5. Code new items and re-evaluate code lengths of items whose popularity moved.
         6. Trim each domain's interaction log to its retention.
         7. Apply control commands (rollback, pin) to the version pointers.
@@ -175,6 +177,9 @@ class Processor:
             + [item_key(e.domain, e.item_id) for _, e in interactions]
         )
         pop_cache.prefetch([item_key(e.domain, e.item_id) for _, e in interactions])
+        recent = RecentItems(self.store, self.settings.user_history_len)
+        if recent.limit:
+            recent.prefetch([user_key(e.domain, e.user_id) for _, e in interactions])
         domains = {e.domain for _, e in items} | {e.domain for _, e in interactions}
         meta_cache.prefetch([domain_counters_key(d) for d in sorted(domains)])
         counters = {
@@ -196,6 +201,8 @@ class Processor:
             self._apply_item(event, vector, item_cache, counters, result)
         for rec, ievent in interactions:
             self._apply_interaction(rec, ievent, item_cache, pop_cache, counters, result)
+            if recent.limit:
+                recent.append(ievent.domain, ievent.user_id, ievent.ts, ievent.item_id)
 
         # -- 5. codes ---------------------------------------------------------------------
         if self.codes is not None:
@@ -216,6 +223,7 @@ class Processor:
             meta_cache.put(domain_counters_key(domain), c.encode())
         for cache in (item_cache, pop_cache, meta_cache):
             cache.flush(result.batch)
+        recent.flush(result.batch)
         for (topic, partition), offset in sorted(next_offsets.items()):
             result.batch.set_offset(topic, partition, offset)
         return result

@@ -171,8 +171,29 @@ class Settings:
     # --- daemon ----------------------------------------------------------------------
     http_host: str = setting("127.0.0.1", "address of the health/metrics/API server")
     http_port: int = setting(8321, "port of the HTTP server (0: none)", minimum=0, maximum=65535)
+    admin_token: str = setting(
+        "",
+        "bearer token of the admin endpoints (rollback); empty: admin endpoints answer 403",
+        secret=True,
+    )
     log_format: str = setting("human", "log line format", choices=("human", "json"))
     log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    # --- serving ---------------------------------------------------------------------
+    index_hnsw_min_items: int = setting(
+        1_000_000,
+        "a domain with at least this many items is searched by HNSW (exact search below)",
+        minimum=1,
+    )
+    index_hnsw_ef_search: int = setting(
+        128, "HNSW search breadth (recall vs latency)", minimum=1, maximum=100_000
+    )
+    index_poll_s: float = setting(
+        1.0, "seconds between checks of each domain's current version", minimum=0.01
+    )
+    user_history_len: int = setting(
+        50, "recent items kept per user for /users/{u}/recommend (0: none)", minimum=0, maximum=1000
+    )
 
     # ---------------------------------------------------------------------------------
 

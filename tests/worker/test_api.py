@@ -1,0 +1,491 @@
+"""The /v1 read API over real HTTP: status codes and bodies (errors included), answers
+against slow references (numpy / the model's own scoring), live cold-start items, the
+per-user index, the OpenAPI document, and index swaps under concurrent reads."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
+from quantize.train import score_histories
+from store.memory import MemoryPartition
+from worker import serving as serving_module
+from worker.api import HttpServer, Router
+from worker.events import interaction_payload, item_payload
+from worker.processor import BatchResult, Processor, SourceRecord
+from worker.routes import DAEMON_ROUTES, ROUTES, ApiRoutes, openapi_document
+from worker.serving import Serving
+from worker.settings import Settings
+from worker.users import recent_items
+from worker.versions import (
+    PUBLISHED,
+    VersionRecord,
+    VersionTable,
+    add_version,
+    current_version,
+    item_vectors,
+    load_table,
+    rollback,
+)
+
+DIM = 8
+TOKEN = "s3cret"
+N_ITEMS = 60
+
+
+def _settings(**over: Any) -> Settings:
+    base: dict[str, Any] = {
+        "embedding_dim": DIM,
+        "topic_prefix": "t.",
+        "codebook_min_items": 20,
+        "http_port": 0,
+        "admin_token": TOKEN,
+        "user_history_len": 5,
+    }
+    base.update(over)
+    return Settings(**base)
+
+
+@dataclass
+class Env:
+    settings: Settings
+    store: MemoryPartition
+    processor: Processor
+    serving: Serving
+    server: HttpServer
+    router: Router = field(default_factory=Router)
+    sent: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    offset: int = 0
+
+    def feed(self, topic: str, payloads: list[bytes]) -> BatchResult:
+        records = [
+            SourceRecord(self.settings.topic(topic), 0, self.offset + i, b"shop", p)
+            for i, p in enumerate(payloads)
+        ]
+        self.offset += len(payloads)
+        result = self.processor.process(records)
+        self.store.write(result.batch)
+        self.serving.on_applied(result)
+        return result
+
+    def publish(self, seed: int) -> int:
+        codes = self.processor.codes
+        assert codes is not None
+        assigner = codes.assigner("shop")
+        assert assigner is not None
+        served = assigner.served()
+        rows = served.row_matrix()
+        torch.manual_seed(seed)
+        config = ModelConfig(hidden=16, max_len=4, layers=1, dropout=0.0)
+        model = build_model(config, rows, n_rows=served.table_rows)
+        table = VersionTable(Snapshot(config, export_params(model)), assigner.keys, rows)
+        record = VersionRecord(0, None, 0.0, "cb", {}, {}, status=PUBLISHED)
+        batch = self.store.batch()
+        record = add_version(self.store, batch, "shop", record, table, keep=10)
+        self.store.write(batch)
+        return record.version
+
+    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+        conn = http.client.HTTPConnection(*self.server.address, timeout=30)
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        payload = None if body is None else body if isinstance(body, bytes) else orjson.dumps(body)
+        conn.request(method, path, body=payload, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        conn.close()
+        _check_documented(method, path, resp.status)
+        return resp.status, orjson.loads(raw)
+
+
+def _check_documented(method: str, path: str, status: int) -> None:
+    """Every answer's status is one the OpenAPI document lists for its route."""
+    doc = openapi_document()["paths"]
+    bare = path.partition("?")[0]
+    for template, ops in doc.items():
+        regex = re.sub(r"\{(\w+)\}", r"[^/]+", template)
+        if re.fullmatch(regex, bare) and method.lower() in ops:
+            assert str(status) in ops[method.lower()]["responses"], (method, template, status)
+            return
+    raise AssertionError(f"{method} {bare} is not described in the OpenAPI document")
+
+
+def _items(seed: int, start: int, n: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(99).normal(size=(4, DIM))
+    return [
+        item_payload(f"i{i}", "shop", 1, embedding=centers[i % 4] + 0.2 * rng.normal(size=DIM))
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    settings = _settings()
+    store = MemoryPartition()
+    processor = Processor(store, settings, None)
+    serving = Serving(store, settings)
+    router = Router()
+    e = Env(settings, store, processor, serving, HttpServer(router, "127.0.0.1", 0), router)
+    ApiRoutes(serving, store, settings, lambda op, d, f: e.sent.append((op, d, f))).register(router)
+    e.feed("items", _items(0, 0, N_ITEMS))
+    rng = np.random.default_rng(1)
+    e.feed(
+        "interactions",
+        [
+            interaction_payload(f"u{u}", f"i{int(rng.integers(N_ITEMS))}", "shop", 10 + t)
+            for t in range(8)
+            for u in range(6)
+        ],
+    )
+    e.feed("items", [item_payload("lonely", "other", 1, embedding=np.ones(DIM))])
+    e.publish(seed=0)
+    assert serving.refresh() == ["shop"]
+    e.server.start()
+    try:
+        yield e
+    finally:
+        e.server.stop()
+
+
+def _reference_vectors(e: Env) -> tuple[list[str], np.ndarray]:
+    table = load_table(e.store, "shop", current_version(e.store, "shop") or 0)
+    return table.item_ids, item_vectors(table)
+
+
+# -- vectors ------------------------------------------------------------------------------------
+
+
+def test_vector_is_the_versions_item_vector(env: Env) -> None:
+    ids, vecs = _reference_vectors(env)
+    status, doc = env.call("GET", "/v1/domains/shop/items/i7/vector")
+    assert status == 200 and doc["version"] == 1 and doc["dim"] == 16
+    np.testing.assert_allclose(doc["vector"], vecs[ids.index("i7")], rtol=1e-5, atol=1e-6)
+    status, again = env.call("GET", "/v1/domains/shop/items/i7/vector?version=1")
+    assert status == 200 and again["vector"] == doc["vector"]
+
+
+def test_vector_errors_name_what_is_wrong(env: Env) -> None:
+    status, doc = env.call("GET", "/v1/domains/nope/items/i1/vector")
+    assert (status, doc["error"]) == (404, "unknown_domain") and "nope" in doc["detail"]
+    status, doc = env.call("GET", "/v1/domains/other/items/lonely/vector")
+    assert (status, doc["error"]) == (409, "no_version") and "finetune" in doc["detail"]
+    status, doc = env.call("GET", "/v1/domains/shop/items/zzz/vector")
+    assert (status, doc["error"]) == (404, "unknown_item") and "zzz" in doc["detail"]
+    status, doc = env.call("GET", "/v1/domains/shop/items/i1/vector?version=7")
+    assert (status, doc["error"]) == (404, "unknown_version")
+    status, doc = env.call("GET", "/v1/domains/shop/items/i1/vector?version=x")
+    assert (status, doc["error"]) == (400, "bad_request")
+
+
+def test_item_ids_are_url_decoded(env: Env) -> None:
+    env.feed("items", [item_payload("a b/c", "shop", 2, embedding=np.ones(DIM))])
+    status, doc = env.call("GET", "/v1/domains/shop/items/a%20b%2Fc/vector")
+    assert status == 200 and doc["item_id"] == "a b/c"
+
+
+# -- similar ------------------------------------------------------------------------------------
+
+
+def test_similar_matches_brute_force_cosine(env: Env) -> None:
+    ids, vecs = _reference_vectors(env)
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    status, doc = env.call("GET", "/v1/domains/shop/items/i3/similar?k=5")
+    assert status == 200 and len(doc["items"]) == 5
+    cos = unit @ unit[ids.index("i3")]
+    cos[ids.index("i3")] = -np.inf
+    # items that share a served code share a vector: compare scores, not tie order
+    got = [x["item_id"] for x in doc["items"]]
+    assert "i3" not in got and len(set(got)) == 5
+    np.testing.assert_allclose(
+        [x["score"] for x in doc["items"]], np.sort(cos)[::-1][:5], atol=1e-5
+    )
+    np.testing.assert_allclose([cos[ids.index(i)] for i in got], np.sort(cos)[::-1][:5], atol=1e-5)
+
+
+@pytest.mark.parametrize("k", ["0", "1001", "x", "-3"])
+def test_similar_bad_k_is_400(env: Env, k: str) -> None:
+    status, doc = env.call("GET", f"/v1/domains/shop/items/i3/similar?k={k}")
+    assert status == 400 and "k=" in doc["detail"] and "1000" in doc["detail"]
+
+
+# -- recommend ----------------------------------------------------------------------------------
+
+
+def test_recommend_matches_the_models_own_scoring(env: Env) -> None:
+    table = load_table(env.store, "shop", 1)
+    history = ["i1", "i5", "i9", "i2", "i8"]
+    status, doc = env.call(
+        "POST", "/v1/domains/shop/recommend", {"history": history, "k": 7, "exclude_history": True}
+    )
+    assert status == 200 and doc["unknown_history"] == []
+    idx = np.asarray([[table.item_ids.index(h) for h in history]])
+    scores = score_histories(table.snapshot.model(), table.item_rows, idx)[0]
+    scores = scores * table.snapshot.config.temperature  # the API answers plain cosines
+    scores_all = scores.copy()
+    scores[idx[0]] = -np.inf
+    got = [x["item_id"] for x in doc["items"]]
+    assert not set(got) & set(history) and len(set(got)) == 7
+    top = np.sort(scores)[::-1][:7]
+    np.testing.assert_allclose([x["score"] for x in doc["items"]], top, atol=1e-4)
+    np.testing.assert_allclose([scores[table.item_ids.index(i)] for i in got], top, atol=1e-4)
+    status, keep = env.call(
+        "POST", "/v1/domains/shop/recommend", {"history": history, "k": 7, "exclude_history": False}
+    )
+    assert status == 200
+    unmasked = np.sort(scores_all)[::-1][:7]
+    np.testing.assert_allclose([x["score"] for x in keep["items"]], unmasked, atol=1e-4)
+
+
+def test_recommend_ignores_unknown_history_items_and_says_so(env: Env) -> None:
+    status, doc = env.call("POST", "/v1/domains/shop/recommend", {"history": ["i1", "ghost"]})
+    assert status == 200 and doc["unknown_history"] == ["ghost"] and len(doc["items"]) == 10
+    status, doc = env.call("POST", "/v1/domains/shop/recommend", {"history": ["ghost"]})
+    assert (status, doc["error"]) == (404, "unknown_item")
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{not json", "not JSON"),
+        (b"[1]", "JSON object"),
+        ({"history": []}, "history"),
+        ({"history": [1, 2]}, "history"),
+        ({"history": ["i1"], "k": 0}, "k"),
+        ({"history": ["i1"], "k": True}, "k"),
+        ({"history": ["i1"], "exclude_history": "yes"}, "exclude_history"),
+    ],
+)
+def test_recommend_bad_bodies_are_400(env: Env, body: Any, needle: str) -> None:
+    status, doc = env.call("POST", "/v1/domains/shop/recommend", body)
+    assert status == 400 and needle in doc["detail"]
+
+
+def test_user_recommend_uses_the_stored_recent_items(env: Env) -> None:
+    recent = recent_items(env.store, "shop", "u2")
+    assert len(recent) == 5  # user_history_len: the 8 interactions were cut to the last 5
+    status, doc = env.call("GET", "/v1/domains/shop/users/u2/recommend?k=4")
+    assert status == 200 and doc["history_len"] == 5
+    _, direct = env.call(
+        "POST", "/v1/domains/shop/recommend", {"history": [i for _, i in recent], "k": 4}
+    )
+    assert doc["items"] == direct["items"]
+    status, doc = env.call("GET", "/v1/domains/shop/users/nobody/recommend")
+    assert (status, doc["error"]) == (404, "unknown_item") and "nobody" in doc["detail"]
+    status, doc = env.call("GET", "/v1/domains/shop/users/u2/recommend?exclude_history=maybe")
+    assert status == 400
+
+
+def test_users_index_keeps_the_last_items_in_order(env: Env) -> None:
+    env.feed(
+        "interactions",
+        [interaction_payload("fresh", f"i{n}", "shop", 100 + n) for n in range(7)],
+    )
+    assert recent_items(env.store, "shop", "fresh") == [(100 + n, f"i{n}") for n in range(2, 7)]
+
+
+# -- cold start ---------------------------------------------------------------------------------
+
+
+def test_a_new_item_is_served_in_the_batch_that_codes_it(env: Env) -> None:
+    before = env.serving.builds
+    status, _ = env.call("GET", "/v1/domains/shop/items/newbie/vector")
+    assert status == 404
+    emb = np.random.default_rng(99).normal(size=(4, DIM))[2]  # at center 2
+    env.feed("items", [item_payload("newbie", "shop", 50, embedding=emb)])
+    status, doc = env.call("GET", "/v1/domains/shop/items/newbie/vector")
+    assert status == 200 and doc["version"] == 1 and env.serving.builds == before  # no rebuild
+    # reference: the version's rows of its served code
+    codes = env.processor.codes
+    assigner = None if codes is None else codes.assigner("shop")
+    assert assigner is not None
+    table = load_table(env.store, "shop", 1)
+    rows = assigner.row_ids("newbie")
+    n_rows = table.snapshot.params["table.rows"].shape[0]
+    model = table.snapshot.model()
+    with torch.no_grad():
+        ref = model.item_vectors(torch.as_tensor(np.where(rows < n_rows, rows, -1)[None]))[0]
+    np.testing.assert_allclose(doc["vector"], ref.numpy(), rtol=1e-5, atol=1e-6)
+    # findable: it is among the similar items of an item sharing its code
+    twin = next(k for k in assigner.keys if k != "newbie" and assigner.row_ids(k)[:1] == rows[:1])
+    _, sim = env.call("GET", f"/v1/domains/shop/items/{twin}/similar?k={N_ITEMS}")
+    assert "newbie" in [x["item_id"] for x in sim["items"]]
+
+
+def test_items_coded_during_a_build_are_in_the_new_index(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env.publish(seed=1)
+    real = serving_module.build_index
+
+    def build_then_ingest(*args: Any, **kwargs: Any) -> Any:
+        index = real(*args, **kwargs)  # read the state before the batch below
+        env.feed("items", _items(5, 1000, 3))  # applied to the old index while building
+        return index
+
+    monkeypatch.setattr(serving_module, "build_index", build_then_ingest)
+    assert env.serving.refresh() == ["shop"]
+    for item in ("i1000", "i1001", "i1002"):
+        status, doc = env.call("GET", f"/v1/domains/shop/items/{item}/vector")
+        assert status == 200 and doc["version"] == 2
+
+
+# -- versions and rollback ----------------------------------------------------------------------
+
+
+def test_versions_lists_records_and_what_is_served(env: Env) -> None:
+    env.publish(seed=1)
+    env.serving.refresh()
+    status, doc = env.call("GET", "/v1/domains/shop/versions")
+    assert status == 200 and doc["current"] == 2 and doc["served"]["version"] == 2
+    assert [v["version"] for v in doc["versions"]] == [1, 2]
+    assert [(s["from"], s["to"]) for s in doc["switches"]] == [(None, 1), (1, 2)]
+    assert env.call("GET", "/v1/domains/nope/versions")[0] == 404
+    status, doc = env.call("GET", "/v1/domains/other/versions")
+    assert status == 200 and doc["current"] is None and doc["versions"] == []
+    status, doc = env.call("POST", "/v1/domains/other/rollback", {"previous": True}, token=TOKEN)
+    assert (status, doc["error"]) == (409, "not_servable")
+
+
+def test_rollback_needs_the_token_and_sends_a_control_command(env: Env) -> None:
+    env.publish(seed=1)
+    path = "/v1/domains/shop/rollback"
+    status, doc = env.call("POST", path, {"to": 1})
+    assert (status, doc["error"]) == (401, "unauthorized")
+    assert env.call("POST", path, {"to": 1}, token="wrong")[0] == 401
+    status, doc = env.call("POST", path, {"previous": True}, token=TOKEN)
+    assert status == 202 and doc["sent"] == {
+        "op": "rollback",
+        "domain": "shop",
+        "version": 1,
+        "previous": False,
+    }
+    assert doc["topic"] == "t.control" and doc["from"] == 2
+    assert env.sent == [("rollback", "shop", {"version": 1, "previous": False})]
+    status, doc = env.call("POST", path, {"to": 9}, token=TOKEN)
+    assert status == 409 and "[1, 2]" in doc["detail"]
+    assert env.call("POST", path, {"to": 1, "previous": True}, token=TOKEN)[0] == 400
+    assert env.call("POST", path, {"to": "1"}, token=TOKEN)[0] == 400
+    assert env.call("POST", "/v1/domains/nope/rollback", {"to": 1}, token=TOKEN)[0] == 404
+    assert len(env.sent) == 1
+
+
+def test_admin_endpoints_are_off_without_a_token() -> None:
+    settings = _settings(admin_token="")
+    store = MemoryPartition()
+    router = Router()
+    ApiRoutes(Serving(store, settings), store, settings, lambda *a: None).register(router)
+    server = HttpServer(router, "127.0.0.1", 0)
+    server.start()
+    try:
+        e = Env(settings, store, Processor(store, settings, None), Serving(store, settings), server)
+        status, doc = e.call("POST", "/v1/domains/shop/rollback", {"to": 1}, token="")
+        assert (status, doc["error"]) == (403, "admin_disabled")
+        assert "admin_token" in doc["detail"]
+    finally:
+        server.stop()
+
+
+def test_a_failing_control_producer_is_a_503(env: Env) -> None:
+    env.publish(seed=1)
+
+    def fail(op: str, domain: str, fields: dict[str, Any]) -> None:
+        raise RuntimeError("broker down")
+
+    routes = ApiRoutes(env.serving, env.store, env.settings, fail)
+    router = Router()
+    routes.register(router)
+    server = HttpServer(router, "127.0.0.1", 0)
+    server.start()
+    try:
+        e = Env(env.settings, env.store, env.processor, env.serving, server)
+        status, doc = e.call("POST", "/v1/domains/shop/rollback", {"to": 1}, token=TOKEN)
+        assert status == 503 and "broker down" in doc["detail"]
+    finally:
+        server.stop()
+
+
+# -- OpenAPI ------------------------------------------------------------------------------------
+
+
+def test_openapi_describes_every_route(env: Env) -> None:
+    status, doc = env.call("GET", "/v1/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.")
+    described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    declared = {(r.method, r.path) for r in ROUTES} | {("GET", p) for p, _, _ in DAEMON_ROUTES}
+    assert described == declared
+    for _, ops in doc["paths"].items():
+        for op in ops.values():
+            assert op["responses"] and all(code.isdigit() for code in op["responses"])
+    # every route the router knows is described
+    assert env.router.routes
+    for method, regex, _ in env.router.routes:
+        assert any(regex.fullmatch(p) for m, p in declared if m == method), regex.pattern
+
+
+def test_unknown_routes_and_methods(env: Env) -> None:
+    conn = http.client.HTTPConnection(*env.server.address, timeout=10)
+    conn.request("GET", "/v1/nothing")
+    assert conn.getresponse().status == 404
+    conn.close()
+    status, doc = env.call("GET", "/v1/domains")
+    assert status == 200 and doc["domains"][0]["domain"] == "shop"
+
+
+# -- swaps under load ---------------------------------------------------------------------------
+
+
+def test_no_request_fails_while_versions_are_published_and_rolled_back(env: Env) -> None:
+    stop = threading.Event()
+    failures: list[Any] = []
+    seen: set[int] = set()
+
+    def reader(n: int) -> None:
+        paths = [
+            ("GET", "/v1/domains/shop/items/i4/similar?k=5", None),
+            ("GET", "/v1/domains/shop/items/i9/vector", None),
+            ("POST", "/v1/domains/shop/recommend", {"history": ["i1", "i2"], "k": 5}),
+            ("GET", "/v1/domains/shop/users/u1/recommend?k=3", None),
+        ]
+        i = n
+        while not stop.is_set():
+            method, path, body = paths[i % len(paths)]
+            i += 1
+            try:
+                status, doc = env.call(method, path, body)
+            except Exception as exc:  # a broken connection is a failure too
+                failures.append(repr(exc))
+                continue
+            if status != 200:
+                failures.append((path, status, doc))
+            else:
+                seen.add(doc["version"])
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for round_ in range(3):
+            env.publish(seed=10 + round_)
+            assert env.serving.refresh() == ["shop"]
+            env.feed("items", _items(round_, 2000 + 10 * round_, 2))
+            batch = env.store.batch()
+            rollback(env.store, batch, "shop", previous=True)
+            env.store.write(batch)
+            assert env.serving.refresh() == ["shop"]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert failures == []
+    assert len(seen) >= 2  # the readers saw more than one version
+    assert env.serving.index("shop").version == current_version(env.store, "shop")
