@@ -39,6 +39,7 @@ def worker_env(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> 
             "ADACODE_EMBEDDING_DIM": str(DIM),
             "ADACODE_HTTP_PORT": "0",
             "ADACODE_KAFKA_SESSION_TIMEOUT_MS": "6000",
+            "ADACODE_ENCODER_PRELOAD": "false",  # these tests send embeddings, not texts
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
@@ -128,6 +129,7 @@ def settings_for(bootstrap: str, prefix: str, state_dir: Path, **over: object) -
         "embedding_dim": DIM,
         "http_port": 0,
         "kafka_session_timeout_ms": 6000,
+        "encoder_preload": False,
     }
     base.update(over)
     return Settings(**base)  # type: ignore[arg-type]

@@ -25,6 +25,7 @@ from worker.api import HttpServer, Request, Response, Router
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder
 from worker.events import control_payload
+from worker.exceptions import EncoderError
 from worker.finetune import FineTuner
 from worker.metrics import Metrics
 from worker.processor import BatchResult, Processor
@@ -130,6 +131,12 @@ class Daemon:
         code = 0
         self.scheduler.start()
         self.serving.start()
+        if self.settings.encoder_preload:
+            # in the background: start-up and items with embeddings don't wait for it;
+            # the first batch with texts waits for the load to finish
+            threading.Thread(
+                target=self._preload_encoder, name="encoder-preload", daemon=True
+            ).start()
         try:
             self.loop.run()
         except StoreError as exc:
@@ -149,6 +156,12 @@ class Daemon:
             self.loop.stats.dead,
         )
         return code
+
+    def _preload_encoder(self) -> None:
+        try:
+            self.encoder.encode(["warm-up"])
+        except EncoderError as exc:  # items with text will be dead-lettered with the reason
+            log.error("%s", exc)
 
     def stop(self) -> None:
         self.loop.stop()

@@ -13,17 +13,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import orjson
 from kafka import KafkaConsumer, TopicPartition
 
 from store.partition import StorePartition
 from store.records import Popularity, domain_prefix, split_item_key
 from worker.dataset import read_interactions, read_items
+from worker.events import item_payload
 from worker.inspection import find_item, open_state_readonly, stats
 from worker.operations import do_finetune, do_rollback, format_versions, versions_report
-from worker.replay import replay
+from worker.replay import make_producer, replay
 from worker.settings import Settings
 from worker.synthetic import generate
 from worker.topics import create_topics
@@ -122,6 +126,70 @@ def _wait_current(
         if worker.poll() is not None or time.monotonic() - started > 120:
             raise SystemExit(f"{domain} did not switch to version {version}; see the worker log")
         time.sleep(0.5)
+
+
+def _http(
+    settings: Settings, method: str, path: str, body: dict[str, Any] | None = None
+) -> tuple[int, Any]:
+    url = f"http://{settings.http_host}:{settings.http_port}{path}"
+    data = None if body is None else orjson.dumps(body)
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read() or b"{}")
+
+
+def _cold_start(
+    settings: Settings, domain: str, head: dict[str, Any] | None, dataset: Path
+) -> None:
+    """Produce a brand-new item while the worker runs; time until the API serves it."""
+    if head is None or not settings.http_port:
+        return
+    _, doc = _http(settings, "GET", f"/v1/domains/{domain}/items/{head['item_id']}/similar?k=5")
+    neighbours = [n["item_id"] for n in doc.get("items", [])]
+    head_text = next((i.text for i in read_items(dataset) if i.item_id == head["item_id"]), "")
+    text = f"new arrival: {head_text or head['item_id']}"
+    new_id = f"new-{int(time.time())}"
+    print(f"12. a brand-new item {new_id!r} arrives: {text!r}")
+    producer = make_producer(settings)
+    started = time.perf_counter()
+    producer.send(
+        settings.topic("items"),
+        key=domain.encode(),
+        value=item_payload(new_id, domain, int(time.time()), text=text),
+    )
+    producer.flush()
+    producer.close()
+    while True:
+        status, similar = _http(settings, "GET", f"/v1/domains/{domain}/items/{new_id}/similar?k=5")
+        if status == 200:
+            break
+        if time.perf_counter() - started > 60:
+            print(f"   not served after 60 s (last answer {status}: {similar})")
+            return
+        time.sleep(0.01)
+    took = time.perf_counter() - started
+    print(f"   served {took * 1000:.0f} ms after it was produced; its similar items:")
+    for n in similar["items"]:
+        print(f"     {n['item_id']:>12}  {n['score']:.3f}")
+    history = [n["item_id"] for n in similar["items"]][:3] + neighbours[:2]
+    _, rec = _http(
+        settings,
+        "POST",
+        f"/v1/domains/{domain}/recommend",
+        {"history": history, "k": 50, "exclude_history": True},
+    )
+    ids = [n["item_id"] for n in rec.get("items", [])]
+    where = (
+        f"at rank {ids.index(new_id) + 1} of {len(ids)}"
+        if new_id in ids
+        else f"not in the top {len(ids)}"
+    )
+    print(f"   a recommendation after a history of its neighbours {history[:3]}... has it {where}")
 
 
 def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int | None) -> int:
@@ -228,8 +296,9 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
         _wait_current(settings, domain, 1, worker)
         print("11. the versions table (adacode versions):")
         print("   " + format_versions(versions_report(settings, domain)).replace("\n", "\n   "))
+        _cold_start(settings, domain, head, dataset)
     finally:
         worker.send_signal(signal.SIGTERM)
         code = worker.wait(timeout=60)
-        print(f"12. worker stopped (exit status {code})")
+        print(f"13. worker stopped (exit status {code})")
     return 0 if code == 0 else 1

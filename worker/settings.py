@@ -123,6 +123,9 @@ class Settings:
     text_batch_size: int = setting(64, "texts encoded per MiniLM call", minimum=1)
     torch_threads: int = setting(1, "torch threads of the text encoder", minimum=1, maximum=64)
     max_text_chars: int = setting(4000, "item texts are cut to this length", minimum=16)
+    encoder_preload: bool = setting(
+        True, "load MiniLM in the background at start, not on the first text item"
+    )
 
     # --- codes -----------------------------------------------------------------------
     codes_enabled: bool = setting(True, "assign residual codes to items as they arrive")
