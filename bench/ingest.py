@@ -36,10 +36,10 @@ the loop's calls by subclasses and wrappers: the worker is not edited. One extra
 ``Processor.process`` per record (parse, read, encode, apply, codes, flush) and counts the
 bytes put per column family; one cProfile run lists the hottest functions.
 
-Prototype fixes, measured on the same topics: the CRC check off (what a C CRC-32C leaves),
-:class:`FastLoop` (no per-record copy) and :class:`FastProcessor` (interactions folded per
-batch), and larger polls. :func:`compare_processors` runs the worker's ``Processor`` and
-``FastProcessor`` offline on the same batches and checks that every column family ends equal.
+Prototype fixes, measured on the same topics (``--prototype-repeats`` runs each): the CRC
+check off in the raw baseline and in the worker (what a C CRC-32C leaves of kafka-python's
+pure-Python one: ~0), then also ``poll_max_records=20000``. ``--codes-scaling 5000,20000,80000``
+adds an offline measurement of the codes step against the catalogue size.
 
 Writes ``bench/out/ingest.json``, ``bench/out/ingest.png`` and ``bench/out/ingest_profile.txt``.
 """
@@ -50,6 +50,7 @@ import argparse
 import contextlib
 import cProfile
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -66,7 +67,6 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,43 +75,25 @@ from unittest import mock
 
 import kafka
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.record import util as kafka_record_util
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import worker.consumer as consumer_module
 import worker.processor as processor_module
 from adacode.errors import AdacodeError
 from bench.common import out_path
-from store.exceptions import StoreError
-from store.partition import COLUMN_FAMILIES, WriteBatch
-from store.records import (
-    DomainCounters,
-    ItemRecord,
-    LoggedInteraction,
-    Popularity,
-    domain_counters_key,
-    interaction_key,
-    item_key,
-)
+from store.partition import WriteBatch
 from store.rocksdb import RocksDBPartition, RocksDBWriteBatch
-from worker.coding import CodeService
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder
 from worker.events import (
-    InteractionEvent,
-    ItemEvent,
     interaction_payload,
     item_payload,
-    parse_interaction,
-    parse_item,
 )
-from worker.exceptions import EventError
 from worker.metrics import Metrics
-from worker.processor import BatchResult, DeadLetter, Encode, Processor, SourceRecord, _Cache
+from worker.processor import BatchResult, Encode, Processor, SourceRecord
 from worker.settings import Settings
 from worker.topics import create_topics
 
@@ -137,6 +119,10 @@ log = logging.getLogger("bench.ingest")
 
 class IngestBenchError(AdacodeError):
     """The ingest benchmark could not start its broker, produce, or finish a run."""
+
+
+class StalledRunError(IngestBenchError):
+    """An applied run did not get through its records within ``RUN_TIMEOUT_S``."""
 
 
 # ======================================================================================
@@ -359,6 +345,7 @@ class Run:
     batches: int = 0
     bootstrap_s: float = 0.0  # apply time of the batch that trained the codebook, if any
     stages: dict[str, float] = field(default_factory=dict)
+    stalls: int = 0  # runs before this one that stalled and were repeated
 
     @property
     def rate(self) -> float:
@@ -538,7 +525,7 @@ class TimedLoop(ConsumerLoop):
 
     def apply(self, polled: dict[TopicPartition, list[Any]]) -> BatchResult:
         started = time.perf_counter()
-        result = self.apply_batch(polled)
+        result = super().apply(polled)
         self._add("apply", started)
         coding = getattr(result, "coding", None)
         if coding is not None and getattr(coding, "trained", None):
@@ -550,10 +537,6 @@ class TimedLoop(ConsumerLoop):
             self.finished_cpu = time.process_time()
             self.stop()
         return result
-
-    def apply_batch(self, polled: dict[TopicPartition, list[Any]]) -> BatchResult:
-        """The worker's own ``ConsumerLoop.apply`` (:class:`FastLoop` replaces it)."""
-        return super().apply(polled)
 
     def _report_lag(self) -> None:
         started = time.perf_counter()
@@ -688,7 +671,22 @@ class AppliedConfig:
     poll_max_records: int = POLL_MAX_RECORDS
 
 
-def measure_applied(
+def measure_applied(wl: Workload, cfg: AppliedConfig, tag: str, **kwargs: Any) -> Run:
+    """:func:`measure_applied_once`, repeated once (and counted in ``Run.stalls``) if it stalls.
+
+    A stall is a run that applied nothing within ``RUN_TIMEOUT_S``; it was seen once on this
+    shared 2-core machine under heavy load, with no error from the worker or the broker.
+    """
+    try:
+        return measure_applied_once(wl, cfg, tag, **kwargs)
+    except StalledRunError as exc:
+        print(f"warning: {exc}; repeating the run once", file=sys.stderr, flush=True)
+    run = measure_applied_once(wl, cfg, tag, **kwargs)
+    run.stalls += 1
+    return run
+
+
+def measure_applied_once(
     wl: Workload,
     cfg: AppliedConfig,
     tag: str,
@@ -719,6 +717,7 @@ def measure_applied(
         poll_max_records=cfg.poll_max_records,
     )
     store = open_timed_store(db, cfg.sync_writes, count_bytes=bytes_put is not None)
+    succeeded = False
     bar = tqdm(total=expected, desc=f"{tag} {wl.name}", unit="rec", leave=False)
     try:
         timing: dict[str, float] = {}
@@ -740,9 +739,15 @@ def measure_applied(
             watchdog.cancel()
         bar.close()
         if loop.finished_at is None or loop.assigned_at is None:
-            raise IngestBenchError(
-                f"{cfg.label} on {wl.name} applied {loop.stats.records} of {expected} "
-                f"records within {RUN_TIMEOUT_S:.0f}s; see the log above for the cause"
+            where = (
+                "the consumer group join never completed"
+                if loop.assigned_at is None
+                else f"{loop.stats.batches} batches were applied after the assignment"
+            )
+            raise StalledRunError(
+                f"{cfg.label} on {wl.name} applied {loop.stats.records} of {expected} records "
+                f"within {RUN_TIMEOUT_S:.0f}s ({where}); check the broker log and the machine "
+                "load, or rerun"
             )
         offsets = {tp: off for tp, off in store.offsets().items() if tp[0] in wl.topics}
         complete = expected == wl.records
@@ -755,6 +760,7 @@ def measure_applied(
         if bytes_put is not None and store.bytes_put is not None:
             bytes_put.update(store.bytes_put)
         seconds, cpu_s, stages = loop.run_stats()
+        succeeded = True
         return Run(
             loop.stats.records,
             seconds,
@@ -767,7 +773,7 @@ def measure_applied(
     finally:
         bar.close()
         store.close()
-        if keep is not None and db.is_dir():
+        if succeeded and keep is not None and db.is_dir():
             shutil.move(db, keep)
         shutil.rmtree(state, ignore_errors=True)
 
@@ -780,265 +786,69 @@ def measure_applied(
 CRC_IMPL = "C (crc32c package)" if kafka_record_util.crc32c_c is not None else "pure Python"
 
 
-class FastLoop(TimedLoop):
-    """Prototype of ``ConsumerLoop.apply`` without the per-record ``SourceRecord`` copy.
-
-    kafka-python's ``ConsumerRecord`` already has ``topic``, ``partition``, ``offset``,
-    ``key`` and ``value``: the processor reads nothing else, so the records go as they are.
-    Everything else is the worker's ``apply`` unchanged.
-    """
-
-    def apply_batch(self, polled: dict[TopicPartition, list[Any]]) -> BatchResult:
-        started = time.perf_counter()
-        for tp, recs in polled.items():
-            self.metrics.count_consumed(tp.topic, len(recs))
-        records: list[Any] = []
-        for tp in sorted(polled, key=lambda t: (t.topic, t.partition)):
-            records += polled[tp]
-        result = self.processor.process(records)
-        if result.dead:
-            for dead in result.dead:
-                self.producer.send(
-                    self.deadletter_topic,
-                    key=dead.record.key,
-                    value=consumer_module.dead_letter_payload(dead),
-                )
-            self.producer.flush(timeout=30)
-        try:
-            self.store.write(result.batch)
-        except StoreError:
-            self.healthy = False
-            raise
-        offsets = {
-            tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1)
-            for tp, recs in polled.items()
-            if recs
-        }
-        try:
-            self.consumer.commit_async(offsets)
-        except KafkaError as exc:
-            log.debug("kafka offset commit failed: %s", exc)
-        elapsed = time.perf_counter() - started
-        self.stats.batches += 1
-        self.stats.records += len(records)
-        self.stats.dead += len(result.dead)
-        self.stats.last_batch_s = elapsed
-        self.metrics.observe_batch(result, len(records), elapsed)
-        if self.on_applied is not None:
-            self.on_applied(result)
-        return result
-
-
-class FastProcessor(Processor):
-    """Prototype of ``Processor.process`` with the interaction path folded per batch.
-
-    Same result as the worker's (checked by :func:`compare_processors`), with:
-
-    1. each item's ``Popularity`` decoded once per batch, every interaction of the batch
-       folded into the object, encoded once (the worker decodes and encodes it per event);
-    2. ``DomainCounters`` built once per domain per batch from plain counts (the worker
-       builds a new one per event);
-    3. each interaction's item key computed once (the worker builds it 4 times);
-    4. the codes step reads the folded popularities instead of decoding them again per
-       interaction;
-    5. while there is no codebook, the full scan of the items column family (to bootstrap
-       one) is skipped when the domain counters show fewer items with embeddings than
-       ``codebook_min_items`` (the worker scans every item on every batch until then).
-    """
-
-    def process(self, records: Sequence[SourceRecord]) -> BatchResult:
-        result = BatchResult(batch=self.store.batch())
-        items: list[tuple[SourceRecord, ItemEvent]] = []
-        interactions: list[tuple[SourceRecord, InteractionEvent]] = []
-        next_offsets: dict[tuple[str, int], int] = {}
-        for rec in records:
-            tp = (rec.topic, rec.partition)
-            if rec.offset + 1 > next_offsets.get(tp, -1):
-                next_offsets[tp] = rec.offset + 1
-            try:
-                if rec.topic == self.interactions_topic:
-                    interactions.append((rec, parse_interaction(rec.value, self.limits)))
-                elif rec.topic == self.items_topic:
-                    items.append((rec, parse_item(rec.value, self.limits)))
-                else:
-                    raise EventError(f"no handler for topic {rec.topic!r}")
-            except EventError as exc:
-                result.dead.append(DeadLetter(exc.reason, rec))
-
-        item_cache = _Cache(self.store, "items")
-        pop_cache = _Cache(self.store, "popularity")
-        meta_cache = _Cache(self.store, "meta")
-        ikeys = [item_key(e.domain, e.item_id) for _, e in interactions]
-        item_cache.prefetch([item_key(e.domain, e.item_id) for _, e in items] + ikeys)
-        pop_cache.prefetch(ikeys)
-        domains = {e.domain for _, e in items} | {e.domain for _, e in interactions}
-        meta_cache.prefetch([domain_counters_key(d) for d in sorted(domains)])
-        counters = {
-            d: DomainCounters.decode(raw)
-            if (raw := meta_cache.get(domain_counters_key(d)))
-            else DomainCounters()
-            for d in domains
-        }
-        vectors = self._encode_items([e for _, e in items], item_cache, result)
-        for (rec, event), vector in zip(items, vectors, strict=True):
-            if vector == b"":
-                reason = "item has only text and this worker has no text encoder configured"
-                result.dead.append(DeadLetter(reason, rec))
-                continue
-            self._apply_item(event, vector, item_cache, counters, result)
-
-        # interactions, folded per item and per domain
-        pops: dict[bytes, Popularity] = {}
-        named: dict[bytes, tuple[str, str]] = {}
-        count: Counter[str] = Counter()
-        placeholders: Counter[str] = Counter()
-        last_ts: dict[str, int] = {}
-        half_life = self.half_life_s
-        put = result.batch.put
-        for (rec, ev), key in zip(interactions, ikeys, strict=True):
-            domain = ev.domain
-            pop = pops.get(key)
-            if pop is None:
-                if item_cache.get(key) is None:  # the item event has not arrived yet
-                    item_cache.put(key, ItemRecord(ev.ts, ev.ts, placeholder=True).encode())
-                    placeholders[domain] += 1
-                raw = pop_cache.get(key)
-                pop = Popularity.decode(raw) if raw else Popularity()
-                named[key] = (domain, ev.item_id)
-            pops[key] = pop.add(ev.ts, ev.weight, half_life)
-            put(
-                "interactions",
-                interaction_key(domain, ev.ts, rec.partition, rec.offset),
-                LoggedInteraction(ev.user_id, ev.item_id, ev.weight).encode(),
-            )
-            count[domain] += 1
-            if ev.ts > last_ts.get(domain, -1):
-                last_ts[domain] = ev.ts
-        for key, pop in pops.items():
-            pop_cache.put(key, pop.encode())
-        for domain, n in count.items():
-            c = counters[domain]
-            counters[domain] = DomainCounters(
-                c.items,
-                c.placeholders + placeholders[domain],
-                c.interactions + n,
-                c.logged + n,
-                max(c.last_ts, last_ts[domain]),
-            )
-            result.applied["interaction", domain] += n
-
-        if self.codes is not None:
-            self._codes_folded(self.codes, items, item_cache, pops, named, counters, result)
-        for domain in sorted(domains):
-            counters[domain] = self._trim_log(domain, counters[domain], result.batch)
-        for domain, c in counters.items():
-            meta_cache.put(domain_counters_key(domain), c.encode())
-        for cache in (item_cache, pop_cache, meta_cache):
-            cache.flush(result.batch)
-        for (topic, partition), offset in sorted(next_offsets.items()):
-            result.batch.set_offset(topic, partition, offset)
-        return result
-
-    def _codes_folded(
-        self,
-        codes: CodeService,
-        items: list[tuple[SourceRecord, ItemEvent]],
-        item_cache: Any,
-        pops: dict[bytes, Popularity],
-        named: dict[bytes, tuple[str, str]],
-        counters: dict[str, DomainCounters],
-        result: BatchResult,
-    ) -> None:
-        new: dict[str, dict[str, bytes]] = {}
-        for _, event in items:
-            key = item_key(event.domain, event.item_id)
-            raw = item_cache.values.get(key)
-            if raw is not None and key in item_cache.dirty:
-                rec = ItemRecord.decode(raw)
-                if rec.embedding:
-                    new.setdefault(event.domain, {})[event.item_id] = rec.embedding
-        domain_ts = {d: c.last_ts for d, c in counters.items()}
-        popularity: dict[str, dict[str, float]] = {}
-        for key, pop in pops.items():
-            domain, item_id = named[key]
-            popularity.setdefault(domain, {})[item_id] = pop.at(domain_ts[domain], self.half_life_s)
-        held: list[tuple[bytes, bytes]] = []
-        if codes.codebook is None:
-            stored = {
-                k[len(b"domain/") :].decode(): DomainCounters.decode(v)
-                for k, v in self.store.items("meta", prefix=b"domain/")
-            }
-            with_embedding = sum(c.items for c in (stored | counters).values())
-            if with_embedding >= self.settings.codebook_min_items:
-                held = list(self.store.items("items"))
-        result.coding = codes.apply(result.batch, new, popularity, domain_ts, held)
-
-
 @dataclass
-class Comparison:
-    """Offline (no Kafka) run of the worker's and the prototype's processor on one input."""
+class CodesScaling:
+    """Offline cost of the codes step on interactions, for one catalogue size."""
 
-    name: str
-    records: int
-    worker_cpu_us: float  # CPU microseconds per record in process()
-    prototype_cpu_us: float
-    equal: bool
-    differing: list[str]
-
-    @property
-    def gain(self) -> float:
-        return self.worker_cpu_us / self.prototype_cpu_us if self.prototype_cpu_us else math.inf
+    items: int
+    process_us: float  # Processor.process, wall microseconds per interaction
+    codes_us: float  # of which Processor._assign_codes
+    codes_state_bytes: float  # bytes put per interaction: assigner states (codes cf)
+    codes_history_bytes: float  # bytes put per interaction: code history (codes cf)
+    interaction_bytes: float  # bytes put per interaction: the interaction log
 
 
-def compare_processors(
-    name: str, settings: Settings, events: Sequence[Event], initial: Path | None
-) -> Comparison:
-    """Feed the same batches to ``Processor`` and ``FastProcessor``; compare time and state.
-
-    Both start from a copy of ``initial`` (or empty), see the same records in the same
-    batches of ``POLL_MAX_RECORDS`` (batches interleaved, so both meet the same machine
-    load), and every column family is compared afterwards.
-    """
-    topic = settings.topic("interactions")
-    offsets = [0] * PARTITIONS
-    records: list[SourceRecord] = []
-    for key, value in events:
-        partition = DOMAINS.index(key.decode()) % PARTITIONS
-        records.append(SourceRecord(topic, partition, offsets[partition], key, value))
-        offsets[partition] += 1
-    with tempfile.TemporaryDirectory(prefix="adacode-bench-compare-") as tmp:
-        stores: list[RocksDBPartition] = []
-        processors: list[Processor] = []
-        for i, cls in enumerate((Processor, FastProcessor)):
-            db = Path(tmp) / f"db{i}"
-            if initial is not None:
-                shutil.copytree(initial, db)
-            store = RocksDBPartition.open(db, sync_writes=False)
-            stores.append(store)
-            processors.append(cls(store, dataclasses.replace(settings, state_dir=str(db)), None))
-        cpu = [0.0, 0.0]
+def codes_scaling(n_items: int, n_interactions: int, seed: int) -> CodesScaling:
+    """Apply a catalogue of ``n_items`` offline, then interactions in batches of 5000."""
+    settings = Settings(topic_prefix="scaling.", http_port=0)
+    cat = make_catalogue(n_items, seed)
+    with tempfile.TemporaryDirectory(prefix="adacode-bench-scaling-") as tmp:
+        db = Path(tmp) / "db"
+        store = open_timed_store(db, False)
         try:
+            settings = dataclasses.replace(settings, state_dir=str(db))
+            processor = Processor(store, settings, None)
+            events = embedding_item_events(cat)
+            records = [SourceRecord("scaling.items", 0, i, k, v) for i, (k, v) in enumerate(events)]
+            del events
             for start in tqdm(
-                range(0, len(records), POLL_MAX_RECORDS), desc=f"compare {name}", leave=False
+                range(0, len(records), POLL_MAX_RECORDS), desc=f"catalogue {n_items}", leave=False
             ):
-                chunk = records[start : start + POLL_MAX_RECORDS]
-                for i, (store, proc) in enumerate(zip(stores, processors, strict=True)):
-                    began = time.process_time()
-                    result = proc.process(chunk)
-                    cpu[i] += time.process_time() - began
-                    store.write(result.batch)
-            differing = [
-                cf
-                for cf in COLUMN_FAMILIES
-                if list(stores[0].items(cf)) != list(stores[1].items(cf))
+                store.write(processor.process(records[start : start + POLL_MAX_RECORDS]).batch)
+            del records
+            counts: dict[str, int] = {}
+
+            class ByPrefix(CountingBatch):
+                def put(self, cf: str, key: bytes, value: bytes) -> None:
+                    if cf == "codes":
+                        tag = "codes:" + key.split(b"\x00", 1)[0].decode()
+                        counts[tag] = counts.get(tag, 0) + len(key) + len(value)
+                    super().put(cf, key, value)
+
+            store.bytes_put = {}
+            timing = {"process": 0.0, "process: codes": 0.0}
+            timed = timed_processor(Processor, timing)(store, settings, None)
+            inter = interaction_events(n_interactions, cat, seed)
+            records = [
+                SourceRecord("scaling.interactions", 0, i, k, v) for i, (k, v) in enumerate(inter)
             ]
+            for start in range(0, len(records), POLL_MAX_RECORDS):
+                batch = ByPrefix(store, store.bytes_put)
+                chunk = records[start : start + POLL_MAX_RECORDS]
+                with mock.patch.object(store, "batch", return_value=batch):
+                    result = timed.process(chunk)
+                store.write(result.batch)
+            n = max(1, len(records))
+            return CodesScaling(
+                n_items,
+                1e6 * timing["process"] / n,
+                1e6 * timing["process: codes"] / n,
+                counts.get("codes:state", 0) / n,
+                counts.get("codes:hist", 0) / n,
+                store.bytes_put.get("interactions", 0) / n,
+            )
         finally:
-            for store in stores:
-                store.close()
-    n = max(1, len(records))
-    return Comparison(
-        name, len(records), 1e6 * cpu[0] / n, 1e6 * cpu[1] / n, not differing, differing
-    )
+            store.close()
 
 
 # ======================================================================================
@@ -1123,8 +933,10 @@ def render_table(rows: list[Row]) -> str:
         boot = statistics.median(r.bootstrap_s for r in row.runs)
         batches = statistics.median(r.batches for r in row.runs)
         path = row.path
-        if row.note:
-            notes.append(row.note)
+        stalls = sum(r.stalls for r in row.runs)
+        note = row.note + (f"; {stalls} stalled run(s) repeated" if stalls else "")
+        if note:
+            notes.append(note.lstrip("; "))
             path += f" [{len(notes)}]"
         lines.append(
             f"{wl:<24}{path:<38}{fmt_rate(row.median):>10}{fmt_rate(min(row.rates)):>10}"
@@ -1218,16 +1030,19 @@ def render_profile(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_comparisons(comparisons: list[Comparison]) -> str:
+def render_scaling(scaling: list[CodesScaling]) -> str:
     lines = [
-        f"{'input':<34}{'records':>9}{'worker us':>11}{'prototype us':>14}{'gain':>7}  state",
-        "-" * 90,
+        f"{'catalogue':>10}{'process us':>12}{'codes us':>10}{'codes %':>9}"
+        f"{'state B':>9}{'history B':>11}{'log B':>7}{'MB/batch':>10}",
+        "-" * 78,
     ]
-    for c in comparisons:
-        state = "identical" if c.equal else f"DIFFERS in {', '.join(c.differing)}"
+    for c in scaling:
+        per_batch = (c.codes_state_bytes + c.codes_history_bytes) * POLL_MAX_RECORDS / 1e6
         lines.append(
-            f"{c.name:<34}{c.records:>9,}{c.worker_cpu_us:>11.1f}{c.prototype_cpu_us:>14.1f}"
-            f"{c.gain:>6.2f}x  {state}"
+            f"{c.items:>10,}{c.process_us:>12.1f}{c.codes_us:>10.1f}"
+            f"{100 * c.codes_us / c.process_us if c.process_us else 0:>8.0f}%"
+            f"{c.codes_state_bytes:>9.0f}{c.codes_history_bytes:>11.0f}{c.interaction_bytes:>7.0f}"
+            f"{per_batch:>10.2f}"
         )
     return "\n".join(lines)
 
@@ -1252,7 +1067,7 @@ def plot(rows: list[Row], path: Path) -> None:
     ax1.axvline(GOAL_APPLIED_PER_S, color="red", ls="--", lw=1, label="goal: 20k interactions/s")
     for yi, r in zip(y, rows, strict=True):
         if r.ratio is not None:
-            ax1.text(r.median * 1.08, yi, f"{r.ratio:.2f}x raw", va="center", fontsize=7)
+            ax1.text(r.median * 1.08, yi, f"{r.ratio:.2g}x raw", va="center", fontsize=7)
     ax1.legend(fontsize=7, loc="lower right")
     ax1.set_title("ingest rate: applied by the worker vs raw consume")
     applied = [r for r in rows if r.raw is not None]
@@ -1268,7 +1083,7 @@ def plot(rows: list[Row], path: Path) -> None:
     )
     ax2.set_xlabel("share of the applied run's wall time")
     ax2.set_title("where the applied time goes")
-    ax2.legend(fontsize=7, loc="lower right")
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -1297,12 +1112,30 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated events")
     parser.add_argument(
+        "--prototype-repeats", type=int, default=1, help="runs of each prototype-fix row"
+    )
+    parser.add_argument(
+        "--codes-scaling",
+        default="",
+        metavar="SIZES",
+        help="also measure the codes step offline for these catalogue sizes, e.g. "
+        "5000,20000,80000 (about 20 s per 80,000 items)",
+    )
+    parser.add_argument(
         "--no-profile", action="store_true", help="skip the split, cProfile and offline runs"
     )
     args = parser.parse_args(argv)
     for name in ("interactions", "items", "text_items", "repeats", "embedding_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.prototype_repeats < 0:
+        parser.error("--prototype-repeats must be 0 (no prototype rows) or more")
+    try:
+        args.codes_scaling = [int(x) for x in args.codes_scaling.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--codes-scaling {args.codes_scaling!r}: give item counts like 5000,20000")
+    if any(n < 1 for n in args.codes_scaling):
+        parser.error("--codes-scaling sizes must be positive item counts")
     return args
 
 
@@ -1323,7 +1156,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = Settings(kafka_client_id="adacode-bench", http_port=0, kafka_session_timeout_ms=6000)
     rows: list[Row] = []
     split: tuple[dict[str, float], Run, dict[str, int]] | None = None
-    comparisons: list[Comparison] = []
     profile_entries: list[dict[str, Any]] = []
     model_load: dict[str, float] = {}
     with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory() as scratch:
@@ -1332,10 +1164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         emb = make_workload(bootstrap, base, "items+embedding", "items", embedding_item_events(cat))
         inter_events = interaction_events(args.interactions, cat, args.seed)
         inter = make_workload(bootstrap, base, "interactions", "interactions", inter_events)
+        del inter_events
         text = make_workload(
             bootstrap, base, "items+text", "items", text_item_events(args.text_items, args.seed)
         )
         warm = Path(scratch) / "warm"  # the state once the catalogue is applied (items coded)
+        # The bench's own objects (event lists, ...) are frozen out of the garbage
+        # collector's reach, so its collections cost the worker what they would in production.
+        gc.collect()
+        gc.freeze()
 
         # -- items with embeddings on a fresh state (the codebook bootstrap is part of it);
         #    interactions on the catalogue's state. Raw and applied interleaved per repeat.
@@ -1351,14 +1188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raw_nocrc.note = "prototype baseline: no CRC check (what a C CRC-32C leaves: ~0)"
         nocrc = Row(inter, "applied, check_crcs=False", raw=raw_nocrc)
         nocrc.note = f"prototype: CRC check off (kafka-python uses a {CRC_IMPL} CRC-32C here)"
-        every = Row(inter, "applied, all prototypes", raw=raw_nocrc)
-        every.note = "prototype: CRC check off + FastLoop + FastProcessor"
-        bigger = Row(inter, "applied, all prototypes, 20k/poll", raw=raw_nocrc)
-        bigger.note = f"as the row above, with poll_max_records={BIG_POLL} (fewer, larger batches)"
-        every_cfg = AppliedConfig(
-            every.path, processor=FastProcessor, loop=FastLoop, check_crcs=False
-        )
-        bigger_cfg = dataclasses.replace(every_cfg, label=bigger.path, poll_max_records=BIG_POLL)
+        bigger = Row(inter, f"applied, check_crcs=False, {BIG_POLL // 1000}k/poll", raw=raw_nocrc)
+        bigger.note = f"prototype: as the row above, with poll_max_records={BIG_POLL}"
+        bigger_cfg = AppliedConfig(bigger.path, check_crcs=False, poll_max_records=BIG_POLL)
         for i in range(args.embedding_repeats):
             emb_raw.runs.append(measure_raw(emb, i))
             emb_applied.runs.append(
@@ -1374,18 +1206,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             unsynced.runs.append(
                 measure_applied(inter, AppliedConfig(unsynced.path, False), f"#{i}", initial=warm)
             )
+        for i in range(args.prototype_repeats):
             raw_nocrc.runs.append(measure_raw(inter, i, check_crcs=False))
             nocrc.runs.append(
                 measure_applied(
                     inter, AppliedConfig(nocrc.path, check_crcs=False), f"#{i}", initial=warm
                 )
             )
-            every.runs.append(measure_applied(inter, every_cfg, f"#{i}", initial=warm))
             bigger.runs.append(measure_applied(inter, bigger_cfg, f"#{i}", initial=warm))
         cold = Row(inter, "applied, empty state (1 run)", raw=raw)
         cold.note = "no catalogue: every item becomes a placeholder; no codebook yet"
         cold.runs.append(measure_applied(inter, AppliedConfig(cold.path), "cold"))
-        rows += [emb_raw, emb_applied, raw, synced, unsynced, cold, raw_nocrc, nocrc, every, bigger]
+        rows += [
+            r
+            for r in (
+                emb_raw,
+                emb_applied,
+                raw,
+                synced,
+                unsynced,
+                cold,
+                raw_nocrc,
+                nocrc,
+                bigger,
+            )
+            if r.runs
+        ]
 
         # -- text items through MiniLM, on the catalogue's state -------------------------
         text_raw = Row(text, "raw kafka-python")
@@ -1433,15 +1279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"cProfile of the applied interactions run, first {prun.records:,} records "
                 f"({prun.rate:,.0f} records/s under the profiler)\n\n{text_report}"
             )
-            sample = inter_events[: min(len(inter_events), 50_000)]
-            settings = inter.settings
-            comparisons.append(
-                compare_processors("interactions, catalogue state", settings, sample, warm)
-            )
-            comparisons.append(
-                compare_processors("interactions, empty state", settings, sample, None)
-            )
 
+    scaling = [
+        codes_scaling(n, min(args.interactions, 50_000), args.seed) for n in args.codes_scaling
+    ]
     load_after = os.getloadavg()
     elapsed = time.perf_counter() - wall
     print()
@@ -1481,13 +1322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cProfile of the applied interactions (top 15 by own time; full: bench/out/ingest_profile.txt)"
         )
         print(render_profile(profile_entries))
-    if comparisons:
+    if scaling:
         print()
         print(
-            "Offline Processor.process, worker vs FastProcessor prototype (same batches, CPU us/record)"
+            "Codes step vs catalogue size (offline, interactions in batches of 5000; per interaction)"
         )
-        print(render_comparisons(comparisons))
+        print(render_scaling(scaling))
 
+    best = max((r for r in (nocrc, bigger) if r.runs), key=lambda r: r.median, default=None)
     goals = {
         "applied_interactions_per_s": synced.median,
         "applied_interactions_per_cpu_s": synced.cpu_median,
@@ -1497,8 +1339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "goal_ratio": GOAL_RATIO,
         "rate_met": synced.median >= GOAL_APPLIED_PER_S,
         "ratio_met": (synced.ratio or 0.0) >= GOAL_RATIO,
-        "all_prototypes_rate": every.median,
-        "all_prototypes_ratio": every.ratio,
+        "best_prototype": None if best is None else best.path,
+        "best_prototype_rate": None if best is None else best.median,
+        "best_prototype_ratio": None if best is None else best.ratio,
     }
     print()
     print(
@@ -1506,9 +1349,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(goal {fmt_rate(GOAL_APPLIED_PER_S)}: {'met' if goals['rate_met'] else 'MISSED'}; "
         f"{fmt_rate(synced.cpu_median)} per CPU second), ratio {fmt_ratio(synced.ratio)} "
         f"(goal {GOAL_RATIO}: {'met' if goals['ratio_met'] else 'MISSED'}; CPU ratio "
-        f"{fmt_ratio(synced.cpu_ratio)}); with all prototypes: {fmt_rate(every.median)}/s, ratio "
-        f"{fmt_ratio(every.ratio)} against the CRC-free baseline"
+        f"{fmt_ratio(synced.cpu_ratio)})"
     )
+    if best is not None:
+        print(
+            f"best prototype ({best.path}): {fmt_rate(best.median)}/s, ratio "
+            f"{fmt_ratio(best.ratio)} against the CRC-free baseline"
+        )
     print(f"total wall time {elapsed:.0f} s")
 
     result = {
@@ -1527,7 +1374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "process_split": None
         if split is None
         else {"seconds": split[0], "rate": split[1].rate, "bytes_put": split[2]},
-        "offline_comparison": [dataclasses.asdict(c) | {"gain": c.gain} for c in comparisons],
+        "codes_scaling": [dataclasses.asdict(c) for c in scaling],
         "model_load_s": model_load,
         "profile_top": profile_entries,
         "goals": goals,

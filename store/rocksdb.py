@@ -106,7 +106,14 @@ class RocksDBWriteBatch(WriteBatch):
         return handle
 
     def put(self, cf: str, key: bytes, value: bytes) -> None:
-        self._batch.put(key, value, self._handle(cf))
+        # the hot path of every batch: a dict look-up, the checks only when it misses
+        # (no reference to the handles is kept: it would hold the database open after close)
+        handle = self._owner._handles.get(cf) if not self._consumed else None
+        if handle is None:
+            handle = self._handle(cf)
+            self._count -= 1
+        self._count += 1
+        self._batch.put(key, value, handle)
 
     def delete(self, cf: str, key: bytes) -> None:
         self._batch.delete(key, self._handle(cf))

@@ -30,6 +30,7 @@ from worker.exceptions import EventError
 MAX_ID_CHARS = 256
 _MAX_TS = 1 << 62
 _F32_MAX = float(np.finfo(np.float32).max)
+_NUMBER_TYPES = frozenset({int, float})
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,7 @@ def parse_item(raw: bytes | None, limits: EventLimits) -> ItemEvent:
                 f"field 'embedding' has {len(emb_raw)} values, expected embedding_dim="
                 f"{limits.embedding_dim}"
             )
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in emb_raw):
+        if not set(map(type, emb_raw)) <= _NUMBER_TYPES:  # bool is rejected: type(True) is bool
             raise EventError("field 'embedding' must hold only numbers")
         wide = np.asarray(emb_raw, dtype=np.float64)
         if not np.isfinite(wide).all() or np.abs(wide).max() > _F32_MAX:

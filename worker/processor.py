@@ -188,6 +188,8 @@ class Processor:
             else DomainCounters()
             for d in domains
         }
+        counters_before = dict(counters)
+        popularity: dict[bytes, Popularity] = {}  # decoded once per item and batch
 
         # -- 3. encode ---------------------------------------------------------------------
         vectors = self._encode_items([e for _, e in items], item_cache, result)
@@ -200,14 +202,19 @@ class Processor:
                 continue
             self._apply_item(event, vector, item_cache, counters, result)
         for rec, ievent in interactions:
-            self._apply_interaction(rec, ievent, item_cache, pop_cache, counters, result)
+            self._apply_interaction(
+                rec, ievent, item_cache, pop_cache, popularity, counters, result
+            )
             if recent.limit:
                 recent.append(ievent.domain, ievent.user_id, ievent.ts, ievent.item_id)
+
+        for key, pop in popularity.items():
+            pop_cache.put(key, pop.encode())
 
         # -- 5. codes ---------------------------------------------------------------------
         if self.codes is not None:
             self._assign_codes(
-                self.codes, items, interactions, item_cache, pop_cache, counters, result
+                self.codes, items, item_cache, pop_cache, counters_before, counters, result
             )
 
         # -- 6. retention ------------------------------------------------------------------
@@ -299,6 +306,7 @@ class Processor:
         event: InteractionEvent,
         items: _Cache,
         pops: _Cache,
+        popularity: dict[bytes, Popularity],
         counters: dict[str, DomainCounters],
         result: BatchResult,
     ) -> None:
@@ -308,9 +316,11 @@ class Processor:
         if items.get(key) is None:  # out of order: the item event has not arrived yet
             items.put(key, ItemRecord(event.ts, event.ts, placeholder=True).encode())
             placeholders += 1
-        raw = pops.get(key)
-        pop = Popularity.decode(raw) if raw else Popularity()
-        pops.put(key, pop.add(event.ts, event.weight, self.half_life_s).encode())
+        pop = popularity.get(key)
+        if pop is None:
+            raw = pops.get(key)
+            pop = Popularity.decode(raw) if raw else Popularity()
+        popularity[key] = pop.add(event.ts, event.weight, self.half_life_s)
         result.batch.put(
             "interactions",
             interaction_key(event.domain, event.ts, rec.partition, rec.offset),
@@ -325,35 +335,57 @@ class Processor:
         self,
         codes: CodeService,
         items: list[tuple[SourceRecord, ItemEvent]],
-        interactions: list[tuple[SourceRecord, InteractionEvent]],
         item_cache: _Cache,
         pop_cache: _Cache,
+        before: dict[str, DomainCounters],
         counters: dict[str, DomainCounters],
         result: BatchResult,
     ) -> None:
+        """Code new items; run a popularity round in each domain whose interaction count
+        crossed a multiple of ``code_round_interactions`` in this batch.
+
+        A round re-evaluates every item of the domain anyway, so it reads the popularity of
+        all of them (at the domain's newest event time) instead of tracking which changed.
+        """
         new: dict[str, dict[str, bytes]] = {}
         for _, event in items:
-            raw = item_cache.values.get(item_key(event.domain, event.item_id))
-            if raw is not None and item_key(event.domain, event.item_id) in item_cache.dirty:
+            key = item_key(event.domain, event.item_id)
+            raw = item_cache.values.get(key)
+            if raw is not None and key in item_cache.dirty:
                 rec = ItemRecord.decode(raw)
                 if rec.embedding:
                     new.setdefault(event.domain, {})[event.item_id] = rec.embedding
-        pops: dict[str, dict[str, float]] = {}
         domain_ts = {d: c.last_ts for d, c in counters.items()}
-        for _, ievent in interactions:
-            raw = pop_cache.values.get(item_key(ievent.domain, ievent.item_id))
-            if raw is not None:
-                at = domain_ts[ievent.domain]
-                pops.setdefault(ievent.domain, {})[ievent.item_id] = Popularity.decode(raw).at(
-                    at, self.half_life_s
-                )
+        every = self.settings.code_round_interactions
+        pops: dict[str, dict[str, float]] = {}
+        for domain, c in counters.items():
+            if c.interactions // every == before[domain].interactions // every:
+                continue
+            at = domain_ts[domain]
+            prefix = domain_prefix(domain)
+            values = {k: v for k, v in self.store.items("popularity", prefix=prefix)}
+            values.update(
+                (k, v)
+                for k, v in pop_cache.values.items()
+                if v is not None and k.startswith(prefix)
+            )
+            pops[domain] = {
+                k[len(prefix) :].decode(): Popularity.decode(v).at(at, self.half_life_s)
+                for k, v in values.items()
+            }
+        held: list[tuple[bytes, bytes]] = []
+        if codes.codebook is None and self._enough_items(counters):
+            held = list(self.store.items("items"))
+        result.coding = codes.apply(result.batch, new, pops, domain_ts, held)
 
-        def held() -> list[tuple[bytes, bytes]]:
-            return list(self.store.items("items"))
-
-        result.coding = codes.apply(
-            result.batch, new, pops, domain_ts, held() if codes.codebook is None else []
-        )
+    def _enough_items(self, counters: dict[str, DomainCounters]) -> bool:
+        """Whether the items held (after this batch) can train the bootstrap codebook."""
+        total = {
+            k[len(b"domain/") :].decode(): DomainCounters.decode(v).items
+            for k, v in self.store.items("meta", prefix=b"domain/")
+        }
+        total.update((d, c.items) for d, c in counters.items())
+        return sum(total.values()) >= self.settings.codebook_min_items
 
     def _apply_control(
         self, rec: SourceRecord, command: ControlCommand, result: BatchResult

@@ -142,6 +142,11 @@ class Settings:
     code_head_fraction: float = setting(
         0.2, "fraction of a domain's items treated as head", minimum=0.0, maximum=1.0
     )
+    code_round_interactions: int = setting(
+        10_000,
+        "a domain's code lengths are re-evaluated each time it gets this many interactions",
+        minimum=1,
+    )
     codebook_min_items: int = setting(
         1000, "items with embeddings needed to train the bootstrap codebook", minimum=16
     )

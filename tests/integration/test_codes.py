@@ -28,6 +28,7 @@ def test_new_item_is_coded_in_its_batch_and_interactions_promote_it(
         tmp_path / "state",
         codebook_min_items=60,
         code_head_fraction=0.05,
+        code_round_interactions=100,
     )
     create_topics(s, partitions=1)
     rng = np.random.default_rng(0)

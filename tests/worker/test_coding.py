@@ -11,7 +11,13 @@ from worker.events import interaction_payload, item_payload
 from worker.processor import Processor, SourceRecord
 from worker.settings import Settings
 
-S = Settings(embedding_dim=16, topic_prefix="t.", codebook_min_items=64, code_head_fraction=0.1)
+S = Settings(
+    embedding_dim=16,
+    topic_prefix="t.",
+    codebook_min_items=64,
+    code_head_fraction=0.1,
+    code_round_interactions=30,
+)
 ITEMS, INTER = S.topic("items"), S.topic("interactions")
 
 
