@@ -10,8 +10,8 @@ Scores are cosine similarity over a temperature (VQ-Rec) or a plain dot product.
 
 Parameters are split in two groups, by name:
 
-* ``table.*``: the *domain* part (code rows, level weights, text projection), fine-tuned per
-  domain;
+* ``table.*``: the *domain* part (code rows, level weights, text projection, repeat bias),
+  fine-tuned per domain;
 * ``encoder.*``: the *shared* part (sequence encoder), trained across domains and frozen in a
   per-domain fine-tune.
 
@@ -26,7 +26,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,7 +63,10 @@ class ModelConfig:
     ``"attention"`` (one causal attention-pooling layer with recency biases). ``combine``:
     ``"sum"`` of the code rows, or ``"level"`` (a learned weight per code position).
     ``text_dim``: width of the frozen text embedding projected into item vectors (0 = off).
-    ``score``: ``"cosine"`` (divided by ``temperature``) or ``"dot"``.
+    ``score``: ``"cosine"`` (divided by ``temperature``) or ``"dot"``. ``repeat_bias``: a
+    learned per-domain score offset for items already in the encoded history (how likely
+    users are to consume an item again: negative where they never do, positive where they
+    re-buy); learned from the data, never imposed.
     """
 
     hidden: int = 64
@@ -76,6 +79,7 @@ class ModelConfig:
     text_dim: int = 0
     score: ScoreKind = "cosine"
     temperature: float = 0.07
+    repeat_bias: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -139,6 +143,9 @@ class CodeTable(nn.Module):
         self.level_weight: nn.Parameter | None = None
         if config.combine == "level":
             self.level_weight = nn.Parameter(torch.ones(max_code_len))
+        self.repeat: nn.Parameter | None = None
+        if config.repeat_bias:
+            self.repeat = nn.Parameter(torch.zeros(()))
         self.text_proj: nn.Linear | None = None
         if config.text_dim > 0:
             self.text_proj = nn.Linear(config.text_dim, config.hidden, bias=False)
@@ -288,9 +295,23 @@ class CodeTableRecommender(nn.Module):
             )
         return states @ item_vecs.T
 
+    def repeat_offset(self) -> torch.Tensor | None:
+        """Score added to items already in the history (``None`` when disabled)."""
+        if self.table.repeat is None:
+            return None
+        scale = 1.0 / self.config.temperature if self.config.score == "cosine" else 1.0
+        return self.table.repeat * scale
+
     def score_last(self, sequences: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
         """Scores ``[batch, n_items]`` for the next item after each left-padded sequence."""
-        return self.logits(self.encode(sequences, item_vecs)[:, -1], item_vecs)
+        scores = self.logits(self.encode(sequences, item_vecs)[:, -1], item_vecs)
+        offset = self.repeat_offset()
+        if offset is None:
+            return scores
+        # padding maps to item 0 with weight 0; scatter_add keeps real occurrences of item 0
+        seen = torch.zeros_like(scores)
+        seen.scatter_add_(1, sequences.clamp(min=0), (sequences >= 0).to(scores.dtype))
+        return scores + offset * (seen > 0)
 
     def domain_parameters(self) -> list[nn.Parameter]:
         """The per-domain parameters (``table.*``)."""
@@ -299,6 +320,41 @@ class CodeTableRecommender(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """The shared parameters (``encoder.*``)."""
         return list(self.encoder.parameters())
+
+
+def history_pairs(
+    sequences: torch.Tensor, keep: torch.Tensor, slot: torch.Tensor, n_cols: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which candidates each kept position has already seen, as unique (row, column) pairs.
+
+    ``sequences`` ``[batch, T]`` (``-1`` padding), ``keep`` ``[batch, T]`` marks the positions
+    whose rows are wanted (row ``r`` = the ``r``-th kept position in row-major order),
+    ``slot[item]`` is the item's column among ``n_cols`` candidates (``-1``: none). Row ``r``
+    (position ``t`` of sequence ``b``) pairs with the columns of the items at positions
+    ``<= t`` of sequence ``b``; each pair appears once even if the item repeats.
+    """
+    b, t = sequences.shape
+    device = sequences.device
+    row = torch.full((b, t), -1, dtype=torch.long, device=device)
+    row[keep] = torch.arange(int(keep.sum()), device=device)
+    idx = torch.arange(t, device=device)
+    earlier = idx.view(1, -1) <= idx.view(-1, 1)  # [query, key]
+    col = slot[sequences.clamp(min=0)]
+    usable = (sequences >= 0) & (col >= 0)
+    pairs = earlier.unsqueeze(0) & keep.unsqueeze(2) & usable.unsqueeze(1)
+    bi, qi, ki = pairs.nonzero(as_tuple=True)
+    flat = torch.unique(row[bi, qi] * n_cols + col[bi, ki])
+    return flat // n_cols, flat % n_cols
+
+
+def history_mask(
+    sequences: torch.Tensor, keep: torch.Tensor, slot: torch.Tensor, n_cols: int
+) -> torch.Tensor:
+    """:func:`history_pairs` as a dense bool matrix ``[keep.sum(), n_cols]``."""
+    rows, cols = history_pairs(sequences, keep, slot, n_cols)
+    mask = torch.zeros(int(keep.sum()), n_cols, dtype=torch.bool, device=sequences.device)
+    mask[rows, cols] = True
+    return mask
 
 
 def build_model(
@@ -378,7 +434,7 @@ def load_params(
                     f"parameter {name!r} is missing from the given params; pass a complete "
                     "export of the same model configuration, or use partial=True for a warm start"
                 )
-            source = torch.from_numpy(np.ascontiguousarray(params[name])).to(target.dtype)
+            source = torch.from_numpy(np.array(params[name], order="C")).to(target.dtype)
             if tuple(source.shape) == tuple(target.shape):
                 target.copy_(source)
             elif partial and source.ndim == target.ndim and source.shape[1:] == target.shape[1:]:
@@ -446,7 +502,12 @@ class Snapshot:
         meta = np.frombuffer(
             json.dumps(self.config.to_dict(), sort_keys=True).encode(), dtype=np.uint8
         )
-        np.savez(buf, **{_CONFIG_KEY: meta}, **self.params)
+        if _CONFIG_KEY in self.params:
+            raise QuantizeError(
+                f"a parameter is named {_CONFIG_KEY!r}, which snapshots reserve; rename it"
+            )
+        arrays: dict[str, Any] = {_CONFIG_KEY: meta, **self.params}
+        np.savez(buf, **arrays)
         return buf.getvalue()
 
     @classmethod

@@ -31,17 +31,21 @@ import torch.nn.functional as F
 from quantize.evaluate import evaluate_ranking, pad_histories, time_order
 from quantize.exceptions import QuantizeError
 from quantize.table_model import (
+    DOMAIN_PREFIX,
     CodeTableRecommender,
     ModelConfig,
     Params,
+    Snapshot,
     build_model,
     check_item_rows,
     count_parameters,
     export_params,
+    history_pairs,
     load_params,
 )
 
 Trainable = Literal["all", "domain"]
+SoftmaxItems = Literal["seen", "all"]
 
 
 @dataclass(frozen=True)
@@ -52,25 +56,29 @@ class TrainConfig:
     validation NDCG@10 gain before stopping (0 = never stop early). ``trainable``:
     ``"all"`` or ``"domain"`` (shared encoder frozen). ``replay_ratio``: in incremental
     mode, old windows sampled per new window. ``negatives``: 0 = full softmax, else the
-    number of uniformly sampled items shared by a batch. ``threads``: torch CPU threads
+    number of uniformly sampled items shared by a batch. ``softmax_items``: ``"seen"``
+    ranks targets against the items of the training log only, so items without any
+    interaction (new items) are never pushed down as negatives and keep the score their
+    codes and text give them; ``"all"`` uses every item. ``threads``: torch CPU threads
     while training. ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
     ``max_seconds``: stop after the epoch that crosses this wall time. ``val_users``: cap on
     validation users (a seeded sample), ``None`` = all.
     """
 
     epochs: int = 40
-    batch_size: int = 128
+    batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 0.0
     patience: int = 3
     trainable: Trainable = "all"
     replay_ratio: float = 1.0
     negatives: int = 0
+    softmax_items: SoftmaxItems = "seen"
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     device: str = "auto"
     max_seconds: float | None = None
-    val_users: int | None = None
+    val_users: int | None = 10_000
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,6 +90,8 @@ class TrainConfig:
             problems.append(f"trainable={self.trainable!r} is not 'all' or 'domain'")
         if self.replay_ratio < 0 or self.negatives < 0:
             problems.append("replay_ratio and negatives must be >= 0")
+        if self.softmax_items not in ("seen", "all"):
+            problems.append(f"softmax_items={self.softmax_items!r} is not 'seen' or 'all'")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device={self.device!r} is not 'auto', 'cpu' or 'cuda'")
         if problems:
@@ -117,6 +127,10 @@ class TrainResult:
     val_recall: float
     val_ndcg: float
     history: list[EpochReport] = field(default_factory=list)
+
+    def snapshot(self) -> Snapshot:
+        """The trained version as a :class:`~quantize.table_model.Snapshot` (bytes-ready)."""
+        return Snapshot(self.config, self.params)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -227,6 +241,42 @@ def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def _candidates(
+    windows: _Windows, n_items: int, softmax_items: SoftmaxItems, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax candidates (sorted item ids) and each item's slot among them (-1: none)."""
+    if softmax_items == "all":
+        ids = np.arange(n_items)
+    else:
+        used = np.concatenate([windows.inputs.ravel(), windows.targets.ravel()])
+        ids = np.unique(used[used >= 0])
+    slot = np.full(n_items, -1, dtype=np.int64)
+    slot[ids] = np.arange(len(ids))
+    return torch.as_tensor(ids, device=device), torch.as_tensor(slot, device=device)
+
+
+def shared_init(params: Mapping[str, np.ndarray], shared_rows: int) -> Params:
+    """Params of another domain's model reduced to what a new domain can reuse.
+
+    With one codebook for all domains, the first ``shared_rows`` table rows (the level rows,
+    ``L * K``) mean the same codewords everywhere; rows beyond them (disambiguation rows)
+    belong to that domain's items, so they are dropped and start fresh in the new domain.
+    Everything else (encoder, text projection, level weights, repeat bias) is kept. Pass
+    the result as ``init_from``.
+    """
+    key = DOMAIN_PREFIX + "rows"
+    if key not in params:
+        raise QuantizeError(f"params lack {key!r}; pass a full export from export_params")
+    if not 0 < shared_rows <= params[key].shape[0]:
+        raise QuantizeError(
+            f"shared_rows={shared_rows} must be in [1, {params[key].shape[0]}] (the table's "
+            "rows); pass levels * k of the shared codebook"
+        )
+    out = {name: np.array(value, copy=True) for name, value in params.items()}
+    out[key] = out[key][:shared_rows].copy()
+    return out
+
+
 def _device(name: str) -> torch.device:
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -289,18 +339,34 @@ def _loss(
     vecs: torch.Tensor,
     inputs: torch.Tensor,
     targets: torch.Tensor,
+    candidates: torch.Tensor,
+    slot: torch.Tensor,
     negatives: int,
     generator: torch.Generator,
 ) -> torch.Tensor:
+    """Cross-entropy of the next item against ``candidates`` (all of them, or a sample).
+
+    ``slot[item]`` is the item's position in ``candidates`` (every target is a candidate).
+    """
     states = model.encode(inputs, vecs)
     keep = targets >= 0
     states = states[keep]
     tgt = targets[keep]
-    if negatives <= 0 or negatives >= vecs.shape[0]:
-        return F.cross_entropy(model.logits(states, vecs), tgt)
-    sampled = torch.randint(0, vecs.shape[0], (negatives,), generator=generator).to(vecs.device)
-    candidates, inverse = torch.unique(torch.cat([tgt, sampled]), return_inverse=True)
-    return F.cross_entropy(model.logits(states, vecs[candidates]), inverse[: len(tgt)])
+    if negatives <= 0 or negatives >= len(candidates):
+        cols, col_of, target_cols = candidates, slot, slot[tgt]
+    else:
+        draw = torch.randint(0, len(candidates), (negatives,), generator=generator)
+        sampled = candidates[draw.to(candidates.device)]
+        cols, inverse = torch.unique(torch.cat([tgt, sampled]), return_inverse=True)
+        col_of = torch.full_like(slot, -1)
+        col_of[cols] = torch.arange(len(cols), device=cols.device)
+        target_cols = inverse[: len(tgt)]
+    logits = model.logits(states, vecs[cols])
+    offset = model.repeat_offset()
+    if offset is not None:
+        rows, hist_cols = history_pairs(inputs, keep, col_of, len(cols))
+        logits = logits.index_put_((rows, hist_cols), offset.expand(len(rows)), accumulate=True)
+    return F.cross_entropy(logits, target_cols)
 
 
 def train_domain(
@@ -411,6 +477,7 @@ def _run(
         val_targets, val_hist_np = val_targets[keep], val_hist_np[keep]
     val_hist = torch.as_tensor(val_hist_np, device=device)
     n_targets = int((targets >= 0).sum())
+    candidates, slot = _candidates(data.windows, rows_np.shape[0], cfg.softmax_items, device)
     history: list[EpochReport] = []
     best = (-1.0, 0, float("nan"), float("nan"))  # ndcg, epoch, recall, ndcg
     best_params: Params | None = None
@@ -432,6 +499,8 @@ def _run(
                 vecs,
                 inputs[batch, -width:],
                 targets[batch, -width:],
+                candidates,
+                slot,
                 cfg.negatives,
                 generator,
             )

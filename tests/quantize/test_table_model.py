@@ -16,6 +16,7 @@ from quantize.table_model import (
     build_model,
     domain_names,
     export_params,
+    history_mask,
     load_params,
     model_from_params,
     pad_rows,
@@ -117,6 +118,39 @@ def test_cosine_scores_are_bounded_by_inverse_temperature() -> None:
     assert float(scores.detach().abs().max()) <= 2.0 + 1e-5
 
 
+def test_repeat_bias_shifts_only_items_in_the_history() -> None:
+    torch.manual_seed(0)
+    model = build_model(_config(temperature=0.5), ROWS).eval()
+    assert model.table.repeat is not None
+    vecs = model.item_vectors(torch.as_tensor(ROWS))
+    seq = torch.as_tensor([[-1, -1, 2, 0, 2]])  # padding must not hide the real item 0
+    before = model.score_last(seq, vecs).detach()
+    with torch.no_grad():
+        model.table.repeat.fill_(-1.0)
+    after = model.score_last(seq, vecs).detach()
+    # cosine scores are divided by the temperature, and so is the offset
+    np.testing.assert_allclose((after - before).numpy(), [[-2.0, 0.0, -2.0, 0.0]], atol=1e-5)
+
+
+def test_history_mask_matches_a_loop() -> None:
+    seqs = torch.as_tensor([[-1, 3, 1, 3], [0, 2, -1, 4]])
+    keep = torch.as_tensor([[False, True, True, True], [True, False, False, True]])
+    slot = torch.as_tensor([0, -1, 1, 2, 3])  # item 1 is not a candidate
+    mask = history_mask(seqs, keep, slot, 4)
+    expected = []
+    for b in range(2):
+        for t in range(4):
+            if not keep[b, t]:
+                continue
+            row = [False] * 4
+            for s in range(t + 1):
+                item = int(seqs[b, s])
+                if item >= 0 and int(slot[item]) >= 0:
+                    row[int(slot[item])] = True
+            expected.append(row)
+    assert mask.tolist() == expected
+
+
 @pytest.mark.parametrize("combine", ["sum", "level"])
 def test_export_load_round_trip_is_exact(combine: str) -> None:
     torch.manual_seed(1)
@@ -180,7 +214,12 @@ def test_params_split_into_domain_and_shared() -> None:
     params = export_params(model)
     domain = domain_names(params)
     shared = shared_names(params)
-    assert set(domain) == {"table.rows", "table.level_weight", "table.text_proj.weight"}
+    assert set(domain) == {
+        "table.rows",
+        "table.level_weight",
+        "table.text_proj.weight",
+        "table.repeat",
+    }
     assert all(n.startswith("encoder.") for n in shared)
     assert set(domain) | set(shared) == set(params)
     n_domain = sum(p.numel() for p in model.domain_parameters())

@@ -10,8 +10,14 @@ import torch
 
 from quantize.evaluate import evaluate_ranking, leave_last_split, pad_histories, user_sequences
 from quantize.exceptions import QuantizeError
-from quantize.table_model import ModelConfig, model_from_params, pad_rows, shared_names
-from quantize.train import EpochReport, TrainConfig, score_histories, train_domain
+from quantize.table_model import (
+    ModelConfig,
+    Snapshot,
+    model_from_params,
+    pad_rows,
+    shared_names,
+)
+from quantize.train import EpochReport, TrainConfig, score_histories, shared_init, train_domain
 
 N_CLUSTERS = 4
 PER_CLUSTER = 6
@@ -68,7 +74,7 @@ def _test_recall(params, log) -> float:
 
 
 def test_training_reduces_loss_and_beats_popularity(trained, log) -> None:
-    users, items, stamps, split = log
+    _users, items, _stamps, split = log
     assert trained.history[-1].loss < trained.history[0].loss
     counts = np.bincount(items[split.train], minlength=N_ITEMS).astype(float)
     popularity = evaluate_ranking(
@@ -76,6 +82,12 @@ def test_training_reduces_loss_and_beats_popularity(trained, log) -> None:
     ).recall
     assert _test_recall(trained.params, log) > popularity
     assert trained.val_recall > popularity
+
+
+def test_result_snapshot_round_trips_through_bytes(trained) -> None:
+    back = Snapshot.from_bytes(trained.snapshot().to_bytes())
+    assert back.config == MODEL
+    assert all(np.array_equal(back.params[n], trained.params[n]) for n in trained.params)
 
 
 def test_same_seed_gives_identical_params(trained, log) -> None:
@@ -228,7 +240,7 @@ def test_text_projection_model_trains(log) -> None:
 
 
 def test_invalid_calls_raise_quantize_error(log) -> None:
-    users, items, stamps, split = log
+    users, items, stamps, _split = log
     with pytest.raises(QuantizeError):
         train_domain(_codes(), users, items, stamps, config=replace(TRAIN, trainable="domain"))
     with pytest.raises(QuantizeError):
@@ -239,3 +251,15 @@ def test_invalid_calls_raise_quantize_error(log) -> None:
         train_domain(_codes(), users, items, stamps, model_config=replace(MODEL, text_dim=3))
     with pytest.raises(QuantizeError):
         TrainConfig(lr=0.0)
+
+
+def test_shared_init_keeps_level_rows_and_drops_domain_rows(trained) -> None:
+    init = shared_init(trained.params, N_CLUSTERS)
+    assert np.array_equal(init["table.rows"], trained.params["table.rows"][:N_CLUSTERS])
+    for name in trained.params:
+        if name != "table.rows":
+            assert np.array_equal(init[name], trained.params[name]), name
+    init["table.rows"][0, 0] += 1.0  # a copy: the source params are untouched
+    assert not np.array_equal(init["table.rows"][0], trained.params["table.rows"][0])
+    with pytest.raises(QuantizeError):
+        shared_init(trained.params, 10_000)

@@ -1,0 +1,488 @@
+"""Recommendation quality of per-domain code tables against baselines, on real datasets.
+
+Protocol (``quantize.evaluate``): per user, last interaction = test target, second-last =
+validation (early stopping), the rest = training; full ranking over all items; Recall@10
+and NDCG@10 averaged over users, overall and on two slices: ``head`` targets (top 20 % of
+items by training interactions) and ``cold`` targets (never in a training interaction).
+
+Rows per dataset:
+
+* ``popularity``: training interaction counts.
+* ``text zero-shot``: cosine between the mean MiniLM embedding of the history and items.
+* ``ID model``: one table row per item, same sequence encoder, from scratch, no text.
+* ``fixed codes``: served codes of the ``fixed`` length policy (full paths; colliding head
+  items get a disambiguation digit), from scratch.
+* ``adaptive codes (<policy>)``: served codes of each adaptive length policy
+  (``--policies``; the first one is the *primary* policy used below), and the primary
+  policy without the text projection (the ablation that justifies it).
+* ``v1 on 90%`` / ``incremental +10%``: a version trained on the first 90 % of the log
+  (by time), then adapted with ``new_since`` (the newest windows plus a replay sample of
+  old ones, a quarter of the epochs), against the full retrain (the primary row).
+* with two or more datasets, per target and each other dataset as source:
+  ``few-shot scratch`` vs ``few-shot warm``: a small share of the target's users
+  (``--few-fraction``), trained from scratch vs fine-tuned from the source's primary model
+  (one shared codebook, so level rows are comparable); and ``domain fine-tune``: all the
+  target's data, the source's encoder frozen, only the domain table trained (the
+  product's per-domain fine-tune).
+
+The codebook is trained once on the union of all given datasets' item embeddings (one
+codebook for all domains, as in the product); its shape follows the codebook's rule
+(``suggest_shape``) unless ``--levels``/``--k`` are given. Model and training settings are
+the method's defaults (``quantize.table_model``/``quantize.train``), the same for every
+dataset; the text projection is on, with the embedding width.
+
+Run from the repository root::
+
+    python -m bench.quality --dataset /work/shared/datasets/office \\
+        --dataset /work/shared/datasets/movies
+
+Outputs: a printed table, ``<out>/quality.png`` and ``<out>/quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bench.common import Dataset, add_dataset_args, item_embeddings, load_dataset
+from quantize.assign import assign_codes
+from quantize.codebook import ResidualCodebook, suggest_shape
+from quantize.evaluate import (
+    Evaluation,
+    evaluate_ranking,
+    leave_last_split,
+    pad_histories,
+    target_slices,
+    user_sequences,
+)
+from quantize.lengths import POLICIES, make_policy
+from quantize.table_model import ModelConfig, Params, Snapshot, model_from_params, pad_rows
+from quantize.train import (
+    EpochReport,
+    TrainConfig,
+    TrainResult,
+    score_histories,
+    shared_init,
+    train_domain,
+)
+
+DEFAULT_POLICIES = ("entropy", "popularity", "reverse")
+DEFAULT_EPOCHS = 15
+INCREMENTAL_EPOCH_SHARE = 0.25  # incremental runs this share of the full run's epochs
+NEW_SHARE = 0.1  # the newest share of the log that the incremental run adapts to
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every training of one bench run shares."""
+
+    model: ModelConfig
+    train: TrainConfig
+    policies: tuple[str, ...]
+    few_fraction: float
+    seed: int
+
+    @property
+    def primary(self) -> str:
+        return self.policies[0]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One result line."""
+
+    dataset: str
+    method: str
+    recall: float
+    ndcg: float
+    head_recall: float
+    head_ndcg: float
+    cold_recall: float
+    cold_ndcg: float
+    wall_s: float | None
+    trainable_params: int | None
+    table_bytes: int | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A loaded dataset with its split, test cases and full paths."""
+
+    ds: Dataset
+    emb: np.ndarray
+    fit: np.ndarray  # bool over the log: what models may see (train + validation)
+    train_items: np.ndarray  # items of training interactions (slices, popularity)
+    test_items: np.ndarray
+    histories: np.ndarray  # [n_test, max_len], left-padded
+    full_histories: list[np.ndarray]
+    slices: dict[str, np.ndarray]
+    paths: np.ndarray
+    k: int
+    levels: int
+
+
+def make_domain(ds: Dataset, emb: np.ndarray, codebook: ResidualCodebook, max_len: int) -> Domain:
+    split = leave_last_split(ds.users, ds.timestamps)
+    fit = ~split.test
+    seqs = user_sequences(ds.users[fit], ds.items[fit], ds.timestamps[fit], ds.n_users)
+    histories = [seqs[u] for u in ds.users[split.test]]
+    train_items = ds.items[split.train]
+    test_items = ds.items[split.test]
+    return Domain(
+        ds=ds,
+        emb=emb,
+        fit=fit,
+        train_items=train_items,
+        test_items=test_items,
+        histories=pad_histories(histories, max_len),
+        full_histories=histories,
+        slices=target_slices(train_items, test_items, ds.n_items),
+        paths=codebook.encode(emb),
+        k=codebook.k,
+        levels=codebook.levels,
+    )
+
+
+def served_rows(dom: Domain, policy: str) -> tuple[np.ndarray, int]:
+    """Padded row ids and table size under ``policy`` (popularity = training counts)."""
+    pop = np.bincount(dom.train_items, minlength=dom.ds.n_items).astype(np.float64)
+    served = assign_codes(dom.paths, pop, make_policy(policy), k=dom.k)
+    return served.row_matrix(), served.table_rows
+
+
+def as_row(
+    dom: Domain, method: str, ev: Evaluation, result: TrainResult | None = None, note: str = ""
+) -> Row:
+    s = ev.slices
+    return Row(
+        dataset=dom.ds.name,
+        method=method,
+        recall=s["all"].recall,
+        ndcg=s["all"].ndcg,
+        head_recall=s["head"].recall,
+        head_ndcg=s["head"].ndcg,
+        cold_recall=s["cold"].recall,
+        cold_ndcg=s["cold"].ndcg,
+        wall_s=None if result is None else result.wall_s,
+        trainable_params=None if result is None else result.trainable_params,
+        table_bytes=None
+        if result is None
+        else Snapshot(result.config, result.params).table_bytes(),
+        note=note,
+    )
+
+
+def train(
+    st: Settings,
+    dom: Domain,
+    rows: np.ndarray,
+    n_rows: int,
+    label: str,
+    *,
+    config: TrainConfig | None = None,
+    model: ModelConfig | None = None,
+    mask: np.ndarray | None = None,
+    init_from: Params | None = None,
+    new_since: int | None = None,
+) -> TrainResult:
+    ds = dom.ds
+    cfg = config or st.train
+    mcfg = model or st.model
+    keep = dom.fit if mask is None else dom.fit & mask
+    bar = tqdm(total=cfg.epochs, desc=f"{ds.name}: {label}", leave=False, unit="ep")
+
+    def progress(report: EpochReport) -> None:
+        bar.set_postfix(loss=f"{report.loss:.3f}", val_ndcg=f"{report.val_ndcg:.4f}")
+        bar.update(1)
+
+    try:
+        return train_domain(
+            rows,
+            ds.users[keep],
+            ds.items[keep],
+            ds.timestamps[keep],
+            model_config=mcfg,
+            config=cfg,
+            text=dom.emb if mcfg.text_dim else None,
+            init_from=init_from,
+            new_since=new_since,
+            n_rows=n_rows,
+            progress=progress,
+        )
+    finally:
+        bar.close()
+
+
+def model_row(
+    st: Settings, dom: Domain, method: str, result: TrainResult, rows: np.ndarray, note: str = ""
+) -> Row:
+    model = model_from_params(result.config, result.params).eval()
+    text = dom.emb if result.config.text_dim else None
+    ev = evaluate_ranking(
+        lambda idx: score_histories(model, rows, dom.histories[idx], text=text),
+        dom.test_items,
+        slices=dom.slices,
+    )
+    default = f"{result.epochs_run} ep (best {result.best_epoch})"
+    return as_row(dom, method, ev, result, note or default)
+
+
+def baseline_rows(dom: Domain) -> list[Row]:
+    n_items = dom.ds.n_items
+    counts = np.bincount(dom.train_items, minlength=n_items).astype(np.float32)
+    pop = evaluate_ranking(
+        lambda idx: np.broadcast_to(counts, (len(idx), n_items)), dom.test_items, slices=dom.slices
+    )
+    emb = torch.from_numpy(dom.emb)
+
+    def text_scores(idx: np.ndarray) -> torch.Tensor:
+        means = torch.stack(
+            [emb[torch.from_numpy(dom.full_histories[i])].mean(dim=0) for i in idx.tolist()]
+        )
+        return torch.nn.functional.normalize(means, dim=1) @ emb.T
+
+    text = evaluate_ranking(text_scores, dom.test_items, slices=dom.slices)
+    return [as_row(dom, "popularity", pop), as_row(dom, "text zero-shot", text)]
+
+
+def run_domain(
+    st: Settings, dom: Domain, extras: dict[str, object]
+) -> tuple[list[Row], TrainResult]:
+    """Baselines, ID model, fixed and adaptive codes, incremental; returns the primary model."""
+    ds = dom.ds
+    out = baseline_rows(dom)
+    ids = pad_rows([[i] for i in range(ds.n_items)])
+    pure_id = replace(st.model, text_dim=0)
+    id_result = train(st, dom, ids, ds.n_items, "ID model", model=pure_id)
+    out.append(model_row(st, dom, "ID model", id_result, ids))
+    results: dict[str, TrainResult] = {}
+    for policy in ("fixed", *st.policies):
+        rows, n_rows = served_rows(dom, policy)
+        label = "fixed codes" if policy == "fixed" else f"adaptive codes ({policy})"
+        results[policy] = train(st, dom, rows, n_rows, label)
+        mean_len = float((rows >= 0).sum(axis=1).mean())
+        note = f"{results[policy].epochs_run} ep, mean len {mean_len:.2f}, {n_rows} rows"
+        out.append(model_row(st, dom, label, results[policy], rows, note))
+    full = results[st.primary]
+    rows, n_rows = served_rows(dom, st.primary)
+    if st.model.text_dim:
+        label = f"adaptive codes ({st.primary}), no text"
+        no_text = train(st, dom, rows, n_rows, label, model=replace(st.model, text_dim=0))
+        out.append(model_row(st, dom, label, no_text, rows))
+    cutoff = int(np.quantile(ds.timestamps[dom.fit], 1.0 - NEW_SHARE))
+    v1 = train(st, dom, rows, n_rows, "v1 (90%)", mask=ds.timestamps < cutoff)
+    inc_config = replace(st.train, epochs=max(1, round(INCREMENTAL_EPOCH_SHARE * full.epochs_run)))
+    inc = train(
+        st,
+        dom,
+        rows,
+        n_rows,
+        "incremental",
+        config=inc_config,
+        init_from=v1.params,
+        new_since=cutoff,
+    )
+    out.append(model_row(st, dom, f"v1 on 90% ({st.primary})", v1, rows))
+    note = f"{inc.epochs_run} ep, {inc.n_windows}/{full.n_windows} windows"
+    out.append(model_row(st, dom, f"incremental +10% ({st.primary})", inc, rows, note))
+    extras[f"{ds.name}/incremental"] = {
+        "time_ratio": inc.wall_s / full.wall_s,
+        "full_wall_s": full.wall_s,
+        "incremental_wall_s": inc.wall_s,
+        "full_windows": full.n_windows,
+        "incremental_windows": inc.n_windows,
+        "fit_interactions": int(dom.fit.sum()),
+    }
+    return out, full
+
+
+def transfer_rows(st: Settings, target: Domain, source_name: str, source: TrainResult) -> list[Row]:
+    """Few-shot scratch vs warm start from ``source``, and a domain-only fine-tune."""
+    ds = target.ds
+    rows, n_rows = served_rows(target, st.primary)
+    init = shared_init(source.params, target.levels * target.k)
+    chosen = np.random.default_rng(st.seed).random(ds.n_users) < st.few_fraction
+    few = chosen[ds.users]
+    note = f"{st.few_fraction:.0%} of users, {int((few & target.fit).sum())} interactions"
+    scratch = train(st, target, rows, n_rows, "few-shot scratch", mask=few)
+    warm = train(
+        st, target, rows, n_rows, f"few-shot warm <- {source_name}", mask=few, init_from=init
+    )
+    tuned = train(
+        st,
+        target,
+        rows,
+        n_rows,
+        f"domain fine-tune <- {source_name}",
+        config=replace(st.train, trainable="domain"),
+        init_from=init,
+    )
+    return [
+        model_row(st, target, f"few-shot scratch ({st.primary})", scratch, rows, note),
+        model_row(st, target, f"few-shot warm <- {source_name}", warm, rows, note),
+        model_row(
+            st,
+            target,
+            f"domain fine-tune <- {source_name}",
+            tuned,
+            rows,
+            f"{tuned.epochs_run} ep, encoder frozen",
+        ),
+    ]
+
+
+def fmt(x: float | int | None, spec: str) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and np.isnan(x):
+        return "n/a"
+    return format(x, spec)
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (
+        f"{'dataset':<8} {'method':<32} {'R@10':>7} {'N@10':>7} {'headR':>7} {'headN':>7} "
+        f"{'coldR':>7} {'coldN':>7} {'time s':>7} {'params':>8} {'table KB':>9}  note"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        kb = None if r.table_bytes is None else r.table_bytes / 1024
+        print(
+            f"{r.dataset:<8} {r.method:<32} {fmt(r.recall, '.4f'):>7} {fmt(r.ndcg, '.4f'):>7} "
+            f"{fmt(r.head_recall, '.4f'):>7} {fmt(r.head_ndcg, '.4f'):>7} "
+            f"{fmt(r.cold_recall, '.4f'):>7} {fmt(r.cold_ndcg, '.4f'):>7} "
+            f"{fmt(r.wall_s, '.1f'):>7} {fmt(r.trainable_params, 'd'):>8} "
+            f"{fmt(kb, '.1f'):>9}  {r.note}"
+        )
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r.dataset for r in rows))
+    metrics = (("recall", "all targets"), ("head_recall", "head targets"), ("cold_recall", "cold"))
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(12, 4.8 * len(datasets)), squeeze=False)
+    for ax, name in zip(axes[:, 0], datasets, strict=True):
+        sub = [r for r in rows if r.dataset == name]
+        x = np.arange(len(sub))
+        for j, (attr, label) in enumerate(metrics):
+            vals = [float(np.nan_to_num(getattr(r, attr))) for r in sub]
+            ax.bar(x + (j - 1) * 0.27, vals, width=0.27, label=label)
+        ax.set_xticks(x, [r.method for r in sub], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("Recall@10 (full ranking)")
+        ax.set_title(f"{name}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def summary_lines(rows: list[Row], extras: dict[str, object], st: Settings) -> list[str]:
+    lines = []
+    for key, value in extras.items():
+        if not (key.endswith("/incremental") and isinstance(value, dict)):
+            continue
+        name = key.split("/")[0]
+        by_method = {r.method: r for r in rows if r.dataset == name}
+        full = by_method[f"adaptive codes ({st.primary})"]
+        inc = by_method[f"incremental +10% ({st.primary})"]
+        lines.append(
+            f"{name}: full train of {value['fit_interactions']} interactions "
+            f"{value['full_wall_s']:.1f} s; incremental {value['incremental_wall_s']:.1f} s "
+            f"(ratio {value['time_ratio']:.2f}); R@10 incremental {inc.recall:.4f} vs full "
+            f"{full.recall:.4f}"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_dataset_args(parser, multiple=True)
+    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="max epochs per model")
+    parser.add_argument("--levels", type=int, default=None, help="code depth (default: rule)")
+    parser.add_argument("--k", type=int, default=None, help="codewords per level (default: rule)")
+    parser.add_argument(
+        "--policies",
+        default=",".join(DEFAULT_POLICIES),
+        help=f"adaptive length policies, first = primary (from {sorted(POLICIES)})",
+    )
+    parser.add_argument("--few-fraction", type=float, default=0.1, help="few-shot user share")
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    args = parser.parse_args(argv)
+    policies = tuple(p for p in args.policies.split(",") if p)
+    unknown = [p for p in policies if p not in POLICIES or p == "fixed"]
+    if not policies or unknown:
+        parser.error(f"--policies: unknown or fixed {unknown}; pick from {sorted(POLICIES)}")
+    torch.set_num_threads(args.threads)
+    loaded = [(ds, item_embeddings(ds)) for ds in map(load_dataset, args.dataset)]
+    all_emb = np.concatenate([emb for _, emb in loaded])
+    st = Settings(
+        model=ModelConfig(text_dim=int(all_emb.shape[1])),
+        train=TrainConfig(epochs=args.epochs, threads=args.threads, seed=args.seed),
+        policies=policies,
+        few_fraction=args.few_fraction,
+        seed=args.seed,
+    )
+    rule_levels, rule_k = suggest_shape(len(all_emb))
+    levels = args.levels or rule_levels
+    k = args.k or rule_k
+    started = time.perf_counter()
+    codebook = ResidualCodebook.train(all_emb, levels, k, seed=args.seed)
+    print(
+        f"shared codebook L={levels} K={k} on {len(all_emb)} items "
+        f"({time.perf_counter() - started:.1f} s)\nmodel: {st.model}\ntrain: {st.train}"
+    )
+    domains = [make_domain(ds, emb, codebook, st.model.max_len) for ds, emb in loaded]
+    rows: list[Row] = []
+    extras: dict[str, object] = {"levels": levels, "k": k}
+    primary: dict[str, TrainResult] = {}
+    for dom in tqdm(domains, desc="datasets", leave=False):
+        dom_rows, primary[dom.ds.name] = run_domain(st, dom, extras)
+        rows.extend(dom_rows)
+    for target in domains:
+        for source in domains:
+            if source is not target:
+                rows.extend(transfer_rows(st, target, source.ds.name, primary[source.ds.name]))
+    order = [d.ds.name for d in domains]
+    rows.sort(key=lambda r: order.index(r.dataset))
+    print()
+    print_table(rows)
+    lines = summary_lines(rows, extras, st)
+    print("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "quality.png"
+    plot(rows, png)
+    out_json = args.out / "quality.json"
+    payload = {
+        "model": st.model.to_dict(),
+        "train": asdict(st.train),
+        "policies": list(st.policies),
+        "extras": extras,
+        "summary": lines,
+        "rows": [asdict(r) for r in rows],
+    }
+    out_json.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {png} and {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
