@@ -135,6 +135,7 @@ class ConsumerLoop:
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             max_poll_interval_ms=600_000,
+            metadata_max_age_ms=10_000,  # notice new partitions and topics within seconds
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 5),
         )
@@ -144,6 +145,7 @@ class ConsumerLoop:
 
     def run(self) -> None:
         """Consume until :meth:`stop` is called; then finish the batch and close."""
+        self._wait_for_topics()
         self.consumer.subscribe(self.topics, listener=_SeekToStoredOffsets(self))
         log.info("consuming %s as group %s", self.topics, self.settings.kafka_group_id)
         try:
@@ -158,6 +160,27 @@ class ConsumerLoop:
                 self._report_lag()
         finally:
             self.close()
+
+    def _wait_for_topics(self) -> None:
+        """Subscribe only once every topic exists, so the first assignment covers them all
+        (a group joined before a topic's metadata arrived would leave it unassigned until
+        the next metadata refresh)."""
+        last_warning = 0.0
+        while not self.stop_event.is_set():
+            try:
+                missing = sorted(set(self.topics) - set(self.consumer.topics()))
+            except KafkaError as exc:
+                missing = [f"(broker unreachable: {exc})"]
+            if not missing:
+                return
+            if time.monotonic() - last_warning > 10:
+                log.warning(
+                    "waiting for topics %s on %s; create them with: adacode topics create",
+                    ", ".join(missing),
+                    self.settings.kafka_bootstrap,
+                )
+                last_warning = time.monotonic()
+            self.stop_event.wait(0.5)
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in progress (safe from any thread)."""
