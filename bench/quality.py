@@ -78,7 +78,7 @@ from quantize.train import (
 )
 
 DEFAULT_POLICIES = ("entropy", "popularity", "reverse")
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 20
 INCREMENTAL_EPOCH_SHARE = 0.25  # incremental runs this share of the full run's epochs
 NEW_SHARE = 0.1  # the newest share of the log that the incremental run adapts to
 

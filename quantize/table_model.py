@@ -72,7 +72,7 @@ class ModelConfig:
     hidden: int = 64
     max_len: int = 50
     encoder: EncoderKind = "transformer"
-    layers: int = 2
+    layers: int = 1
     heads: int = 2
     dropout: float = 0.2
     combine: Combine = "sum"

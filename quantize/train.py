@@ -52,7 +52,10 @@ SoftmaxItems = Literal["seen", "all"]
 class TrainConfig:
     """Optimisation settings (the same rule for every domain).
 
-    ``epochs``: maximum passes over the training windows. ``patience``: epochs without a
+    ``epochs``: maximum passes over the training windows. ``batch_tokens``: positions per
+    optimisation step (windows of similar length are packed up to this many, padding
+    included). ``lr_decay``: decay the learning
+    rate linearly over ``epochs`` to ``lr_floor * lr``. ``patience``: epochs without a
     validation NDCG@10 gain before stopping (0 = never stop early). ``trainable``:
     ``"all"`` or ``"domain"`` (shared encoder frozen). ``replay_ratio``: in incremental
     mode, old windows sampled per new window. ``negatives``: 0 = full softmax, else the
@@ -66,9 +69,11 @@ class TrainConfig:
     """
 
     epochs: int = 40
-    batch_size: int = 16
+    batch_tokens: int = 800
     lr: float = 2e-3
     weight_decay: float = 0.0
+    lr_decay: bool = False
+    lr_floor: float = 0.1
     patience: int = 3
     trainable: Trainable = "all"
     replay_ratio: float = 1.0
@@ -82,8 +87,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.epochs < 1 or self.batch_size < 1 or self.threads < 1:
-            problems.append("epochs, batch_size and threads must be >= 1")
+        if self.epochs < 1 or self.batch_tokens < 1 or self.threads < 1:
+            problems.append("epochs, batch_tokens and threads must be >= 1")
+        if not 0.0 <= self.lr_floor <= 1.0:
+            problems.append(f"lr_floor={self.lr_floor} is outside [0, 1]")
         if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
             problems.append("lr must be > 0, weight_decay and patience >= 0")
         if self.trainable not in ("all", "domain"):
@@ -234,10 +241,21 @@ def _select_windows(
     return np.sort(np.concatenate([new, replay]))
 
 
-def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffled batches of windows of similar length (little padding), in random order."""
+def _batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffled batches of windows of similar length, in random order.
+
+    Windows are sorted by length (random tie-break) and packed so that a batch holds at
+    most ``batch_tokens`` positions, padding to its longest window included (at least one
+    window per batch): short windows travel in large batches, long ones in small batches,
+    so every step sees a similar number of positions.
+    """
     order = np.lexsort((rng.random(len(lengths)), lengths))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[np.ndarray] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        if end == len(order) or (end + 1 - start) * int(lengths[order[end]]) > batch_tokens:
+            batches.append(order[start:end])
+            start = end
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -487,10 +505,12 @@ def _run(
             "validation target (or none is new); collect more interactions before training"
         )
     model.train()
+    done = 0
+    total_steps = cfg.epochs * len(_batches(lengths_np, cfg.batch_tokens, rng))
     for epoch in range(1, cfg.epochs + 1):
         total = 0.0
         steps = 0
-        for idx in _batches(lengths_np, cfg.batch_size, rng):
+        for idx in _batches(lengths_np, cfg.batch_tokens, rng):
             batch = torch.as_tensor(idx, device=device)
             width = int(lengths_np[idx].max())
             vecs = model.item_vectors(rows, txt)
@@ -507,6 +527,12 @@ def _run(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            done += 1
+            if cfg.lr_decay:
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * (
+                        1.0 - (1.0 - cfg.lr_floor) * min(1.0, done / total_steps)
+                    )
             total += float(loss.detach())
             steps += 1
         recall, ndcg = _validate(model, rows, txt, val_hist, val_targets)

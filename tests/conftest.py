@@ -170,3 +170,16 @@ def admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_left_behind() -> Iterator[None]:
+    """Kill worker processes a failed test left running (they would outlive the broker)."""
+    from tests.worker_process import STARTED
+
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)

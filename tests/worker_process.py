@@ -48,15 +48,21 @@ def worker_env(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> 
     return env
 
 
+#: every worker process a test started; tests/conftest.py kills what a test left running
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("ab")
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "worker.cli", "run"],
         cwd=REPO,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
+    STARTED.append(proc)
+    return proc
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

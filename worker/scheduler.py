@@ -76,12 +76,12 @@ class FinetuneScheduler:
                 replace_existing=True,
             )
 
-    def run_soon(self, domain: str, why: str) -> None:
+    def run_soon(self, domain: str, why: str, delay_s: float = 0.01) -> None:
         """Queue a fine-tune of ``domain``; a queued one for it absorbs this trigger."""
         self.scheduler.add_job(
             self._job,
             "date",
-            run_date=datetime.now().astimezone() + timedelta(milliseconds=10),
+            run_date=datetime.now().astimezone() + timedelta(seconds=delay_s),
             args=[domain, why],
             id=f"now:{domain}",
             replace_existing=True,
@@ -100,3 +100,10 @@ class FinetuneScheduler:
             log.exception("fine-tune of %s failed; nothing was published", domain)
             return
         self.runs.append(outcome)
+        if outcome.status == "skipped":
+            log.info("fine-tune of %s skipped: %s", domain, outcome.reason)
+            if "no new interactions" not in outcome.reason:
+                # not enough coded data yet (e.g. the codebook is still to come): try again
+                self.run_soon(
+                    domain, "retry after a skipped run", delay_s=self.settings.finetune_retry_s
+                )

@@ -161,6 +161,9 @@ class Settings:
     finetune_min_interactions: int = setting(
         200, "coded interactions a domain needs before its first fine-tune", minimum=10
     )
+    finetune_retry_s: float = setting(
+        15.0, "a fine-tune skipped for lack of coded data is retried after this", minimum=0.1
+    )
     finetune_epochs: int = setting(20, "most epochs of a full fine-tune", minimum=1)
     finetune_max_seconds: float = setting(300.0, "wall-time budget of one fine-tune", minimum=1.0)
     finetune_threads: int = setting(1, "torch threads of a fine-tune", minimum=1, maximum=64)

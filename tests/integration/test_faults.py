@@ -105,6 +105,7 @@ def test_sigterm_during_a_fine_tune_publishes_nothing(
         finetune_after_interactions=1000,
         finetune_interval_s=0,
         finetune_epochs=500,
+        finetune_retry_s=1,
         finetune_max_seconds=600,
         finetune_hidden=64,
     )

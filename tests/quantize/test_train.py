@@ -23,7 +23,7 @@ N_CLUSTERS = 4
 PER_CLUSTER = 6
 N_ITEMS = N_CLUSTERS * PER_CLUSTER
 MODEL = ModelConfig(hidden=16, max_len=8, layers=1, heads=2, dropout=0.0)
-TRAIN = TrainConfig(epochs=12, batch_size=32, lr=1e-2, patience=0, threads=1, seed=0)
+TRAIN = TrainConfig(epochs=12, batch_tokens=256, lr=1e-2, patience=0, threads=1, seed=0)
 
 
 def _planted_log(seed: int = 0, n_users: int = 60, length: int = 10):
@@ -263,3 +263,18 @@ def test_shared_init_keeps_level_rows_and_drops_domain_rows(trained) -> None:
     assert not np.array_equal(init["table.rows"][0], trained.params["table.rows"][0])
     with pytest.raises(QuantizeError):
         shared_init(trained.params, 10_000)
+
+
+def test_batches_pack_windows_by_token_budget() -> None:
+    from quantize.train import _batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 9, size=200)
+    batches = _batches(lengths, 24, np.random.default_rng(1))
+    flat = np.sort(np.concatenate(batches))
+    assert np.array_equal(flat, np.arange(200))  # every window exactly once
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * lengths[batch].max() <= 24
+    # short windows travel in larger batches than long ones
+    sizes = {int(lengths[b].max()): len(b) for b in batches}
+    assert sizes[min(sizes)] > sizes[max(sizes)]
