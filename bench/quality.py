@@ -13,11 +13,13 @@ Rows per dataset:
 * ``fixed codes``: served codes of the ``fixed`` length policy (full paths; colliding head
   items get a disambiguation digit), from scratch.
 * ``adaptive codes (<policy>)``: served codes of each adaptive length policy
-  (``--policies``; the first one is the *primary* policy used below), and the primary
-  policy without the text projection (the ablation that justifies it).
+  (``--policies``). The *primary* policy, used below, is the one with the best
+  validation NDCG@10 averaged over the datasets (chosen on validation, never on test).
+* ``adaptive codes (<primary>), no text``: the ablation that justifies the text projection.
 * ``v1 on 90%`` / ``incremental +10%``: a version trained on the first 90 % of the log
   (by time), then adapted with ``new_since`` (the newest windows plus a replay sample of
-  old ones, a quarter of the epochs), against the full retrain (the primary row).
+  old ones, ``TrainConfig.incremental_share`` of the epochs), against the full retrain (the
+  primary row).
 * with two or more datasets, per target and each other dataset as source:
   ``few-shot scratch`` vs ``few-shot warm``: a small share of the target's users
   (``--few-fraction``), trained from scratch vs fine-tuned from the source's primary model
@@ -78,14 +80,12 @@ from quantize.train import (
 )
 
 DEFAULT_POLICIES = ("entropy", "popularity", "reverse")
-DEFAULT_EPOCHS = 20
-INCREMENTAL_EPOCH_SHARE = 0.25  # incremental runs this share of the full run's epochs
 NEW_SHARE = 0.1  # the newest share of the log that the incremental run adapts to
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What every training of one bench run shares."""
+    """What every training of one bench run shares (``policies[0]`` is the primary)."""
 
     model: ModelConfig
     train: TrainConfig
@@ -110,6 +110,7 @@ class Row:
     head_ndcg: float
     cold_recall: float
     cold_ndcg: float
+    val_ndcg: float | None
     wall_s: float | None
     trainable_params: int | None
     table_bytes: int | None
@@ -175,6 +176,7 @@ def as_row(
         head_ndcg=s["head"].ndcg,
         cold_recall=s["cold"].recall,
         cold_ndcg=s["cold"].ndcg,
+        val_ndcg=None if result is None else result.val_ndcg,
         wall_s=None if result is None else result.wall_s,
         trainable_params=None if result is None else result.trainable_params,
         table_bytes=None
@@ -204,6 +206,7 @@ def train(
     bar = tqdm(total=cfg.epochs, desc=f"{ds.name}: {label}", leave=False, unit="ep")
 
     def progress(report: EpochReport) -> None:
+        bar.total = report.planned_epochs
         bar.set_postfix(loss=f"{report.loss:.3f}", val_ndcg=f"{report.val_ndcg:.4f}")
         bar.update(1)
 
@@ -257,10 +260,8 @@ def baseline_rows(dom: Domain) -> list[Row]:
     return [as_row(dom, "popularity", pop), as_row(dom, "text zero-shot", text)]
 
 
-def run_domain(
-    st: Settings, dom: Domain, extras: dict[str, object]
-) -> tuple[list[Row], TrainResult]:
-    """Baselines, ID model, fixed and adaptive codes, incremental; returns the primary model."""
+def model_rows(st: Settings, dom: Domain) -> tuple[list[Row], dict[str, TrainResult]]:
+    """Baselines, the ID model, fixed codes and every adaptive policy (from scratch)."""
     ds = dom.ds
     out = baseline_rows(dom)
     ids = pad_rows([[i] for i in range(ds.n_items)])
@@ -275,7 +276,20 @@ def run_domain(
         mean_len = float((rows >= 0).sum(axis=1).mean())
         note = f"{results[policy].epochs_run} ep, mean len {mean_len:.2f}, {n_rows} rows"
         out.append(model_row(st, dom, label, results[policy], rows, note))
-    full = results[st.primary]
+    return out, results
+
+
+def pick_primary(policies: tuple[str, ...], results: list[dict[str, TrainResult]]) -> str:
+    """The adaptive policy with the best validation NDCG@10, averaged over the datasets."""
+    return max(policies, key=lambda p: float(np.mean([r[p].val_ndcg for r in results])))
+
+
+def primary_rows(
+    st: Settings, dom: Domain, full: TrainResult, extras: dict[str, object]
+) -> list[Row]:
+    """The primary policy without text, and the incremental run against the full one."""
+    ds = dom.ds
+    out = []
     rows, n_rows = served_rows(dom, st.primary)
     if st.model.text_dim:
         label = f"adaptive codes ({st.primary}), no text"
@@ -283,17 +297,7 @@ def run_domain(
         out.append(model_row(st, dom, label, no_text, rows))
     cutoff = int(np.quantile(ds.timestamps[dom.fit], 1.0 - NEW_SHARE))
     v1 = train(st, dom, rows, n_rows, "v1 (90%)", mask=ds.timestamps < cutoff)
-    inc_config = replace(st.train, epochs=max(1, round(INCREMENTAL_EPOCH_SHARE * full.epochs_run)))
-    inc = train(
-        st,
-        dom,
-        rows,
-        n_rows,
-        "incremental",
-        config=inc_config,
-        init_from=v1.params,
-        new_since=cutoff,
-    )
+    inc = train(st, dom, rows, n_rows, "incremental", init_from=v1.params, new_since=cutoff)
     out.append(model_row(st, dom, f"v1 on 90% ({st.primary})", v1, rows))
     note = f"{inc.epochs_run} ep, {inc.n_windows}/{full.n_windows} windows"
     out.append(model_row(st, dom, f"incremental +10% ({st.primary})", inc, rows, note))
@@ -305,7 +309,7 @@ def run_domain(
         "incremental_windows": inc.n_windows,
         "fit_interactions": int(dom.fit.sum()),
     }
-    return out, full
+    return out
 
 
 def transfer_rows(st: Settings, target: Domain, source_name: str, source: TrainResult) -> list[Row]:
@@ -354,7 +358,7 @@ def fmt(x: float | int | None, spec: str) -> str:
 def print_table(rows: list[Row]) -> None:
     header = (
         f"{'dataset':<8} {'method':<32} {'R@10':>7} {'N@10':>7} {'headR':>7} {'headN':>7} "
-        f"{'coldR':>7} {'coldN':>7} {'time s':>7} {'params':>8} {'table KB':>9}  note"
+        f"{'coldR':>7} {'coldN':>7} {'valN':>7} {'time s':>7} {'params':>8} {'table KB':>9}  note"
     )
     print(header)
     print("-" * len(header))
@@ -364,7 +368,7 @@ def print_table(rows: list[Row]) -> None:
             f"{r.dataset:<8} {r.method:<32} {fmt(r.recall, '.4f'):>7} {fmt(r.ndcg, '.4f'):>7} "
             f"{fmt(r.head_recall, '.4f'):>7} {fmt(r.head_ndcg, '.4f'):>7} "
             f"{fmt(r.cold_recall, '.4f'):>7} {fmt(r.cold_ndcg, '.4f'):>7} "
-            f"{fmt(r.wall_s, '.1f'):>7} {fmt(r.trainable_params, 'd'):>8} "
+            f"{fmt(r.val_ndcg, '.4f'):>7} {fmt(r.wall_s, '.1f'):>7} {fmt(r.trainable_params, 'd'):>8} "
             f"{fmt(kb, '.1f'):>9}  {r.note}"
         )
 
@@ -414,13 +418,15 @@ def summary_lines(rows: list[Row], extras: dict[str, object], st: Settings) -> l
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser, multiple=True)
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="max epochs per model")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="max epochs per model (default: the rule)"
+    )
     parser.add_argument("--levels", type=int, default=None, help="code depth (default: rule)")
     parser.add_argument("--k", type=int, default=None, help="codewords per level (default: rule)")
     parser.add_argument(
         "--policies",
         default=",".join(DEFAULT_POLICIES),
-        help=f"adaptive length policies, first = primary (from {sorted(POLICIES)})",
+        help=f"adaptive length policies to compare (from {sorted(POLICIES)})",
     )
     parser.add_argument("--few-fraction", type=float, default=0.1, help="few-shot user share")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
@@ -453,10 +459,17 @@ def main(argv: list[str] | None = None) -> int:
     domains = [make_domain(ds, emb, codebook, st.model.max_len) for ds, emb in loaded]
     rows: list[Row] = []
     extras: dict[str, object] = {"levels": levels, "k": k}
-    primary: dict[str, TrainResult] = {}
-    for dom in tqdm(domains, desc="datasets", leave=False):
-        dom_rows, primary[dom.ds.name] = run_domain(st, dom, extras)
+    results: list[dict[str, TrainResult]] = []
+    for dom in domains:
+        dom_rows, dom_results = model_rows(st, dom)
         rows.extend(dom_rows)
+        results.append(dom_results)
+    st = replace(st, policies=(pick_primary(st.policies, results),))
+    extras["primary_policy"] = st.primary
+    print(f"primary adaptive policy (best mean validation NDCG@10): {st.primary}")
+    primary = {dom.ds.name: res[st.primary] for dom, res in zip(domains, results, strict=True)}
+    for dom in domains:
+        rows.extend(primary_rows(st, dom, primary[dom.ds.name], extras))
     for target in domains:
         for source in domains:
             if source is not target:

@@ -52,31 +52,46 @@ SoftmaxItems = Literal["seen", "all"]
 class TrainConfig:
     """Optimisation settings (the same rule for every domain).
 
-    ``epochs``: maximum passes over the training windows. ``batch_tokens``: positions per
-    optimisation step (windows of similar length are packed up to this many, padding
-    included). ``lr_decay``: decay the learning
-    rate linearly over ``epochs`` to ``lr_floor * lr``. ``patience``: epochs without a
-    validation NDCG@10 gain before stopping (0 = never stop early). ``trainable``:
-    ``"all"`` or ``"domain"`` (shared encoder frozen). ``replay_ratio``: in incremental
-    mode, old windows sampled per new window. ``negatives``: 0 = full softmax, else the
-    number of uniformly sampled items shared by a batch. ``softmax_items``: ``"seen"``
-    ranks targets against the items of the training log only, so items without any
-    interaction (new items) are never pushed down as negatives and keep the score their
-    codes and text give them; ``"all"`` uses every item. ``threads``: torch CPU threads
-    while training. ``device``: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-    ``max_seconds``: stop after the epoch that crosses this wall time. ``val_users``: cap on
+    Length of training:
+
+    * ``epochs``: passes over the training windows; ``None`` sets it by rule from the data
+      size, ``ceil(position_budget / trained positions per epoch)`` clipped to
+      ``[min_epochs, max_epochs]``, so small domains get more passes and large ones fewer.
+    * ``patience``: epochs without a validation NDCG@10 gain before stopping (0 = never).
+    * ``max_seconds``: stop after the epoch that crosses this wall time.
+
+    Optimisation: ``batch_tokens`` positions per step (windows of similar length are packed
+    up to this many, padding included); AdamW with ``lr`` and ``weight_decay``; with
+    ``lr_decay`` the rate falls linearly over the planned epochs to ``lr_floor * lr``.
+
+    What is trained: ``trainable="all"``, or ``"domain"`` (shared encoder frozen).
+    ``softmax_items="seen"`` ranks targets against the items of the training log only, so
+    items without any interaction (new items) are never pushed down as negatives and keep
+    the score their codes and text give them; ``"all"`` uses every item. ``negatives``: 0 =
+    full softmax, else that many uniformly sampled candidates shared by a batch.
+
+    Incremental runs (``new_since``): ``replay_ratio`` old windows are sampled per new
+    window; with ``epochs=None`` they get ``incremental_share`` of the epochs the rule
+    gives the whole log.
+
+    Runtime: ``threads`` torch CPU threads while training (restored after); ``device``
+    ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; ``val_users`` caps the
     validation users (a seeded sample), ``None`` = all.
     """
 
-    epochs: int = 40
+    epochs: int | None = None
+    position_budget: int = 1_500_000
+    min_epochs: int = 5
+    max_epochs: int = 40
     batch_tokens: int = 800
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
-    lr_decay: bool = False
+    lr_decay: bool = True
     lr_floor: float = 0.1
-    patience: int = 3
+    patience: int = 4
     trainable: Trainable = "all"
-    replay_ratio: float = 1.0
+    replay_ratio: float = 0.5
+    incremental_share: float = 0.5
     negatives: int = 0
     softmax_items: SoftmaxItems = "seen"
     seed: int = 0
@@ -85,16 +100,29 @@ class TrainConfig:
     max_seconds: float | None = None
     val_users: int | None = 10_000
 
+    def epochs_for(self, n_targets: int) -> int:
+        """``epochs`` when set, else ``position_budget / n_targets`` clipped to the bounds."""
+        if self.epochs is not None:
+            return self.epochs
+        wanted = -(-self.position_budget // max(n_targets, 1))
+        return int(min(self.max_epochs, max(self.min_epochs, wanted)))
+
     def __post_init__(self) -> None:
         problems = []
-        if self.epochs < 1 or self.batch_tokens < 1 or self.threads < 1:
-            problems.append("epochs, batch_tokens and threads must be >= 1")
+        if (self.epochs is not None and self.epochs < 1) or self.batch_tokens < 1:
+            problems.append("epochs and batch_tokens must be >= 1")
+        if self.threads < 1 or self.position_budget < 1:
+            problems.append("threads and position_budget must be >= 1")
+        if not 1 <= self.min_epochs <= self.max_epochs:
+            problems.append(f"need 1 <= min_epochs ({self.min_epochs}) <= max_epochs")
         if not 0.0 <= self.lr_floor <= 1.0:
             problems.append(f"lr_floor={self.lr_floor} is outside [0, 1]")
         if self.lr <= 0 or self.weight_decay < 0 or self.patience < 0:
             problems.append("lr must be > 0, weight_decay and patience >= 0")
         if self.trainable not in ("all", "domain"):
             problems.append(f"trainable={self.trainable!r} is not 'all' or 'domain'")
+        if not 0.0 < self.incremental_share <= 1.0:
+            problems.append(f"incremental_share={self.incremental_share} is outside (0, 1]")
         if self.replay_ratio < 0 or self.negatives < 0:
             problems.append("replay_ratio and negatives must be >= 0")
         if self.softmax_items not in ("seen", "all"):
@@ -117,6 +145,7 @@ class EpochReport:
     val_ndcg: float
     elapsed_s: float
     best_epoch: int
+    planned_epochs: int
 
 
 @dataclass(frozen=True)
@@ -226,7 +255,11 @@ def _prepare(
         targets=np.stack(targets) if targets else np.zeros(shape, np.int64),
         is_new=np.asarray(is_new, dtype=bool),
     )
-    return _Data(windows, pad_histories(val_hist, max_len), np.asarray(val_tgt, dtype=np.int64))
+    return _Data(
+        windows,
+        pad_histories(val_hist, max_len),
+        np.asarray(val_tgt, dtype=np.int64),
+    )
 
 
 def _select_windows(
@@ -326,9 +359,16 @@ def score_histories(
         vecs = model.item_vectors(rows, txt)
         for start in range(0, len(histories), batch_size):
             batch = torch.as_tensor(histories[start : start + batch_size], device=device)
-            out.append(model.score_last(batch[:, -model.config.max_len :], vecs).cpu().numpy())
+            batch = _trim(batch[:, -model.config.max_len :])
+            out.append(model.score_last(batch, vecs).cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, rows.shape[0]), dtype=np.float32)
+
+
+def _trim(histories: torch.Tensor) -> torch.Tensor:
+    """Drop leading columns that are padding in every row (outputs do not change)."""
+    width = int((histories >= 0).sum(dim=1).max()) if len(histories) else 0
+    return histories[:, histories.shape[1] - max(width, 1) :]
 
 
 def _validate(
@@ -345,7 +385,8 @@ def _validate(
         vecs = model.item_vectors(rows, text)
 
         def score(idx: np.ndarray) -> torch.Tensor:
-            return model.score_last(histories[torch.as_tensor(idx, device=histories.device)], vecs)
+            batch = histories[torch.as_tensor(idx, device=histories.device)]
+            return model.score_last(_trim(batch), vecs)
 
         result = evaluate_ranking(score, targets, batch_size=512)
     model.train()
@@ -493,6 +534,8 @@ def _run(
     if cfg.val_users is not None and len(val_targets) > cfg.val_users:
         keep = np.sort(rng.choice(len(val_targets), size=cfg.val_users, replace=False))
         val_targets, val_hist_np = val_targets[keep], val_hist_np[keep]
+    by_length = np.argsort((val_hist_np >= 0).sum(axis=1), kind="stable")
+    val_targets, val_hist_np = val_targets[by_length], val_hist_np[by_length]  # cheap batches
     val_hist = torch.as_tensor(val_hist_np, device=device)
     n_targets = int((targets >= 0).sum())
     candidates, slot = _candidates(data.windows, rows_np.shape[0], cfg.softmax_items, device)
@@ -506,8 +549,11 @@ def _run(
         )
     model.train()
     done = 0
-    total_steps = cfg.epochs * len(_batches(lengths_np, cfg.batch_tokens, rng))
-    for epoch in range(1, cfg.epochs + 1):
+    epochs = cfg.epochs_for(int((data.windows.targets >= 0).sum()))
+    if new_since is not None and cfg.epochs is None:
+        epochs = max(1, round(cfg.incremental_share * epochs))
+    total_steps = epochs * len(_batches(lengths_np, cfg.batch_tokens, rng))
+    for epoch in range(1, epochs + 1):
         total = 0.0
         steps = 0
         for idx in _batches(lengths_np, cfg.batch_tokens, rng):
@@ -541,7 +587,13 @@ def _run(
             best = (score, epoch, recall, ndcg)
             best_params = export_params(model)
         report = EpochReport(
-            epoch, total / max(steps, 1), recall, ndcg, time.perf_counter() - started, best[1]
+            epoch=epoch,
+            loss=total / max(steps, 1),
+            val_recall=recall,
+            val_ndcg=ndcg,
+            elapsed_s=time.perf_counter() - started,
+            best_epoch=best[1],
+            planned_epochs=epochs,
         )
         history.append(report)
         if progress is not None:
