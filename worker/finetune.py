@@ -3,7 +3,16 @@
 Runs off the consumer thread (see :mod:`worker.scheduler`), on a RocksDB
 checkpoint of the state: a consistent copy at one instant, so ingestion never
 stalls and the job never sees half a batch. The text encoder is never trained:
-items enter the model through their residual codes.
+items enter the model through their residual codes and a learned linear projection
+of their frozen embedding (``text_dim = embedding_dim``), read from the same
+checkpoint; the version keeps ``W @ e`` of its items (see :mod:`worker.versions`).
+
+Warm starts: from the domain's current version (incremental), else from another
+domain's current version on the same codebook through :func:`quantize.train.shared_init`
+(its level rows, encoder and projection; its disambiguation rows are dropped), else
+from scratch. A start without a text projection (a version trained with ``text_dim =
+0``, or of another width) gets ``W = 0``: the candidate starts as that version and
+learns the projection from there.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +31,18 @@ import numpy as np
 
 from quantize.assign import AssignerState, CodeAssigner
 from quantize.evaluate import holdout_split, pad_histories, ranks, recall_ndcg, user_sequences
-from quantize.table_model import ModelConfig, Snapshot
-from quantize.train import EpochReport, TrainConfig, score_histories, train_domain
+from quantize.table_model import ModelConfig, Params, Snapshot
+from quantize.train import EpochReport, TrainConfig, score_histories, shared_init, train_domain
 from store.partition import StorePartition
 from worker.coding import load_codebook, state_key
 from worker.exceptions import WorkerError
 from worker.inspection import iter_interactions
+from worker.serving import stored_embeddings
 from worker.settings import Settings
 from worker.versions import (
     PUBLISHED,
     REJECTED,
+    TEXT_PROJ,
     VersionRecord,
     VersionTable,
     add_version,
@@ -48,12 +59,17 @@ class Abandoned(WorkerError):
     """The fine-tune was stopped (shutdown); nothing was published."""
 
 
+class FineTuneDataError(WorkerError):
+    """The snapshot's data cannot be trained on (e.g. a coded item without an embedding)."""
+
+
 @dataclass
 class DomainData:
     """A domain's training material, read from one consistent snapshot."""
 
     item_ids: list[str]
     item_rows: np.ndarray  # [n_items, width] row ids, -1 padded
+    text: np.ndarray  # float32 [n_items, embedding_dim]: the items' frozen embeddings
     n_rows: int
     users: np.ndarray
     items: np.ndarray
@@ -85,6 +101,7 @@ def read_domain(store: StorePartition, domain: str) -> DomainData | None:
     assigner = CodeAssigner.from_state(AssignerState.from_bytes(raw))
     served = assigner.served()
     item_ids = list(assigner.keys)
+    text = read_embeddings(store, domain, item_ids)
     index = {item: i for i, item in enumerate(item_ids)}
     users: dict[str, int] = {}
     u, it, ts = [], [], []
@@ -99,6 +116,7 @@ def read_domain(store: StorePartition, domain: str) -> DomainData | None:
     return DomainData(
         item_ids,
         served.row_matrix(),
+        text,
         served.table_rows,
         np.asarray(u, dtype=np.int64),
         np.asarray(it, dtype=np.int64),
@@ -108,16 +126,41 @@ def read_domain(store: StorePartition, domain: str) -> DomainData | None:
     )
 
 
+def read_embeddings(store: StorePartition, domain: str, item_ids: list[str]) -> np.ndarray:
+    """The frozen embeddings ``[n, dim]`` (float32) of coded items, from their item records."""
+    found = stored_embeddings(store, domain, item_ids)
+    missing = [item for item in item_ids if item not in found]
+    widths = sorted({len(v) for v in found.values()})
+    if missing or len(widths) > 1:
+        raise FineTuneDataError(
+            f"domain {domain!r}: coded items need one embedding each of one width, but "
+            f"{len(missing)} have none (e.g. {missing[:3]}) and the widths are {widths}; the "
+            "state is inconsistent: restore it from a backup or rebuild it by replaying the topics"
+        )
+    if not item_ids:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.stack([found[item] for item in item_ids]).astype(np.float32, copy=False)
+
+
 def recall_at_10(
-    snapshot: Snapshot, item_rows: np.ndarray, histories: np.ndarray, targets: np.ndarray
+    snapshot: Snapshot,
+    item_rows: np.ndarray,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    text: np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Recall@10 and NDCG@10 of a version on held-out next items (full ranking)."""
+    """Recall@10 and NDCG@10 of a version on held-out next items (full ranking).
+
+    ``text``: the items' embeddings, used when the version projects text.
+    """
     if not len(targets):
         return 0.0, 0.0
     width = snapshot.params["table.rows"].shape[0]
     rows = np.where(item_rows < width, item_rows, -1)  # rows the version never had
     model = snapshot.model()
-    scores = score_histories(model, rows, histories)
+    scores = score_histories(
+        model, rows, histories, text=text if snapshot.config.text_dim else None
+    )
     hit, ndcg = recall_ndcg(ranks(scores, targets), 10)
     return float(hit.mean()), float(ndcg.mean())
 
@@ -142,6 +185,7 @@ class FineTuner:
         self.model_config = ModelConfig(
             hidden=settings.finetune_hidden,
             encoder="transformer" if settings.finetune_encoder == "transformer" else "attention",
+            text_dim=settings.embedding_dim if settings.finetune_text_projection else 0,
         )
         self.last: dict[str, Outcome] = {}
 
@@ -167,6 +211,13 @@ class FineTuner:
                 snap.close()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        text_dim = self.model_config.text_dim
+        if data is not None and text_dim and data.text.shape[1] not in (0, text_dim):
+            raise FineTuneDataError(
+                f"domain {domain!r}: stored embeddings have {data.text.shape[1]} floats but the "
+                f"model projects embedding_dim={self.model_config.text_dim}; set embedding_dim "
+                "to the width of the stored embeddings"
+            )
         if data is None or len(data.items) < self.settings.finetune_min_interactions:
             n = 0 if data is None else len(data.items)
             outcome = Outcome(
@@ -195,12 +246,14 @@ class FineTuner:
             return outcome
         candidate, train_metrics = self.train_candidate(domain, data, train, init, new_since)
         # -- 4. gate ------------------------------------------------------------------------
-        cand_recall, cand_ndcg = recall_at_10(candidate, data.item_rows, histories, targets)
+        cand_recall, cand_ndcg = recall_at_10(
+            candidate, data.item_rows, histories, targets, data.text
+        )
         base_recall = base_ndcg = None
         if parent is not None:
             current = load_table(self.store, domain, parent)
             base_recall, base_ndcg = recall_at_10(
-                current.snapshot, data.item_rows, histories, targets
+                current.snapshot, data.item_rows, histories, targets, data.text
             )
         passed = base_recall is None or cand_recall >= base_recall - self.settings.gate_tolerance
         metrics = {
@@ -228,7 +281,7 @@ class FineTuner:
             table_bytes=candidate.table_bytes(),
             note=mode,
         )
-        table = VersionTable(candidate, data.item_ids, data.item_rows)
+        table = VersionTable.build(candidate, data.item_ids, data.item_rows, data.text)
         with self.lock:
             batch = self.store.batch()
             record = add_version(
@@ -275,7 +328,7 @@ class FineTuner:
         new_since: int | None,
     ) -> tuple[Snapshot, dict[str, float]]:
         """Train a candidate on the ``train`` rows of the log; shared parts stay frozen
-        whenever there is a model to start from."""
+        whenever there is a model to start from (see :meth:`start_params`)."""
         cfg = TrainConfig(
             epochs=self.settings.finetune_epochs
             if new_since is None
@@ -308,7 +361,8 @@ class FineTuner:
             data.timestamps[train],
             model_config=self.model_config,
             config=cfg,
-            init_from=init.params if init is not None else None,
+            text=data.text if self.model_config.text_dim else None,
+            init_from=None if init is None else self.start_params(init),
             new_since=new_since,
             n_rows=data.n_rows,
             progress=progress,
@@ -320,22 +374,61 @@ class FineTuner:
             "trainable_params": float(result.trainable_params),
         }
 
+    def start_params(self, init: Snapshot) -> Params:
+        """``init``'s params made to fit :attr:`model_config`'s text projection: kept when
+        it has the same shape, else ``W = 0`` (the candidate starts as ``init``); dropped
+        when the model projects no text."""
+        params = dict(init.params)
+        cfg = self.model_config
+        if cfg.text_dim == 0:
+            params.pop(TEXT_PROJ, None)
+        else:
+            shape = (cfg.hidden, cfg.text_dim)
+            weight = params.get(TEXT_PROJ)
+            if weight is None or weight.shape != shape:
+                params[TEXT_PROJ] = np.zeros(shape, dtype=np.float32)
+        return params
+
+    def _fits(self, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot``'s shared parts and rows can seed :attr:`model_config`."""
+        mine, theirs = self.model_config, snapshot.config
+        return (mine.hidden, mine.encoder, mine.layers, mine.heads, mine.combine) == (
+            theirs.hidden,
+            theirs.encoder,
+            theirs.layers,
+            theirs.heads,
+            theirs.combine,
+        )
+
     def _warm_start(
         self, domain: str, parent: int | None
     ) -> tuple[Snapshot | None, str, int | None]:
         if parent is not None:
             record = get_record(self.store, domain, parent)
             table = load_table(self.store, domain, parent)
-            since = None if record is None else int(record.watermark.get("ts", 0)) + 1
-            return table.snapshot, "incremental", since
+            if self._fits(table.snapshot):
+                since = None if record is None else int(record.watermark.get("ts", 0)) + 1
+                return table.snapshot, "incremental", since
+            log.warning(
+                "fine-tune %s: version %d has another model shape than the settings; "
+                "training from scratch",
+                domain,
+                parent,
+            )
+            return None, f"scratch (v{parent} has another model shape)", None
         codebook = load_codebook(self.store)
         for other in domains_with_versions(self.store):
             v = current_version(self.store, other)
             rec = None if v is None else get_record(self.store, other, v)
-            if rec is not None and codebook is not None and rec.codebook_id == codebook.codebook_id:
-                return (
-                    load_table(self.store, other, rec.version).snapshot,
-                    f"warm start from {other} v{rec.version}",
-                    None,
-                )
+            if rec is None or codebook is None or rec.codebook_id != codebook.codebook_id:
+                continue
+            snapshot = load_table(self.store, other, rec.version).snapshot
+            if not self._fits(snapshot):
+                continue
+            level_rows = min(codebook.levels * codebook.k, snapshot.params["table.rows"].shape[0])
+            return (
+                replace(snapshot, params=shared_init(snapshot.params, level_rows)),
+                f"warm start from {other} v{rec.version}",
+                None,
+            )
         return None, "scratch", None

@@ -27,7 +27,7 @@ from worker.settings import Settings
 from worker.versions import (
     VersionError,
     current_version,
-    item_vectors,
+    export_arrays,
     list_records,
     load_table,
     rollback,
@@ -108,7 +108,8 @@ def export_version(
             )
         table = load_table(store, domain, v)
         record = next(r for r in list_records(store, domain) if r.version == v)
-    vectors = item_vectors(table)
+    arrays, described = export_arrays(table)
+    vectors = arrays["item_vectors"]
     manifest = {
         "format": "adacode-export-v1",
         "domain": domain,
@@ -122,22 +123,11 @@ def export_version(
         "n_items": len(table.item_ids),
         "dim": int(vectors.shape[1]),
         "model_config": table.snapshot.config.to_dict(),
-        "arrays": {
-            "item_ids": "item ids",
-            "item_vectors": "float32 [n, dim]",
-            "item_rows": "table row ids per item (-1 pad)",
-            "rows": "the code table",
-        },
+        "arrays": described,
     }
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        item_ids=np.asarray(table.item_ids, dtype=str),
-        item_vectors=vectors.astype(np.float32),
-        item_rows=table.item_rows,
-        rows=table.snapshot.params["table.rows"],
-        manifest=np.frombuffer(orjson.dumps(manifest), dtype=np.uint8),
-    )
+    arrays["manifest"] = np.frombuffer(orjson.dumps(manifest), dtype=np.uint8)
+    np.savez(buf, allow_pickle=False, **arrays)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(buf.getvalue())
     out.with_suffix(out.suffix + ".manifest.json").write_bytes(

@@ -12,13 +12,19 @@ How it follows the state (:class:`Serving`):
   announces a publish). When the pointer moved it builds the new index off to the
   side, then swaps one reference: a reader holds the old index or the new one for
   its whole request, never a half-built one.
+* **Item vectors** (:class:`~worker.versions.ItemVectorizer`): the sum of the item's
+  code rows, plus ``W @ e`` when the version projects text (``text_dim > 0``). Items
+  of the version's table use the rows and the ``W @ e`` they were trained with; any
+  other item uses its served code and ``W`` times its embedding read from its item
+  record in the store.
 * **New items** (cold start). After each committed batch, the consumer thread
   hands over the served codes that changed (new items included, coded in that very
   batch). An item that is not in the version's own table gets the vector of its
   served code's rows in the current version's table (rows the version never had,
-  e.g. a disambiguation digit handed out later, are left out) and is added to the
-  live index at once, without a rebuild. Items of the version's table keep the rows
-  they were trained with until the next version.
+  e.g. a disambiguation digit handed out later, are left out), plus the projection
+  of its stored embedding, and is added to the live index at once, without a
+  rebuild or any training. Items of the version's table keep the rows (and text
+  part) they were trained with until the next version.
 * **Builds racing live items.** A build reads the committed code state; codes that
   change while it runs are recorded and replayed on the new index before the swap.
 
@@ -30,7 +36,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +45,21 @@ import numpy as np
 import torch
 
 from quantize.assign import AssignerState, CodeAssigner, row_ids
-from quantize.table_model import CodeTableRecommender, pad_rows
+from quantize.table_model import pad_rows
+from store.exceptions import StoreError
 from store.partition import StorePartition
-from store.records import domain_counters_key
+from store.records import ItemRecord, domain_counters_key, item_key
 from worker.coding import load_codebook, state_key
 from worker.exceptions import WorkerError
 from worker.processor import BatchResult
 from worker.settings import Settings
 from worker.versions import (
+    ItemVectorizer,
     VersionError,
+    VersionTable,
     current_version,
     domains_with_versions,
+    item_vectors,
     load_table,
 )
 
@@ -91,6 +101,30 @@ class Neighbour:
     score: float
 
 
+EmbeddingReader = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
+"""Item ids -> their stored embeddings (items without one are left out)."""
+
+
+def stored_embeddings(
+    store: StorePartition, domain: str, item_ids: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The embeddings of ``item_ids`` from their item records (placeholders and unknown or
+    unreadable records are left out)."""
+    raws = store.multi_get("items", [item_key(domain, i) for i in item_ids])
+    out: dict[str, np.ndarray] = {}
+    for item, raw in zip(item_ids, raws, strict=True):
+        if raw is None:
+            continue
+        try:
+            record = ItemRecord.decode(raw)
+        except StoreError:
+            log.warning("item %r of %s has an unreadable record: not served", item, domain)
+            continue
+        if record.embedding and not record.placeholder:
+            out[item] = record.vector()
+    return out
+
+
 def _normalized(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
@@ -108,23 +142,24 @@ class DomainIndex:
         self,
         domain: str,
         version: int,
-        model: CodeTableRecommender,
-        item_ids: list[str],
-        item_rows: np.ndarray,
+        table: VersionTable,
         *,
+        embeddings: EmbeddingReader | None = None,
         hnsw_min_items: int,
         ef_search: int,
     ) -> None:
         self.domain = domain
         self.version = version
-        self.model = model.eval()
-        self.n_rows = int(model.table.n_rows)
-        self.cosine = model.config.score == "cosine"
+        self.vectorizer = ItemVectorizer(table.snapshot)
+        self.model = self.vectorizer.model  # the version's encoder (and code table)
+        self.embeddings = embeddings
+        self.n_rows = self.vectorizer.n_rows
+        self.cosine = table.snapshot.config.score == "cosine"
         self.lock = threading.Lock()
-        self.ids: list[str] = list(item_ids)
+        self.ids: list[str] = list(table.item_ids)
         self.pos: dict[str, int] = {item: i for i, item in enumerate(self.ids)}
         self.n_version = len(self.ids)  # items 0..n_version-1 keep the version's own rows
-        raw = self.vectors_of(item_rows) if len(self.ids) else np.zeros((0, model.config.hidden))
+        raw = self.vectorizer.vectors(table.item_rows, table.text_vectors)
         self.dim = raw.shape[1]
         self.raw = np.zeros((max(16, 2 * len(self.ids)), self.dim), dtype=np.float32)
         self.raw[: len(self.ids)] = raw
@@ -146,27 +181,70 @@ class DomainIndex:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
-        """Vectors ``[n, hidden]`` of padded row ids, rows beyond this version's table dropped."""
-        rows = np.where(rows < self.n_rows, rows, -1)
-        with torch.no_grad():
-            out = self.model.item_vectors(torch.as_tensor(rows, dtype=torch.int64))
-        return out.numpy().astype(np.float32)
+    @property
+    def text_dim(self) -> int:
+        """Width of the embeddings the version projects (0: none)."""
+        return self.vectorizer.text_dim
+
+    def vectors_of(self, rows: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
+        """Vectors ``[n, hidden]`` of padded row ids (rows beyond this version's table
+        dropped), plus ``W @ e`` of ``embeddings`` ``[n, text_dim]`` when the version
+        projects text (then they are required)."""
+        if self.text_dim == 0:
+            return self.vectorizer.code_part(rows)
+        if embeddings is None:
+            raise VersionError(
+                f"version {self.version} of {self.domain!r} projects text embeddings "
+                f"(text_dim={self.text_dim}); pass the items' embeddings"
+            )
+        return self.vectorizer.vectors(rows, self.vectorizer.text_part(embeddings))
+
+    def _live_vectors(
+        self, codes: Mapping[str, np.ndarray], keys: list[str]
+    ) -> dict[str, np.ndarray]:
+        """Vectors of ``keys`` (not in the version's table) from their served codes and, for
+        text-projecting versions, their stored embeddings; items without a usable
+        embedding are left out (logged): they are served once they are described."""
+        if self.text_dim == 0:
+            vectors = self.vectors_of(pad_rows([codes[k].tolist() for k in keys]))
+            return dict(zip(keys, vectors, strict=True))
+        found = {} if self.embeddings is None else self.embeddings(keys)
+        usable = [k for k in keys if k in found and found[k].shape == (self.text_dim,)]
+        if len(usable) < len(keys):
+            missing = [k for k in keys if k not in usable]
+            log.warning(
+                "%d coded item(s) of %s have no %d-float embedding in the store, so version "
+                "%d cannot vector them (not served until described): %s",
+                len(missing),
+                self.domain,
+                self.text_dim,
+                self.version,
+                missing[:5],
+            )
+        if not usable:
+            return {}
+        vectors = self.vectors_of(
+            pad_rows([codes[k].tolist() for k in usable]), np.stack([found[k] for k in usable])
+        )
+        return dict(zip(usable, vectors, strict=True))
 
     # -- writes ---------------------------------------------------------------------------
 
     def upsert(self, codes: dict[str, np.ndarray]) -> int:
         """Add (or re-vector) items that are not in the version's table; returns how many.
 
-        ``codes``: item id -> row ids of its current served code.
+        ``codes``: item id -> row ids of its current served code. Versions that project
+        text read the items' embeddings with the index's ``embeddings`` reader.
         """
         keys = [k for k in codes if self.pos.get(k, self.n_version) >= self.n_version]
         if not keys:
             return 0
-        vectors = self.vectors_of(pad_rows([codes[k].tolist() for k in keys]))
+        vectors = self._live_vectors(codes, keys)
+        if not vectors:
+            return 0
         with self.lock:
-            new = [(k, v) for k, v in zip(keys, vectors, strict=True) if k not in self.pos]
-            for k, v in zip(keys, vectors, strict=True):
+            new = [(k, v) for k, v in vectors.items() if k not in self.pos]
+            for k, v in vectors.items():
                 if k in self.pos:
                     self._overwrite(self.pos[k], v)
             if new:
@@ -182,7 +260,7 @@ class DomainIndex:
                 for i, (k, _) in enumerate(new):
                     self.pos[k] = n + i
                 self.ids.extend(k for k, _ in new)
-        return len(keys)
+        return len(vectors)
 
     def _overwrite(self, i: int, vector: np.ndarray) -> None:
         """Replace item ``i``'s vector (a live item whose served code changed)."""
@@ -271,18 +349,11 @@ def build_index(
     """The index of ``domain`` at ``version``: the version's items with their trained rows,
     plus every item coded since (from ``live``, else the committed code state)."""
     table = load_table(store, domain, version)
-    model = table.snapshot.model()
-    if model.config.text_dim > 0:
-        raise VersionError(
-            f"version {version} of {domain!r} projects text embeddings (text_dim > 0), which "
-            "serving does not support yet; publish a version without text_dim"
-        )
     index = DomainIndex(
         domain,
         version,
-        model,
-        table.item_ids,
-        table.item_rows,
+        table,
+        embeddings=lambda keys: stored_embeddings(store, domain, keys),
         hnsw_min_items=settings.index_hnsw_min_items,
         ef_search=settings.index_hnsw_ef_search,
     )
@@ -303,9 +374,7 @@ def version_vector(store: StorePartition, domain: str, version: int, item_id: st
             f"item {item_id!r} is not in version {version} of {domain!r} (it arrived later or "
             f"is unknown); leave out ?version= to read the current version"
         ) from exc
-    with torch.no_grad():
-        out = table.snapshot.model().item_vectors(torch.as_tensor(table.item_rows[i : i + 1]))
-    return out.numpy()[0].astype(np.float32)
+    return item_vectors(table, np.asarray([i]))[0]
 
 
 def committed_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:

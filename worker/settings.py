@@ -171,6 +171,10 @@ class Settings:
     finetune_encoder: str = setting(
         "transformer", "user sequence encoder", choices=("transformer", "attention")
     )
+    finetune_text_projection: bool = setting(
+        True,
+        "item vectors add a learned projection of the frozen text embedding to the code rows",
+    )
     gate_tolerance: float = setting(
         0.005, "a candidate may lose this much Recall@10 against the current version", minimum=0.0
     )

@@ -4,7 +4,8 @@ Layout in the ``versions`` column family (``v`` is a big-endian int64)::
 
     rec    \\0 <domain> \\0 v     -> VersionRecord (JSON)
     table  \\0 <domain> \\0 v     -> model snapshot (npz bytes, written once)
-    items  \\0 <domain> \\0 v     -> item ids and their table-row ids at training time (npz)
+    items  \\0 <domain> \\0 v     -> item ids, their table-row ids and, for models that project
+                                  text, their projected text vectors at training time (npz)
     current\\0 <domain>           -> v
     next   \\0 <domain>           -> next version number (numbers are never reused)
     switch \\0 <domain> \\0 seq   -> {"from", "to", "reason", "at"}
@@ -13,6 +14,16 @@ A version's rows are written once; switching the current version is one write of
 the pointer and its switch record, so a reader sees the old table or the new one,
 never a mix. Retention keeps the newest ``versions_keep`` published versions, the
 current one and pinned ones; older tables are deleted, their records stay.
+
+Item vectors (:class:`ItemVectorizer`): an item's vector is the sum of its code rows
+(per-level weighted for ``combine="level"``) plus, when the model projects text
+(``text_dim > 0``), ``W @ e`` where ``W`` is the snapshot's ``table.text_proj.weight``
+``[hidden, text_dim]`` and ``e`` the item's frozen embedding. A version stores ``W @ e``
+of the items it was trained on (``text_vectors``, ``[n, hidden]``: 6x smaller than the
+embeddings at hidden 64 and text_dim 384), so their vectors are rebuilt exactly as
+trained even if an item is described again later; an item the version never saw gets
+``W`` times its stored embedding. Versions written before text projection existed
+(``text_dim = 0``) have no ``text_vectors`` array and read as before.
 """
 
 from __future__ import annotations
@@ -25,12 +36,17 @@ from typing import Any
 
 import numpy as np
 import orjson
+import torch
 
-from quantize.table_model import Snapshot
+from quantize.exceptions import QuantizeError
+from quantize.table_model import DOMAIN_PREFIX, CodeTableRecommender, Snapshot, model_from_params
 from store.partition import StorePartition, WriteBatch
 from worker.exceptions import WorkerError
 
 _V = struct.Struct(">q")
+
+TEXT_PROJ = DOMAIN_PREFIX + "text_proj.weight"
+"""Snapshot parameter holding the text projection ``W`` ``[hidden, text_dim]``."""
 
 PUBLISHED, REJECTED, EXPIRED = "published", "rejected", "expired"
 
@@ -69,22 +85,166 @@ class VersionRecord:
 
 @dataclass(frozen=True)
 class VersionTable:
-    """What serving needs of a version: the model and the items' row ids at training time."""
+    """What serving needs of a version: the model, the items' row ids at training time and,
+    when the model projects text, the items' projected text vectors ``W @ e`` at training
+    time (``None`` for ``text_dim = 0``). Build one with :meth:`build`."""
 
     snapshot: Snapshot
     item_ids: list[str]
     item_rows: np.ndarray  # int64 [n, width], -1 padded
+    text_vectors: np.ndarray | None = None  # float32 [n, hidden]: W @ e per item
+
+    def __post_init__(self) -> None:
+        n = len(self.item_ids)
+        if self.item_rows.ndim != 2 or self.item_rows.shape[0] != n:
+            raise VersionError(
+                f"a version table has {n} item ids but item rows of shape "
+                f"{self.item_rows.shape}; pass one padded row-id list per item"
+            )
+        config = self.snapshot.config
+        if config.text_dim > 0:
+            want = (n, config.hidden)
+            if self.text_vectors is None or self.text_vectors.shape != want:
+                got = None if self.text_vectors is None else self.text_vectors.shape
+                raise VersionError(
+                    f"the model projects text embeddings (text_dim={config.text_dim}) so the "
+                    f"version needs text vectors of shape {want}, got {got}; build the table "
+                    "with VersionTable.build(..., embeddings=the items' embeddings)"
+                )
+        elif self.text_vectors is not None:
+            raise VersionError(
+                "text vectors were given for a model without text projection (text_dim=0); "
+                "leave them out"
+            )
+
+    @classmethod
+    def build(
+        cls,
+        snapshot: Snapshot,
+        item_ids: list[str],
+        item_rows: np.ndarray,
+        embeddings: np.ndarray | None = None,
+    ) -> VersionTable:
+        """A table whose text vectors are projected from ``embeddings`` ``[n, text_dim]``
+        (required when the model projects text, ignored otherwise)."""
+        rows = np.asarray(item_rows, dtype=np.int64)
+        if snapshot.config.text_dim == 0:
+            return cls(snapshot, list(item_ids), rows)
+        if embeddings is None:
+            raise VersionError(
+                f"the model projects text embeddings (text_dim={snapshot.config.text_dim}); "
+                "pass the embeddings of the items it was trained on"
+            )
+        text = project_text(text_projection(snapshot), embeddings)
+        return cls(snapshot, list(item_ids), rows, text)
 
 
-def encode_items(item_ids: list[str], item_rows: np.ndarray) -> bytes:
+def text_projection(snapshot: Snapshot) -> np.ndarray | None:
+    """The snapshot's text projection ``W`` ``[hidden, text_dim]`` (float32), or ``None``."""
+    weight = snapshot.params.get(TEXT_PROJ)
+    if snapshot.config.text_dim == 0:
+        return None
+    if weight is None or weight.shape != (snapshot.config.hidden, snapshot.config.text_dim):
+        got = None if weight is None else weight.shape
+        raise VersionError(
+            f"the snapshot says text_dim={snapshot.config.text_dim} but {TEXT_PROJ!r} has "
+            f"shape {got}; the stored version is corrupt: roll back to another version"
+        )
+    return np.asarray(weight, dtype=np.float32)
+
+
+def project_text(weight: np.ndarray | None, embeddings: np.ndarray) -> np.ndarray:
+    """``W @ e`` for every row ``e`` of ``embeddings`` ``[n, text_dim]`` -> ``[n, hidden]``."""
+    if weight is None:
+        raise VersionError("the version projects no text (text_dim=0); there is no W to apply")
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[1] != weight.shape[1]:
+        raise VersionError(
+            f"embeddings of shape {emb.shape} do not fit the text projection of shape "
+            f"{weight.shape} (text_dim={weight.shape[1]}); pass [n, {weight.shape[1]}] "
+            "embeddings (the worker's embedding_dim)"
+        )
+    out: np.ndarray = emb @ weight.T
+    return out.astype(np.float32, copy=False)
+
+
+class ItemVectorizer:
+    """A version's item-vector function (see the module docstring).
+
+    :attr:`model` is the version's model without its text projection (same code table and
+    sequence encoder): its ``item_vectors`` are the code parts, and its ``encode`` gives
+    the user states of the full version.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.config = snapshot.config
+        self.projection = text_projection(snapshot)
+        params = {k: v for k, v in snapshot.params.items() if k != TEXT_PROJ}
+        try:
+            model = model_from_params(replace(snapshot.config, text_dim=0), params)
+        except QuantizeError as exc:
+            raise VersionError(
+                f"the stored model cannot be rebuilt ({exc}); roll back to another version"
+            ) from exc
+        self.model: CodeTableRecommender = model.eval()
+        self.n_rows = int(model.table.n_rows)
+
+    @property
+    def hidden(self) -> int:
+        return self.config.hidden
+
+    @property
+    def text_dim(self) -> int:
+        return self.config.text_dim
+
+    def code_part(self, item_rows: np.ndarray) -> np.ndarray:
+        """Sums of code rows ``[n, hidden]`` (float32); rows this version never had are left
+        out (a disambiguation digit handed out after it was trained)."""
+        rows = np.asarray(item_rows, dtype=np.int64)
+        if rows.shape[0] == 0:
+            return np.zeros((0, self.hidden), dtype=np.float32)
+        rows = np.where(rows < self.n_rows, rows, -1)
+        with torch.no_grad():
+            out = self.model.item_vectors(torch.as_tensor(rows))
+        return out.numpy().astype(np.float32)
+
+    def text_part(self, embeddings: np.ndarray) -> np.ndarray:
+        """``W @ e`` per embedding row (``[n, hidden]``); only for ``text_dim > 0``."""
+        return project_text(self.projection, embeddings)
+
+    def vectors(self, item_rows: np.ndarray, text_vectors: np.ndarray | None) -> np.ndarray:
+        """Item vectors ``[n, hidden]``: code parts plus the given text parts (``W @ e``)."""
+        out = self.code_part(item_rows)
+        if self.projection is None:
+            return out
+        if text_vectors is None or text_vectors.shape != out.shape:
+            got = None if text_vectors is None else text_vectors.shape
+            raise VersionError(
+                f"the version projects text (text_dim={self.text_dim}): item vectors need "
+                f"text parts of shape {out.shape}, got {got}; pass W @ embedding per item"
+            )
+        return out + text_vectors.astype(np.float32, copy=False)
+
+
+def encode_items(
+    item_ids: list[str], item_rows: np.ndarray, text_vectors: np.ndarray | None = None
+) -> bytes:
+    arrays: dict[str, np.ndarray] = {
+        "ids": np.asarray(item_ids, dtype=str),
+        "rows": np.asarray(item_rows, dtype=np.int64),
+    }
+    if text_vectors is not None:
+        arrays["text_vectors"] = np.asarray(text_vectors, dtype=np.float32)
     buf = io.BytesIO()
-    np.savez(buf, ids=np.asarray(item_ids, dtype=str), rows=np.asarray(item_rows, dtype=np.int64))
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
-def decode_items(raw: bytes) -> tuple[list[str], np.ndarray]:
+def decode_items(raw: bytes) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+    """Item ids, row ids and text vectors (``None`` in versions without text projection)."""
     with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-        return [str(s) for s in z["ids"]], z["rows"]
+        text = z["text_vectors"] if "text_vectors" in z.files else None
+        return [str(s) for s in z["ids"]], z["rows"], text
 
 
 # --- reads ---------------------------------------------------------------------------------
@@ -126,17 +286,57 @@ def load_table(store: StorePartition, domain: str, version: int) -> VersionTable
             f"domain {domain!r} has no table for version {version} (status {status}); "
             f"list the versions with: adacode versions --domain {domain}"
         )
-    ids, rows = decode_items(items)
-    return VersionTable(Snapshot.from_bytes(table), ids, rows)
+    ids, rows, text = decode_items(items)
+    try:
+        snapshot = Snapshot.from_bytes(table)
+    except QuantizeError as exc:
+        raise VersionError(f"version {version} of {domain!r}: {exc}") from exc
+    return VersionTable(snapshot, ids, rows, text)
 
 
-def item_vectors(table: VersionTable) -> np.ndarray:
-    """The version's item vectors ``[n_items, hidden]`` (float32), in ``table.item_ids`` order."""
-    import torch
+def item_vectors(table: VersionTable, positions: np.ndarray | None = None) -> np.ndarray:
+    """The version's item vectors ``[n_items, hidden]`` (float32), in ``table.item_ids`` order
+    (only the items at ``positions`` when given)."""
+    rows, text = table.item_rows, table.text_vectors
+    if positions is not None:
+        rows = rows[positions]
+        text = None if text is None else text[positions]
+    return ItemVectorizer(table.snapshot).vectors(rows, text)
 
-    model = table.snapshot.model()
-    with torch.no_grad():
-        return model.item_vectors(torch.as_tensor(table.item_rows)).numpy().astype(np.float32)
+
+def export_arrays(table: VersionTable) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """What a serving system needs of a version, as named arrays with their descriptions.
+
+    Always: ``item_ids``, ``item_vectors`` (the combined vectors), ``item_rows`` and the
+    code table ``rows``; ``level_weight`` for ``combine="level"``; with text projection,
+    ``text_proj`` (``W``) and ``item_text_vectors`` (``W @ e`` of the version's items), so
+    a new item's vector is ``sum_j level_weight[j] * rows[r_j] + text_proj @ embedding``.
+    """
+    params = table.snapshot.params
+    arrays: dict[str, np.ndarray] = {
+        "item_ids": np.asarray(table.item_ids, dtype=str),
+        "item_vectors": item_vectors(table),
+        "item_rows": np.asarray(table.item_rows, dtype=np.int64),
+        "rows": params[DOMAIN_PREFIX + "rows"],
+    }
+    described = {
+        "item_ids": "item ids",
+        "item_vectors": "float32 [n, dim]: code part + text part (the served vectors)",
+        "item_rows": "table row ids per item (-1 pad)",
+        "rows": "the code table [n_rows, dim]",
+    }
+    if DOMAIN_PREFIX + "level_weight" in params:
+        arrays["level_weight"] = params[DOMAIN_PREFIX + "level_weight"]
+        described["level_weight"] = "weight of the row at each code position"
+    projection = text_projection(table.snapshot)
+    if projection is not None and table.text_vectors is not None:
+        arrays["text_proj"] = projection
+        arrays["item_text_vectors"] = table.text_vectors
+        described["text_proj"] = (
+            "float32 [dim, text_dim] W: an item's vector adds W @ its frozen text embedding"
+        )
+        described["item_text_vectors"] = "float32 [n, dim]: W @ embedding of each item"
+    return arrays, described
 
 
 # --- writes --------------------------------------------------------------------------------
@@ -187,7 +387,9 @@ def add_version(
             raise VersionError(f"version {number} of {domain!r} is published without a table")
         batch.put("versions", _key("table", domain, number), table.snapshot.to_bytes())
         batch.put(
-            "versions", _key("items", domain, number), encode_items(table.item_ids, table.item_rows)
+            "versions",
+            _key("items", domain, number),
+            encode_items(table.item_ids, table.item_rows, table.text_vectors),
         )
     # -- 3. record ------------------------------------------------------------------------
     batch.put("versions", _key("rec", domain, number), record.encode())

@@ -1,5 +1,6 @@
 """End to end through the real broker: events, scheduled fine-tune, v1, more events, v2,
-rollback to v1 through the control topic while the worker runs, vectors equal v1's."""
+rollback to v1 through the control topic while the worker runs, vectors equal v1's (both
+versions project the items' frozen embeddings)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,9 @@ def test_scheduled_fine_tunes_publish_and_a_live_rollback_restores_v1_vectors(
     thread.start()
     try:
         wait_for(lambda: current_version(daemon.store, "shop") == 1, 120, "version 1")
-        v1_vectors = item_vectors(load_table(daemon.store, "shop", 1))
+        v1_table = load_table(daemon.store, "shop", 1)
+        assert v1_table.snapshot.config.text_dim == DIM  # the frozen embeddings are projected
+        v1_vectors = item_vectors(v1_table)
 
         produce_json(kafka_bootstrap, s.topic("interactions"), _interactions(110, 5000, 2))
         wait_for(lambda: current_version(daemon.store, "shop") == 2, 120, "version 2")

@@ -1,5 +1,6 @@
 """Through the real broker: the daemon publishes v1, then a brand-new item produced while it
-runs is served by the HTTP API (vector, similar, recommend) without a rebuild, and an admin
+runs is served by the HTTP API (vector, similar, recommend) without a rebuild, its vector
+being its code rows plus the version's projection of its stored embedding, and an admin
 rollback goes through the control topic and swaps the served version."""
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from tests.worker_process import DIM, settings_for, wait_for
 from worker.daemon import Daemon
 from worker.events import interaction_payload, item_payload
 from worker.routes import DAEMON_ROUTES, ROUTES
+from worker.serving import committed_assigner, stored_embeddings
 from worker.topics import create_topics
-from worker.versions import current_version
+from worker.versions import TEXT_PROJ, current_version, load_table
 
 TOKEN = "t0ken"
 
@@ -123,6 +125,17 @@ def test_a_cold_start_item_is_served_by_the_api_while_the_worker_runs(
         assert status == 200 and doc["version"] == 1 and len(doc["vector"]) == 16
         assert daemon.serving.builds == builds  # added live, not rebuilt
         assert latency < 10, latency
+        # its vector: the version's rows of its served code + W @ its stored embedding
+        v1 = load_table(daemon.store, "shop", 1).snapshot
+        assert v1.config.text_dim == DIM
+        assigner = committed_assigner(daemon.store, "shop")
+        assert assigner is not None
+        table_rows = v1.params["table.rows"]
+        code_part = sum(table_rows[r] for r in assigner.row_ids("fresh") if r < len(table_rows))
+        stored = stored_embeddings(daemon.store, "shop", ["fresh"])["fresh"]
+        np.testing.assert_allclose(stored, emb, rtol=1e-6)
+        expected = code_part + v1.params[TEXT_PROJ] @ stored
+        np.testing.assert_allclose(doc["vector"], expected, rtol=1e-4, atol=1e-5)
 
         status, sim = _call(daemon, "GET", "/v1/domains/shop/items/fresh/similar?k=10")
         assert status == 200 and len(sim["items"]) == 10

@@ -1,6 +1,7 @@
 """The /v1 read API over real HTTP: status codes and bodies (errors included), answers
 against slow references (numpy / the model's own scoring), live cold-start items, the
-per-user index, the OpenAPI document, and index swaps under concurrent reads."""
+per-user index, the OpenAPI document, index swaps under concurrent reads, and versions that
+project the items' text embeddings (vectors against a slow numpy reference)."""
 
 from __future__ import annotations
 
@@ -19,16 +20,18 @@ import torch
 from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
 from quantize.train import score_histories
 from store.memory import MemoryPartition
+from tests.worker.vector_reference import slow_vector
 from worker import serving as serving_module
 from worker.api import HttpServer, Router
 from worker.events import interaction_payload, item_payload
 from worker.processor import BatchResult, Processor, SourceRecord
 from worker.routes import DAEMON_ROUTES, ROUTES, ApiRoutes, openapi_document
-from worker.serving import Serving
+from worker.serving import Serving, stored_embeddings
 from worker.settings import Settings
 from worker.users import recent_items
 from worker.versions import (
     PUBLISHED,
+    TEXT_PROJ,
     VersionRecord,
     VersionTable,
     add_version,
@@ -78,7 +81,8 @@ class Env:
         self.serving.on_applied(result)
         return result
 
-    def publish(self, seed: int) -> int:
+    def publish(self, seed: int, *, text: bool = False) -> int:
+        """Publish a random model over the current codes (projecting text when ``text``)."""
         codes = self.processor.codes
         assert codes is not None
         assigner = codes.assigner("shop")
@@ -86,9 +90,16 @@ class Env:
         served = assigner.served()
         rows = served.row_matrix()
         torch.manual_seed(seed)
-        config = ModelConfig(hidden=16, max_len=4, layers=1, dropout=0.0)
+        config = ModelConfig(
+            hidden=16, max_len=4, layers=1, dropout=0.0, text_dim=DIM if text else 0
+        )
         model = build_model(config, rows, n_rows=served.table_rows)
-        table = VersionTable(Snapshot(config, export_params(model)), assigner.keys, rows)
+        embeddings = None
+        if text:
+            found = stored_embeddings(self.store, "shop", assigner.keys)
+            embeddings = np.stack([found[k] for k in assigner.keys])
+        snapshot = Snapshot(config, export_params(model))
+        table = VersionTable.build(snapshot, assigner.keys, rows, embeddings)
         record = VersionRecord(0, None, 0.0, "cb", {}, {}, status=PUBLISHED)
         batch = self.store.batch()
         record = add_version(self.store, batch, "shop", record, table, keep=10)
@@ -489,3 +500,79 @@ def test_no_request_fails_while_versions_are_published_and_rolled_back(env: Env)
     assert failures == []
     assert len(seen) >= 2  # the readers saw more than one version
     assert env.serving.index("shop").version == current_version(env.store, "shop")
+
+
+# -- text projection ----------------------------------------------------------------------------
+
+
+def test_a_text_projected_version_serves_new_items_from_rows_and_their_embedding(
+    env: Env,
+) -> None:
+    assert env.publish(seed=3, text=True) == 2
+    assert env.serving.refresh() == ["shop"]
+    table = load_table(env.store, "shop", 2)
+    snapshot = table.snapshot
+    assert snapshot.config.text_dim == DIM and np.abs(snapshot.params[TEXT_PROJ]).sum() > 0
+    codes = env.processor.codes
+    assigner = None if codes is None else codes.assigner("shop")
+    assert assigner is not None
+    # an item of the version: its training-time rows and embedding
+    status, doc = env.call("GET", "/v1/domains/shop/items/i7/vector")
+    assert status == 200 and doc["version"] == 2 and doc["dim"] == 16
+    emb7 = stored_embeddings(env.store, "shop", ["i7"])["i7"]
+    i7 = table.item_ids.index("i7")
+    ref7 = slow_vector(snapshot, table.item_rows[i7], emb7)
+    np.testing.assert_allclose(doc["vector"], ref7, rtol=1e-4, atol=1e-5)
+    code_only = slow_vector(snapshot, table.item_rows[i7], np.zeros(DIM))
+    assert np.abs(ref7 - code_only).max() > 1e-2  # the text part is really there
+    # a brand-new item: no rebuild, no training
+    before = env.serving.builds
+    emb = np.random.default_rng(7).normal(size=DIM)
+    env.feed("items", [item_payload("newbie", "shop", 50, embedding=emb)])
+    status, doc = env.call("GET", "/v1/domains/shop/items/newbie/vector")
+    assert status == 200 and doc["version"] == 2 and env.serving.builds == before
+    ref = slow_vector(snapshot, assigner.row_ids("newbie"), emb.astype(np.float32))
+    np.testing.assert_allclose(doc["vector"], ref, rtol=1e-4, atol=1e-5)
+    # similar: brute-force cosine over every served item, the new one included
+    ids = list(assigner.keys)
+    found = stored_embeddings(env.store, "shop", ids)
+    vecs = np.stack(
+        [
+            slow_vector(snapshot, table.item_rows[table.item_ids.index(k)], found[k])
+            if k in table.item_ids
+            else slow_vector(snapshot, assigner.row_ids(k), found[k])
+            for k in ids
+        ]
+    )
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    cos = unit @ unit[ids.index("newbie")]
+    cos[ids.index("newbie")] = -np.inf
+    status, sim = env.call("GET", "/v1/domains/shop/items/newbie/similar?k=5")
+    assert status == 200 and "newbie" not in [x["item_id"] for x in sim["items"]]
+    np.testing.assert_allclose(
+        [x["score"] for x in sim["items"]], np.sort(cos)[::-1][:5], atol=1e-4
+    )
+    # recommend keeps its contract, and a history with the new item is encoded
+    status, rec = env.call(
+        "POST", "/v1/domains/shop/recommend", {"history": ["i1", "newbie"], "k": 4}
+    )
+    assert status == 200 and rec["unknown_history"] == [] and len(rec["items"]) == 4
+    assert rec["version"] == 2
+
+
+def test_versions_with_and_without_text_projection_roll_back_and_forth(env: Env) -> None:
+    _, before = env.call("GET", "/v1/domains/shop/items/i3/vector")  # version 1: text_dim=0
+    env.publish(seed=4, text=True)
+    env.serving.refresh()
+    status, text_doc = env.call("GET", "/v1/domains/shop/items/i3/vector")
+    assert status == 200 and text_doc["version"] == 2
+    status, old = env.call("GET", "/v1/domains/shop/items/i3/vector?version=1")
+    assert status == 200 and old["vector"] == before["vector"]
+    batch = env.store.batch()
+    rollback(env.store, batch, "shop", to=1)
+    env.store.write(batch)
+    assert env.serving.refresh() == ["shop"]
+    status, doc = env.call("GET", "/v1/domains/shop/items/i3/vector")
+    assert status == 200 and doc["version"] == 1 and doc["vector"] == before["vector"]
+    status, again = env.call("GET", "/v1/domains/shop/items/i3/vector?version=2")
+    np.testing.assert_allclose(again["vector"], text_doc["vector"], rtol=1e-6, atol=1e-6)

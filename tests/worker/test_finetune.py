@@ -1,16 +1,36 @@
-"""The fine-tune job on the in-memory store: publish, incremental, gate, rollback lineage."""
+"""The fine-tune job on the in-memory store: publish, incremental, gate, rollback lineage;
+the frozen text projection (trained, stored as W @ e, served for new items), warm starts
+from versions without it, and new domains seeded from another domain's shared init."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
+import pytest
 
 from quantize.table_model import Snapshot
 from store.memory import MemoryPartition
+from store.records import ItemRecord, item_key
+from tests.worker.vector_reference import slow_vector
+from worker.coding import load_codebook
 from worker.events import interaction_payload, item_payload
-from worker.finetune import DomainData, FineTuner
+from worker.finetune import DomainData, FineTuneDataError, FineTuner, read_embeddings
 from worker.processor import Processor, SourceRecord
+from worker.serving import Serving, stored_embeddings
 from worker.settings import Settings
-from worker.versions import PUBLISHED, REJECTED, current_version, get_record, load_table, rollback
+from worker.versions import (
+    PUBLISHED,
+    REJECTED,
+    TEXT_PROJ,
+    VersionRecord,
+    VersionTable,
+    add_version,
+    current_version,
+    get_record,
+    load_table,
+    rollback,
+)
 
 S = Settings(
     embedding_dim=16,
@@ -51,24 +71,30 @@ def _feed(
     return offset
 
 
-def _setup() -> tuple[MemoryPartition, Processor, int]:
-    store = MemoryPartition()
-    proc = Processor(store, S, None)
+def _describe(proc: Processor, domain: str, offset: int) -> int:
+    """120 items of ``domain`` in 8 clusters of 15 (same embeddings in every domain)."""
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(8, 16))
     recs = [
         SourceRecord(
             ITEMS,
             0,
-            i,
+            offset + i,
             b"d",
             item_payload(
-                f"i{i}", "shop", 1, embedding=centers[i // 15] + 0.1 * rng.normal(size=16)
+                f"i{i}", domain, 1, embedding=centers[i // 15] + 0.1 * rng.normal(size=16)
             ),
         )
         for i in range(120)
     ]
-    store.write(proc.process(recs).batch)
+    proc.store.write(proc.process(recs).batch)
+    return offset + len(recs)
+
+
+def _setup() -> tuple[MemoryPartition, Processor, int]:
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _describe(proc, "shop", 0)
     offset = _feed(store, proc, 1000, 200, 1, 0)
     return store, proc, offset
 
@@ -148,3 +174,142 @@ def test_after_a_rollback_fine_tunes_continue_from_the_rolled_back_version() -> 
     assert v3.record is not None and v3.record.parent == 1
     v1 = load_table(store, "shop", 1).snapshot
     np.testing.assert_array_equal(tuner.inits[-1].params["table.rows"], v1.params["table.rows"])  # type: ignore[union-attr]
+
+
+def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() -> None:
+    store, proc, _ = _setup()
+    outcome = FineTuner(store, S).run("shop")
+    assert outcome.status == PUBLISHED and outcome.metrics["recall@10"] > 0.2
+    table = load_table(store, "shop", 1)
+    snapshot = table.snapshot
+    assert snapshot.config.text_dim == S.embedding_dim
+    w = snapshot.params[TEXT_PROJ]
+    assert w.shape == (S.finetune_hidden, S.embedding_dim)
+    # the version keeps W @ e of the embeddings it was trained on (read from the store)
+    found = stored_embeddings(store, "shop", table.item_ids)
+    emb = np.stack([found[k] for k in table.item_ids])
+    assert table.text_vectors is not None
+    np.testing.assert_allclose(table.text_vectors, emb @ w.T, rtol=1e-5, atol=1e-5)
+    serving = Serving(store, S)
+    assert serving.refresh() == ["shop"]
+    index = serving.index("shop")
+    np.testing.assert_allclose(
+        index.vector("i42"),
+        slow_vector(snapshot, table.item_rows[table.item_ids.index("i42")], found["i42"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    # an unseen item, coded in the batch that describes it, served from rows + W @ e
+    new_emb = np.random.default_rng(11).normal(size=16)
+    result = proc.process(
+        [
+            SourceRecord(
+                ITEMS, 0, 10_000, b"d", item_payload("newbie", "shop", 99, embedding=new_emb)
+            )
+        ]
+    )
+    store.write(result.batch)
+    serving.on_applied(result)
+    codes = proc.codes
+    assigner = None if codes is None else codes.assigner("shop")
+    assert assigner is not None and serving.builds == 1  # no rebuild, no training
+    np.testing.assert_allclose(
+        index.vector("newbie"),
+        slow_vector(snapshot, assigner.row_ids("newbie"), new_emb.astype(np.float32)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_a_warm_start_from_a_version_without_text_projection() -> None:
+    store, proc, offset = _setup()
+    plain = RecordingTuner(store, replace(S, finetune_text_projection=False))
+    assert plain.model_config.text_dim == 0
+    assert plain.run("shop").status == PUBLISHED
+    v1 = load_table(store, "shop", 1).snapshot
+    assert v1.config.text_dim == 0 and TEXT_PROJ not in v1.params
+    _feed(store, proc, 5000, 40, 6, offset)
+    tuner = RecordingTuner(store, replace(S, gate_tolerance=1.0))
+    start = tuner.start_params(v1)
+    np.testing.assert_array_equal(start[TEXT_PROJ], np.zeros((16, 16)))  # starts as v1
+    second = tuner.run("shop")
+    assert second.status == PUBLISHED and second.record is not None
+    assert (second.record.parent, second.record.note) == (1, "incremental")
+    assert tuner.inits[-1] is not None
+    np.testing.assert_array_equal(tuner.inits[-1].params["table.rows"], v1.params["table.rows"])
+    v2 = load_table(store, "shop", 2).snapshot
+    assert v2.config.text_dim == S.embedding_dim
+    assert np.abs(v2.params[TEXT_PROJ]).max() > 0  # the projection was learned from zero
+    for name, arr in v1.params.items():
+        if not name.startswith("table."):
+            np.testing.assert_array_equal(arr, v2.params[name])  # shared parts frozen
+    # both versions are served, back and forth
+    serving = Serving(store, S)
+    assert serving.refresh() == ["shop"] and serving.index("shop").text_dim == S.embedding_dim
+    batch = store.batch()
+    rollback(store, batch, "shop", to=1)
+    store.write(batch)
+    assert serving.refresh() == ["shop"] and serving.index("shop").text_dim == 0
+
+
+def test_a_new_domain_starts_from_the_shared_init_of_another_domain() -> None:
+    store, proc, _ = _setup()
+    assert FineTuner(store, S).run("shop").status == PUBLISHED
+    codebook = load_codebook(store)
+    assert codebook is not None
+    level_rows = codebook.levels * codebook.k
+    # shop's current version has disambiguation rows of its own beyond the level rows
+    v1 = load_table(store, "shop", 1)
+    params = dict(v1.snapshot.params)
+    extra = np.random.default_rng(8).normal(size=(6, S.finetune_hidden)).astype(np.float32)
+    params["table.rows"] = np.concatenate([params["table.rows"][:level_rows], extra])
+    found = stored_embeddings(store, "shop", v1.item_ids)
+    shop = Snapshot(v1.snapshot.config, params)
+    table = VersionTable.build(
+        shop, v1.item_ids, v1.item_rows, np.stack([found[k] for k in v1.item_ids])
+    )
+    batch = store.batch()
+    add_version(
+        store, batch, "shop", VersionRecord(0, 1, 0.0, codebook.codebook_id, {}, {}), table, keep=5
+    )
+    store.write(batch)
+    _describe(proc, "mall", 500)
+    recs = [
+        SourceRecord(
+            INTER,
+            0,
+            20_000 + n,
+            b"d",
+            interaction_payload(f"m{n % 40}", f"i{n % 120}", "mall", 3000 + n),
+        )
+        for n in range(320)
+    ]
+    store.write(proc.process(recs).batch)
+    tuner = RecordingTuner(store, S)
+    outcome = tuner.run("mall")
+    assert outcome.record is not None and outcome.record.note == "warm start from shop v2"
+    init = tuner.inits[-1]
+    assert init is not None
+    # the level rows, the encoder and the projection carry over; shop's own rows do not
+    np.testing.assert_array_equal(init.params["table.rows"], shop.params["table.rows"][:level_rows])
+    for name, arr in shop.params.items():
+        if name != "table.rows":
+            np.testing.assert_array_equal(init.params[name], arr)
+    assert outcome.status == PUBLISHED
+    mall = load_table(store, "mall", 1).snapshot
+    assert mall.config.text_dim == S.embedding_dim
+    for name, arr in shop.params.items():
+        if not name.startswith("table."):
+            np.testing.assert_array_equal(mall.params[name], arr)  # the shared encoder
+
+
+def test_coded_items_without_an_embedding_stop_the_fine_tune_with_the_cause() -> None:
+    store = MemoryPartition()
+    emb = np.arange(4, dtype="<f4")
+    batch = store.batch()
+    batch.put("items", item_key("d", "full"), ItemRecord(1, 1, b"", emb.tobytes()).encode())
+    batch.put("items", item_key("d", "hollow"), ItemRecord(1, 1, placeholder=True).encode())
+    store.write(batch)
+    np.testing.assert_array_equal(read_embeddings(store, "d", ["full"]), emb[None])
+    with pytest.raises(FineTuneDataError, match=r"1 have none \(e.g. \['hollow'\]\)"):
+        read_embeddings(store, "d", ["full", "hollow"])

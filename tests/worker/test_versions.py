@@ -1,13 +1,19 @@
-"""Versions on both store backends: immutability, retention, rollback, pins, atomic switches."""
+"""Versions on both store backends: immutability, retention, rollback, pins, atomic switches;
+item vectors with and without text projection (against a slow numpy reference), versions
+written before text projection, and what an export hands a serving system."""
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
 from store.memory import MemoryPartition
@@ -17,12 +23,16 @@ from worker.versions import (
     EXPIRED,
     PUBLISHED,
     REJECTED,
+    TEXT_PROJ,
+    ItemVectorizer,
     VersionError,
     VersionRecord,
     VersionTable,
     add_version,
     current_version,
+    export_arrays,
     get_record,
+    item_vectors,
     list_records,
     load_table,
     rollback,
@@ -139,3 +149,154 @@ def test_readers_during_publishes_see_a_whole_version(store: StorePartition) -> 
     thread.join()
     assert not errors, errors[0]
     assert seen and all(v == m for v, m in seen)
+
+
+# -- item vectors and text projection -------------------------------------------------------
+
+TEXT_DIM = 6
+ROWS = np.array([[0, 5, -1], [1, -1, -1], [2, 7, 11], [3, 4, -1]], dtype=np.int64)
+
+
+def _random_snapshot(config: ModelConfig, n_rows: int = 12, seed: int = 0) -> Snapshot:
+    """A model with every parameter random (level weights and W included), for references."""
+    torch.manual_seed(seed)
+    params = export_params(build_model(config, ROWS, n_rows=n_rows))
+    rng = np.random.default_rng(seed)
+    for name in params:
+        if name.startswith("table."):
+            params[name] = rng.normal(size=params[name].shape).astype(np.float32)
+    return Snapshot(config, params)
+
+
+def _reference_vectors(snapshot: Snapshot, rows: np.ndarray, emb: np.ndarray | None) -> np.ndarray:
+    """Slow reference: sum_j w_j * rows[r_j] over valid ids below the table size, plus W @ e."""
+    table = snapshot.params["table.rows"].astype(np.float64)
+    weights = snapshot.params.get("table.level_weight")
+    out = np.zeros((len(rows), table.shape[1]))
+    for i, code in enumerate(rows):
+        for j, r in enumerate(code):
+            if 0 <= r < table.shape[0]:
+                out[i] += (1.0 if weights is None else float(weights[j])) * table[r]
+        if emb is not None:
+            w = snapshot.params[TEXT_PROJ].astype(np.float64)
+            for h in range(w.shape[0]):
+                out[i, h] += sum(w[h, d] * float(emb[i, d]) for d in range(w.shape[1]))
+    return out
+
+
+def test_a_text_projected_version_stores_w_e_and_rebuilds_its_vectors(
+    store: StorePartition,
+) -> None:
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM)
+    snapshot = _random_snapshot(config)
+    emb = np.random.default_rng(1).normal(size=(len(ROWS), TEXT_DIM)).astype(np.float32)
+    table = VersionTable.build(snapshot, ["a", "b", "c", "d"], ROWS, emb)
+    record = VersionRecord(0, None, 1.0, "cb", {"ts": 1}, {})
+    batch = store.batch()
+    add_version(store, batch, "d", record, table, keep=10)
+    store.write(batch)
+    items_key = b"items\x00d\x00" + (1).to_bytes(8, "big")
+    written = store.get("versions", items_key)
+    loaded = load_table(store, "d", 1)
+    assert loaded.item_ids == ["a", "b", "c", "d"] and loaded.text_vectors is not None
+    np.testing.assert_allclose(
+        loaded.text_vectors, _reference_vectors(snapshot, ROWS[:, :0], emb), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        item_vectors(loaded), _reference_vectors(snapshot, ROWS, emb), rtol=1e-5, atol=1e-5
+    )
+    # the vectors are those of the model's own function of (rows, embedding) at training time
+    with torch.no_grad():
+        own = snapshot.model().item_vectors(torch.as_tensor(ROWS), torch.as_tensor(emb))
+    np.testing.assert_allclose(item_vectors(loaded), own.numpy(), rtol=1e-5, atol=1e-5)
+    # a later publish never rewrites the version's bytes
+    _publish(store, 2.0)
+    assert store.get("versions", items_key) == written
+
+
+def test_versions_written_before_text_projection_still_load(store: StorePartition) -> None:
+    """The exact bytes the worker wrote before text projection: ids and rows only."""
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1)
+    snapshot = _random_snapshot(config, seed=3)
+    assert TEXT_PROJ not in snapshot.params
+    old_items = io.BytesIO()
+    np.savez(old_items, ids=np.asarray(["a", "b", "c", "d"], dtype=str), rows=ROWS)
+    v = (1).to_bytes(8, "big")
+    batch = store.batch()
+    batch.put("versions", b"table\x00d\x00" + v, snapshot.to_bytes())
+    batch.put("versions", b"items\x00d\x00" + v, old_items.getvalue())
+    batch.put("versions", b"rec\x00d\x00" + v, VersionRecord(1, None, 1.0, "cb", {}, {}).encode())
+    batch.put("versions", b"current\x00d", v)
+    store.write(batch)
+    table = load_table(store, "d", 1)
+    assert table.text_vectors is None and table.snapshot.config.text_dim == 0
+    np.testing.assert_allclose(
+        item_vectors(table), _reference_vectors(snapshot, ROWS, None), rtol=1e-5, atol=1e-5
+    )
+    arrays, described = export_arrays(table)
+    assert "text_proj" not in arrays and set(arrays) == set(described)
+    assert ItemVectorizer(table.snapshot).text_dim == 0
+
+
+def test_an_export_holds_what_vectors_a_new_item() -> None:
+    """From the exported arrays alone: a new item's vector = weighted rows + text_proj @ e."""
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM, combine="level")
+    snapshot = _random_snapshot(config, seed=4)
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(len(ROWS), TEXT_DIM)).astype(np.float32)
+    table = VersionTable.build(snapshot, ["a", "b", "c", "d"], ROWS, emb)
+    arrays, described = export_arrays(table)
+    assert set(arrays) == set(described)
+    assert {"text_proj", "item_text_vectors", "level_weight", "rows"} <= set(arrays)
+    np.testing.assert_array_equal(arrays["item_vectors"], item_vectors(table))
+    new_rows = np.array([[6, 2, 9]])
+    new_emb = rng.normal(size=(1, TEXT_DIM)).astype(np.float32)
+    weights, rows, w = arrays["level_weight"], arrays["rows"], arrays["text_proj"]
+    outside = sum(weights[j] * rows[r] for j, r in enumerate(new_rows[0])) + w @ new_emb[0]
+    vectorizer = ItemVectorizer(table.snapshot)
+    served = vectorizer.vectors(new_rows, vectorizer.text_part(new_emb))
+    np.testing.assert_allclose(served[0], outside, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(served, _reference_vectors(snapshot, new_rows, new_emb), atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    n=st.integers(1, 6),
+    width=st.integers(1, 3),
+    combine=st.sampled_from(["sum", "level"]),
+)
+def test_code_part_plus_text_part_is_the_models_item_vector(
+    seed: int, n: int, width: int, combine: str
+) -> None:
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM, combine=combine)  # type: ignore[arg-type]
+    snapshot = _random_snapshot(config, n_rows=12, seed=seed)
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 12, size=(n, width))
+    rows[:, 1:][rng.random((n, width - 1)) < 0.4] = -1
+    emb = rng.normal(size=(n, TEXT_DIM)).astype(np.float32)
+    vectorizer = ItemVectorizer(snapshot)
+    got = vectorizer.vectors(rows, vectorizer.text_part(emb))
+    with torch.no_grad():
+        padded = np.full((n, 3), -1)
+        padded[:, :width] = rows
+        own = snapshot.model().item_vectors(torch.as_tensor(padded), torch.as_tensor(emb))
+    np.testing.assert_allclose(got, own.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_text_projected_tables_refuse_missing_or_misfit_embeddings() -> None:
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM)
+    snapshot = _random_snapshot(config)
+    ids = ["a", "b", "c", "d"]
+    with pytest.raises(VersionError, match="pass the embeddings"):
+        VersionTable.build(snapshot, ids, ROWS)
+    with pytest.raises(VersionError, match="text vectors of shape"):
+        VersionTable(snapshot, ids, ROWS)
+    with pytest.raises(VersionError, match=r"do not fit the text projection"):
+        VersionTable.build(snapshot, ids, ROWS, np.zeros((4, TEXT_DIM + 1)))
+    plain = _random_snapshot(ModelConfig(hidden=8, max_len=4, layers=1, heads=1))
+    with pytest.raises(VersionError, match="without text projection"):
+        VersionTable(plain, ids, ROWS, np.zeros((4, 8), dtype=np.float32))
+    broken = Snapshot(config, {k: v for k, v in snapshot.params.items() if k != TEXT_PROJ})
+    with pytest.raises(VersionError, match="corrupt"):
+        ItemVectorizer(broken)
