@@ -13,8 +13,14 @@ Rows per dataset:
 * ``fixed codes``: served codes of the ``fixed`` length policy (full paths; colliding head
   items get a disambiguation digit), from scratch.
 * ``adaptive codes (<policy>)``: served codes of each adaptive length policy
-  (``--policies``). The *primary* policy, used below, is the one with the best
-  validation NDCG@10 averaged over the datasets (chosen on validation, never on test).
+  (``--policies``). The *primary* policy of a dataset, used below, is the one with the
+  best validation NDCG@10 as served on that dataset (chosen on validation, never on
+  test; per domain, as the product picks it).
+* Serving rule of every code model: items the version never trained (no interaction in
+  its training log) borrow the deepest trained code on their path
+  (``quantize.table_model.borrow_trained_codes``); ``adaptive codes (<primary>), no
+  borrow`` is the ablation (same model, new items keep their own codes), and the summary
+  gives the validation evidence (cold validation targets, plain -> borrowed).
 * ``adaptive codes (<primary>), no text``: the ablation that justifies the text projection.
 * ``v1 on 90%`` / ``incremental +10%``: a version trained on the first 90 % of the log
   (by time), then adapted with ``new_since`` (the newest windows plus a replay sample of
@@ -38,6 +44,11 @@ Run from the repository root::
     python -m bench.quality --dataset /work/shared/datasets/office \\
         --dataset /work/shared/datasets/movies
 
+Cold-start targets are few and often share a handful of new items, so the summary gives
+them as hit counts with 95 % Wilson intervals, and adaptive minus fixed as a paired
+difference with a cluster-bootstrap interval over target items. ``--rows`` selects row
+groups (e.g. ``--rows incremental`` with ``--policies entropy`` for a quick iteration).
+
 Outputs: a printed table, ``<out>/quality.png`` and ``<out>/quality.json``.
 """
 
@@ -49,6 +60,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import cast
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -65,11 +77,20 @@ from quantize.evaluate import (
     evaluate_ranking,
     leave_last_split,
     pad_histories,
+    paired_difference,
     target_slices,
     user_sequences,
+    wilson_interval,
 )
 from quantize.lengths import POLICIES, make_policy
-from quantize.table_model import ModelConfig, Params, Snapshot, model_from_params, pad_rows
+from quantize.table_model import (
+    ModelConfig,
+    Params,
+    Snapshot,
+    borrow_trained_codes,
+    model_from_params,
+    pad_rows,
+)
 from quantize.train import (
     EpochReport,
     TrainConfig,
@@ -80,6 +101,8 @@ from quantize.train import (
 )
 
 DEFAULT_POLICIES = ("entropy", "popularity", "reverse")
+ROW_GROUPS = ("baselines", "id", "fixed", "ablation", "incremental", "transfer")
+"""Optional row groups (``--rows``); the adaptive policies are always trained."""
 NEW_SHARE = 0.1  # the newest share of the log that the incremental run adapts to
 
 
@@ -92,6 +115,7 @@ class Settings:
     policies: tuple[str, ...]
     few_fraction: float
     seed: int
+    groups: frozenset[str] = frozenset(ROW_GROUPS)
 
     @property
     def primary(self) -> str:
@@ -115,6 +139,9 @@ class Row:
     trainable_params: int | None
     table_bytes: int | None
     note: str = ""
+    cold_hits: int = 0
+    cold_n: int = 0
+    cold_ranks: tuple[int, ...] = ()  # per cold-start case, in case order (paired comparisons)
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,10 @@ class Domain:
     paths: np.ndarray
     k: int
     levels: int
+    full_rows: np.ndarray  # [n_items, L] level rows of the full paths
+    val_histories: np.ndarray  # [n_val, max_len]: training part, left-padded
+    val_targets: np.ndarray
+    val_cold: np.ndarray  # bool [n_val]: validation target never in a training interaction
 
 
 def make_domain(ds: Dataset, emb: np.ndarray, codebook: ResidualCodebook, max_len: int) -> Domain:
@@ -141,6 +172,12 @@ def make_domain(ds: Dataset, emb: np.ndarray, codebook: ResidualCodebook, max_le
     histories = [seqs[u] for u in ds.users[split.test]]
     train_items = ds.items[split.train]
     test_items = ds.items[split.test]
+    paths = codebook.encode(emb)
+    train_seqs = user_sequences(
+        ds.users[split.train], ds.items[split.train], ds.timestamps[split.train], ds.n_users
+    )
+    val_targets = ds.items[split.valid]
+    counts = np.bincount(train_items, minlength=ds.n_items)
     return Domain(
         ds=ds,
         emb=emb,
@@ -150,9 +187,13 @@ def make_domain(ds: Dataset, emb: np.ndarray, codebook: ResidualCodebook, max_le
         histories=pad_histories(histories, max_len),
         full_histories=histories,
         slices=target_slices(train_items, test_items, ds.n_items),
-        paths=codebook.encode(emb),
+        paths=paths,
         k=codebook.k,
         levels=codebook.levels,
+        full_rows=np.arange(codebook.levels)[None, :] * codebook.k + paths,
+        val_histories=pad_histories([train_seqs[u] for u in ds.users[split.valid]], max_len),
+        val_targets=val_targets,
+        val_cold=counts[val_targets] == 0,
     )
 
 
@@ -183,6 +224,9 @@ def as_row(
         if result is None
         else Snapshot(result.config, result.params).table_bytes(),
         note=note,
+        cold_hits=s["cold"].hits,
+        cold_n=s["cold"].n,
+        cold_ranks=tuple(int(r) for r in ev.rank[dom.slices["cold"]]),
     )
 
 
@@ -228,13 +272,40 @@ def train(
         bar.close()
 
 
+def serving_rows(dom: Domain, rows: np.ndarray, result: TrainResult) -> np.ndarray:
+    """Code rows as served by ``result``'s version: items it never trained borrow the
+    deepest trained code on their path (:func:`borrow_trained_codes`)."""
+    if result.seen_items is None:
+        return rows
+    return borrow_trained_codes(rows, dom.full_rows, result.seen_items)
+
+
+def val_evaluation(dom: Domain, result: TrainResult, rows: np.ndarray) -> Evaluation:
+    """The validation cases (training part as history), with a ``cold`` slice."""
+    model = model_from_params(result.config, result.params).eval()
+    text = dom.emb if result.config.text_dim else None
+    return evaluate_ranking(
+        lambda idx: score_histories(model, rows, dom.val_histories[idx], text=text),
+        dom.val_targets,
+        slices={"cold": dom.val_cold},
+    )
+
+
 def model_row(
-    st: Settings, dom: Domain, method: str, result: TrainResult, rows: np.ndarray, note: str = ""
+    st: Settings,
+    dom: Domain,
+    method: str,
+    result: TrainResult,
+    rows: np.ndarray,
+    note: str = "",
+    *,
+    codes: bool = True,
 ) -> Row:
     model = model_from_params(result.config, result.params).eval()
     text = dom.emb if result.config.text_dim else None
+    served = serving_rows(dom, rows, result) if codes else rows
     ev = evaluate_ranking(
-        lambda idx: score_histories(model, rows, dom.histories[idx], text=text),
+        lambda idx: score_histories(model, served, dom.histories[idx], text=text),
         dom.test_items,
         slices=dom.slices,
     )
@@ -260,28 +331,54 @@ def baseline_rows(dom: Domain) -> list[Row]:
     return [as_row(dom, "popularity", pop), as_row(dom, "text zero-shot", text)]
 
 
-def model_rows(st: Settings, dom: Domain) -> tuple[list[Row], dict[str, TrainResult]]:
-    """Baselines, the ID model, fixed codes and every adaptive policy (from scratch)."""
+def model_rows(
+    st: Settings, dom: Domain, extras: dict[str, object]
+) -> tuple[list[Row], dict[str, TrainResult]]:
+    """Baselines, the ID model, fixed codes and every adaptive policy (from scratch).
+
+    For each code policy, the validation cases are scored with and without new items
+    borrowing trained codes (``extras["<dataset>/validation/<policy>"]``): the evidence, on
+    validation, for the serving rule.
+    """
     ds = dom.ds
-    out = baseline_rows(dom)
-    ids = pad_rows([[i] for i in range(ds.n_items)])
-    pure_id = replace(st.model, text_dim=0)
-    id_result = train(st, dom, ids, ds.n_items, "ID model", model=pure_id)
-    out.append(model_row(st, dom, "ID model", id_result, ids))
+    out = baseline_rows(dom) if "baselines" in st.groups else []
+    if "id" in st.groups:
+        ids = pad_rows([[i] for i in range(ds.n_items)])
+        pure_id = replace(st.model, text_dim=0)
+        id_result = train(st, dom, ids, ds.n_items, "ID model", model=pure_id)
+        out.append(model_row(st, dom, "ID model", id_result, ids, codes=False))
     results: dict[str, TrainResult] = {}
-    for policy in ("fixed", *st.policies):
+    fixed = ("fixed",) if "fixed" in st.groups else ()
+    for policy in (*fixed, *st.policies):
         rows, n_rows = served_rows(dom, policy)
         label = "fixed codes" if policy == "fixed" else f"adaptive codes ({policy})"
         results[policy] = train(st, dom, rows, n_rows, label)
         mean_len = float((rows >= 0).sum(axis=1).mean())
         note = f"{results[policy].epochs_run} ep, mean len {mean_len:.2f}, {n_rows} rows"
         out.append(model_row(st, dom, label, results[policy], rows, note))
+        plain = val_evaluation(dom, results[policy], rows)
+        borrowed = val_evaluation(dom, results[policy], serving_rows(dom, rows, results[policy]))
+        extras[f"{ds.name}/validation/{policy}"] = {
+            name: {
+                "ndcg": ev.ndcg,
+                "cold_hits": ev.slices["cold"].hits,
+                "cold_n": ev.slices["cold"].n,
+                "cold_ndcg": ev.slices["cold"].ndcg,
+            }
+            for name, ev in (("plain", plain), ("borrowed", borrowed))
+        }
     return out, results
 
 
-def pick_primary(policies: tuple[str, ...], results: list[dict[str, TrainResult]]) -> str:
-    """The adaptive policy with the best validation NDCG@10, averaged over the datasets."""
-    return max(policies, key=lambda p: float(np.mean([r[p].val_ndcg for r in results])))
+def pick_primary(name: str, policies: tuple[str, ...], extras: dict[str, object]) -> str:
+    """The domain's adaptive policy with the best validation NDCG@10 as served (new items
+    borrowing trained codes), as the product would pick it per domain."""
+
+    def served_ndcg(policy: str) -> float:
+        value = cast(dict[str, dict[str, float]], extras[f"{name}/validation/{policy}"])
+        return float(value["borrowed"]["ndcg"])
+
+    return max(policies, key=served_ndcg)
 
 
 def primary_rows(
@@ -291,10 +388,15 @@ def primary_rows(
     ds = dom.ds
     out = []
     rows, n_rows = served_rows(dom, st.primary)
-    if st.model.text_dim:
+    if "ablation" in st.groups:
+        label = f"adaptive codes ({st.primary}), no borrow"
+        out.append(model_row(st, dom, label, full, rows, "new items keep their codes", codes=False))
+    if st.model.text_dim and "ablation" in st.groups:
         label = f"adaptive codes ({st.primary}), no text"
         no_text = train(st, dom, rows, n_rows, label, model=replace(st.model, text_dim=0))
         out.append(model_row(st, dom, label, no_text, rows))
+    if "incremental" not in st.groups:
+        return out
     cutoff = int(np.quantile(ds.timestamps[dom.fit], 1.0 - NEW_SHARE))
     v1 = train(st, dom, rows, n_rows, "v1 (90%)", mask=ds.timestamps < cutoff)
     inc = train(st, dom, rows, n_rows, "incremental", init_from=v1.params, new_since=cutoff)
@@ -397,21 +499,75 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def summary_lines(rows: list[Row], extras: dict[str, object], st: Settings) -> list[str]:
+def summary_lines(rows: list[Row], extras: dict[str, object], primary: dict[str, str]) -> list[str]:
     lines = []
     for key, value in extras.items():
         if not (key.endswith("/incremental") and isinstance(value, dict)):
             continue
         name = key.split("/")[0]
         by_method = {r.method: r for r in rows if r.dataset == name}
-        full = by_method[f"adaptive codes ({st.primary})"]
-        inc = by_method[f"incremental +10% ({st.primary})"]
+        full = by_method[f"adaptive codes ({primary[name]})"]
+        inc = by_method[f"incremental +10% ({primary[name]})"]
         lines.append(
             f"{name}: full train of {value['fit_interactions']} interactions "
             f"{value['full_wall_s']:.1f} s; incremental {value['incremental_wall_s']:.1f} s "
             f"(ratio {value['time_ratio']:.2f}); R@10 incremental {inc.recall:.4f} vs full "
             f"{full.recall:.4f}"
         )
+    return lines
+
+
+COLD_METHODS = ("text zero-shot", "ID model", "fixed codes", "adaptive codes")
+
+
+def cold_lines(
+    rows: list[Row], domains: list[Domain], primary: dict[str, str], extras: dict[str, object]
+) -> list[str]:
+    """Cold-start slice as hit counts with 95 % Wilson intervals, and the paired difference
+    of the primary adaptive policy against fixed codes (cluster bootstrap over target items,
+    since a slice's cases often share a few new items)."""
+    lines = []
+    for dom in domains:
+        parts = []
+        for key, value in extras.items():
+            if key.startswith(f"{dom.ds.name}/validation/") and isinstance(value, dict):
+                p, b = value["plain"], value["borrowed"]
+                parts.append(
+                    f"{key.rsplit('/', 1)[1]} cold {p['cold_hits']}/{p['cold_n']} -> "
+                    f"{b['cold_hits']}/{b['cold_n']}, N@10 {p['ndcg']:.4f} -> {b['ndcg']:.4f}"
+                )
+        if parts:
+            lines.append(
+                f"{dom.ds.name} validation, new items borrowing trained codes (plain -> "
+                "borrowed): " + "; ".join(parts)
+            )
+        cold = dom.slices["cold"]
+        n = int(cold.sum())
+        if n == 0:
+            continue
+        targets = dom.test_items[cold]
+        sub = {r.method: r for r in rows if r.dataset == dom.ds.name}
+        parts = []
+        for r in sub.values():
+            if r.cold_n and r.method.startswith(COLD_METHODS):
+                lo, hi = wilson_interval(r.cold_hits, r.cold_n)
+                parts.append(f"{r.method} {r.cold_hits}/{r.cold_n} [{lo:.3f}, {hi:.3f}]")
+        lines.append(
+            f"{dom.ds.name} cold-start: {n} cases on {len(np.unique(targets))} items; "
+            "R@10 hits [95% Wilson]: " + "; ".join(parts)
+        )
+        fixed = sub.get("fixed codes")
+        for r in sub.values():
+            if fixed is None or not r.method.startswith("adaptive codes") or "no text" in r.method:
+                continue
+            a = np.asarray(r.cold_ranks) < 10
+            b = np.asarray(fixed.cold_ranks) < 10
+            d = paired_difference(a, b, targets)
+            mark = " (primary)" if r.method == f"adaptive codes ({primary[dom.ds.name]})" else ""
+            lines.append(
+                f"  {r.method}{mark} - fixed codes on cold: {d.diff:+.3f} "
+                f"[{d.low:+.3f}, {d.high:+.3f}] ({d.n} cases, {d.n_groups} items resampled)"
+            )
     return lines
 
 
@@ -428,6 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(DEFAULT_POLICIES),
         help=f"adaptive length policies to compare (from {sorted(POLICIES)})",
     )
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROW_GROUPS),
+        help=f"row groups to run, from {list(ROW_GROUPS)} (adaptive policies always run)",
+    )
     parser.add_argument("--few-fraction", type=float, default=0.1, help="few-shot user share")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -437,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [p for p in policies if p not in POLICIES or p == "fixed"]
     if not policies or unknown:
         parser.error(f"--policies: unknown or fixed {unknown}; pick from {sorted(POLICIES)}")
+    groups = frozenset(g for g in args.rows.split(",") if g)
+    if groups - set(ROW_GROUPS):
+        parser.error(f"--rows: unknown {sorted(groups - set(ROW_GROUPS))}; pick from {ROW_GROUPS}")
     torch.set_num_threads(args.threads)
     loaded = [(ds, item_embeddings(ds)) for ds in map(load_dataset, args.dataset)]
     all_emb = np.concatenate([emb for _, emb in loaded])
@@ -446,6 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         policies=policies,
         few_fraction=args.few_fraction,
         seed=args.seed,
+        groups=groups,
     )
     rule_levels, rule_k = suggest_shape(len(all_emb))
     levels = args.levels or rule_levels
@@ -461,24 +626,31 @@ def main(argv: list[str] | None = None) -> int:
     extras: dict[str, object] = {"levels": levels, "k": k}
     results: list[dict[str, TrainResult]] = []
     for dom in domains:
-        dom_rows, dom_results = model_rows(st, dom)
+        dom_rows, dom_results = model_rows(st, dom, extras)
         rows.extend(dom_rows)
         results.append(dom_results)
-    st = replace(st, policies=(pick_primary(st.policies, results),))
-    extras["primary_policy"] = st.primary
-    print(f"primary adaptive policy (best mean validation NDCG@10): {st.primary}")
-    primary = {dom.ds.name: res[st.primary] for dom, res in zip(domains, results, strict=True)}
+    chosen = {dom.ds.name: pick_primary(dom.ds.name, st.policies, extras) for dom in domains}
+    per = {name: replace(st, policies=(policy,)) for name, policy in chosen.items()}
+    extras["primary_policy"] = chosen
+    print(f"primary adaptive policy per domain (best validation NDCG@10 as served): {chosen}")
+    primary = {
+        dom.ds.name: res[chosen[dom.ds.name]] for dom, res in zip(domains, results, strict=True)
+    }
     for dom in domains:
-        rows.extend(primary_rows(st, dom, primary[dom.ds.name], extras))
+        rows.extend(primary_rows(per[dom.ds.name], dom, primary[dom.ds.name], extras))
     for target in domains:
         for source in domains:
-            if source is not target:
-                rows.extend(transfer_rows(st, target, source.ds.name, primary[source.ds.name]))
+            if source is not target and "transfer" in st.groups:
+                rows.extend(
+                    transfer_rows(
+                        per[target.ds.name], target, source.ds.name, primary[source.ds.name]
+                    )
+                )
     order = [d.ds.name for d in domains]
     rows.sort(key=lambda r: order.index(r.dataset))
     print()
     print_table(rows)
-    lines = summary_lines(rows, extras, st)
+    lines = summary_lines(rows, extras, chosen) + cold_lines(rows, domains, chosen, extras)
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "quality.png"

@@ -15,6 +15,7 @@ users, never trained on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -141,11 +142,102 @@ def recall_ndcg(rank: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class SliceMetrics:
-    """Mean Recall@k and NDCG@k over the ``n`` cases of one slice (NaN when empty)."""
+    """Mean Recall@k and NDCG@k over the ``n`` cases of one slice (NaN when empty).
+
+    ``hits``: cases with the target in the top ``k`` (``recall * n``), so small slices can be
+    reported as counts with an interval (:meth:`recall_interval`).
+    """
 
     recall: float
     ndcg: float
     n: int
+    hits: int = 0
+
+    def recall_interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Wilson score interval of the slice's Recall@k (``(nan, nan)`` when empty)."""
+        return wilson_interval(self.hits, self.n, confidence)
+
+
+def _z_value(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise QuantizeError(f"confidence={confidence} must be in (0, 1), e.g. 0.95")
+    return float(torch.special.ndtri(torch.tensor((1.0 + confidence) / 2.0, dtype=torch.float64)))
+
+
+def wilson_interval(hits: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion of ``hits`` successes in ``n`` cases.
+
+    Unlike the normal approximation it stays inside ``[0, 1]`` and is not empty at 0 or
+    ``n`` hits, which matters for small slices (a few dozen cold-start cases).
+    """
+    if n < 0 or not 0 <= hits <= max(n, 0):
+        raise QuantizeError(f"need 0 <= hits ({hits}) <= n ({n}); count hits within the slice")
+    z = _z_value(confidence)
+    if n == 0:
+        return float("nan"), float("nan")
+    p = hits / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if hits == 0 else max(0.0, centre - half)  # exact ends, no rounding residue
+    high = 1.0 if hits == n else min(1.0, centre + half)
+    return low, high
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of ``a - b`` over paired cases with a bootstrap interval."""
+
+    diff: float
+    low: float
+    high: float
+    n: int
+    n_groups: int
+
+
+def paired_difference(
+    a: np.ndarray,
+    b: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> PairedDifference:
+    """Mean per-case difference of two methods on the same cases, with a percentile interval.
+
+    ``a`` and ``b`` hold one value per case (e.g. hits). With ``groups`` (e.g. the target
+    item of each case) whole groups are resampled (cluster bootstrap): cases that share a
+    target are not independent, and a slice whose cases come from a handful of items must
+    not look more certain than it is.
+    """
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise QuantizeError(
+            f"paired values have shapes {x.shape} and {y.shape}; pass one value per case for "
+            "both methods, in the same case order"
+        )
+    g = np.arange(len(x)) if groups is None else np.asarray(groups)
+    if g.shape != x.shape:
+        raise QuantizeError(f"groups has shape {g.shape}, expected {x.shape}: one per case")
+    if n_boot < 1:
+        raise QuantizeError(f"n_boot={n_boot} must be >= 1")
+    _z_value(confidence)
+    if len(x) == 0:
+        nan = float("nan")
+        return PairedDifference(nan, nan, nan, 0, 0)
+    _, inverse = np.unique(g, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    n_groups = int(inverse.max()) + 1
+    sums = np.bincount(inverse, weights=x - y, minlength=n_groups)
+    sizes = np.bincount(inverse, minlength=n_groups).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draw = rng.integers(0, n_groups, size=(n_boot, n_groups))
+    boot = sums[draw].sum(axis=1) / sizes[draw].sum(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(boot, [tail, 1.0 - tail])
+    return PairedDifference(float((x - y).mean()), float(low), float(high), len(x), n_groups)
 
 
 @dataclass(frozen=True)
@@ -196,6 +288,7 @@ def summarize(
             recall=float(recall[m].mean()) if n else float("nan"),
             ndcg=float(ndcg[m].mean()) if n else float("nan"),
             n=n,
+            hits=int(recall[m].sum()),
         )
     return Evaluation(k=k, slices=out, rank=np.asarray(rank, dtype=np.int64))
 

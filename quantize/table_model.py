@@ -15,6 +15,10 @@ Parameters are split in two groups, by name:
 * ``encoder.*``: the *shared* part (sequence encoder), trained across domains and frozen in a
   per-domain fine-tune.
 
+Serving new items: an item without training interactions has no trained vector of its own;
+:func:`borrow_trained_codes` serves it the deepest code of a trained item on its path, so its
+vector is made of rows trained together as an item vector, plus its own text.
+
 :func:`export_params` / :func:`load_params` convert to and from plain numpy arrays (exact round
 trip), and :class:`Snapshot` packs the arrays with their :class:`ModelConfig` into bytes.
 """
@@ -405,6 +409,67 @@ def pad_rows(codes: Sequence[Sequence[int]], width: int | None = None) -> np.nda
     out = np.full((len(codes), max(w, 1)), PAD, dtype=np.int64)
     for i, code in enumerate(codes):
         out[i, : len(code)] = code
+    return out
+
+
+def served_depth(item_rows: np.ndarray, full_rows: np.ndarray) -> np.ndarray:
+    """Per item, how many leading row ids of its served code follow its full path.
+
+    ``full_rows`` ``[n, L]``: the row ids of every item's full path (level rows only).
+    A served code is a path prefix, possibly followed by an id that is not on the path (a
+    disambiguation row), which is not counted.
+    """
+    rows = check_item_rows(item_rows)
+    full = check_item_rows(full_rows)
+    if full.shape[0] != rows.shape[0] or (full < 0).any():
+        raise QuantizeError(
+            f"full_rows {full.shape} must give an unpadded full path for each of the "
+            f"{rows.shape[0]} items; pass the level row ids of the full paths"
+        )
+    width = min(rows.shape[1], full.shape[1])
+    same = rows[:, :width] == full[:, :width]
+    return np.cumprod(same, axis=1).sum(axis=1).astype(np.int64)
+
+
+def borrow_trained_codes(
+    item_rows: np.ndarray, full_rows: np.ndarray, trained: np.ndarray
+) -> np.ndarray:
+    """Serve every untrained item the deepest code of a trained item on its own path.
+
+    An item without training interactions (a new item) has no row of its own worth
+    anything: its vector is only as good as the rows it shares. Here it takes the served
+    code (the path prefix, without any disambiguation row) of a trained item whose code is
+    the deepest prefix of the new item's full path, so its rows sum to a vector that was
+    trained as an item vector, that of its most specific trained relative, and its text
+    embedding (when projected) tells the two apart. An untrained item with no trained code
+    on its path keeps its code. Trained items never change. Returns a new row-id matrix of
+    the same width.
+    """
+    rows = check_item_rows(item_rows)
+    full = check_item_rows(full_rows)
+    mask = np.asarray(trained, dtype=bool)
+    if mask.shape != (rows.shape[0],):
+        raise QuantizeError(
+            f"trained has shape {mask.shape}, expected ({rows.shape[0]},): one flag per item"
+        )
+    depth = served_depth(rows, full)
+    levels = min(full.shape[1], rows.shape[1])
+    borrow = np.zeros(rows.shape[0], dtype=np.int64)
+    for d in range(1, levels + 1):
+        owners = mask & (depth == d)
+        if not owners.any():
+            continue
+        _, inverse = np.unique(full[:, :d], axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        has = np.zeros(int(inverse.max()) + 1, dtype=bool)
+        has[inverse[owners]] = True
+        borrow[has[inverse] & ~mask] = d
+    out = rows.copy()
+    take = np.flatnonzero(borrow > 0)
+    path = np.full((len(take), rows.shape[1]), PAD, dtype=np.int64)
+    path[:, :levels] = full[take, :levels]
+    cols = np.arange(rows.shape[1])[None, :]
+    out[take] = np.where(cols < borrow[take, None], path, PAD)
     return out
 
 

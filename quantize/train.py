@@ -46,6 +46,7 @@ from quantize.table_model import (
 
 Trainable = Literal["all", "domain"]
 SoftmaxItems = Literal["seen", "all"]
+IncrementalValidation = Literal["new", "all"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class TrainConfig:
 
     Incremental runs (``new_since``): ``replay_ratio`` old windows are sampled per new
     window; with ``epochs=None`` they get ``incremental_share`` of the epochs the rule
-    gives the whole log.
+    gives the whole log. With ``incremental_validation="new"`` the epoch is chosen on the
+    validation targets at/after ``new_since`` (the behaviour the version adapts to; also
+    cheaper, in proportion to the new data) when there are at least ``min_val_users`` of
+    them, else on all; ``"all"`` always validates on every user.
 
     Runtime: ``threads`` torch CPU threads while training (restored after); ``device``
     ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; ``val_users`` caps the
@@ -90,10 +94,12 @@ class TrainConfig:
     lr_floor: float = 0.1
     patience: int = 4
     trainable: Trainable = "all"
-    replay_ratio: float = 0.5
+    replay_ratio: float = 1.0
     incremental_share: float = 0.5
     negatives: int = 0
     softmax_items: SoftmaxItems = "seen"
+    incremental_validation: IncrementalValidation = "new"
+    min_val_users: int = 100
     seed: int = 0
     threads: int = 1
     device: str = "auto"
@@ -125,6 +131,11 @@ class TrainConfig:
             problems.append(f"incremental_share={self.incremental_share} is outside (0, 1]")
         if self.replay_ratio < 0 or self.negatives < 0:
             problems.append("replay_ratio and negatives must be >= 0")
+        if self.incremental_validation not in ("new", "all") or self.min_val_users < 0:
+            problems.append(
+                f"incremental_validation={self.incremental_validation!r} must be 'new' or "
+                f"'all' and min_val_users={self.min_val_users} >= 0"
+            )
         if self.softmax_items not in ("seen", "all"):
             problems.append(f"softmax_items={self.softmax_items!r} is not 'seen' or 'all'")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -163,6 +174,10 @@ class TrainResult:
     val_recall: float
     val_ndcg: float
     history: list[EpochReport] = field(default_factory=list)
+    seen_items: np.ndarray | None = None
+    """bool ``[n_items]``: items of the training log (inputs or targets of a training window),
+    the items whose code rows this version trained; pass ``~seen_items`` as the new items
+    to :func:`~quantize.table_model.borrow_trained_codes` when serving."""
 
     def snapshot(self) -> Snapshot:
         """The trained version as a :class:`~quantize.table_model.Snapshot` (bytes-ready)."""
@@ -195,6 +210,7 @@ class _Data:
     windows: _Windows
     val_histories: np.ndarray  # int64 [n_val, max_len]
     val_targets: np.ndarray  # int64 [n_val]
+    val_times: np.ndarray  # int64 [n_val]: timestamps of the validation targets
 
 
 def _prepare(
@@ -228,12 +244,14 @@ def _prepare(
     is_new: list[bool] = []
     val_hist: list[np.ndarray] = []
     val_tgt: list[int] = []
+    val_ts: list[int] = []
     for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
         seq = si[a:b]
         stamps = st[a:b]
         if validate and len(seq) >= 2:
             val_hist.append(seq[:-1])
             val_tgt.append(int(seq[-1]))
+            val_ts.append(int(stamps[-1]))
             seq, stamps = seq[:-1], stamps[:-1]
         # pairs (input seq[i], target seq[i + 1]) for i < len(seq) - 1, cut from the end
         end = len(seq) - 1
@@ -259,6 +277,7 @@ def _prepare(
         windows,
         pad_histories(val_hist, max_len),
         np.asarray(val_tgt, dtype=np.int64),
+        np.asarray(val_ts, dtype=np.int64),
     )
 
 
@@ -290,6 +309,14 @@ def _batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generator) -
             batches.append(order[start:end])
             start = end
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _seen(windows: _Windows, n_items: int) -> np.ndarray:
+    """Items that are an input or a target of some training window."""
+    used = np.concatenate([windows.inputs.ravel(), windows.targets.ravel()])
+    seen = np.zeros(n_items, dtype=bool)
+    seen[used[used >= 0]] = True
+    return seen
 
 
 def _candidates(
@@ -531,6 +558,10 @@ def _run(
     lengths_np = (data.windows.inputs[chosen] >= 0).sum(axis=1)
     val_targets = data.val_targets
     val_hist_np = data.val_histories
+    if new_since is not None and cfg.incremental_validation == "new":
+        recent = data.val_times >= new_since
+        if recent.sum() >= cfg.min_val_users:
+            val_targets, val_hist_np = val_targets[recent], val_hist_np[recent]
     if cfg.val_users is not None and len(val_targets) > cfg.val_users:
         keep = np.sort(rng.choice(len(val_targets), size=cfg.val_users, replace=False))
         val_targets, val_hist_np = val_targets[keep], val_hist_np[keep]
@@ -617,4 +648,5 @@ def _run(
         val_recall=best[2],
         val_ndcg=best[3],
         history=history,
+        seen_items=_seen(data.windows, rows_np.shape[0]),
     )

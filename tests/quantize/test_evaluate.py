@@ -15,11 +15,13 @@ from quantize.evaluate import (
     holdout_split,
     leave_last_split,
     pad_histories,
+    paired_difference,
     ranks,
     recall_ndcg,
     summarize,
     target_slices,
     user_sequences,
+    wilson_interval,
 )
 from quantize.exceptions import QuantizeError
 
@@ -172,3 +174,60 @@ def test_bad_inputs_raise_quantize_error() -> None:
         leave_last_split(np.array([0, 1]), np.array([1]))
     with pytest.raises(QuantizeError):
         target_slices(np.array([0]), np.array([0]), n_items=1, head_fraction=0.0)
+
+
+def _reference_wilson(hits: int, n: int, z: float) -> tuple[float, float]:
+    """Slow reference: the proportions p whose score test does not reject hits / n."""
+    grid = np.linspace(0.0, 1.0, 200_001)
+    inside = np.abs(hits / n - grid) <= z * np.sqrt(grid * (1 - grid) / n) + 1e-12
+    return float(grid[inside].min()), float(grid[inside].max())
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 300), st.data())
+def test_wilson_interval_matches_reference(n: int, data: st.DataObject) -> None:
+    hits = data.draw(st.integers(0, n))
+    low, high = wilson_interval(hits, n)
+    ref_low, ref_high = _reference_wilson(hits, n, 1.959963984540054)
+    assert low == pytest.approx(ref_low, abs=2e-5)
+    assert high == pytest.approx(ref_high, abs=2e-5)
+    assert 0.0 <= low <= hits / n <= high <= 1.0
+
+
+def test_wilson_interval_narrows_with_more_cases() -> None:
+    small = wilson_interval(3, 66)
+    large = wilson_interval(30, 660)
+    assert small[0] < large[0] < large[1] < small[1]
+    assert wilson_interval(0, 10)[1] > 0.0  # zero hits is not certainty
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+    with pytest.raises(QuantizeError):
+        wilson_interval(5, 4)
+    with pytest.raises(QuantizeError):
+        wilson_interval(1, 4, confidence=1.0)
+
+
+def test_slice_hits_count_cases_in_the_top_k() -> None:
+    rank = np.array([0, 9, 10, 3, 50])
+    ev = summarize(rank, k=10, slices={"odd": np.array([False, True, False, True, False])})
+    assert ev.slices["all"].hits == 3
+    assert ev.slices["odd"].hits == 2
+    assert ev.slices["odd"].recall_interval() == wilson_interval(2, 2)
+
+
+def test_paired_difference_cluster_bootstrap() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 6)
+    a = (rng.random(len(groups)) < 0.3).astype(float)
+    b = (rng.random(len(groups)) < 0.3).astype(float)
+    iid = paired_difference(a, b, seed=1)
+    clustered = paired_difference(a, b, groups, seed=1)
+    assert iid.diff == clustered.diff == pytest.approx(float((a - b).mean()))
+    assert iid.low <= iid.diff <= iid.high
+    assert (iid.n, iid.n_groups, clustered.n_groups) == (72, 72, 12)
+    same = paired_difference(a, a, groups)
+    assert same.diff == same.low == same.high == 0.0
+    # a method that wins on every case is ahead with the whole interval
+    ahead = paired_difference(np.ones(20), np.zeros(20), np.arange(20) % 4)
+    assert ahead.low == ahead.high == 1.0
+    with pytest.raises(QuantizeError):
+        paired_difference(a, b[:-1])

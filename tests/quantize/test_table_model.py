@@ -13,6 +13,7 @@ from quantize.table_model import (
     DOMAIN_PREFIX,
     ModelConfig,
     Snapshot,
+    borrow_trained_codes,
     build_model,
     domain_names,
     export_params,
@@ -20,6 +21,7 @@ from quantize.table_model import (
     load_params,
     model_from_params,
     pad_rows,
+    served_depth,
     shared_names,
 )
 
@@ -237,3 +239,77 @@ def test_invalid_inputs_raise_quantize_error() -> None:
         build_model(_config(), ROWS, n_rows=3)
     with pytest.raises(QuantizeError):
         ModelConfig.from_dict({"hidden": 8, "colour": "red"})
+
+
+def _reference_borrow(served: np.ndarray, full: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """Slow reference: each untrained item takes the longest trained path-prefix code."""
+    out = served.copy()
+    codes = []
+    for j in np.flatnonzero(trained):
+        depth = 0
+        while depth < full.shape[1] and served[j, depth] == full[j, depth]:
+            depth += 1
+        if depth:
+            codes.append(tuple(full[j, :depth].tolist()))
+    for i in np.flatnonzero(~trained):
+        own = tuple(full[i].tolist())
+        best = max((len(c) for c in codes if own[: len(c)] == c), default=0)
+        if best:
+            out[i] = -1
+            out[i, :best] = full[i, :best]
+    return out
+
+
+def _random_codes(seed: int, n: int = 30, levels: int = 3, k: int = 3):
+    """Full paths (level rows) and served codes: random prefixes, some with an extra row."""
+    rng = np.random.default_rng(seed)
+    digits = rng.integers(0, k, size=(n, levels))
+    full = np.arange(levels)[None, :] * k + digits
+    lengths = rng.integers(1, levels + 1, size=n)
+    served = np.full((n, levels + 1), -1, dtype=np.int64)
+    for i in range(n):
+        served[i, : lengths[i]] = full[i, : lengths[i]]
+        if lengths[i] == levels and rng.random() < 0.3:
+            served[i, levels] = levels * k + i  # a disambiguation row of its own
+    trained = rng.random(n) < 0.6
+    return served, full, trained
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10_000))
+def test_borrow_trained_codes_matches_reference(seed: int) -> None:
+    served, full, trained = _random_codes(seed)
+    out = borrow_trained_codes(served, full, trained)
+    assert out.tolist() == _reference_borrow(served, full, trained).tolist()
+    # trained items never change; a changed code is a plain prefix of the item's own path
+    assert np.array_equal(out[trained], served[trained])
+    depth = served_depth(out, full)
+    changed = (out != served).any(axis=1)
+    assert not changed[trained].any()
+    for i in np.flatnonzero(changed):
+        assert (out[i] >= 0).sum() == depth[i] >= 1
+
+
+def test_borrowed_code_is_the_most_specific_trained_relative() -> None:
+    full = np.array([[0, 10, 20], [0, 10, 21], [0, 11, 20], [1, 10, 20], [0, 10, 22]])
+    served = pad_rows([[0, 10], [0], [0, 11, 20, 99], [1], [0]], width=4)
+    trained = np.array([True, True, True, False, False])
+    out = borrow_trained_codes(served, full, trained)
+    assert out[4].tolist() == [0, 10, -1, -1]  # the deepest trained code on its path
+    assert out[3].tolist() == [1, -1, -1, -1]  # no trained code on its path: unchanged
+    assert served_depth(served, full).tolist() == [2, 1, 3, 1, 1]  # row 99 is off the path
+    with pytest.raises(QuantizeError):
+        borrow_trained_codes(served, full, trained[:3])
+    with pytest.raises(QuantizeError):
+        borrow_trained_codes(served, full[:3], trained)
+
+
+def test_borrowing_gives_a_new_item_its_relatives_row_vector() -> None:
+    model = build_model(_config(), pad_rows([[0, 3], [0], [1, 4]], width=3), n_rows=6)
+    full = np.array([[0, 3, 5], [0, 2, 5], [0, 3, 4]])
+    served = pad_rows([[0, 3], [0], [0]], width=3)
+    trained = np.array([True, True, False])
+    out = borrow_trained_codes(served, full, trained)
+    vecs = model.item_vectors(torch.as_tensor(out)).detach()
+    assert torch.equal(vecs[2], vecs[0])  # shares every trained row of item 0
+    assert not torch.equal(vecs[2], model.item_vectors(torch.as_tensor(served)).detach()[2])

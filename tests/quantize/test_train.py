@@ -278,3 +278,66 @@ def test_batches_pack_windows_by_token_budget() -> None:
     # short windows travel in larger batches than long ones
     sizes = {int(lengths[b].max()): len(b) for b in batches}
     assert sizes[min(sizes)] > sizes[max(sizes)]
+
+
+def test_seen_items_are_the_items_of_training_windows(log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    held_out = items == 0  # item 0 never appears in training
+    mask = keep & ~held_out
+    result = train_domain(
+        _codes(),
+        users[mask],
+        items[mask],
+        stamps[mask],
+        model_config=MODEL,
+        config=replace(TRAIN, epochs=1),
+    )
+    assert result.seen_items is not None
+    expected = np.zeros(N_ITEMS, dtype=bool)  # reference: each user's log minus its last item
+    for seq in user_sequences(users[mask], items[mask], stamps[mask]):
+        rest = seq[:-1] if len(seq) >= 2 else seq
+        if len(rest) >= 2:
+            expected[rest] = True
+    assert not result.seen_items[0]
+    assert result.seen_items.tolist() == expected.tolist()
+
+
+def test_incremental_run_validates_on_the_new_targets(trained, log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    u, it, ts = users[keep], items[keep], stamps[keep]
+    cutoff = int(np.quantile(ts, 0.7))
+    frozen = replace(TRAIN, epochs=1, lr=1e-12, min_val_users=1)
+
+    def run(mode: str):
+        return train_domain(
+            _codes(),
+            u,
+            it,
+            ts,
+            model_config=MODEL,
+            config=replace(frozen, incremental_validation=mode),  # type: ignore[arg-type]
+            init_from=trained.params,
+            new_since=cutoff,
+        )
+
+    # reference: each user's last interaction is its validation target, the rest its history
+    model = model_from_params(MODEL, trained.params)
+    hist, targets, recent = [], [], []
+    for user in np.unique(u):
+        idx = np.flatnonzero(u == user)
+        idx = idx[np.lexsort((idx, ts[idx]))]
+        if len(idx) >= 2:
+            hist.append(it[idx[:-1]])
+            targets.append(it[idx[-1]])
+            recent.append(ts[idx[-1]] >= cutoff)
+    padded = pad_histories(hist, MODEL.max_len)
+    ev = evaluate_ranking(
+        lambda i: score_histories(model, _codes(), padded[i]),
+        np.array(targets),
+        slices={"new": np.array(recent)},
+    )
+    assert 0 < ev.slices["new"].n < len(targets)
+    assert run("new").val_ndcg == pytest.approx(ev.slices["new"].ndcg, abs=1e-6)
+    assert run("all").val_ndcg == pytest.approx(ev.ndcg, abs=1e-6)
