@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -142,6 +143,71 @@ class Popularity:
         return cls(count, wsum, dts, decayed, last)
 
 
+def fold_popularity(
+    raw: bytes | None, events: Iterable[tuple[int, float]], half_life_s: float
+) -> tuple[bytes, int]:
+    """:meth:`Popularity.add` of each ``(ts, weight)`` in order on the encoded record ``raw``
+    (``None``: no interactions yet), with the same float operations, so folding a sequence
+    in one call or across calls gives the same bits. Returns the encoded record and its
+    ``last_ts``."""
+    if raw is None:
+        count, wsum, dts, decayed, last = 0, 0.0, 0, 0.0, 0
+    else:
+        if len(raw) != _POP.size or raw[0] != _V1:
+            raise _corrupt("popularity", raw)
+        _, count, wsum, dts, decayed, last = _POP.unpack(raw)
+    exp2 = math.exp2
+    for ts, weight in events:
+        if count == 0:
+            count, wsum, dts, decayed, last = 1, weight, ts, weight, ts
+            continue
+        if ts >= dts:
+            decayed = decayed * exp2(-(ts - dts) / half_life_s) + weight
+            dts = ts
+        else:
+            decayed = decayed + weight * exp2(-(dts - ts) / half_life_s)
+        count += 1
+        wsum = wsum + weight
+        if ts > last:
+            last = ts
+    return _POP.pack(_V1, count, wsum, dts, decayed, last), last
+
+
+_POP_DTYPE = np.dtype(
+    [
+        ("version", "u1"),
+        ("count", ">i8"),
+        ("weight_sum", ">f8"),
+        ("decay_ts", ">i8"),
+        ("decayed", ">f8"),
+        ("last_ts", ">i8"),
+    ]
+)
+
+
+def popularity_at(values: Sequence[bytes], ts: int, half_life_s: float) -> list[float]:
+    """:meth:`Popularity.at` of many encoded :class:`Popularity` records (same results)."""
+    if not values:
+        return []
+    raw = b"".join(values)
+    if len(raw) != _POP.size * len(values):
+        bad = next(v for v in values if len(v) != _POP.size)
+        raise _corrupt("popularity", bad)
+    rows = np.frombuffer(raw, dtype=_POP_DTYPE)
+    if (rows["version"] != _V1).any():
+        raise _corrupt("popularity", values[int(np.argmax(rows["version"] != _V1))])
+    exp2 = math.exp2
+    return [
+        decayed * exp2(-max(0, ts - dts) / half_life_s) if count else 0.0
+        for count, dts, decayed in zip(
+            rows["count"].tolist(),
+            rows["decay_ts"].tolist(),
+            rows["decayed"].tolist(),
+            strict=True,
+        )
+    ]
+
+
 # --- interaction log -----------------------------------------------------------------
 
 _LOG_KEY = struct.Struct(">qiq")  # ts, source partition, source offset
@@ -156,6 +222,33 @@ def interaction_key(domain: str, ts: int, partition: int, offset: int) -> bytes:
 def interaction_key_ts(key: bytes) -> int:
     ts, _, _ = _LOG_KEY.unpack(key[-_LOG_KEY.size :])
     return int(ts)
+
+
+def encode_log(
+    domains: Sequence[str],
+    ts: Sequence[int],
+    partitions: Sequence[int],
+    offsets: Sequence[int],
+    user_ids: Sequence[str],
+    item_ids: Sequence[str],
+    weights: Sequence[float],
+) -> tuple[list[bytes], list[bytes]]:
+    """Keys and values of many logged interactions (columns of equal length): the same
+    bytes as :func:`interaction_key` and :meth:`LoggedInteraction.encode` of each."""
+    prefixes = {d: domain_prefix(d) for d in set(domains)}
+    pack_key = _LOG_KEY.pack
+    keys = [
+        prefixes[d] + pack_key(t, p, o)
+        for d, t, p, o in zip(domains, ts, partitions, offsets, strict=True)
+    ]
+    heads: dict[float, bytes] = {}
+    for w in set(weights):
+        heads[w] = _LOG_WEIGHT.pack(_V1, w)
+    values = [
+        heads[w] + f"{u}\x00{i}".encode()
+        for w, u, i in zip(weights, user_ids, item_ids, strict=True)
+    ]
+    return keys, values
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,8 @@ rocksdict pitfalls, checked in ``tests/store/test_rocksdb.py``:
 
 from __future__ import annotations
 
+import os
+import shutil
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,16 +280,24 @@ class RocksDBPartition(StorePartition):
 
     @classmethod
     def _create(cls, path: Path, *, sync_writes: bool) -> RocksDBPartition:
-        db = cls._open_rdict(path, list(COLUMN_FAMILIES), create=True)
-        partition = cls(db, path, mode="primary", sync_writes=sync_writes)
+        """Create the store beside ``path``, complete with its format marker, then move it
+        into place: a reader (e.g. a secondary instance) never sees a half-made store."""
+        staging = path.parent / f".{path.name}.creating-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        db = cls._open_rdict(staging, list(COLUMN_FAMILIES), create=True)
+        partition = cls(db, staging, mode="primary", sync_writes=sync_writes)
         try:
             batch = partition.batch()
             batch.put("meta", FORMAT_KEY, FORMAT)
             partition._write_now(batch, sync=True)
-        except BaseException:
+        finally:
             partition.close()
-            raise
-        return partition
+        if path.is_dir():
+            path.rmdir()  # empty (checked by the caller); rename needs it gone or empty
+        staging.rename(path)
+        db = cls._open_rdict(path, list(COLUMN_FAMILIES))
+        return cls(db, path, mode="primary", sync_writes=sync_writes)
 
     @staticmethod
     def _open_rdict(

@@ -130,11 +130,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from worker.signals import install_stop_handlers
+
+    stop = install_stop_handlers()  # before the slow imports: an early SIGTERM stops cleanly
     from worker.daemon import run_daemon
 
     settings = _settings(args)
     setup_logging(settings.log_format, settings.log_level)
-    return run_daemon(settings)
+    return run_daemon(settings, stop)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import orjson
@@ -76,6 +78,20 @@ def put_codebook(batch: WriteBatch, codebook: ResidualCodebook) -> None:
     batch.put("meta", CODEBOOK_CURRENT, cid)
 
 
+class CodebookSource(Protocol):
+    """Where a group of workers agrees on one codebook (see :mod:`worker.changelog`)."""
+
+    def first(self) -> ResidualCodebook | None:
+        """The group's codebook, or ``None`` while there is none."""
+
+    def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
+        """Offer ``candidate``; returns the group's codebook."""
+
+
+#: how often a worker without a codebook asks the group whether one exists
+GROUP_CODEBOOK_POLL_S = 5.0
+
+
 @dataclass
 class CodingResult:
     changes: list[tuple[str, CodeChange]] = field(default_factory=list)  # (domain, change)
@@ -85,12 +101,20 @@ class CodingResult:
 class CodeService:
     """Codes items as they arrive and re-evaluates lengths as popularity moves."""
 
-    def __init__(self, store: StorePartition, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: StorePartition,
+        settings: Settings,
+        group: CodebookSource | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.codebook = load_codebook(store)
         self.assigners: dict[str, CodeAssigner] = {}
         self._dirty: set[str] = set()
+        #: the group's codebook source; None = a worker on its own
+        self.group = group
+        self._group_checked = 0.0
 
     # -- assigners ------------------------------------------------------------------------
 
@@ -196,8 +220,35 @@ class CodeService:
         for domain, items in new_items.items():
             everything.setdefault(domain, {}).update(items)
         n = sum(len(v) for v in everything.values())
-        if n < self.settings.codebook_min_items:
-            return False
+        codebook = self._group_codebook()
+        if codebook is None:
+            if n < self.settings.codebook_min_items:
+                return False
+            codebook = self._train(everything, n)
+            if self.group is not None:
+                codebook = self.group.agree(codebook)
+        put_codebook(batch, codebook)
+        self.codebook = codebook
+        result.trained = codebook.codebook_id
+        ts = 0
+        for domain in sorted(everything):
+            self._code_items(domain, everything[domain], ts, result)
+        return True
+
+    def _group_codebook(self) -> ResidualCodebook | None:
+        """The group's codebook if there is one (asked at most every few seconds)."""
+        if self.group is None:
+            return None
+        now = time.monotonic()
+        if now - self._group_checked < GROUP_CODEBOOK_POLL_S:
+            return None
+        self._group_checked = now
+        found = self.group.first()
+        if found is not None:
+            log.info("using the group's codebook %s", found.codebook_id)
+        return found
+
+    def _train(self, everything: dict[str, dict[str, bytes]], n: int) -> ResidualCodebook:
         vectors = np.stack(
             [
                 np.frombuffer(v, dtype="<f4")
@@ -216,13 +267,7 @@ class CodeService:
             k,
             n,
         )
-        put_codebook(batch, codebook)
-        self.codebook = codebook
-        result.trained = codebook.codebook_id
-        ts = 0
-        for domain in sorted(everything):
-            self._code_items(domain, everything[domain], ts, result)
-        return True
+        return codebook
 
     def _flush(self, batch: WriteBatch, result: CodingResult) -> None:
         for domain in sorted(self._dirty):

@@ -18,12 +18,16 @@ from typing import Any
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
+from worker.changelog import MirroredStore, RestoreReport, domain_partition
+from worker.exceptions import KafkaUnavailableError, WorkerError
+from worker.health import BACKOFF_MAX_S, BACKOFF_MIN_S, BrokerWatch
 from worker.metrics import Metrics
-from worker.processor import BatchResult, DeadLetter, Processor, SourceRecord
+from worker.processor import BatchResult, DeadLetter, Processor
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,30 +58,56 @@ def dead_letter_payload(dead: DeadLetter) -> bytes:
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):
-    """On assignment, position each partition at the offset stored with the state.
+    """On assignment, restore what moves between owners, then seek to the stored offsets.
 
-    Runs on kafka-python's I/O thread, so it only reads a few keys and seeks.
+    Runs inside ``poll`` on the loop's thread, between batches: every applied batch
+    is already committed with its offsets, so a revocation has nothing pending.
     """
 
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        # Every applied batch is already committed with its offsets: nothing pending.
+        # waits for a publish in progress: it either lands before the move or not at all
+        with self.loop.versions_lock:
+            self.loop.assigned = set()
         log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        """1. Restore the table versions of the assigned partitions (see worker.changelog).
+        2. Seek each partition to the offset stored with the state; a partition this
+           store never processed starts from the beginning, whatever Kafka committed.
+        3. Publish the new assignment (ownership of domains follows it).
+        """
+        loop = self.loop
+        # -- 1. restore --------------------------------------------------------------------
+        if isinstance(loop.store, MirroredStore):
+            report = loop.store.restore({tp.partition for tp in assigned})
+            log.info(
+                "restored table versions of partitions %s: %d records, %d domains, %.2f s",
+                report.partitions,
+                report.records,
+                len(report.domains),
+                report.seconds,
+            )
+            loop.restores.append(report)
+            if loop.on_restored is not None and report.domains:
+                loop.on_restored(sorted(report.domains))
+        # -- 2. seek -----------------------------------------------------------------------
         for tp in assigned:
-            stored = self.loop.store.get_offset(tp.topic, tp.partition)
+            stored = loop.store.get_offset(tp.topic, tp.partition)
             if stored is not None:
-                self.loop.consumer.seek(tp, stored)
-            else:  # no state for it yet: rebuild from the start, whatever Kafka committed
-                self.loop.consumer.seek_to_beginning(tp)
-        self.loop.assigned = set(assigned)
-        log.info(
-            "partitions assigned: %s",
-            sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
-        )
+                loop.consumer.seek(tp, stored)
+            else:
+                loop.consumer.seek_to_beginning(tp)
+        # -- 3. ownership ------------------------------------------------------------------
+        with loop.versions_lock:
+            loop.assigned = set(assigned)
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+
+
+class BatchAbandoned(WorkerError):
+    """The loop stopped while a batch waited for Kafka; nothing of it was committed."""
 
 
 @dataclass
@@ -109,6 +139,13 @@ class ConsumerLoop:
         self.processor = processor
         self.metrics = metrics
         self.on_applied = on_applied
+        #: a MirroredStore restores the table versions of newly assigned partitions (a
+        #: plain store: a lone worker whose versions never move)
+        #: called with the domains whose versions a restore changed
+        self.on_restored: Callable[[list[str]], None] | None = None
+        self.restores: list[RestoreReport] = []
+        #: called once every topic exists, before the group is joined
+        self.before_subscribe: Callable[[], None] | None = None
         self.stop_event = threading.Event()
         self.assigned: set[TopicPartition] = set()
         self.stats = LoopStats()
@@ -118,6 +155,12 @@ class ConsumerLoop:
             settings.topic("interactions"),
             settings.topic("control"),
         ]
+        #: topics that must exist before the worker subscribes (the shared-state topics too)
+        self.required_topics = self.topics + (
+            [settings.topic("versions"), settings.topic("codebook")]
+            if isinstance(store, MirroredStore)
+            else []
+        )
         self.control_topic = settings.topic("control")
         self.snapshots_topic = settings.topic("snapshots")
         #: held while a batch with control commands is processed and written, and by the
@@ -135,6 +178,9 @@ class ConsumerLoop:
             fetch_max_bytes=64 * 1024 * 1024,
             max_partition_fetch_bytes=16 * 1024 * 1024,
             max_poll_interval_ms=600_000,
+            # co-partitioned topics: partition p of items, interactions and control go to
+            # the same worker, so a domain's events and commands have one owner
+            partition_assignment_strategy=(RangePartitionAssignor,),
             metadata_max_age_ms=10_000,  # notice new partitions and topics within seconds
             session_timeout_ms=settings.kafka_session_timeout_ms,
             heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 5),
@@ -144,20 +190,55 @@ class ConsumerLoop:
     # ------------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Consume until :meth:`stop` is called; then finish the batch and close."""
+        """Consume until :meth:`stop` is called; then finish the batch and close.
+
+        A broker outage does not stop it: see :mod:`worker.health` for how it is detected.
+        """
         self._wait_for_topics()
+        if self.before_subscribe is not None and not self.stop_event.is_set():
+            self.before_subscribe()
         self.consumer.subscribe(self.topics, listener=_SeekToStoredOffsets(self))
         log.info("consuming %s as group %s", self.topics, self.settings.kafka_group_id)
+        # While no broker is connected, kafka-python's polls return nothing and it reconnects
+        # by itself: the loop keeps polling, waits longer between empty polls, logs now and
+        # then, and reports unhealthy once the outage outlasts the watch's grace period.
+        watch = BrokerWatch(self.consumer)
+        poll_failures = 0
         try:
             while not self.stop_event.is_set():
-                polled = self.consumer.poll(
-                    timeout_ms=self.settings.poll_timeout_ms,
-                    max_records=self.settings.poll_max_records,
-                )
-                self.healthy = True
+                try:
+                    polled = self.consumer.poll(
+                        timeout_ms=self.settings.poll_timeout_ms,
+                        max_records=self.settings.poll_max_records,
+                    )
+                    poll_failures = 0
+                except KafkaError as exc:  # retriable or not, the next poll tries again
+                    polled = {}
+                    poll_failures += 1
+                    log.warning(
+                        "polling Kafka at %s failed: %r", self.settings.kafka_bootstrap, exc
+                    )
                 if polled:
-                    self.apply(polled)
-                self._report_lag()
+                    try:
+                        self.apply(polled)
+                    except BatchAbandoned as exc:
+                        log.warning("%s", exc)
+                        break
+                state = watch.check()
+                self.healthy = state.healthy and poll_failures < 3
+                if polled or (state.healthy and not poll_failures):
+                    if state.connected:
+                        self._report_lag()
+                    continue
+                if not state.connected and watch.should_log():
+                    log.warning(
+                        "no Kafka broker connected at %s for %.0f s; waiting for it (state up to "
+                        "the last applied batch is committed; /healthz answers 503 meanwhile)",
+                        self.settings.kafka_bootstrap,
+                        state.down_for,
+                    )
+                failure_wait = BACKOFF_MIN_S * 2 ** min(poll_failures, 8) if poll_failures else 0
+                self.stop_event.wait(min(BACKOFF_MAX_S, max(state.wait_s, failure_wait)))
         finally:
             self.close()
 
@@ -168,7 +249,7 @@ class ConsumerLoop:
         last_warning = 0.0
         while not self.stop_event.is_set():
             try:
-                missing = sorted(set(self.topics) - set(self.consumer.topics()))
+                missing = sorted(set(self.required_topics) - set(self.consumer.topics()))
             except KafkaError as exc:
                 missing = [f"(broker unreachable: {exc})"]
             if not missing:
@@ -181,6 +262,19 @@ class ConsumerLoop:
                 )
                 last_warning = time.monotonic()
             self.stop_event.wait(0.5)
+
+    def owned_partitions(self) -> set[int]:
+        """Partition numbers this worker owns now (the same for every event topic)."""
+        return {tp.partition for tp in self.assigned}
+
+    def owns(self, domain: str) -> bool:
+        """Whether ``domain``'s events (key = domain) are on a partition assigned here."""
+        if not self.assigned:
+            return False
+        parts = self.consumer.partitions_for_topic(self.topics[0])
+        if not parts:
+            return False
+        return domain_partition(domain, len(parts)) in self.owned_partitions()
 
     def stop(self) -> None:
         """Ask the loop to stop after the batch in progress (safe from any thread)."""
@@ -199,23 +293,18 @@ class ConsumerLoop:
         for tp, recs in polled.items():
             self.metrics.count_consumed(tp.topic, len(recs))
         # -- 1. flatten --------------------------------------------------------------------
-        records = [
-            SourceRecord(r.topic, r.partition, r.offset, r.key, r.value)
-            for tp in sorted(polled, key=lambda t: (t.topic, t.partition))
-            for r in polled[tp]
-        ]
+        # (kafka-python's ConsumerRecord is a processor.Record: no per-record copies;
+        # TopicPartition sorts by topic, then partition)
+        records = [r for tp in sorted(polled) for r in polled[tp]]
         # -- 2. process (under the versions lock if the batch holds control commands) -----
-        has_control = any(r.topic == self.control_topic for r in records)
+        has_control = any(tp.topic == self.control_topic and recs for tp, recs in polled.items())
         if has_control:
             self.versions_lock.acquire()
         try:
             result = self.processor.process(records)
-            # -- 3. dead letters -----------------------------------------------------------
+            # -- 3. dead letters (retried while the broker is away) ----------------------
             if result.dead:
                 for dead in result.dead:
-                    self.producer.send(
-                        self.deadletter_topic, key=dead.record.key, value=dead_letter_payload(dead)
-                    )
                     log.warning(
                         "dead-lettered %s-%d@%d: %s",
                         dead.record.topic,
@@ -223,10 +312,10 @@ class ConsumerLoop:
                         dead.record.offset,
                         dead.reason,
                     )
-                self.producer.flush(timeout=30)
-            # -- 4. write ------------------------------------------------------------------
+                self._until_delivered(lambda: self._send_dead_letters(result.dead), "dead letters")
+            # -- 4. write (table versions reach the versions topic first, retried too) -----
             try:
-                self.store.write(result.batch)
+                self._until_delivered(lambda: self.store.write(result.batch), "table versions")
             except StoreError:
                 self.healthy = False
                 raise
@@ -254,6 +343,42 @@ class ConsumerLoop:
         if self.on_applied is not None:
             self.on_applied(result)
         return result
+
+    def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
+        futures = [
+            self.producer.send(
+                self.deadletter_topic, key=d.record.key, value=dead_letter_payload(d)
+            )
+            for d in dead
+        ]
+        self.producer.flush(timeout=30)
+        for future in futures:
+            future.get(timeout=30)
+
+    def _until_delivered(self, action: Callable[[], None], what: str) -> None:
+        """Run ``action`` until Kafka takes it; the batch waits, nothing is committed before.
+
+        A stop requested meanwhile abandons the batch (:class:`BatchAbandoned`): its
+        records are replayed by the next run, as after a crash.
+        """
+        wait = BACKOFF_MIN_S
+        while True:
+            try:
+                action()
+                return
+            except (KafkaError, KafkaUnavailableError) as exc:
+                self.healthy = False
+                if self.stop_event.is_set():
+                    raise BatchAbandoned(
+                        f"stopping while Kafka at {self.settings.kafka_bootstrap} does not take "
+                        f"the batch's {what}; nothing of it was committed, it is replayed on "
+                        "the next start"
+                    ) from exc
+                log.warning(
+                    "Kafka did not take the batch's %s (%s); retrying in %.1f s", what, exc, wait
+                )
+                self.stop_event.wait(wait)
+                wait = min(BACKOFF_MAX_S, wait * 2)
 
     def announce(self, event: dict[str, Any]) -> None:
         """A small message on the snapshots topic (publish, rejection, rollback)."""

@@ -9,19 +9,21 @@ non-zero; a restart resumes from the last committed batch.
 from __future__ import annotations
 
 import logging
-import signal
+import sys
 import threading
 import time
-from types import FrameType
+from collections.abc import Collection
 from typing import Any
 
 import faiss
+from kafka import TopicPartition
 
 from quantize.code_metrics import code_report
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
 from worker.api import HttpServer, Request, Response, Router
+from worker.changelog import CodebookLog, MirroredStore, VersionsLog, adopt_group_codebook
 from worker.consumer import ConsumerLoop
 from worker.encoder import TextEncoder
 from worker.events import control_payload
@@ -31,11 +33,82 @@ from worker.metrics import Metrics
 from worker.processor import BatchResult, Processor
 from worker.routes import ApiRoutes
 from worker.scheduler import FinetuneScheduler
-from worker.serving import Serving
+from worker.serving import NotServedError, Serving, ServingError
 from worker.settings import Settings
+from worker.signals import install_stop_handlers
 from worker.versions import REJECTED, current_version, domains_with_versions, list_records
 
 log = logging.getLogger(__name__)
+
+#: the interpreter's thread switch interval in the daemon process: an HTTP request waiting
+#: for the GIL asks the holder (e.g. the consumer thread processing a batch in Python) to
+#: drop it after this long; at the default 5 ms such waits added up in the serving p99
+#: while the worker ingested (bench/serve.py --busy-thread measures it)
+SWITCH_INTERVAL_S = 0.001
+
+
+def readiness(
+    healthy: bool,
+    assigned: Collection[TopicPartition],
+    serving: Serving,
+    store: StorePartition,
+) -> tuple[bool, dict[str, Any]]:
+    """Whether the worker can serve, and a JSON document saying what is missing if not.
+
+    Ready when (1) the consumer loop is ``healthy`` (it has polled, its broker is connected
+    and its store writes succeed), (2) it has partitions assigned, and (3) every domain
+    with a current version has a serving index loaded. A domain whose index is at an older
+    version while the current one is being built still serves (the previous version), so
+    a publish or a rollback does not take the worker out of rotation; a domain with no
+    index at all (at start-up, or whose current version cannot be built) does.
+
+    ``domains`` maps each such domain to ``{"current", "served", "state"}``, ``state``
+    being ``serving`` (index of the current version), ``stale`` (an older version is served
+    while the current one is built or could not be), ``building`` or ``failed`` (nothing
+    served); ``missing`` lists, in words, each reason the worker is not ready.
+    """
+    missing: list[str] = []
+    if not healthy:
+        missing.append(
+            "the consumer loop is not healthy: it has not polled Kafka yet, has had no broker "
+            "connection for a while, or stopped after a store failure (see /healthz and the "
+            "worker log)"
+        )
+    if not assigned:
+        missing.append(
+            "no partition of the event topics is assigned to this worker yet (the consumer "
+            "group is joining, or every partition is held by other workers)"
+        )
+    held = serving.domains()
+    domains: dict[str, dict[str, Any]] = {}
+    for domain in domains_with_versions(store):
+        version = current_version(store, domain)
+        if version is None:
+            continue
+        index = held.get(domain)
+        served = None if index is None else index.version
+        if served == version:
+            state = "serving"
+        elif served is not None:
+            state = "stale"
+        else:
+            try:
+                served = serving.index(domain).version  # a swap since domains() was read
+                state = "serving" if served == version else "stale"
+            except NotServedError as exc:  # the build failed: its reason
+                state = "failed"
+                missing.append(f"domain {domain!r}: {exc}")
+            except ServingError:  # not built yet (the index thread builds every version)
+                state = "building"
+                missing.append(f"domain {domain!r}: the index of version {version} is being built")
+        domains[domain] = {"current": version, "served": served, "state": state}
+    ready = not missing
+    return ready, {
+        "ready": ready,
+        "missing": missing,
+        "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
+        "domains": domains,
+    }
 
 
 class Daemon:
@@ -44,21 +117,33 @@ class Daemon:
     def __init__(self, settings: Settings, store: StorePartition | None = None) -> None:
         self.settings = settings
         # batched code search is fastest single-threaded on small batches, and leaves
-        # the other core to kafka-python's I/O thread
+        # the other core to kafka-python's I/O thread. OpenMP settings are per thread: this
+        # covers the consumer loop (run on this thread); the HTTP handler threads set their
+        # own (worker.routes)
         faiss.omp_set_num_threads(1)
         self.metrics = Metrics()
-        self.store = store or RocksDBPartition.open(
+        local = store or RocksDBPartition.open(
             settings.state_path, sync_writes=settings.sync_writes
         )
+        # table versions travel between the workers of a group on the versions topic;
+        # writes to them are refused for domains this worker does not own now
+        self.store = MirroredStore(
+            local, VersionsLog(settings), owned=lambda: self.loop.owned_partitions()
+        )
+        self.codebooks = CodebookLog(settings)
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
         self.processor = Processor(self.store, settings, self.encoder.encode)
+        if self.processor.codes is not None:
+            self.processor.codes.group = self.codebooks
         self.loop = ConsumerLoop(settings, self.store, self.processor, self.metrics)
         self.serving = Serving(self.store, settings)
         self.tuner = FineTuner(
             self.store, settings, lock=self.loop.versions_lock, announce=self._announce
         )
-        self.scheduler = FinetuneScheduler(self.tuner, settings)
+        self.scheduler = FinetuneScheduler(self.tuner, settings, owns=self.loop.owns)
         self.loop.on_applied = self._on_applied
+        self.loop.on_restored = lambda _domains: self.serving.wake()
+        self.loop.before_subscribe = self._join_group_codebook
         self.router = Router()
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
@@ -71,6 +156,12 @@ class Daemon:
     def _on_applied(self, result: BatchResult) -> None:
         self.serving.on_applied(result)  # new items servable at once; rollbacks wake it
         self.scheduler.on_applied(result)
+
+    def _join_group_codebook(self) -> None:
+        """Agree on the group's codebook before the first batch (see worker.changelog)."""
+        codes = self.processor.codes
+        if codes is not None:
+            adopt_group_codebook(self.store, codes, self.codebooks)
 
     def _announce(self, event: dict[str, Any]) -> None:
         self.loop.announce(event)
@@ -89,16 +180,10 @@ class Daemon:
         return Response.json(200 if ok else 503, {"status": "ok" if ok else "unhealthy"})
 
     def _readyz(self, _: Request) -> Response:
-        ready = self.loop.healthy and bool(self.loop.assigned)
-        return Response.json(
-            200 if ready else 503,
-            {
-                "ready": ready,
-                "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in self.loop.assigned),
-                "batches": self.loop.stats.batches,
-                "records": self.loop.stats.records,
-            },
-        )
+        ready, doc = readiness(self.loop.healthy, self.loop.assigned, self.serving, self.store)
+        doc["batches"] = self.loop.stats.batches
+        doc["records"] = self.loop.stats.records
+        return Response.json(200 if ready else 503, doc)
 
     def _metrics(self, _: Request) -> Response:
         self.metrics.up.set(1 if self.loop.healthy else 0)
@@ -167,22 +252,17 @@ class Daemon:
         self.loop.stop()
 
 
-def run_daemon(settings: Settings) -> int:
+def run_daemon(settings: Settings, stop: threading.Event | None = None) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code.
 
-    The signal handlers are installed first, so a signal during start-up also
-    stops the daemon cleanly (it then stops before its first poll).
+    The signal handlers are installed first (by ``adacode run`` before the slow
+    imports, or here), so a signal during start-up also stops the daemon cleanly
+    (it then stops before its first poll).
     """
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s: finishing the current batch", signal.Signals(signum).name)
-        stop.set()
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
+    if stop is None:
+        stop = install_stop_handlers()
     log.info("starting worker with settings %s", settings.redacted())
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     daemon = Daemon(settings)
     daemon.loop.stop_event = stop
     return daemon.run()

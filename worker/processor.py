@@ -15,8 +15,11 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import groupby, islice
+from operator import attrgetter
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -24,27 +27,27 @@ from store.partition import StorePartition, WriteBatch
 from store.records import (
     DomainCounters,
     ItemRecord,
-    LoggedInteraction,
-    Popularity,
     domain_counters_key,
     domain_prefix,
-    interaction_key,
+    encode_log,
+    fold_popularity,
     item_key,
+    popularity_at,
 )
 from worker.coding import CodeService, CodingResult
 from worker.encoder import text_hash
 from worker.events import (
     ControlCommand,
     EventLimits,
-    InteractionEvent,
+    InteractionColumns,
     ItemEvent,
     parse_control,
-    parse_interaction,
+    parse_interactions,
     parse_item,
 )
 from worker.exceptions import EventError
 from worker.settings import Settings
-from worker.users import RecentItems, user_key
+from worker.users import append_recent, encode_entries, user_key
 from worker.versions import VersionError, rollback, set_pinned
 
 log = logging.getLogger(__name__)
@@ -53,9 +56,29 @@ log = logging.getLogger(__name__)
 Encode = Callable[[list[str]], np.ndarray]
 
 
+class Record(Protocol):
+    """The part of a Kafka record the processor reads (kafka-python's ``ConsumerRecord``
+    has it, so polled records can be passed as they are)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    @property
+    def key(self) -> bytes | None: ...
+
+    @property
+    def value(self) -> bytes | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SourceRecord:
-    """The part of a Kafka record the processor needs."""
+    """A :class:`Record` built by hand (tests, offline tools)."""
 
     topic: str
     partition: int
@@ -67,7 +90,7 @@ class SourceRecord:
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     reason: str
-    record: SourceRecord
+    record: Record
 
 
 @dataclass
@@ -112,6 +135,89 @@ class _Cache:
                 batch.put(self.cf, key, value)
 
 
+#: Bounds of :class:`_Committed` (entries; the oldest quarter goes when one is exceeded).
+COMMITTED_POPULARITY = 262_144
+COMMITTED_USERS = 65_536
+COMMITTED_ITEMS = 1_048_576
+
+
+def _bounded(values: dict[bytes, bytes], limit: int) -> None:
+    if len(values) > limit:
+        for key in list(islice(values, len(values) - limit * 3 // 4)):
+            del values[key]
+
+
+class _Committed:
+    """Values of recently written batches that later batches read again (hot items' popularity,
+    active users' recent items, which items exist), so they are not read back from RocksDB.
+
+    Only committed values are served: a batch's values wait in ``pending`` until the next
+    batch starts and finds the batch's offsets in the store (they are written in the same
+    atomic batch as the values). Anything else (a failed or skipped write, a replay) drops
+    every value. Items are never deleted, so a key once seen stays valid.
+    """
+
+    def __init__(self) -> None:
+        self.popularity: dict[bytes, bytes] = {}
+        self.users: dict[bytes, bytes] = {}
+        self.items: set[bytes] = set()
+        self.pending: (
+            tuple[dict[tuple[str, int], int], dict[bytes, bytes], dict[bytes, bytes], set[bytes]]
+            | None
+        ) = None
+
+    def settle(self, store: StorePartition) -> None:
+        """Adopt the previous batch's values if it was written, else forget everything."""
+        if self.pending is None:
+            return
+        offsets, popularity, users, items = self.pending
+        self.pending = None
+        if all(store.get_offset(t, p) == off for (t, p), off in offsets.items()):
+            self.popularity.update(popularity)
+            self.users.update(users)
+            self.items |= items
+            _bounded(self.popularity, COMMITTED_POPULARITY)
+            _bounded(self.users, COMMITTED_USERS)
+            if len(self.items) > COMMITTED_ITEMS:
+                self.items.clear()
+        else:
+            self.popularity.clear()
+            self.users.clear()
+            self.items.clear()
+
+    def read(
+        self, store: StorePartition, cf: str, cache: dict[bytes, bytes], keys: Iterable[bytes]
+    ) -> dict[bytes, bytes | None]:
+        """Committed values of ``keys``: from ``cache``, the others in one multi-get."""
+        out: dict[bytes, bytes | None] = {}
+        missing = []
+        get = cache.get
+        for key in keys:
+            value = get(key)
+            if value is None:
+                missing.append(key)
+            else:
+                out[key] = value
+        if missing:
+            out.update(zip(missing, store.multi_get(cf, missing), strict=True))
+        return out
+
+
+@dataclass
+class _Touched:
+    """What a batch's interactions changed, gathered for the batch's one write."""
+
+    popularity: dict[bytes, bytes] = field(default_factory=dict)
+    users: dict[bytes, bytes] = field(default_factory=dict)
+    items: set[bytes] = field(default_factory=set)  # keys that exist after the batch
+
+
+_E = TypeVar("_E")
+_TOPIC_PARTITION = attrgetter("topic", "partition")
+_OFFSET = attrgetter("offset")
+_VALUE = attrgetter("value")
+
+
 class Processor:
     """Validates, encodes and applies batches of item and interaction events."""
 
@@ -130,57 +236,61 @@ class Processor:
         )
         self.half_life_s = settings.popularity_half_life_hours * 3600.0
         self.codes = CodeService(store, settings) if settings.codes_enabled else None
+        self.committed = _Committed()
 
     # ------------------------------------------------------------------------------------
 
-    def process(self, records: Sequence[SourceRecord]) -> BatchResult:
+    def process(self, records: Sequence[Record]) -> BatchResult:
         """Compute the state change of ``records``; nothing is written here.
 
-        1. Parse and validate every record; a bad one becomes a dead letter.
+        1. Split the records by topic; parse and validate them (interactions as columns,
+           see :func:`~worker.events.parse_interactions`); a bad one becomes a dead letter.
         2. Read the records the batch touches (one multi-get per column family).
         3. Encode the texts of new or changed items in one MiniLM call.
-        4. Apply item events, then interactions, in offset order, in memory (interactions
-           also go to each user's recent items, see :mod:`worker.users`).
+        4. Apply item events in offset order, then the interactions grouped per item and
+           per user (each group in offset order): popularity, placeholders, the log, each
+           user's recent items (see :mod:`worker.users`).
         5. Code new items and re-evaluate code lengths of items whose popularity moved.
         6. Trim each domain's interaction log to its retention.
         7. Apply control commands (rollback, pin) to the version pointers.
         8. Put every change and the next offset of each partition into one batch.
         """
+        self.committed.settle(self.store)
         result = BatchResult(batch=self.store.batch())
-        # -- 1. parse ----------------------------------------------------------------------
-        items: list[tuple[SourceRecord, ItemEvent]] = []
-        interactions: list[tuple[SourceRecord, InteractionEvent]] = []
+        # -- 1. split and parse ------------------------------------------------------------
+        by_topic: dict[str, list[Record]] = {}
         next_offsets: dict[tuple[str, int], int] = {}
-        controls: list[tuple[SourceRecord, ControlCommand]] = []
-        for rec in records:
-            tp = (rec.topic, rec.partition)
-            if rec.offset + 1 > next_offsets.get(tp, -1):
-                next_offsets[tp] = rec.offset + 1
-            try:
-                if rec.topic == self.interactions_topic:
-                    interactions.append((rec, parse_interaction(rec.value, self.limits)))
-                elif rec.topic == self.items_topic:
-                    items.append((rec, parse_item(rec.value, self.limits)))
-                elif rec.topic == self.control_topic:
-                    controls.append((rec, parse_control(rec.value, self.limits)))
-                else:
-                    raise EventError(f"no handler for topic {rec.topic!r}")
-            except EventError as exc:
-                result.dead.append(DeadLetter(exc.reason, rec))
+        for tp, run in groupby(records, _TOPIC_PARTITION):
+            recs = list(run)
+            by_topic.setdefault(tp[0], []).extend(recs)
+            last = max(map(_OFFSET, recs)) + 1
+            if last > next_offsets.get(tp, -1):
+                next_offsets[tp] = last
+        items: list[tuple[Record, ItemEvent]] = []
+        controls: list[tuple[Record, ControlCommand]] = []
+        inter_recs: list[Record] = []
+        for topic, recs in by_topic.items():
+            if topic == self.interactions_topic:
+                inter_recs = recs
+            elif topic == self.items_topic:
+                items = self._parse_each(recs, parse_item, result, self.limits)
+            elif topic == self.control_topic:
+                controls = self._parse_each(recs, parse_control, result, self.limits)
+            else:
+                reason = f"no handler for topic {topic!r}"
+                result.dead.extend(DeadLetter(reason, rec) for rec in recs)
+        inter = parse_interactions(list(map(_VALUE, inter_recs)), self.limits)
+        if inter.bad:
+            result.dead.extend(DeadLetter(reason, inter_recs[k]) for k, reason in inter.bad)
+        if result.dead and len(by_topic) > 1:  # report them in the order they came
+            position = {id(rec): k for k, rec in enumerate(records)}
+            result.dead.sort(key=lambda d: position[id(d.record)])
 
         # -- 2. read -----------------------------------------------------------------------
         item_cache = _Cache(self.store, "items")
-        pop_cache = _Cache(self.store, "popularity")
         meta_cache = _Cache(self.store, "meta")
-        item_cache.prefetch(
-            [item_key(e.domain, e.item_id) for _, e in items]
-            + [item_key(e.domain, e.item_id) for _, e in interactions]
-        )
-        pop_cache.prefetch([item_key(e.domain, e.item_id) for _, e in interactions])
-        recent = RecentItems(self.store, self.settings.user_history_len)
-        if recent.limit:
-            recent.prefetch([user_key(e.domain, e.user_id) for _, e in interactions])
-        domains = {e.domain for _, e in items} | {e.domain for _, e in interactions}
+        item_cache.prefetch([item_key(e.domain, e.item_id) for _, e in items])
+        domains = {e.domain for _, e in items} | set(inter.domains)
         meta_cache.prefetch([domain_counters_key(d) for d in sorted(domains)])
         counters = {
             d: DomainCounters.decode(raw)
@@ -189,7 +299,6 @@ class Processor:
             for d in domains
         }
         counters_before = dict(counters)
-        popularity: dict[bytes, Popularity] = {}  # decoded once per item and batch
 
         # -- 3. encode ---------------------------------------------------------------------
         vectors = self._encode_items([e for _, e in items], item_cache, result)
@@ -201,20 +310,18 @@ class Processor:
                 result.dead.append(DeadLetter(reason, rec))
                 continue
             self._apply_item(event, vector, item_cache, counters, result)
-        for rec, ievent in interactions:
-            self._apply_interaction(
-                rec, ievent, item_cache, pop_cache, popularity, counters, result
+        touched = _Touched()
+        if len(inter):
+            offsets = [inter_recs[k].offset for k in inter.index]
+            partitions = [inter_recs[k].partition for k in inter.index]
+            self._apply_interactions(
+                inter, partitions, offsets, item_cache, counters, touched, result
             )
-            if recent.limit:
-                recent.append(ievent.domain, ievent.user_id, ievent.ts, ievent.item_id)
-
-        for key, pop in popularity.items():
-            pop_cache.put(key, pop.encode())
 
         # -- 5. codes ---------------------------------------------------------------------
         if self.codes is not None:
             self._assign_codes(
-                self.codes, items, item_cache, pop_cache, counters_before, counters, result
+                self.codes, items, item_cache, touched.popularity, counters_before, counters, result
             )
 
         # -- 6. retention ------------------------------------------------------------------
@@ -228,14 +335,35 @@ class Processor:
         # -- 8. batch ----------------------------------------------------------------------
         for domain, c in counters.items():
             meta_cache.put(domain_counters_key(domain), c.encode())
-        for cache in (item_cache, pop_cache, meta_cache):
+        for cache in (item_cache, meta_cache):
             cache.flush(result.batch)
-        recent.flush(result.batch)
+        put = result.batch.put
+        for key, value in touched.popularity.items():
+            put("popularity", key, value)
+        for key, value in touched.users.items():
+            put("users", key, value)
         for (topic, partition), offset in sorted(next_offsets.items()):
             result.batch.set_offset(topic, partition, offset)
+        touched.items.update(k for k, v in item_cache.values.items() if v is not None)
+        self.committed.pending = (next_offsets, touched.popularity, touched.users, touched.items)
         return result
 
     # ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _parse_each(
+        recs: list[Record],
+        parse: Callable[[bytes | None, EventLimits], _E],
+        result: BatchResult,
+        limits: EventLimits,
+    ) -> list[tuple[Record, _E]]:
+        out: list[tuple[Record, _E]] = []
+        for rec in recs:
+            try:
+                out.append((rec, parse(rec.value, limits)))
+            except EventError as exc:
+                result.dead.append(DeadLetter(exc.reason, rec))
+        return out
 
     def _encode_items(
         self, items: list[ItemEvent], cache: _Cache, result: BatchResult
@@ -300,43 +428,107 @@ class Processor:
         cache.put(key, record.encode())
         result.applied["item", event.domain] += 1
 
-    def _apply_interaction(
+    def _apply_interactions(
         self,
-        rec: SourceRecord,
-        event: InteractionEvent,
-        items: _Cache,
-        pops: _Cache,
-        popularity: dict[bytes, Popularity],
+        inter: InteractionColumns,
+        partitions: list[int],
+        offsets: list[int],
+        item_cache: _Cache,
         counters: dict[str, DomainCounters],
+        touched: _Touched,
         result: BatchResult,
     ) -> None:
-        key = item_key(event.domain, event.item_id)
-        c = counters[event.domain]
-        placeholders = c.placeholders
-        if items.get(key) is None:  # out of order: the item event has not arrived yet
-            items.put(key, ItemRecord(event.ts, event.ts, placeholder=True).encode())
-            placeholders += 1
-        pop = popularity.get(key)
-        if pop is None:
-            raw = pops.get(key)
-            pop = Popularity.decode(raw) if raw else Popularity()
-        popularity[key] = pop.add(event.ts, event.weight, self.half_life_s)
-        result.batch.put(
-            "interactions",
-            interaction_key(event.domain, event.ts, rec.partition, rec.offset),
-            LoggedInteraction(event.user_id, event.item_id, event.weight).encode(),
+        """Apply the batch's valid interactions (columns, in offset order).
+
+        Popularity is folded per item in offset order with :meth:`Popularity.add_many` (the
+        same float operations as one :meth:`Popularity.add` per event, so the bits do not
+        depend on batch boundaries). An item that has neither a popularity record nor an item
+        record gets a placeholder at its first interaction's time.
+        """
+        # popularity, per item in offset order
+        per_item: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for pair, t, w in zip(
+            zip(inter.domains, inter.item_ids, strict=True), inter.ts, inter.weights, strict=True
+        ):
+            events = per_item.get(pair)
+            if events is None:
+                per_item[pair] = [(t, w)]
+            else:
+                events.append((t, w))
+        keys = [item_key(d, i) for d, i in per_item]
+        committed = self.committed
+        pops = committed.read(self.store, "popularity", committed.popularity, keys)
+        batch_items = item_cache.values
+        # an item with a popularity record exists; others are looked up (big values: rarely)
+        unknown = [
+            k
+            for k in keys
+            if pops[k] is None and k not in committed.items and batch_items.get(k) is None
+        ]
+        if unknown:
+            batch_items.update(zip(unknown, self.store.multi_get("items", unknown), strict=True))
+        placeholders: Counter[str] = Counter()
+        last_ts: dict[str, int] = {}
+        half_life = self.half_life_s
+        new_pops = touched.popularity
+        for (domain, _), key, events in zip(per_item, keys, per_item.values(), strict=True):
+            raw = pops[key]
+            if raw is None and key in batch_items and batch_items[key] is None:
+                first = events[0][0]  # out of order: no item event yet
+                item_cache.put(key, ItemRecord(first, first, placeholder=True).encode())
+                placeholders[domain] += 1
+            new_pops[key], last = fold_popularity(raw, events, half_life)
+            if last > last_ts.get(domain, -1):
+                last_ts[domain] = last
+        for domain, n in Counter(inter.domains).items():
+            c = counters[domain]
+            counters[domain] = DomainCounters(
+                c.items,
+                c.placeholders + placeholders[domain],
+                c.interactions + n,
+                c.logged + n,
+                max(c.last_ts, last_ts[domain]),
+            )
+            result.applied["interaction", domain] += n
+        # the log, one row per interaction
+        put = result.batch.put
+        log_keys, log_values = encode_log(
+            inter.domains,
+            inter.ts,
+            partitions,
+            offsets,
+            inter.user_ids,
+            inter.item_ids,
+            inter.weights,
         )
-        counters[event.domain] = DomainCounters(
-            c.items, placeholders, c.interactions + 1, c.logged + 1, max(c.last_ts, event.ts)
-        )
-        result.applied["interaction", event.domain] += 1
+        for key, value in zip(log_keys, log_values, strict=True):
+            put("interactions", key, value)
+        # each user's recent items
+        limit = self.settings.user_history_len
+        if not limit:
+            return
+        entries = encode_entries(inter.ts, inter.item_ids)
+        per_user: dict[tuple[str, str], list[bytes]] = {}
+        for pair, entry in zip(
+            zip(inter.domains, inter.user_ids, strict=True), entries, strict=True
+        ):
+            mine = per_user.get(pair)
+            if mine is None:
+                per_user[pair] = [entry]
+            else:
+                mine.append(entry)
+        ukeys = [user_key(d, u) for d, u in per_user]
+        stored = committed.read(self.store, "users", committed.users, ukeys)
+        new_users = touched.users
+        for ukey, mine in zip(ukeys, per_user.values(), strict=True):
+            new_users[ukey] = append_recent(stored[ukey], b"".join(mine), len(mine), limit)
 
     def _assign_codes(
         self,
         codes: CodeService,
-        items: list[tuple[SourceRecord, ItemEvent]],
+        items: list[tuple[Record, ItemEvent]],
         item_cache: _Cache,
-        pop_cache: _Cache,
+        popularity: dict[bytes, bytes],
         before: dict[str, DomainCounters],
         counters: dict[str, DomainCounters],
         result: BatchResult,
@@ -363,16 +555,16 @@ class Processor:
                 continue
             at = domain_ts[domain]
             prefix = domain_prefix(domain)
-            values = {k: v for k, v in self.store.items("popularity", prefix=prefix)}
-            values.update(
-                (k, v)
-                for k, v in pop_cache.values.items()
-                if v is not None and k.startswith(prefix)
+            values = dict(self.store.items("popularity", prefix=prefix))
+            values.update((k, v) for k, v in popularity.items() if k.startswith(prefix))
+            cut = len(prefix)
+            pops[domain] = dict(
+                zip(
+                    [k[cut:].decode() for k in values],
+                    popularity_at(list(values.values()), at, self.half_life_s),
+                    strict=True,
+                )
             )
-            pops[domain] = {
-                k[len(prefix) :].decode(): Popularity.decode(v).at(at, self.half_life_s)
-                for k, v in values.items()
-            }
         held: list[tuple[bytes, bytes]] = []
         if codes.codebook is None and self._enough_items(counters):
             held = list(self.store.items("items"))
@@ -387,9 +579,7 @@ class Processor:
         total.update((d, c.items) for d, c in counters.items())
         return sum(total.values()) >= self.settings.codebook_min_items
 
-    def _apply_control(
-        self, rec: SourceRecord, command: ControlCommand, result: BatchResult
-    ) -> None:
+    def _apply_control(self, rec: Record, command: ControlCommand, result: BatchResult) -> None:
         if command.op == "finetune":
             result.finetune_requests.append(command.domain)
             return

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from worker.changelog import NotOwnedError
 from worker.finetune import Abandoned, FineTuner, Outcome
 from worker.processor import BatchResult
 from worker.settings import Settings
@@ -25,9 +27,16 @@ log = logging.getLogger(__name__)
 
 
 class FinetuneScheduler:
-    def __init__(self, tuner: FineTuner, settings: Settings) -> None:
+    def __init__(
+        self,
+        tuner: FineTuner,
+        settings: Settings,
+        owns: Callable[[str], bool] | None = None,
+    ) -> None:
         self.tuner = tuner
         self.settings = settings
+        #: whether this worker owns a domain now (in a group, domains move between workers)
+        self.owns = owns
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=1)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -90,11 +99,17 @@ class FinetuneScheduler:
     def _job(self, domain: str, why: str) -> None:
         with self._lock:
             self.new_interactions[domain] = 0
+        if self.owns is not None and not self.owns(domain):
+            log.info("fine-tune of %s skipped: its partition is owned by another worker", domain)
+            return
         log.info("fine-tune of %s starts (%s)", domain, why)
         try:
             outcome = self.tuner.run(domain)
         except Abandoned as exc:
             log.warning("%s", exc)
+            return
+        except NotOwnedError as exc:  # the domain moved to another worker during the run
+            log.info("fine-tune of %s dropped: %s", domain, exc)
             return
         except Exception:  # a failed fine-tune must not stop the scheduler or the worker
             log.exception("fine-tune of %s failed; nothing was published", domain)

@@ -175,6 +175,10 @@ class Settings:
         True,
         "item vectors add a learned projection of the frozen text embedding to the code rows",
     )
+    serve_borrow_trained: bool = setting(
+        True,
+        "untrained and new items are served with the code of their deepest trained relative",
+    )
     gate_tolerance: float = setting(
         0.005, "a candidate may lose this much Recall@10 against the current version", minimum=0.0
     )

@@ -7,14 +7,19 @@ import logging
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from worker.changelog import MAX_RECORD_BYTES
 from worker.exceptions import KafkaUnavailableError
 from worker.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Event topics (partitioned by domain key) and service topics (one partition, ordered).
-EVENT_TOPICS = ("items", "interactions")
-SERVICE_TOPICS = ("deadletter", "control", "snapshots")
+#: Topics partitioned by domain key, all with the same partition count (co-partitioned:
+#: partition p of each belongs to one worker): events, commands, table versions.
+EVENT_TOPICS = ("items", "interactions", "control", "versions")
+#: Service topics (one partition, ordered); ``codebook``: the first codebook wins.
+SERVICE_TOPICS = ("deadletter", "snapshots", "codebook")
+#: Topics that hold state (compacted: the latest value of each key is kept forever).
+STATE_TOPICS = ("versions", "codebook")
 
 
 def topic_configs(settings: Settings, name: str) -> dict[str, str]:
@@ -29,6 +34,12 @@ def topic_configs(settings: Settings, name: str) -> dict[str, str]:
     conf = {"retention.ms": retention_ms, "max.message.bytes": str(max_bytes)}
     if name == "control":
         conf["retention.ms"] = "-1"  # rollbacks and pins must never expire
+    if name in STATE_TOPICS:
+        conf = {
+            "cleanup.policy": "compact",
+            "retention.ms": "-1",
+            "max.message.bytes": str(MAX_RECORD_BYTES),
+        }
     return conf
 
 

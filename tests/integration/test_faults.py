@@ -16,8 +16,7 @@ from tests.worker_process import (
     DIM,
     REPO,
     applied_offsets,
-    end_offsets,
-    make_events,
+    produce_events,
     settings_for,
     start_worker,
     wait_for,
@@ -41,11 +40,7 @@ def test_a_failing_disk_stops_the_worker_without_committing_and_a_restart_resume
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
-    create_topics(s, partitions=1)
-    items, inters = make_events(100, 40_000, seed=7)
-    produce_json(kafka_bootstrap, s.topic("items"), items)
-    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = produce_events(s, 100, 40_000, partitions=1, seed=7)[2]
     state = tmp_path / "state"
     env = worker_env(kafka_bootstrap, topic_prefix, state, poll_max_records=500)
     log = tmp_path / "w.log"

@@ -20,6 +20,7 @@ from tests.worker_process import (
     dump_state,
     end_offsets,
     make_events,
+    produce_events,
     settings_for,
     start_worker,
     wait_for,
@@ -33,11 +34,7 @@ def test_counts_in_rocksdb_match_what_was_produced(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "state")
-    create_topics(s, partitions=3)
-    items, inters = make_events(300, 3000)
-    produce_json(kafka_bootstrap, s.topic("items"), items)
-    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    items, inters, end = produce_events(s, 300, 3000, partitions=3)
     worker = InProcessWorker(s)
     try:
         wait_for(lambda: worker.store.offsets() == end, 60, "the worker to apply every event")
@@ -63,11 +60,7 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
-    create_topics(s, partitions=3)
-    items, inters = make_events(400, 30_000, seed=1)
-    produce_json(kafka_bootstrap, s.topic("items"), items)
-    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = produce_events(s, 400, 30_000, partitions=3, seed=1)[2]
     total = sum(end.values())
 
     crashed = tmp_path / "crashed"
@@ -94,7 +87,7 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
             60,
             "progress before the next kill",
         )
-        threading.Event().wait(rng.uniform(0.05, 0.5))
+        threading.Event().wait(rng.uniform(0.0, 0.15))  # batches apply in ms now
         proc.kill()
         proc.wait()
         assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
@@ -203,11 +196,7 @@ def test_sigterm_mid_stream_stops_cleanly_with_consistent_state(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
-    create_topics(s, partitions=3)
-    items, inters = make_events(200, 20_000, seed=3)
-    produce_json(kafka_bootstrap, s.topic("items"), items)
-    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = produce_events(s, 200, 20_000, partitions=3, seed=3)[2]
     state = tmp_path / "state"
     env = worker_env(kafka_bootstrap, topic_prefix, state, poll_max_records=50)
     log = tmp_path / "w.log"

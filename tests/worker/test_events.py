@@ -17,6 +17,7 @@ from worker.events import (
     interaction_payload,
     item_payload,
     parse_interaction,
+    parse_interactions,
     parse_item,
 )
 from worker.exceptions import EventError
@@ -154,3 +155,101 @@ def test_arbitrary_payloads_never_crash(raw: bytes) -> None:
             assert ev.domain and ev.item_id and ev.ts >= 0
             weight = getattr(ev, "weight", 1.0)
             assert math.isfinite(weight)
+
+
+# --- many interactions at once -------------------------------------------------------
+
+
+def _per_record(raws: list[bytes | None]) -> tuple[list[tuple[object, ...]], list[tuple[int, str]]]:
+    """The slow reference: parse_interaction on each record."""
+    good, bad = [], []
+    for k, raw in enumerate(raws):
+        try:
+            ev = parse_interaction(raw, LIMITS)
+        except EventError as exc:
+            bad.append((k, exc.reason))
+        else:
+            good.append((k, ev.user_id, ev.item_id, ev.domain, ev.ts, ev.weight))
+    return good, bad
+
+
+def _interaction_doc() -> st.SearchStrategy[bytes | None]:
+    valid = st.builds(
+        interaction_payload,
+        ids,
+        ids,
+        domains,
+        timestamps,
+        st.one_of(st.just(1.0), st.floats(min_value=0.001, max_value=1e6)),
+    )
+    int_weight = st.builds(
+        lambda u, i, d, t, w: orjson.dumps(
+            {"user_id": u, "item_id": i, "domain": d, "ts": t, "weight": w}
+        ),
+        ids,
+        ids,
+        domains,
+        timestamps,
+        st.integers(min_value=-3, max_value=2_000_000),
+    )
+    no_weight = st.builds(
+        lambda u, i, d, t: orjson.dumps({"user_id": u, "item_id": i, "domain": d, "ts": t}),
+        ids,
+        ids,
+        domains,
+        timestamps,
+    )
+    broken = st.sampled_from(
+        [
+            None,
+            b"{broken",
+            b"[1, 2]",
+            b'"just a string"',
+            b"7",
+            orjson.dumps({"user_id": "u", "domain": "d", "ts": 1}),
+            orjson.dumps({"user_id": "u", "item_id": "i", "domain": "Bad!", "ts": 1}),
+            orjson.dumps({"user_id": "u", "item_id": "i", "domain": "d", "ts": True}),
+            orjson.dumps({"user_id": "u", "item_id": "i", "domain": "d", "ts": -5}),
+            orjson.dumps({"user_id": "u", "item_id": "i", "domain": "d", "ts": 2**62}),
+            orjson.dumps({"user_id": "u", "item_id": "", "domain": "d", "ts": 1}),
+            orjson.dumps({"user_id": "u" * 257, "item_id": "i", "domain": "d", "ts": 1}),
+            orjson.dumps({"user_id": 5, "item_id": "i", "domain": "d", "ts": 1}),
+            orjson.dumps({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": None}),
+            orjson.dumps({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": True}),
+            orjson.dumps({"user_id": "u", "item_id": "i", "domain": "d", "ts": 1, "weight": 0}),
+            b'{"user_id":"u","item_id":"i","domain":"d","ts":1,"pad":"' + b"x" * 2000 + b'"}',
+        ]
+    )
+    return st.one_of(valid, int_weight, no_weight, broken)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_interaction_doc(), max_size=30))
+def test_parse_interactions_agrees_with_parse_interaction(raws: list[bytes | None]) -> None:
+    cols = parse_interactions(raws, LIMITS)
+    good, bad = _per_record(raws)
+    got = list(
+        zip(
+            cols.index,
+            cols.user_ids,
+            cols.item_ids,
+            cols.domains,
+            cols.ts,
+            cols.weights,
+            strict=True,
+        )
+    )
+    assert got == good
+    assert [type(w) for w in cols.weights] == [float] * len(cols)
+    assert cols.bad == bad
+    assert len(cols) + len(cols.bad) == len(raws)
+
+
+def test_parse_interactions_fast_path_keeps_every_valid_record() -> None:
+    raws = [
+        interaction_payload(f"u{k}", f"i{k % 7}", "shop", 100 + k, 1 + k % 3) for k in range(50)
+    ]
+    cols = parse_interactions(raws, LIMITS)
+    assert cols.index == list(range(50)) and not cols.bad
+    assert cols.weights[:3] == [1.0, 2.0, 3.0] and cols.ts[-1] == 149
+    assert parse_interactions([], LIMITS).index == []

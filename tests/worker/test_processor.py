@@ -213,3 +213,52 @@ def test_state_is_independent_of_batching_and_topic_interleaving(
         if batch:
             _apply(split, proc, batch)
     assert _dump(split) == _dump(whole)
+
+
+# --- values kept between batches ------------------------------------------------------
+
+
+def test_a_batch_that_was_not_written_is_not_remembered() -> None:
+    """Processing a batch and dropping it (a failed write) must not leak its values into
+    the next batch: replaying it gives the state of one clean pass."""
+    records = _stream(1)
+    head, tail = records[:40], records[40:]
+    clean = MemoryPartition()
+    proc = Processor(clean, SETTINGS, CountingEncoder())
+    _apply(clean, proc, head)
+    _apply(clean, proc, tail)
+
+    replayed = MemoryPartition()
+    proc = Processor(replayed, SETTINGS, CountingEncoder())
+    _apply(replayed, proc, head)
+    proc.process(tail)  # computed, never written
+    proc.process(tail[:10])  # a shorter cut of the same records, never written
+    _apply(replayed, proc, tail)
+    assert _dump(replayed) == _dump(clean)
+
+
+def test_a_long_lived_processor_equals_a_fresh_one_per_batch() -> None:
+    records = _stream(2)
+    kept, fresh = MemoryPartition(), MemoryPartition()
+    proc = Processor(kept, SETTINGS, CountingEncoder())
+    for start in range(0, len(records), 7):
+        _apply(kept, proc, records[start : start + 7])
+        _apply(fresh, Processor(fresh, SETTINGS, CountingEncoder()), records[start : start + 7])
+    assert _dump(kept) == _dump(fresh)
+    assert proc.committed.popularity  # the long-lived one did serve values from memory
+
+
+def test_kafka_consumer_records_are_processed_as_they_are() -> None:
+    """kafka-python's ConsumerRecord has every field of processor.Record: no copy needed."""
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    records = _stream(3)
+    polled = [
+        ConsumerRecord(r.topic, r.partition, -1, r.offset, 0, 0, r.key, r.value, [], None, 0, 0, 0)
+        for r in records
+    ]
+    direct, copied = MemoryPartition(), MemoryPartition()
+    result = _apply(direct, Processor(direct, SETTINGS, CountingEncoder()), polled)
+    _apply(copied, Processor(copied, SETTINGS, CountingEncoder()), records)
+    assert _dump(direct) == _dump(copied)
+    assert [d.record.offset for d in result.dead] == [60]  # the garbage record

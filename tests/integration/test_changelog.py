@@ -1,0 +1,81 @@
+"""The versions and codebook topics on the real broker: restore and agreement."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantize.codebook import ResidualCodebook
+from store.memory import MemoryPartition
+from tests.worker_process import settings_for
+from worker.changelog import CodebookLog, MirroredStore, VersionsLog, domain_partition
+from worker.topics import create_topics
+
+
+def _put(store: MirroredStore, cf: str, key: bytes, value: bytes | None) -> None:
+    batch = store.batch()
+    if value is None:
+        batch.delete(cf, key)
+    else:
+        batch.put(cf, key, value)
+    store.write(batch)
+
+
+def test_a_new_owner_restores_versions_and_control_offsets_of_its_partitions(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path
+) -> None:
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    create_topics(s, partitions=3)
+    first = MirroredStore(MemoryPartition(), VersionsLog(s), owned=lambda: None)
+    domains = ["shop", "news", "books", "music"]
+    for d in domains:
+        _put(first, "versions", b"rec\x00" + d.encode() + b"\x00\x01", f"v1 {d}".encode())
+        _put(first, "versions", b"next\x00" + d.encode(), b"2")
+    _put(first, "versions", b"rec\x00news\x00\x01", None)  # retention: a tombstone
+    batch = first.batch()
+    batch.set_offset(s.topic("control"), domain_partition("shop", 3), 41)
+    first.write(batch)
+
+    heir = MemoryPartition()
+    log = VersionsLog(s)
+    part = domain_partition("shop", 3)
+    report = log.restore(heir, [part])
+    mine = sorted(d for d in domains if domain_partition(d, 3) == part)
+    want = [(k, v) for k, v in first.items("versions") if k.split(b"\x00")[1].decode() in mine]
+    assert list(heir.items("versions")) == want and want
+    assert report.domains == set(mine)
+    assert heir.get_offset(s.topic("control"), part) == 41
+    # only the partitions asked for
+    others = {d for d in domains if domain_partition(d, 3) != part}
+    assert not any(k.split(b"\x00")[1].decode() in others for k, _ in heir.items("versions"))
+
+    # a later restore reads only what came since, and honours tombstones and newer values
+    assert log.restore(heir, [part]).records == 0
+    _put(first, "versions", b"next\x00shop", b"3")
+    _put(first, "versions", b"rec\x00shop\x00\x01", None)
+    again = log.restore(heir, [part])
+    assert again.records == 2
+    assert heir.get("versions", b"next\x00shop") == b"3"
+    assert heir.get("versions", b"rec\x00shop\x00\x01") is None
+    # a control offset behind the heir's own is not moved back
+    batch = first.batch()
+    batch.set_offset(s.topic("control"), part, 5)
+    first.write(batch)
+    log.restore(heir, [part])
+    assert heir.get_offset(s.topic("control"), part) == 41
+    log.close()
+
+
+def test_the_first_codebook_on_the_topic_is_the_groups(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path
+) -> None:
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    create_topics(s, partitions=3)
+    rng = np.random.default_rng(0)
+    a = ResidualCodebook.train(rng.normal(size=(200, 8)).astype(np.float32), 2, 8, seed=0)
+    b = ResidualCodebook.train(rng.normal(size=(200, 8)).astype(np.float32), 2, 8, seed=1)
+    assert a.codebook_id != b.codebook_id
+    assert CodebookLog(s).first() is None
+    assert CodebookLog(s).agree(a).codebook_id == a.codebook_id
+    # a second worker's candidate loses to the first, whoever reads
+    assert CodebookLog(s).agree(b).codebook_id == a.codebook_id
+    assert CodebookLog(s).first().codebook_id == a.codebook_id  # type: ignore[union-attr]

@@ -1,0 +1,484 @@
+"""Shared state of a group of workers: table versions and the codebook, on Kafka.
+
+Most of a worker's state is *derived*: items, popularity, the interaction log,
+users and codes are a deterministic function of a domain's events, so a worker
+that takes over a partition rebuilds them by replaying that partition's events
+from its own stored offsets (from the beginning when it never owned it): the
+event topics are the changelog of that state, as Kafka Streams does with source
+topics. Two things are not derived and must travel between owners:
+
+* **table versions** (the ``versions`` column family: fine-tuned rows, records,
+  the current pointer, the next version number) plus the offsets of the control
+  partition whose commands changed them. They are mirrored, key by key, on the
+  compacted ``versions`` topic, partitioned like the events (a domain's versions
+  live in its events' partition). Every write of a batch that touches them sends
+  its changes there and waits for the broker *before* the local RocksDB write, so
+  the topic always holds at least what any owner committed. A new owner restores
+  them before it processes the partition; version numbers therefore keep
+  increasing across owners, and rollbacks already applied are not applied again.
+* **the codebook**, shared by every domain so that table rows are comparable. The
+  ``codebook`` topic has one partition; the first codebook on it wins: a worker
+  that trains one at bootstrap sends it, then adopts whichever codebook came
+  first, so a group agrees on one.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.partitioner import murmur2
+
+from quantize.codebook import ResidualCodebook
+from store.partition import StorePartition, WriteBatch, decode_offset_key
+from worker.coding import CodeService, put_codebook
+from worker.exceptions import KafkaUnavailableError, WorkerError
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: changelog keys of mirrored control offsets (version keys start with a kind name)
+_OFFSET_PREFIX = b"\x01offset\x00"
+_POSITION = struct.Struct(">q")
+#: large enough for a version's table and items of a few hundred thousand items
+MAX_RECORD_BYTES = 64 * 1024 * 1024
+
+
+class NotOwnedError(WorkerError):
+    """A write to a domain whose partition this worker does not own (it moved away)."""
+
+
+def domain_partition(domain: str, partitions: int) -> int:
+    """The partition of ``domain``'s events: Kafka's default partitioner on key = domain."""
+    return (murmur2(domain.encode()) & 0x7FFFFFFF) % partitions
+
+
+def version_key_domain(key: bytes) -> str:
+    """The domain of a ``versions`` key (``kind \\0 domain [\\0 ...]``)."""
+    parts = key.split(b"\x00", 2)
+    if len(parts) < 2:
+        raise WorkerError(f"versions key {key!r} names no domain; it was not written by adacode")
+    return parts[1].decode()
+
+
+# -- the store wrapper that mirrors writes ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorOp:
+    partition: int
+    key: bytes  # changelog key
+    value: bytes | None  # None: deleted
+
+
+class _RecordingBatch(WriteBatch):
+    """Delegates to the real batch and records the operations that must be mirrored."""
+
+    def __init__(self, inner: WriteBatch, owner: MirroredStore) -> None:
+        self.inner = inner
+        self.owner = owner
+        self.ops: list[MirrorOp] = []
+
+    def put(self, cf: str, key: bytes, value: bytes) -> None:
+        self.inner.put(cf, key, value)
+        self._record(cf, key, value)
+
+    def delete(self, cf: str, key: bytes) -> None:
+        self.inner.delete(cf, key)
+        self._record(cf, key, None)
+
+    def delete_range(self, cf: str, start: bytes, end: bytes) -> None:
+        if cf == "versions":
+            raise WorkerError(
+                "range deletes of the versions column family cannot be mirrored to the "
+                "versions topic; delete the keys one by one"
+            )
+        self.inner.delete_range(cf, start, end)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def _record(self, cf: str, key: bytes, value: bytes | None) -> None:
+        op = self.owner.mirror_op(cf, key, value)
+        if op is not None:
+            self.ops.append(op)
+
+
+class MirroredStore(StorePartition):
+    """A store whose writes to table versions also go to the ``versions`` topic, first.
+
+    1. A batch records the operations on the ``versions`` column family and on the
+       stored offsets of the control topic while they are added.
+    2. :meth:`write` refuses operations on domains whose partition is not owned now
+       (a fine-tune that finished after its domain moved away publishes nothing).
+    3. It sends the recorded operations to the ``versions`` topic and waits for
+       every acknowledgement.
+    4. Only then it writes the batch to the local store (state and offsets at once).
+
+    A crash between 3 and 4 leaves the topic ahead of the local store: the records
+    are re-sent with the same values when the batch is replayed (compaction keeps
+    one), or restored by the next owner; never behind.
+    """
+
+    def __init__(
+        self,
+        inner: StorePartition,
+        log_: VersionsLog,
+        owned: Callable[[], set[int] | None],
+    ) -> None:
+        self.inner = inner
+        self.versions_log = log_
+        self.owned = owned  # partitions owned now; None = not in a group (everything)
+
+    def mirror_op(self, cf: str, key: bytes, value: bytes | None) -> MirrorOp | None:
+        if cf == "versions":
+            part = self.versions_log.partition_of(version_key_domain(key))
+            return MirrorOp(part, key, value)
+        if cf == "offsets":
+            topic, partition = decode_offset_key(key)
+            if topic == self.versions_log.control_topic:
+                return MirrorOp(partition, _OFFSET_PREFIX + key, value)
+        return None
+
+    # -- StorePartition ------------------------------------------------------------------
+
+    def get(self, cf: str, key: bytes) -> bytes | None:
+        return self.inner.get(cf, key)
+
+    def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
+        return self.inner.multi_get(cf, keys)
+
+    def items(
+        self,
+        cf: str,
+        *,
+        prefix: bytes = b"",
+        start: bytes | None = None,
+        end: bytes | None = None,
+        reverse: bool = False,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        return self.inner.items(cf, prefix=prefix, start=start, end=end, reverse=reverse)
+
+    def batch(self) -> WriteBatch:
+        return _RecordingBatch(self.inner.batch(), self)
+
+    def write(self, batch: WriteBatch) -> None:
+        if not isinstance(batch, _RecordingBatch):
+            raise WorkerError("a batch written to a MirroredStore must come from its batch()")
+        # -- 1./2. ownership of every mirrored partition ---------------------------------
+        owned = self.owned()
+        if owned is not None:
+            foreign = sorted({op.partition for op in batch.ops} - owned)
+            if foreign:
+                raise NotOwnedError(
+                    f"this worker no longer owns partition(s) {foreign} of "
+                    f"{self.versions_log.topic}; the change was not written (the new owner "
+                    "continues from the versions topic)"
+                )
+        # -- 3. the versions topic first ------------------------------------------------
+        if batch.ops:
+            self.versions_log.send(batch.ops)
+        # -- 4. then the local store -----------------------------------------------------
+        self.inner.write(batch.inner)
+
+    def restore(self, partitions: Iterable[int]) -> RestoreReport:
+        """Restore ``partitions``' versions from the topic into the local store (unmirrored)."""
+        return self.versions_log.restore(self.inner, partitions)
+
+    def checkpoint(self, path: Path) -> StorePartition:
+        return self.inner.checkpoint(path)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+# -- the versions topic ---------------------------------------------------------------------
+
+
+@dataclass
+class RestoreReport:
+    partitions: list[int] = field(default_factory=list)
+    records: int = 0
+    domains: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+
+class VersionsLog:
+    """The compacted ``versions`` topic: send mirrored changes, restore partitions."""
+
+    def __init__(self, settings: Settings, partitions: int | None = None) -> None:
+        self.settings = settings
+        self.topic = settings.topic("versions")
+        self.control_topic = settings.topic("control")
+        self._partitions = partitions
+        self._producer: KafkaProducer | None = None
+
+    @property
+    def partitions(self) -> int:
+        if self._partitions is None:
+            self._partitions = self._count_partitions()
+        return self._partitions
+
+    def _count_partitions(self) -> int:
+        consumer = KafkaConsumer(**self.settings.kafka_common())
+        try:
+            found = consumer.partitions_for_topic(self.topic)
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not read the partitions of {self.topic} from "
+                f"{self.settings.kafka_bootstrap}: {exc}; is the broker up?"
+            ) from exc
+        finally:
+            consumer.close()
+        if not found:
+            raise KafkaUnavailableError(
+                f"topic {self.topic} does not exist on {self.settings.kafka_bootstrap}; "
+                "create the topics with: adacode topics create"
+            )
+        return len(found)
+
+    def partition_of(self, domain: str) -> int:
+        return domain_partition(domain, self.partitions)
+
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = KafkaProducer(
+                **self.settings.kafka_common(),
+                acks="all",
+                linger_ms=2,
+                retries=5,
+                max_request_size=MAX_RECORD_BYTES,
+            )
+        return self._producer
+
+    def send(self, ops: Iterable[MirrorOp], timeout_s: float = 60.0) -> None:
+        """Send ``ops`` in order and wait until the broker has every one."""
+        producer = self.producer()
+        try:
+            futures = [
+                producer.send(self.topic, key=op.key, value=op.value, partition=op.partition)
+                for op in ops
+            ]
+            producer.flush(timeout=timeout_s)
+            for future in futures:
+                future.get(timeout=timeout_s)
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not write table versions to {self.topic} on "
+                f"{self.settings.kafka_bootstrap}: {exc}; nothing was written locally, "
+                "the change is retried with its batch"
+            ) from exc
+
+    def restore(self, store: StorePartition, partitions: Iterable[int]) -> RestoreReport:
+        """Bring the local ``versions`` of ``partitions`` up to the topic's end.
+
+        Reads each partition from where this store last restored it (``meta``
+        ``restore/<topic>/<p>``), applies puts, deletes and control offsets in
+        order, and writes everything with the new positions in one batch.
+        """
+        started = time.monotonic()
+        report = RestoreReport(partitions=sorted(partitions))
+        if not report.partitions:
+            return report
+        consumer = KafkaConsumer(
+            **self.settings.kafka_common(),
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=MAX_RECORD_BYTES,
+            fetch_max_bytes=MAX_RECORD_BYTES,
+        )
+        batch = store.batch()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in report.partitions]
+            consumer.assign(tps)
+            ends = consumer.end_offsets(tps)
+            for tp in tps:
+                raw = store.get("meta", self._position_key(tp.partition))
+                start = _POSITION.unpack(raw)[0] if raw is not None else 0
+                if start >= ends[tp]:
+                    continue
+                consumer.seek(tp, start)
+                position = start
+                deadline = time.monotonic() + 120
+                while position < ends[tp]:
+                    if time.monotonic() > deadline:
+                        raise KafkaUnavailableError(
+                            f"restoring {tp.topic}-{tp.partition} stalled at offset {position} "
+                            f"of {ends[tp]}; check the broker at {self.settings.kafka_bootstrap}"
+                        )
+                    for records in consumer.poll(timeout_ms=500).values():
+                        for rec in records:
+                            self._apply(store, batch, rec.key, rec.value, report)
+                            position = rec.offset + 1
+                    position = max(position, consumer.position(tp))
+                batch.put("meta", self._position_key(tp.partition), _POSITION.pack(position))
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not restore table versions from {self.topic}: {exc}"
+            ) from exc
+        finally:
+            consumer.close()
+        store.write(batch)
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _position_key(self, partition: int) -> bytes:
+        return f"restore/{self.topic}/{partition}".encode()
+
+    def _apply(
+        self,
+        store: StorePartition,
+        batch: WriteBatch,
+        key: bytes | None,
+        value: bytes | None,
+        report: RestoreReport,
+    ) -> None:
+        if key is None:
+            return
+        report.records += 1
+        if key.startswith(_OFFSET_PREFIX):
+            okey = key[len(_OFFSET_PREFIX) :]
+            if value is None:
+                return
+            topic, partition = decode_offset_key(okey)
+            local = store.get_offset(topic, partition)
+            restored = _POSITION.unpack(value)[0]
+            if local is None or restored > local:
+                batch.set_offset(topic, partition, restored)
+            return
+        report.domains.add(version_key_domain(key))
+        if value is None:
+            batch.delete("versions", key)
+        else:
+            batch.put("versions", key, value)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=10)
+            except KafkaError as exc:
+                log.warning("closing the versions producer: %s", exc)
+
+
+# -- the codebook topic -----------------------------------------------------------------------
+
+
+class CodebookLog:
+    """The one-partition ``codebook`` topic: the first codebook on it is the group's."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topic = settings.topic("codebook")
+        self._lock = threading.Lock()
+        self._first: ResidualCodebook | None = None
+
+    def first(self, timeout_s: float = 10.0) -> ResidualCodebook | None:
+        """The group's codebook, or ``None`` when none was published yet."""
+        with self._lock:
+            if self._first is None:
+                self._first = self._read_first(timeout_s)
+            return self._first
+
+    def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
+        """Offer ``candidate``; returns the group's codebook (``candidate`` if it came first)."""
+        found = self.first()
+        if found is not None:
+            return found
+        producer = KafkaProducer(
+            **self.settings.kafka_common(), acks="all", max_request_size=MAX_RECORD_BYTES
+        )
+        try:
+            producer.send(
+                self.topic, key=candidate.codebook_id.encode(), value=candidate.to_bytes()
+            ).get(timeout=60)
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not offer codebook {candidate.codebook_id} on {self.topic}: {exc}"
+            ) from exc
+        finally:
+            producer.close(timeout=10)
+        winner = self.first()
+        if winner is None:
+            raise KafkaUnavailableError(
+                f"codebook {candidate.codebook_id} was acknowledged by {self.topic} but cannot "
+                "be read back; check the topic's retention (it must be compacted, not deleted)"
+            )
+        if winner.codebook_id != candidate.codebook_id:
+            log.info(
+                "another worker's codebook %s came first; using it instead of %s",
+                winner.codebook_id,
+                candidate.codebook_id,
+            )
+        return winner
+
+    def _read_first(self, timeout_s: float) -> ResidualCodebook | None:
+        consumer = KafkaConsumer(
+            **self.settings.kafka_common(),
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=MAX_RECORD_BYTES,
+            fetch_max_bytes=MAX_RECORD_BYTES,
+        )
+        try:
+            tp = TopicPartition(self.topic, 0)
+            consumer.assign([tp])
+            end = consumer.end_offsets([tp])[tp]
+            if not end:
+                return None
+            consumer.seek_to_beginning(tp)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                for records in consumer.poll(timeout_ms=500).values():
+                    for rec in records:
+                        if rec.value:
+                            return ResidualCodebook.from_bytes(rec.value)
+                if consumer.position(tp) >= end:
+                    return None
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not read the group's codebook from {self.topic}: {exc}"
+            ) from exc
+        finally:
+            consumer.close()
+        raise KafkaUnavailableError(
+            f"reading the first codebook of {self.topic} took more than {timeout_s:.0f} s"
+        )
+
+
+class CodebookConflictError(WorkerError):
+    """This state was coded with another codebook than the group's."""
+
+
+def adopt_group_codebook(store: StorePartition, codes: CodeService, group: CodebookLog) -> None:
+    """Make this worker use the group's codebook, before it processes anything.
+
+    1. No group codebook yet and a local one (a worker that ran alone): offer it.
+    2. A group codebook and none locally: store it; items are coded as they arrive.
+    3. Both, and they differ: refuse to start (the codes would not be comparable).
+    """
+    local = codes.codebook
+    # -- 1. offer the local one ---------------------------------------------------------------
+    winner = group.first() if local is None else group.agree(local)
+    if winner is None:
+        return  # nobody has one: the first worker to bootstrap offers its own
+    # -- 2. adopt -----------------------------------------------------------------------------
+    if local is None:
+        batch = store.batch()
+        put_codebook(batch, winner)
+        store.write(batch)
+        codes.codebook = winner
+        log.info("using the group's codebook %s", winner.codebook_id)
+        return
+    # -- 3. conflict --------------------------------------------------------------------------
+    if winner.codebook_id != local.codebook_id:
+        raise CodebookConflictError(
+            f"the state in {codes.settings.state_dir} was coded with codebook "
+            f"{local.codebook_id}, but the group's codebook on {group.topic} is "
+            f"{winner.codebook_id}; start this worker with an empty state directory (it "
+            "rebuilds its partitions from the topics) or use another topic prefix"
+        )
