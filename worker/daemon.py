@@ -33,7 +33,7 @@ from worker.metrics import Metrics
 from worker.processor import BatchResult, Processor
 from worker.routes import ApiRoutes
 from worker.scheduler import FinetuneScheduler
-from worker.serving import NotServedError, Serving, ServingError
+from worker.serving import NotServedError, Serving, ServingError, live_paths
 from worker.settings import Settings
 from worker.signals import install_stop_handlers
 from worker.versions import REJECTED, current_version, domains_with_versions, list_records
@@ -137,6 +137,8 @@ class Daemon:
             self.processor.codes.group = self.codebooks
         self.loop = ConsumerLoop(settings, self.store, self.processor, self.metrics)
         self.serving = Serving(self.store, settings)
+        if self.processor.codes is not None:  # full paths of new items, without a re-read
+            self.serving.paths = live_paths(self.processor.codes)
         self.tuner = FineTuner(
             self.store, settings, lock=self.loop.versions_lock, announce=self._announce
         )

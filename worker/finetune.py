@@ -13,6 +13,12 @@ domain's current version on the same codebook through :func:`quantize.train.shar
 from scratch. A start without a text projection (a version trained with ``text_dim =
 0``, or of another width) gets ``W = 0``: the candidate starts as that version and
 learns the projection from there.
+
+Borrowed codes (``serve_borrow_trained``): the version stores which items its training
+windows used (``TrainResult.seen_items``) and every item's full-path rows, and serves an
+untrained item the code of its deepest trained relative (see :mod:`worker.versions`). The
+gate scores the candidate and the current version with that same rule, so what is gated is
+what is served.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 
 from quantize.assign import AssignerState, CodeAssigner
 from quantize.evaluate import holdout_split, pad_histories, ranks, recall_ndcg, user_sequences
-from quantize.table_model import ModelConfig, Params, Snapshot
+from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
 from quantize.train import EpochReport, TrainConfig, score_histories, shared_init, train_domain
 from store.partition import StorePartition
 from worker.coding import load_codebook, state_key
@@ -76,10 +82,21 @@ class DomainData:
     timestamps: np.ndarray
     offsets: dict[str, int]
     codebook_id: str
+    full_rows: np.ndarray  # int64 [n_items, levels]: full-path rows l * K + path[l]
 
     @property
     def watermark_ts(self) -> int:
         return int(self.timestamps.max()) if self.timestamps.size else 0
+
+
+@dataclass
+class Candidate:
+    """A trained candidate version: its model, training metrics and which items it trained
+    (bool ``[n_items]``, in :class:`DomainData` order)."""
+
+    snapshot: Snapshot
+    metrics: dict[str, float]
+    trained: np.ndarray
 
 
 @dataclass
@@ -113,6 +130,8 @@ def read_domain(store: StorePartition, domain: str) -> DomainData | None:
         it.append(i)
         ts.append(t)
     offsets = {f"{t}-{p}": o for (t, p), o in sorted(store.offsets().items())}
+    levels = served.levels
+    full_rows = np.arange(levels, dtype=np.int64)[None, :] * served.k + served.paths
     return DomainData(
         item_ids,
         served.row_matrix(),
@@ -123,6 +142,7 @@ def read_domain(store: StorePartition, domain: str) -> DomainData | None:
         np.asarray(ts, dtype=np.int64),
         offsets,
         codebook.codebook_id,
+        full_rows.astype(np.int64, copy=False),
     )
 
 
@@ -142,27 +162,52 @@ def read_embeddings(store: StorePartition, domain: str, item_ids: list[str]) -> 
     return np.stack([found[item] for item in item_ids]).astype(np.float32, copy=False)
 
 
+def serving_rows(
+    item_rows: np.ndarray, full_rows: np.ndarray | None, trained: np.ndarray | None
+) -> np.ndarray:
+    """The rows a version serves items with: untrained items borrow the code of their
+    deepest trained relative (:func:`~quantize.table_model.borrow_trained_codes`) when
+    ``full_rows`` and ``trained`` are given, else ``item_rows`` unchanged."""
+    if full_rows is None or trained is None or not len(item_rows) or trained.all():
+        return item_rows
+    return borrow_trained_codes(item_rows, full_rows, trained)
+
+
 def recall_at_10(
     snapshot: Snapshot,
     item_rows: np.ndarray,
     histories: np.ndarray,
     targets: np.ndarray,
     text: np.ndarray | None = None,
+    *,
+    full_rows: np.ndarray | None = None,
+    trained: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Recall@10 and NDCG@10 of a version on held-out next items (full ranking).
 
-    ``text``: the items' embeddings, used when the version projects text.
+    ``text``: the items' embeddings, used when the version projects text. ``full_rows``
+    and ``trained`` (the items' full-path rows and the version's trained mask): score the
+    items as served, untrained ones with borrowed codes (see :func:`serving_rows`).
     """
     if not len(targets):
         return 0.0, 0.0
     width = snapshot.params["table.rows"].shape[0]
-    rows = np.where(item_rows < width, item_rows, -1)  # rows the version never had
+    served = serving_rows(item_rows, full_rows, trained)
+    rows = np.where(served < width, served, -1)  # rows the version never had
     model = snapshot.model()
     scores = score_histories(
         model, rows, histories, text=text if snapshot.config.text_dim else None
     )
     hit, ndcg = recall_ndcg(ranks(scores, targets), 10)
     return float(hit.mean()), float(ndcg.mean())
+
+
+def trained_by(table: VersionTable, item_ids: list[str]) -> np.ndarray:
+    """Which of ``item_ids`` the version ``table`` trained (bool, in ``item_ids`` order):
+    items it holds and trained (all it holds for versions without a trained mask); items
+    coded after it are untrained."""
+    trained = {i for i, t in zip(table.item_ids, table.trained_mask(), strict=True) if t}
+    return np.fromiter((i in trained for i in item_ids), dtype=bool, count=len(item_ids))
 
 
 class FineTuner:
@@ -244,16 +289,31 @@ class FineTuner:
             outcome = Outcome(domain, "skipped", f"no new interactions since version {parent}")
             self.last[domain] = outcome
             return outcome
-        candidate, train_metrics = self.train_candidate(domain, data, train, init, new_since)
+        trained = self.train_candidate(domain, data, train, init, new_since)
+        candidate, train_metrics = trained.snapshot, trained.metrics
         # -- 4. gate ------------------------------------------------------------------------
+        borrow = self.settings.serve_borrow_trained
+        full = data.full_rows if borrow else None
         cand_recall, cand_ndcg = recall_at_10(
-            candidate, data.item_rows, histories, targets, data.text
+            candidate,
+            data.item_rows,
+            histories,
+            targets,
+            data.text,
+            full_rows=full,
+            trained=trained.trained,
         )
         base_recall = base_ndcg = None
         if parent is not None:
             current = load_table(self.store, domain, parent)
             base_recall, base_ndcg = recall_at_10(
-                current.snapshot, data.item_rows, histories, targets, data.text
+                current.snapshot,
+                data.item_rows,
+                histories,
+                targets,
+                data.text,
+                full_rows=full,
+                trained=trained_by(current, data.item_ids),
             )
         passed = base_recall is None or cand_recall >= base_recall - self.settings.gate_tolerance
         metrics = {
@@ -281,7 +341,14 @@ class FineTuner:
             table_bytes=candidate.table_bytes(),
             note=mode,
         )
-        table = VersionTable.build(candidate, data.item_ids, data.item_rows, data.text)
+        table = VersionTable.build(
+            candidate,
+            data.item_ids,
+            data.item_rows,
+            data.text,
+            trained=trained.trained,
+            full_rows=data.full_rows,
+        )
         with self.lock:
             batch = self.store.batch()
             record = add_version(
@@ -326,7 +393,7 @@ class FineTuner:
         train: np.ndarray,
         init: Snapshot | None,
         new_since: int | None,
-    ) -> tuple[Snapshot, dict[str, float]]:
+    ) -> Candidate:
         """Train a candidate on the ``train`` rows of the log; shared parts stay frozen
         whenever there is a model to start from (see :meth:`start_params`)."""
         cfg = TrainConfig(
@@ -367,12 +434,17 @@ class FineTuner:
             n_rows=data.n_rows,
             progress=progress,
         )
-        return Snapshot(result.config, result.params), {
+        metrics = {
             "train_s": result.wall_s,
             "epochs": float(result.epochs_run),
             "val_recall@10": result.val_recall,
             "trainable_params": float(result.trainable_params),
         }
+        seen = result.seen_items
+        if seen is None or seen.shape != (len(data.item_ids),):
+            seen = np.ones(len(data.item_ids), dtype=bool)  # no mask: every item counts
+        metrics["trained_items"] = float(seen.sum())
+        return Candidate(Snapshot(result.config, result.params), metrics, seen.astype(bool))
 
     def start_params(self, init: Snapshot) -> Params:
         """``init``'s params made to fit :attr:`model_config`'s text projection: kept when

@@ -108,7 +108,7 @@ def export_version(
             )
         table = load_table(store, domain, v)
         record = next(r for r in list_records(store, domain) if r.version == v)
-    arrays, described = export_arrays(table)
+    arrays, described = export_arrays(table, borrow=settings.serve_borrow_trained)
     vectors = arrays["item_vectors"]
     manifest = {
         "format": "adacode-export-v1",

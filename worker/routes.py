@@ -268,7 +268,9 @@ class ApiRoutes:
                     "(see GET /v1/domains/{domain}/versions)"
                 )
             try:
-                vec = version_vector(self.store, domain, version, item)
+                vec = version_vector(
+                    self.store, domain, version, item, borrow=self.settings.serve_borrow_trained
+                )
             except VersionError as exc:
                 return Response.error(404, "unknown_version", str(exc))
         else:

@@ -17,14 +17,22 @@ How it follows the state (:class:`Serving`):
   of the version's table use the rows and the ``W @ e`` they were trained with; any
   other item uses its served code and ``W`` times its embedding read from its item
   record in the store.
+* **Borrowed codes** (``serve_borrow_trained``, on by default). An item the version
+  did not train (no training interaction) has no row of its own worth anything, so it
+  is served the code (path prefix, no disambiguation row) of the trained item whose
+  code is the deepest prefix of its own full path, plus its own text part: the
+  version's untrained items through :meth:`~worker.versions.VersionTable.served_rows`,
+  items coded later through the version's :class:`~worker.versions.TrainedCodes`
+  (built with the index; ``O(levels)`` dict lookups per new item). An item with no
+  trained code on its path keeps its own code. Trained items are never changed.
 * **New items** (cold start). After each committed batch, the consumer thread
   hands over the served codes that changed (new items included, coded in that very
-  batch). An item that is not in the version's own table gets the vector of its
-  served code's rows in the current version's table (rows the version never had,
-  e.g. a disambiguation digit handed out later, are left out), plus the projection
-  of its stored embedding, and is added to the live index at once, without a
-  rebuild or any training. Items of the version's table keep the rows (and text
-  part) they were trained with until the next version.
+  batch) with the items' full paths. An item that is not in the version's own table
+  gets the vector of its (borrowed, else served) code's rows in the current version's
+  table (rows the version never had, e.g. a disambiguation digit handed out later, are
+  left out), plus the projection of its stored embedding, and is added to the live
+  index at once, without a rebuild or any training. Items of the version's table keep
+  the rows (and text part) they were served with at the version until the next one.
 * **Builds racing live items.** A build reads the committed code state; codes that
   change while it runs are recorded and replayed on the new index before the swap.
 
@@ -49,12 +57,13 @@ from quantize.table_model import pad_rows
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.records import ItemRecord, domain_counters_key, item_key
-from worker.coding import load_codebook, state_key
+from worker.coding import CodeService, load_codebook, state_key
 from worker.exceptions import WorkerError
 from worker.processor import BatchResult
 from worker.settings import Settings
 from worker.versions import (
     ItemVectorizer,
+    TrainedCodes,
     VersionError,
     VersionTable,
     current_version,
@@ -104,6 +113,31 @@ class Neighbour:
 EmbeddingReader = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 """Item ids -> their stored embeddings (items without one are left out)."""
 
+PathReader = Callable[[str, Sequence[str]], Mapping[str, np.ndarray]]
+"""(domain, item ids) -> their full-path rows ``l * K + path[l]`` (unknown items left out)."""
+
+
+def full_path_rows(assigner: CodeAssigner, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The full-path rows ``l * K + path[l]`` (int64 ``[levels]``) of the assigner's ``keys``
+    (keys it does not hold are left out)."""
+    base = np.arange(assigner.levels, dtype=np.int64) * assigner.k
+    return {
+        key: base + np.asarray(assigner.full_path(key), dtype=np.int64)
+        for key in keys
+        if key in assigner
+    }
+
+
+def live_paths(codes: CodeService) -> PathReader:
+    """A :data:`PathReader` over the processor's live assigners, for :attr:`Serving.paths`:
+    exact and ``O(levels)`` per item; call it from the consumer thread (``on_applied``)."""
+
+    def read(domain: str, keys: Sequence[str]) -> Mapping[str, np.ndarray]:
+        assigner = codes.assigner(domain)
+        return {} if assigner is None else full_path_rows(assigner, keys)
+
+    return read
+
 
 def stored_embeddings(
     store: StorePartition, domain: str, item_ids: Sequence[str]
@@ -147,7 +181,12 @@ class DomainIndex:
         embeddings: EmbeddingReader | None = None,
         hnsw_min_items: int,
         ef_search: int,
+        borrow: bool = True,
+        levels: int | None = None,
     ) -> None:
+        """``borrow``: serve untrained items borrowed codes (see the module docstring);
+        ``levels``: the codebook's levels, needed to borrow for new items from a version
+        written before borrowing (without full-path rows; ``None``: they keep their own)."""
         self.domain = domain
         self.version = version
         self.vectorizer = ItemVectorizer(table.snapshot)
@@ -159,7 +198,10 @@ class DomainIndex:
         self.ids: list[str] = list(table.item_ids)
         self.pos: dict[str, int] = {item: i for i, item in enumerate(self.ids)}
         self.n_version = len(self.ids)  # items 0..n_version-1 keep the version's own rows
-        raw = self.vectorizer.vectors(table.item_rows, table.text_vectors)
+        self.trained_codes: TrainedCodes | None = None
+        if borrow and (table.full_rows is not None or levels is not None):
+            self.trained_codes = TrainedCodes.of(table, levels or 0)
+        raw = self.vectorizer.vectors(table.served_rows(borrow), table.text_vectors)
         self.dim = raw.shape[1]
         self.raw = np.zeros((max(16, 2 * len(self.ids)), self.dim), dtype=np.float32)
         self.raw[: len(self.ids)] = raw
@@ -199,6 +241,15 @@ class DomainIndex:
             )
         return self.vectorizer.vectors(rows, self.vectorizer.text_part(embeddings))
 
+    def live_rows(self, own: np.ndarray, full_rows: np.ndarray | None) -> np.ndarray:
+        """The row ids an item coded after the version is served: the deepest trained code
+        on its full path ``full_rows`` when the index borrows and there is one, else its own
+        served code ``own``."""
+        if self.trained_codes is None or full_rows is None:
+            return own
+        borrowed = self.trained_codes.borrow(full_rows)
+        return own if borrowed is None else np.asarray(borrowed, dtype=np.int64)
+
     def _live_vectors(
         self, codes: Mapping[str, np.ndarray], keys: list[str]
     ) -> dict[str, np.ndarray]:
@@ -230,16 +281,24 @@ class DomainIndex:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def upsert(self, codes: dict[str, np.ndarray]) -> int:
+    def upsert(
+        self,
+        codes: Mapping[str, np.ndarray],
+        full_rows: Mapping[str, np.ndarray] | None = None,
+    ) -> int:
         """Add (or re-vector) items that are not in the version's table; returns how many.
 
-        ``codes``: item id -> row ids of its current served code. Versions that project
-        text read the items' embeddings with the index's ``embeddings`` reader.
+        ``codes``: item id -> row ids of its current served code; ``full_rows``: item id ->
+        its full-path rows (items left out keep their own code, see :meth:`live_rows`).
+        Versions that project text read the items' embeddings with the index's
+        ``embeddings`` reader.
         """
         keys = [k for k in codes if self.pos.get(k, self.n_version) >= self.n_version]
         if not keys:
             return 0
-        vectors = self._live_vectors(codes, keys)
+        paths = full_rows or {}
+        served = {k: self.live_rows(codes[k], paths.get(k)) for k in keys}
+        vectors = self._live_vectors(served, keys)
         if not vectors:
             return 0
         with self.lock:
@@ -349,6 +408,7 @@ def build_index(
     """The index of ``domain`` at ``version``: the version's items with their trained rows,
     plus every item coded since (from ``live``, else the committed code state)."""
     table = load_table(store, domain, version)
+    assigner = live if live is not None else committed_assigner(store, domain)
     index = DomainIndex(
         domain,
         version,
@@ -356,16 +416,20 @@ def build_index(
         embeddings=lambda keys: stored_embeddings(store, domain, keys),
         hnsw_min_items=settings.index_hnsw_min_items,
         ef_search=settings.index_hnsw_ef_search,
+        borrow=settings.serve_borrow_trained,
+        levels=None if assigner is None else assigner.levels,
     )
-    assigner = live if live is not None else committed_assigner(store, domain)
     if assigner is not None:
         later = [k for k in assigner.keys if k not in index.pos]
-        index.upsert({k: assigner.row_ids(k) for k in later})
+        index.upsert({k: assigner.row_ids(k) for k in later}, full_path_rows(assigner, later))
     return index
 
 
-def version_vector(store: StorePartition, domain: str, version: int, item_id: str) -> np.ndarray:
-    """An item's vector in an older (or any stored) version: only that version's own items."""
+def version_vector(
+    store: StorePartition, domain: str, version: int, item_id: str, *, borrow: bool = True
+) -> np.ndarray:
+    """An item's served vector in an older (or any stored) version: only that version's own
+    items (``borrow``: see :meth:`~worker.versions.VersionTable.served_rows`)."""
     table = load_table(store, domain, version)
     try:
         i = table.item_ids.index(item_id)
@@ -374,7 +438,7 @@ def version_vector(store: StorePartition, domain: str, version: int, item_id: st
             f"item {item_id!r} is not in version {version} of {domain!r} (it arrived later or "
             f"is unknown); leave out ?version= to read the current version"
         ) from exc
-    return item_vectors(table, np.asarray([i]))[0]
+    return item_vectors(table, np.asarray([i]), borrow=borrow)[0]
 
 
 def committed_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:
@@ -390,7 +454,8 @@ class Serving:
         self.settings = settings
         self._indexes: dict[str, DomainIndex] = {}
         self._lock = threading.Lock()  # orders live upserts against swaps
-        self._pending: list[tuple[str, dict[str, np.ndarray]]] = []  # since the poll began
+        # (domain, codes, full-path rows) since the poll began
+        self._pending: list[tuple[str, dict[str, np.ndarray], Mapping[str, np.ndarray]]] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -399,6 +464,10 @@ class Serving:
         self._rebuild = False  # rebuild every index at the next refresh, version or not
         self.builds = 0
         self.on_swap: Callable[[str, int | None, int], None] | None = None
+        #: full paths of items whose codes a batch changed (the daemon sets it to
+        #: :func:`live_paths` of its processor); ``None``: read from the committed code
+        #: state, exact but ``O(items of the domain)`` per batch
+        self.paths: PathReader | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -451,9 +520,9 @@ class Serving:
                 log.error("cannot serve %s version %d: %s", domain, version, exc)
                 continue
             with self._lock:
-                for d, codes in self._pending:
+                for d, codes, full in self._pending:
                     if d == domain:
-                        index.upsert(codes)
+                        index.upsert(codes, full)
                 old = self._indexes.get(domain)
                 self._indexes[domain] = index  # the swap: one reference
             self.builds += 1
@@ -470,15 +539,33 @@ class Serving:
                 self.on_swap(domain, None if old is None else old.version, version)
         return swapped
 
-    def apply_codes(self, domain: str, codes: dict[str, np.ndarray]) -> None:
-        """Serve items whose served code is new or changed (from the consumer thread)."""
+    def apply_codes(
+        self,
+        domain: str,
+        codes: dict[str, np.ndarray],
+        full_rows: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Serve items whose served code is new or changed (from the consumer thread);
+        ``full_rows``: their full-path rows, for borrowed codes (see :meth:`DomainIndex.upsert`)."""
         if not codes:
             return
+        full = full_rows or {}
         with self._lock:
-            self._pending.append((domain, codes))
+            self._pending.append((domain, codes, full))
             index = self._indexes.get(domain)
             if index is not None:
-                index.upsert(codes)
+                index.upsert(codes, full)
+
+    def _full_rows(self, domain: str, keys: Sequence[str]) -> Mapping[str, np.ndarray]:
+        """Full-path rows of ``keys`` (none when borrowing is off)."""
+        if not self.settings.serve_borrow_trained:
+            return {}
+        if self.paths is not None:
+            return self.paths(domain, keys)
+        if domain not in self._indexes and current_version(self.store, domain) is None:
+            return {}  # nothing is served for it: spare the read of its code state
+        assigner = committed_assigner(self.store, domain)
+        return {} if assigner is None else full_path_rows(assigner, keys)
 
     def on_applied(self, result: BatchResult) -> None:
         """The consumer loop's hook: live codes of the batch, and a wake-up on rollbacks.
@@ -504,7 +591,7 @@ class Serving:
                 for domain, change in changes:
                     by_domain.setdefault(domain, {})[change.key] = row_ids(change.new, k, levels)
                 for domain, codes in sorted(by_domain.items()):
-                    self.apply_codes(domain, codes)
+                    self.apply_codes(domain, codes, self._full_rows(domain, list(codes)))
         if result.switches:
             self.wake()
 

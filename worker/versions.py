@@ -5,7 +5,8 @@ Layout in the ``versions`` column family (``v`` is a big-endian int64)::
     rec    \\0 <domain> \\0 v     -> VersionRecord (JSON)
     table  \\0 <domain> \\0 v     -> model snapshot (npz bytes, written once)
     items  \\0 <domain> \\0 v     -> item ids, their table-row ids and, for models that project
-                                  text, their projected text vectors at training time (npz)
+                                  text, their projected text vectors at training time; since
+                                  code borrowing, the trained mask and full-path rows (npz)
     current\\0 <domain>           -> v
     next   \\0 <domain>           -> next version number (numbers are never reused)
     switch \\0 <domain> \\0 seq   -> {"from", "to", "reason", "at"}
@@ -24,6 +25,15 @@ embeddings at hidden 64 and text_dim 384), so their vectors are rebuilt exactly 
 trained even if an item is described again later; an item the version never saw gets
 ``W`` times its stored embedding. Versions written before text projection existed
 (``text_dim = 0``) have no ``text_vectors`` array and read as before.
+
+Borrowed codes (:meth:`VersionTable.served_rows`): a version also stores which of its
+items it trained (``trained``: inputs or targets of a training window) and every item's
+full-path rows (``full_rows[i, l] = l * K + path[i, l]``). An item it did not train is
+served the code (path prefix, no disambiguation row) of the trained item whose code is the
+deepest prefix of its own full path (:func:`~quantize.table_model.borrow_trained_codes`),
+plus its own text part; trained items are served their own rows. Items coded after the
+version follow the same rule through :class:`TrainedCodes`. Versions written before
+(no ``trained`` array) read as "every item trained".
 """
 
 from __future__ import annotations
@@ -39,7 +49,15 @@ import orjson
 import torch
 
 from quantize.exceptions import QuantizeError
-from quantize.table_model import DOMAIN_PREFIX, CodeTableRecommender, Snapshot, model_from_params
+from quantize.table_model import (
+    DOMAIN_PREFIX,
+    PAD,
+    CodeTableRecommender,
+    Snapshot,
+    borrow_trained_codes,
+    model_from_params,
+    served_depth,
+)
 from store.partition import StorePartition, WriteBatch
 from worker.exceptions import WorkerError
 
@@ -87,12 +105,20 @@ class VersionRecord:
 class VersionTable:
     """What serving needs of a version: the model, the items' row ids at training time and,
     when the model projects text, the items' projected text vectors ``W @ e`` at training
-    time (``None`` for ``text_dim = 0``). Build one with :meth:`build`."""
+    time (``None`` for ``text_dim = 0``). Build one with :meth:`build`.
+
+    ``trained`` (bool ``[n]``) and ``full_rows`` (int64 ``[n, levels]``, the full-path rows
+    ``l * K + path[l]``) come together: which items the version trained, and where each
+    item sits in the codebook, for serving untrained items borrowed codes (see
+    :meth:`served_rows`). ``None`` in versions written before: every item counts as trained.
+    """
 
     snapshot: Snapshot
     item_ids: list[str]
     item_rows: np.ndarray  # int64 [n, width], -1 padded
     text_vectors: np.ndarray | None = None  # float32 [n, hidden]: W @ e per item
+    trained: np.ndarray | None = None  # bool [n]: items the version trained
+    full_rows: np.ndarray | None = None  # int64 [n, levels]: full-path rows per item
 
     def __post_init__(self) -> None:
         n = len(self.item_ids)
@@ -116,6 +142,27 @@ class VersionTable:
                 "text vectors were given for a model without text projection (text_dim=0); "
                 "leave them out"
             )
+        self._check_borrowing(n)
+
+    def _check_borrowing(self, n: int) -> None:
+        if (self.trained is None) != (self.full_rows is None):
+            raise VersionError(
+                "a version table needs both the trained mask and the full-path rows of its "
+                "items, or neither (a version that counts every item as trained); pass both"
+            )
+        if self.trained is None or self.full_rows is None:
+            return
+        if self.trained.shape != (n,) or self.trained.dtype != np.bool_:
+            raise VersionError(
+                f"the trained mask has shape {self.trained.shape} and dtype "
+                f"{self.trained.dtype}; pass one bool per item ({n})"
+            )
+        full = self.full_rows
+        if full.ndim != 2 or full.shape[0] != n or full.shape[1] < 1 or (full < 0).any():
+            raise VersionError(
+                f"the full-path rows have shape {full.shape} (or hold padding); pass every "
+                f"item's full path as level rows l * K + digit, [{n}, levels] without -1"
+            )
 
     @classmethod
     def build(
@@ -124,19 +171,101 @@ class VersionTable:
         item_ids: list[str],
         item_rows: np.ndarray,
         embeddings: np.ndarray | None = None,
+        *,
+        trained: np.ndarray | None = None,
+        full_rows: np.ndarray | None = None,
     ) -> VersionTable:
         """A table whose text vectors are projected from ``embeddings`` ``[n, text_dim]``
-        (required when the model projects text, ignored otherwise)."""
+        (required when the model projects text, ignored otherwise). ``trained`` and
+        ``full_rows``: see the class docstring (both or neither)."""
         rows = np.asarray(item_rows, dtype=np.int64)
+        mask = None if trained is None else np.asarray(trained, dtype=bool)
+        full = None if full_rows is None else np.asarray(full_rows, dtype=np.int64)
         if snapshot.config.text_dim == 0:
-            return cls(snapshot, list(item_ids), rows)
+            return cls(snapshot, list(item_ids), rows, None, mask, full)
         if embeddings is None:
             raise VersionError(
                 f"the model projects text embeddings (text_dim={snapshot.config.text_dim}); "
                 "pass the embeddings of the items it was trained on"
             )
         text = project_text(text_projection(snapshot), embeddings)
-        return cls(snapshot, list(item_ids), rows, text)
+        return cls(snapshot, list(item_ids), rows, text, mask, full)
+
+    def trained_mask(self) -> np.ndarray:
+        """Which items the version trained (bool ``[n]``); all of them in versions written
+        before the mask was stored."""
+        if self.trained is None:
+            return np.ones(len(self.item_ids), dtype=bool)
+        return self.trained
+
+    def served_rows(self, borrow: bool = True) -> np.ndarray:
+        """The row ids the version serves its items with (``[n, width]``): with ``borrow``,
+        untrained items take the code of their deepest trained relative
+        (:func:`~quantize.table_model.borrow_trained_codes`); trained items, versions
+        without a trained mask and ``borrow=False`` give :attr:`item_rows` unchanged."""
+        if not borrow or self.trained is None or self.full_rows is None:
+            return self.item_rows
+        if self.trained.all() or not len(self.item_ids):
+            return self.item_rows
+        try:
+            return borrow_trained_codes(self.item_rows, self.full_rows, self.trained)
+        except QuantizeError as exc:
+            raise VersionError(
+                f"the version's item rows and full paths do not fit together ({exc}); the "
+                "stored version is corrupt: roll back to another version"
+            ) from exc
+
+
+class TrainedCodes:
+    """The codes a version's trained items are served (path prefixes, without a
+    disambiguation row), for items coded after the version to borrow.
+
+    Built once per index (:meth:`of`, ``O(n * levels)``); :meth:`borrow` is ``O(levels)``
+    dict lookups per item. ``prefixes`` maps a trained code (a tuple of full-path rows) to
+    its depth.
+    """
+
+    def __init__(self, prefixes: dict[tuple[int, ...], int], levels: int) -> None:
+        self.prefixes = prefixes
+        self.levels = levels
+
+    @classmethod
+    def of(cls, table: VersionTable, levels: int) -> TrainedCodes:
+        """The trained codes of ``table``. A version with full-path rows cuts each trained
+        item's full path at its :func:`~quantize.table_model.served_depth`; one without
+        (written before) counts every item as trained and cuts its served rows at
+        ``levels`` (the disambiguation row sits at position ``levels``)."""
+        rows = table.item_rows
+        prefixes: dict[tuple[int, ...], int] = {}
+        if not len(table.item_ids):
+            return cls(prefixes, levels)
+        if table.full_rows is not None:
+            levels = int(table.full_rows.shape[1])
+            try:
+                depth = served_depth(rows, table.full_rows)
+            except QuantizeError as exc:
+                raise VersionError(
+                    f"the version's item rows and full paths do not fit together ({exc}); the "
+                    "stored version is corrupt: roll back to another version"
+                ) from exc
+            paths = table.full_rows
+        else:
+            head = rows[:, :levels]
+            depth = np.cumprod(head != PAD, axis=1).sum(axis=1)
+            paths = head
+        for i in np.flatnonzero(table.trained_mask() & (depth >= 1)):
+            d = int(depth[i])
+            prefixes[tuple(int(r) for r in paths[i, :d])] = d
+        return cls(prefixes, levels)
+
+    def borrow(self, full_rows: np.ndarray) -> tuple[int, ...] | None:
+        """The deepest trained code on the path ``full_rows`` (its level rows), or ``None``
+        when no trained item's code is a prefix of it."""
+        path = tuple(int(r) for r in full_rows[: self.levels])
+        for d in range(len(path), 0, -1):
+            if path[:d] in self.prefixes:
+                return path[:d]
+        return None
 
 
 def text_projection(snapshot: Snapshot) -> np.ndarray | None:
@@ -227,7 +356,11 @@ class ItemVectorizer:
 
 
 def encode_items(
-    item_ids: list[str], item_rows: np.ndarray, text_vectors: np.ndarray | None = None
+    item_ids: list[str],
+    item_rows: np.ndarray,
+    text_vectors: np.ndarray | None = None,
+    trained: np.ndarray | None = None,
+    full_rows: np.ndarray | None = None,
 ) -> bytes:
     arrays: dict[str, np.ndarray] = {
         "ids": np.asarray(item_ids, dtype=str),
@@ -235,16 +368,42 @@ def encode_items(
     }
     if text_vectors is not None:
         arrays["text_vectors"] = np.asarray(text_vectors, dtype=np.float32)
+    if trained is not None:
+        arrays["trained"] = np.asarray(trained, dtype=bool)
+    if full_rows is not None:
+        arrays["full_rows"] = np.asarray(full_rows, dtype=np.int64)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
-def decode_items(raw: bytes) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """Item ids, row ids and text vectors (``None`` in versions without text projection)."""
+@dataclass(frozen=True)
+class StoredItems:
+    """A version's items blob, decoded (optional arrays are ``None`` in older versions)."""
+
+    item_ids: list[str]
+    item_rows: np.ndarray
+    text_vectors: np.ndarray | None
+    trained: np.ndarray | None
+    full_rows: np.ndarray | None
+
+
+def decode_items(raw: bytes) -> StoredItems:
+    """Item ids, row ids, and the optional text vectors (``None`` in versions without text
+    projection), trained mask and full-path rows (``None`` in versions before borrowing)."""
     with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-        text = z["text_vectors"] if "text_vectors" in z.files else None
-        return [str(s) for s in z["ids"]], z["rows"], text
+        names = set(z.files)
+
+        def optional(name: str) -> np.ndarray | None:
+            return z[name] if name in names else None
+
+        return StoredItems(
+            [str(s) for s in z["ids"]],
+            z["rows"],
+            optional("text_vectors"),
+            optional("trained"),
+            optional("full_rows"),
+        )
 
 
 # --- reads ---------------------------------------------------------------------------------
@@ -286,45 +445,65 @@ def load_table(store: StorePartition, domain: str, version: int) -> VersionTable
             f"domain {domain!r} has no table for version {version} (status {status}); "
             f"list the versions with: adacode versions --domain {domain}"
         )
-    ids, rows, text = decode_items(items)
+    stored = decode_items(items)
     try:
         snapshot = Snapshot.from_bytes(table)
     except QuantizeError as exc:
         raise VersionError(f"version {version} of {domain!r}: {exc}") from exc
-    return VersionTable(snapshot, ids, rows, text)
+    return VersionTable(
+        snapshot,
+        stored.item_ids,
+        stored.item_rows,
+        stored.text_vectors,
+        stored.trained,
+        stored.full_rows,
+    )
 
 
-def item_vectors(table: VersionTable, positions: np.ndarray | None = None) -> np.ndarray:
-    """The version's item vectors ``[n_items, hidden]`` (float32), in ``table.item_ids`` order
-    (only the items at ``positions`` when given)."""
-    rows, text = table.item_rows, table.text_vectors
+def item_vectors(
+    table: VersionTable, positions: np.ndarray | None = None, *, borrow: bool = True
+) -> np.ndarray:
+    """The version's served item vectors ``[n_items, hidden]`` (float32), in
+    ``table.item_ids`` order (only the items at ``positions`` when given); ``borrow``: see
+    :meth:`VersionTable.served_rows`."""
+    rows, text = table.served_rows(borrow), table.text_vectors
     if positions is not None:
         rows = rows[positions]
         text = None if text is None else text[positions]
     return ItemVectorizer(table.snapshot).vectors(rows, text)
 
 
-def export_arrays(table: VersionTable) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def export_arrays(
+    table: VersionTable, *, borrow: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """What a serving system needs of a version, as named arrays with their descriptions.
 
-    Always: ``item_ids``, ``item_vectors`` (the combined vectors), ``item_rows`` and the
-    code table ``rows``; ``level_weight`` for ``combine="level"``; with text projection,
+    Always: ``item_ids``, ``item_vectors`` (the served vectors), ``item_rows`` (the served
+    row ids: borrowed codes for untrained items, see :meth:`VersionTable.served_rows`) and
+    the code table ``rows``; ``level_weight`` for ``combine="level"``; with text projection,
     ``text_proj`` (``W``) and ``item_text_vectors`` (``W @ e`` of the version's items), so
-    a new item's vector is ``sum_j level_weight[j] * rows[r_j] + text_proj @ embedding``.
+    a new item's vector is ``sum_j level_weight[j] * rows[r_j] + text_proj @ embedding``;
+    with a trained mask, ``item_trained`` and ``item_full_rows`` (a new item borrows the
+    deepest ``item_rows`` of a trained item that is a prefix of its full-path rows).
     """
     params = table.snapshot.params
     arrays: dict[str, np.ndarray] = {
         "item_ids": np.asarray(table.item_ids, dtype=str),
-        "item_vectors": item_vectors(table),
-        "item_rows": np.asarray(table.item_rows, dtype=np.int64),
+        "item_vectors": item_vectors(table, borrow=borrow),
+        "item_rows": np.asarray(table.served_rows(borrow), dtype=np.int64),
         "rows": params[DOMAIN_PREFIX + "rows"],
     }
     described = {
         "item_ids": "item ids",
         "item_vectors": "float32 [n, dim]: code part + text part (the served vectors)",
-        "item_rows": "table row ids per item (-1 pad)",
+        "item_rows": "served table row ids per item (-1 pad)",
         "rows": "the code table [n_rows, dim]",
     }
+    if table.trained is not None and table.full_rows is not None:
+        arrays["item_trained"] = table.trained
+        arrays["item_full_rows"] = table.full_rows
+        described["item_trained"] = "bool [n]: items the version trained"
+        described["item_full_rows"] = "int64 [n, levels]: full-path rows l * K + digit"
     if DOMAIN_PREFIX + "level_weight" in params:
         arrays["level_weight"] = params[DOMAIN_PREFIX + "level_weight"]
         described["level_weight"] = "weight of the row at each code position"
@@ -389,7 +568,13 @@ def add_version(
         batch.put(
             "versions",
             _key("items", domain, number),
-            encode_items(table.item_ids, table.item_rows, table.text_vectors),
+            encode_items(
+                table.item_ids,
+                table.item_rows,
+                table.text_vectors,
+                table.trained,
+                table.full_rows,
+            ),
         )
     # -- 3. record ------------------------------------------------------------------------
     batch.put("versions", _key("rec", domain, number), record.encode())

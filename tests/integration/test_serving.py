@@ -20,7 +20,7 @@ from tests.worker_process import DIM, settings_for, wait_for
 from worker.daemon import Daemon
 from worker.events import interaction_payload, item_payload
 from worker.routes import DAEMON_ROUTES, ROUTES
-from worker.serving import committed_assigner, stored_embeddings
+from worker.serving import committed_assigner, full_path_rows, stored_embeddings
 from worker.topics import create_topics
 from worker.versions import TEXT_PROJ, current_version, load_table
 
@@ -131,7 +131,11 @@ def test_a_cold_start_item_is_served_by_the_api_while_the_worker_runs(
         assigner = committed_assigner(daemon.store, "shop")
         assert assigner is not None
         table_rows = v1.params["table.rows"]
-        code_part = sum(table_rows[r] for r in assigner.row_ids("fresh") if r < len(table_rows))
+        # served rows: its own code, or the code of its deepest trained relative (borrowed)
+        served = daemon.serving.index("shop").live_rows(
+            assigner.row_ids("fresh"), full_path_rows(assigner, ["fresh"])["fresh"]
+        )
+        code_part = sum(table_rows[r] for r in served if 0 <= r < len(table_rows))
         stored = stored_embeddings(daemon.store, "shop", ["fresh"])["fresh"]
         np.testing.assert_allclose(stored, emb, rtol=1e-6)
         expected = code_part + v1.params[TEXT_PROJ] @ stored

@@ -1,7 +1,8 @@
 """The /v1 read API over real HTTP: status codes and bodies (errors included), answers
 against slow references (numpy / the model's own scoring), live cold-start items, the
-per-user index, the OpenAPI document, index swaps under concurrent reads, and versions that
-project the items' text embeddings (vectors against a slow numpy reference)."""
+per-user index, the OpenAPI document, index swaps under concurrent reads, versions that
+project the items' text embeddings (vectors against a slow numpy reference), and borrowed
+codes (untrained and brand-new items served their deepest trained relative's code)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ import torch
 from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
 from quantize.train import score_histories
 from store.memory import MemoryPartition
-from tests.worker.vector_reference import slow_vector
+from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker import serving as serving_module
 from worker.api import HttpServer, Router
 from worker.events import interaction_payload, item_payload
 from worker.processor import BatchResult, Processor, SourceRecord
 from worker.routes import DAEMON_ROUTES, ROUTES, ApiRoutes, openapi_document
-from worker.serving import Serving, stored_embeddings
+from worker.serving import Serving, full_path_rows, live_paths, stored_embeddings
 from worker.settings import Settings
 from worker.users import recent_items
 from worker.versions import (
@@ -81,8 +82,9 @@ class Env:
         self.serving.on_applied(result)
         return result
 
-    def publish(self, seed: int, *, text: bool = False) -> int:
-        """Publish a random model over the current codes (projecting text when ``text``)."""
+    def publish(self, seed: int, *, text: bool = False, trained: np.ndarray | None = None) -> int:
+        """Publish a random model over the current codes (projecting text when ``text``;
+        with a trained mask and the items' full paths when ``trained`` is given)."""
         codes = self.processor.codes
         assert codes is not None
         assigner = codes.assigner("shop")
@@ -99,7 +101,13 @@ class Env:
             found = stored_embeddings(self.store, "shop", assigner.keys)
             embeddings = np.stack([found[k] for k in assigner.keys])
         snapshot = Snapshot(config, export_params(model))
-        table = VersionTable.build(snapshot, assigner.keys, rows, embeddings)
+        full = None
+        if trained is not None:
+            paths = full_path_rows(assigner, assigner.keys)
+            full = np.stack([paths[k] for k in assigner.keys])
+        table = VersionTable.build(
+            snapshot, assigner.keys, rows, embeddings, trained=trained, full_rows=full
+        )
         record = VersionRecord(0, None, 0.0, "cb", {}, {}, status=PUBLISHED)
         batch = self.store.batch()
         record = add_version(self.store, batch, "shop", record, table, keep=10)
@@ -141,7 +149,10 @@ def _items(seed: int, start: int, n: int) -> list[bytes]:
 
 @pytest.fixture
 def env() -> Iterator[Env]:
-    settings = _settings()
+    yield from _env(_settings())
+
+
+def _env(settings: Settings) -> Iterator[Env]:
     store = MemoryPartition()
     processor = Processor(store, settings, None)
     serving = Serving(store, settings)
@@ -576,3 +587,105 @@ def test_versions_with_and_without_text_projection_roll_back_and_forth(env: Env)
     assert status == 200 and doc["version"] == 1 and doc["vector"] == before["vector"]
     status, again = env.call("GET", "/v1/domains/shop/items/i3/vector?version=2")
     np.testing.assert_allclose(again["vector"], text_doc["vector"], rtol=1e-6, atol=1e-6)
+
+
+# -- borrowed codes -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deep_env() -> Iterator[Env]:
+    """Popularity rounds every 10 interactions: head items get longer codes than the rest."""
+    yield from _env(_settings(code_round_interactions=10))
+
+
+def _full(e: Env, key: str) -> list[int]:
+    codes = e.processor.codes
+    assigner = None if codes is None else codes.assigner("shop")
+    assert assigner is not None
+    return full_path_rows(assigner, [key])[key].tolist()
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_untrained_and_new_items_are_served_their_deepest_trained_relatives_code(
+    deep_env: Env, live: bool
+) -> None:
+    e = deep_env
+    if live:  # full paths from the processor's assigners, as the daemon wires it
+        assert e.processor.codes is not None
+        e.serving.paths = live_paths(e.processor.codes)
+    codes = e.processor.codes
+    assigner = None if codes is None else codes.assigner("shop")
+    assert assigner is not None
+    keys = list(assigner.keys)
+    depth = np.asarray([len(assigner.served_code(k)) for k in keys])
+    assert depth.max() >= 2  # some codes are deeper than others
+    trained = np.asarray([int(k[1:]) % 3 != 0 for k in keys])  # i0, i3, ... untrained
+    assert e.publish(seed=5, text=True, trained=trained) == 2
+    assert e.serving.refresh() == ["shop"]
+    table = load_table(e.store, "shop", 2)
+    assert table.trained is not None and table.full_rows is not None
+    t_rows = [table.item_rows[i].tolist() for i in np.flatnonzero(trained)]
+    t_full = [table.full_rows[i].tolist() for i in np.flatnonzero(trained)]
+    found = stored_embeddings(e.store, "shop", keys)
+    borrowed = 0
+    for i, k in enumerate(keys):  # the version's items: trained unchanged, untrained borrow
+        own = table.item_rows[i].tolist()
+        rows = own if trained[i] else slow_served_rows(own, table.full_rows[i], t_rows, t_full)
+        borrowed += rows != [r for r in own if r >= 0]
+        status, doc = e.call("GET", f"/v1/domains/shop/items/{k}/vector")
+        assert status == 200 and doc["version"] == 2
+        np.testing.assert_allclose(
+            doc["vector"], slow_vector(table.snapshot, rows, found[k]), rtol=1e-4, atol=1e-5
+        )
+    assert borrowed > 0
+    # a brand-new item on the path of the deepest trained code: that code's rows + its W @ e
+    deepest = max(np.flatnonzero(trained), key=lambda i: depth[i])
+    emb = found[keys[deepest]] + np.float32(1e-4)
+    before = e.serving.builds
+    e.feed("items", [item_payload("newbie", "shop", 50, embedding=emb)])
+    assert _full(e, "newbie") == table.full_rows[deepest].tolist()
+    rows = slow_served_rows(assigner.row_ids("newbie").tolist(), _full(e, "newbie"), t_rows, t_full)
+    assert rows == table.item_rows[deepest][: depth[deepest]].tolist()
+    assert rows != assigner.row_ids("newbie").tolist()  # its own code is shorter
+    status, doc = e.call("GET", "/v1/domains/shop/items/newbie/vector")
+    assert status == 200 and doc["version"] == 2 and e.serving.builds == before
+    np.testing.assert_allclose(
+        doc["vector"], slow_vector(table.snapshot, rows, emb), rtol=1e-4, atol=1e-5
+    )
+    # an index built from the committed state (a restart) serves it the same vector
+    rebuilt = Serving(e.store, e.settings)
+    assert rebuilt.refresh() == ["shop"]
+    np.testing.assert_allclose(
+        rebuilt.index("shop").vector("newbie"), doc["vector"], rtol=1e-5, atol=1e-6
+    )
+
+
+def test_the_switch_serves_every_item_its_own_code(deep_env: Env) -> None:
+    e = deep_env
+    codes = e.processor.codes
+    assigner = None if codes is None else codes.assigner("shop")
+    assert assigner is not None
+    keys = list(assigner.keys)
+    trained = np.asarray([int(k[1:]) % 3 != 0 for k in keys])
+    e.publish(seed=5, text=True, trained=trained)
+    plain = Serving(e.store, _settings(code_round_interactions=10, serve_borrow_trained=False))
+    assert plain.refresh() == ["shop"]
+    table = load_table(e.store, "shop", 2)
+    found = stored_embeddings(e.store, "shop", keys)
+    index = plain.index("shop")
+    for i, k in enumerate(keys):
+        np.testing.assert_allclose(
+            index.vector(k),
+            slow_vector(table.snapshot, table.item_rows[i].tolist(), found[k]),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    emb = found[keys[0]] + np.float32(1e-4)
+    result = e.feed("items", [item_payload("newbie", "shop", 50, embedding=emb)])
+    plain.on_applied(result)
+    np.testing.assert_allclose(
+        index.vector("newbie"),
+        slow_vector(table.snapshot, assigner.row_ids("newbie").tolist(), emb),
+        rtol=1e-4,
+        atol=1e-5,
+    )

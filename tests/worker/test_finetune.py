@@ -1,6 +1,8 @@
 """The fine-tune job on the in-memory store: publish, incremental, gate, rollback lineage;
 the frozen text projection (trained, stored as W @ e, served for new items), warm starts
-from versions without it, and new domains seeded from another domain's shared init."""
+from versions without it, new domains seeded from another domain's shared init, and
+borrowed codes (the trained mask stored, untrained and brand-new items served their deepest
+trained relative's code, the gate scoring items as they are served)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,21 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from quantize.evaluate import holdout_split, pad_histories, user_sequences
 from quantize.table_model import Snapshot
 from store.memory import MemoryPartition
 from store.records import ItemRecord, item_key
-from tests.worker.vector_reference import slow_vector
+from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.coding import load_codebook
 from worker.events import interaction_payload, item_payload
-from worker.finetune import DomainData, FineTuneDataError, FineTuner, read_embeddings
+from worker.finetune import (
+    Candidate,
+    DomainData,
+    FineTuneDataError,
+    FineTuner,
+    read_domain,
+    read_embeddings,
+)
 from worker.processor import Processor, SourceRecord
 from worker.serving import Serving, stored_embeddings
 from worker.settings import Settings
@@ -44,6 +54,8 @@ S = Settings(
     gate_tolerance=0.0,
 )
 ITEMS, INTER = S.topic("items"), S.topic("interactions")
+B = replace(S, code_policy="entropy", code_round_interactions=50)
+"""Variable-length codes (``S`` serves every item its full path: nothing to borrow)."""
 
 
 def _feed(
@@ -91,9 +103,9 @@ def _describe(proc: Processor, domain: str, offset: int) -> int:
     return offset + len(recs)
 
 
-def _setup() -> tuple[MemoryPartition, Processor, int]:
+def _setup(settings: Settings = S) -> tuple[MemoryPartition, Processor, int]:
     store = MemoryPartition()
-    proc = Processor(store, S, None)
+    proc = Processor(store, settings, None)
     _describe(proc, "shop", 0)
     offset = _feed(store, proc, 1000, 200, 1, 0)
     return store, proc, offset
@@ -109,13 +121,16 @@ class RecordingTuner(FineTuner):
 
     def train_candidate(self, domain, data: DomainData, train, init, new_since):  # type: ignore[no-untyped-def]
         self.inits.append(init)
-        snapshot, metrics = super().train_candidate(domain, data, train, init, new_since)
+        candidate = super().train_candidate(domain, data, train, init, new_since)
         if self.break_candidate:
+            snapshot = candidate.snapshot
             params = dict(snapshot.params)
             rng = np.random.default_rng(5)
             params["table.rows"] = rng.normal(size=params["table.rows"].shape).astype(np.float32)
-            snapshot = Snapshot(snapshot.config, params)
-        return snapshot, metrics
+            candidate = Candidate(
+                Snapshot(snapshot.config, params), candidate.metrics, candidate.trained
+            )
+        return candidate
 
 
 def test_first_fine_tune_publishes_and_the_next_one_is_incremental() -> None:
@@ -193,6 +208,7 @@ def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() 
     serving = Serving(store, S)
     assert serving.refresh() == ["shop"]
     index = serving.index("shop")
+    assert table.trained is not None and table.trained[table.item_ids.index("i42")]
     np.testing.assert_allclose(
         index.vector("i42"),
         slow_vector(snapshot, table.item_rows[table.item_ids.index("i42")], found["i42"]),
@@ -213,9 +229,10 @@ def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() 
     codes = proc.codes
     assigner = None if codes is None else codes.assigner("shop")
     assert assigner is not None and serving.builds == 1  # no rebuild, no training
+    rows = _slow_new_item_rows(table, assigner, "newbie")
     np.testing.assert_allclose(
         index.vector("newbie"),
-        slow_vector(snapshot, assigner.row_ids("newbie"), new_emb.astype(np.float32)),
+        slow_vector(snapshot, rows, new_emb.astype(np.float32)),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -313,3 +330,167 @@ def test_coded_items_without_an_embedding_stop_the_fine_tune_with_the_cause() ->
     np.testing.assert_array_equal(read_embeddings(store, "d", ["full"]), emb[None])
     with pytest.raises(FineTuneDataError, match=r"1 have none \(e.g. \['hollow'\]\)"):
         read_embeddings(store, "d", ["full", "hollow"])
+
+
+# -- borrowed codes -------------------------------------------------------------------------
+
+
+def _full(assigner: object, key: str) -> list[int]:
+    a = assigner  # a CodeAssigner: full-path rows l * K + digit
+    return [lvl * a.k + d for lvl, d in enumerate(a.full_path(key))]  # type: ignore[attr-defined]
+
+
+def _slow_new_item_rows(table: VersionTable, assigner: object, key: str) -> list[int]:
+    """Reference rows of an item coded after ``table``: the deepest trained code on its path."""
+    assert table.trained is not None and table.full_rows is not None
+    trained = np.flatnonzero(table.trained)
+    return slow_served_rows(
+        assigner.row_ids(key).tolist(),  # type: ignore[attr-defined]
+        _full(assigner, key),
+        [table.item_rows[i].tolist() for i in trained],
+        [table.full_rows[i].tolist() for i in trained],
+    )
+
+
+def _with_cold_targets(store: MemoryPartition, proc: Processor, offset: int) -> list[str]:
+    """8 items described but never trained on: each the last interaction (a gate target) of
+    a user whose history walks the item's cluster."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(8, 16))
+    cold = [f"cold{c}" for c in range(8)]
+    recs = [
+        SourceRecord(
+            ITEMS,
+            0,
+            offset + c,
+            b"d",
+            item_payload(cold[c], "shop", 1, embedding=centers[c] + 0.1 * rng.normal(size=16)),
+        )
+        for c in range(8)
+    ]
+    ts, offset = 100_000, offset + 8
+    for c in range(8):
+        for step in range(4):
+            item = f"i{c * 15 + step}" if step < 3 else cold[c]
+            recs.append(
+                SourceRecord(
+                    INTER, 0, offset, b"d", interaction_payload(f"late{c}", item, "shop", ts)
+                )
+            )
+            offset, ts = offset + 1, ts + 1
+    store.write(proc.process(recs).batch)
+    return cold
+
+
+def _served_recall(store: MemoryPartition, settings: Settings) -> tuple[float, float, int]:
+    """Recall@10 and NDCG@10 of the gate's holdout measured through the serving index (the
+    vectors and the encoder that are served), and the number of held-out cases."""
+    data = read_domain(store, "shop")
+    assert data is not None
+    split = holdout_split(data.users, data.timestamps, max_users=settings.gate_users)
+    train = split.train
+    seqs = user_sequences(
+        data.users[train],
+        data.items[train],
+        data.timestamps[train],
+        n_users=int(data.users.max()) + 1,
+    )
+    serving = Serving(store, settings)
+    assert serving.refresh() == ["shop"]
+    index = serving.index("shop")
+    vecs = np.stack([index.vector(item) for item in data.item_ids]).astype(np.float64)
+    unit = vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
+    config = index.model.config
+    assert config.score == "cosine"
+    offset = index.model.repeat_offset()
+    repeat = 0.0 if offset is None else float(offset.detach()) * config.temperature
+    ranks = []
+    held_users = data.users[split.holdout]
+    for row, target in zip(
+        pad_histories([seqs[u] for u in held_users], config.max_len),
+        data.items[split.holdout],
+        strict=True,
+    ):
+        history = [int(i) for i in row if i >= 0]
+        state, unknown = index.user_vector([data.item_ids[i] for i in history])
+        assert unknown == []
+        # the model's score (up to its temperature): cosine, plus its bias on repeats
+        scores = unit @ (state / np.linalg.norm(state))
+        scores[history] += repeat
+        ranks.append(int((scores >= scores[target]).sum()) - 1)
+    hit = np.asarray(ranks) < 10
+    ndcg = np.where(hit, 1.0 / np.log2(np.asarray(ranks) + 2.0), 0.0)
+    return float(hit.mean()), float(ndcg.mean()), len(ranks)
+
+
+@pytest.mark.parametrize("borrow", [True, False])
+def test_the_gate_scores_items_as_they_are_served(borrow: bool) -> None:
+    store, proc, offset = _setup(B)
+    cold = _with_cold_targets(store, proc, offset)
+    settings = replace(B, serve_borrow_trained=borrow)
+    outcome = FineTuner(store, settings).run("shop")
+    assert outcome.status == PUBLISHED
+    table = load_table(store, "shop", 1)
+    assert table.trained is not None and table.full_rows is not None
+    for item in cold:  # gate targets only: never trained on, so served a borrowed code
+        assert not table.trained[table.item_ids.index(item)]
+    assert outcome.metrics["trained_items"] == float(table.trained.sum())
+    assert (table.served_rows() != table.item_rows).any()  # borrowing changes some codes
+    recall, ndcg, n = _served_recall(store, settings)
+    assert n == S.gate_users
+    assert outcome.metrics["recall@10"] == pytest.approx(recall, abs=1e-9)
+    assert outcome.metrics["ndcg@10"] == pytest.approx(ndcg, abs=1e-6)
+
+
+def test_untrained_and_brand_new_items_are_served_their_trained_relatives_code() -> None:
+    store, proc, offset = _setup(B)
+    cold = _with_cold_targets(store, proc, offset)
+    assert FineTuner(store, B).run("shop").status == PUBLISHED
+    table = load_table(store, "shop", 1)
+    snapshot = table.snapshot
+    assert table.trained is not None and table.full_rows is not None
+    serving = Serving(store, B)
+    assert serving.refresh() == ["shop"]
+    index = serving.index("shop")
+    found = stored_embeddings(store, "shop", table.item_ids)
+    trained = np.flatnonzero(table.trained)
+    t_rows = [table.item_rows[i].tolist() for i in trained]
+    t_full = [table.full_rows[i].tolist() for i in trained]
+    for i, item in enumerate(table.item_ids):
+        own = table.item_rows[i].tolist()
+        # trained items keep their vectors; untrained ones borrow (+ their own W @ e)
+        rows = (
+            own if table.trained[i] else slow_served_rows(own, table.full_rows[i], t_rows, t_full)
+        )
+        np.testing.assert_allclose(
+            index.vector(item), slow_vector(snapshot, rows, found[item]), rtol=1e-4, atol=1e-5
+        )
+    # a brand-new item on the path of the deepest trained code gets that code's rows
+    depth = [
+        len([r for r in table.item_rows[i][: table.full_rows.shape[1]] if r >= 0]) for i in trained
+    ]
+    model = trained[int(np.argmax(depth))]
+    code = [r for r in table.item_rows[model] if r >= 0][: max(depth)]
+    new_emb = (found[table.item_ids[model]] + 1e-4).astype(np.float32)
+    result = proc.process(
+        [SourceRecord(ITEMS, 0, 50_000, b"d", item_payload("twin", "shop", 99, embedding=new_emb))]
+    )
+    store.write(result.batch)
+    serving.on_applied(result)
+    assigner = proc.codes.assigner("shop") if proc.codes is not None else None
+    assert assigner is not None and serving.builds == 1
+    assert _full(assigner, "twin") == table.full_rows[model].tolist()  # same path
+    assert _slow_new_item_rows(table, assigner, "twin") == code
+    np.testing.assert_allclose(
+        index.vector("twin"), slow_vector(snapshot, code, new_emb), rtol=1e-4, atol=1e-5
+    )
+    assert cold  # the cold items were coded and are in the version
+    # the switch: without borrowing, the new item is served its own code
+    plain = Serving(store, replace(B, serve_borrow_trained=False))
+    assert plain.refresh() == ["shop"]
+    np.testing.assert_allclose(
+        plain.index("shop").vector("twin"),
+        slow_vector(snapshot, assigner.row_ids("twin").tolist(), new_emb),
+        rtol=1e-4,
+        atol=1e-5,
+    )

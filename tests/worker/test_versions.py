@@ -1,6 +1,8 @@
 """Versions on both store backends: immutability, retention, rollback, pins, atomic switches;
 item vectors with and without text projection (against a slow numpy reference), versions
-written before text projection, and what an export hands a serving system."""
+written before text projection, what an export hands a serving system, and borrowed codes
+(trained mask and full paths stored, the version's untrained items and later items served
+their deepest trained relative's code, versions written before borrowing)."""
 
 from __future__ import annotations
 
@@ -15,16 +17,25 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
+from quantize.table_model import (
+    ModelConfig,
+    Snapshot,
+    borrow_trained_codes,
+    build_model,
+    export_params,
+)
 from store.memory import MemoryPartition
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
+from tests.worker.vector_reference import slow_served_rows, slow_vector
+from worker.serving import DomainIndex
 from worker.versions import (
     EXPIRED,
     PUBLISHED,
     REJECTED,
     TEXT_PROJ,
     ItemVectorizer,
+    TrainedCodes,
     VersionError,
     VersionRecord,
     VersionTable,
@@ -300,3 +311,160 @@ def test_text_projected_tables_refuse_missing_or_misfit_embeddings() -> None:
     broken = Snapshot(config, {k: v for k, v in snapshot.params.items() if k != TEXT_PROJ})
     with pytest.raises(VersionError, match="corrupt"):
         ItemVectorizer(broken)
+
+
+# -- borrowed codes -------------------------------------------------------------------------
+
+LEVELS, K = 3, 3
+
+
+def _random_version(seed: int, n: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Served rows (random path prefixes, some with a disambiguation row), full-path rows
+    and a trained mask of ``n`` items on a ``LEVELS x K`` codebook."""
+    rng = np.random.default_rng(seed)
+    digits = rng.integers(0, K, size=(n, LEVELS))
+    full = np.arange(LEVELS)[None, :] * K + digits
+    lengths = rng.integers(1, LEVELS + 1, size=n)
+    served = np.full((n, LEVELS + 1), -1, dtype=np.int64)
+    for i in range(n):
+        served[i, : lengths[i]] = full[i, : lengths[i]]
+        if lengths[i] == LEVELS and rng.random() < 0.3:
+            served[i, LEVELS] = LEVELS * K + i  # a disambiguation row of its own
+    return served, full.astype(np.int64), rng.random(n) < 0.5
+
+
+def _borrowing_table(seed: int, *, text: bool) -> tuple[VersionTable, np.ndarray]:
+    served, full, trained = _random_version(seed)
+    n = len(served)
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM if text else 0)
+    snapshot = _random_snapshot(config, n_rows=LEVELS * K + n, seed=seed)
+    emb = np.random.default_rng(seed + 1).normal(size=(n, TEXT_DIM)).astype(np.float32)
+    ids = [f"i{j}" for j in range(n)]
+    table = VersionTable.build(
+        snapshot, ids, served, emb if text else None, trained=trained, full_rows=full
+    )
+    return table, emb
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 10_000))
+def test_new_items_borrow_the_deepest_trained_code_like_the_slow_reference(seed: int) -> None:
+    table, _ = _borrowing_table(seed, text=False)
+    assert table.trained is not None and table.full_rows is not None
+    trained = np.flatnonzero(table.trained)
+    t_rows = [table.item_rows[i].tolist() for i in trained]
+    t_full = [table.full_rows[i].tolist() for i in trained]
+    codes = TrainedCodes.of(table, LEVELS)
+    rng = np.random.default_rng(seed + 7)
+    for _ in range(20):  # brand-new items: random paths, own codes of random length
+        path = np.arange(LEVELS) * K + rng.integers(0, K, size=LEVELS)
+        own = path[: int(rng.integers(1, LEVELS + 1))]
+        borrowed = codes.borrow(path)
+        got = own.tolist() if borrowed is None else list(borrowed)
+        assert got == slow_served_rows(own.tolist(), path.tolist(), t_rows, t_full)
+    # the version's own untrained items: the live rule is the publish rule
+    served = table.served_rows()
+    for i in np.flatnonzero(~table.trained):
+        want = slow_served_rows(table.item_rows[i].tolist(), table.full_rows[i], t_rows, t_full)
+        assert [r for r in served[i] if r >= 0] == want
+        borrowed = codes.borrow(table.full_rows[i])
+        if borrowed is not None:
+            assert list(borrowed) == want
+    np.testing.assert_array_equal(served[table.trained], table.item_rows[table.trained])
+
+
+def test_a_version_stores_its_trained_mask_and_serves_untrained_items_borrowed_codes(
+    store: StorePartition,
+) -> None:
+    table, emb = _borrowing_table(3, text=True)
+    assert table.trained is not None and table.full_rows is not None
+    assert table.trained.any() and not table.trained.all()
+    batch = store.batch()
+    add_version(store, batch, "d", VersionRecord(0, None, 1.0, "cb", {}, {}), table, keep=5)
+    store.write(batch)
+    loaded = load_table(store, "d", 1)
+    assert loaded.trained is not None and loaded.full_rows is not None
+    np.testing.assert_array_equal(loaded.trained, table.trained)
+    np.testing.assert_array_equal(loaded.full_rows, table.full_rows)
+    np.testing.assert_array_equal(loaded.item_rows, table.item_rows)  # stored as trained
+    served = loaded.served_rows()
+    np.testing.assert_array_equal(
+        served, borrow_trained_codes(table.item_rows, table.full_rows, table.trained)
+    )
+    assert (served != loaded.item_rows).any()  # some untrained items do borrow
+    vecs = item_vectors(loaded)
+    for i in range(len(loaded.item_ids)):
+        # trained items: their own rows; untrained: the borrowed rows; both + their own W @ e
+        rows = loaded.item_rows[i] if loaded.trained[i] else served[i]
+        np.testing.assert_allclose(
+            vecs[i], slow_vector(loaded.snapshot, rows.tolist(), emb[i]), rtol=1e-4, atol=1e-5
+        )
+    np.testing.assert_allclose(
+        item_vectors(loaded, borrow=False),
+        _reference_vectors(loaded.snapshot, loaded.item_rows, emb),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    arrays, described = export_arrays(loaded)
+    assert set(arrays) == set(described) and {"item_trained", "item_full_rows"} <= set(arrays)
+    np.testing.assert_array_equal(arrays["item_rows"], served)
+    np.testing.assert_array_equal(arrays["item_vectors"], vecs)
+
+
+def test_versions_written_before_borrowing_load_as_all_trained_and_serve(
+    store: StorePartition,
+) -> None:
+    """The exact bytes the worker wrote before borrowing: ids, rows and text vectors."""
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM)
+    served, full, _ = _random_version(5)
+    n = len(served)
+    snapshot = _random_snapshot(config, n_rows=LEVELS * K + n, seed=5)
+    emb = np.random.default_rng(6).normal(size=(n, TEXT_DIM)).astype(np.float32)
+    text = (emb @ snapshot.params[TEXT_PROJ].T).astype(np.float32)
+    old_items = io.BytesIO()
+    ids = [f"i{j}" for j in range(n)]
+    np.savez(old_items, ids=np.asarray(ids, dtype=str), rows=served, text_vectors=text)
+    v = (1).to_bytes(8, "big")
+    batch = store.batch()
+    batch.put("versions", b"table\x00d\x00" + v, snapshot.to_bytes())
+    batch.put("versions", b"items\x00d\x00" + v, old_items.getvalue())
+    batch.put("versions", b"rec\x00d\x00" + v, VersionRecord(1, None, 1.0, "cb", {}, {}).encode())
+    batch.put("versions", b"current\x00d", v)
+    store.write(batch)
+    table = load_table(store, "d", 1)
+    assert table.trained is None and table.full_rows is None and table.trained_mask().all()
+    assert table.served_rows() is table.item_rows
+    index = DomainIndex(
+        "d",
+        1,
+        table,
+        embeddings=lambda keys: {k: emb[0] for k in keys},
+        hnsw_min_items=10_000,
+        ef_search=16,
+        levels=LEVELS,
+    )
+    for i, item in enumerate(ids):  # every item is served as it was trained
+        np.testing.assert_allclose(
+            index.vector(item), slow_vector(snapshot, served[i].tolist(), emb[i]), atol=1e-4
+        )
+    # a brand-new item on the path of item 0 borrows the deepest code of the version's items
+    path = full[0]
+    rows_all = [served[i].tolist() for i in range(n)]
+    want = slow_served_rows([int(path[0])], path.tolist(), rows_all, full.tolist())
+    assert index.upsert({"new": path[:1]}, {"new": path}) == 1
+    np.testing.assert_allclose(
+        index.vector("new"), slow_vector(snapshot, want, emb[0]), rtol=1e-4, atol=1e-5
+    )
+    assert len(want) >= int((served[0, :LEVELS] >= 0).sum())  # item 0's own code at least
+
+
+def test_tables_refuse_a_trained_mask_without_full_paths_or_of_the_wrong_shape() -> None:
+    served, full, trained = _random_version(1)
+    snapshot = _random_snapshot(CONFIG, n_rows=LEVELS * K + len(served))
+    ids = [f"i{j}" for j in range(len(served))]
+    with pytest.raises(VersionError, match="or neither"):
+        VersionTable.build(snapshot, ids, served, trained=trained)
+    with pytest.raises(VersionError, match="one bool per item"):
+        VersionTable.build(snapshot, ids, served, trained=trained[:-1], full_rows=full)
+    with pytest.raises(VersionError, match="without -1"):
+        VersionTable.build(snapshot, ids, served, trained=trained, full_rows=served)

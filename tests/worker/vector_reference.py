@@ -1,21 +1,58 @@
-"""A slow, loop-by-loop reference of a served item vector, for tests of the fast paths."""
+"""Slow, loop-by-loop references of served item vectors and borrowed codes, for tests of
+the fast paths."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from quantize.table_model import Snapshot
 from worker.versions import TEXT_PROJ
 
+Rows = Sequence[int] | np.ndarray
 
-def slow_vector(snapshot: Snapshot, rows: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    """The sum of the item's code rows the version has, plus W @ e, in plain loops."""
+
+def slow_vector(snapshot: Snapshot, rows: Rows, emb: np.ndarray | None) -> np.ndarray:
+    """The sum of the item's code rows the version has, plus W @ e (when the version
+    projects text), in plain loops."""
     table = snapshot.params["table.rows"].astype(np.float64)
-    w = snapshot.params[TEXT_PROJ].astype(np.float64)
     out = np.zeros(table.shape[1])
     for r in rows:
         if 0 <= r < table.shape[0]:
             out += table[r]
-    for h in range(w.shape[0]):
-        out[h] += sum(w[h, d] * float(emb[d]) for d in range(w.shape[1]))
+    if TEXT_PROJ in snapshot.params and emb is not None:
+        w = snapshot.params[TEXT_PROJ].astype(np.float64)
+        for h in range(w.shape[0]):
+            out[h] += sum(w[h, d] * float(emb[d]) for d in range(w.shape[1]))
     return out
+
+
+def slow_trained_code(rows: Rows, full: Rows) -> list[int]:
+    """A trained item's code as others borrow it: the leading rows of its served code that
+    follow its full path (a disambiguation row is not on the path)."""
+    code: list[int] = []
+    for r, f in zip(rows, full, strict=False):
+        if r != f:
+            break
+        code.append(int(f))
+    return code
+
+
+def slow_served_rows(
+    own: Rows,
+    path: Rows,
+    trained_rows: Sequence[Rows],
+    trained_full: Sequence[Rows],
+) -> list[int]:
+    """The rows an untrained item with served rows ``own`` and full-path rows ``path`` is
+    served: the deepest trained code that is a prefix of ``path``, else ``own`` (pads
+    dropped)."""
+    best: list[int] = []
+    for rows, full in zip(trained_rows, trained_full, strict=True):
+        code = slow_trained_code(rows, full)
+        if len(code) <= len(best) or len(code) > len(path):
+            continue
+        if all(code[j] == path[j] for j in range(len(code))):
+            best = code
+    return best if best else [int(r) for r in own if r >= 0]
