@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from worker.changelog import NotOwnedError
 from worker.finetune import Abandoned, FineTuner, Outcome
+from worker.memory import release_free_memory
 from worker.processor import BatchResult
 from worker.settings import Settings
 
@@ -97,6 +98,12 @@ class FinetuneScheduler:
         )
 
     def _job(self, domain: str, why: str) -> None:
+        try:
+            self._run(domain, why)
+        finally:
+            release_free_memory()  # the run's tensors, freed in this thread, back to the OS
+
+    def _run(self, domain: str, why: str) -> None:
         with self._lock:
             self.new_interactions[domain] = 0
         if self.owns is not None and not self.owns(domain):

@@ -59,6 +59,7 @@ from store.partition import StorePartition
 from store.records import ItemRecord, domain_counters_key, item_key
 from worker.coding import CodeService, load_codebook, state_key
 from worker.exceptions import WorkerError
+from worker.memory import release_free_memory
 from worker.processor import BatchResult
 from worker.settings import Settings
 from worker.versions import (
@@ -525,6 +526,9 @@ class Serving:
                         index.upsert(codes, full)
                 old = self._indexes.get(domain)
                 self._indexes[domain] = index  # the swap: one reference
+            old_version = None if old is None else old.version
+            old = None  # the previous version's index and the build's buffers: back to the OS
+            release_free_memory()
             self.builds += 1
             swapped.append(domain)
             log.info(
@@ -536,7 +540,7 @@ class Serving:
                 time.perf_counter() - started,
             )
             if self.on_swap is not None:
-                self.on_swap(domain, None if old is None else old.version, version)
+                self.on_swap(domain, old_version, version)
         return swapped
 
     def apply_codes(
