@@ -525,11 +525,11 @@ class Serving:
                     if d == domain:
                         index.upsert(codes, full)
                 old = self._indexes.get(domain)
+                self.builds += 1  # counted first: whoever sees the new index sees the count
                 self._indexes[domain] = index  # the swap: one reference
             old_version = None if old is None else old.version
             old = None  # the previous version's index and the build's buffers: back to the OS
             release_free_memory()
-            self.builds += 1
             swapped.append(domain)
             log.info(
                 "serving %s version %d (%d items, %s index) built in %.2f s",
