@@ -21,17 +21,13 @@ Run: ``python -m bench.coldstart [--dataset DIR] [--n 1000] [--rate 10]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import http.client
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +37,13 @@ from kafka import KafkaProducer
 from tqdm import tqdm
 
 from adacode.errors import AdacodeError
+from bench.broker import broker, free_port
 from bench.common import OUT_DIR
 from worker.events import control_payload, interaction_payload, item_payload
 from worker.settings import Settings
 from worker.topics import create_topics
 
 REPO = Path(__file__).resolve().parent.parent
-KAFKA_SH = REPO / "ops" / "kafka.sh"
 DOMAIN = "cold"
 DIM = 384
 GOALS_MS = {"embedding": 250.0, "text": 1000.0}
@@ -55,33 +51,6 @@ GOALS_MS = {"embedding": 250.0, "text": 1000.0}
 
 class ColdstartBenchError(AdacodeError):
     """The cold-start benchmark could not set up or observe the worker."""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _broker(bootstrap: str | None) -> Iterator[str]:
-    if bootstrap:
-        yield bootstrap
-        return
-    port, controller = _free_port(), _free_port()
-    data = Path(tempfile.mkdtemp(prefix="adacode-coldstart-kafka-"))
-    flags = ["--port", str(port), "--controller-port", str(controller), "--data", str(data)]
-    up = subprocess.run(["bash", str(KAFKA_SH), "up", *flags], capture_output=True, text=True)
-    try:
-        if up.returncode != 0:
-            raise ColdstartBenchError(
-                f"ops/kafka.sh up failed ({up.returncode}): {(up.stdout + up.stderr)[-1500:]}; "
-                "run ops/kafka.sh fetch or pass --bootstrap HOST:PORT"
-            )
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run(["bash", str(KAFKA_SH), "down", *flags], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 class Api:
@@ -199,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = args.kinds.split(",")
     x, texts = _catalogue(args.base + args.n * len(kinds), args.dataset, seed=0)
     results: dict[str, np.ndarray] = {}
-    with _broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+    with broker(args.bootstrap, "coldstart") as bootstrap, tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
         prefix = f"cold{int(time.time())}."
         env = {k: v for k, v in os.environ.items() if not k.startswith("ADACODE_")}
         env.update(

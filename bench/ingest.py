@@ -59,9 +59,7 @@ import os
 import platform
 import pstats
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -83,6 +81,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import worker.processor as processor_module
 from adacode.errors import AdacodeError
+from bench.broker import broker
 from bench.common import out_path
 from store.partition import WriteBatch
 from store.rocksdb import RocksDBPartition, RocksDBWriteBatch
@@ -98,7 +97,6 @@ from worker.settings import Settings
 from worker.topics import create_topics
 
 REPO = Path(__file__).resolve().parents[1]
-KAFKA_SH = REPO / "ops" / "kafka.sh"
 PARTITIONS = 3
 POLL_MAX_RECORDS = 5000
 BIG_POLL = 20_000  # prototype: larger batches amortize the per-batch costs (codes, fsync)
@@ -128,48 +126,6 @@ class StalledRunError(IngestBenchError):
 # ======================================================================================
 # broker
 # ======================================================================================
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def broker(bootstrap: str | None) -> Iterator[str]:
-    """Yield a bootstrap address: ``bootstrap`` as given, or a broker started for this run."""
-    if bootstrap:
-        yield bootstrap
-        return
-    port = free_port()
-    controller = free_port()
-    while controller == port:
-        controller = free_port()
-    data = Path(tempfile.mkdtemp(prefix="adacode-bench-kafka-"))
-    flags = ["--port", str(port), "--controller-port", str(controller), "--data", str(data)]
-    started = time.perf_counter()
-    up = subprocess.run(
-        ["bash", str(KAFKA_SH), "up", *flags], capture_output=True, text=True, check=False
-    )
-    if up.returncode != 0:
-        subprocess.run(["bash", str(KAFKA_SH), "down", *flags], capture_output=True, check=False)
-        shutil.rmtree(data, ignore_errors=True)
-        raise IngestBenchError(
-            f"ops/kafka.sh up {' '.join(flags)} failed with exit code {up.returncode}: "
-            f"{(up.stdout + up.stderr).strip()[-2000:]}; fix the broker setup (ops/kafka.sh "
-            "fetch, java) or pass --bootstrap HOST:PORT of a running broker"
-        )
-    log.info("broker up on 127.0.0.1:%d in %.1f s", port, time.perf_counter() - started)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        down = subprocess.run(
-            ["bash", str(KAFKA_SH), "down", *flags], capture_output=True, text=True, check=False
-        )
-        if down.returncode != 0:
-            print(f"warning: ops/kafka.sh down failed: {down.stderr.strip()}", file=sys.stderr)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 # ======================================================================================
@@ -1164,7 +1120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split: tuple[dict[str, float], Run, dict[str, int]] | None = None
     profile_entries: list[dict[str, Any]] = []
     model_load: dict[str, float] = {}
-    with broker(args.bootstrap) as bootstrap, tempfile.TemporaryDirectory() as scratch:
+    with broker(args.bootstrap, "ingest") as bootstrap, tempfile.TemporaryDirectory() as scratch:
         print(f"broker {bootstrap}; producing the workloads", flush=True)
         cat = make_catalogue(args.items, args.seed)
         emb = make_workload(bootstrap, base, "items+embedding", "items", embedding_item_events(cat))

@@ -35,9 +35,7 @@ import contextlib
 import itertools
 import os
 import re
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +57,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from adacode.errors import AdacodeError
+from bench.broker import broker, free_port
 from bench.common import out_path
 from worker.dataset import dataset_domain, read_interactions, read_items
 from worker.events import interaction_payload, item_payload
@@ -67,7 +66,6 @@ from worker.settings import Settings
 from worker.topics import create_topics
 
 REPO = Path(__file__).resolve().parents[1]
-KAFKA_SH = REPO / "ops" / "kafka.sh"
 BASE_TS = 1_700_000_000
 SYNTHETIC_DOMAINS = ("shop", "news")
 MIB = 1024 * 1024
@@ -78,37 +76,6 @@ Event = tuple[str, bytes, bytes]
 
 class SoakError(AdacodeError):
     """The soak could not start its worker or talk to it."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def broker(bootstrap: str | None) -> Iterator[str]:
-    """``bootstrap`` as given, or a broker of its own (ops/kafka.sh on free ports) for the run."""
-    if bootstrap:
-        yield bootstrap
-        return
-    port, controller = free_port(), free_port()
-    data = Path(tempfile.mkdtemp(prefix="adacode-soak-kafka-"))
-    flags = ["--port", str(port), "--controller-port", str(controller), "--data", str(data)]
-    try:
-        up = subprocess.run(
-            ["bash", str(KAFKA_SH), "up", *flags], capture_output=True, text=True, check=False
-        )
-        if up.returncode != 0:
-            raise SoakError(
-                f"ops/kafka.sh up {' '.join(flags)} failed ({up.returncode}): "
-                f"{(up.stdout + up.stderr)[-1500:]}; run ops/kafka.sh fetch, install Java, or "
-                "pass --bootstrap HOST:PORT of a running broker"
-            )
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run(["bash", str(KAFKA_SH), "down", *flags], capture_output=True, check=False)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 # -- streams ------------------------------------------------------------------------------------
@@ -478,7 +445,7 @@ def plot(samples: list[Sample], args: argparse.Namespace, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     duration_s = args.duration_min * 60.0
     with (
-        broker(args.bootstrap) as bootstrap,
+        broker(args.bootstrap, "soak") as bootstrap,
         tempfile.TemporaryDirectory(prefix="adacode-soak-") as tmp,
     ):
         prefix = f"soak{uuid.uuid4().hex[:6]}."
