@@ -168,6 +168,17 @@ TEXT_DIM = 6
 ROWS = np.array([[0, 5, -1], [1, -1, -1], [2, 7, 11], [3, 4, -1]], dtype=np.int64)
 
 
+def _put_version_1(store: StorePartition, snapshot: Snapshot, items_blob: bytes) -> None:
+    """Write version 1 of domain ``d`` by hand, byte for byte as an older build stored it."""
+    v = (1).to_bytes(8, "big")
+    batch = store.batch()
+    batch.put("versions", b"table\x00d\x00" + v, snapshot.to_bytes())
+    batch.put("versions", b"items\x00d\x00" + v, items_blob)
+    batch.put("versions", b"rec\x00d\x00" + v, VersionRecord(1, None, 1.0, "cb", {}, {}).encode())
+    batch.put("versions", b"current\x00d", v)
+    store.write(batch)
+
+
 def _random_snapshot(config: ModelConfig, n_rows: int = 12, seed: int = 0) -> Snapshot:
     """A model with every parameter random (level weights and W included), for references."""
     torch.manual_seed(seed)
@@ -232,13 +243,7 @@ def test_versions_written_before_text_projection_still_load(store: StorePartitio
     assert TEXT_PROJ not in snapshot.params
     old_items = io.BytesIO()
     np.savez(old_items, ids=np.asarray(["a", "b", "c", "d"], dtype=str), rows=ROWS)
-    v = (1).to_bytes(8, "big")
-    batch = store.batch()
-    batch.put("versions", b"table\x00d\x00" + v, snapshot.to_bytes())
-    batch.put("versions", b"items\x00d\x00" + v, old_items.getvalue())
-    batch.put("versions", b"rec\x00d\x00" + v, VersionRecord(1, None, 1.0, "cb", {}, {}).encode())
-    batch.put("versions", b"current\x00d", v)
-    store.write(batch)
+    _put_version_1(store, snapshot, old_items.getvalue())
     table = load_table(store, "d", 1)
     assert table.text_vectors is None and table.snapshot.config.text_dim == 0
     np.testing.assert_allclose(
@@ -424,13 +429,7 @@ def test_versions_written_before_borrowing_load_as_all_trained_and_serve(
     old_items = io.BytesIO()
     ids = [f"i{j}" for j in range(n)]
     np.savez(old_items, ids=np.asarray(ids, dtype=str), rows=served, text_vectors=text)
-    v = (1).to_bytes(8, "big")
-    batch = store.batch()
-    batch.put("versions", b"table\x00d\x00" + v, snapshot.to_bytes())
-    batch.put("versions", b"items\x00d\x00" + v, old_items.getvalue())
-    batch.put("versions", b"rec\x00d\x00" + v, VersionRecord(1, None, 1.0, "cb", {}, {}).encode())
-    batch.put("versions", b"current\x00d", v)
-    store.write(batch)
+    _put_version_1(store, snapshot, old_items.getvalue())
     table = load_table(store, "d", 1)
     assert table.trained is None and table.full_rows is None and table.trained_mask().all()
     assert table.served_rows() is table.item_rows
