@@ -354,6 +354,27 @@ def format_row(row: dict[str, Any]) -> str:
     )
 
 
+def idle_windows(samples: list[Sample], after_s: float) -> list[tuple[float, float]]:
+    """``(start s, median RSS MiB)`` of each stretch of samples after ``after_s`` with no
+    fine-tune running: the resident size of the same phase of every round, so a round's
+    training peak does not read as growth (nor its release as shrinkage)."""
+    out: list[tuple[float, float]] = []
+    run: list[Sample] = []
+    for sample in [*samples, None]:
+        idle = (
+            sample is not None
+            and sample.t >= after_s
+            and sample.started == sample.published + sample.rejected
+        )
+        if idle:
+            run.append(sample)  # type: ignore[arg-type]
+            continue
+        if len(run) >= 2:
+            out.append((run[0].t, statistics.median(s.rss_mib for s in run)))
+        run = []
+    return out
+
+
 def summarize(
     samples: list[Sample], rows: list[dict[str, Any]], scan: LogScan, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -374,6 +395,9 @@ def summarize(
     since_tuned = (
         (end.rss_mib - tuned.rss_mib) / tuned.rss_mib * 100 if tuned and tuned.rss_mib else None
     )
+    # between rounds, from the first idle stretch after the warm-up and the first fine-tune
+    windows = idle_windows(samples, max(warm_s, tuned.t if tuned else warm_s))
+    between = (windows[-1][1] - windows[0][1]) / windows[0][1] * 100 if len(windows) >= 2 else None
     return {
         "minutes_measured": len(after),
         "applied_per_min": {
@@ -393,6 +417,8 @@ def summarize(
             "after_first_finetune": tuned.rss_mib if tuned else None,
             "first_finetune_s": tuned.t if tuned else None,
             "growth_since_first_finetune_pct": since_tuned,
+            "between_rounds": [{"from_s": t, "median": m} for t, m in windows],
+            "between_rounds_growth_pct": between,
         },
         "errors": scan.errors,
         "tracebacks": scan.tracebacks,
@@ -588,6 +614,12 @@ def report(s: dict[str, Any], args: argparse.Namespace) -> None:
             f"{'  since first fine-tune':<28} {r['after_first_finetune']:.1f} at "
             f"{r['first_finetune_s'] / 60:.1f} min -> {r['end']:.1f}  "
             f"growth {r['growth_since_first_finetune_pct']:+.1f} %"
+        )
+    if r["between_rounds_growth_pct"] is not None:
+        medians = "  ".join(f"{w['median']:.0f}" for w in r["between_rounds"])
+        print(
+            f"{'  between fine-tunes':<28} medians {medians}  "
+            f"growth {r['between_rounds_growth_pct']:+.1f} % (first to last)"
         )
     print(f"{'ERROR lines / tracebacks':<28} {s['errors']} / {s['tracebacks']}")
     for line in s["first_errors"]:

@@ -60,8 +60,16 @@ _MOVE_AWAY = "move it away or point state_dir elsewhere"
 Mode = Literal["primary", "read-only", "secondary"]
 
 
+#: Memtables of all column families together are flushed beyond this many bytes. RocksDB's
+#: default is 64 MiB *per column family* (two of them each before a stall), so a worker with
+#: a dozen families and a steady stream kept growing for many minutes before its first
+#: flushes; one shared cap bounds the state's memory from the start.
+MEMTABLE_BUDGET_BYTES = 64 * 1024 * 1024
+
+
 def _options(*, create: bool = False) -> rocksdict.Options:
     options = rocksdict.Options(raw_mode=True)
+    options.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES)
     options.create_if_missing(create)
     options.create_missing_column_families(create)
     return options
