@@ -60,6 +60,7 @@ import platform
 import pstats
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -90,9 +91,10 @@ from worker.encoder import TextEncoder
 from worker.events import (
     interaction_payload,
     item_payload,
+    parse_interactions,
 )
 from worker.metrics import Metrics
-from worker.processor import BatchResult, Encode, Processor, SourceRecord
+from worker.processor import BatchResult, Encode, Processor, Record, SourceRecord
 from worker.settings import Settings
 from worker.topics import create_topics
 
@@ -521,6 +523,34 @@ class TimedLoop(ConsumerLoop):
         out["process: MiniLM"] = self.timing["process: MiniLM"]
         out["process: codes"] = self.timing["process: codes"]
         return total, self.finished_cpu - self.assigned_cpu, out
+
+
+class FloorProcessor(Processor):
+    """The least a worker that keeps every interaction durably can do per batch: parse and
+    check the batch (:func:`~worker.events.parse_interactions`), put each valid event's raw
+    bytes under its ``(partition, offset)`` and the next offsets, in one write. No
+    popularity, no per-user index, no codes: the *floor* row bounds what any state on top of
+    kafka-python's decoding can reach (interactions only)."""
+
+    def process(self, records: Sequence[Record]) -> BatchResult:
+        result = BatchResult(batch=self.store.batch())
+        values = [r.value for r in records]
+        inter = parse_interactions(values, self.limits)
+        pack = _FLOOR_KEY.pack
+        put = result.batch.put
+        for k in inter.index:
+            rec = records[k]
+            put("interactions", pack(rec.partition, rec.offset), values[k])  # type: ignore[arg-type]
+        next_offsets: dict[tuple[str, int], int] = {}
+        for rec in records:
+            next_offsets[rec.topic, rec.partition] = rec.offset + 1
+        for (topic, partition), offset in sorted(next_offsets.items()):
+            result.batch.set_offset(topic, partition, offset)
+        result.applied["interaction", "all"] += len(inter)
+        return result
+
+
+_FLOOR_KEY = struct.Struct(">iq")
 
 
 def timed_processor(base: type[Processor], timing: dict[str, float]) -> type[Processor]:
@@ -1084,12 +1114,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "5000,20000,80000 (about 20 s per 80,000 items)",
     )
     parser.add_argument(
+        "--floor-repeats",
+        type=int,
+        default=3,
+        help="runs of the floor row (parse + one put per interaction, no state; 0: none)",
+    )
+    parser.add_argument(
         "--no-profile", action="store_true", help="skip the split, cProfile and offline runs"
     )
     args = parser.parse_args(argv)
     for name in ("interactions", "items", "text_items", "repeats", "embedding_repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.floor_repeats < 0:
+        parser.error("--floor-repeats must be 0 (no floor row) or more")
     if args.prototype_repeats < 0:
         parser.error("--prototype-repeats must be 0 (no prototype rows) or more")
     try:
@@ -1176,6 +1214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             bigger.runs.append(measure_applied(inter, bigger_cfg, f"#{i}", initial=warm))
+        floor = Row(inter, "floor: parse + 1 put/record", raw=raw)
+        floor.note = "FloorProcessor: raw event bytes and offsets only (no state): the bound"
+        for i in range(args.floor_repeats):
+            floor.runs.append(
+                measure_applied(inter, AppliedConfig(floor.path, processor=FloorProcessor), f"#{i}")
+            )
         cold = Row(inter, "applied, empty state (1 run)", raw=raw)
         cold.note = "no catalogue: every item becomes a placeholder; no codebook yet"
         cold.runs.append(measure_applied(inter, AppliedConfig(cold.path), "cold"))
@@ -1188,6 +1232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 synced,
                 unsynced,
                 cold,
+                floor,
                 raw_nocrc,
                 nocrc,
                 bigger,

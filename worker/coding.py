@@ -37,7 +37,7 @@ from typing import Protocol
 import numpy as np
 import orjson
 
-from quantize.assign import AssignerState, CodeAssigner, CodeChange
+from quantize.assign import AssignerState, Code, CodeAssigner, CodeChange
 from quantize.codebook import ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.partition import StorePartition, WriteBatch
@@ -96,6 +96,10 @@ GROUP_CODEBOOK_POLL_S = 5.0
 class CodingResult:
     changes: list[tuple[str, CodeChange]] = field(default_factory=list)  # (domain, change)
     trained: str | None = None  # id of a codebook trained in this batch
+    #: items that had a code and came again with an embedding: (domain, item, served code);
+    #: serving re-vectors them even when the code stayed (a text-projecting version's
+    #: vector follows the item's embedding)
+    redescribed: list[tuple[str, str, Code]] = field(default_factory=list)
 
 
 class CodeService:
@@ -189,9 +193,11 @@ class CodeService:
         if assigner is None or not items or self.codebook is None:
             return
         keys = sorted(items)
+        known = [k for k in keys if k in assigner]
         vectors = np.stack([np.frombuffer(items[k], dtype="<f4") for k in keys])
         paths = self.codebook.encode(vectors)
         result.changes += [(domain, c) for c in assigner.add(keys, paths, ts=ts)]
+        result.redescribed += [(domain, k, assigner.served_code(k)) for k in known]
         self._dirty.add(domain)
 
     def _follow_threshold(self, assigner: CodeAssigner, ts: int) -> list[CodeChange]:

@@ -31,8 +31,10 @@ How it follows the state (:class:`Serving`):
   gets the vector of its (borrowed, else served) code's rows in the current version's
   table (rows the version never had, e.g. a disambiguation digit handed out later, are
   left out), plus the projection of its stored embedding, and is added to the live
-  index at once, without a rebuild or any training. Items of the version's table keep
-  the rows (and text part) they were served with at the version until the next one.
+  index at once, without a rebuild or any training. An item that is re-described (a
+  new embedding or text, the same code) is re-vectored the same way. Items of the
+  version's table keep the rows (and text part) they were served with at the version
+  until the next one.
 * **Builds racing live items.** A build reads the committed code state; codes that
   change while it runs are recorded and replayed on the new index before the swap.
 
@@ -585,7 +587,8 @@ class Serving:
 
     def _apply_result(self, result: BatchResult) -> None:
         changes = result.coding.changes
-        if changes:
+        redescribed = result.coding.redescribed
+        if changes or redescribed:
             if self._shape is None or result.coding.trained:
                 codebook = load_codebook(self.store)
                 self._shape = None if codebook is None else (codebook.levels, codebook.k)
@@ -594,6 +597,8 @@ class Serving:
                 by_domain: dict[str, dict[str, np.ndarray]] = {}
                 for domain, change in changes:
                     by_domain.setdefault(domain, {})[change.key] = row_ids(change.new, k, levels)
+                for domain, key, code in redescribed:  # same code, new embedding
+                    by_domain.setdefault(domain, {}).setdefault(key, row_ids(code, k, levels))
                 for domain, codes in sorted(by_domain.items()):
                     self.apply_codes(domain, codes, self._full_rows(domain, list(codes)))
         if result.switches:

@@ -544,6 +544,17 @@ def test_a_text_projected_version_serves_new_items_from_rows_and_their_embedding
     assert status == 200 and doc["version"] == 2 and env.serving.builds == before
     ref = slow_vector(snapshot, assigner.row_ids("newbie"), emb.astype(np.float32))
     np.testing.assert_allclose(doc["vector"], ref, rtol=1e-4, atol=1e-5)
+    # re-described with a nearby embedding, same code: re-vectored at once, no rebuild
+    code = assigner.served_code("newbie")
+    emb2 = emb + 0.05 * np.random.default_rng(8).normal(size=DIM)
+    env.feed("items", [item_payload("newbie", "shop", 51, embedding=emb2)])
+    assert assigner.served_code("newbie") == code  # the case of a code that did not move
+    status, doc2 = env.call("GET", "/v1/domains/shop/items/newbie/vector")
+    assert status == 200 and env.serving.builds == before
+    ref2 = slow_vector(snapshot, assigner.row_ids("newbie"), emb2.astype(np.float32))
+    np.testing.assert_allclose(doc2["vector"], ref2, rtol=1e-4, atol=1e-5)
+    assert np.abs(ref2 - ref).max() > 1e-3  # the old vector would fail the line above
+    emb = emb2
     # similar: brute-force cosine over every served item, the new one included
     ids = list(assigner.keys)
     found = stored_embeddings(env.store, "shop", ids)
