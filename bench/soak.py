@@ -196,6 +196,7 @@ class Sample:
     started: int
     published: int
     rejected: int
+    state_mib: float = 0.0  # adacode_state_memory_bytes, all parts (memtables, block cache, ...)
 
 
 ERROR_LINE = re.compile(rb"^\S+ (ERROR|CRITICAL)\b")
@@ -253,13 +254,15 @@ def scrape(port: int) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
-    out = {"applied": 0.0, "lag": 0.0}
+    out = {"applied": 0.0, "lag": 0.0, "state_mib": 0.0}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "adacode_applied_events_total":
                 out["applied"] += sample.value
             elif sample.name == "adacode_consumer_lag":
                 out["lag"] += sample.value
+            elif sample.name == "adacode_state_memory_bytes":
+                out["state_mib"] += sample.value / MIB
     return out
 
 
@@ -331,6 +334,7 @@ def minute_rows(samples: list[Sample], rate: float) -> list[dict[str, Any]]:
                 "offered_per_min": rate * 60.0,
                 "lag": end.lag,
                 "rss_mib": end.rss_mib,
+                "state_mib": end.state_mib,
                 "errors": end.errors,
                 "published": end.published,
                 "rejected": end.rejected,
@@ -342,14 +346,15 @@ def minute_rows(samples: list[Sample], rate: float) -> list[dict[str, Any]]:
 
 HEADER = (
     f"{'min':>4} {'sent':>8} {'applied':>8} {'applied/min':>11} {'lag':>7} {'RSS MiB':>8} "
-    f"{'errors':>6} {'published':>9} {'rejected':>8}"
+    f"{'state MiB':>9} {'errors':>6} {'published':>9} {'rejected':>8}"
 )
 
 
 def format_row(row: dict[str, Any]) -> str:
     return (
         f"{row['minute']:>4} {row['sent']:>8} {row['applied']:>8.0f} {row['applied_per_min']:>11.0f} "
-        f"{row['lag']:>7.0f} {row['rss_mib']:>8.1f} {row['errors']:>6} {row['published']:>9} "
+        f"{row['lag']:>7.0f} {row['rss_mib']:>8.1f} {row['state_mib']:>9.1f} {row['errors']:>6} "
+        f"{row['published']:>9} "
         f"{row['rejected']:>8}"
     )
 
@@ -414,6 +419,8 @@ def summarize(
             "growth_pct": (end.rss_mib - warm.rss_mib) / warm.rss_mib * 100 if warm.rss_mib else 0,
             "slope_mib_per_hour": slope,
             "max": max(s.rss_mib for s in samples),
+            "state_after_warmup": warm.state_mib,
+            "state_end": end.state_mib,
             "after_first_finetune": tuned.rss_mib if tuned else None,
             "first_finetune_s": tuned.t if tuned else None,
             "growth_since_first_finetune_pct": since_tuned,
@@ -445,7 +452,9 @@ def plot(samples: list[Sample], args: argparse.Namespace, path: Path) -> None:
     rate = np.diff(applied) / np.where(dt > 0, dt, 1) * 60.0
     publishes = [s.t / 60.0 for p, s in itertools.pairwise(samples) if s.published > p.published]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    top.plot(t, rss, color="tab:blue")
+    top.plot(t, rss, color="tab:blue", label="RSS")
+    state = np.asarray([s.state_mib for s in samples])
+    top.plot(t, state, color="tab:orange", label="of which RocksDB (memtables, cache, readers)")
     top.axvline(args.warmup_min, color="grey", linestyle=":", label="end of warm-up")
     top.set_ylabel("worker RSS (MiB)")
     bottom.plot(t[1:], rate, color="tab:green", label="applied events / min")
@@ -521,7 +530,11 @@ def run(args: argparse.Namespace) -> int:
                     try:
                         metrics = scrape(port)
                     except (OSError, urllib.error.URLError):
-                        metrics = {"applied": samples[-1].applied if samples else 0.0, "lag": -1}
+                        metrics = {
+                            "applied": samples[-1].applied if samples else 0.0,
+                            "lag": -1,
+                            "state_mib": samples[-1].state_mib if samples else 0.0,
+                        }
                     samples.append(
                         Sample(
                             elapsed,
@@ -533,6 +546,7 @@ def run(args: argparse.Namespace) -> int:
                             scan.started,
                             scan.published,
                             scan.rejected,
+                            metrics["state_mib"],
                         )
                     )
                     rows = minute_rows(samples, args.rate)
@@ -608,6 +622,10 @@ def report(s: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"{'worker RSS MiB':<28} after warm-up {r['after_warmup']:.1f}  end {r['end']:.1f}  "
         f"growth {r['growth_pct']:+.1f} %  slope {r['slope_mib_per_hour']:+.1f} MiB/h  max {r['max']:.1f}"
+    )
+    print(
+        f"{'  of which RocksDB':<28} after warm-up {r['state_after_warmup']:.1f}  "
+        f"end {r['state_end']:.1f}  (memtables, block cache, table readers: all bounded)"
     )
     if r["after_first_finetune"] is not None:
         print(

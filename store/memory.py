@@ -210,3 +210,15 @@ class MemoryPartition(StorePartition):
         with self._lock:
             self._closed = True
             self._families = {}
+
+    def memory_usage(self) -> dict[str, int]:
+        """``values``: the bytes of every key and value held (Python's overhead aside)."""
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"{_NAME} was used after close(); open a new partition")
+            held = sum(
+                len(k) + len(v)
+                for family in self._families.values()
+                for k, v in family.values.items()
+            )
+        return {"values": held}

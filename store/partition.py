@@ -150,6 +150,10 @@ class StorePartition(ABC):
     def close(self) -> None:
         """Release the partition; further calls fail."""
 
+    @abstractmethod
+    def memory_usage(self) -> dict[str, int]:
+        """Bytes the partition holds in memory, by part (for ``/metrics`` and the soak)."""
+
     # ---- derived helpers -------------------------------------------------------------
 
     def offsets(self) -> dict[tuple[str, int], int]:

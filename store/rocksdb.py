@@ -545,6 +545,21 @@ class RocksDBPartition(StorePartition):
                 f"primary ({exc}); reopen the secondary"
             ) from exc
 
+    def memory_usage(self) -> dict[str, int]:
+        """``memtables`` (all column families, bounded by :data:`MEMTABLE_BUDGET_BYTES`),
+        ``block_cache`` (the process's shared cache, bounded by :data:`BLOCK_CACHE_BYTES`)
+        and ``table_readers`` (table-file metadata held outside the cache)."""
+        usage = {"memtables": 0, "table_readers": 0}
+        for cf in COLUMN_FAMILIES:
+            family = self._family(cf)
+            for part, name in (
+                ("memtables", "rocksdb.cur-size-all-mem-tables"),
+                ("table_readers", "rocksdb.estimate-table-readers-mem"),
+            ):
+                usage[part] += family.property_int_value(name) or 0
+        usage["block_cache"] = _BLOCK_CACHE.get_usage()
+        return usage
+
     def close(self) -> None:
         """Release the database and its lock; idempotent.
 

@@ -198,6 +198,9 @@ class MirroredStore(StorePartition):
     def close(self) -> None:
         self.inner.close()
 
+    def memory_usage(self) -> dict[str, int]:
+        return self.inner.memory_usage()
+
 
 # -- the versions topic ---------------------------------------------------------------------
 

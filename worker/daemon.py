@@ -130,6 +130,7 @@ class Daemon:
         self.store = MirroredStore(
             local, VersionsLog(settings), owned=lambda: self.loop.owned_partitions()
         )
+        self.metrics.watch_state_memory(self.store.memory_usage)
         self.codebooks = CodebookLog(settings)
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
         self.processor = Processor(self.store, settings, self.encoder.encode)

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from store.exceptions import StoreError
 
 if TYPE_CHECKING:
     from quantize.code_metrics import CodeReport
     from worker.processor import BatchResult
+
+
+class _StateMemory(Collector):
+    """``adacode_state_memory_bytes{part}``, read from the store at each scrape."""
+
+    def __init__(self, usage: Callable[[], dict[str, int]]) -> None:
+        self.usage = usage
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "adacode_state_memory_bytes",
+            "bytes the state store holds in memory, by part (memtables, block cache, ...)",
+            labels=["part"],
+        )
+        try:
+            parts = self.usage()
+        except StoreError:  # closed while the daemon stops: nothing to report
+            parts = {}
+        for part, n in sorted(parts.items()):
+            family.add_metric([part], n)
+        yield family
 
 
 class Metrics:
@@ -79,6 +105,10 @@ class Metrics:
             "adacode_rejected_candidates", "candidates the gate rejected", ["domain"], registry=r
         )
         self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
+
+    def watch_state_memory(self, usage: Callable[[], dict[str, int]]) -> None:
+        """Report ``usage()`` (e.g. :meth:`StorePartition.memory_usage`) at each scrape."""
+        self.registry.register(_StateMemory(usage))
 
     def observe_batch(self, result: BatchResult, n_records: int, seconds: float) -> None:
         for (kind, domain), n in result.applied.items():

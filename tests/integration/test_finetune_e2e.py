@@ -4,6 +4,7 @@ versions project the items' frozen embeddings)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -100,6 +101,11 @@ def test_scheduled_fine_tunes_publish_and_a_live_rollback_restores_v1_vectors(
         assert 'adacode_code_collision_rate{domain="shop",scope="head"} 0.0' in metrics
         assert 'adacode_code_utilization{domain="shop",level="0"}' in metrics
         assert 'adacode_applied_events_total{domain="shop",kind="interaction"} 1760.0' in metrics
+        state_memory = dict(
+            re.findall(r'adacode_state_memory_bytes\{part="(\w+)"\} (\S+)', metrics)
+        )
+        assert state_memory.keys() == {"memtables", "block_cache", "table_readers"}
+        assert float(state_memory["memtables"]) > 0  # what the daemon applied, not yet flushed
         records = list_records(daemon.store, "shop")
         assert [r.version for r in records] == [1, 2] and records[1].parent == 1
         assert records[1].note == "incremental"

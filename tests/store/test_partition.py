@@ -533,3 +533,19 @@ def test_open_partition_picks_the_implementation(tmp_path: Path) -> None:
         put_all(rocks, "items", {b"k": b"v"})
     with open_partition(str(tmp_path / "state"), read_only=True) as view:
         assert view.get("items", b"k") == b"v"
+
+
+def test_memory_usage_names_its_parts_and_grows_with_unflushed_writes(
+    partition: StorePartition,
+) -> None:
+    before = partition.memory_usage()
+    assert before and all(isinstance(v, int) and v >= 0 for v in before.values())
+    put_all(partition, "items", {b"k%05d" % i: b"v" * 200 for i in range(2000)})
+    after = partition.memory_usage()
+    assert after.keys() == before.keys()
+    # the 400 KB just written sit in memory: the values (memory) or the memtables (RocksDB)
+    grown = sum(after.values()) - sum(before.values())
+    assert grown >= 2000 * 200
+    partition.close()
+    with pytest.raises(StoreError):
+        partition.memory_usage()
