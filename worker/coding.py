@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from typing import Protocol
 import numpy as np
 import orjson
 
-from quantize.assign import AssignerState, Code, CodeAssigner, CodeChange
+from quantize.assign import AssignerState, Code, CodeAssigner, CodeChange, ServedCodes
 from quantize.codebook import ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.partition import StorePartition, WriteBatch
@@ -115,6 +116,9 @@ class CodeService:
         self.settings = settings
         self.codebook = load_codebook(store)
         self.assigners: dict[str, CodeAssigner] = {}
+        #: held while a batch changes the assigners; readers on other threads (``/metrics``)
+        #: take it for a consistent snapshot (:meth:`served_snapshots`)
+        self.lock = threading.Lock()
         self._dirty: set[str] = set()
         #: the group's codebook source; None = a worker on its own
         self.group = group
@@ -149,6 +153,11 @@ class CodeService:
 
     # -- per batch ------------------------------------------------------------------------
 
+    def served_snapshots(self) -> dict[str, ServedCodes]:
+        """Every domain's served codes, copied between batches (safe from any thread)."""
+        with self.lock:
+            return {domain: assigner.served() for domain, assigner in self.assigners.items()}
+
     def apply(
         self,
         batch: WriteBatch,
@@ -162,6 +171,17 @@ class CodeService:
         ``held_items`` yields every stored (key, ItemRecord bytes) as of this batch,
         used only to bootstrap the codebook.
         """
+        with self.lock:
+            return self._apply(batch, new_items, popularity, domain_ts, held_items)
+
+    def _apply(
+        self,
+        batch: WriteBatch,
+        new_items: dict[str, dict[str, bytes]],
+        popularity: dict[str, dict[str, float]],
+        domain_ts: dict[str, int],
+        held_items: Iterable[tuple[bytes, bytes]],
+    ) -> CodingResult:
         result = CodingResult()
         if self.codebook is None:
             if not self._maybe_bootstrap(batch, new_items, held_items, result):

@@ -192,8 +192,9 @@ class Daemon:
         self.metrics.up.set(1 if self.loop.healthy else 0)
         codes = self.processor.codes
         if codes is not None:
-            for domain, assigner in list(codes.assigners.items()):
-                self.metrics.observe_codes(domain, code_report(assigner.served()))
+            # a snapshot between batches: the consumer thread changes the assigners
+            for domain, served in codes.served_snapshots().items():
+                self.metrics.observe_codes(domain, code_report(served))
         now = time.time()
         for domain in domains_with_versions(self.store):
             version = current_version(self.store, domain)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 
 from quantize.assign import AssignerState
@@ -133,3 +136,40 @@ def test_retraining_is_explicit_and_recodes_every_item_with_history() -> None:
     # a worker started afterwards serves the new codes
     again = Processor(store, S, None)
     assert again.codes is not None and again.codes.codebook == codebook
+
+
+def test_served_snapshots_from_another_thread_wait_for_the_batch_in_progress() -> None:
+    """``/metrics`` reads the served codes from an HTTP thread while the consumer thread
+    codes a batch: the snapshot must not see an assigner half-way through ``add`` (its
+    arrays grown one by one: seen in a soak as a shape mismatch)."""
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _apply(store, proc, _items(80))
+    codes = proc.codes
+    assert codes is not None
+    assigner = codes.assigner("shop")
+    assert assigner is not None
+    inside, release = threading.Event(), threading.Event()
+    original = assigner.add
+
+    def slow_add(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        inside.set()
+        release.wait(10)  # the batch is still in progress
+        return out
+
+    assigner.add = slow_add  # type: ignore[method-assign]
+    coder = threading.Thread(target=_apply, args=(store, proc, _items(7, start=80)))
+    coder.start()
+    assert inside.wait(10)
+    got: list[dict[str, Any]] = []
+    reader = threading.Thread(target=lambda: got.append(codes.served_snapshots()))
+    reader.start()
+    reader.join(0.3)
+    assert reader.is_alive() and not got  # waits for the batch
+    release.set()
+    coder.join(10)
+    reader.join(10)
+    served = got[0]["shop"]
+    assert served.n_items == 87
+    assert served.row_matrix().shape == (87, served.levels + 1)
