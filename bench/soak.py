@@ -26,6 +26,14 @@ max and the median against the offered rate; RSS after the warm-up against the e
 and slope; ERROR lines; fine-tunes started, published, rejected), ``bench/out/soak.json`` and
 ``bench/out/soak.png`` (RSS and throughput over time, publishes marked). Exits 1 if the worker
 died or did not stop cleanly.
+
+The warm-up lasts at least ``--warmup-min`` and until every domain has finished its first
+fine-tune with none running (torch's training state and the first index builds are one-time
+costs). RSS is compared like for like: the warm-up's last sample and the run's last sample
+with no fine-tune running (*idle to idle*), and the median of each stretch between fine-tunes
+(a round's training peak is freed at its end: it is neither growth nor a leak). The worker's
+``adacode_state_memory_bytes`` (RocksDB memtables, block cache, table readers) is sampled
+beside RSS.
 """
 
 from __future__ import annotations
@@ -197,10 +205,11 @@ class Sample:
     published: int
     rejected: int
     state_mib: float = 0.0  # adacode_state_memory_bytes, all parts (memtables, block cache, ...)
+    domains_tuned: int = 0  # domains with a finished fine-tune so far
 
 
 ERROR_LINE = re.compile(rb"^\S+ (ERROR|CRITICAL)\b")
-FINETUNE_START = re.compile(rb"fine-tune of \S+ starts")
+FINETUNE_START = re.compile(rb"fine-tune of (\S+) starts")
 FINETUNE_DONE = re.compile(rb"fine-tune (\S+): version (\d+) (published|rejected)")
 
 
@@ -216,6 +225,8 @@ class LogScan:
     published: int = 0
     rejected: int = 0
     first_errors: list[str] = field(default_factory=list)
+    domains_started: set[bytes] = field(default_factory=set)
+    domains_done: set[bytes] = field(default_factory=set)  # a fine-tune published or rejected
 
     def update(self) -> None:
         with self.path.open("rb") as fh:
@@ -230,9 +241,11 @@ class LogScan:
                     self.first_errors.append(line.decode(errors="replace")[:300])
             elif line.startswith(b"Traceback"):
                 self.tracebacks += 1
-            elif FINETUNE_START.search(line):
+            elif started := FINETUNE_START.search(line):
                 self.started += 1
+                self.domains_started.add(started.group(1))
             elif found := FINETUNE_DONE.search(line):
+                self.domains_done.add(found.group(1))
                 if found.group(3) == b"published":
                     self.published += 1
                 else:
@@ -380,14 +393,35 @@ def idle_windows(samples: list[Sample], after_s: float) -> list[tuple[float, flo
     return out
 
 
+def warmup_end(samples: list[Sample], at_least_s: float, n_domains: int) -> float:
+    """End of the warm-up (s): the first sample, not before ``at_least_s``, at which every
+    domain that was ever fine-tuned has finished one fine-tune and none is running, so the
+    one-time costs (torch's training state, the first index builds) are behind; without
+    such a sample, ``at_least_s``."""
+    for s in samples:
+        if (
+            s.t >= at_least_s
+            and n_domains
+            and s.domains_tuned >= n_domains
+            and s.started == s.published + s.rejected
+        ):
+            return s.t
+    return at_least_s
+
+
 def summarize(
     samples: list[Sample], rows: list[dict[str, Any]], scan: LogScan, args: argparse.Namespace
 ) -> dict[str, Any]:
-    warm_s = args.warmup_min * 60.0
+    warm_s = warmup_end(samples, args.warmup_min * 60.0, len(scan.domains_started))
     after = [r for r in rows if r["minute"] * 60 > warm_s] or rows
     per_min = [r["applied_per_min"] for r in after]
     warm = next((s for s in samples if s.t >= warm_s), samples[-1])
     end = samples[-1]
+    # like for like: the last sample with no fine-tune running (the warm-up ends on one too)
+    idle_end = next(
+        (s for s in reversed(samples) if s.t > warm.t and s.started == s.published + s.rejected),
+        end,
+    )
     tail = [s for s in samples if s.t >= warm_s]
     slope = 0.0
     if len(tail) >= 3:
@@ -404,6 +438,7 @@ def summarize(
     windows = idle_windows(samples, max(warm_s, tuned.t if tuned else warm_s))
     between = (windows[-1][1] - windows[0][1]) / windows[0][1] * 100 if len(windows) >= 2 else None
     return {
+        "warmup_end_s": warm_s,
         "minutes_measured": len(after),
         "applied_per_min": {
             "min": min(per_min, default=0.0),
@@ -417,6 +452,11 @@ def summarize(
             "at_warmup_s": warm.t,
             "end": end.rss_mib,
             "growth_pct": (end.rss_mib - warm.rss_mib) / warm.rss_mib * 100 if warm.rss_mib else 0,
+            "idle_end": idle_end.rss_mib,
+            "idle_end_s": idle_end.t,
+            "idle_growth_pct": (
+                (idle_end.rss_mib - warm.rss_mib) / warm.rss_mib * 100 if warm.rss_mib else 0
+            ),
             "slope_mib_per_hour": slope,
             "max": max(s.rss_mib for s in samples),
             "state_after_warmup": warm.state_mib,
@@ -439,7 +479,7 @@ def summarize(
     }
 
 
-def plot(samples: list[Sample], args: argparse.Namespace, path: Path) -> None:
+def plot(samples: list[Sample], args: argparse.Namespace, path: Path, warm_s: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -455,7 +495,7 @@ def plot(samples: list[Sample], args: argparse.Namespace, path: Path) -> None:
     top.plot(t, rss, color="tab:blue", label="RSS")
     state = np.asarray([s.state_mib for s in samples])
     top.plot(t, state, color="tab:orange", label="of which RocksDB (memtables, cache, readers)")
-    top.axvline(args.warmup_min, color="grey", linestyle=":", label="end of warm-up")
+    top.axvline(warm_s / 60.0, color="grey", linestyle=":", label="end of warm-up")
     top.set_ylabel("worker RSS (MiB)")
     bottom.plot(t[1:], rate, color="tab:green", label="applied events / min")
     bottom.axhline(args.rate * 60, color="grey", linestyle="--", label="offered")
@@ -547,6 +587,7 @@ def run(args: argparse.Namespace) -> int:
                             scan.published,
                             scan.rejected,
                             metrics["state_mib"],
+                            len(scan.domains_done),
                         )
                     )
                     rows = minute_rows(samples, args.rate)
@@ -601,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
         "samples": [asdict(s) for s in samples],
     }
     out_path("soak.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    plot(samples, args, out_path("soak.png"))
+    plot(samples, args, out_path("soak.png"), summary["warmup_end_s"])
     print(f"wrote {out_path('soak.json')}, {out_path('soak.png')} and {log_path}")
     ok = not died and proc.returncode == 0 and producer.error is None
     return 0 if ok else 1
@@ -611,7 +652,8 @@ def report(s: dict[str, Any], args: argparse.Namespace) -> None:
     a, r, f = s["applied_per_min"], s["rss_mib"], s["finetunes"]
     print()
     print(
-        f"summary over {s['minutes_measured']} minute(s) after a {args.warmup_min:g}-minute warm-up"
+        f"summary over {s['minutes_measured']} minute(s) after a {s['warmup_end_s'] / 60:.1f}-minute "
+        f"warm-up (at least {args.warmup_min:g} min, and until every domain was fine-tuned once)"
     )
     print(
         f"{'applied events/min':<28} min {a['min']:.0f}  median {a['median']:.0f}  max {a['max']:.0f}"
@@ -622,6 +664,11 @@ def report(s: dict[str, Any], args: argparse.Namespace) -> None:
     print(
         f"{'worker RSS MiB':<28} after warm-up {r['after_warmup']:.1f}  end {r['end']:.1f}  "
         f"growth {r['growth_pct']:+.1f} %  slope {r['slope_mib_per_hour']:+.1f} MiB/h  max {r['max']:.1f}"
+    )
+    print(
+        f"{'  idle to idle':<28} after warm-up {r['after_warmup']:.1f} -> "
+        f"{r['idle_end']:.1f} at {r['idle_end_s'] / 60:.1f} min (no fine-tune running)  "
+        f"growth {r['idle_growth_pct']:+.1f} %"
     )
     print(
         f"{'  of which RocksDB':<28} after warm-up {r['state_after_warmup']:.1f}  "
