@@ -1349,6 +1349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "best_prototype": None if best is None else best.path,
         "best_prototype_rate": None if best is None else best.median,
         "best_prototype_ratio": None if best is None else best.ratio,
+        "floor_ratio": floor.ratio if floor.runs else None,
     }
     print()
     print(
@@ -1358,6 +1359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(goal {GOAL_RATIO}: {'met' if goals['ratio_met'] else 'MISSED'}; CPU ratio "
         f"{fmt_ratio(synced.cpu_ratio)})"
     )
+    if floor.runs:
+        print(
+            f"floor (parse + one put per interaction, no state): {fmt_rate(floor.median)}/s, "
+            f"ratio {fmt_ratio(floor.ratio)} (the worker does all of this, then popularity, "
+            "per-user recent items and codes on top)"
+        )
     if best is not None:
         print(
             f"best prototype ({best.path}): {fmt_rate(best.median)}/s, ratio "
