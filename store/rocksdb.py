@@ -447,6 +447,9 @@ class RocksDBPartition(StorePartition):
         if upper is not None and lower >= upper:
             return iter(())
         read_options = rocksdict.ReadOptions()
+        # scans (a fine-tune reads a domain's whole log) would evict the point reads' working
+        # set from the block cache and grow it to its bound: they read past it
+        read_options.fill_cache(False)
         if upper is not None:
             read_options.set_iterate_upper_bound(upper)
         try:
