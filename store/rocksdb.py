@@ -449,7 +449,8 @@ class RocksDBPartition(StorePartition):
         read_options = rocksdict.ReadOptions()
         # scans (a fine-tune reads a domain's whole log) would evict the point reads' working
         # set from the block cache and grow it to its bound: they read past it
-        read_options.fill_cache(False)
+        # (rocksdict 0.3.29's stub omits the argument; the call takes it: test_rocksdb.py)
+        read_options.fill_cache(False)  # type: ignore[call-arg]
         if upper is not None:
             read_options.set_iterate_upper_bound(upper)
         try:

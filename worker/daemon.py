@@ -140,8 +140,14 @@ class Daemon:
         self.serving = Serving(self.store, settings)
         if self.processor.codes is not None:  # full paths of new items, without a re-read
             self.serving.paths = live_paths(self.processor.codes)
+        # one stop event for the loop and the fine-tunes: a SIGTERM abandons a running
+        # fine-tune at its next epoch while the loop still finishes its batch and closes
         self.tuner = FineTuner(
-            self.store, settings, lock=self.loop.versions_lock, announce=self._announce
+            self.store,
+            settings,
+            lock=self.loop.versions_lock,
+            announce=self._announce,
+            stop=self.loop.stop_event,
         )
         self.scheduler = FinetuneScheduler(self.tuner, settings, owns=self.loop.owns)
         self.loop.on_applied = self._on_applied
@@ -268,5 +274,5 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> int:
     log.info("starting worker with settings %s", settings.redacted())
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     daemon = Daemon(settings)
-    daemon.loop.stop_event = stop
+    daemon.loop.stop_event = daemon.tuner.stop = stop
     return daemon.run()

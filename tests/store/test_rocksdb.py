@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import rocksdict
 
+import store.rocksdb
 from store import RocksDBPartition
 from store.exceptions import (
     StateFormatError,
@@ -507,3 +508,34 @@ def test_full_disk_raises_store_write_error_and_recovers(tiny_filesystem: Path) 
         assert reopened.get_offset("items", 0) == committed
         assert reopened.count("items") == 20 * committed
         fill(reopened, 1, cf="codes")
+
+
+def test_point_reads_use_the_shared_block_cache_and_scans_read_past_it(state: Path) -> None:
+    """Memory stays bounded: blocks of point reads go to the one process-wide cache (its
+    usage is what ``memory_usage()`` reports), a full scan (a fine-tune reading the log)
+    does not fill it, and the memtables' bytes show until a flush."""
+    partition = RocksDBPartition.open(state, sync_writes=False)
+    batch = partition.batch()
+    for i in range(50_000):
+        batch.put("interactions", b"k%08d" % i, b"v" * 100)
+    partition.write(batch)
+    assert partition.memory_usage()["memtables"] >= 50_000 * 100
+    partition._family("interactions").flush()
+    partition.close()
+    partition = RocksDBPartition.open(state, sync_writes=False)
+    try:
+        family = partition._family("interactions")
+        capacity = family.property_int_value("rocksdb.block-cache-capacity")
+        assert capacity == store.rocksdb.BLOCK_CACHE_BYTES  # the shared cache, not a default
+        before = partition.memory_usage()["block_cache"]
+        # the cache is the process's: other tests may have filled it; make room meanwhile
+        store.rocksdb._BLOCK_CACHE.set_capacity(before + store.rocksdb.BLOCK_CACHE_BYTES)
+        assert sum(1 for _ in partition.items("interactions")) == 50_000
+        after_scan = partition.memory_usage()["block_cache"]
+        assert after_scan - before < 1_000_000  # 5 MB were read past the cache
+        for i in range(0, 50_000, 40):
+            assert partition.get("interactions", b"k%08d" % i) == b"v" * 100
+        assert partition.memory_usage()["block_cache"] - after_scan > 2_000_000
+    finally:
+        store.rocksdb._BLOCK_CACHE.set_capacity(store.rocksdb.BLOCK_CACHE_BYTES)
+        partition.close()

@@ -39,7 +39,11 @@ def _fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_refused_send_is_retried_with_backoff_until_kafka_takes_it() -> None:
     loop = _loop()
     calls: list[float] = []
-    failures = [KafkaTimeoutError("no ack"), KafkaConnectionError("refused"), KafkaUnavailableError("x")]
+    failures = [
+        KafkaTimeoutError("no ack"),
+        KafkaConnectionError("refused"),
+        KafkaUnavailableError("x"),
+    ]
 
     def send() -> None:
         calls.append(time.monotonic())

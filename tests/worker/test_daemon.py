@@ -41,6 +41,7 @@ class _Loop:
         self.healthy = False
         self.stats = LoopStats()
         self.versions_lock = threading.RLock()
+        self.stop_event = threading.Event()
 
     def owned_partitions(self) -> set[int]:
         return {tp.partition for tp in self.assigned}
