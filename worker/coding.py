@@ -172,23 +172,23 @@ class CodeService:
         used only to bootstrap the codebook.
         """
         with self.lock:
-            return self._apply(batch, new_items, popularity, domain_ts, held_items)
+            result = CodingResult()
+            if self.codebook is None:
+                if not self._maybe_bootstrap(batch, new_items, held_items, result):
+                    return result
+            else:
+                for domain, items in sorted(new_items.items()):
+                    self._code_items(domain, items, domain_ts.get(domain, 0), result)
+            self._popularity_round(popularity, domain_ts, result)
+            self._flush(batch, result)
+            return result
 
-    def _apply(
+    def _popularity_round(
         self,
-        batch: WriteBatch,
-        new_items: dict[str, dict[str, bytes]],
         popularity: dict[str, dict[str, float]],
         domain_ts: dict[str, int],
-        held_items: Iterable[tuple[bytes, bytes]],
-    ) -> CodingResult:
-        result = CodingResult()
-        if self.codebook is None:
-            if not self._maybe_bootstrap(batch, new_items, held_items, result):
-                return result
-        else:
-            for domain, items in sorted(new_items.items()):
-                self._code_items(domain, items, domain_ts.get(domain, 0), result)
+        result: CodingResult,
+    ) -> None:
         for domain, pops in sorted(popularity.items()):
             assigner = self.assigner(domain)
             if assigner is None:
@@ -203,8 +203,6 @@ class CodeService:
             changes += self._follow_threshold(assigner, ts)
             result.changes += [(domain, c) for c in changes]
             self._dirty.add(domain)
-        self._flush(batch, result)
-        return result
 
     def _code_items(
         self, domain: str, items: dict[str, bytes], ts: int, result: CodingResult
