@@ -29,6 +29,7 @@ from worker.encoder import TextEncoder
 from worker.events import control_payload
 from worker.exceptions import EncoderError
 from worker.finetune import FineTuner
+from worker.memory import cap_mmap_threshold
 from worker.metrics import Metrics
 from worker.processor import BatchResult, Processor
 from worker.routes import ApiRoutes
@@ -272,6 +273,7 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> int:
     if stop is None:
         stop = install_stop_handlers()
     log.info("starting worker with settings %s", settings.redacted())
+    cap_mmap_threshold()  # before the big allocations: see worker.memory
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     daemon = Daemon(settings)
     daemon.loop.stop_event = daemon.tuner.stop = stop

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import ctypes.util
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from worker.memory import release_free_memory
+from worker.memory import cap_mmap_threshold, release_free_memory
 
 
 def _rss_mb() -> float:
@@ -31,3 +34,46 @@ def test_release_returns_freed_small_allocations_to_the_os() -> None:
     assert release_free_memory()
     after = _rss_mb()
     assert before - after > 300, (before, after)
+
+
+_LARGE_BLOCKS = """
+import sys
+import numpy as np
+from worker.memory import cap_mmap_threshold
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+
+big = np.ones(3 << 20)  # a 24 MiB mapped block, freed: glibc raises its threshold to it
+del big
+if sys.argv[1] == "cap":
+    assert cap_mmap_threshold()
+blocks = [np.ones(1 << 18) for _ in range(200)]  # 200 x 2 MiB
+keep = blocks[-1]
+before = rss()
+del blocks
+print(before - rss())
+"""
+
+
+def _freed_mb(mode: str) -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _LARGE_BLOCKS, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    return float(out.stdout)
+
+
+def test_capped_mmap_threshold_returns_freed_large_blocks_without_a_trim() -> None:
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    if not glibc:
+        assert cap_mmap_threshold() is False
+        return
+    # fresh processes: this one's heap already holds freed blocks that glibc would reuse
+    assert _freed_mb("default") < 100  # glibc's raised threshold: 400 MB stay resident
+    assert _freed_mb("cap") > 300  # fixed at 1 MiB: unmapped at once, no malloc_trim
