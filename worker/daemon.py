@@ -115,7 +115,14 @@ def readiness(
 class Daemon:
     """One worker process: state, consumer loop, HTTP endpoints."""
 
-    def __init__(self, settings: Settings, store: StorePartition | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: StorePartition | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """``stop``: the event that stops the daemon (e.g. set by a signal handler); by
+        default its own, set by :meth:`stop`."""
         self.settings = settings
         # batched code search is fastest single-threaded on small batches, and leaves
         # the other core to kafka-python's I/O thread. OpenMP settings are per thread: this
@@ -138,6 +145,8 @@ class Daemon:
         if self.processor.codes is not None:
             self.processor.codes.group = self.codebooks
         self.loop = ConsumerLoop(settings, self.store, self.processor, self.metrics)
+        if stop is not None:
+            self.loop.stop_event = stop
         self.serving = Serving(self.store, settings)
         if self.processor.codes is not None:  # full paths of new items, without a re-read
             self.serving.paths = live_paths(self.processor.codes)
@@ -275,6 +284,5 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> int:
     log.info("starting worker with settings %s", settings.redacted())
     cap_mmap_threshold()  # before the big allocations: see worker.memory
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    daemon = Daemon(settings)
-    daemon.loop.stop_event = daemon.tuner.stop = stop
+    daemon = Daemon(settings, stop=stop)
     return daemon.run()
