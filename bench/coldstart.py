@@ -1,7 +1,7 @@
 """Cold start end to end: from producing a new item's event to the API serving its vector.
 
 1. A broker (``ops/kafka.sh up`` on free ports, or ``--bootstrap``), topics, and the real
-   worker (``python -m worker.cli run``) in its own process with its HTTP API.
+   worker (``python -m worker.commands.cli run``) in its own process with its HTTP API.
 2. A base catalogue (items with embeddings: the dataset's MiniLM embeddings with
    ``--dataset DIR``, else clustered random vectors) and interactions; a fine-tune is
    requested on the control topic and the bench waits until version 1 is served.
@@ -41,9 +41,9 @@ from tqdm import tqdm
 from adacode.errors import AdacodeError
 from bench.broker import broker, free_port
 from bench.common import OUT_DIR
-from worker.events import control_payload, interaction_payload, item_payload
-from worker.settings import Settings
-from worker.topics import create_topics
+from worker.commands.topics import create_topics
+from worker.core.settings import Settings
+from worker.ingest.events import control_payload, interaction_payload, item_payload
 
 REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "cold"
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as log:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "run"],
+                [sys.executable, "-m", "worker.commands.cli", "run"],
                 cwd=REPO,
                 env=env,
                 stdout=log,

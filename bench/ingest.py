@@ -80,29 +80,29 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import worker.processor as processor_module
+import worker.ingest.processor as processor_module
 from adacode.errors import AdacodeError
 from bench.broker import broker
 from bench.common import out_path
 from store.partition import WriteBatch
 from store.rocksdb import RocksDBPartition, RocksDBWriteBatch
-from worker.consumer import ConsumerLoop
-from worker.encoder import TextEncoder
-from worker.events import (
+from worker.commands.topics import create_topics
+from worker.core.metrics import Metrics
+from worker.core.settings import Settings
+from worker.ingest.consumer import ConsumerLoop
+from worker.ingest.encoder import TextEncoder
+from worker.ingest.events import (
     interaction_payload,
     item_payload,
     parse_interactions,
 )
-from worker.metrics import Metrics
-from worker.processor import BatchResult, Encode, Processor, Record, SourceRecord
-from worker.settings import Settings
-from worker.topics import create_topics
+from worker.ingest.processor import BatchResult, Encode, Processor, Record, SourceRecord
 
 REPO = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
 POLL_MAX_RECORDS = 5000
 BIG_POLL = 20_000  # prototype: larger batches amortize the per-batch costs (codes, fsync)
-FETCH_MAX_BYTES = 64 * 1024 * 1024  # the worker's fetch sizes (worker/consumer.py)
+FETCH_MAX_BYTES = 64 * 1024 * 1024  # the worker's fetch sizes (worker/ingest/consumer.py)
 MAX_PARTITION_FETCH_BYTES = 16 * 1024 * 1024
 DIM = 384
 ZIPF_EXPONENT = 1.0
@@ -527,7 +527,7 @@ class TimedLoop(ConsumerLoop):
 
 class FloorProcessor(Processor):
     """The least a worker that keeps every interaction durably can do per batch: parse and
-    check the batch (:func:`~worker.events.parse_interactions`), put each valid event's raw
+    check the batch (:func:`~worker.ingest.events.parse_interactions`), put each valid event's raw
     bytes under its ``(partition, offset)`` and the next offsets, in one write. No
     popularity, no per-user index, no codes: the *floor* row bounds what any state on top of
     kafka-python's decoding can reach (interactions only)."""

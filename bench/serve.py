@@ -3,7 +3,7 @@
 For each domain size (default 2k, 10k, 100k items) a domain is built in memory the way
 the worker builds it: item embeddings -> residual codebook -> served codes (entropy
 policy, Zipf popularity, 20 % head) -> a code-table model version -> the serving index
-(:class:`worker.serving.Serving`) behind the real HTTP server (``worker.api``). Item
+(:class:`worker.serving.index.Serving`) behind the real HTTP server (``worker.serving.http``). Item
 embeddings are synthetic (Gaussian clusters); with ``--dataset DIR`` they are the
 dataset's MiniLM item embeddings plus noise, so codes look like real text codes at any
 size. The version projects the embeddings into the item vectors (``text_dim``), as the
@@ -30,7 +30,7 @@ each client first sends ``--warmup`` seconds of uncounted requests (connections,
 threads, first touches), the server process collects garbage and waits for the previous
 run's handler threads to end, and its garbage-collection pauses during the run are
 reported (``gc ms``). OpenMP settings are per thread: faiss searches in the HTTP handler
-threads ran with one OpenMP thread per core until :mod:`worker.routes` set one per
+threads ran with one OpenMP thread per core until :mod:`worker.serving.routes` set one per
 handler thread: a single flat search then woke a second OpenMP thread and cost tens of
 ms at p99 on a busy 2-core machine from about 8k items up (2k items did not show it,
 which is why a later, larger size looked slower at 1 client than at 8).
@@ -66,12 +66,12 @@ from quantize.codebook import ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
 from store.memory import MemoryPartition
-from worker.api import HttpServer, Request, Router
-from worker.daemon import SWITCH_INTERVAL_S
-from worker.routes import ApiRoutes
-from worker.serving import Serving
-from worker.settings import Settings
-from worker.versions import PUBLISHED, VersionRecord, VersionTable, add_version
+from worker.app.daemon import SWITCH_INTERVAL_S
+from worker.core.settings import Settings
+from worker.serving.http import HttpServer, Request, Router
+from worker.serving.index import Serving
+from worker.serving.routes import ApiRoutes
+from worker.state.versions import PUBLISHED, VersionRecord, VersionTable, add_version
 
 DOMAIN = "bench"
 GOAL_P99_MS = 20.0  # the goal: recommend p99 at --rate requests/s

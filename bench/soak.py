@@ -6,7 +6,7 @@ One command::
                          [--dataset DIR] [--sample-s 10] [--warmup-min M] [--bootstrap HOST:PORT]
 
 Without ``--bootstrap`` it starts its own broker (``ops/kafka.sh up`` on free ports, stopped at
-the end). The worker is the real daemon (``python -m worker.cli run``) with its own RocksDB in a
+the end). The worker is the real daemon (``python -m worker.commands.cli run``) with its own RocksDB in a
 temporary directory, fine-tuning every domain each ``--finetune-interval-s`` seconds; its log
 is ``bench/out/soak_worker.log``.
 
@@ -67,11 +67,11 @@ from tqdm import tqdm
 from adacode.errors import AdacodeError
 from bench.broker import broker, free_port
 from bench.common import out_path
-from worker.dataset import dataset_domain, read_interactions, read_items
-from worker.events import interaction_payload, item_payload
-from worker.replay import make_producer
-from worker.settings import Settings
-from worker.topics import create_topics
+from worker.commands.dataset import dataset_domain, read_interactions, read_items
+from worker.commands.replay import make_producer
+from worker.commands.topics import create_topics
+from worker.core.settings import Settings
+from worker.ingest.events import interaction_payload, item_payload
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_TS = 1_700_000_000
@@ -531,7 +531,7 @@ def run(args: argparse.Namespace) -> int:
         env = worker_env(args, bootstrap, prefix, Path(tmp) / "state", port)
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", "run"],
+                [sys.executable, "-m", "worker.commands.cli", "run"],
                 cwd=REPO,
                 env=env,
                 stdout=log_file,

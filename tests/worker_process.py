@@ -1,4 +1,4 @@
-"""Running the real worker (``python -m worker.cli run``) as a subprocess in tests."""
+"""Running the real worker (``python -m worker.commands.cli run``) as a subprocess in tests."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from kafka import KafkaConsumer, TopicPartition
 from store.exceptions import StateFormatError
 from store.partition import COLUMN_FAMILIES
 from store.rocksdb import RocksDBPartition
-from worker.consumer import ConsumerLoop
-from worker.events import interaction_payload, item_payload
-from worker.metrics import Metrics
-from worker.processor import Processor
-from worker.settings import Settings
+from worker.core.metrics import Metrics
+from worker.core.settings import Settings
+from worker.ingest.consumer import ConsumerLoop
+from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.processor import Processor
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 8
@@ -55,7 +55,7 @@ STARTED: list[subprocess.Popen[bytes]] = []
 def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     log = log_path.open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run"],
+        [sys.executable, "-m", "worker.commands.cli", "run"],
         cwd=REPO,
         env=env,
         stdout=log,
@@ -138,7 +138,7 @@ def produce_events(
     """Create the topics, produce :func:`make_events`' stream (items first) and wait for it;
     returns the items, the interactions and the end offsets of both topics."""
     from tests.kafka_utils import produce_json
-    from worker.topics import create_topics
+    from worker.commands.topics import create_topics
 
     bootstrap = settings.kafka_bootstrap
     create_topics(settings, partitions=partitions)

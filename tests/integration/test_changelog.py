@@ -7,8 +7,8 @@ import numpy as np
 from quantize.codebook import ResidualCodebook
 from store.memory import MemoryPartition
 from tests.worker_process import settings_for
-from worker.changelog import CodebookLog, MirroredStore, VersionsLog, domain_partition
-from worker.topics import create_topics
+from worker.commands.topics import create_topics
+from worker.ingest.group import CodebookLog, MirroredStore, VersionsLog, domain_partition
 
 
 def _put(store: MirroredStore, cf: str, key: bytes, value: bytes | None) -> None:

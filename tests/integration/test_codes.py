@@ -9,9 +9,9 @@ import numpy as np
 from quantize.assign import AssignerState
 from tests.kafka_utils import produce_json
 from tests.worker_process import DIM, InProcessWorker, end_offsets, settings_for, wait_for
-from worker.coding import state_key
-from worker.events import interaction_payload, item_payload
-from worker.topics import create_topics
+from worker.commands.topics import create_topics
+from worker.ingest.coding import state_key
+from worker.ingest.events import interaction_payload, item_payload
 
 
 def _state(worker: InProcessWorker, domain: str) -> AssignerState | None:

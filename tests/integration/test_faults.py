@@ -22,17 +22,17 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.events import interaction_payload, item_payload
-from worker.inspection import domain_counters
-from worker.topics import create_topics
-from worker.versions import current_version, list_records
+from worker.commands.inspection import domain_counters
+from worker.commands.topics import create_topics
+from worker.ingest.events import interaction_payload, item_payload
+from worker.state.versions import current_version, list_records
 
 LIMITED_RUN = """
 import resource, runpy, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
 sys.argv = ["adacode", "run"]
-runpy.run_module("worker.cli", run_name="__main__")
+runpy.run_module("worker.commands.cli", run_name="__main__")
 """
 
 
@@ -125,7 +125,7 @@ def test_a_state_directory_that_is_not_ours_is_refused_with_the_fix(tmp_path: Pa
     (state / "notes.txt").write_text("someone else's files")
     env = worker_env("127.0.0.1:1", "x.", state)
     out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "run"],
+        [sys.executable, "-m", "worker.commands.cli", "run"],
         cwd=REPO,
         env=env,
         capture_output=True,

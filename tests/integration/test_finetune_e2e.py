@@ -14,11 +14,11 @@ import numpy as np
 
 from tests.kafka_utils import consume_all, produce_json
 from tests.worker_process import DIM, REPO, settings_for, wait_for, worker_env
-from worker.api import Request
-from worker.daemon import Daemon
-from worker.events import interaction_payload, item_payload
-from worker.topics import create_topics
-from worker.versions import current_version, item_vectors, list_records, load_table
+from worker.app.daemon import Daemon
+from worker.commands.topics import create_topics
+from worker.ingest.events import interaction_payload, item_payload
+from worker.serving.http import Request
+from worker.state.versions import current_version, item_vectors, list_records, load_table
 
 
 def _interactions(n_users: int, start_ts: int, seed: int) -> list[tuple[str, bytes]]:
@@ -80,7 +80,16 @@ def test_scheduled_fine_tunes_publish_and_a_live_rollback_restores_v1_vectors(
 
         env = worker_env(kafka_bootstrap, topic_prefix, tmp_path / "state")
         out = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "rollback", "--domain", "shop", "--to", "1"],
+            [
+                sys.executable,
+                "-m",
+                "worker.commands.cli",
+                "rollback",
+                "--domain",
+                "shop",
+                "--to",
+                "1",
+            ],
             env=env,
             cwd=REPO,
             capture_output=True,

@@ -33,13 +33,13 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.changelog import CodebookLog, domain_partition
-from worker.events import interaction_payload, item_payload
-from worker.inspection import domain_counters
-from worker.operations import send_control
-from worker.settings import Settings
-from worker.topics import create_topics
-from worker.versions import current_version, list_records
+from worker.commands.inspection import domain_counters
+from worker.commands.operations import send_control
+from worker.commands.topics import create_topics
+from worker.core.settings import Settings
+from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.group import CodebookLog, domain_partition
+from worker.state.versions import current_version, list_records
 
 PARTITIONS = 3
 #: fine-tunes only on request (control topic), small and fast

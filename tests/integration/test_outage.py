@@ -28,18 +28,18 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.health import (
+from worker.commands.inspection import domain_counters
+from worker.commands.topics import create_topics
+from worker.ingest.health import (
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
     BrokerState,
     BrokerWatch,
     broker_connected,
 )
-from worker.inspection import domain_counters
-from worker.topics import create_topics
 
 OUTAGE_S = 30.0
-GRACE_S = 5.0  # worker.health.BROKER_GRACE_S, the default the worker runs with
+GRACE_S = 5.0  # worker.ingest.health.BROKER_GRACE_S, the default the worker runs with
 
 
 # -- the watch on a fake clock ------------------------------------------------------------------

@@ -17,12 +17,12 @@ import orjson
 
 from tests.kafka_utils import produce_json
 from tests.worker_process import DIM, settings_for, wait_for
-from worker.daemon import Daemon
-from worker.events import interaction_payload, item_payload
-from worker.routes import DAEMON_ROUTES, ROUTES
-from worker.serving import committed_assigner, full_path_rows, stored_embeddings
-from worker.topics import create_topics
-from worker.versions import TEXT_PROJ, current_version, load_table
+from worker.app.daemon import Daemon
+from worker.commands.topics import create_topics
+from worker.ingest.events import interaction_payload, item_payload
+from worker.serving.index import committed_assigner, full_path_rows, stored_embeddings
+from worker.serving.routes import DAEMON_ROUTES, ROUTES
+from worker.state.versions import TEXT_PROJ, current_version, load_table
 
 TOKEN = "t0ken"
 

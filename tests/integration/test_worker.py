@@ -26,8 +26,8 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.inspection import domain_counters
-from worker.topics import create_topics
+from worker.commands.inspection import domain_counters
+from worker.commands.topics import create_topics
 
 
 def test_counts_in_rocksdb_match_what_was_produced(
@@ -236,7 +236,14 @@ def test_cli_rejects_a_bad_setting_with_the_key_and_the_fix(tmp_path: Path) -> N
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "stats", "--state-dir", str(tmp_path / "nope")],
+        [
+            sys.executable,
+            "-m",
+            "worker.commands.cli",
+            "stats",
+            "--state-dir",
+            str(tmp_path / "nope"),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -244,7 +251,7 @@ def test_cli_rejects_a_bad_setting_with_the_key_and_the_fix(tmp_path: Path) -> N
     )
     assert out.returncode == 2 and "does not exist" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "run", "--poll-max-records", "zero"],
+        [sys.executable, "-m", "worker.commands.cli", "run", "--poll-max-records", "zero"],
         capture_output=True,
         text=True,
         check=False,

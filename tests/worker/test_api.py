@@ -22,15 +22,15 @@ from quantize.table_model import ModelConfig, Snapshot, build_model, export_para
 from quantize.train import score_histories
 from store.memory import MemoryPartition
 from tests.worker.vector_reference import slow_served_rows, slow_vector
-from worker import serving as serving_module
-from worker.api import HttpServer, Router
-from worker.events import interaction_payload, item_payload
-from worker.processor import BatchResult, Processor, SourceRecord
-from worker.routes import DAEMON_ROUTES, ROUTES, ApiRoutes, openapi_document
-from worker.serving import Serving, full_path_rows, live_paths, stored_embeddings
-from worker.settings import Settings
-from worker.users import recent_items
-from worker.versions import (
+from worker.core.settings import Settings
+from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.processor import BatchResult, Processor, SourceRecord
+from worker.serving import index as serving_module
+from worker.serving.http import HttpServer, Router
+from worker.serving.index import Serving, full_path_rows, live_paths, stored_embeddings
+from worker.serving.routes import DAEMON_ROUTES, ROUTES, ApiRoutes, openapi_document
+from worker.state.users import recent_items
+from worker.state.versions import (
     PUBLISHED,
     TEXT_PROJ,
     VersionRecord,

@@ -1,4 +1,4 @@
-"""The versions mirror (worker.changelog) over the in-memory store: what is mirrored,
+"""The versions mirror (worker.ingest.group) over the in-memory store: what is mirrored,
 in which partition, before the local write, and only for owned partitions."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 from kafka.partitioner import murmur2
 
 from store.memory import MemoryPartition
-from worker.changelog import (
+from worker.core.exceptions import KafkaUnavailableError, WorkerError
+from worker.core.settings import Settings
+from worker.ingest.group import (
     MirroredStore,
     MirrorOp,
     NotOwnedError,
@@ -20,8 +22,6 @@ from worker.changelog import (
     domain_partition,
     version_key_domain,
 )
-from worker.exceptions import KafkaUnavailableError, WorkerError
-from worker.settings import Settings
 
 SETTINGS = Settings(topic_prefix="t.", state_dir="/nonexistent")
 

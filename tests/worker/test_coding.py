@@ -9,10 +9,10 @@ import numpy as np
 
 from quantize.assign import AssignerState
 from store.memory import MemoryPartition
-from worker.coding import CODEBOOK_CURRENT, code_history, load_codebook, state_key
-from worker.events import interaction_payload, item_payload
-from worker.processor import Processor, SourceRecord
-from worker.settings import Settings
+from worker.core.settings import Settings
+from worker.ingest.coding import CODEBOOK_CURRENT, code_history, load_codebook, state_key
+from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.processor import Processor, SourceRecord
 
 S = Settings(
     embedding_dim=16,
@@ -118,7 +118,7 @@ def test_codes_survive_a_restart_of_the_processor() -> None:
 
 
 def test_retraining_is_explicit_and_recodes_every_item_with_history() -> None:
-    from worker.coding import retrain_codebook
+    from worker.ingest.coding import retrain_codebook
 
     store = MemoryPartition()
     proc = Processor(store, S, None)

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
-import worker.consumer as consumer_module
-from worker.consumer import BatchAbandoned, ConsumerLoop
-from worker.exceptions import KafkaUnavailableError
-from worker.settings import Settings
+import worker.ingest.consumer as consumer_module
+from worker.core.exceptions import KafkaUnavailableError
+from worker.core.settings import Settings
+from worker.ingest.consumer import BatchAbandoned, ConsumerLoop
 
 
 def _loop() -> SimpleNamespace:

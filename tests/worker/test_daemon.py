@@ -1,8 +1,8 @@
 """The daemon's /readyz: ready only when partitions are assigned AND every domain with a
 current version has its serving index loaded; 503 with what is missing otherwise.
 
-No Kafka: :func:`worker.daemon.readiness` is checked over an in-memory store and a real
-:class:`worker.serving.Serving`; the route is checked on a daemon built over an in-memory
+No Kafka: :func:`worker.app.daemon.readiness` is checked over an in-memory store and a real
+:class:`worker.serving.index.Serving`; the route is checked on a daemon built over an in-memory
 store with its consumer loop replaced by a stand-in holding only what readiness reads."""
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from kafka import TopicPartition
 from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
 from store.memory import MemoryPartition
 from store.records import DomainCounters, domain_counters_key
-from worker import daemon as daemon_module
-from worker import serving as serving_module
-from worker.api import Request
-from worker.consumer import LoopStats
-from worker.daemon import Daemon, readiness
-from worker.serving import Serving
-from worker.settings import Settings
-from worker.versions import PUBLISHED, VersionError, VersionRecord, VersionTable, add_version
+from worker.app import daemon as daemon_module
+from worker.app.daemon import Daemon, readiness
+from worker.core.settings import Settings
+from worker.ingest.consumer import LoopStats
+from worker.serving import index as serving_module
+from worker.serving.http import Request
+from worker.serving.index import Serving
+from worker.state.versions import PUBLISHED, VersionError, VersionRecord, VersionTable, add_version
 
 
 class _Loop:
-    """Stands in for :class:`worker.consumer.ConsumerLoop` (which connects to Kafka)."""
+    """Stands in for :class:`worker.ingest.consumer.ConsumerLoop` (which connects to Kafka)."""
 
     def __init__(self, settings: Settings, *_: Any) -> None:
         self.settings = settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.encoder import MINILM_DIM, TextEncoder
+from worker.ingest.encoder import MINILM_DIM, TextEncoder
 
 TEXTS = [
     "Nordvik Compact Bamboo Desk Lamp 750 ml, Blue",

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.events import (
+from worker.core.exceptions import EventError
+from worker.ingest.events import (
     EventLimits,
     interaction_payload,
     item_payload,
@@ -20,7 +21,6 @@ from worker.events import (
     parse_interactions,
     parse_item,
 )
-from worker.exceptions import EventError
 
 LIMITS = EventLimits(
     embedding_dim=4,

@@ -16,20 +16,12 @@ from quantize.table_model import Snapshot
 from store.memory import MemoryPartition
 from store.records import ItemRecord, item_key
 from tests.worker.vector_reference import slow_served_rows, slow_vector
-from worker.coding import load_codebook
-from worker.events import interaction_payload, item_payload
-from worker.finetune import (
-    Candidate,
-    DomainData,
-    FineTuneDataError,
-    FineTuner,
-    read_domain,
-    read_embeddings,
-)
-from worker.processor import Processor, SourceRecord
-from worker.serving import Serving, stored_embeddings
-from worker.settings import Settings
-from worker.versions import (
+from worker.core.settings import Settings
+from worker.ingest.coding import load_codebook
+from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.processor import Processor, SourceRecord
+from worker.serving.index import Serving, stored_embeddings
+from worker.state.versions import (
     PUBLISHED,
     REJECTED,
     TEXT_PROJ,
@@ -40,6 +32,14 @@ from worker.versions import (
     get_record,
     load_table,
     rollback,
+)
+from worker.tuning.finetune import (
+    Candidate,
+    DomainData,
+    FineTuneDataError,
+    FineTuner,
+    read_domain,
+    read_embeddings,
 )
 
 S = Settings(

@@ -3,7 +3,7 @@
 Events: raw bytes, JSON-ish documents and near-valid events with one field mutated go through
 :func:`parse_item`, :func:`parse_interaction`, :func:`parse_control` (and the batch parser
 :func:`parse_interactions`). A slow reference written from the schema in
-:mod:`worker.events` lists the fields each payload violates: a payload must be accepted
+:mod:`worker.ingest.events` lists the fields each payload violates: a payload must be accepted
 exactly when it violates nothing (and then parse to the reference's values), otherwise be
 rejected with :class:`EventError` whose reason names a violated field. Anything else (another
 exception) is a crash.
@@ -38,8 +38,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.worker.test_api import TOKEN, Env, env  # noqa: F401  (env: the fixture)
-from worker.api import Request
-from worker.events import (
+from worker.core.exceptions import EventError
+from worker.ingest.events import (
     CONTROL_OPS,
     MAX_ID_CHARS,
     ControlCommand,
@@ -51,8 +51,8 @@ from worker.events import (
     parse_interactions,
     parse_item,
 )
-from worker.exceptions import EventError
-from worker.routes import ROUTES, openapi_document
+from worker.serving.http import Request
+from worker.serving.routes import ROUTES, openapi_document
 
 #: the parser computes the float32 norm and relies on its overflow to inf to reject huge vectors
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")

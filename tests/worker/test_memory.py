@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.memory import cap_mmap_threshold, release_free_memory
+from worker.core.memory import cap_mmap_threshold, release_free_memory
 
 
 def _rss_mb() -> float:
@@ -39,7 +39,7 @@ def test_release_returns_freed_small_allocations_to_the_os() -> None:
 _LARGE_BLOCKS = """
 import sys
 import numpy as np
-from worker.memory import cap_mmap_threshold
+from worker.core.memory import cap_mmap_threshold
 
 def rss():
     for line in open("/proc/self/status"):

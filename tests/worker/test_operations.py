@@ -11,9 +11,15 @@ import pytest
 from quantize.table_model import ModelConfig
 from store.rocksdb import RocksDBPartition
 from tests.worker.test_versions import ROWS, TEXT_DIM, _random_snapshot
-from worker.operations import export_version
-from worker.settings import Settings
-from worker.versions import VersionError, VersionRecord, VersionTable, add_version, item_vectors
+from worker.commands.operations import export_version
+from worker.core.settings import Settings
+from worker.state.versions import (
+    VersionError,
+    VersionRecord,
+    VersionTable,
+    add_version,
+    item_vectors,
+)
 
 
 def test_an_export_writes_the_versions_arrays_and_a_manifest(tmp_path: Path) -> None:

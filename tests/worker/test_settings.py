@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.exceptions import ConfigError
-from worker.settings import FIELDS, Settings, describe_settings, env_name, load_settings
+from worker.core.exceptions import ConfigError
+from worker.core.settings import FIELDS, Settings, describe_settings, env_name, load_settings
 
 
 def test_defaults_without_sources() -> None:

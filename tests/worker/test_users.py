@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from store.exceptions import StoreError
 from store.memory import MemoryPartition
-from worker.users import (
+from worker.state.users import (
     append_recent,
     decode_recent,
     encode_entries,

@@ -28,8 +28,8 @@ from store.memory import MemoryPartition
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
 from tests.worker.vector_reference import slow_served_rows, slow_vector
-from worker.serving import DomainIndex
-from worker.versions import (
+from worker.serving.index import DomainIndex
+from worker.state.versions import (
     EXPIRED,
     PUBLISHED,
     REJECTED,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from quantize.table_model import Snapshot
-from worker.versions import TEXT_PROJ
+from worker.state.versions import TEXT_PROJ
 
 Rows = Sequence[int] | np.ndarray
 

@@ -11,10 +11,10 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from tqdm import tqdm
 
-from worker.dataset import read_interactions, read_items
-from worker.events import interaction_payload, item_payload
-from worker.exceptions import KafkaUnavailableError
-from worker.settings import Settings
+from worker.commands.dataset import read_interactions, read_items
+from worker.core.exceptions import KafkaUnavailableError
+from worker.core.settings import Settings
+from worker.ingest.events import interaction_payload, item_payload
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import orjson
 
 from adacode.errors import AdacodeError
-from worker.exceptions import WorkerError
-from worker.logs import setup_logging
-from worker.settings import (
+from worker.core.exceptions import WorkerError
+from worker.core.logs import setup_logging
+from worker.core.settings import (
     Settings,
     add_setting_flags,
     describe_settings,
@@ -30,7 +30,7 @@ from worker.settings import (
 
 log = logging.getLogger("adacode")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SCRIPT = REPO_ROOT / "ops" / "kafka.sh"
 
 
@@ -86,7 +86,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from worker.topics import create_topics
+    from worker.commands.topics import create_topics
 
     settings = _settings(args)
     for name, status in create_topics(settings, args.partitions).items():
@@ -95,7 +95,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from worker.replay import replay
+    from worker.commands.replay import replay
 
     settings = _settings(args)
     report = replay(
@@ -115,7 +115,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from worker.synthetic import generate
+    from worker.commands.synthetic import generate
 
     out = generate(
         args.out,
@@ -130,10 +130,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from worker.signals import install_stop_handlers
+    from worker.core.signals import install_stop_handlers
 
     stop = install_stop_handlers()  # before the slow imports: an early SIGTERM stops cleanly
-    from worker.daemon import run_daemon
+    from worker.app.daemon import run_daemon
 
     settings = _settings(args)
     setup_logging(settings.log_format, settings.log_level)
@@ -141,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from worker.inspection import open_state_readonly, stats
+    from worker.commands.inspection import open_state_readonly, stats
 
     settings = _settings(args)
     with open_state_readonly(settings) as store:
@@ -175,7 +175,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_item(args: argparse.Namespace) -> int:
-    from worker.inspection import find_item, open_state_readonly
+    from worker.commands.inspection import find_item, open_state_readonly
 
     settings = _settings(args)
     with open_state_readonly(settings) as store:
@@ -191,7 +191,7 @@ def cmd_item(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from worker.demo import run_demo
+    from worker.commands.demo import run_demo
 
     settings = _settings(args)
     return run_demo(settings, args.dataset, args.workdir, args.limit)
@@ -202,13 +202,13 @@ def cmd_codebook(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from store.rocksdb import RocksDBPartition
-    from worker.coding import load_codebook, retrain_codebook
-    from worker.dataset import read_items
-    from worker.encoder import TextEncoder
+    from worker.commands.dataset import read_items
+    from worker.ingest.coding import load_codebook, retrain_codebook
+    from worker.ingest.encoder import TextEncoder
 
     settings = _settings(args)
     if args.action == "show":
-        from worker.inspection import open_state_readonly
+        from worker.commands.inspection import open_state_readonly
 
         with open_state_readonly(settings) as store:
             cb = load_codebook(store)
@@ -238,7 +238,7 @@ def cmd_codebook(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from worker.operations import do_finetune
+    from worker.commands.operations import do_finetune
 
     settings = _settings(args)
     setup_logging("human", "INFO")
@@ -254,7 +254,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from worker.operations import do_rollback
+    from worker.commands.operations import do_rollback
 
     if (args.to is None) == (not args.previous):
         raise WorkerError("adacode rollback: give exactly one of --to V and --previous")
@@ -263,7 +263,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from worker.operations import format_versions, versions_report
+    from worker.commands.operations import format_versions, versions_report
 
     doc = versions_report(_settings(args), args.domain)
     if args.json:
@@ -274,7 +274,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from worker.operations import export_version
+    from worker.commands.operations import export_version
 
     manifest = export_version(_settings(args), args.domain, args.version, args.out)
     print(

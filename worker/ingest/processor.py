@@ -4,7 +4,7 @@
 state, computes every change of the batch in memory, and returns them as one
 :class:`~store.partition.WriteBatch` that also holds the next offset of every
 partition the batch touched, plus the dead letters. The consumer loop writes the
-dead letters, then the batch (see :mod:`worker.consumer`).
+dead letters, then the batch (see :mod:`worker.ingest.consumer`).
 
 The result depends only on committed state and the records, never on how the
 records were cut into batches: replaying after a crash gives the same state.
@@ -34,9 +34,11 @@ from store.records import (
     item_key,
     popularity_at,
 )
-from worker.coding import CodeService, CodingResult
-from worker.encoder import text_hash
-from worker.events import (
+from worker.core.exceptions import EventError
+from worker.core.settings import Settings
+from worker.ingest.coding import CodeService, CodingResult
+from worker.ingest.encoder import text_hash
+from worker.ingest.events import (
     ControlCommand,
     EventLimits,
     InteractionColumns,
@@ -45,10 +47,8 @@ from worker.events import (
     parse_interactions,
     parse_item,
 )
-from worker.exceptions import EventError
-from worker.settings import Settings
-from worker.users import append_recent, encode_entries, user_key
-from worker.versions import VersionError, rollback, set_pinned
+from worker.state.users import append_recent, encode_entries, user_key
+from worker.state.versions import VersionError, rollback, set_pinned
 
 log = logging.getLogger(__name__)
 
@@ -244,12 +244,12 @@ class Processor:
         """Compute the state change of ``records``; nothing is written here.
 
         1. Split the records by topic; parse and validate them (interactions as columns,
-           see :func:`~worker.events.parse_interactions`); a bad one becomes a dead letter.
+           see :func:`~worker.ingest.events.parse_interactions`); a bad one becomes a dead letter.
         2. Read the records the batch touches (one multi-get per column family).
         3. Encode the texts of new or changed items in one MiniLM call.
         4. Apply item events in offset order, then the interactions grouped per item and
            per user (each group in offset order): popularity, placeholders, the log, each
-           user's recent items (see :mod:`worker.users`).
+           user's recent items (see :mod:`worker.state.users`).
         5. Code new items and re-evaluate code lengths of items whose popularity moved.
         6. Trim each domain's interaction log to its retention.
         7. Apply control commands (rollback, pin) to the version pointers.

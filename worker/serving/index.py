@@ -12,7 +12,7 @@ How it follows the state (:class:`Serving`):
   announces a publish). When the pointer moved it builds the new index off to the
   side, then swaps one reference: a reader holds the old index or the new one for
   its whole request, never a half-built one.
-* **Item vectors** (:class:`~worker.versions.ItemVectorizer`): the sum of the item's
+* **Item vectors** (:class:`~worker.state.versions.ItemVectorizer`): the sum of the item's
   code rows, plus ``W @ e`` when the version projects text (``text_dim > 0``). Items
   of the version's table use the rows and the ``W @ e`` they were trained with; any
   other item uses its served code and ``W`` times its embedding read from its item
@@ -21,8 +21,8 @@ How it follows the state (:class:`Serving`):
   did not train (no training interaction) has no row of its own worth anything, so it
   is served the code (path prefix, no disambiguation row) of the trained item whose
   code is the deepest prefix of its own full path, plus its own text part: the
-  version's untrained items through :meth:`~worker.versions.VersionTable.served_rows`,
-  items coded later through the version's :class:`~worker.versions.TrainedCodes`
+  version's untrained items through :meth:`~worker.state.versions.VersionTable.served_rows`,
+  items coded later through the version's :class:`~worker.state.versions.TrainedCodes`
   (built with the index; ``O(levels)`` dict lookups per new item). An item with no
   trained code on its path keeps its own code. Trained items are never changed.
 * **New items** (cold start). After each committed batch, the consumer thread
@@ -59,12 +59,12 @@ from quantize.table_model import pad_rows
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.records import ItemRecord, domain_counters_key, item_key
-from worker.coding import CodeService, load_codebook, state_key
-from worker.exceptions import WorkerError
-from worker.memory import release_free_memory
-from worker.processor import BatchResult
-from worker.settings import Settings
-from worker.versions import (
+from worker.core.exceptions import WorkerError
+from worker.core.memory import release_free_memory
+from worker.core.settings import Settings
+from worker.ingest.coding import CodeService, load_codebook, state_key
+from worker.ingest.processor import BatchResult
+from worker.state.versions import (
     ItemVectorizer,
     TrainedCodes,
     VersionError,
@@ -432,7 +432,7 @@ def version_vector(
     store: StorePartition, domain: str, version: int, item_id: str, *, borrow: bool = True
 ) -> np.ndarray:
     """An item's served vector in an older (or any stored) version: only that version's own
-    items (``borrow``: see :meth:`~worker.versions.VersionTable.served_rows`)."""
+    items (``borrow``: see :meth:`~worker.state.versions.VersionTable.served_rows`)."""
     table = load_table(store, domain, version)
     try:
         i = table.item_ids.index(item_id)

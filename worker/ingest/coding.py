@@ -43,7 +43,7 @@ from quantize.codebook import ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.partition import StorePartition, WriteBatch
 from store.records import ItemRecord, split_item_key
-from worker.settings import Settings
+from worker.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def put_codebook(batch: WriteBatch, codebook: ResidualCodebook) -> None:
 
 
 class CodebookSource(Protocol):
-    """Where a group of workers agrees on one codebook (see :mod:`worker.changelog`)."""
+    """Where a group of workers agrees on one codebook (see :mod:`worker.ingest.group`)."""
 
     def first(self) -> ResidualCodebook | None:
         """The group's codebook, or ``None`` while there is none."""

@@ -23,13 +23,13 @@ from kafka.errors import KafkaError
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
-from worker.changelog import MirroredStore, RestoreReport, domain_partition
-from worker.exceptions import KafkaUnavailableError, WorkerError
-from worker.health import BACKOFF_MAX_S, BACKOFF_MIN_S, BrokerWatch
-from worker.memory import release_free_memory
-from worker.metrics import Metrics
-from worker.processor import BatchResult, DeadLetter, Processor
-from worker.settings import Settings
+from worker.core.exceptions import KafkaUnavailableError, WorkerError
+from worker.core.memory import release_free_memory
+from worker.core.metrics import Metrics
+from worker.core.settings import Settings
+from worker.ingest.group import MirroredStore, RestoreReport, domain_partition
+from worker.ingest.health import BACKOFF_MAX_S, BACKOFF_MIN_S, BrokerWatch
+from worker.ingest.processor import BatchResult, DeadLetter, Processor
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        """1. Restore the table versions of the assigned partitions (see worker.changelog).
+        """1. Restore the table versions of the assigned partitions (see worker.ingest.group).
         2. Seek each partition to the offset stored with the state; a partition this
            store never processed starts from the beginning, whatever Kafka committed.
         3. Publish the new assignment (ownership of domains follows it).
@@ -196,7 +196,7 @@ class ConsumerLoop:
     def run(self) -> None:
         """Consume until :meth:`stop` is called; then finish the batch and close.
 
-        A broker outage does not stop it: see :mod:`worker.health` for how it is detected.
+        A broker outage does not stop it: see :mod:`worker.ingest.health` for how it is detected.
         """
         self._wait_for_topics()
         if self.before_subscribe is not None and not self.stop_event.is_set():

@@ -18,11 +18,11 @@ from datetime import datetime, timedelta
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from worker.changelog import NotOwnedError
-from worker.finetune import Abandoned, FineTuner, Outcome
-from worker.memory import release_free_memory
-from worker.processor import BatchResult
-from worker.settings import Settings
+from worker.core.memory import release_free_memory
+from worker.core.settings import Settings
+from worker.ingest.group import NotOwnedError
+from worker.ingest.processor import BatchResult
+from worker.tuning.finetune import Abandoned, FineTuner, Outcome
 
 log = logging.getLogger(__name__)
 

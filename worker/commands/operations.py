@@ -19,12 +19,11 @@ from kafka.errors import KafkaError
 
 from store.exceptions import StateLockedError
 from store.rocksdb import RocksDBPartition
-from worker.events import control_payload
-from worker.exceptions import KafkaUnavailableError
-from worker.finetune import FineTuner, Outcome
-from worker.inspection import open_state_readonly
-from worker.settings import Settings
-from worker.versions import (
+from worker.commands.inspection import open_state_readonly
+from worker.core.exceptions import KafkaUnavailableError
+from worker.core.settings import Settings
+from worker.ingest.events import control_payload
+from worker.state.versions import (
     VersionError,
     current_version,
     export_arrays,
@@ -33,6 +32,7 @@ from worker.versions import (
     rollback,
     switches,
 )
+from worker.tuning.finetune import FineTuner, Outcome
 
 
 def send_control(settings: Settings, op: str, domain: str, **fields: Any) -> None:

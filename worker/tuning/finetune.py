@@ -1,11 +1,11 @@
 """One domain's fine-tune: snapshot, train, gate, publish (or record the rejection).
 
-Runs off the consumer thread (see :mod:`worker.scheduler`), on a RocksDB
+Runs off the consumer thread (see :mod:`worker.tuning.scheduler`), on a RocksDB
 checkpoint of the state: a consistent copy at one instant, so ingestion never
 stalls and the job never sees half a batch. The text encoder is never trained:
 items enter the model through their residual codes and a learned linear projection
 of their frozen embedding (``text_dim = embedding_dim``), read from the same
-checkpoint; the version keeps ``W @ e`` of its items (see :mod:`worker.versions`).
+checkpoint; the version keeps ``W @ e`` of its items (see :mod:`worker.state.versions`).
 
 Warm starts: from the domain's current version (incremental), else from another
 domain's current version on the same codebook through :func:`quantize.train.shared_init`
@@ -16,7 +16,7 @@ learns the projection from there.
 
 Borrowed codes (``serve_borrow_trained``): the version stores which items its training
 windows used (``TrainResult.seen_items``) and every item's full-path rows, and serves an
-untrained item the code of its deepest trained relative (see :mod:`worker.versions`). The
+untrained item the code of its deepest trained relative (see :mod:`worker.state.versions`). The
 gate scores the candidate and the current version with that same rule, so what is gated is
 what is served.
 """
@@ -40,12 +40,12 @@ from quantize.evaluate import holdout_split, pad_histories, ranks, recall_ndcg, 
 from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
 from quantize.train import EpochReport, TrainConfig, score_histories, shared_init, train_domain
 from store.partition import StorePartition
-from worker.coding import load_codebook, state_key
-from worker.exceptions import WorkerError
-from worker.inspection import iter_interactions
-from worker.serving import stored_embeddings
-from worker.settings import Settings
-from worker.versions import (
+from worker.commands.inspection import iter_interactions
+from worker.core.exceptions import WorkerError
+from worker.core.settings import Settings
+from worker.ingest.coding import load_codebook, state_key
+from worker.serving.index import stored_embeddings
+from worker.state.versions import (
     PUBLISHED,
     REJECTED,
     TEXT_PROJ,

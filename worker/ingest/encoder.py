@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.exceptions import EncoderError
+from worker.core.exceptions import EncoderError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The read API (``/v1``): HTTP handlers over :mod:`worker.serving` and its OpenAPI document.
+"""The read API (``/v1``): HTTP handlers over :mod:`worker.serving.index` and its OpenAPI document.
 
 Every route is declared once in :data:`ROUTES` (method, path template, handler, the
 status codes it may answer); the router and the OpenAPI document are both made
@@ -25,8 +25,9 @@ import faiss
 import orjson
 
 from store.partition import StorePartition
-from worker.api import Request, Response, Router
-from worker.serving import (
+from worker.core.settings import Settings
+from worker.serving.http import Request, Response, Router
+from worker.serving.index import (
     BadRequestError,
     DomainIndex,
     Neighbour,
@@ -35,9 +36,8 @@ from worker.serving import (
     UnknownItemError,
     version_vector,
 )
-from worker.settings import Settings
-from worker.users import recent_items
-from worker.versions import PUBLISHED, VersionError, current_version, list_records, switches
+from worker.state.users import recent_items
+from worker.state.versions import PUBLISHED, VersionError, current_version, list_records, switches
 
 MAX_K = 1000
 DEFAULT_K = 10

@@ -59,7 +59,7 @@ from quantize.table_model import (
     served_depth,
 )
 from store.partition import StorePartition, WriteBatch
-from worker.exceptions import WorkerError
+from worker.core.exceptions import WorkerError
 
 _V = struct.Struct(">q")
 

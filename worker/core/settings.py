@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.exceptions import ConfigError
+from worker.core.exceptions import ConfigError
 
 ENV_PREFIX = "ADACODE_"
 #: ADACODE_* variables read by the ops/ scripts and the tests, not worker settings.

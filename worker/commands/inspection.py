@@ -28,9 +28,9 @@ from store.records import (
     split_item_key,
 )
 from store.rocksdb import RocksDBPartition
-from worker.coding import code_history, history_prefix, load_codebook, state_key
-from worker.exceptions import WorkerError
-from worker.settings import Settings
+from worker.core.exceptions import WorkerError
+from worker.core.settings import Settings
+from worker.ingest.coding import code_history, history_prefix, load_codebook, state_key
 
 
 @contextmanager

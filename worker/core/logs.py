@@ -41,6 +41,6 @@ def setup_logging(fmt: str = "human", level: str = "INFO") -> None:
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     # While a broker is away, kafka-python logs each failed connection attempt (ERROR) and
     # each metadata miss (WARNING) many times a second; the worker's own watch
-    # (worker.health) reports the outage once, with its duration, and /healthz says 503.
+    # (worker.ingest.health) reports the outage once, with its duration, and /healthz says 503.
     for chatty in ("kafka.conn", "kafka.net", "kafka.client_async", "kafka.cluster"):
         logging.getLogger(chatty).setLevel(logging.CRITICAL)

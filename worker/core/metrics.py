@@ -13,7 +13,7 @@ from store.exceptions import StoreError
 
 if TYPE_CHECKING:
     from quantize.code_metrics import CodeReport
-    from worker.processor import BatchResult
+    from worker.ingest.processor import BatchResult
 
 
 class _StateMemory(Collector):

@@ -7,9 +7,9 @@ import logging
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from worker.changelog import MAX_RECORD_BYTES
-from worker.exceptions import KafkaUnavailableError
-from worker.settings import Settings
+from worker.core.exceptions import KafkaUnavailableError
+from worker.core.settings import Settings
+from worker.ingest.group import MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,15 @@ from kafka import KafkaConsumer, TopicPartition
 
 from store.partition import StorePartition
 from store.records import Popularity, domain_prefix, split_item_key
-from worker.dataset import read_interactions, read_items
-from worker.events import item_payload
-from worker.inspection import find_item, open_state_readonly, stats
-from worker.operations import do_finetune, do_rollback, format_versions, versions_report
-from worker.replay import make_producer, replay
-from worker.settings import Settings
-from worker.synthetic import generate
-from worker.topics import create_topics
-from worker.versions import VersionRecord, current_version, get_record
+from worker.commands.dataset import read_interactions, read_items
+from worker.commands.inspection import find_item, open_state_readonly, stats
+from worker.commands.operations import do_finetune, do_rollback, format_versions, versions_report
+from worker.commands.replay import make_producer, replay
+from worker.commands.synthetic import generate
+from worker.commands.topics import create_topics
+from worker.core.settings import Settings
+from worker.ingest.events import item_payload
+from worker.state.versions import VersionRecord, current_version, get_record
 
 
 def _end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
@@ -264,7 +264,10 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
     )
     log = (workdir / "worker.log").open("ab")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "worker.commands.cli", "run"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         total = n_inter if limit is None else min(limit, n_inter)

@@ -38,9 +38,9 @@ from kafka.partitioner import murmur2
 
 from quantize.codebook import ResidualCodebook
 from store.partition import StorePartition, WriteBatch, decode_offset_key
-from worker.coding import CodeService, put_codebook
-from worker.exceptions import KafkaUnavailableError, WorkerError
-from worker.settings import Settings
+from worker.core.exceptions import KafkaUnavailableError, WorkerError
+from worker.core.settings import Settings
+from worker.ingest.coding import CodeService, put_codebook
 
 log = logging.getLogger(__name__)
 

@@ -22,22 +22,22 @@ from quantize.code_metrics import code_report
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
-from worker.api import HttpServer, Request, Response, Router
-from worker.changelog import CodebookLog, MirroredStore, VersionsLog, adopt_group_codebook
-from worker.consumer import ConsumerLoop
-from worker.encoder import TextEncoder
-from worker.events import control_payload
-from worker.exceptions import EncoderError
-from worker.finetune import FineTuner
-from worker.memory import cap_mmap_threshold
-from worker.metrics import Metrics
-from worker.processor import BatchResult, Processor
-from worker.routes import ApiRoutes
-from worker.scheduler import FinetuneScheduler
-from worker.serving import NotServedError, Serving, ServingError, live_paths
-from worker.settings import Settings
-from worker.signals import install_stop_handlers
-from worker.versions import REJECTED, current_version, domains_with_versions, list_records
+from worker.core.exceptions import EncoderError
+from worker.core.memory import cap_mmap_threshold
+from worker.core.metrics import Metrics
+from worker.core.settings import Settings
+from worker.core.signals import install_stop_handlers
+from worker.ingest.consumer import ConsumerLoop
+from worker.ingest.encoder import TextEncoder
+from worker.ingest.events import control_payload
+from worker.ingest.group import CodebookLog, MirroredStore, VersionsLog, adopt_group_codebook
+from worker.ingest.processor import BatchResult, Processor
+from worker.serving.http import HttpServer, Request, Response, Router
+from worker.serving.index import NotServedError, Serving, ServingError, live_paths
+from worker.serving.routes import ApiRoutes
+from worker.state.versions import REJECTED, current_version, domains_with_versions, list_records
+from worker.tuning.finetune import FineTuner
+from worker.tuning.scheduler import FinetuneScheduler
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Daemon:
         # batched code search is fastest single-threaded on small batches, and leaves
         # the other core to kafka-python's I/O thread. OpenMP settings are per thread: this
         # covers the consumer loop (run on this thread); the HTTP handler threads set their
-        # own (worker.routes)
+        # own (worker.serving.routes)
         faiss.omp_set_num_threads(1)
         self.metrics = Metrics()
         local = store or RocksDBPartition.open(
@@ -177,7 +177,7 @@ class Daemon:
         self.scheduler.on_applied(result)
 
     def _join_group_codebook(self) -> None:
-        """Agree on the group's codebook before the first batch (see worker.changelog)."""
+        """Agree on the group's codebook before the first batch (see worker.ingest.group)."""
         codes = self.processor.codes
         if codes is not None:
             adopt_group_codebook(self.store, codes, self.codebooks)
@@ -282,7 +282,7 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> int:
     if stop is None:
         stop = install_stop_handlers()
     log.info("starting worker with settings %s", settings.redacted())
-    cap_mmap_threshold()  # before the big allocations: see worker.memory
+    cap_mmap_threshold()  # before the big allocations: see worker.core.memory
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     daemon = Daemon(settings, stop=stop)
     return daemon.run()
