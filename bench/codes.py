@@ -11,8 +11,8 @@ and reconstruction error per prefix length, the evidence for the default trainer
 
 Run from the repository root::
 
-    python -m bench.codes --dataset /work/shared/datasets/office \\
-        --dataset /work/shared/datasets/movies
+    python -m bench.codes --dataset ../shared/datasets/office \\
+        --dataset ../shared/datasets/movies
 
 Outputs: printed tables, ``bench/out/codes_<dataset>.png`` (served length against
 popularity, per policy) and ``bench/out/codes_<dataset>.json`` (all figures).

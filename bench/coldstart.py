@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -41,6 +39,7 @@ from tqdm import tqdm
 from adacode.errors import AdacodeError
 from bench.broker import broker, free_port
 from bench.common import OUT_DIR
+from worker.commands.launch import WorkerProcess
 from worker.commands.topics import create_topics
 from worker.core.settings import Settings
 from worker.ingest.events import control_payload, interaction_payload, item_payload
@@ -211,33 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         producer.flush()
         log_path = Path(args.out) / "coldstart_worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("wb") as log:
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "worker.commands.cli", "run"],
-                cwd=REPO,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            try:
-                results = _run(args, kinds, x, texts, settings, producer, Api(port), worker)
-            finally:
-                worker.terminate()
-                worker.wait(timeout=60)
+        with WorkerProcess.start(env, log_path, cwd=REPO, append=False) as worker:
+            results = _run(args, kinds, x, texts, settings, producer, Api(port), worker)
         producer.close()
     _report(results, args)
     return 0
-
-
-def _wait(what: str, predicate: Any, timeout_s: float, worker: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise ColdstartBenchError(f"the worker exited ({worker.returncode}) before {what}")
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise ColdstartBenchError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _run(
@@ -248,25 +225,24 @@ def _run(
     settings: Settings,
     producer: KafkaProducer,
     api: Api,
-    worker: subprocess.Popen[bytes],
+    worker: WorkerProcess,
 ) -> dict[str, np.ndarray]:
     started = time.perf_counter()
-    _wait("the base catalogue", lambda: api.get("/readyz")[0] == 200, 180, worker)
+    worker.wait_until(lambda: api.get("/readyz")[0] == 200, 180, "the base catalogue")
     total = args.base + 20_000
 
     def consumed() -> bool:
         status, doc = api.get("/readyz")
         return status == 200 and isinstance(doc, dict) and doc["records"] >= total
 
-    _wait(f"the worker to apply the {total} base events", consumed, 300, worker)
+    worker.wait_until(consumed, 300, f"the worker to apply the {total} base events")
     producer.send(
         settings.topic("control"), key=DOMAIN.encode(), value=control_payload("finetune", DOMAIN)
     ).get(timeout=30)
-    _wait(
-        "version 1 to be served",
+    worker.wait_until(
         lambda: api.get(f"/v1/domains/{DOMAIN}/items/b0/vector")[0] == 200,
         300,
-        worker,
+        "version 1 to be served",
     )
     # the worker loads MiniLM at its first text item: load it before measuring
     producer.send(
@@ -274,11 +250,10 @@ def _run(
         key=DOMAIN.encode(),
         value=item_payload("warmup-text", DOMAIN, 2, text="warm up the text encoder"),
     )
-    _wait(
-        "the text encoder to load",
+    worker.wait_until(
         lambda: api.get(f"/v1/domains/{DOMAIN}/items/warmup-text/vector")[0] == 200,
         120,
-        worker,
+        "the text encoder to load",
     )
     print(
         f"set-up (ingest, codebook, fine-tune v1, index) took {time.perf_counter() - started:.1f} s"

@@ -97,6 +97,7 @@ from worker.ingest.events import (
     parse_interactions,
 )
 from worker.ingest.processor import BatchResult, Encode, Processor, Record, SourceRecord
+from worker.state.layout import ASSIGNER_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 PARTITIONS = 3
@@ -807,7 +808,8 @@ def codes_scaling(n_items: int, n_interactions: int, seed: int) -> CodesScaling:
             class ByPrefix(CountingBatch):
                 def put(self, cf: str, key: bytes, value: bytes) -> None:
                     if cf == "codes":
-                        tag = "codes:" + key.split(b"\x00", 1)[0].decode()
+                        kind = "state" if key.startswith(ASSIGNER_PREFIX) else "hist"
+                        tag = f"codes:{kind}"
                         counts[tag] = counts.get(tag, 0) + len(key) + len(value)
                     super().put(cf, key, value)
 

@@ -41,8 +41,8 @@ dataset; the text projection is on, with the embedding width.
 
 Run from the repository root::
 
-    python -m bench.quality --dataset /work/shared/datasets/office \\
-        --dataset /work/shared/datasets/movies
+    python -m bench.quality --dataset ../shared/datasets/office \\
+        --dataset ../shared/datasets/movies
 
 Cold-start targets are few and often share a handful of new items, so the summary gives
 them as hit counts with 95 % Wilson intervals, and adaptive minus fixed as a paired

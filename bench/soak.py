@@ -43,9 +43,7 @@ import contextlib
 import itertools
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,6 +66,7 @@ from adacode.errors import AdacodeError
 from bench.broker import broker, free_port
 from bench.common import out_path
 from worker.commands.dataset import dataset_domain, read_interactions, read_items
+from worker.commands.launch import WorkerProcess
 from worker.commands.replay import make_producer
 from worker.commands.topics import create_topics
 from worker.core.settings import Settings
@@ -314,19 +313,6 @@ def worker_env(
     return env
 
 
-def wait_http(port: int, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SoakError(f"the worker exited with {proc.returncode} during start-up")
-        try:
-            scrape(port)
-            return
-        except (OSError, urllib.error.URLError):
-            time.sleep(0.5)
-    raise SoakError(f"the worker's /metrics on port {port} did not answer in {timeout_s:.0f} s")
-
-
 def minute_rows(samples: list[Sample], rate: float) -> list[dict[str, Any]]:
     """One row per full minute: what was sent and applied in it, and the state at its end."""
     rows = []
@@ -529,16 +515,9 @@ def run(args: argparse.Namespace) -> int:
         port = free_port()
         log_path = out_path("soak_worker.log")
         env = worker_env(args, bootstrap, prefix, Path(tmp) / "state", port)
-        with log_path.open("wb") as log_file:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "worker.commands.cli", "run"],
-                cwd=REPO,
-                env=env,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-            )
+        worker = WorkerProcess.start(env, log_path, cwd=REPO, append=False)
         try:
-            wait_http(port, proc, 120)
+            worker.wait_http(port, "/metrics", timeout_s=120)
             stream = (
                 dataset_stream(Path(args.dataset))
                 if args.dataset
@@ -563,7 +542,7 @@ def run(args: argparse.Namespace) -> int:
             ) as bar:
                 while True:
                     elapsed = time.monotonic() - began
-                    if proc.poll() is not None:
+                    if worker.poll() is not None:
                         died = True
                         break
                     scan.update()
@@ -581,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
                             producer.sent,
                             metrics["applied"],
                             metrics["lag"],
-                            rss_mib(proc.pid),
+                            rss_mib(worker.pid),
                             scan.errors,
                             scan.started,
                             scan.published,
@@ -615,19 +594,13 @@ def run(args: argparse.Namespace) -> int:
                 with contextlib.suppress(OSError, urllib.error.URLError):
                     final_applied = scrape(port)["applied"]
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=120)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            worker.stop(timeout_s=120)
         scan.update()
     rows = minute_rows(samples, args.rate)
     summary = summarize(samples, rows, scan, args)
     summary |= {
         "worker_died": died,
-        "worker_exit_code": proc.returncode,
+        "worker_exit_code": worker.returncode,
         "drained": drained,
         "sent": producer.sent,
         "applied_after_drain": final_applied,
@@ -644,7 +617,7 @@ def run(args: argparse.Namespace) -> int:
     out_path("soak.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     plot(samples, args, out_path("soak.png"), summary["warmup_end_s"])
     print(f"wrote {out_path('soak.json')}, {out_path('soak.png')} and {log_path}")
-    ok = not died and proc.returncode == 0 and producer.error is None
+    ok = not died and worker.returncode == 0 and producer.error is None
     return 0 if ok else 1
 
 

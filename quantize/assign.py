@@ -51,8 +51,9 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -75,6 +76,16 @@ STATE_VERSION = 1
 DEFAULT_DEMOTE_AFTER = 3
 
 Code = tuple[int, ...]
+
+
+@contextmanager
+def _bad_input() -> Iterator[None]:
+    """Raise the input and policy errors of :mod:`quantize.lengths` as
+    :class:`AssignmentError` (the one error class of this module's entry points)."""
+    try:
+        yield
+    except LengthPolicyError as exc:
+        raise AssignmentError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
@@ -252,23 +263,27 @@ def assign_codes(
     ``is_head=None`` makes the top ``head_fraction`` of items by popularity head
     (:func:`thresholds_for_fraction`). ``unique_head=False`` skips the uniqueness step (to
     measure a policy's raw collisions). Deterministic: ties go to the lower index.
+    Every bad input raises :class:`AssignmentError`.
     """
-    p = check_paths(paths, "assign_codes")
-    n = p.shape[0]
-    if p.size and p.max() >= k:
-        raise AssignmentError(
-            f"assign_codes: paths hold digit {int(p.max())} >= k={k}; pass the codebook's K"
-        )
-    pop = check_vector(popularity, n, "assign_codes")
-    if is_head is None:
-        enter, exit_ = thresholds_for_fraction(pop, head_fraction)
-        head = head_flags(pop, None, enter, exit_)
-    else:
-        head = np.asarray(is_head, dtype=bool)
-        if head.shape != (n,):
-            raise AssignmentError(f"assign_codes: is_head has shape {head.shape}, expected ({n},)")
-    stats = PrefixStats.compute(p, pop, head)
-    lengths = policy_lengths(policy, p, pop, head, stats).copy()
+    with _bad_input():
+        p = check_paths(paths, "assign_codes")
+        n = p.shape[0]
+        if p.size and p.max() >= k:
+            raise AssignmentError(
+                f"assign_codes: paths hold digit {int(p.max())} >= k={k}; pass the codebook's K"
+            )
+        pop = check_vector(popularity, n, "assign_codes")
+        if is_head is None:
+            enter, exit_ = thresholds_for_fraction(pop, head_fraction)
+            head = head_flags(pop, None, enter, exit_)
+        else:
+            head = np.asarray(is_head, dtype=bool)
+            if head.shape != (n,):
+                raise AssignmentError(
+                    f"assign_codes: is_head has shape {head.shape}, expected ({n},)"
+                )
+        stats = PrefixStats.compute(p, pop, head)
+        lengths = policy_lengths(policy, p, pop, head, stats).copy()
     digits = np.full(n, -1, dtype=np.int64)
     uses = np.zeros(n, dtype=bool)
     next_digit = 0
@@ -297,9 +312,90 @@ def _policy_spec(policy: LengthPolicy) -> tuple[str, dict[str, Any]]:
     return name, params
 
 
+def _array(
+    dtype: type[np.generic],
+    new: float | None,
+    *,
+    saved: type[np.generic] | None = None,
+    per_level: bool = False,
+) -> dict[str, Any]:
+    """Metadata of a field of :class:`_Items`: its dtype, the value a new item starts with
+    (``None``: :meth:`CodeAssigner.add` gives it), the dtype kept in :class:`AssignerState`
+    (default: the same) and whether it holds a digit per level (``[n, L]``, checked as
+    paths) instead of one value per item (``[n]``).
+    """
+    return {"dtype": dtype, "new": new, "saved": saved or dtype, "per_level": per_level}
+
+
+@dataclass(eq=False)
+class _Items:
+    """The per-item arrays of a :class:`CodeAssigner`; row ``i`` belongs to its ``i``-th key.
+
+    The one declaration of them: a field's name is also its :class:`AssignerState` field
+    and its member in the saved bytes (in this order); its :func:`_array` metadata gives
+    its dtype, its value for a new item and its dtype in the state.
+    """
+
+    paths: np.ndarray = field(metadata=_array(np.int64, None, saved=np.int32, per_level=True))
+    popularity: np.ndarray = field(metadata=_array(np.float64, 0.0))  # 0 = cold
+    is_head: np.ndarray = field(metadata=_array(np.bool_, False))
+    lengths: np.ndarray = field(metadata=_array(np.int64, 0))  # path digits served, 0 = none yet
+    digits: np.ndarray = field(metadata=_array(np.int64, -1))  # disambiguation digit, -1 = none
+    uses_digit: np.ndarray = field(metadata=_array(np.bool_, False))  # code ends with its digit
+    shrink_streak: np.ndarray = field(metadata=_array(np.int64, 0))  # rounds due for demotion
+
+    @classmethod
+    def new(cls, paths: np.ndarray, popularity: np.ndarray | None = None) -> _Items:
+        """Rows of new items with these full paths (and popularity, else cold)."""
+        given = {"paths": paths, "popularity": popularity}
+        arrays: dict[str, np.ndarray] = {}
+        for f in fields(cls):
+            value = given.get(f.name)
+            if value is None:
+                value = np.full(len(paths), f.metadata["new"], dtype=f.metadata["dtype"])
+            arrays[f.name] = value
+        return cls(**arrays)
+
+    @classmethod
+    def from_state(cls, state: AssignerState) -> _Items:
+        """Checked copies of the arrays of ``state``, in the assigner's dtypes."""
+        n, levels = len(state.keys), state.levels
+        arrays: dict[str, np.ndarray] = {}
+        for f in fields(cls):
+            value = getattr(state, f.name)
+            shape = (n, levels) if f.metadata["per_level"] else (n,)
+            if f.metadata["per_level"] and np.size(value) == n * levels:
+                with _bad_input():
+                    value = check_paths(np.reshape(value, shape), "CodeAssigner.from_state")
+            if np.shape(value) != shape:
+                raise AssignmentError(
+                    f"CodeAssigner.from_state: {f.name} has shape {np.shape(value)}, expected "
+                    f"{shape}; the state is corrupt, rebuild it from the items"
+                )
+            arrays[f.name] = np.array(value, dtype=f.metadata["dtype"])
+        return cls(**arrays)
+
+    def extend(self, other: _Items) -> None:
+        """Append the rows of ``other``."""
+        for f in fields(self):
+            setattr(self, f.name, np.concatenate([getattr(self, f.name), getattr(other, f.name)]))
+
+    def saved(self) -> dict[str, np.ndarray]:
+        """Copies in the state's dtypes, by :class:`AssignerState` field name."""
+        return {f.name: getattr(self, f.name).astype(f.metadata["saved"]) for f in fields(self)}
+
+
+_ITEM_ARRAYS = tuple(f.name for f in fields(_Items))
+"""Names of the per-item arrays of :class:`AssignerState`, in the order they are saved."""
+
+
 @dataclass(frozen=True, eq=False)
 class AssignerState:
-    """Everything a :class:`CodeAssigner` holds, as plain arrays and scalars."""
+    """Everything a :class:`CodeAssigner` holds, as plain arrays and scalars.
+
+    The arrays are the fields of :class:`_Items` (same names, order and dtypes but for
+    ``paths``, kept as int32); ``to_bytes``, ``from_bytes`` and the assigner go by them.
+    """
 
     keys: tuple[str, ...]
     paths: np.ndarray  # int32 [n, L]
@@ -338,13 +434,7 @@ class AssignerState:
             buf,
             meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
             keys=np.frombuffer(json.dumps(list(self.keys)).encode(), dtype=np.uint8),
-            paths=self.paths,
-            popularity=self.popularity,
-            is_head=self.is_head,
-            lengths=self.lengths,
-            digits=self.digits,
-            uses_digit=self.uses_digit,
-            shrink_streak=self.shrink_streak,
+            **{name: getattr(self, name) for name in _ITEM_ARRAYS},
         )
         return buf.getvalue()
 
@@ -359,18 +449,7 @@ class AssignerState:
                         f"supported (this build reads {STATE_VERSION}); rebuild the state"
                     )
                 keys = tuple(json.loads(npz["keys"].tobytes().decode()))
-                arrays = {
-                    name: np.array(npz[name])
-                    for name in (
-                        "paths",
-                        "popularity",
-                        "is_head",
-                        "lengths",
-                        "digits",
-                        "uses_digit",
-                        "shrink_streak",
-                    )
-                }
+                arrays = {name: np.array(npz[name]) for name in _ITEM_ARRAYS}
         except AssignmentError:
             raise
         except (
@@ -437,13 +516,7 @@ class CodeAssigner:
         self.demote_after = demote_after
         self._keys: list[str] = []
         self._index: dict[str, int] = {}
-        self._paths = np.zeros((0, levels), dtype=np.int64)
-        self._pop = np.zeros(0, dtype=np.float64)
-        self._head = np.zeros(0, dtype=bool)
-        self._lengths = np.zeros(0, dtype=np.int64)
-        self._digits = np.zeros(0, dtype=np.int64)
-        self._uses = np.zeros(0, dtype=bool)
-        self._streak = np.zeros(0, dtype=np.int64)
+        self._items = _Items.new(np.zeros((0, levels), dtype=np.int64))
         self._next_digit = 0
         self._clock = 0
 
@@ -484,34 +557,36 @@ class CodeAssigner:
             ) from exc
 
     def _code(self, i: int) -> Code:
-        base = tuple(int(c) for c in self._paths[i, : self._lengths[i]])
-        return (*base, int(self._digits[i])) if self._uses[i] else base
+        items = self._items
+        base = tuple(int(c) for c in items.paths[i, : items.lengths[i]])
+        return (*base, int(items.digits[i])) if items.uses_digit[i] else base
 
     def served_code(self, key: str) -> Code:
         return self._code(self._idx(key))
 
     def full_path(self, key: str) -> Code:
-        return tuple(int(c) for c in self._paths[self._idx(key)])
+        return tuple(int(c) for c in self._items.paths[self._idx(key)])
 
     def is_head(self, key: str) -> bool:
-        return bool(self._head[self._idx(key)])
+        return bool(self._items.is_head[self._idx(key)])
 
     def popularity(self, key: str) -> float:
-        return float(self._pop[self._idx(key)])
+        return float(self._items.popularity[self._idx(key)])
 
     def row_ids(self, key: str) -> np.ndarray:
         return row_ids(self.served_code(key), self.k, self.levels)
 
     def served(self) -> ServedCodes:
         """A snapshot of all served codes, in insertion order of the keys."""
+        items = self._items
         return ServedCodes(
-            self._paths.copy(),
-            self._lengths.copy(),
-            self._digits.copy(),
-            self._uses.copy(),
-            self._head.copy(),
-            self.k,
-            self._next_digit,
+            paths=items.paths.copy(),
+            lengths=items.lengths.copy(),
+            digits=items.digits.copy(),
+            uses_digit=items.uses_digit.copy(),
+            is_head=items.is_head.copy(),
+            k=self.k,
+            n_digit_rows=self._next_digit,
         )
 
     # -- mutations -------------------------------------------------------------------------
@@ -531,14 +606,28 @@ class CodeAssigner:
         """Add items (or re-code existing keys whose path changed); new items start short.
 
         ``popularity`` defaults to 0 (cold). Re-adding a key with the same path only
-        updates its popularity when given. Returns the code changes, new items first.
+        updates its popularity when given. Returns the code changes, in item order. Every
+        bad input raises :class:`AssignmentError`.
         """
         stamp = self._tick(ts)
-        keys = [str(key) for key in keys]
-        p = check_paths(paths, "CodeAssigner.add")
-        if p.shape != (len(keys), self.levels):
+        keys, p, pop = self._checked_batch(keys, paths, popularity)
+        fixed, unknown = self._update_known(keys, p, pop)
+        if unknown:
+            rows = np.asarray(unknown)
+            batch = _Items.new(p[rows], None if pop is None else pop[rows])
+            fixed.update(self._append([keys[j] for j in unknown], batch))
+        return self._reassign(fixed, stamp, round_=False)
+
+    def _checked_batch(
+        self, keys: Sequence[str], paths: np.ndarray, popularity: np.ndarray | None
+    ) -> tuple[list[str], np.ndarray, np.ndarray | None]:
+        """The keys as strings, the paths as int64 ``[n, L]`` and the popularity, checked."""
+        names = [str(key) for key in keys]
+        with _bad_input():
+            p = check_paths(paths, "CodeAssigner.add")
+        if p.shape != (len(names), self.levels):
             raise AssignmentError(
-                f"CodeAssigner.add: {len(keys)} keys but paths of shape {p.shape}; pass one "
+                f"CodeAssigner.add: {len(names)} keys but paths of shape {p.shape}; pass one "
                 f"path of {self.levels} digits per key"
             )
         if p.size and p.max() >= self.k:
@@ -546,56 +635,62 @@ class CodeAssigner:
                 f"CodeAssigner.add: paths hold digit {int(p.max())} >= k={self.k}; encode "
                 "with this domain's codebook"
             )
-        if len(set(keys)) != len(keys):
+        if len(set(names)) != len(names):
             raise AssignmentError("CodeAssigner.add: duplicate keys in one call; deduplicate")
-        pop = None if popularity is None else check_vector(popularity, len(keys), "add")
-        before: dict[int, Code] = {}
-        reasons: dict[int, str] = {}
-        new_rows: list[int] = []
+        if popularity is None:
+            return names, p, None
+        with _bad_input():
+            return names, p, check_vector(popularity, len(names), "CodeAssigner.add")
+
+    def _update_known(
+        self, keys: list[str], paths: np.ndarray, popularity: np.ndarray | None
+    ) -> tuple[dict[int, tuple[Code, str]], list[int]]:
+        """Re-code the known keys whose path changed (their code starts over) and set their
+        popularity when given. Returns the re-coded items (old code, reason) and the batch
+        rows of the unknown keys."""
+        items = self._items
+        recoded: dict[int, tuple[Code, str]] = {}
+        unknown: list[int] = []
         for j, key in enumerate(keys):
             i = self._index.get(key)
             if i is None:
-                new_rows.append(j)
+                unknown.append(j)
                 continue
-            if not np.array_equal(self._paths[i], p[j]):
-                before[i] = self._code(i)
-                self._paths[i] = p[j]
-                self._lengths[i] = 0
-                self._uses[i] = False
-                self._digits[i] = -1
-                self._streak[i] = 0
-                reasons[i] = "recode"
-            if pop is not None:
-                self._pop[i] = pop[j]
+            if not np.array_equal(items.paths[i], paths[j]):
+                recoded[i] = (self._code(i), "recode")
+                items.paths[i] = paths[j]
+                items.lengths[i] = 0
+                items.uses_digit[i] = False
+                items.digits[i] = -1
+                items.shrink_streak[i] = 0
+            if popularity is not None:
+                items.popularity[i] = popularity[j]
+        return recoded, unknown
+
+    def _append(self, keys: list[str], batch: _Items) -> dict[int, tuple[Code, str]]:
+        """Append new items (their rows in ``batch``); returns them with old code ``()``."""
         start = len(self._keys)
-        if new_rows:
-            rows = np.asarray(new_rows)
-            m = rows.size
-            for j in new_rows:
-                self._index[keys[j]] = len(self._keys)
-                self._keys.append(keys[j])
-            self._paths = np.concatenate([self._paths, p[rows]])
-            self._pop = np.concatenate([self._pop, np.zeros(m) if pop is None else pop[rows]])
-            self._head = np.concatenate([self._head, np.zeros(m, dtype=bool)])
-            self._lengths = np.concatenate([self._lengths, np.zeros(m, dtype=np.int64)])
-            self._digits = np.concatenate([self._digits, np.full(m, -1, dtype=np.int64)])
-            self._uses = np.concatenate([self._uses, np.zeros(m, dtype=bool)])
-            self._streak = np.concatenate([self._streak, np.zeros(m, dtype=np.int64)])
-            for i in range(start, len(self._keys)):
-                reasons[i] = "new"
-                before[i] = ()
-        return self._reassign(before, reasons, stamp, round_=False)
+        for key in keys:
+            self._index[key] = len(self._keys)
+            self._keys.append(key)
+        self._items.extend(batch)
+        return {i: ((), "new") for i in range(start, len(self._keys))}
 
     def update_popularity(
         self, keys: Sequence[str], popularity: np.ndarray, *, ts: int | None = None
     ) -> list[CodeChange]:
-        """Set the popularity of ``keys`` and re-evaluate every item (one popularity round)."""
+        """Set the popularity of ``keys`` and re-evaluate every item (one popularity round).
+
+        Every bad input (unknown key, popularity not finite, negative or of another length
+        than ``keys``) raises :class:`AssignmentError`.
+        """
         stamp = self._tick(ts)
         keys = [str(key) for key in keys]
-        pop = check_vector(popularity, len(keys), "CodeAssigner.update_popularity")
+        with _bad_input():
+            pop = check_vector(popularity, len(keys), "CodeAssigner.update_popularity")
         idx = np.asarray([self._idx(key) for key in keys], dtype=np.int64)
-        self._pop[idx] = pop
-        return self._reassign({}, {}, stamp, round_=True)
+        self._items.popularity[idx] = pop
+        return self._reassign({}, stamp, round_=True)
 
     def set_thresholds(
         self, enter_threshold: float, exit_threshold: float, *, ts: int | None = None
@@ -605,85 +700,122 @@ class CodeAssigner:
         stamp = self._tick(ts)
         self.enter_threshold = float(enter_threshold)
         self.exit_threshold = float(exit_threshold)
-        return self._reassign({}, {}, stamp, round_=True)
+        return self._reassign({}, stamp, round_=True)
 
     def _reassign(
-        self, before: dict[int, Code], reasons: dict[int, str], stamp: int, *, round_: bool
+        self, fixed: dict[int, tuple[Code, str]], stamp: int, *, round_: bool
     ) -> list[CodeChange]:
-        """Re-evaluate every item; ``before`` holds the old codes of new/re-coded items."""
-        n = len(self._keys)
-        if n == 0:
+        """Re-evaluate every item; ``fixed`` holds the old code and the reason of the new and
+        re-coded items. A popularity ``round_`` counts towards lazy demotions.
+
+        1. Head flags (with hysteresis) and policy lengths from the current popularity.
+        2. Served lengths under the stability rules (see the module docstring).
+        3. Head codes made unique.
+        4. The code changes against the codes served before.
+        """
+        if not self._keys:
             return []
-        was_head = self._head.copy()
-        old_len = self._lengths.copy()
-        old_uses = self._uses.copy()
-        head = head_flags(self._pop, self._head, self.enter_threshold, self.exit_threshold)
-        stats = PrefixStats.compute(self._paths, self._pop, head)
+        items = self._items
+        was_head = items.is_head.copy()
+        old_len = items.lengths.copy()
+        old_uses = items.uses_digit.copy()
+        head, target = self._policy_targets()
+        lengths, uses = self._stable_lengths(head, target, round_=round_)
+        self._make_unique(head, lengths, uses)
+        items.lengths = lengths
+        items.uses_digit = uses
+        items.is_head = head
+        return self._changes(fixed, was_head, old_len, old_uses, stamp)
+
+    def _policy_targets(self) -> tuple[np.ndarray, np.ndarray]:
+        """Head flags (hysteresis on the thresholds) and the policy's length per item."""
+        items = self._items
         try:
-            target = policy_lengths(self.policy, self._paths, self._pop, head, stats)
+            head = head_flags(
+                items.popularity, items.is_head, self.enter_threshold, self.exit_threshold
+            )
+            stats = PrefixStats.compute(items.paths, items.popularity, head)
+            target = policy_lengths(self.policy, items.paths, items.popularity, head, stats)
         except LengthPolicyError as exc:
             raise AssignmentError(f"CodeAssigner: the length policy failed ({exc})") from exc
-        cur = self._lengths
-        fresh = cur == 0  # new or re-coded items take the policy length at once
-        # head items never get shorter; other items only after demote_after rounds in
-        # which their policy length stayed below their served length (digit included)
-        below = ~head & (target < cur + self._uses.astype(np.int64))
+        return head, target
+
+    def _stable_lengths(
+        self, head: np.ndarray, target: np.ndarray, *, round_: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Served path lengths and disambiguation flags under the stability rules.
+
+        New or re-coded items (length 0) take the policy length at once; others only grow,
+        except that a non-head item is shortened to its policy length (its digit dropped)
+        after ``demote_after`` rounds in which that length stayed below its served one.
+        """
+        items = self._items
+        cur = items.lengths
+        fresh = cur == 0
+        below = ~head & (target < cur + items.uses_digit.astype(np.int64))
         if round_:
-            self._streak = np.where(below, self._streak + 1, 0)
-        shrink = below & ~fresh & (self._streak >= self.demote_after)
-        new_len = np.where(fresh | shrink, target, np.maximum(target, cur))
-        uses = self._uses & ~fresh & ~shrink & (new_len >= self.levels)
-        self._streak[shrink] = 0
-        # incumbents (served this very code before) keep it, then the more popular item
-        incumbent = ~fresh & (new_len == cur) & (uses == self._uses)
-        top = float(self._pop.max()) + 1.0
-        priority = self._pop + np.where(incumbent, top, 0.0)
-        new_len = new_len.astype(np.int64)
+            items.shrink_streak = np.where(below, items.shrink_streak + 1, 0)
+        shrink = below & ~fresh & (items.shrink_streak >= self.demote_after)
+        lengths = np.where(fresh | shrink, target, np.maximum(target, cur))
+        uses = items.uses_digit & ~fresh & ~shrink & (lengths >= self.levels)
+        items.shrink_streak[shrink] = 0
+        return lengths.astype(np.int64), uses
+
+    def _make_unique(self, head: np.ndarray, lengths: np.ndarray, uses: np.ndarray) -> None:
+        """Deepen colliding head codes in place: the incumbent (served this very code
+        before) keeps it, then the more popular item, then the one added first."""
+        items = self._items
+        fresh = items.lengths == 0  # new or re-coded: nothing to defend
+        incumbent = ~fresh & (lengths == items.lengths) & (uses == items.uses_digit)
+        top = float(items.popularity.max()) + 1.0
+        priority = items.popularity + np.where(incumbent, top, 0.0)
         self._next_digit = _make_head_unique(
-            self._paths, new_len, uses, self._digits, head, priority, self._next_digit
+            items.paths, lengths, uses, items.digits, head, priority, self._next_digit
         )
-        self._lengths = new_len
-        self._uses = uses
-        self._head = head
-        changed = (new_len != old_len) | (uses != old_uses)
-        if before:
-            changed[np.fromiter(before, dtype=np.int64, count=len(before))] = True
+
+    def _changes(
+        self,
+        fixed: dict[int, tuple[Code, str]],
+        was_head: np.ndarray,
+        old_len: np.ndarray,
+        old_uses: np.ndarray,
+        stamp: int,
+    ) -> list[CodeChange]:
+        """The served-code changes against the old lengths and digit flags, in item order."""
+        items = self._items
+        changed = (items.lengths != old_len) | (items.uses_digit != old_uses)
+        if fixed:
+            changed[np.fromiter(fixed, dtype=np.int64, count=len(fixed))] = True
         changes: list[CodeChange] = []
         for i in np.flatnonzero(changed).tolist():
             new = self._code(i)
-            if i in before:
-                old = before[i]
+            if i in fixed:
+                old, reason = fixed[i]
             else:
-                old = tuple(int(c) for c in self._paths[i, : old_len[i]])
+                old = tuple(int(c) for c in items.paths[i, : old_len[i]])
                 if old_uses[i]:
-                    old = (*old, int(self._digits[i]))
-            if new == old:
-                continue
-            reason = reasons.get(i)
-            if reason is None:
-                if len(new) < len(old):
-                    reason = "demote"
-                elif head[i] and not was_head[i]:
-                    reason = "promote"
-                elif len(new) == self.levels + 1 and self._uses[i]:
-                    reason = "disambiguate"
-                else:
-                    reason = "deepen"
-            changes.append(CodeChange(self._keys[i], old, new, reason, stamp))
+                    old = (*old, int(items.digits[i]))
+                reason = self._reason(i, old, new, was_head[i])
+            if new != old:
+                changes.append(CodeChange(self._keys[i], old, new, reason, stamp))
         return changes
+
+    def _reason(self, i: int, old: Code, new: Code, was_head: bool) -> str:
+        """Why item ``i``'s code went from ``old`` to ``new`` (neither new nor re-coded)."""
+        if len(new) < len(old):
+            return "demote"
+        if self._items.is_head[i] and not was_head:
+            return "promote"
+        if len(new) == self.levels + 1 and self._items.uses_digit[i]:
+            return "disambiguate"
+        return "deepen"
 
     # -- state -----------------------------------------------------------------------------
 
     def state(self) -> AssignerState:
         return AssignerState(
             keys=tuple(self._keys),
-            paths=self._paths.astype(np.int32),
-            popularity=self._pop.copy(),
-            is_head=self._head.copy(),
-            lengths=self._lengths.copy(),
-            digits=self._digits.copy(),
-            uses_digit=self._uses.copy(),
-            shrink_streak=self._streak.copy(),
+            **self._items.saved(),
             levels=self.levels,
             k=self.k,
             enter_threshold=self.enter_threshold,
@@ -697,7 +829,10 @@ class CodeAssigner:
 
     @classmethod
     def from_state(cls, state: AssignerState) -> CodeAssigner:
-        """Rebuild an assigner equal to the one that produced ``state``."""
+        """Rebuild an assigner equal to the one that produced ``state``.
+
+        A state that cannot be rebuilt raises :class:`AssignmentError`.
+        """
         try:
             policy = make_policy(state.policy_name, **state.policy_params)
         except LengthPolicyError as exc:
@@ -712,33 +847,12 @@ class CodeAssigner:
             exit_threshold=state.exit_threshold,
             demote_after=state.demote_after,
         )
-        n = len(state.keys)
-        paths = check_paths(state.paths.reshape(n, state.levels), "CodeAssigner.from_state")
-        arrays: Iterable[tuple[str, np.ndarray]] = (
-            ("popularity", state.popularity),
-            ("is_head", state.is_head),
-            ("lengths", state.lengths),
-            ("digits", state.digits),
-            ("uses_digit", state.uses_digit),
-            ("shrink_streak", state.shrink_streak),
-        )
-        for name, arr in arrays:
-            if np.shape(arr) != (n,):
-                raise AssignmentError(
-                    f"CodeAssigner.from_state: {name} has shape {np.shape(arr)}, expected "
-                    f"({n},); the state is corrupt, rebuild it from the items"
-                )
-        if len(set(state.keys)) != n:
+        items = _Items.from_state(state)
+        if len(set(state.keys)) != len(state.keys):
             raise AssignmentError("CodeAssigner.from_state: duplicate keys; the state is corrupt")
         out._keys = list(state.keys)
         out._index = {key: i for i, key in enumerate(out._keys)}
-        out._paths = paths
-        out._pop = np.asarray(state.popularity, dtype=np.float64).copy()
-        out._head = np.asarray(state.is_head, dtype=bool).copy()
-        out._lengths = np.asarray(state.lengths, dtype=np.int64).copy()
-        out._digits = np.asarray(state.digits, dtype=np.int64).copy()
-        out._uses = np.asarray(state.uses_digit, dtype=bool).copy()
-        out._streak = np.asarray(state.shrink_streak, dtype=np.int64).copy()
+        out._items = items
         out._next_digit = int(state.next_digit)
         out._clock = int(state.clock)
         return out

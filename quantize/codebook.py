@@ -352,7 +352,13 @@ class ResidualCodebook:
         if length is None:
             lengths = np.full(n, width, dtype=np.int64)
         else:
-            lengths = np.broadcast_to(np.asarray(length, dtype=np.int64), (n,))
+            try:
+                lengths = np.broadcast_to(np.asarray(length, dtype=np.int64), (n,))
+            except ValueError as exc:
+                raise CodebookError(
+                    f"ResidualCodebook.decode: length has shape {np.shape(length)}; pass an int "
+                    f"or one length per code row ({n})"
+                ) from exc
         if lengths.size and (lengths.min() < 0 or lengths.max() > width):
             raise CodebookError(
                 f"ResidualCodebook.decode: lengths must lie in [0, {width}] (the code width); "

@@ -1,7 +1,15 @@
 """Errors raised on purpose by the :mod:`quantize` package.
 
-Every class derives from :class:`adacode.errors.AdacodeError`. Messages name the
-resource, the cause and the fix.
+    AdacodeError
+    └── QuantizeError                training, evaluation and the table model
+        ├── CodebookError            quantize.codebook
+        ├── LengthPolicyError        quantize.lengths
+        └── AssignmentError          quantize.assign
+
+A public entry point raises one class for its bad inputs: an error of a lower module it
+calls is re-raised as its own class, the cause chained (``CodeAssigner.add`` raises
+:class:`AssignmentError` for bad paths or popularity that :mod:`quantize.lengths`
+rejected). Messages name the resource, the cause and the fix.
 """
 
 from adacode.errors import AdacodeError
@@ -20,4 +28,4 @@ class LengthPolicyError(QuantizeError):
 
 
 class AssignmentError(QuantizeError):
-    """The code assigner was given inconsistent keys, paths or state."""
+    """Served-code assignment was given bad keys, paths, popularity, codes or state."""

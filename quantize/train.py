@@ -20,7 +20,8 @@ thread count are restored on return.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -222,6 +223,44 @@ def _prepare(
     new_since: int | None,
     validate: bool,
 ) -> _Data:
+    """Every user's time-ordered sequence, its last item held out for validation (with
+    ``validate``, when it has two or more), the rest cut into windows (:func:`_cut`)."""
+    u, it, ts = _check_log_columns(users, items, timestamps, n_items)
+    order = time_order(u, ts)
+    su, si, st = u[order], it[order], ts[order]
+    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if su.size else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(su)].astype(np.int64) if su.size else starts
+    cut: list[tuple[np.ndarray, np.ndarray, bool]] = []
+    val_hist: list[np.ndarray] = []
+    val_tgt: list[int] = []
+    val_ts: list[int] = []
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        seq = si[a:b]
+        stamps = st[a:b]
+        if validate and len(seq) >= 2:
+            val_hist.append(seq[:-1])
+            val_tgt.append(int(seq[-1]))
+            val_ts.append(int(stamps[-1]))
+            seq, stamps = seq[:-1], stamps[:-1]
+        cut.extend(_cut(seq, stamps, max_len, new_since))
+    shape = (len(cut), max_len)
+    windows = _Windows(
+        inputs=np.stack([c[0] for c in cut]) if cut else np.zeros(shape, np.int64),
+        targets=np.stack([c[1] for c in cut]) if cut else np.zeros(shape, np.int64),
+        is_new=np.asarray([c[2] for c in cut], dtype=bool),
+    )
+    return _Data(
+        windows,
+        pad_histories(val_hist, max_len),
+        np.asarray(val_tgt, dtype=np.int64),
+        np.asarray(val_ts, dtype=np.int64),
+    )
+
+
+def _check_log_columns(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, n_items: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The log's columns as parallel int64 arrays, item indices in ``[0, n_items)``."""
     u = np.asarray(users, dtype=np.int64)
     it = np.asarray(items, dtype=np.int64)
     ts = np.asarray(timestamps, dtype=np.int64)
@@ -235,50 +274,30 @@ def _prepare(
             f"item indices must be in [0, {n_items}) (rows of item_rows), got "
             f"[{it.min()}, {it.max()}]; map item ids to table rows first"
         )
-    order = time_order(u, ts)
-    su, si, st = u[order], it[order], ts[order]
-    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if su.size else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], len(su)].astype(np.int64)
-    inputs: list[np.ndarray] = []
-    targets: list[np.ndarray] = []
-    is_new: list[bool] = []
-    val_hist: list[np.ndarray] = []
-    val_tgt: list[int] = []
-    val_ts: list[int] = []
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        seq = si[a:b]
-        stamps = st[a:b]
-        if validate and len(seq) >= 2:
-            val_hist.append(seq[:-1])
-            val_tgt.append(int(seq[-1]))
-            val_ts.append(int(stamps[-1]))
-            seq, stamps = seq[:-1], stamps[:-1]
-        # pairs (input seq[i], target seq[i + 1]) for i < len(seq) - 1, cut from the end
-        end = len(seq) - 1
-        while end > 0:
-            begin = max(0, end - max_len)
-            inp = np.full(max_len, -1, dtype=np.int64)
-            tgt = np.full(max_len, -1, dtype=np.int64)
-            inp[max_len - (end - begin) :] = seq[begin:end]
-            tgt[max_len - (end - begin) :] = seq[begin + 1 : end + 1]
-            inputs.append(inp)
-            targets.append(tgt)
-            is_new.append(
-                new_since is not None and bool((stamps[begin + 1 : end + 1] >= new_since).any())
-            )
-            end = begin
-    shape = (len(inputs), max_len)
-    windows = _Windows(
-        inputs=np.stack(inputs) if inputs else np.zeros(shape, np.int64),
-        targets=np.stack(targets) if targets else np.zeros(shape, np.int64),
-        is_new=np.asarray(is_new, dtype=bool),
-    )
-    return _Data(
-        windows,
-        pad_histories(val_hist, max_len),
-        np.asarray(val_tgt, dtype=np.int64),
-        np.asarray(val_ts, dtype=np.int64),
-    )
+    return u, it, ts
+
+
+def _cut(
+    seq: np.ndarray, stamps: np.ndarray, max_len: int, new_since: int | None
+) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """Windows ``(inputs, targets, is_new)`` of one user's sequence, cut from the end.
+
+    The pairs (input ``seq[i]``, target ``seq[i + 1]``) go in windows of at most
+    ``max_len``, left-padded with -1; a window is new when it holds a target stamped at or
+    after ``new_since``.
+    """
+    out: list[tuple[np.ndarray, np.ndarray, bool]] = []
+    end = len(seq) - 1
+    while end > 0:
+        begin = max(0, end - max_len)
+        inp = np.full(max_len, -1, dtype=np.int64)
+        tgt = np.full(max_len, -1, dtype=np.int64)
+        inp[max_len - (end - begin) :] = seq[begin:end]
+        tgt[max_len - (end - begin) :] = seq[begin + 1 : end + 1]
+        is_new = new_since is not None and bool((stamps[begin + 1 : end + 1] >= new_since).any())
+        out.append((inp, tgt, is_new))
+        end = begin
+    return out
 
 
 def _select_windows(
@@ -481,7 +500,25 @@ def train_domain(
     mcfg = model_config or ModelConfig()
     cfg = config or TrainConfig()
     rows_np = check_item_rows(item_rows)
-    n_items = rows_np.shape[0]
+    _check_call(mcfg, cfg, rows_np.shape[0], text, init_from, new_since)
+    started = time.perf_counter()
+    data = _prepare(
+        users, items, timestamps, rows_np.shape[0], mcfg.max_len, new_since, validate=True
+    )
+    run = _Run(rows_np, data, mcfg, cfg, text, init_from, new_since, n_rows, _device(cfg.device))
+    with _seeded_torch(run.device, cfg):
+        return _train(run, progress, started)
+
+
+def _check_call(
+    mcfg: ModelConfig,
+    cfg: TrainConfig,
+    n_items: int,
+    text: np.ndarray | None,
+    init_from: Mapping[str, np.ndarray] | None,
+    new_since: int | None,
+) -> None:
+    """Reject the combinations of arguments that :func:`train_domain` cannot train."""
     if mcfg.text_dim and (text is None or np.asarray(text).shape != (n_items, mcfg.text_dim)):
         got = None if text is None else np.asarray(text).shape
         raise QuantizeError(
@@ -497,156 +534,279 @@ def train_domain(
         raise QuantizeError(
             "incremental training (new_since) adapts a previous version; pass it as init_from"
         )
-    started = time.perf_counter()
-    data = _prepare(users, items, timestamps, n_items, mcfg.max_len, new_since, validate=True)
-    device = _device(cfg.device)
+
+
+@contextmanager
+def _seeded_torch(device: torch.device, cfg: TrainConfig) -> Iterator[None]:
+    """The global torch RNG seeded with ``cfg.seed`` and ``cfg.threads`` CPU threads; both
+    are restored on exit."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
-            return _run(
-                rows_np,
-                data,
-                mcfg,
-                cfg,
-                text,
-                init_from,
-                new_since,
-                n_rows,
-                device,
-                progress,
-                started,
-            )
+            yield
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(
-    rows_np: np.ndarray,
-    data: _Data,
-    mcfg: ModelConfig,
-    cfg: TrainConfig,
-    text: np.ndarray | None,
-    init_from: Mapping[str, np.ndarray] | None,
-    new_since: int | None,
-    n_rows: int | None,
-    device: torch.device,
-    progress: Callable[[EpochReport], None] | None,
-    started: float,
+@dataclass(frozen=True)
+class _Run:
+    """The checked inputs of one :func:`train_domain` run."""
+
+    item_rows: np.ndarray  # int64 [n_items, max_code_len]
+    data: _Data
+    model_config: ModelConfig
+    config: TrainConfig
+    text: np.ndarray | None
+    init_from: Mapping[str, np.ndarray] | None
+    new_since: int | None
+    n_rows: int | None
+    device: torch.device
+
+    @property
+    def n_items(self) -> int:
+        return int(self.item_rows.shape[0])
+
+    def planned_epochs(self) -> int:
+        """Epochs by the config's rule; an incremental run gets its share of them."""
+        cfg = self.config
+        epochs = cfg.epochs_for(int((self.data.windows.targets >= 0).sum()))
+        if self.new_since is not None and cfg.epochs is None:
+            epochs = max(1, round(cfg.incremental_share * epochs))
+        return epochs
+
+
+@dataclass(frozen=True)
+class _TrainingSet:
+    """The chosen training windows, on the device."""
+
+    chosen: np.ndarray  # window indices
+    inputs: torch.Tensor  # int64 [n, max_len]
+    targets: torch.Tensor  # int64 [n, max_len]
+    lengths: np.ndarray  # inputs per window (padding excluded)
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets >= 0).sum())
+
+
+@dataclass(frozen=True)
+class _ValidationSet:
+    """Validation histories (on the device) and their targets, shortest histories first."""
+
+    histories: torch.Tensor
+    targets: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Best:
+    """The best validation epoch so far: its score (NDCG, or ``-epoch`` when NaN), metrics
+    and parameters."""
+
+    score: float
+    epoch: int
+    recall: float
+    ndcg: float
+    params: Params
+
+
+def _train(
+    run: _Run, progress: Callable[[EpochReport], None] | None, started: float
 ) -> TrainResult:
-    rng = np.random.default_rng(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_model(mcfg, rows_np, n_rows)
-    if init_from is not None:
-        load_params(model, init_from, partial=True)
-    model.to(device)
-    if cfg.trainable == "domain":
+    """One training run; the random numbers are drawn in this order for a given seed.
+
+    1. Build the model (warm-started, frozen where asked).
+    2. Choose the training windows (new ones plus a replay sample when incremental).
+    3. Choose the validation users.
+    4. Train epochs of shuffled batches, validating after each, until the plan, the
+       patience or the time budget ends.
+    5. Return the parameters of the best validation epoch.
+    """
+    rng = np.random.default_rng(run.config.seed)
+    model, params = _build(run)
+    train = _training_set(run, rng)
+    val = _validation_set(run, rng)
+    trainer = _Trainer(run, model, params, train, val, rng)
+    best, history = _fit(trainer, progress, started)
+    return TrainResult(
+        params=best.params,
+        config=run.model_config,
+        epochs_run=len(history),
+        best_epoch=best.epoch,
+        wall_s=time.perf_counter() - started,
+        trainable_params=count_parameters(params),
+        n_windows=len(train.chosen),
+        n_targets=train.n_targets,
+        val_recall=best.recall,
+        val_ndcg=best.ndcg,
+        history=history,
+        seen_items=_seen(run.data.windows, run.n_items),
+    )
+
+
+def _build(run: _Run) -> tuple[CodeTableRecommender, list[torch.nn.Parameter]]:
+    """The model on the device, loaded from ``init_from``, and its trained parameters (the
+    domain's only, the shared ones frozen, when ``trainable="domain"``)."""
+    model = build_model(run.model_config, run.item_rows, run.n_rows)
+    if run.init_from is not None:
+        load_params(model, run.init_from, partial=True)
+    model.to(run.device)
+    if run.config.trainable == "domain":
         for p in model.shared_parameters():
             p.requires_grad_(False)
-        params = model.domain_parameters()
-    else:
-        params = [p for p in model.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rows = torch.as_tensor(rows_np, device=device)
-    txt = (
-        None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
-    )
-    chosen = _select_windows(data.windows, new_since, cfg.replay_ratio, rng)
-    inputs = torch.as_tensor(data.windows.inputs[chosen], device=device)
-    targets = torch.as_tensor(data.windows.targets[chosen], device=device)
-    lengths_np = (data.windows.inputs[chosen] >= 0).sum(axis=1)
-    val_targets = data.val_targets
-    val_hist_np = data.val_histories
-    if new_since is not None and cfg.incremental_validation == "new":
-        recent = data.val_times >= new_since
-        if recent.sum() >= cfg.min_val_users:
-            val_targets, val_hist_np = val_targets[recent], val_hist_np[recent]
-    if cfg.val_users is not None and len(val_targets) > cfg.val_users:
-        keep = np.sort(rng.choice(len(val_targets), size=cfg.val_users, replace=False))
-        val_targets, val_hist_np = val_targets[keep], val_hist_np[keep]
-    by_length = np.argsort((val_hist_np >= 0).sum(axis=1), kind="stable")
-    val_targets, val_hist_np = val_targets[by_length], val_hist_np[by_length]  # cheap batches
-    val_hist = torch.as_tensor(val_hist_np, device=device)
-    n_targets = int((targets >= 0).sum())
-    candidates, slot = _candidates(data.windows, rows_np.shape[0], cfg.softmax_items, device)
-    history: list[EpochReport] = []
-    best = (-1.0, 0, float("nan"), float("nan"))  # ndcg, epoch, recall, ndcg
-    best_params: Params | None = None
+        return model, model.domain_parameters()
+    return model, list(model.parameters())
+
+
+def _training_set(run: _Run, rng: np.random.Generator) -> _TrainingSet:
+    """All windows, or the new ones plus a replay sample of old ones; none is an error."""
+    windows = run.data.windows
+    chosen = _select_windows(windows, run.new_since, run.config.replay_ratio, rng)
     if len(chosen) == 0:
         raise QuantizeError(
             "no training windows: every user has at most one interaction besides the "
             "validation target (or none is new); collect more interactions before training"
         )
-    model.train()
-    done = 0
-    epochs = cfg.epochs_for(int((data.windows.targets >= 0).sum()))
-    if new_since is not None and cfg.epochs is None:
-        epochs = max(1, round(cfg.incremental_share * epochs))
-    total_steps = epochs * len(_batches(lengths_np, cfg.batch_tokens, rng))
-    for epoch in range(1, epochs + 1):
+    return _TrainingSet(
+        chosen=chosen,
+        inputs=torch.as_tensor(windows.inputs[chosen], device=run.device),
+        targets=torch.as_tensor(windows.targets[chosen], device=run.device),
+        lengths=(windows.inputs[chosen] >= 0).sum(axis=1),
+    )
+
+
+def _validation_set(run: _Run, rng: np.random.Generator) -> _ValidationSet:
+    """The users to validate on: those with a new target when an incremental run validates
+    on them and has ``min_val_users`` of them, capped at ``val_users`` (seeded sample)."""
+    cfg = run.config
+    targets, histories = run.data.val_targets, run.data.val_histories
+    if run.new_since is not None and cfg.incremental_validation == "new":
+        recent = run.data.val_times >= run.new_since
+        if recent.sum() >= cfg.min_val_users:
+            targets, histories = targets[recent], histories[recent]
+    if cfg.val_users is not None and len(targets) > cfg.val_users:
+        keep = np.sort(rng.choice(len(targets), size=cfg.val_users, replace=False))
+        targets, histories = targets[keep], histories[keep]
+    by_length = np.argsort((histories >= 0).sum(axis=1), kind="stable")  # cheap batches
+    return _ValidationSet(
+        histories=torch.as_tensor(histories[by_length], device=run.device),
+        targets=targets[by_length],
+    )
+
+
+class _Trainer:
+    """The optimisation of one run: epochs of steps over shuffled batches, with the
+    learning rate decaying over the planned steps, and validation."""
+
+    def __init__(
+        self,
+        run: _Run,
+        model: CodeTableRecommender,
+        params: list[torch.nn.Parameter],
+        train: _TrainingSet,
+        val: _ValidationSet,
+        rng: np.random.Generator,
+    ) -> None:
+        cfg = run.config
+        self.config = cfg
+        self.model = model
+        self.train = train
+        self.val = val
+        self.rng = rng
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rows = torch.as_tensor(run.item_rows, device=run.device)
+        self.text = (
+            None
+            if run.text is None
+            else torch.as_tensor(np.asarray(run.text, dtype=np.float32), device=run.device)
+        )
+        self.candidates, self.slot = _candidates(
+            run.data.windows, run.n_items, cfg.softmax_items, run.device
+        )
+        self.planned_epochs = run.planned_epochs()
+        self.total_steps = self.planned_epochs * len(self._batches())
+        self.steps_done = 0
+        model.train()
+
+    def _batches(self) -> list[np.ndarray]:
+        return _batches(self.train.lengths, self.config.batch_tokens, self.rng)
+
+    def epoch(self) -> float:
+        """One pass over the training windows; returns the mean batch loss."""
         total = 0.0
         steps = 0
-        for idx in _batches(lengths_np, cfg.batch_tokens, rng):
-            batch = torch.as_tensor(idx, device=device)
-            width = int(lengths_np[idx].max())
-            vecs = model.item_vectors(rows, txt)
-            loss = _loss(
-                model,
-                vecs,
-                inputs[batch, -width:],
-                targets[batch, -width:],
-                candidates,
-                slot,
-                cfg.negatives,
-                generator,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if cfg.lr_decay:
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * (
-                        1.0 - (1.0 - cfg.lr_floor) * min(1.0, done / total_steps)
-                    )
-            total += float(loss.detach())
+        for idx in self._batches():
+            total += self._step(idx)
             steps += 1
-        recall, ndcg = _validate(model, rows, txt, val_hist, val_targets)
+        return total / max(steps, 1)
+
+    def _step(self, idx: np.ndarray) -> float:
+        """One optimiser step on the windows ``idx`` (trimmed to their longest input)."""
+        batch = torch.as_tensor(idx, device=self.train.inputs.device)
+        width = int(self.train.lengths[idx].max())
+        vecs = self.model.item_vectors(self.rows, self.text)
+        loss = _loss(
+            self.model,
+            vecs,
+            self.train.inputs[batch, -width:],
+            self.train.targets[batch, -width:],
+            self.candidates,
+            self.slot,
+            self.config.negatives,
+            self.generator,
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.steps_done += 1
+        if self.config.lr_decay:
+            self._decay_lr()
+        return float(loss.detach())
+
+    def _decay_lr(self) -> None:
+        """Linear decay from ``lr`` to ``lr_floor * lr`` over the planned steps."""
+        cfg = self.config
+        share = min(1.0, self.steps_done / self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * (1.0 - (1.0 - cfg.lr_floor) * share)
+
+    def validate(self) -> tuple[float, float]:
+        """Recall@10 and NDCG@10 on the validation users."""
+        return _validate(self.model, self.rows, self.text, self.val.histories, self.val.targets)
+
+
+def _fit(
+    trainer: _Trainer, progress: Callable[[EpochReport], None] | None, started: float
+) -> tuple[_Best, list[EpochReport]]:
+    """Train the planned epochs, keeping the best validation epoch; stop early when the
+    patience or the time budget runs out. Returns the best epoch and every epoch's report."""
+    cfg = trainer.config
+    history: list[EpochReport] = []
+    best: _Best | None = None
+    for epoch in range(1, trainer.planned_epochs + 1):
+        loss = trainer.epoch()
+        recall, ndcg = trainer.validate()
         score = ndcg if not np.isnan(ndcg) else -float(epoch)
-        if best_params is None or score > best[0]:
-            best = (score, epoch, recall, ndcg)
-            best_params = export_params(model)
+        if best is None or score > best.score:
+            best = _Best(score, epoch, recall, ndcg, export_params(trainer.model))
         report = EpochReport(
             epoch=epoch,
-            loss=total / max(steps, 1),
+            loss=loss,
             val_recall=recall,
             val_ndcg=ndcg,
             elapsed_s=time.perf_counter() - started,
-            best_epoch=best[1],
-            planned_epochs=epochs,
+            best_epoch=best.epoch,
+            planned_epochs=trainer.planned_epochs,
         )
         history.append(report)
         if progress is not None:
             progress(report)
-        if cfg.patience and epoch - best[1] >= cfg.patience:
+        if cfg.patience and epoch - best.epoch >= cfg.patience:
             break
         if cfg.max_seconds is not None and report.elapsed_s >= cfg.max_seconds:
             break
-    if best_params is None:  # unreachable: epochs >= 1 always sets it
+    if best is None:  # unreachable: epochs >= 1 always sets it
         raise QuantizeError("training ran no epoch; set epochs >= 1")
-    trainable = count_parameters(params)
-    return TrainResult(
-        params=best_params,
-        config=mcfg,
-        epochs_run=len(history),
-        best_epoch=best[1],
-        wall_s=time.perf_counter() - started,
-        trainable_params=trainable,
-        n_windows=len(chosen),
-        n_targets=n_targets,
-        val_recall=best[2],
-        val_ndcg=best[3],
-        history=history,
-        seen_items=_seen(data.windows, rows_np.shape[0]),
-    )
+    return best, history

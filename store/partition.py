@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Self
 
 from store.exceptions import StateFormatError
 
-#: Column families every partition has. Values are documented in store/records.py.
+#: Column families every partition has. Their key layouts (and who writes them) are
+#: documented and built in worker/state/layout.py, their values in store/records.py.
 COLUMN_FAMILIES: tuple[str, ...] = (
-    "meta",  # format version, codebooks, misc singletons
+    "meta",  # format marker; per-domain counters; codebooks; versions-topic restore positions
     "items",  # domain \x00 item_id -> ItemRecord
     "popularity",  # domain \x00 item_id -> Popularity (small, hot)
-    "interactions",  # domain \x00 ts(8, BE) partition(4) offset(8) -> Interaction
-    "users",  # domain \x00 user_id -> recent item ids
-    "codes",  # domain \x00 item_id -> code assignment; code history
-    "versions",  # domain \x00 version(8, BE) -> version record; table rows
-    "offsets",  # topic \x00 partition(4, BE) -> next offset (8, BE)
+    "interactions",  # domain \x00 ts(8, BE) partition(4, BE) offset(8, BE) -> LoggedInteraction
+    "users",  # domain \x00 user_id -> recent items
+    "codes",  # state \x00 domain -> assigner state; hist \x00 domain \x00 ts ... -> code change
+    "versions",  # kind \x00 domain [\x00 version(8, BE)] -> version record, table, items, ...
+    "offsets",  # topic \x00 partition(4, BE) -> next offset (8, BE); built here (offset_key)
 )
 
 #: The format marker every partition holds in ``meta``: ``FORMAT_KEY`` -> ``FORMAT``.
@@ -72,6 +73,11 @@ def prefix_upper_bound(prefix: bytes) -> bytes | None:
     if not stripped:
         return None
     return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def key_after(key: bytes) -> bytes:
+    """The smallest key greater than ``key`` (an exclusive range end that keeps ``key``)."""
+    return key + b"\x00"
 
 
 def key_range(prefix: bytes, start: bytes | None, end: bytes | None) -> tuple[bytes, bytes | None]:
@@ -154,6 +160,18 @@ class StorePartition(ABC):
     def memory_usage(self) -> dict[str, int]:
         """Bytes the partition holds in memory, by part (for ``/metrics`` and the soak)."""
 
+    # ---- between owners --------------------------------------------------------------
+
+    def restore_owned(self, partitions: Collection[int]) -> list[str]:
+        """Bring in the state that other owners of the event ``partitions`` committed, before
+        they are processed here; returns the domains whose state changed, sorted.
+
+        Called on each assignment. A plain partition is the only copy of its state, so the
+        default does nothing; a store shared by a group of workers (the worker's
+        ``MirroredStore``) restores what moves between owners.
+        """
+        return []
+
     # ---- derived helpers -------------------------------------------------------------
 
     def offsets(self) -> dict[tuple[str, int], int]:
@@ -172,10 +190,3 @@ class StorePartition(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def apply_all(batch: WriteBatch, ops: Iterable[tuple[str, bytes, bytes]]) -> WriteBatch:
-    """Put each ``(cf, key, value)`` into ``batch``; returns ``batch``."""
-    for cf, key, value in ops:
-        batch.put(cf, key, value)
-    return batch

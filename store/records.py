@@ -1,17 +1,17 @@
-"""Binary layouts of the records kept in a partition.
+"""Binary layouts of the values kept in a partition.
 
 Every value starts with a one-byte layout version so that a later layout can be
-read beside an older one. Keys put the domain first (``domain \\x00 ...``) so a
-domain's records are one contiguous, ordered range.
+read beside an older one. Keys are not built here: every key layout lives in
+:mod:`worker.state.layout`.
 
-==============  =====================================  ==================================
-column family   key                                    value
-==============  =====================================  ==================================
-items           domain 0 item_id                       :class:`ItemRecord`
-popularity      domain 0 item_id                       :class:`Popularity`
-interactions    domain 0 ts(>q) partition(>i) off(>q)  :class:`LoggedInteraction`
-meta            b"domain/" domain                      :class:`DomainCounters`
-==============  =====================================  ==================================
+==============  ==================================
+column family   value
+==============  ==================================
+items           :class:`ItemRecord`
+popularity      :class:`Popularity`
+interactions    :class:`LoggedInteraction`
+meta            :class:`DomainCounters`
+==============  ==================================
 """
 
 from __future__ import annotations
@@ -26,19 +26,6 @@ import numpy as np
 from store.exceptions import StoreError
 
 _V1 = 1
-
-
-def item_key(domain: str, item_id: str) -> bytes:
-    return f"{domain}\x00{item_id}".encode()
-
-
-def split_item_key(key: bytes) -> tuple[str, str]:
-    domain, _, item_id = key.decode().partition("\x00")
-    return domain, item_id
-
-
-def domain_prefix(domain: str) -> bytes:
-    return domain.encode() + b"\x00"
 
 
 def _corrupt(what: str, raw: bytes) -> StoreError:
@@ -210,45 +197,21 @@ def popularity_at(values: Sequence[bytes], ts: int, half_life_s: float) -> list[
 
 # --- interaction log -----------------------------------------------------------------
 
-_LOG_KEY = struct.Struct(">qiq")  # ts, source partition, source offset
 _LOG_WEIGHT = struct.Struct(">Bd")
 
 
-def interaction_key(domain: str, ts: int, partition: int, offset: int) -> bytes:
-    """Time-ordered, unique key: replaying a record writes the same key again."""
-    return domain_prefix(domain) + _LOG_KEY.pack(ts, partition, offset)
-
-
-def interaction_key_ts(key: bytes) -> int:
-    ts, _, _ = _LOG_KEY.unpack(key[-_LOG_KEY.size :])
-    return int(ts)
-
-
-def encode_log(
-    domains: Sequence[str],
-    ts: Sequence[int],
-    partitions: Sequence[int],
-    offsets: Sequence[int],
-    user_ids: Sequence[str],
-    item_ids: Sequence[str],
-    weights: Sequence[float],
-) -> tuple[list[bytes], list[bytes]]:
-    """Keys and values of many logged interactions (columns of equal length): the same
-    bytes as :func:`interaction_key` and :meth:`LoggedInteraction.encode` of each."""
-    prefixes = {d: domain_prefix(d) for d in set(domains)}
-    pack_key = _LOG_KEY.pack
-    keys = [
-        prefixes[d] + pack_key(t, p, o)
-        for d, t, p, o in zip(domains, ts, partitions, offsets, strict=True)
-    ]
+def encode_interactions(
+    user_ids: Sequence[str], item_ids: Sequence[str], weights: Sequence[float]
+) -> list[bytes]:
+    """:meth:`LoggedInteraction.encode` of many interactions (columns of equal length),
+    the same bytes."""
     heads: dict[float, bytes] = {}
     for w in set(weights):
         heads[w] = _LOG_WEIGHT.pack(_V1, w)
-    values = [
+    return [
         heads[w] + f"{u}\x00{i}".encode()
         for w, u, i in zip(weights, user_ids, item_ids, strict=True)
     ]
-    return keys, values
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,10 +237,6 @@ class LoggedInteraction:
 # --- per-domain counters -------------------------------------------------------------
 
 _COUNTERS = struct.Struct(">Bqqqqq")
-
-
-def domain_counters_key(domain: str) -> bytes:
-    return b"domain/" + domain.encode()
 
 
 @dataclass(frozen=True, slots=True)

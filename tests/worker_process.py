@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -18,6 +17,7 @@ from kafka import KafkaConsumer, TopicPartition
 from store.exceptions import StateFormatError
 from store.partition import COLUMN_FAMILIES
 from store.rocksdb import RocksDBPartition
+from worker.commands.launch import WorkerProcess
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.ingest.consumer import ConsumerLoop
@@ -52,17 +52,11 @@ def worker_env(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> 
 STARTED: list[subprocess.Popen[bytes]] = []
 
 
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    log = log_path.open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.commands.cli", "run"],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    STARTED.append(proc)
-    return proc
+def start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
+    """``adacode run`` from the repository, its output appended to ``log_path``."""
+    worker = WorkerProcess.start(env, log_path, cwd=REPO)
+    STARTED.append(worker.proc)
+    return worker
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:

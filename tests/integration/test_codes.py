@@ -10,12 +10,12 @@ from quantize.assign import AssignerState
 from tests.kafka_utils import produce_json
 from tests.worker_process import DIM, InProcessWorker, end_offsets, settings_for, wait_for
 from worker.commands.topics import create_topics
-from worker.ingest.coding import state_key
 from worker.ingest.events import interaction_payload, item_payload
+from worker.state.layout import assigner_key
 
 
 def _state(worker: InProcessWorker, domain: str) -> AssignerState | None:
-    raw = worker.store.get("codes", state_key(domain))
+    raw = worker.store.get("codes", assigner_key(domain))
     return None if raw is None else AssignerState.from_bytes(raw)
 
 

@@ -22,9 +22,9 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.commands.inspection import domain_counters
 from worker.commands.topics import create_topics
 from worker.ingest.events import interaction_payload, item_payload
+from worker.state.reads import domain_counters
 from worker.state.versions import current_version, list_records
 
 LIMITED_RUN = """
@@ -60,12 +60,11 @@ def test_a_failing_disk_stops_the_worker_without_committing_and_a_restart_resume
     partial = applied_offsets(state)
     assert sum(partial.values()) < sum(end.values())  # it stopped instead of skipping ahead
 
-    proc = start_worker(env, log)
+    worker = start_worker(env, log)
     try:
         wait_for(lambda: applied_offsets(state) == end, 120, "the restarted worker to finish")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert worker.stop(timeout_s=30) == 0, worker.log_tail()
     store = RocksDBPartition.open(state, read_only=True)
     try:
         counters = domain_counters(store)
@@ -105,10 +104,11 @@ def test_sigterm_during_a_fine_tune_publishes_nothing(
         finetune_hidden=64,
     )
     log = tmp_path / "w.log"
-    proc = start_worker(env, log)
-    wait_for(lambda: "fine-tune shop epoch 1" in log.read_text(), 120, "a fine-tune to be training")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    worker = start_worker(env, log)
+    worker.wait_until(
+        lambda: "fine-tune shop epoch 1" in log.read_text(), 120, "a fine-tune to be training"
+    )
+    assert worker.stop(timeout_s=60) == 0, worker.log_tail()
     text = log.read_text()
     assert "abandoned" in text, text[-3000:]
     store = RocksDBPartition.open(state, read_only=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import threading
 from pathlib import Path
 
@@ -20,7 +19,6 @@ import pytest
 
 from quantize.assign import AssignerState, CodeAssigner
 from quantize.codebook import ResidualCodebook
-from store.records import domain_prefix
 from tests.kafka_utils import produce_json
 from tests.worker_process import (
     DIM,
@@ -33,12 +31,14 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.commands.inspection import domain_counters
+from worker.commands.launch import WorkerProcess
 from worker.commands.operations import send_control
 from worker.commands.topics import create_topics
 from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.group import CodebookLog, domain_partition
+from worker.state.layout import ASSIGNER_PREFIX, domain_of_assigner_key, domain_prefix
+from worker.state.reads import domain_counters
 from worker.state.versions import current_version, list_records
 
 PARTITIONS = 3
@@ -99,9 +99,9 @@ def _publish_codebook(settings: Settings, vectors: np.ndarray) -> None:
 def _served_codes(state_dir: Path) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
     out: dict[str, dict[str, tuple[tuple[int, ...], bool]]] = {}
     for key, raw in dump_state(state_dir, ("codes",))["codes"]:
-        if key.startswith(b"state\x00"):
+        if key.startswith(ASSIGNER_PREFIX):
             assigner = CodeAssigner.from_state(AssignerState.from_bytes(raw))
-            domain = key[len(b"state\x00") :].decode()
+            domain = domain_of_assigner_key(key)
             out[domain] = {
                 k: (tuple(assigner.served_code(k)), assigner.is_head(k)) for k in assigner.keys
             }
@@ -130,12 +130,11 @@ def _reference(
     produce_json(bootstrap, s.topic("interactions"), inters)
     end = end_offsets(bootstrap, [s.topic("items"), s.topic("interactions")])
     env = worker_env(bootstrap, prefix, tmp / "ref", **TUNING)
-    proc = start_worker(env, tmp / "ref.log")
+    worker = start_worker(env, tmp / "ref.log")
     try:
         wait_for(lambda: _applied(tmp / "ref", end), 120, "the reference worker")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, (tmp / "ref.log").read_text()[-3000:]
+        assert worker.stop(timeout_s=60) == 0, worker.log_tail()
     return tmp / "ref"
 
 
@@ -169,12 +168,12 @@ def _caught_up(state_dir: Path, log_path: Path, end: dict[tuple[str, int], int])
     return all(got.get(tp, 0) >= off for tp, off in end.items() if f"{tp[0]}-{tp[1]}" in own)
 
 
-def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> dict[str, int]:
-    """SIGTERM every running worker; their exit codes (a graceful stop exits 0)."""
+def _stop(procs: dict[str, WorkerProcess]) -> dict[str, int]:
+    """SIGTERM every running worker at once; their exit codes (a graceful stop exits 0)."""
     running = {n: p for n, p in procs.items() if p.poll() is None}
-    for proc in running.values():
-        proc.send_signal(signal.SIGTERM)
-    return {n: p.wait(timeout=60) for n, p in running.items()}
+    for worker in running.values():
+        worker.terminate()
+    return {n: p.stop(timeout_s=60) for n, p in running.items()}
 
 
 def _versions(state_dir: Path, domain: str) -> tuple[int | None, list[int]]:
@@ -229,7 +228,7 @@ def test_sigkill_moves_domains_state_equals_one_worker_and_versions_keep_countin
 
     names = [f"w{k}" for k in range(n_workers)]
     dirs = {n: tmp_path / n for n in names}
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, WorkerProcess] = {}
     for n in names:
         env = worker_env(
             kafka_bootstrap, topic_prefix, dirs[n], kafka_group_instance_id=n, **TUNING
@@ -269,9 +268,7 @@ def test_sigkill_moves_domains_state_equals_one_worker_and_versions_keep_countin
 
         # the owner dies mid-stream
         produce_json(kafka_bootstrap, s.topic("interactions"), inters[half : half + 200])
-        procs[owner].kill()
-        procs[owner].wait()
-        assert procs[owner].returncode == -signal.SIGKILL
+        assert procs[owner].kill() == -signal.SIGKILL
         produce_json(kafka_bootstrap, s.topic("interactions"), inters[half + 200 :])
         end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
         survivors = [n for n in names if n != owner]
@@ -354,9 +351,7 @@ def test_workers_killed_and_restarted_repeatedly_apply_every_record_exactly_once
                 f"{victim} to join the group",
             )
             threading.Event().wait(rng.uniform(0.2, 1.5))
-            procs[victim].kill()
-            procs[victim].wait()
-            assert procs[victim].returncode == -signal.SIGKILL
+            assert procs[victim].kill() == -signal.SIGKILL
             kills += 1
             threading.Event().wait(rng.uniform(0.0, 1.0))
             started_at[victim] = len(logs[victim].read_text())

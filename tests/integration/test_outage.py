@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import itertools
 import re
-import signal
 import subprocess
 import time
 import uuid
@@ -28,7 +27,6 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.commands.inspection import domain_counters
 from worker.commands.topics import create_topics
 from worker.ingest.health import (
     BACKOFF_MAX_S,
@@ -37,6 +35,7 @@ from worker.ingest.health import (
     BrokerWatch,
     broker_connected,
 )
+from worker.state.reads import domain_counters
 
 OUTAGE_S = 30.0
 GRACE_S = 5.0  # worker.ingest.health.BROKER_GRACE_S, the default the worker runs with
@@ -148,20 +147,13 @@ def _get(port: int, path: str) -> tuple[int, dict[str, object]]:
         conn.close()
 
 
-def _answers(port: int) -> bool:
-    try:
-        return _get(port, "/healthz")[0] in (200, 503)
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_the_worker_waits_out_a_broker_outage_and_applies_everything_once(
     tmp_path: Path,
 ) -> None:
     broker = _Broker(tmp_path / "kafka")
     broker.up()
-    proc = None
+    worker = None
     log = tmp_path / "worker.log"
     try:
         prefix = f"o{uuid.uuid4().hex[:8]}."
@@ -175,10 +167,10 @@ def test_the_worker_waits_out_a_broker_outage_and_applies_everything_once(
         state = tmp_path / "state"
         (port,) = _free_ports(1)
         env = worker_env(broker.bootstrap, prefix, state, poll_max_records=500, http_port=port)
-        proc = start_worker(env, log)
+        worker = start_worker(env, log)
         # the HTTP server starts once the store is open (a half-made store confuses
         # applied_offsets)
-        wait_for(lambda: _answers(port), 60, "the worker's HTTP server")
+        worker.wait_http(port, "/healthz", timeout_s=60)
         wait_for(lambda: applied_offsets(state) == first, 90, "the first half to be applied")
         assert _get(port, "/healthz") == (200, {"status": "ok"})
         assert _get(port, "/readyz")[0] == 200
@@ -187,10 +179,10 @@ def test_the_worker_waits_out_a_broker_outage_and_applies_everything_once(
         went_down = time.monotonic()
         samples: list[tuple[float, int]] = []
         while time.monotonic() - went_down < OUTAGE_S:
-            assert proc.poll() is None, log.read_text()[-3000:]
+            assert worker.poll() is None, worker.log_tail()
             samples.append((time.monotonic() - went_down, _get(port, "/healthz")[0]))
             time.sleep(1.0)
-        assert proc.poll() is None, log.read_text()[-3000:]
+        assert worker.poll() is None, worker.log_tail()
         # unhealthy while the broker is away (the grace period itself: the fake-clock tests)
         late = [status for t, status in samples if t > GRACE_S + 3.0]
         assert late and set(late) == {503}, samples
@@ -210,12 +202,10 @@ def test_the_worker_waits_out_a_broker_outage_and_applies_everything_once(
         wait_for(lambda: applied_offsets(state) == end, 180, "the rest after the restart")
         wait_for(lambda: _get(port, "/healthz")[0] == 200, 30, "/healthz to be ok again")
         assert "connection is back" in log.read_text()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        assert worker.stop(timeout_s=60) == 0, worker.log_tail()
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
+        if worker is not None:
+            worker.kill()
         broker.down()
 
     store = RocksDBPartition.open(state, read_only=True)

@@ -20,8 +20,9 @@ from tests.worker_process import DIM, settings_for, wait_for
 from worker.app.daemon import Daemon
 from worker.commands.topics import create_topics
 from worker.ingest.events import interaction_payload, item_payload
-from worker.serving.index import committed_assigner, full_path_rows, stored_embeddings
+from worker.serving.index import full_path_rows
 from worker.serving.routes import DAEMON_ROUTES, ROUTES
+from worker.state.reads import committed_assigner, stored_embeddings
 from worker.state.versions import TEXT_PROJ, current_version, load_table
 
 TOKEN = "t0ken"

@@ -26,8 +26,8 @@ from tests.worker_process import (
     wait_for,
     worker_env,
 )
-from worker.commands.inspection import domain_counters
 from worker.commands.topics import create_topics
+from worker.state.reads import domain_counters
 
 
 def test_counts_in_rocksdb_match_what_was_produced(
@@ -78,19 +78,17 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
     progress = [0]
     log = tmp_path / "crashed.log"
     while mid_stream < 6:
-        proc = start_worker(env, log)
+        worker = start_worker(env, log)
         seen = progress[-1]
         wait_for(
-            lambda seen=seen, proc=proc: (
-                sum(applied_offsets(crashed).values()) > seen or proc.poll() is not None
+            lambda seen=seen, worker=worker: (
+                sum(applied_offsets(crashed).values()) > seen or worker.poll() is not None
             ),
             60,
             "progress before the next kill",
         )
         threading.Event().wait(rng.uniform(0.0, 0.15))  # batches apply in ms now
-        proc.kill()
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+        assert worker.kill() == -signal.SIGKILL, worker.log_tail()
         kills += 1
         done = sum(applied_offsets(crashed).values())
         progress.append(done)
@@ -98,23 +96,21 @@ def test_kill9_at_random_moments_equals_an_uninterrupted_run(
         if done >= total:
             break
     assert mid_stream >= 5, f"only {mid_stream} kills landed mid-stream: {progress}"
-    proc = start_worker(env, log)
+    worker = start_worker(env, log)
     try:
         wait_for(lambda: applied_offsets(crashed) == end, 120, "the restarted worker to finish")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert worker.stop(timeout_s=30) == 0, worker.log_tail()
 
     clean = tmp_path / "clean"
     env_clean = worker_env(
         kafka_bootstrap, topic_prefix, clean, kafka_group_id=f"{topic_prefix}clean"
     )
-    proc = start_worker(env_clean, tmp_path / "clean.log")
+    worker = start_worker(env_clean, tmp_path / "clean.log")
     try:
         wait_for(lambda: applied_offsets(clean) == end, 120, "the uninterrupted worker to finish")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert worker.stop(timeout_s=30) == 0, worker.log_tail()
     got, want = dump_state(crashed), dump_state(clean)
     for cf in want:
         assert got[cf] == want[cf], f"column family {cf} differs after {kills} kills ({progress})"
@@ -200,10 +196,9 @@ def test_sigterm_mid_stream_stops_cleanly_with_consistent_state(
     state = tmp_path / "state"
     env = worker_env(kafka_bootstrap, topic_prefix, state, poll_max_records=50)
     log = tmp_path / "w.log"
-    proc = start_worker(env, log)
-    wait_for(lambda: sum(applied_offsets(state).values()) > 500, 60, "some progress")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
+    worker = start_worker(env, log)
+    worker.wait_until(lambda: sum(applied_offsets(state).values()) > 500, 60, "some progress")
+    assert worker.stop(timeout_s=30) == 0, worker.log_tail()
     assert "received SIGTERM" in log.read_text()
 
     def consistent() -> int:
@@ -220,12 +215,11 @@ def test_sigterm_mid_stream_stops_cleanly_with_consistent_state(
 
     stopped_at = consistent()
     assert 0 < stopped_at < 20_000
-    proc = start_worker(env, log)
+    worker = start_worker(env, log)
     try:
         wait_for(lambda: applied_offsets(state) == end, 120, "the restarted worker to finish")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert worker.stop(timeout_s=30) == 0, worker.log_tail()
     assert consistent() == 20_000
     final = dump_state(state, ("meta",))
     counters = {k: DomainCounters.decode(v) for k, v in final["meta"] if k.startswith(b"domain/")}

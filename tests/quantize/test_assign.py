@@ -3,6 +3,10 @@ slow references."""
 
 from __future__ import annotations
 
+import base64
+import zlib
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,7 +23,7 @@ from quantize.assign import (
     state_equal,
 )
 from quantize.code_metrics import code_report, collision_rate, level_balance, level_utilization
-from quantize.exceptions import AssignmentError
+from quantize.exceptions import AssignmentError, LengthPolicyError
 from quantize.lengths import POLICIES, make_policy
 
 POLICY_NAMES = sorted(POLICIES)
@@ -286,6 +290,136 @@ def test_recode_and_errors() -> None:
         assigner.set_thresholds(1.0, 2.0)
     with pytest.raises(AssignmentError, match="not a saved assigner state"):
         AssignerState.from_bytes(b"garbage")
+
+
+def _assigner_with_x() -> CodeAssigner:
+    assigner = CodeAssigner(2, 4, make_policy("fixed"), enter_threshold=5.0, exit_threshold=1.0)
+    assigner.add(["x"], np.array([[1, 1]]), np.array([2.0]))
+    return assigner
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("keys", "paths", "popularity"),
+    [
+        pytest.param(["y"], np.array([[0, 0, 0]]), None, id="path-of-3-digits-for-L=2"),
+        pytest.param(["y", "z"], np.array([[0, 0]]), None, id="fewer-paths-than-keys"),
+        pytest.param(["y"], np.array([0, 0]), None, id="1-d-paths"),
+        pytest.param(["y"], np.array([[4, 0]]), None, id="digit>=k"),
+        pytest.param(["y"], np.array([[-1, 0]]), None, id="negative-digit"),
+        pytest.param(["y"], np.array([[0.0, 1.0]]), None, id="float-paths"),
+        pytest.param(["y", "y"], np.array([[0, 0], [0, 0]]), None, id="duplicate-keys"),
+        pytest.param(["y"], np.array([[0, 0]]), np.array([NAN]), id="nan-popularity"),
+        pytest.param(["y"], np.array([[0, 0]]), np.array([INF]), id="inf-popularity"),
+        pytest.param(["y"], np.array([[0, 0]]), np.array([-1.0]), id="negative-popularity"),
+        pytest.param(["y"], np.array([[0, 0]]), np.array([1.0, 2.0]), id="popularity-shape"),
+        pytest.param(["x"], np.array([[1, 1]]), np.array([NAN]), id="nan-popularity-known-key"),
+    ],
+)
+def test_add_raises_assignment_error_for_every_bad_input(
+    keys: list[str], paths: np.ndarray, popularity: np.ndarray | None
+) -> None:
+    assigner = _assigner_with_x()
+    with pytest.raises(AssignmentError):
+        assigner.add(keys, paths, popularity)
+    assert assigner.keys == ["x"] and assigner.popularity("x") == 2.0  # nothing applied
+
+
+@pytest.mark.parametrize(
+    ("keys", "popularity"),
+    [
+        pytest.param(["missing"], np.array([1.0]), id="unknown-key"),
+        pytest.param(["x"], np.array([NAN]), id="nan"),
+        pytest.param(["x"], np.array([INF]), id="inf"),
+        pytest.param(["x"], np.array([-1.0]), id="negative"),
+        pytest.param(["x"], np.array([1.0, 2.0]), id="more-values-than-keys"),
+        pytest.param(["x"], np.array([[1.0]]), id="2-d"),
+    ],
+)
+def test_update_popularity_raises_assignment_error_for_every_bad_input(
+    keys: list[str], popularity: np.ndarray
+) -> None:
+    assigner = _assigner_with_x()
+    with pytest.raises(AssignmentError):
+        assigner.update_popularity(keys, popularity)
+    assert assigner.popularity("x") == 2.0
+
+
+def test_input_errors_of_lengths_are_chained_as_assignment_errors() -> None:
+    assigner = _assigner_with_x()
+    with pytest.raises(AssignmentError, match="negative digits") as caught:
+        assigner.add(["y"], np.array([[-1, 0]]))
+    assert isinstance(caught.value.__cause__, LengthPolicyError)
+    with pytest.raises(AssignmentError, match="finite") as caught:
+        assigner.update_popularity(["x"], np.array([NAN]))
+    assert isinstance(caught.value.__cause__, LengthPolicyError)
+
+
+@pytest.mark.parametrize(
+    ("paths", "popularity", "kwargs"),
+    [
+        pytest.param(np.array([[0.0, 1.0]]), None, {}, id="float-paths"),
+        pytest.param(np.array([[-1, 0]]), None, {}, id="negative-digit"),
+        pytest.param(np.array([[4, 0]]), None, {}, id="digit>=k"),
+        pytest.param(np.array([[0, 0]]), np.array([NAN]), {}, id="nan-popularity"),
+        pytest.param(np.array([[0, 0]]), np.array([1.0, 2.0]), {}, id="popularity-shape"),
+        pytest.param(np.array([[0, 0]]), None, {"head_fraction": 2.0}, id="head-fraction"),
+        pytest.param(np.array([[0, 0]]), None, {"is_head": np.array([True, False])}, id="is_head"),
+    ],
+)
+def test_assign_codes_raises_assignment_error_for_every_bad_input(
+    paths: np.ndarray, popularity: np.ndarray | None, kwargs: dict[str, object]
+) -> None:
+    with pytest.raises(AssignmentError):
+        assign_codes(paths, popularity, make_policy("fixed"), k=4, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param({"paths": np.array([[0.5, 1.0], [2.0, 2.0]])}, id="float-paths"),
+        pytest.param({"paths": np.array([[-1, 1], [2, 2]], dtype=np.int32)}, id="negative-digit"),
+        pytest.param({"paths": np.zeros((3, 2), dtype=np.int32)}, id="paths-shape"),
+        pytest.param({"lengths": np.zeros(3, dtype=np.int64)}, id="lengths-shape"),
+        pytest.param({"keys": ("x", "x")}, id="duplicate-keys"),
+        pytest.param({"policy_name": "nope"}, id="unknown-policy"),
+        pytest.param({"levels": 0}, id="levels"),
+    ],
+)
+def test_from_state_raises_assignment_error_for_a_corrupt_state(change: dict[str, object]) -> None:
+    assigner = _assigner_with_x()
+    assigner.add(["y"], np.array([[2, 2]]))
+    state = assigner.state()
+    assert state_equal(CodeAssigner.from_state(state).state(), state)
+    with pytest.raises(AssignmentError):
+        CodeAssigner.from_state(replace(state, **change))  # type: ignore[arg-type]
+
+
+# Saved by the assigner before its per-item arrays were declared once (zlib + base64):
+# entropy policy, L=2, K=4; a, b share path (1, 2), a and b head, c tail.
+FIRST_FORMAT_STATE = (
+    "eNrNVs1rE0EUn03S2qRQLXgQvKx7iR9JcGMLUsR6EiQoURQRkWW6O+ku2S9mJiEhBoQc9GRFBXP3P/AqCOq/oB7F"
+    "qxeP0pvOZGfqzqqlbaBkYPcxb99v5/32fW2zkS9UQbJOgctm7ugvsRbAcRAgCmth3NfAMXBbS6ykfHHjzvXmPQ10"
+    "waDsIGLj8ppeftgxyxW93IowxTC0Iuwgrr8KfYKYnrgwRmx/um7WK2cq+lA/8CoNjC7CxItCY003K7rhoy7yCdvU"
+    "2abN5AqTKKQIW9TFiLiR7zDtau081/c8qqjrE7WDgogiC7YYSrwpRD1qOd6mR8U5th/Z/PUm38SR79l9K4QBYip+"
+    "HI7ivvHnSQwxDLhXAyPwQstH0t0A9izUaiGbel2UODAcNpVobFe1m+lotFGfyGhsCSspp4qGuTplMPTSfQNy1hv8"
+    "ZhsPVCJP3p17I4kUGZEYUneHyViYjXdjcslb2ROTCxW9PmVe8fTOsUvKvPBLpfT62te3ktISpxTFHR9ij/b3x6t1"
+    "cY+8pgyQXkq8MK4k8oSQ39ZVXu+fP/sseS0yXh6xXAQdSWokDEe7pt2GeVikNC0Tl+/r4cu0/6zgNvefbIcWlJzw"
+    "Q0rtn8n28XH1hyRVYqQm7WhmOUlPhTtA7lVOP7dvfUoXUIcgkvTZWc01kM21k1+seUlhmVEgLvbCtkUoRrA9q9EB"
+    "/1nNhpar5tVfAT7q+bWQsns0SVH5Y5BF8ZG1JcaSinrKcHKAZVF8PozFNyoqqLusMHamRRbGe7CELSmws6xpqx05"
+    "i+V9biSSa1HB5gog3fWyQN5g5KEq8AMDptpNFsiLWAJLCvDVHEiVdBbHC0V6qrJsz4NM2WSxPEPlmcsKtnYE/J2v"
+    "zcbcPJjEoAgK7MsXJyH8DZXmPw0="
+)
+
+
+def test_a_state_saved_in_the_first_format_loads_and_saves_the_same_bytes() -> None:
+    data = zlib.decompress(base64.b64decode(FIRST_FORMAT_STATE))
+    assigner = CodeAssigner.from_state(AssignerState.from_bytes(data))
+    assert codes_of(assigner) == {"a": (1, 2), "b": (1, 2, 0), "c": (3,)}
+    assert [assigner.is_head(key) for key in "abc"] == [True, True, False]
+    assert assigner.state().to_bytes() == data
 
 
 def test_set_thresholds_promotes_and_counts_as_a_round() -> None:

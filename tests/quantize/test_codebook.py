@@ -188,6 +188,10 @@ def test_input_errors(data: np.ndarray, codebook: ResidualCodebook) -> None:
         codebook.encode(np.full((2, codebook.dim), np.nan, dtype=np.float32))
     with pytest.raises(CodebookError, match="outside"):
         codebook.decode(np.full((1, 2), codebook.k))
+    with pytest.raises(CodebookError, match="lengths must lie"):
+        codebook.decode(np.zeros((2, 2), dtype=np.int64), np.array([1, 3]))
+    with pytest.raises(CodebookError, match="one length per code row"):
+        codebook.decode(np.zeros((2, 2), dtype=np.int64), np.array([1, 1, 1]))
     assert not codebook.centroids.flags.writeable
 
 

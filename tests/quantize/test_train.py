@@ -108,6 +108,67 @@ def test_same_seed_gives_identical_params(trained, log) -> None:
     assert not np.array_equal(trained.params["table.rows"], other.params["table.rows"])
 
 
+def test_seeded_runs_reproduce_the_pinned_losses_and_params(log) -> None:
+    """Pinned from the code before `_run` was split into steps: a refactor of the training
+    loop must keep the order of the random draws (same device and thread count; the
+    tolerance only absorbs float differences between CPUs)."""
+    users, items, stamps, split = log
+    keep = ~split.test
+    u, it, ts = users[keep], items[keep], stamps[keep]
+
+    def check(result, losses, ndcgs, best, n_windows, n_targets, rows_l1, all_l1) -> None:
+        assert [r.loss for r in result.history] == pytest.approx(losses, rel=1e-4)
+        assert [r.val_ndcg for r in result.history] == pytest.approx(ndcgs, rel=1e-4)
+        assert (result.best_epoch, result.n_windows, result.n_targets) == (
+            best,
+            n_windows,
+            n_targets,
+        )
+        assert float(np.abs(result.params["table.rows"]).sum()) == pytest.approx(rows_l1, rel=1e-4)
+        total = float(sum(np.abs(v).sum() for v in result.params.values()))
+        assert total == pytest.approx(all_l1, rel=1e-4)
+
+    base = train_domain(_codes(), u, it, ts, model_config=MODEL, config=replace(TRAIN, epochs=3))
+    check(
+        base,
+        [6.890487194061279, 3.999786138534546, 2.7937142848968506],
+        [0.34985222201044996, 0.48749353303012233, 0.5632307488826787],
+        3,
+        60,
+        420,
+        87.59538269042969,
+        398.22882080078125,
+    )
+    # incremental: replay sample, validation sample and sampled negatives draw in turn
+    incremental = train_domain(
+        _codes(),
+        u,
+        it,
+        ts,
+        model_config=MODEL,
+        config=replace(
+            TRAIN,
+            epochs=2,
+            negatives=8,
+            replay_ratio=0.5,
+            val_users=20,
+            incremental_validation="all",
+        ),
+        init_from=base.params,
+        new_since=int(np.quantile(ts, 0.7)),
+    )
+    check(
+        incremental,
+        [2.5004723072052, 1.8541390895843506],
+        [0.5904820221771485, 0.6919083469538604],
+        2,
+        27,
+        189,
+        87.59660339355469,
+        401.6480712890625,
+    )
+
+
 def test_domain_fine_tune_leaves_shared_params_bitwise_unchanged(trained, log) -> None:
     users, items, stamps, split = log
     keep = ~split.test
@@ -251,6 +312,9 @@ def test_invalid_calls_raise_quantize_error(log) -> None:
         train_domain(_codes(), users, items, stamps, model_config=replace(MODEL, text_dim=3))
     with pytest.raises(QuantizeError):
         TrainConfig(lr=0.0)
+    empty = np.zeros(0, dtype=np.int64)
+    with pytest.raises(QuantizeError, match="no training windows"):
+        train_domain(_codes(), empty, empty, empty, model_config=MODEL, config=TRAIN)
 
 
 def test_shared_init_keeps_level_rows_and_drops_domain_rows(trained) -> None:

@@ -27,8 +27,9 @@ from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import BatchResult, Processor, SourceRecord
 from worker.serving import index as serving_module
 from worker.serving.http import HttpServer, Router
-from worker.serving.index import Serving, full_path_rows, live_paths, stored_embeddings
+from worker.serving.index import Serving, full_path_rows, live_paths
 from worker.serving.routes import DAEMON_ROUTES, ROUTES, ApiRoutes, openapi_document
+from worker.state.reads import stored_embeddings
 from worker.state.users import recent_items
 from worker.state.versions import (
     PUBLISHED,
@@ -152,10 +153,14 @@ def env() -> Iterator[Env]:
     yield from _env(_settings())
 
 
-def _env(settings: Settings) -> Iterator[Env]:
+def _env(settings: Settings, *, live: bool = False) -> Iterator[Env]:
+    """``live``: serving reads new items' full paths from the processor's assigners, as the
+    daemon wires it (otherwise from the committed code state)."""
     store = MemoryPartition()
     processor = Processor(store, settings, None)
-    serving = Serving(store, settings)
+    codes = processor.codes
+    paths = live_paths(codes) if live and codes is not None else None
+    serving = Serving(store, settings, paths=paths)
     router = Router()
     e = Env(settings, store, processor, serving, HttpServer(router, "127.0.0.1", 0), router)
     ApiRoutes(serving, store, settings, lambda op, d, f: e.sent.append((op, d, f))).register(router)
@@ -609,6 +614,12 @@ def deep_env() -> Iterator[Env]:
     yield from _env(_settings(code_round_interactions=10))
 
 
+@pytest.fixture
+def deep_live_env() -> Iterator[Env]:
+    """:func:`deep_env` with full paths read from the live assigners, as the daemon wires it."""
+    yield from _env(_settings(code_round_interactions=10), live=True)
+
+
 def _full(e: Env, key: str) -> list[int]:
     codes = e.processor.codes
     assigner = None if codes is None else codes.assigner("shop")
@@ -618,12 +629,10 @@ def _full(e: Env, key: str) -> list[int]:
 
 @pytest.mark.parametrize("live", [False, True])
 def test_untrained_and_new_items_are_served_their_deepest_trained_relatives_code(
-    deep_env: Env, live: bool
+    request: pytest.FixtureRequest, live: bool
 ) -> None:
-    e = deep_env
-    if live:  # full paths from the processor's assigners, as the daemon wires it
-        assert e.processor.codes is not None
-        e.serving.paths = live_paths(e.processor.codes)
+    e: Env = request.getfixturevalue("deep_live_env" if live else "deep_env")
+    assert (e.serving.paths is not None) is live
     codes = e.processor.codes
     assigner = None if codes is None else codes.assigner("shop")
     assert assigner is not None

@@ -12,16 +12,11 @@ from hypothesis import strategies as st
 from kafka.partitioner import murmur2
 
 from store.memory import MemoryPartition
-from worker.core.exceptions import KafkaUnavailableError, WorkerError
+from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
-from worker.ingest.group import (
-    MirroredStore,
-    MirrorOp,
-    NotOwnedError,
-    VersionsLog,
-    domain_partition,
-    version_key_domain,
-)
+from worker.ingest.exceptions import KafkaUnavailableError, NotOwnedError
+from worker.ingest.group import MirroredStore, MirrorOp, VersionsLog, domain_partition
+from worker.state.layout import version_key_domain
 
 SETTINGS = Settings(topic_prefix="t.", state_dir="/nonexistent")
 

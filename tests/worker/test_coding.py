@@ -10,9 +10,10 @@ import numpy as np
 from quantize.assign import AssignerState
 from store.memory import MemoryPartition
 from worker.core.settings import Settings
-from worker.ingest.coding import CODEBOOK_CURRENT, code_history, load_codebook, state_key
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
+from worker.state.layout import CODEBOOK_CURRENT, assigner_key
+from worker.state.reads import code_history, load_codebook
 
 S = Settings(
     embedding_dim=16,
@@ -41,7 +42,7 @@ def _apply(store: MemoryPartition, proc: Processor, records: list[SourceRecord])
 
 
 def _state(store: MemoryPartition) -> AssignerState:
-    raw = store.get("codes", state_key("shop"))
+    raw = store.get("codes", assigner_key("shop"))
     assert raw is not None
     return AssignerState.from_bytes(raw)
 

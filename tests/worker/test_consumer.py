@@ -18,9 +18,9 @@ import pytest
 from kafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 import worker.ingest.consumer as consumer_module
-from worker.core.exceptions import KafkaUnavailableError
 from worker.core.settings import Settings
-from worker.ingest.consumer import BatchAbandoned, ConsumerLoop
+from worker.ingest.consumer import ConsumerLoop
+from worker.ingest.exceptions import BatchAbandoned, KafkaUnavailableError
 
 
 def _loop() -> SimpleNamespace:

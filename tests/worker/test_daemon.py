@@ -21,7 +21,7 @@ from kafka import TopicPartition
 
 from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
 from store.memory import MemoryPartition
-from store.records import DomainCounters, domain_counters_key
+from store.records import DomainCounters
 from worker.app import daemon as daemon_module
 from worker.app.daemon import Daemon, readiness
 from worker.core.settings import Settings
@@ -29,19 +29,21 @@ from worker.ingest.consumer import LoopStats
 from worker.serving import index as serving_module
 from worker.serving.http import Request
 from worker.serving.index import Serving
-from worker.state.versions import PUBLISHED, VersionError, VersionRecord, VersionTable, add_version
+from worker.state.exceptions import VersionError
+from worker.state.layout import domain_counters_key
+from worker.state.versions import PUBLISHED, VersionRecord, VersionTable, add_version
 
 
 class _Loop:
     """Stands in for :class:`worker.ingest.consumer.ConsumerLoop` (which connects to Kafka)."""
 
-    def __init__(self, settings: Settings, *_: Any) -> None:
+    def __init__(self, settings: Settings, *_: Any, stop_event: threading.Event, **__: Any) -> None:
         self.settings = settings
         self.assigned: set[TopicPartition] = set()
         self.healthy = False
         self.stats = LoopStats()
         self.versions_lock = threading.RLock()
-        self.stop_event = threading.Event()
+        self.stop_event = stop_event
 
     def owned_partitions(self) -> set[int]:
         return {tp.partition for tp in self.assigned}

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.core.exceptions import EventError
 from worker.ingest.events import (
     EventLimits,
     interaction_payload,
@@ -21,6 +20,7 @@ from worker.ingest.events import (
     parse_interactions,
     parse_item,
 )
+from worker.ingest.exceptions import EventError
 
 LIMITS = EventLimits(
     embedding_dim=4,

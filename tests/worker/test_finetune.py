@@ -6,6 +6,7 @@ trained relative's code, the gate scoring items as they are served)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -14,15 +15,15 @@ import pytest
 from quantize.evaluate import holdout_split, pad_histories, user_sequences
 from quantize.table_model import Snapshot
 from store.memory import MemoryPartition
-from store.records import ItemRecord, item_key
+from store.records import ItemRecord
 from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.core.settings import Settings
-from worker.ingest.coding import load_codebook
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
-from worker.serving.index import Serving, stored_embeddings
+from worker.serving.index import Serving
+from worker.state.layout import item_key
+from worker.state.reads import load_codebook, stored_embeddings
 from worker.state.versions import (
-    PUBLISHED,
     REJECTED,
     TEXT_PROJ,
     VersionRecord,
@@ -30,14 +31,16 @@ from worker.state.versions import (
     add_version,
     current_version,
     get_record,
+    list_records,
     load_table,
     rollback,
 )
+from worker.tuning.exceptions import FineTuneDataError
 from worker.tuning.finetune import (
     Candidate,
     DomainData,
-    FineTuneDataError,
     FineTuner,
+    FinetuneStatus,
     read_domain,
     read_embeddings,
 )
@@ -137,11 +140,17 @@ def test_first_fine_tune_publishes_and_the_next_one_is_incremental() -> None:
     store, proc, offset = _setup()
     tuner = RecordingTuner(store, S)
     first = tuner.run("shop")
-    assert first.status == PUBLISHED and first.record is not None and first.record.version == 1
+    assert (
+        first.status is FinetuneStatus.PUBLISHED
+        and first.record is not None
+        and first.record.version == 1
+    )
     assert first.record.note == "scratch" and tuner.inits == [None]
     assert first.metrics["recall@10"] > 0.2  # chains are learnable; popularity would be ~0.1
     assert current_version(store, "shop") == 1
-    assert tuner.run("shop").status == "skipped"  # no new interactions since v1
+    assert (
+        tuner.run("shop").status is FinetuneStatus.SKIPPED_NO_NEW_DATA
+    )  # no new interactions since v1
     _feed(store, proc, 5000, 40, 2, offset)
     second = tuner.run("shop")
     assert (
@@ -153,7 +162,7 @@ def test_first_fine_tune_publishes_and_the_next_one_is_incremental() -> None:
     assert tuner.inits[-1] is not None
     np.testing.assert_array_equal(tuner.inits[-1].params["table.rows"], v1.params["table.rows"])
     # shared parts stay frozen in an incremental fine-tune
-    if second.status == PUBLISHED:
+    if second.status is FinetuneStatus.PUBLISHED:
         v2 = load_table(store, "shop", 2).snapshot
         for name, arr in v1.params.items():
             if not name.startswith("table."):
@@ -162,13 +171,31 @@ def test_first_fine_tune_publishes_and_the_next_one_is_incremental() -> None:
 
 def test_the_gate_rejects_a_broken_candidate_and_keeps_the_current_version() -> None:
     store, proc, offset = _setup()
-    assert FineTuner(store, S).run("shop").status == PUBLISHED
+    assert FineTuner(store, S).run("shop").status is FinetuneStatus.PUBLISHED
     _feed(store, proc, 5000, 40, 3, offset)
     broken = RecordingTuner(store, S, break_candidate=True).run("shop")
-    assert broken.status == REJECTED and broken.record is not None
+    assert broken.status is FinetuneStatus.REJECTED and broken.record is not None
     assert broken.metrics["recall@10"] < broken.metrics["current_recall@10"]
     assert current_version(store, "shop") == 1
     assert get_record(store, "shop", broken.record.version).status == REJECTED  # type: ignore[union-attr]
+
+
+def test_too_little_coded_data_is_a_not_ready_skip() -> None:
+    outcome = FineTuner(MemoryPartition(), S).run("shop")  # no codebook yet
+    assert outcome.status is FinetuneStatus.SKIPPED_NOT_READY and outcome.status.retry
+    assert outcome.reason == "0 coded interactions (< finetune_min_interactions)"
+
+
+def test_a_stop_abandons_the_fine_tune_and_writes_nothing() -> None:
+    store, _proc, _offset = _setup()
+    stop = threading.Event()
+    stop.set()
+    tuner = FineTuner(store, S, stop=stop)
+    outcome = tuner.run("shop")
+    assert outcome.status is FinetuneStatus.ABANDONED and outcome.record is None
+    assert outcome.reason == "fine-tune of 'shop' abandoned at epoch 1: stopping"
+    assert current_version(store, "shop") is None and list_records(store, "shop") == []
+    assert tuner.last == {}  # /metrics keeps the last finished run
 
 
 def test_after_a_rollback_fine_tunes_continue_from_the_rolled_back_version() -> None:
@@ -180,7 +207,9 @@ def test_after_a_rollback_fine_tunes_continue_from_the_rolled_back_version() -> 
         **{f: getattr(S, f) for f in S.__dataclass_fields__} | {"gate_tolerance": 1.0}
     )
     v2 = tuner.run("shop")
-    assert v2.record is not None and v2.record.version == 2 and v2.status == PUBLISHED
+    assert (
+        v2.record is not None and v2.record.version == 2 and v2.status is FinetuneStatus.PUBLISHED
+    )
     batch = store.batch()
     rollback(store, batch, "shop", to=1)
     store.write(batch)
@@ -194,7 +223,7 @@ def test_after_a_rollback_fine_tunes_continue_from_the_rolled_back_version() -> 
 def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() -> None:
     store, proc, _ = _setup()
     outcome = FineTuner(store, S).run("shop")
-    assert outcome.status == PUBLISHED and outcome.metrics["recall@10"] > 0.2
+    assert outcome.status is FinetuneStatus.PUBLISHED and outcome.metrics["recall@10"] > 0.2
     table = load_table(store, "shop", 1)
     snapshot = table.snapshot
     assert snapshot.config.text_dim == S.embedding_dim
@@ -242,7 +271,7 @@ def test_a_warm_start_from_a_version_without_text_projection() -> None:
     store, proc, offset = _setup()
     plain = RecordingTuner(store, replace(S, finetune_text_projection=False))
     assert plain.model_config.text_dim == 0
-    assert plain.run("shop").status == PUBLISHED
+    assert plain.run("shop").status is FinetuneStatus.PUBLISHED
     v1 = load_table(store, "shop", 1).snapshot
     assert v1.config.text_dim == 0 and TEXT_PROJ not in v1.params
     _feed(store, proc, 5000, 40, 6, offset)
@@ -250,7 +279,7 @@ def test_a_warm_start_from_a_version_without_text_projection() -> None:
     start = tuner.start_params(v1)
     np.testing.assert_array_equal(start[TEXT_PROJ], np.zeros((16, 16)))  # starts as v1
     second = tuner.run("shop")
-    assert second.status == PUBLISHED and second.record is not None
+    assert second.status is FinetuneStatus.PUBLISHED and second.record is not None
     assert (second.record.parent, second.record.note) == (1, "incremental")
     assert tuner.inits[-1] is not None
     np.testing.assert_array_equal(tuner.inits[-1].params["table.rows"], v1.params["table.rows"])
@@ -271,7 +300,7 @@ def test_a_warm_start_from_a_version_without_text_projection() -> None:
 
 def test_a_new_domain_starts_from_the_shared_init_of_another_domain() -> None:
     store, proc, _ = _setup()
-    assert FineTuner(store, S).run("shop").status == PUBLISHED
+    assert FineTuner(store, S).run("shop").status is FinetuneStatus.PUBLISHED
     codebook = load_codebook(store)
     assert codebook is not None
     level_rows = codebook.levels * codebook.k
@@ -312,7 +341,7 @@ def test_a_new_domain_starts_from_the_shared_init_of_another_domain() -> None:
     for name, arr in shop.params.items():
         if name != "table.rows":
             np.testing.assert_array_equal(init.params[name], arr)
-    assert outcome.status == PUBLISHED
+    assert outcome.status is FinetuneStatus.PUBLISHED
     mall = load_table(store, "mall", 1).snapshot
     assert mall.config.text_dim == S.embedding_dim
     for name, arr in shop.params.items():
@@ -429,7 +458,7 @@ def test_the_gate_scores_items_as_they_are_served(borrow: bool) -> None:
     cold = _with_cold_targets(store, proc, offset)
     settings = replace(B, serve_borrow_trained=borrow)
     outcome = FineTuner(store, settings).run("shop")
-    assert outcome.status == PUBLISHED
+    assert outcome.status is FinetuneStatus.PUBLISHED
     table = load_table(store, "shop", 1)
     assert table.trained is not None and table.full_rows is not None
     for item in cold:  # gate targets only: never trained on, so served a borrowed code
@@ -445,7 +474,7 @@ def test_the_gate_scores_items_as_they_are_served(borrow: bool) -> None:
 def test_untrained_and_brand_new_items_are_served_their_trained_relatives_code() -> None:
     store, proc, offset = _setup(B)
     cold = _with_cold_targets(store, proc, offset)
-    assert FineTuner(store, B).run("shop").status == PUBLISHED
+    assert FineTuner(store, B).run("shop").status is FinetuneStatus.PUBLISHED
     table = load_table(store, "shop", 1)
     snapshot = table.snapshot
     assert table.trained is not None and table.full_rows is not None

@@ -38,7 +38,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.worker.test_api import TOKEN, Env, env  # noqa: F401  (env: the fixture)
-from worker.core.exceptions import EventError
 from worker.ingest.events import (
     CONTROL_OPS,
     MAX_ID_CHARS,
@@ -51,6 +50,7 @@ from worker.ingest.events import (
     parse_interactions,
     parse_item,
 )
+from worker.ingest.exceptions import EventError
 from worker.serving.http import Request
 from worker.serving.routes import ROUTES, openapi_document
 

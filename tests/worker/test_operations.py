@@ -13,8 +13,8 @@ from store.rocksdb import RocksDBPartition
 from tests.worker.test_versions import ROWS, TEXT_DIM, _random_snapshot
 from worker.commands.operations import export_version
 from worker.core.settings import Settings
+from worker.state.exceptions import VersionError
 from worker.state.versions import (
-    VersionError,
     VersionRecord,
     VersionTable,
     add_version,

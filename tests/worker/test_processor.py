@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 
 from store.memory import MemoryPartition
 from store.partition import COLUMN_FAMILIES, StorePartition
-from store.records import DomainCounters, ItemRecord, Popularity, domain_counters_key, item_key
+from store.records import DomainCounters, ItemRecord, Popularity
 from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
+from worker.state.layout import domain_counters_key, item_key
 
 SETTINGS = Settings(embedding_dim=8, topic_prefix="t.")
 ITEMS, INTER = SETTINGS.topic("items"), SETTINGS.topic("interactions")

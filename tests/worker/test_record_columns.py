@@ -8,11 +8,11 @@ from hypothesis import strategies as st
 from store.records import (
     LoggedInteraction,
     Popularity,
-    encode_log,
+    encode_interactions,
     fold_popularity,
-    interaction_key,
     popularity_at,
 )
+from worker.state.layout import interaction_key, interaction_keys
 
 HALF_LIFE = 3600.0
 events = st.lists(
@@ -63,8 +63,9 @@ def test_popularity_at_equals_at(histories: list[list[tuple[int, float]]], ts: i
         max_size=30,
     )
 )
-def test_encode_log_equals_the_row_encoders(rows: list[tuple]) -> None:  # type: ignore[type-arg]
+def test_the_log_columns_equal_the_row_encoders(rows: list[tuple]) -> None:  # type: ignore[type-arg]
     cols = [list(c) for c in zip(*rows, strict=True)] if rows else [[] for _ in range(7)]
-    keys, values = encode_log(*cols)
+    keys = interaction_keys(*cols[:4])
+    values = encode_interactions(*cols[4:])
     assert keys == [interaction_key(d, t, p, o) for d, t, p, o, *_ in rows]
     assert values == [LoggedInteraction(u, i, w).encode() for *_, u, i, w in rows]

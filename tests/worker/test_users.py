@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 
 from store.exceptions import StoreError
 from store.memory import MemoryPartition
+from worker.state.layout import user_key
 from worker.state.users import (
     append_recent,
     decode_recent,
     encode_entries,
     encode_recent,
     recent_items,
-    user_key,
 )
 
 entries = st.lists(

@@ -29,6 +29,7 @@ from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
 from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.serving.index import DomainIndex
+from worker.state.exceptions import VersionError
 from worker.state.versions import (
     EXPIRED,
     PUBLISHED,
@@ -36,7 +37,6 @@ from worker.state.versions import (
     TEXT_PROJ,
     ItemVectorizer,
     TrainedCodes,
-    VersionError,
     VersionRecord,
     VersionTable,
     add_version,

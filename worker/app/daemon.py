@@ -22,7 +22,6 @@ from quantize.code_metrics import code_report
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
-from worker.core.exceptions import EncoderError
 from worker.core.memory import cap_mmap_threshold
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
@@ -30,10 +29,12 @@ from worker.core.signals import install_stop_handlers
 from worker.ingest.consumer import ConsumerLoop
 from worker.ingest.encoder import TextEncoder
 from worker.ingest.events import control_payload
+from worker.ingest.exceptions import EncoderError
 from worker.ingest.group import CodebookLog, MirroredStore, VersionsLog, adopt_group_codebook
 from worker.ingest.processor import BatchResult, Processor
+from worker.serving.exceptions import NotServedError, ServingError
 from worker.serving.http import HttpServer, Request, Response, Router
-from worker.serving.index import NotServedError, Serving, ServingError, live_paths
+from worker.serving.index import Serving, live_paths
 from worker.serving.routes import ApiRoutes
 from worker.state.versions import REJECTED, current_version, domains_with_versions, list_records
 from worker.tuning.finetune import FineTuner
@@ -113,7 +114,22 @@ def readiness(
 
 
 class Daemon:
-    """One worker process: state, consumer loop, HTTP endpoints."""
+    """One worker process: state, consumer loop, HTTP endpoints.
+
+    Built in dependency order, every collaborator handed to its constructor:
+
+    1. the metrics and the store (a local RocksDB, mirrored to the versions topic);
+    2. the group's codebook log, the text encoder and the processor (which codes items
+       with the group's codebook);
+    3. serving (reading the processor's live code paths);
+    4. the consumer loop, with the daemon's stop event and its callbacks;
+    5. the fine-tuner (the loop's versions lock, the same stop event) and its scheduler;
+    6. the HTTP routes.
+
+    The callbacks handed to earlier parts are bound methods of the daemon that use later
+    ones (the store's ownership asks the loop, the loop's ``on_applied`` feeds the
+    scheduler): none is called before the constructor has built every part.
+    """
 
     def __init__(
         self,
@@ -124,45 +140,55 @@ class Daemon:
         """``stop``: the event that stops the daemon (e.g. set by a signal handler); by
         default its own, set by :meth:`stop`."""
         self.settings = settings
+        # one stop event for the loop and the fine-tunes: a SIGTERM abandons a running
+        # fine-tune at its next epoch while the loop still finishes its batch and closes
+        self.stop_event = stop if stop is not None else threading.Event()
         # batched code search is fastest single-threaded on small batches, and leaves
         # the other core to kafka-python's I/O thread. OpenMP settings are per thread: this
         # covers the consumer loop (run on this thread); the HTTP handler threads set their
         # own (worker.serving.routes)
         faiss.omp_set_num_threads(1)
+        # -- 1. metrics and store ---------------------------------------------------------
         self.metrics = Metrics()
         local = store or RocksDBPartition.open(
             settings.state_path, sync_writes=settings.sync_writes
         )
         # table versions travel between the workers of a group on the versions topic;
         # writes to them are refused for domains this worker does not own now
-        self.store = MirroredStore(
-            local, VersionsLog(settings), owned=lambda: self.loop.owned_partitions()
-        )
+        versions_log = VersionsLog(settings)
+        self.store = MirroredStore(local, versions_log, owned=self._owned_partitions)
         self.metrics.watch_state_memory(self.store.memory_usage)
+        # -- 2. codebook, encoder, processor ----------------------------------------------
         self.codebooks = CodebookLog(settings)
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
-        self.processor = Processor(self.store, settings, self.encoder.encode)
-        if self.processor.codes is not None:
-            self.processor.codes.group = self.codebooks
-        self.loop = ConsumerLoop(settings, self.store, self.processor, self.metrics)
-        if stop is not None:
-            self.loop.stop_event = stop
-        self.serving = Serving(self.store, settings)
-        if self.processor.codes is not None:  # full paths of new items, without a re-read
-            self.serving.paths = live_paths(self.processor.codes)
-        # one stop event for the loop and the fine-tunes: a SIGTERM abandons a running
-        # fine-tune at its next epoch while the loop still finishes its batch and closes
+        self.processor = Processor(self.store, settings, self.encoder.encode, group=self.codebooks)
+        # -- 3. serving (full paths of new items, without a re-read) ---------------------
+        codes = self.processor.codes
+        self.serving = Serving(
+            self.store, settings, paths=None if codes is None else live_paths(codes)
+        )
+        # -- 4. the consumer loop ---------------------------------------------------------
+        self.loop = ConsumerLoop(
+            settings,
+            self.store,
+            self.processor,
+            self.metrics,
+            stop_event=self.stop_event,
+            on_applied=self._on_applied,
+            on_restored=self._on_restored,
+            before_subscribe=self._join_group_codebook,
+            shared_topics=[versions_log.topic, self.codebooks.topic],
+        )
+        # -- 5. fine-tunes ---------------------------------------------------------------
         self.tuner = FineTuner(
             self.store,
             settings,
             lock=self.loop.versions_lock,
             announce=self._announce,
-            stop=self.loop.stop_event,
+            stop=self.stop_event,
         )
         self.scheduler = FinetuneScheduler(self.tuner, settings, owns=self.loop.owns)
-        self.loop.on_applied = self._on_applied
-        self.loop.on_restored = lambda _domains: self.serving.wake()
-        self.loop.before_subscribe = self._join_group_codebook
+        # -- 6. HTTP ---------------------------------------------------------------------
         self.router = Router()
         self.router.add("GET", "/healthz", self._healthz)
         self.router.add("GET", "/readyz", self._readyz)
@@ -172,9 +198,18 @@ class Daemon:
         if settings.http_port:
             self.http = HttpServer(self.router, settings.http_host, settings.http_port)
 
+    # -- callbacks of the parts (called once the daemon runs) -----------------------------
+
+    def _owned_partitions(self) -> set[int]:
+        """The store's ownership check: the partitions the loop holds now."""
+        return self.loop.owned_partitions()
+
     def _on_applied(self, result: BatchResult) -> None:
         self.serving.on_applied(result)  # new items servable at once; rollbacks wake it
         self.scheduler.on_applied(result)
+
+    def _on_restored(self, _domains: list[str]) -> None:
+        self.serving.wake()  # restored versions: build and swap their indexes now
 
     def _join_group_codebook(self) -> None:
         """Agree on the group's codebook before the first batch (see worker.ingest.group)."""

@@ -77,6 +77,17 @@ def _print_json(doc: object) -> None:
 
 
 def cmd_kafka(args: argparse.Namespace) -> int:
+    if not KAFKA_SCRIPT.is_file():
+        print(
+            f"adacode kafka: error: {KAFKA_SCRIPT} does not exist. `adacode kafka` runs "
+            "ops/kafka.sh of a checkout of the adacode repository, which an installed package "
+            "does not ship: run it from a checkout (`python -m worker.commands.cli kafka ...` "
+            "there, or `pip install -e .` of it); the script needs bash, Java 11+ (e.g. "
+            "OpenJDK 17) and Maven (mvn, to fetch the broker jars once). Or run any Kafka "
+            "broker yourself and set kafka_bootstrap (ADACODE_KAFKA_BOOTSTRAP).",
+            file=sys.stderr,
+        )
+        return 2
     cmd = ["bash", str(KAFKA_SCRIPT), args.action]
     if args.port:
         cmd += ["--port", str(args.port)]
@@ -203,8 +214,9 @@ def cmd_codebook(args: argparse.Namespace) -> int:
 
     from store.rocksdb import RocksDBPartition
     from worker.commands.dataset import read_items
-    from worker.ingest.coding import load_codebook, retrain_codebook
+    from worker.ingest.coding import retrain_codebook
     from worker.ingest.encoder import TextEncoder
+    from worker.state.reads import load_codebook
 
     settings = _settings(args)
     if args.action == "show":
@@ -248,7 +260,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     version = "" if outcome.record is None else f" version {outcome.record.version}"
     print(
-        f"{outcome.domain}:{version} {outcome.status} ({outcome.reason}) in {outcome.seconds:.1f} s"
+        f"{outcome.domain}:{version} {outcome.status.word} ({outcome.reason}) in {outcome.seconds:.1f} s"
     )
     return 0
 

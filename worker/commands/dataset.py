@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from worker.core.exceptions import DatasetError
+from worker.commands.exceptions import DatasetError
 
 
 @dataclass(frozen=True, slots=True)

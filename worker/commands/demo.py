@@ -8,9 +8,6 @@ read-only inspection of the worker's RocksDB while it still runs.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -22,15 +19,16 @@ import orjson
 from kafka import KafkaConsumer, TopicPartition
 
 from store.partition import StorePartition
-from store.records import Popularity, domain_prefix, split_item_key
 from worker.commands.dataset import read_interactions, read_items
 from worker.commands.inspection import find_item, open_state_readonly, stats
+from worker.commands.launch import WorkerProcess
 from worker.commands.operations import do_finetune, do_rollback, format_versions, versions_report
 from worker.commands.replay import make_producer, replay
 from worker.commands.synthetic import generate
 from worker.commands.topics import create_topics
 from worker.core.settings import Settings
 from worker.ingest.events import item_payload
+from worker.state.reads import iter_popularity
 from worker.state.versions import VersionRecord, current_version, get_record
 
 
@@ -53,7 +51,7 @@ def _applied(settings: Settings) -> dict[tuple[str, int], int]:
         return store.offsets()
 
 
-def _wait_caught_up(settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float) -> float:
+def _wait_caught_up(settings: Settings, worker: WorkerProcess, timeout_s: float) -> float:
     topics = [settings.topic("items"), settings.topic("interactions")]
     end = _end_offsets(settings, topics)
     total = sum(end.values())
@@ -79,10 +77,9 @@ def _wait_caught_up(settings: Settings, worker: subprocess.Popen[bytes], timeout
 
 def _most_popular(store: StorePartition, domain: str) -> dict[str, Any] | None:
     best, best_count = None, -1
-    for key, raw in store.items("popularity", prefix=domain_prefix(domain)):
-        pop = Popularity.decode(raw)
+    for item_id, pop in iter_popularity(store, domain):
         if pop.count > best_count:
-            best, best_count = split_item_key(key)[1], pop.count
+            best, best_count = item_id, pop.count
     if best is None:
         return None
     found = find_item(store, best, domain)
@@ -96,9 +93,7 @@ def _record(settings: Settings, domain: str, version: int) -> VersionRecord | No
         return get_record(store, domain, version)
 
 
-def _wait_version(
-    settings: Settings, domain: str, version: int, worker: subprocess.Popen[bytes]
-) -> str:
+def _wait_version(settings: Settings, domain: str, version: int, worker: WorkerProcess) -> str:
     """Wait until version ``version`` exists (published or rejected); describe it."""
     started = time.monotonic()
     while (rec := _record(settings, domain, version)) is None:
@@ -117,9 +112,7 @@ def _wait_version(
     )
 
 
-def _wait_current(
-    settings: Settings, domain: str, version: int, worker: subprocess.Popen[bytes]
-) -> None:
+def _wait_current(settings: Settings, domain: str, version: int, worker: WorkerProcess) -> None:
     started = time.monotonic()
     while True:
         with open_state_readonly(settings) as store:
@@ -262,13 +255,7 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
             "ADACODE_FINETUNE_EPOCHS": os.environ.get("ADACODE_FINETUNE_EPOCHS", "6"),
         }
     )
-    log = (workdir / "worker.log").open("ab")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "worker.commands.cli", "run"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    worker = WorkerProcess.start(env, workdir / "worker.log")
     try:
         total = n_inter if limit is None else min(limit, n_inter)
         first = max(1, int(total * 0.8))
@@ -343,7 +330,6 @@ def run_demo(settings: Settings, dataset: Path | None, workdir: Path, limit: int
         print("   " + format_versions(versions_report(settings, domain)).replace("\n", "\n   "))
         _cold_start(settings, domain, head, dataset)
     finally:
-        worker.send_signal(signal.SIGTERM)
-        code = worker.wait(timeout=60)
+        code = worker.stop(timeout_s=60)
         print(f"13. worker stopped (exit status {code})")
     return 0 if code == 0 else 1

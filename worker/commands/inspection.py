@@ -12,25 +12,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from quantize.assign import AssignerState, CodeAssigner
 from quantize.code_metrics import code_report
 from store.partition import StorePartition
-from store.records import (
-    DomainCounters,
-    ItemRecord,
-    LoggedInteraction,
-    Popularity,
-    domain_prefix,
-    interaction_key_ts,
-    item_key,
-    split_item_key,
-)
 from store.rocksdb import RocksDBPartition
 from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
-from worker.ingest.coding import code_history, history_prefix, load_codebook, state_key
+from worker.state.reads import (
+    code_changes,
+    code_history,
+    committed_assigner,
+    domain_counters,
+    item_popularity,
+    item_record,
+    load_codebook,
+)
 
 
 @contextmanager
@@ -48,13 +43,6 @@ def open_state_readonly(settings: Settings) -> Iterator[StorePartition]:
             yield store
         finally:
             store.close()
-
-
-def domain_counters(store: StorePartition) -> dict[str, DomainCounters]:
-    return {
-        k[len(b"domain/") :].decode(): DomainCounters.decode(v)
-        for k, v in store.items("meta", prefix=b"domain/")
-    }
 
 
 def stats(store: StorePartition) -> dict[str, Any]:
@@ -79,20 +67,15 @@ def stats(store: StorePartition) -> dict[str, Any]:
     }
 
 
-def domain_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:
-    raw = store.get("codes", state_key(domain))
-    return None if raw is None else CodeAssigner.from_state(AssignerState.from_bytes(raw))
-
-
 def code_stats(store: StorePartition, domain: str) -> dict[str, Any] | None:
     """Code metrics of a domain: utilization, collisions, lengths, changes by reason."""
-    assigner = domain_assigner(store, domain)
+    assigner = committed_assigner(store, domain)
     if assigner is None:
         return None
     report = code_report(assigner.served())
     changes: dict[str, int] = {}
-    for _, value in store.items("codes", prefix=history_prefix(domain)):
-        reason = orjson.loads(value)["reason"]
+    for _, change in code_changes(store, domain):
+        reason = change["reason"]
         changes[reason] = changes.get(reason, 0) + 1
     return {
         "items": report.n_items,
@@ -118,12 +101,10 @@ def find_item(
     domains = [domain] if domain else sorted(domain_counters(store))
     out = []
     for d in domains:
-        raw = store.get("items", item_key(d, item_id))
-        if raw is None:
+        rec = item_record(store, d, item_id)
+        if rec is None:
             continue
-        rec = ItemRecord.decode(raw)
-        pop_raw = store.get("popularity", item_key(d, item_id))
-        pop = Popularity.decode(pop_raw) if pop_raw else Popularity()
+        pop = item_popularity(store, d, item_id)
         out.append(
             {
                 "domain": d,
@@ -144,7 +125,7 @@ def find_item(
 
 
 def _item_code(store: StorePartition, domain: str, item_id: str) -> dict[str, Any]:
-    assigner = domain_assigner(store, domain)
+    assigner = committed_assigner(store, domain)
     if assigner is None or item_id not in assigner:
         return {"code": None}
     served = assigner.served_code(item_id)
@@ -157,16 +138,3 @@ def _item_code(store: StorePartition, domain: str, item_id: str) -> dict[str, An
             "history": code_history(store, domain, item_id),
         }
     }
-
-
-def iter_items(store: StorePartition, domain: str) -> Iterator[tuple[str, ItemRecord]]:
-    for k, v in store.items("items", prefix=domain_prefix(domain)):
-        yield split_item_key(k)[1], ItemRecord.decode(v)
-
-
-def iter_interactions(
-    store: StorePartition, domain: str
-) -> Iterator[tuple[int, LoggedInteraction]]:
-    """The domain's logged interactions in time order: ``(ts, interaction)``."""
-    for k, v in store.items("interactions", prefix=domain_prefix(domain)):
-        yield interaction_key_ts(k), LoggedInteraction.decode(v)

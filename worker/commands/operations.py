@@ -20,11 +20,11 @@ from kafka.errors import KafkaError
 from store.exceptions import StateLockedError
 from store.rocksdb import RocksDBPartition
 from worker.commands.inspection import open_state_readonly
-from worker.core.exceptions import KafkaUnavailableError
 from worker.core.settings import Settings
 from worker.ingest.events import control_payload
+from worker.ingest.exceptions import KafkaUnavailableError
+from worker.state.exceptions import VersionError
 from worker.state.versions import (
-    VersionError,
     current_version,
     export_arrays,
     list_records,
@@ -72,6 +72,9 @@ def do_rollback(settings: Settings, domain: str, to: int | None, previous: bool)
 
 
 def do_finetune(settings: Settings, domain: str) -> Outcome | str:
+    """Fine-tune ``domain`` on the state now and answer its outcome (``outcome.status``
+    says published, rejected or why it skipped); with the worker running, ask it on the
+    control topic instead and answer what was sent."""
     try:
         store = RocksDBPartition.open(settings.state_path, sync_writes=settings.sync_writes)
     except StateLockedError:

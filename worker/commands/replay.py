@@ -12,9 +12,9 @@ from kafka.errors import KafkaError
 from tqdm import tqdm
 
 from worker.commands.dataset import read_interactions, read_items
-from worker.core.exceptions import KafkaUnavailableError
 from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.exceptions import KafkaUnavailableError
 
 log = logging.getLogger(__name__)
 

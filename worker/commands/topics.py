@@ -7,8 +7,8 @@ import logging
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from worker.core.exceptions import KafkaUnavailableError
 from worker.core.settings import Settings
+from worker.ingest.exceptions import KafkaUnavailableError
 from worker.ingest.group import MAX_RECORD_BYTES
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,26 @@
-"""Errors raised by the worker: configuration, events, Kafka and the daemon."""
+"""The root of the worker's errors, and configuration errors.
+
+Each wing that defines errors has its own ``exceptions`` module; the whole tree::
+
+    AdacodeError                       adacode.errors
+    └── WorkerError                    worker.core.exceptions
+        ├── ConfigError                worker.core.exceptions
+        ├── KeyLayoutError             worker.state.exceptions
+        ├── VersionError               worker.state.exceptions
+        ├── EventError                 worker.ingest.exceptions
+        ├── KafkaUnavailableError      worker.ingest.exceptions
+        ├── EncoderError               worker.ingest.exceptions
+        ├── BatchAbandoned             worker.ingest.exceptions
+        ├── NotOwnedError              worker.ingest.exceptions
+        ├── CodebookConflictError      worker.ingest.exceptions
+        ├── Abandoned                  worker.tuning.exceptions
+        ├── FineTuneDataError          worker.tuning.exceptions
+        ├── ServingError               worker.serving.exceptions (and its subclasses)
+        ├── DatasetError               worker.commands.exceptions
+        └── WorkerProcessError         worker.commands.exceptions (and its subclasses)
+
+A wing's own tree is drawn in its ``exceptions`` module's docstring.
+"""
 
 from __future__ import annotations
 
@@ -15,27 +37,3 @@ class ConfigError(WorkerError):
     The message names the key, where it came from (file, environment, flag), what
     was wrong and what is allowed.
     """
-
-
-class EventError(WorkerError):
-    """An event could not be parsed or validated; ``reason`` says why.
-
-    The worker never raises this past one message: the message goes to the
-    dead-letter topic with the reason and the worker carries on.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class KafkaUnavailableError(WorkerError):
-    """The Kafka cluster did not answer in time."""
-
-
-class EncoderError(WorkerError):
-    """The text encoder could not be loaded or failed on a batch."""
-
-
-class DatasetError(WorkerError):
-    """A dataset directory is missing a file or has a malformed line."""

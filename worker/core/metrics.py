@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -13,7 +13,6 @@ from store.exceptions import StoreError
 
 if TYPE_CHECKING:
     from quantize.code_metrics import CodeReport
-    from worker.ingest.processor import BatchResult
 
 
 class _StateMemory(Collector):
@@ -110,15 +109,25 @@ class Metrics:
         """Report ``usage()`` (e.g. :meth:`StorePartition.memory_usage`) at each scrape."""
         self.registry.register(_StateMemory(usage))
 
-    def observe_batch(self, result: BatchResult, n_records: int, seconds: float) -> None:
-        for (kind, domain), n in result.applied.items():
+    def observe_batch(
+        self,
+        *,
+        applied: Mapping[tuple[str, str], int],
+        dead_topics: Iterable[str],
+        texts_encoded: int,
+        code_changes: Iterable[tuple[str, str]],
+        seconds: float,
+    ) -> None:
+        """One committed batch: events applied by ``(kind, domain)``, the source topic of each
+        dead letter, texts encoded, ``(domain, reason)`` of each code change, its duration."""
+        for (kind, domain), n in applied.items():
             self.applied.labels(kind, domain).inc(n)
-        for dead in result.dead:
-            self.rejected.labels(dead.record.topic).inc()
-        if result.texts_encoded:
-            self.texts.inc(result.texts_encoded)
-        for domain, change in result.coding.changes:
-            self.code_changes.labels(domain, change.reason).inc()
+        for topic in dead_topics:
+            self.rejected.labels(topic).inc()
+        if texts_encoded:
+            self.texts.inc(texts_encoded)
+        for domain, reason in code_changes:
+            self.code_changes.labels(domain, reason).inc()
         self.batch_seconds.observe(seconds)
 
     def count_consumed(self, topic: str, n: int) -> None:

@@ -5,7 +5,7 @@ comparable across domains), and one :class:`~quantize.assign.CodeAssigner` per
 domain, kept in memory and persisted in the ``codes`` column family in the same
 batch as the events that changed it.
 
-Keys in ``codes``::
+Keys in ``codes`` (built by :mod:`worker.state.layout`)::
 
     state \\0 <domain>                      -> AssignerState bytes
     hist  \\0 <domain> \\0 ts(>q) <item_id>  -> {"old", "new", "reason"} (audit trail)
@@ -28,7 +28,6 @@ than 25 %.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -38,44 +37,27 @@ from typing import Protocol
 import numpy as np
 import orjson
 
-from quantize.assign import AssignerState, Code, CodeAssigner, CodeChange, ServedCodes
+from quantize.assign import Code, CodeAssigner, CodeChange, ServedCodes
 from quantize.codebook import ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.partition import StorePartition, WriteBatch
-from store.records import ItemRecord, split_item_key
+from store.records import ItemRecord
 from worker.core.settings import Settings
+from worker.state.layout import (
+    CODEBOOK_CURRENT,
+    assigner_key,
+    codebook_key,
+    history_key,
+    split_item_key,
+)
+from worker.state.reads import committed_assigner, load_codebook
 
 log = logging.getLogger(__name__)
-
-CODEBOOK_CURRENT = b"codebook/current"
-_TS = struct.Struct(">q")
-
-
-def state_key(domain: str) -> bytes:
-    return b"state\x00" + domain.encode()
-
-
-def history_prefix(domain: str) -> bytes:
-    return b"hist\x00" + domain.encode() + b"\x00"
-
-
-def history_key(domain: str, ts: int, item_id: str, reason: str) -> bytes:
-    return history_prefix(domain) + _TS.pack(ts) + f"{item_id}\x00{reason}".encode()
-
-
-def load_codebook(store: StorePartition) -> ResidualCodebook | None:
-    current = store.get("meta", CODEBOOK_CURRENT)
-    if current is None:
-        return None
-    raw = store.get("meta", b"codebook/" + current)
-    if raw is None:
-        return None
-    return ResidualCodebook.from_bytes(raw)
 
 
 def put_codebook(batch: WriteBatch, codebook: ResidualCodebook) -> None:
     cid = codebook.codebook_id.encode()
-    batch.put("meta", b"codebook/" + cid, codebook.to_bytes())
+    batch.put("meta", codebook_key(cid), codebook.to_bytes())
     batch.put("meta", CODEBOOK_CURRENT, cid)
 
 
@@ -110,8 +92,11 @@ class CodeService:
         self,
         store: StorePartition,
         settings: Settings,
+        *,
         group: CodebookSource | None = None,
     ) -> None:
+        """``group``: where a group of workers agrees on one codebook (``None``: a worker
+        on its own, which trains and keeps its own)."""
         self.store = store
         self.settings = settings
         self.codebook = load_codebook(store)
@@ -143,10 +128,8 @@ class CodeService:
             return None
         found = self.assigners.get(domain)
         if found is None:
-            raw = self.store.get("codes", state_key(domain))
-            if raw is not None:
-                found = CodeAssigner.from_state(AssignerState.from_bytes(raw))
-            else:
+            found = committed_assigner(self.store, domain)
+            if found is None:
                 found = self._new_assigner(self.codebook)
             self.assigners[domain] = found
         return found
@@ -295,7 +278,7 @@ class CodeService:
 
     def _flush(self, batch: WriteBatch, result: CodingResult) -> None:
         for domain in sorted(self._dirty):
-            batch.put("codes", state_key(domain), self.assigners[domain].state().to_bytes())
+            batch.put("codes", assigner_key(domain), self.assigners[domain].state().to_bytes())
         self._dirty.clear()
         for domain, change in result.changes:
             batch.put(
@@ -310,17 +293,6 @@ class CodeService:
                     }
                 ),
             )
-
-
-def code_history(store: StorePartition, domain: str, item_id: str) -> list[dict[str, object]]:
-    """Every recorded code change of one item, oldest first."""
-    out = []
-    for key, value in store.items("codes", prefix=history_prefix(domain)):
-        doc = orjson.loads(value)
-        if doc["item"] == item_id:
-            ts = _TS.unpack(key[len(history_prefix(domain)) : len(history_prefix(domain)) + 8])[0]
-            out.append({"ts": ts, **doc})
-    return out
 
 
 def retrain_codebook(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,11 +23,11 @@ from kafka.errors import KafkaError
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
-from worker.core.exceptions import KafkaUnavailableError, WorkerError
 from worker.core.memory import release_free_memory
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
-from worker.ingest.group import MirroredStore, RestoreReport, domain_partition
+from worker.ingest.exceptions import BatchAbandoned, KafkaUnavailableError
+from worker.ingest.group import domain_partition
 from worker.ingest.health import BACKOFF_MAX_S, BACKOFF_MIN_S, BrokerWatch
 from worker.ingest.processor import BatchResult, DeadLetter, Processor
 
@@ -78,25 +78,18 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        """1. Restore the table versions of the assigned partitions (see worker.ingest.group).
+        """1. Restore what other owners of the assigned partitions committed (the store's
+           :meth:`~store.partition.StorePartition.restore_owned`: the table versions of a
+           group's store, see worker.ingest.group; nothing for a plain store).
         2. Seek each partition to the offset stored with the state; a partition this
            store never processed starts from the beginning, whatever Kafka committed.
         3. Publish the new assignment (ownership of domains follows it).
         """
         loop = self.loop
         # -- 1. restore --------------------------------------------------------------------
-        if isinstance(loop.store, MirroredStore):
-            report = loop.store.restore({tp.partition for tp in assigned})
-            log.info(
-                "restored table versions of partitions %s: %d records, %d domains, %.2f s",
-                report.partitions,
-                report.records,
-                len(report.domains),
-                report.seconds,
-            )
-            loop.restores.append(report)
-            if loop.on_restored is not None and report.domains:
-                loop.on_restored(sorted(report.domains))
+        changed = loop.store.restore_owned({tp.partition for tp in assigned})
+        if loop.on_restored is not None and changed:
+            loop.on_restored(changed)
         # -- 2. seek -----------------------------------------------------------------------
         for tp in assigned:
             stored = loop.store.get_offset(tp.topic, tp.partition)
@@ -108,10 +101,6 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         with loop.versions_lock:
             loop.assigned = set(assigned)
         log.info("partitions assigned: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
-
-
-class BatchAbandoned(WorkerError):
-    """The loop stopped while a batch waited for Kafka; nothing of it was committed."""
 
 
 @dataclass
@@ -126,8 +115,9 @@ class LoopStats:
 class ConsumerLoop:
     """Polls the event topics and applies each batch atomically to the store.
 
-    ``on_applied`` is called after each committed batch (from the loop's thread)
-    with the batch's result; the daemon uses it to wake the scheduler.
+    Its collaborators are handed to the constructor (quix-streams hands its consumer the
+    ``on_assign``/``on_revoke`` callbacks the same way); the callbacks run on the loop's
+    thread, inside :meth:`run`, so they may refer to objects built after the loop.
     """
 
     def __init__(
@@ -136,21 +126,33 @@ class ConsumerLoop:
         store: StorePartition,
         processor: Processor,
         metrics: Metrics,
+        *,
+        stop_event: threading.Event | None = None,
         on_applied: Callable[[BatchResult], None] | None = None,
+        on_restored: Callable[[list[str]], None] | None = None,
+        before_subscribe: Callable[[], None] | None = None,
+        shared_topics: Sequence[str] = (),
     ) -> None:
+        """``store`` restores what other owners committed on each assignment
+        (:meth:`~store.partition.StorePartition.restore_owned`: a group's ``MirroredStore``
+        restores table versions; a plain store, a lone worker's, nothing).
+
+        ``stop_event``: set to stop the loop after the batch in progress (by default its
+        own, set by :meth:`stop`); ``on_applied``: called after each committed batch with
+        its result (the daemon feeds serving and the fine-tune scheduler); ``on_restored``:
+        called with the domains whose state a restore changed; ``before_subscribe``:
+        called once every required topic exists, before the group is joined (the daemon
+        agrees on the group's codebook); ``shared_topics``: the topics of the group's
+        shared state (versions, codebook), which must exist before the worker subscribes.
+        """
         self.settings = settings
         self.store = store
         self.processor = processor
         self.metrics = metrics
+        self.stop_event = stop_event if stop_event is not None else threading.Event()
         self.on_applied = on_applied
-        #: a MirroredStore restores the table versions of newly assigned partitions (a
-        #: plain store: a lone worker whose versions never move)
-        #: called with the domains whose versions a restore changed
-        self.on_restored: Callable[[list[str]], None] | None = None
-        self.restores: list[RestoreReport] = []
-        #: called once every topic exists, before the group is joined
-        self.before_subscribe: Callable[[], None] | None = None
-        self.stop_event = threading.Event()
+        self.on_restored = on_restored
+        self.before_subscribe = before_subscribe
         self.assigned: set[TopicPartition] = set()
         self.stats = LoopStats()
         self.healthy = False
@@ -160,11 +162,7 @@ class ConsumerLoop:
             settings.topic("control"),
         ]
         #: topics that must exist before the worker subscribes (the shared-state topics too)
-        self.required_topics = self.topics + (
-            [settings.topic("versions"), settings.topic("codebook")]
-            if isinstance(store, MirroredStore)
-            else []
-        )
+        self.required_topics = self.topics + list(shared_topics)
         self.control_topic = settings.topic("control")
         self.snapshots_topic = settings.topic("snapshots")
         #: held while a batch with control commands is processed and written, and by the
@@ -349,7 +347,13 @@ class ConsumerLoop:
         self.stats.records += len(records)
         self.stats.dead += len(result.dead)
         self.stats.last_batch_s = elapsed
-        self.metrics.observe_batch(result, len(records), elapsed)
+        self.metrics.observe_batch(
+            applied=result.applied,
+            dead_topics=[dead.record.topic for dead in result.dead],
+            texts_encoded=result.texts_encoded,
+            code_changes=[(domain, change.reason) for domain, change in result.coding.changes],
+            seconds=elapsed,
+        )
         if self.on_applied is not None:
             self.on_applied(result)
         return result

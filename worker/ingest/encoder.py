@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.core.exceptions import EncoderError
+from worker.ingest.exceptions import EncoderError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ finite values). Interaction event::
     {"user_id": str, "item_id": str, "domain": str, "ts": int, "weight": float = 1}
 
 :func:`parse_item` and :func:`parse_interaction` turn raw bytes into small frozen
-dataclasses or raise :class:`~worker.core.exceptions.EventError` whose ``reason`` goes
+dataclasses or raise :class:`~worker.ingest.exceptions.EventError` whose ``reason`` goes
 to the dead-letter topic. They are on the hot path: plain type checks, no schema
 library.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from worker.core.exceptions import EventError
+from worker.ingest.exceptions import EventError
 
 MAX_ID_CHARS = 256
 _MAX_TS = 1 << 62
@@ -184,7 +184,11 @@ class InteractionColumns:
 
 
 class _Irregular(Exception):
-    """The batch is not uniformly valid: parse it record by record."""
+    """The batch is not uniformly valid: parse it record by record.
+
+    Control flow inside :func:`parse_interactions`, which always catches it: never raised
+    to a caller, so not part of the error tree (a plain :class:`Exception`).
+    """
 
 
 def _id_column(values: list[Any]) -> None:

@@ -28,7 +28,7 @@ import logging
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,34 +38,27 @@ from kafka.partitioner import murmur2
 
 from quantize.codebook import ResidualCodebook
 from store.partition import StorePartition, WriteBatch, decode_offset_key
-from worker.core.exceptions import KafkaUnavailableError, WorkerError
+from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
 from worker.ingest.coding import CodeService, put_codebook
+from worker.ingest.exceptions import CodebookConflictError, KafkaUnavailableError, NotOwnedError
+from worker.state.layout import (
+    mirrored_offset_key,
+    restore_position_key,
+    split_mirrored_offset_key,
+    version_key_domain,
+)
 
 log = logging.getLogger(__name__)
 
-#: changelog keys of mirrored control offsets (version keys start with a kind name)
-_OFFSET_PREFIX = b"\x01offset\x00"
 _POSITION = struct.Struct(">q")
 #: large enough for a version's table and items of a few hundred thousand items
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 
 
-class NotOwnedError(WorkerError):
-    """A write to a domain whose partition this worker does not own (it moved away)."""
-
-
 def domain_partition(domain: str, partitions: int) -> int:
     """The partition of ``domain``'s events: Kafka's default partitioner on key = domain."""
     return (murmur2(domain.encode()) & 0x7FFFFFFF) % partitions
-
-
-def version_key_domain(key: bytes) -> str:
-    """The domain of a ``versions`` key (``kind \\0 domain [\\0 ...]``)."""
-    parts = key.split(b"\x00", 2)
-    if len(parts) < 2:
-        raise WorkerError(f"versions key {key!r} names no domain; it was not written by adacode")
-    return parts[1].decode()
 
 
 # -- the store wrapper that mirrors writes ------------------------------------------------
@@ -125,6 +118,9 @@ class MirroredStore(StorePartition):
     A crash between 3 and 4 leaves the topic ahead of the local store: the records
     are re-sent with the same values when the batch is replayed (compaction keeps
     one), or restored by the next owner; never behind.
+
+    On each assignment the consumer loop calls :meth:`restore_owned`, which brings the
+    assigned partitions' versions up to the topic's end before they are processed.
     """
 
     def __init__(
@@ -144,7 +140,7 @@ class MirroredStore(StorePartition):
         if cf == "offsets":
             topic, partition = decode_offset_key(key)
             if topic == self.versions_log.control_topic:
-                return MirrorOp(partition, _OFFSET_PREFIX + key, value)
+                return MirrorOp(partition, mirrored_offset_key(key), value)
         return None
 
     # -- StorePartition ------------------------------------------------------------------
@@ -188,9 +184,18 @@ class MirroredStore(StorePartition):
         # -- 4. then the local store -----------------------------------------------------
         self.inner.write(batch.inner)
 
-    def restore(self, partitions: Iterable[int]) -> RestoreReport:
-        """Restore ``partitions``' versions from the topic into the local store (unmirrored)."""
-        return self.versions_log.restore(self.inner, partitions)
+    def restore_owned(self, partitions: Collection[int]) -> list[str]:
+        """Restore ``partitions``' versions from the topic into the local store (unmirrored);
+        returns the domains whose versions changed."""
+        report = self.versions_log.restore(self.inner, partitions)
+        log.info(
+            "restored table versions of partitions %s: %d records, %d domains, %.2f s",
+            report.partitions,
+            report.records,
+            len(report.domains),
+            report.seconds,
+        )
+        return sorted(report.domains)
 
     def checkpoint(self, path: Path) -> StorePartition:
         return self.inner.checkpoint(path)
@@ -302,7 +307,7 @@ class VersionsLog:
             consumer.assign(tps)
             ends = consumer.end_offsets(tps)
             for tp in tps:
-                raw = store.get("meta", self._position_key(tp.partition))
+                raw = store.get("meta", restore_position_key(self.topic, tp.partition))
                 start = _POSITION.unpack(raw)[0] if raw is not None else 0
                 if start >= ends[tp]:
                     continue
@@ -320,7 +325,9 @@ class VersionsLog:
                             self._apply(store, batch, rec.key, rec.value, report)
                             position = rec.offset + 1
                     position = max(position, consumer.position(tp))
-                batch.put("meta", self._position_key(tp.partition), _POSITION.pack(position))
+                batch.put(
+                    "meta", restore_position_key(self.topic, tp.partition), _POSITION.pack(position)
+                )
         except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"could not restore table versions from {self.topic}: {exc}"
@@ -330,9 +337,6 @@ class VersionsLog:
         store.write(batch)
         report.seconds = time.monotonic() - started
         return report
-
-    def _position_key(self, partition: int) -> bytes:
-        return f"restore/{self.topic}/{partition}".encode()
 
     def _apply(
         self,
@@ -345,8 +349,8 @@ class VersionsLog:
         if key is None:
             return
         report.records += 1
-        if key.startswith(_OFFSET_PREFIX):
-            okey = key[len(_OFFSET_PREFIX) :]
+        okey = split_mirrored_offset_key(key)
+        if okey is not None:
             if value is None:
                 return
             topic, partition = decode_offset_key(okey)
@@ -451,10 +455,6 @@ class CodebookLog:
         raise KafkaUnavailableError(
             f"reading the first codebook of {self.topic} took more than {timeout_s:.0f} s"
         )
-
-
-class CodebookConflictError(WorkerError):
-    """This state was coded with another codebook than the group's."""
 
 
 def adopt_group_codebook(store: StorePartition, codes: CodeService, group: CodebookLog) -> None:

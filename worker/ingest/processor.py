@@ -23,20 +23,16 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from store.partition import StorePartition, WriteBatch
+from store.partition import StorePartition, WriteBatch, key_after
 from store.records import (
     DomainCounters,
     ItemRecord,
-    domain_counters_key,
-    domain_prefix,
-    encode_log,
+    encode_interactions,
     fold_popularity,
-    item_key,
     popularity_at,
 )
-from worker.core.exceptions import EventError
 from worker.core.settings import Settings
-from worker.ingest.coding import CodeService, CodingResult
+from worker.ingest.coding import CodebookSource, CodeService, CodingResult
 from worker.ingest.encoder import text_hash
 from worker.ingest.events import (
     ControlCommand,
@@ -47,8 +43,19 @@ from worker.ingest.events import (
     parse_interactions,
     parse_item,
 )
-from worker.state.users import append_recent, encode_entries, user_key
-from worker.state.versions import VersionError, rollback, set_pinned
+from worker.ingest.exceptions import EventError
+from worker.state.exceptions import VersionError
+from worker.state.layout import (
+    domain_counters_key,
+    domain_prefix,
+    interaction_keys,
+    item_ids_of,
+    item_key,
+    user_key,
+)
+from worker.state.reads import domain_counters
+from worker.state.users import append_recent, encode_entries
+from worker.state.versions import rollback, set_pinned
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +225,73 @@ _OFFSET = attrgetter("offset")
 _VALUE = attrgetter("value")
 
 
+@dataclass
+class _Parsed:
+    """A batch's records split by topic and validated (step 1 of :meth:`Processor.process`)."""
+
+    items: list[tuple[Record, ItemEvent]]
+    controls: list[tuple[Record, ControlCommand]]
+    inter_recs: list[Record]  # the interactions topic's records, valid or not
+    inter: InteractionColumns  # the valid ones, as columns (``index`` into ``inter_recs``)
+    next_offsets: dict[tuple[str, int], int]  # (topic, partition) -> next offset
+
+
+@dataclass
+class _Work:
+    """What a batch read (step 2) and changes in memory until its one write (step 8)."""
+
+    items: _Cache
+    meta: _Cache
+    domains: set[str]  # every domain the batch's events name
+    counters: dict[str, DomainCounters]  # as the batch leaves them
+    before: dict[str, DomainCounters]  # as the batch found them
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+def _grouped(keys: Iterable[_K], values: Iterable[_V]) -> dict[_K, list[_V]]:
+    """``values`` grouped by their ``keys``, each group in the order given."""
+    out: dict[_K, list[_V]] = {}
+    for key, value in zip(keys, values, strict=True):
+        group = out.get(key)
+        if group is None:
+            out[key] = [value]
+        else:
+            group.append(value)
+    return out
+
+
+def _split_by_topic(
+    records: Sequence[Record],
+) -> tuple[dict[str, list[Record]], dict[tuple[str, int], int]]:
+    """``records`` by topic (in the order given), and the next offset of each partition."""
+    by_topic: dict[str, list[Record]] = {}
+    next_offsets: dict[tuple[str, int], int] = {}
+    for tp, run in groupby(records, _TOPIC_PARTITION):
+        recs = list(run)
+        by_topic.setdefault(tp[0], []).extend(recs)
+        last = max(map(_OFFSET, recs)) + 1
+        if last > next_offsets.get(tp, -1):
+            next_offsets[tp] = last
+    return by_topic, next_offsets
+
+
 class Processor:
     """Validates, encodes and applies batches of item and interaction events."""
 
-    def __init__(self, store: StorePartition, settings: Settings, encode: Encode | None) -> None:
+    def __init__(
+        self,
+        store: StorePartition,
+        settings: Settings,
+        encode: Encode | None,
+        *,
+        group: CodebookSource | None = None,
+    ) -> None:
+        """``encode``: the text encoder (``None``: items must carry embeddings); ``group``:
+        where a group of workers agrees on one codebook, handed to the :class:`CodeService`
+        (``None``: a worker on its own)."""
         self.store = store
         self.settings = settings
         self.encode = encode
@@ -235,7 +305,7 @@ class Processor:
             max_text_chars=settings.max_text_chars,
         )
         self.half_life_s = settings.popularity_half_life_hours * 3600.0
-        self.codes = CodeService(store, settings) if settings.codes_enabled else None
+        self.codes = CodeService(store, settings, group=group) if settings.codes_enabled else None
         self.committed = _Committed()
 
     # ------------------------------------------------------------------------------------
@@ -253,19 +323,44 @@ class Processor:
         5. Code new items and re-evaluate code lengths of items whose popularity moved.
         6. Trim each domain's interaction log to its retention.
         7. Apply control commands (rollback, pin) to the version pointers.
-        8. Put every change and the next offset of each partition into one batch.
+        8. Put every change and the next offset of each partition into one batch
+           (:meth:`_put_changes`).
         """
         self.committed.settle(self.store)
         result = BatchResult(batch=self.store.batch())
-        # -- 1. split and parse ------------------------------------------------------------
-        by_topic: dict[str, list[Record]] = {}
-        next_offsets: dict[tuple[str, int], int] = {}
-        for tp, run in groupby(records, _TOPIC_PARTITION):
-            recs = list(run)
-            by_topic.setdefault(tp[0], []).extend(recs)
-            last = max(map(_OFFSET, recs)) + 1
-            if last > next_offsets.get(tp, -1):
-                next_offsets[tp] = last
+        parsed = self._parse(records, result)
+        work = self._read(parsed)
+        vectors = self._encode_items([e for _, e in parsed.items], work.items, result)
+        self._apply_items(parsed.items, vectors, work, result)
+        touched = _Touched()
+        if len(parsed.inter):
+            self._apply_interactions(parsed, work, touched, result)
+        if self.codes is not None:
+            self._assign_codes(self.codes, parsed.items, work, touched.popularity, result)
+        self._trim_logs(work, result.batch)
+        self._apply_controls(parsed.controls, result)
+        self._put_changes(parsed.next_offsets, work, touched, result.batch)
+        return result
+
+    # -- 1. parse -------------------------------------------------------------------------
+
+    def _parse(self, records: Sequence[Record], result: BatchResult) -> _Parsed:
+        """Split ``records`` by topic and parse them; dead letters in the order records came."""
+        by_topic, next_offsets = _split_by_topic(records)
+        parsed = self._parse_topics(by_topic, next_offsets, result)
+        if result.dead and len(by_topic) > 1:  # report them in the order they came
+            position = {id(rec): k for k, rec in enumerate(records)}
+            result.dead.sort(key=lambda d: position[id(d.record)])
+        return parsed
+
+    def _parse_topics(
+        self,
+        by_topic: dict[str, list[Record]],
+        next_offsets: dict[tuple[str, int], int],
+        result: BatchResult,
+    ) -> _Parsed:
+        """Items and control commands one by one, interactions as columns; a record of
+        another topic, or one that is invalid, becomes a dead letter."""
         items: list[tuple[Record, ItemEvent]] = []
         controls: list[tuple[Record, ControlCommand]] = []
         inter_recs: list[Record] = []
@@ -282,15 +377,16 @@ class Processor:
         inter = parse_interactions(list(map(_VALUE, inter_recs)), self.limits)
         if inter.bad:
             result.dead.extend(DeadLetter(reason, inter_recs[k]) for k, reason in inter.bad)
-        if result.dead and len(by_topic) > 1:  # report them in the order they came
-            position = {id(rec): k for k, rec in enumerate(records)}
-            result.dead.sort(key=lambda d: position[id(d.record)])
+        return _Parsed(items, controls, inter_recs, inter, next_offsets)
 
-        # -- 2. read -----------------------------------------------------------------------
+    # -- 2. read --------------------------------------------------------------------------
+
+    def _read(self, parsed: _Parsed) -> _Work:
+        """Prefetch the batch's items and its domains' counters (one multi-get each)."""
         item_cache = _Cache(self.store, "items")
         meta_cache = _Cache(self.store, "meta")
-        item_cache.prefetch([item_key(e.domain, e.item_id) for _, e in items])
-        domains = {e.domain for _, e in items} | set(inter.domains)
+        item_cache.prefetch([item_key(e.domain, e.item_id) for _, e in parsed.items])
+        domains = {e.domain for _, e in parsed.items} | set(parsed.inter.domains)
         meta_cache.prefetch([domain_counters_key(d) for d in sorted(domains)])
         counters = {
             d: DomainCounters.decode(raw)
@@ -298,55 +394,74 @@ class Processor:
             else DomainCounters()
             for d in domains
         }
-        counters_before = dict(counters)
+        return _Work(item_cache, meta_cache, domains, counters, dict(counters))
 
-        # -- 3. encode ---------------------------------------------------------------------
-        vectors = self._encode_items([e for _, e in items], item_cache, result)
+    # -- 4. apply -------------------------------------------------------------------------
 
-        # -- 4. apply ----------------------------------------------------------------------
+    def _apply_items(
+        self,
+        items: list[tuple[Record, ItemEvent]],
+        vectors: list[bytes | None],
+        work: _Work,
+        result: BatchResult,
+    ) -> None:
+        """Apply item events in offset order; an item that needs an encoder there is none
+        of becomes a dead letter."""
         for (rec, event), vector in zip(items, vectors, strict=True):
             if vector == b"":
                 reason = "item has only text and this worker has no text encoder configured"
                 result.dead.append(DeadLetter(reason, rec))
                 continue
-            self._apply_item(event, vector, item_cache, counters, result)
-        touched = _Touched()
-        if len(inter):
-            offsets = [inter_recs[k].offset for k in inter.index]
-            partitions = [inter_recs[k].partition for k in inter.index]
-            self._apply_interactions(
-                inter, partitions, offsets, item_cache, counters, touched, result
-            )
+            self._apply_item(event, vector, work.items, work.counters, result)
 
-        # -- 5. codes ---------------------------------------------------------------------
-        if self.codes is not None:
-            self._assign_codes(
-                self.codes, items, item_cache, touched.popularity, counters_before, counters, result
-            )
+    # -- 6. retention, 7. control commands --------------------------------------------------
 
-        # -- 6. retention ------------------------------------------------------------------
-        for domain in sorted(domains):
-            counters[domain] = self._trim_log(domain, counters[domain], result.batch)
+    def _trim_logs(self, work: _Work, batch: WriteBatch) -> None:
+        """Trim each domain's interaction log to its retention (see :meth:`_trim_log`)."""
+        counters = work.counters
+        for domain in sorted(work.domains):
+            counters[domain] = self._trim_log(domain, counters[domain], batch)
 
-        # -- 7. control commands (rollback, pin, finetune), in offset order ---------------
+    def _apply_controls(
+        self, controls: list[tuple[Record, ControlCommand]], result: BatchResult
+    ) -> None:
+        """Control commands (rollback, pin, finetune), in offset order."""
         for rec, command in controls:
             self._apply_control(rec, command, result)
 
-        # -- 8. batch ----------------------------------------------------------------------
-        for domain, c in counters.items():
-            meta_cache.put(domain_counters_key(domain), c.encode())
-        for cache in (item_cache, meta_cache):
-            cache.flush(result.batch)
-        put = result.batch.put
+    # -- 8. the batch ---------------------------------------------------------------------
+
+    def _put_changes(
+        self,
+        next_offsets: dict[tuple[str, int], int],
+        work: _Work,
+        touched: _Touched,
+        batch: WriteBatch,
+    ) -> None:
+        """Put every change of the batch, then the offsets, into its one write batch.
+
+        1. The domains' counters go into the meta cache.
+        2. The items and meta caches put their changed values (in key order).
+        3. The interactions' popularity and the users' recent items are put.
+        4. The next offset of each partition is put, in order: state and offsets are then
+           written together (the consumer loop's one write), so a replay after a crash
+           starts exactly after what the state holds.
+        5. The batch's values wait in ``committed.pending``: the next batch adopts them once
+           it finds these offsets in the store (see :class:`_Committed`).
+        """
+        for domain, c in work.counters.items():
+            work.meta.put(domain_counters_key(domain), c.encode())
+        for cache in (work.items, work.meta):
+            cache.flush(batch)
+        put = batch.put
         for key, value in touched.popularity.items():
             put("popularity", key, value)
         for key, value in touched.users.items():
             put("users", key, value)
         for (topic, partition), offset in sorted(next_offsets.items()):
-            result.batch.set_offset(topic, partition, offset)
-        touched.items.update(k for k, v in item_cache.values.items() if v is not None)
+            batch.set_offset(topic, partition, offset)
+        touched.items.update(k for k, v in work.items.values.items() if v is not None)
         self.committed.pending = (next_offsets, touched.popularity, touched.users, touched.items)
-        return result
 
     # ------------------------------------------------------------------------------------
 
@@ -429,37 +544,38 @@ class Processor:
         result.applied["item", event.domain] += 1
 
     def _apply_interactions(
-        self,
-        inter: InteractionColumns,
-        partitions: list[int],
-        offsets: list[int],
-        item_cache: _Cache,
-        counters: dict[str, DomainCounters],
-        touched: _Touched,
-        result: BatchResult,
+        self, parsed: _Parsed, work: _Work, touched: _Touched, result: BatchResult
     ) -> None:
         """Apply the batch's valid interactions (columns, in offset order).
 
-        Popularity is folded per item in offset order with :meth:`Popularity.add_many` (the
-        same float operations as one :meth:`Popularity.add` per event, so the bits do not
-        depend on batch boundaries). An item that has neither a popularity record nor an item
-        record gets a placeholder at its first interaction's time.
+        1. Group the events per item, in offset order.
+        2. Read the items' committed popularity, and whether the items without one exist.
+        3. Fold each item's popularity in offset order with :meth:`Popularity.add_many` (the
+           same float operations as one :meth:`Popularity.add` per event, so the bits do not
+           depend on batch boundaries). An item that has neither a popularity record nor an
+           item record gets a placeholder at its first interaction's time.
+        4. Count each domain's interactions, placeholders and newest event time.
+        5. Put the log, one row per interaction.
+        6. Append each user's new items to their recent items.
         """
-        # popularity, per item in offset order
-        per_item: dict[tuple[str, str], list[tuple[int, float]]] = {}
-        for pair, t, w in zip(
-            zip(inter.domains, inter.item_ids, strict=True), inter.ts, inter.weights, strict=True
-        ):
-            events = per_item.get(pair)
-            if events is None:
-                per_item[pair] = [(t, w)]
-            else:
-                events.append((t, w))
+        inter = parsed.inter
+        per_item = _grouped(
+            zip(inter.domains, inter.item_ids, strict=True),
+            zip(inter.ts, inter.weights, strict=True),
+        )
         keys = [item_key(d, i) for d, i in per_item]
+        pops = self._read_popularity(keys, work.items)
+        placeholders, last_ts = self._fold_popularity(per_item, keys, pops, work.items, touched)
+        self._count_interactions(inter, placeholders, last_ts, work.counters, result)
+        self._log_interactions(parsed, result.batch)
+        self._append_recent(inter, touched)
+
+    def _read_popularity(self, keys: list[bytes], item_cache: _Cache) -> dict[bytes, bytes | None]:
+        """The committed popularity of ``keys``; the items without one are looked up in the
+        item cache (an item with a popularity record exists; big values: rarely read)."""
         committed = self.committed
         pops = committed.read(self.store, "popularity", committed.popularity, keys)
         batch_items = item_cache.values
-        # an item with a popularity record exists; others are looked up (big values: rarely)
         unknown = [
             k
             for k in keys
@@ -467,9 +583,22 @@ class Processor:
         ]
         if unknown:
             batch_items.update(zip(unknown, self.store.multi_get("items", unknown), strict=True))
+        return pops
+
+    def _fold_popularity(
+        self,
+        per_item: dict[tuple[str, str], list[tuple[int, float]]],
+        keys: list[bytes],
+        pops: dict[bytes, bytes | None],
+        item_cache: _Cache,
+        touched: _Touched,
+    ) -> tuple[Counter[str], dict[str, int]]:
+        """Each item's new popularity into ``touched``, placeholders into the item cache;
+        returns the placeholders added and the newest event time, per domain."""
         placeholders: Counter[str] = Counter()
         last_ts: dict[str, int] = {}
         half_life = self.half_life_s
+        batch_items = item_cache.values
         new_pops = touched.popularity
         for (domain, _), key, events in zip(per_item, keys, per_item.values(), strict=True):
             raw = pops[key]
@@ -480,6 +609,17 @@ class Processor:
             new_pops[key], last = fold_popularity(raw, events, half_life)
             if last > last_ts.get(domain, -1):
                 last_ts[domain] = last
+        return placeholders, last_ts
+
+    @staticmethod
+    def _count_interactions(
+        inter: InteractionColumns,
+        placeholders: Counter[str],
+        last_ts: dict[str, int],
+        counters: dict[str, DomainCounters],
+        result: BatchResult,
+    ) -> None:
+        """Each domain's counters after its interactions."""
         for domain, n in Counter(inter.domains).items():
             c = counters[domain]
             counters[domain] = DomainCounters(
@@ -490,34 +630,28 @@ class Processor:
                 max(c.last_ts, last_ts[domain]),
             )
             result.applied["interaction", domain] += n
-        # the log, one row per interaction
-        put = result.batch.put
-        log_keys, log_values = encode_log(
-            inter.domains,
-            inter.ts,
-            partitions,
-            offsets,
-            inter.user_ids,
-            inter.item_ids,
-            inter.weights,
-        )
+
+    @staticmethod
+    def _log_interactions(parsed: _Parsed, batch: WriteBatch) -> None:
+        """One ``interactions`` row per valid interaction, keyed by time and origin."""
+        inter, inter_recs = parsed.inter, parsed.inter_recs
+        offsets = [inter_recs[k].offset for k in inter.index]
+        partitions = [inter_recs[k].partition for k in inter.index]
+        put = batch.put
+        log_keys = interaction_keys(inter.domains, inter.ts, partitions, offsets)
+        log_values = encode_interactions(inter.user_ids, inter.item_ids, inter.weights)
         for key, value in zip(log_keys, log_values, strict=True):
             put("interactions", key, value)
-        # each user's recent items
+
+    def _append_recent(self, inter: InteractionColumns, touched: _Touched) -> None:
+        """Each user's recent items, with the batch's appended (none kept: nothing)."""
         limit = self.settings.user_history_len
         if not limit:
             return
         entries = encode_entries(inter.ts, inter.item_ids)
-        per_user: dict[tuple[str, str], list[bytes]] = {}
-        for pair, entry in zip(
-            zip(inter.domains, inter.user_ids, strict=True), entries, strict=True
-        ):
-            mine = per_user.get(pair)
-            if mine is None:
-                per_user[pair] = [entry]
-            else:
-                mine.append(entry)
+        per_user = _grouped(zip(inter.domains, inter.user_ids, strict=True), entries)
         ukeys = [user_key(d, u) for d, u in per_user]
+        committed = self.committed
         stored = committed.read(self.store, "users", committed.users, ukeys)
         new_users = touched.users
         for ukey, mine in zip(ukeys, per_user.values(), strict=True):
@@ -527,18 +661,31 @@ class Processor:
         self,
         codes: CodeService,
         items: list[tuple[Record, ItemEvent]],
-        item_cache: _Cache,
+        work: _Work,
         popularity: dict[bytes, bytes],
-        before: dict[str, DomainCounters],
-        counters: dict[str, DomainCounters],
         result: BatchResult,
     ) -> None:
         """Code new items; run a popularity round in each domain whose interaction count
         crossed a multiple of ``code_round_interactions`` in this batch.
 
-        A round re-evaluates every item of the domain anyway, so it reads the popularity of
-        all of them (at the domain's newest event time) instead of tracking which changed.
+        1. Gather the embeddings of the batch's new or changed items, per domain.
+        2. Read the popularity of every item of each domain due for a round.
+        3. While there is no codebook and enough items to train one, read every held item.
+        4. The code service codes them all into the batch.
         """
+        new = self._new_embeddings(items, work.items)
+        domain_ts = {d: c.last_ts for d, c in work.counters.items()}
+        pops = self._round_popularity(work, popularity, domain_ts)
+        held: list[tuple[bytes, bytes]] = []
+        if codes.codebook is None and self._enough_items(work.counters):
+            held = list(self.store.items("items"))
+        result.coding = codes.apply(result.batch, new, pops, domain_ts, held)
+
+    @staticmethod
+    def _new_embeddings(
+        items: list[tuple[Record, ItemEvent]], item_cache: _Cache
+    ) -> dict[str, dict[str, bytes]]:
+        """Domain -> item -> embedding of the items the batch added or changed."""
         new: dict[str, dict[str, bytes]] = {}
         for _, event in items:
             key = item_key(event.domain, event.item_id)
@@ -547,35 +694,35 @@ class Processor:
                 rec = ItemRecord.decode(raw)
                 if rec.embedding:
                     new.setdefault(event.domain, {})[event.item_id] = rec.embedding
-        domain_ts = {d: c.last_ts for d, c in counters.items()}
+        return new
+
+    def _round_popularity(
+        self, work: _Work, popularity: dict[bytes, bytes], domain_ts: dict[str, int]
+    ) -> dict[str, dict[str, float]]:
+        """Domain -> item -> popularity (at the domain's newest event time) of each domain
+        due for a round: a round re-evaluates every item of the domain anyway, so it reads
+        the popularity of all of them instead of tracking which changed."""
         every = self.settings.code_round_interactions
         pops: dict[str, dict[str, float]] = {}
-        for domain, c in counters.items():
-            if c.interactions // every == before[domain].interactions // every:
+        for domain, c in work.counters.items():
+            if c.interactions // every == work.before[domain].interactions // every:
                 continue
             at = domain_ts[domain]
             prefix = domain_prefix(domain)
             values = dict(self.store.items("popularity", prefix=prefix))
             values.update((k, v) for k, v in popularity.items() if k.startswith(prefix))
-            cut = len(prefix)
             pops[domain] = dict(
                 zip(
-                    [k[cut:].decode() for k in values],
+                    item_ids_of(domain, values),
                     popularity_at(list(values.values()), at, self.half_life_s),
                     strict=True,
                 )
             )
-        held: list[tuple[bytes, bytes]] = []
-        if codes.codebook is None and self._enough_items(counters):
-            held = list(self.store.items("items"))
-        result.coding = codes.apply(result.batch, new, pops, domain_ts, held)
+        return pops
 
     def _enough_items(self, counters: dict[str, DomainCounters]) -> bool:
         """Whether the items held (after this batch) can train the bootstrap codebook."""
-        total = {
-            k[len(b"domain/") :].decode(): DomainCounters.decode(v).items
-            for k, v in self.store.items("meta", prefix=b"domain/")
-        }
+        total = {d: c.items for d, c in domain_counters(self.store).items()}
         total.update((d, c.items) for d, c in counters.items())
         return sum(total.values()) >= self.settings.codebook_min_items
 
@@ -618,7 +765,7 @@ class Processor:
                 break
         if last_key is None:
             return c
-        batch.delete_range("interactions", prefix, last_key + b"\x00")
+        batch.delete_range("interactions", prefix, key_after(last_key))
         return DomainCounters(
             c.items, c.placeholders, c.interactions, c.logged - removed, c.last_ts
         )

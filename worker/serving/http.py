@@ -1,5 +1,7 @@
-"""The daemon's HTTP server: health, readiness and Prometheus metrics (and, later, reads).
+"""The daemon's HTTP server: a router of routes to handlers, served on a background thread.
 
+It knows no route itself: the daemon adds health, readiness and Prometheus metrics
+(:mod:`worker.app.daemon`), :mod:`worker.serving.routes` the read API (``/v1``).
 Standard library only (``http.server``), bound to 127.0.0.1 unless configured.
 Routes are ``(method, regex) -> handler``; a handler returns a :class:`Response`.
 Errors are JSON: ``{"error": "...", "detail": "..."}``.

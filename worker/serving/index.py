@@ -54,20 +54,31 @@ import faiss
 import numpy as np
 import torch
 
-from quantize.assign import AssignerState, CodeAssigner, row_ids
+from quantize.assign import CodeAssigner, row_ids
 from quantize.table_model import pad_rows
-from store.exceptions import StoreError
 from store.partition import StorePartition
-from store.records import ItemRecord, domain_counters_key, item_key
 from worker.core.exceptions import WorkerError
 from worker.core.memory import release_free_memory
 from worker.core.settings import Settings
-from worker.ingest.coding import CodeService, load_codebook, state_key
+from worker.ingest.coding import CodeService
 from worker.ingest.processor import BatchResult
+from worker.serving.exceptions import (
+    IndexBuildingError,
+    NotServedError,
+    UnknownDomainError,
+    UnknownItemError,
+)
+from worker.state.exceptions import VersionError
+from worker.state.reads import (
+    committed_assigner,
+    has_domain,
+    known_domains,
+    load_codebook,
+    stored_embeddings,
+)
 from worker.state.versions import (
     ItemVectorizer,
     TrainedCodes,
-    VersionError,
     VersionTable,
     current_version,
     domains_with_versions,
@@ -76,35 +87,6 @@ from worker.state.versions import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ServingError(WorkerError):
-    """A read cannot be answered; ``status`` and ``code`` are its HTTP status and error name."""
-
-    status = 400
-    code = "bad_request"
-
-
-class BadRequestError(ServingError):
-    status, code = 400, "bad_request"
-
-
-class UnknownDomainError(ServingError):
-    status, code = 404, "unknown_domain"
-
-
-class UnknownItemError(ServingError):
-    status, code = 404, "unknown_item"
-
-
-class NotServedError(ServingError):
-    """The domain exists but has no published version (or no index yet)."""
-
-    status, code = 409, "no_version"
-
-
-class IndexBuildingError(ServingError):
-    status, code = 503, "index_building"
 
 
 @dataclass(frozen=True)
@@ -140,26 +122,6 @@ def live_paths(codes: CodeService) -> PathReader:
         return {} if assigner is None else full_path_rows(assigner, keys)
 
     return read
-
-
-def stored_embeddings(
-    store: StorePartition, domain: str, item_ids: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """The embeddings of ``item_ids`` from their item records (placeholders and unknown or
-    unreadable records are left out)."""
-    raws = store.multi_get("items", [item_key(domain, i) for i in item_ids])
-    out: dict[str, np.ndarray] = {}
-    for item, raw in zip(item_ids, raws, strict=True):
-        if raw is None:
-            continue
-        try:
-            record = ItemRecord.decode(raw)
-        except StoreError:
-            log.warning("item %r of %s has an unreadable record: not served", item, domain)
-            continue
-        if record.embedding and not record.placeholder:
-            out[item] = record.vector()
-    return out
 
 
 def _normalized(x: np.ndarray) -> np.ndarray:
@@ -444,15 +406,22 @@ def version_vector(
     return item_vectors(table, np.asarray([i]), borrow=borrow)[0]
 
 
-def committed_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:
-    raw = store.get("codes", state_key(domain))
-    return None if raw is None else CodeAssigner.from_state(AssignerState.from_bytes(raw))
-
-
 class Serving:
     """Every domain's current :class:`DomainIndex`, kept in step with versions and new items."""
 
-    def __init__(self, store: StorePartition, settings: Settings) -> None:
+    def __init__(
+        self,
+        store: StorePartition,
+        settings: Settings,
+        *,
+        paths: PathReader | None = None,
+        on_swap: Callable[[str, int | None, int], None] | None = None,
+    ) -> None:
+        """``paths``: full paths of items whose codes a batch changed (the daemon passes
+        :func:`live_paths` of its processor's code service); ``None``: read from the
+        committed code state, exact but ``O(items of the domain)`` per batch.
+        ``on_swap``: called with ``(domain, old version, new version)`` after each swap.
+        """
         self.store = store
         self.settings = settings
         self._indexes: dict[str, DomainIndex] = {}
@@ -466,11 +435,8 @@ class Serving:
         self._shape: tuple[int, int] | None = None  # (levels, k) of the codebook
         self._rebuild = False  # rebuild every index at the next refresh, version or not
         self.builds = 0
-        self.on_swap: Callable[[str, int | None, int], None] | None = None
-        #: full paths of items whose codes a batch changed (the daemon sets it to
-        #: :func:`live_paths` of its processor); ``None``: read from the committed code
-        #: state, exact but ``O(items of the domain)`` per batch
-        self.paths: PathReader | None = None
+        self.on_swap = on_swap
+        self.paths = paths
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -632,11 +598,9 @@ class Serving:
 
     def require_domain(self, domain: str) -> None:
         """Raise :class:`UnknownDomainError` unless an event of ``domain`` was consumed."""
-        if domain in self._indexes or self.store.get("meta", domain_counters_key(domain)):
+        if domain in self._indexes or has_domain(self.store, domain):
             return
-        known = sorted(
-            k[len(b"domain/") :].decode() for k, _ in self.store.items("meta", prefix=b"domain/")
-        )
+        known = known_domains(self.store)
         raise UnknownDomainError(
             f"unknown domain {domain!r}: no event of it was consumed; known domains: "
             f"{known[:20] or 'none'}"

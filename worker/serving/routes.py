@@ -26,18 +26,12 @@ import orjson
 
 from store.partition import StorePartition
 from worker.core.settings import Settings
+from worker.serving.exceptions import BadRequestError, ServingError, UnknownItemError
 from worker.serving.http import Request, Response, Router
-from worker.serving.index import (
-    BadRequestError,
-    DomainIndex,
-    Neighbour,
-    Serving,
-    ServingError,
-    UnknownItemError,
-    version_vector,
-)
+from worker.serving.index import DomainIndex, Neighbour, Serving, version_vector
+from worker.state.exceptions import VersionError
 from worker.state.users import recent_items
-from worker.state.versions import PUBLISHED, VersionError, current_version, list_records, switches
+from worker.state.versions import PUBLISHED, current_version, list_records, switches
 
 MAX_K = 1000
 DEFAULT_K = 10

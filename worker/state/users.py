@@ -1,9 +1,9 @@
 """Per-user recent items: the ``users`` column family, read by ``/users/{u}/recommend``.
 
-Key ``domain \\0 user_id``; value: the user's last ``user_history_len`` interactions,
-oldest first, as ``(ts, item_id)``. The processor appends a batch's interactions in
-offset order and writes each touched user once, in the batch's one write (so the
-index is exactly as committed as the log itself, and it does not depend on how
+Key ``domain \\0 user_id`` (:func:`worker.state.layout.user_key`); value: the user's
+last ``user_history_len`` interactions, oldest first, as ``(ts, item_id)``. The processor
+appends a batch's interactions in offset order and writes each touched user once, in the
+batch's one write (so the index is exactly as committed as the log itself, and it does not depend on how
 records were cut into batches).
 
 Layouts (the first byte tells them apart, both are read):
@@ -23,7 +23,7 @@ import orjson
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
-from store.records import item_key
+from worker.state.layout import user_key
 
 Recent = list[tuple[int, str]]
 
@@ -31,10 +31,6 @@ _V2 = 2
 _HEAD = struct.Struct(">BH")  # layout version, entry count
 _ENTRY = struct.Struct(">qH")  # ts, item id length (UTF-8 bytes)
 _LEN = struct.Struct(">H")
-
-
-def user_key(domain: str, user_id: str) -> bytes:
-    return item_key(domain, user_id)  # the same ``domain \0 id`` layout
 
 
 def _corrupt(raw: bytes) -> StoreError:

@@ -1,6 +1,7 @@
 """Per-domain table versions: immutable records, an atomic current pointer, rollback.
 
-Layout in the ``versions`` column family (``v`` is a big-endian int64)::
+Layout in the ``versions`` column family (``v`` is a big-endian int64; the keys are built by
+:func:`worker.state.layout.version_key`)::
 
     rec    \\0 <domain> \\0 v     -> VersionRecord (JSON)
     table  \\0 <domain> \\0 v     -> model snapshot (npz bytes, written once)
@@ -59,7 +60,13 @@ from quantize.table_model import (
     served_depth,
 )
 from store.partition import StorePartition, WriteBatch
-from worker.core.exceptions import WorkerError
+from worker.state.exceptions import VersionError
+from worker.state.layout import (
+    CURRENT_PREFIX,
+    domain_of_current_key,
+    version_key,
+    version_prefix,
+)
 
 _V = struct.Struct(">q")
 
@@ -67,15 +74,6 @@ TEXT_PROJ = DOMAIN_PREFIX + "text_proj.weight"
 """Snapshot parameter holding the text projection ``W`` ``[hidden, text_dim]``."""
 
 PUBLISHED, REJECTED, EXPIRED = "published", "rejected", "expired"
-
-
-class VersionError(WorkerError):
-    """A version operation cannot be done (unknown version, no table, nothing to roll back to)."""
-
-
-def _key(kind: str, domain: str, version: int | None = None) -> bytes:
-    base = kind.encode() + b"\x00" + domain.encode()
-    return base if version is None else base + b"\x00" + _V.pack(version)
 
 
 @dataclass(frozen=True)
@@ -410,34 +408,34 @@ def decode_items(raw: bytes) -> StoredItems:
 
 
 def current_version(store: StorePartition, domain: str) -> int | None:
-    raw = store.get("versions", _key("current", domain))
+    raw = store.get("versions", version_key("current", domain))
     return None if raw is None else int(_V.unpack(raw)[0])
 
 
 def get_record(store: StorePartition, domain: str, version: int) -> VersionRecord | None:
-    raw = store.get("versions", _key("rec", domain, version))
+    raw = store.get("versions", version_key("rec", domain, version))
     return None if raw is None else VersionRecord.decode(raw)
 
 
 def list_records(store: StorePartition, domain: str) -> list[VersionRecord]:
-    prefix = _key("rec", domain) + b"\x00"
+    prefix = version_prefix("rec", domain)
     return [VersionRecord.decode(v) for _, v in store.items("versions", prefix=prefix)]
 
 
 def switches(store: StorePartition, domain: str) -> list[dict[str, Any]]:
-    prefix = _key("switch", domain) + b"\x00"
+    prefix = version_prefix("switch", domain)
     return [orjson.loads(v) for _, v in store.items("versions", prefix=prefix)]
 
 
 def domains_with_versions(store: StorePartition) -> list[str]:
     return sorted(
-        k[len(b"current\x00") :].decode() for k, _ in store.items("versions", prefix=b"current\x00")
+        domain_of_current_key(k) for k, _ in store.items("versions", prefix=CURRENT_PREFIX)
     )
 
 
 def load_table(store: StorePartition, domain: str, version: int) -> VersionTable:
-    table = store.get("versions", _key("table", domain, version))
-    items = store.get("versions", _key("items", domain, version))
+    table = store.get("versions", version_key("table", domain, version))
+    items = store.get("versions", version_key("items", domain, version))
     if table is None or items is None:
         record = get_record(store, domain, version)
         status = "unknown" if record is None else record.status
@@ -522,19 +520,19 @@ def export_arrays(
 
 
 def _next_number(store: StorePartition, domain: str) -> int:
-    raw = store.get("versions", _key("next", domain))
+    raw = store.get("versions", version_key("next", domain))
     return 1 if raw is None else int(_V.unpack(raw)[0])
 
 
 def _put_switch(
     store: StorePartition, batch: WriteBatch, domain: str, old: int | None, new: int, reason: str
 ) -> None:
-    prefix = _key("switch", domain) + b"\x00"
+    prefix = version_prefix("switch", domain)
     seq = sum(1 for _ in store.items("versions", prefix=prefix))
-    batch.put("versions", _key("current", domain), _V.pack(new))
+    batch.put("versions", version_key("current", domain), _V.pack(new))
     batch.put(
         "versions",
-        prefix + _V.pack(seq),
+        version_key("switch", domain, seq),
         orjson.dumps({"from": old, "to": new, "reason": reason, "at": time.time()}),
     )
 
@@ -559,15 +557,15 @@ def add_version(
     # -- 1. number ------------------------------------------------------------------------
     number = _next_number(store, domain)
     record = replace(record, version=number)
-    batch.put("versions", _key("next", domain), _V.pack(number + 1))
+    batch.put("versions", version_key("next", domain), _V.pack(number + 1))
     # -- 2. table -------------------------------------------------------------------------
     if record.status == PUBLISHED:
         if table is None:
             raise VersionError(f"version {number} of {domain!r} is published without a table")
-        batch.put("versions", _key("table", domain, number), table.snapshot.to_bytes())
+        batch.put("versions", version_key("table", domain, number), table.snapshot.to_bytes())
         batch.put(
             "versions",
-            _key("items", domain, number),
+            version_key("items", domain, number),
             encode_items(
                 table.item_ids,
                 table.item_rows,
@@ -577,7 +575,7 @@ def add_version(
             ),
         )
     # -- 3. record ------------------------------------------------------------------------
-    batch.put("versions", _key("rec", domain, number), record.encode())
+    batch.put("versions", version_key("rec", domain, number), record.encode())
     # -- 4. switch ------------------------------------------------------------------------
     if record.status == PUBLISHED:
         _put_switch(store, batch, domain, current_version(store, domain), number, "publish")
@@ -588,10 +586,12 @@ def add_version(
         for old in published[:-keep] if keep > 0 else []:
             if old.pinned or old.version == number:
                 continue
-            batch.delete("versions", _key("table", domain, old.version))
-            batch.delete("versions", _key("items", domain, old.version))
+            batch.delete("versions", version_key("table", domain, old.version))
+            batch.delete("versions", version_key("items", domain, old.version))
             batch.put(
-                "versions", _key("rec", domain, old.version), replace(old, status=EXPIRED).encode()
+                "versions",
+                version_key("rec", domain, old.version),
+                replace(old, status=EXPIRED).encode(),
             )
     return record
 
@@ -637,4 +637,6 @@ def set_pinned(
     record = get_record(store, domain, version)
     if record is None:
         raise VersionError(f"domain {domain!r} has no version {version}")
-    batch.put("versions", _key("rec", domain, version), replace(record, pinned=pinned).encode())
+    batch.put(
+        "versions", version_key("rec", domain, version), replace(record, pinned=pinned).encode()
+    )

@@ -23,6 +23,7 @@ what is served.
 
 from __future__ import annotations
 
+import enum
 import logging
 import shutil
 import tempfile
@@ -35,16 +36,17 @@ from typing import Any
 
 import numpy as np
 
-from quantize.assign import AssignerState, CodeAssigner
 from quantize.evaluate import holdout_split, pad_histories, ranks, recall_ndcg, user_sequences
 from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
 from quantize.train import EpochReport, TrainConfig, score_histories, shared_init, train_domain
 from store.partition import StorePartition
-from worker.commands.inspection import iter_interactions
-from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
-from worker.ingest.coding import load_codebook, state_key
-from worker.serving.index import stored_embeddings
+from worker.state.reads import (
+    committed_assigner,
+    iter_interactions,
+    load_codebook,
+    stored_embeddings,
+)
 from worker.state.versions import (
     PUBLISHED,
     REJECTED,
@@ -57,16 +59,9 @@ from worker.state.versions import (
     get_record,
     load_table,
 )
+from worker.tuning.exceptions import Abandoned, FineTuneDataError
 
 log = logging.getLogger(__name__)
-
-
-class Abandoned(WorkerError):
-    """The fine-tune was stopped (shutdown); nothing was published."""
-
-
-class FineTuneDataError(WorkerError):
-    """The snapshot's data cannot be trained on (e.g. a coded item without an embedding)."""
 
 
 @dataclass
@@ -99,10 +94,62 @@ class Candidate:
     trained: np.ndarray
 
 
+class FinetuneStatus(enum.Enum):
+    """How a fine-tune ended; :attr:`retry` says whether the scheduler tries again."""
+
+    PUBLISHED = "published"
+    """A new version passed the gate and is current."""
+    REJECTED = "rejected"
+    """A new version failed the gate: recorded, not served."""
+    SKIPPED_NO_NEW_DATA = "skipped-no-new-data"
+    """No interaction newer than the current version: nothing to learn until new data."""
+    SKIPPED_NOT_READY = "skipped-not-ready"
+    """Not enough coded data yet (no codebook, or too few coded interactions)."""
+    ABANDONED = "abandoned"
+    """Stopped by a shutdown (the stop event): nothing was published."""
+
+    @property
+    def skipped(self) -> bool:
+        return self in (FinetuneStatus.SKIPPED_NO_NEW_DATA, FinetuneStatus.SKIPPED_NOT_READY)
+
+    @property
+    def retry(self) -> bool:
+        """Whether to run again after ``finetune_retry_s``: only when the data is not
+        ready yet (new data triggers a run by itself; a stop is final)."""
+        return self is FinetuneStatus.SKIPPED_NOT_READY
+
+    @property
+    def word(self) -> str:
+        """What the CLI prints: ``published``, ``rejected``, ``skipped`` or ``abandoned``."""
+        return "skipped" if self.skipped else self.value
+
+
+@dataclass
+class Holdout:
+    """The gate's held-out next items: ``targets`` after ``histories`` (padded), and the
+    rows of the log left to ``train`` on."""
+
+    train: np.ndarray
+    histories: np.ndarray
+    targets: np.ndarray
+
+
+@dataclass
+class Verdict:
+    """The gate's answer on a candidate: whether it ``passed``, why (``reason``, for people)
+    and the version's ``metrics``."""
+
+    passed: bool
+    reason: str
+    metrics: dict[str, float]
+
+
 @dataclass
 class Outcome:
+    """What a fine-tune did; ``reason`` is for people (never parsed), ``status`` for code."""
+
     domain: str
-    status: str  # published | rejected | skipped
+    status: FinetuneStatus
     reason: str
     record: VersionRecord | None = None
     seconds: float = 0.0
@@ -112,10 +159,9 @@ class Outcome:
 def read_domain(store: StorePartition, domain: str) -> DomainData | None:
     """Coded items and the interaction log of ``domain`` (None: no codes yet)."""
     codebook = load_codebook(store)
-    raw = store.get("codes", state_key(domain))
-    if codebook is None or raw is None:
+    assigner = committed_assigner(store, domain)
+    if codebook is None or assigner is None:
         return None
-    assigner = CodeAssigner.from_state(AssignerState.from_bytes(raw))
     served = assigner.served()
     item_ids = list(assigner.keys)
     text = read_embeddings(store, domain, item_ids)
@@ -235,18 +281,71 @@ class FineTuner:
         self.last: dict[str, Outcome] = {}
 
     def run(self, domain: str) -> Outcome:
-        """Fine-tune ``domain`` now.
+        """Fine-tune ``domain`` now: snapshot -> read -> train -> gate -> publish or record.
 
-        1. Checkpoint the state (a consistent copy) and read the domain from it.
-        2. Hold out the latest interaction of recent users (never trained on).
+        1. Checkpoint the state (a consistent copy) and read the domain from it
+           (:meth:`_read`); too few coded interactions: skipped, retried later.
+        2. Hold out the latest interaction of recent users, never trained on
+           (:meth:`_hold_out`).
         3. Train from the current version (incremental), else from another domain's
-           current version (shared warm start), else from scratch.
-        4. Gate: score candidate and current version on the holdout.
-        5. Publish (new version, atomic pointer switch) or record the rejection.
-        6. Announce on the snapshots topic.
+           current version (shared warm start), else from scratch
+           (:meth:`train_candidate`); nothing new since the current version: skipped.
+        4. Gate: score candidate and current version on the holdout (:meth:`_gate`).
+        5. Publish (new version, atomic pointer switch) or record the rejection
+           (:meth:`_record`).
+        6. Announce on the snapshots topic (:meth:`_announce`).
+
+        A stop (shutdown) during training or before step 5 abandons the run: nothing is
+        written and the outcome is :attr:`FinetuneStatus.ABANDONED`.
         """
         started = time.perf_counter()
-        # -- 1. snapshot --------------------------------------------------------------------
+        try:
+            return self._fine_tune(domain, started)
+        except Abandoned as exc:  # unwound from the training loop or before publishing
+            elapsed = time.perf_counter() - started
+            return Outcome(domain, FinetuneStatus.ABANDONED, str(exc), seconds=elapsed)
+
+    def _fine_tune(self, domain: str, started: float) -> Outcome:
+        """The steps of :meth:`run`; a stop raises :class:`Abandoned` out of step 3 or 4."""
+        data = self._read(domain)
+        if data is None or len(data.items) < self.settings.finetune_min_interactions:
+            n = 0 if data is None else len(data.items)
+            reason = f"{n} coded interactions (< finetune_min_interactions)"
+            return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NOT_READY, reason))
+        holdout = self._hold_out(data)
+        parent = current_version(self.store, domain)
+        init, mode, new_since = self._warm_start(domain, parent)
+        if new_since is not None and not (data.timestamps[holdout.train] >= new_since).any():
+            reason = f"no new interactions since version {parent}"
+            return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NO_NEW_DATA, reason))
+        candidate = self.train_candidate(domain, data, holdout.train, init, new_since)
+        verdict = self._gate(domain, data, holdout, parent, candidate)
+        self._check_stop(domain)
+        record = self._record(domain, data, parent, mode, candidate, verdict)
+        outcome = self._settle(
+            Outcome(
+                domain,
+                FinetuneStatus.PUBLISHED if verdict.passed else FinetuneStatus.REJECTED,
+                verdict.reason,
+                record,
+                time.perf_counter() - started,
+                verdict.metrics,
+            )
+        )
+        log.info(
+            "fine-tune %s: version %d %s (%s) in %.1f s",
+            domain,
+            record.version,
+            record.status,
+            outcome.reason,
+            outcome.seconds,
+        )
+        self._announce(domain, record)
+        return outcome
+
+    def _read(self, domain: str) -> DomainData | None:
+        """Step 1: the domain's data, read from a checkpoint of the state (None: no codes
+        yet); its embeddings must have the width the model projects."""
         tmp = Path(tempfile.mkdtemp(prefix="adacode-ft-"))
         try:
             snap = self.store.checkpoint(tmp / "checkpoint")
@@ -263,14 +362,11 @@ class FineTuner:
                 f"model projects embedding_dim={self.model_config.text_dim}; set embedding_dim "
                 "to the width of the stored embeddings"
             )
-        if data is None or len(data.items) < self.settings.finetune_min_interactions:
-            n = 0 if data is None else len(data.items)
-            outcome = Outcome(
-                domain, "skipped", f"{n} coded interactions (< finetune_min_interactions)"
-            )
-            self.last[domain] = outcome
-            return outcome
-        # -- 2. holdout ---------------------------------------------------------------------
+        return data
+
+    def _hold_out(self, data: DomainData) -> Holdout:
+        """Step 2: the latest interaction of up to ``gate_users`` users, with the history
+        before it; the other rows of the log are trained on."""
         split = holdout_split(data.users, data.timestamps, max_users=self.settings.gate_users)
         train = split.train
         seqs = user_sequences(
@@ -281,27 +377,28 @@ class FineTuner:
         )
         held_users = data.users[split.holdout]
         histories = pad_histories([seqs[u] for u in held_users], self.model_config.max_len)
-        targets = data.items[split.holdout]
-        # -- 3. train -----------------------------------------------------------------------
-        parent = current_version(self.store, domain)
-        init, mode, new_since = self._warm_start(domain, parent)
-        if new_since is not None and not (data.timestamps[train] >= new_since).any():
-            outcome = Outcome(domain, "skipped", f"no new interactions since version {parent}")
-            self.last[domain] = outcome
-            return outcome
-        trained = self.train_candidate(domain, data, train, init, new_since)
-        candidate, train_metrics = trained.snapshot, trained.metrics
-        # -- 4. gate ------------------------------------------------------------------------
-        borrow = self.settings.serve_borrow_trained
-        full = data.full_rows if borrow else None
+        return Holdout(train, histories, data.items[split.holdout])
+
+    def _gate(
+        self,
+        domain: str,
+        data: DomainData,
+        holdout: Holdout,
+        parent: int | None,
+        candidate: Candidate,
+    ) -> Verdict:
+        """Step 4: recall@10 of the candidate and of the current version (``parent``) on the
+        holdout, items scored as each serves them; the candidate passes unless it is more
+        than ``gate_tolerance`` below the current version."""
+        full = data.full_rows if self.settings.serve_borrow_trained else None
         cand_recall, cand_ndcg = recall_at_10(
-            candidate,
+            candidate.snapshot,
             data.item_rows,
-            histories,
-            targets,
+            holdout.histories,
+            holdout.targets,
             data.text,
             full_rows=full,
-            trained=trained.trained,
+            trained=candidate.trained,
         )
         base_recall = base_ndcg = None
         if parent is not None:
@@ -309,8 +406,8 @@ class FineTuner:
             base_recall, base_ndcg = recall_at_10(
                 current.snapshot,
                 data.item_rows,
-                histories,
-                targets,
+                holdout.histories,
+                holdout.targets,
                 data.text,
                 full_rows=full,
                 trained=trained_by(current, data.item_ids),
@@ -319,34 +416,51 @@ class FineTuner:
         metrics = {
             "recall@10": cand_recall,
             "ndcg@10": cand_ndcg,
-            "holdout_users": float(len(targets)),
-            "train_interactions": float(len(train)),
-            **train_metrics,
+            "holdout_users": float(len(holdout.targets)),
+            "train_interactions": float(len(holdout.train)),
+            **candidate.metrics,
         }
         if base_recall is not None:
             metrics["current_recall@10"] = base_recall
             metrics["current_ndcg@10"] = base_ndcg or 0.0
+        reason = f"recall@10 {cand_recall:.4f} vs current {base_recall if base_recall is not None else 'none'}"
+        return Verdict(passed, reason, metrics)
+
+    def _check_stop(self, domain: str) -> None:
+        """Abandon before anything is written when a stop was requested."""
         if self.stop.is_set():
             raise Abandoned(f"fine-tune of {domain!r} abandoned before publishing: stopping")
-        # -- 5. publish ---------------------------------------------------------------------
+
+    def _record(
+        self,
+        domain: str,
+        data: DomainData,
+        parent: int | None,
+        mode: str,
+        candidate: Candidate,
+        verdict: Verdict,
+    ) -> VersionRecord:
+        """Step 5: write the new version in one batch under :attr:`lock`: published (its
+        table, the current-version pointer switched) if it passed the gate, else its record
+        only, as rejected (see :func:`~worker.state.versions.add_version`)."""
         record = VersionRecord(
             version=0,
             parent=parent,
             created_at=time.time(),
             codebook_id=data.codebook_id,
             watermark={"offsets": data.offsets, "ts": data.watermark_ts},
-            metrics=metrics,
-            status=PUBLISHED if passed else REJECTED,
+            metrics=verdict.metrics,
+            status=PUBLISHED if verdict.passed else REJECTED,
             n_items=len(data.item_ids),
-            table_bytes=candidate.table_bytes(),
+            table_bytes=candidate.snapshot.table_bytes(),
             note=mode,
         )
         table = VersionTable.build(
-            candidate,
+            candidate.snapshot,
             data.item_ids,
             data.item_rows,
             data.text,
-            trained=trained.trained,
+            trained=candidate.trained,
             full_rows=data.full_rows,
         )
         with self.lock:
@@ -356,35 +470,30 @@ class FineTuner:
                 batch,
                 domain,
                 record,
-                table if passed else None,
+                table if verdict.passed else None,
                 keep=self.settings.versions_keep,
             )
             self.store.write(batch)
-        elapsed = time.perf_counter() - started
-        reason = f"recall@10 {cand_recall:.4f} vs current {base_recall if base_recall is not None else 'none'}"
-        outcome = Outcome(domain, record.status, reason, record, elapsed, metrics)
-        self.last[domain] = outcome
-        log.info(
-            "fine-tune %s: version %d %s (%s) in %.1f s",
-            domain,
-            record.version,
-            record.status,
-            reason,
-            elapsed,
-        )
-        # -- 6. announce --------------------------------------------------------------------
+        return record
+
+    def _settle(self, outcome: Outcome) -> Outcome:
+        """Keep ``outcome`` as the domain's last (for /metrics): one per domain."""
+        self.last[outcome.domain] = outcome
+        return outcome
+
+    def _announce(self, domain: str, record: VersionRecord) -> None:
+        """Step 6: the new version (published or rejected) on the snapshots topic."""
         if self.announce is not None:
             self.announce(
                 {
                     "event": record.status,
                     "domain": domain,
                     "version": record.version,
-                    "parent": parent,
-                    "metrics": metrics,
+                    "parent": record.parent,
+                    "metrics": record.metrics,
                     "at": record.created_at,
                 }
             )
-        return outcome
 
     def train_candidate(
         self,

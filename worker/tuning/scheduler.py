@@ -14,23 +14,32 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from worker.core.memory import release_free_memory
 from worker.core.settings import Settings
-from worker.ingest.group import NotOwnedError
+from worker.ingest.exceptions import NotOwnedError
 from worker.ingest.processor import BatchResult
-from worker.tuning.finetune import Abandoned, FineTuner, Outcome
+from worker.tuning.finetune import FinetuneStatus, Outcome
 
 log = logging.getLogger(__name__)
+
+
+class Tuner(Protocol):
+    """What the scheduler needs of a :class:`~worker.tuning.finetune.FineTuner`."""
+
+    stop: threading.Event
+
+    def run(self, domain: str) -> Outcome: ...
 
 
 class FinetuneScheduler:
     def __init__(
         self,
-        tuner: FineTuner,
+        tuner: Tuner,
         settings: Settings,
         owns: Callable[[str], bool] | None = None,
     ) -> None:
@@ -45,7 +54,6 @@ class FinetuneScheduler:
         )
         self.new_interactions: Counter[str] = Counter()
         self.domains: set[str] = set()
-        self.runs: list[Outcome] = []
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -112,20 +120,17 @@ class FinetuneScheduler:
         log.info("fine-tune of %s starts (%s)", domain, why)
         try:
             outcome = self.tuner.run(domain)
-        except Abandoned as exc:
-            log.warning("%s", exc)
-            return
         except NotOwnedError as exc:  # the domain moved to another worker during the run
             log.info("fine-tune of %s dropped: %s", domain, exc)
             return
         except Exception:  # a failed fine-tune must not stop the scheduler or the worker
             log.exception("fine-tune of %s failed; nothing was published", domain)
             return
-        self.runs.append(outcome)
-        if outcome.status == "skipped":
+        if outcome.status is FinetuneStatus.ABANDONED:
+            log.warning("%s", outcome.reason)
+        elif outcome.status.skipped:
             log.info("fine-tune of %s skipped: %s", domain, outcome.reason)
-            if "no new interactions" not in outcome.reason:
-                # not enough coded data yet (e.g. the codebook is still to come): try again
-                self.run_soon(
-                    domain, "retry after a skipped run", delay_s=self.settings.finetune_retry_s
-                )
+        if outcome.status.retry:  # not enough coded data yet (e.g. no codebook): try again
+            self.run_soon(
+                domain, "retry after a skipped run", delay_s=self.settings.finetune_retry_s
+            )
