@@ -15,6 +15,7 @@ import pytest
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 
 from worker.core.settings import Settings
+from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError
 from worker.tuning.finetune import FinetuneStatus, Outcome
 from worker.tuning.scheduler import FinetuneScheduler
 
@@ -53,8 +54,10 @@ class Jobs:
     """A started scheduler over a :class:`FixedTuner`; :meth:`wait_runs` waits until the
     scheduler has finished handling ``n`` runs (the job returned, retries queued)."""
 
-    def __init__(self, status: FinetuneStatus, retry_s: float) -> None:
-        self.tuner = FixedTuner(status)
+    def __init__(
+        self, status: FinetuneStatus, retry_s: float, tuner: FixedTuner | None = None
+    ) -> None:
+        self.tuner = tuner or FixedTuner(status)
         settings = Settings(finetune_interval_s=0, finetune_retry_s=retry_s)
         self.scheduler = FinetuneScheduler(self.tuner, settings)
         self.done = 0
@@ -117,3 +120,44 @@ def test_a_not_ready_skip_runs_again_and_a_no_new_data_skip_does_not(jobs: list[
     no_new.wait_runs(1)
     time.sleep(0.2)  # several retry periods: no second run comes
     assert no_new.tuner.calls == ["shop"] and no_new.queued() == []
+
+
+class FailingTuner(FixedTuner):
+    """Its run raises ``exc`` (a Kafka fault the run could not wait out)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(FinetuneStatus.PUBLISHED)
+        self.exc = exc
+
+    def run(self, domain: str) -> Outcome:
+        self.calls.append(domain)
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "level", "words"),
+    [
+        (BatchAbandoned("stopping while Kafka at h:1 does not take the x"), "WARNING", "stopping"),
+        (
+            KafkaRefusedError("mirror", "Kafka refused the mirror for good"),
+            "ERROR",
+            "not published",
+        ),
+    ],
+)
+def test_a_kafka_fault_of_a_run_is_logged_without_a_traceback_and_the_scheduler_goes_on(
+    exc: BaseException, level: str, words: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    jobs = Jobs(FinetuneStatus.PUBLISHED, retry_s=0.05, tuner=FailingTuner(exc))
+    jobs.scheduler.start()
+    try:
+        jobs.scheduler.run_soon("shop", "test")
+        jobs.wait_runs(1)
+        jobs.scheduler.run_soon("shop", "again")
+        jobs.wait_runs(2)  # the scheduler still runs jobs
+    finally:
+        jobs.scheduler.shutdown()
+    records = [r for r in caplog.records if r.name == "worker.tuning.scheduler"]
+    assert any(r.levelname == level and words in r.getMessage() for r in records), records
+    assert not any(r.exc_info for r in records)
+    assert jobs.tuner.calls == ["shop", "shop"]

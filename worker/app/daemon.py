@@ -31,6 +31,7 @@ from worker.ingest.encoder import TextEncoder
 from worker.ingest.events import control_payload
 from worker.ingest.exceptions import EncoderError
 from worker.ingest.group import CodebookLog, MirroredStore, VersionsLog, adopt_group_codebook
+from worker.ingest.kafka_calls import KafkaCall, KafkaCalls
 from worker.ingest.processor import BatchResult, Processor
 from worker.serving.exceptions import NotServedError, ServingError
 from worker.serving.http import HttpServer, Request, Response, Router
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 #: drop it after this long; at the default 5 ms such waits added up in the serving p99
 #: while the worker ingested (bench/serve.py --busy-thread measures it)
 SWITCH_INTERVAL_S = 0.001
+#: how long the API's control command (a rollback) waits out a broker outage before 503
+CONTROL_WAIT_S = 10.0
 
 
 def readiness(
@@ -118,7 +121,9 @@ class Daemon:
 
     Built in dependency order, every collaborator handed to its constructor:
 
-    1. the metrics and the store (a local RocksDB, mirrored to the versions topic);
+    1. the metrics, the Kafka policy of every call outside the poll (on the stop event:
+       see :mod:`worker.ingest.kafka_calls`) and the store (a local RocksDB, mirrored to
+       the versions topic);
     2. the group's codebook log, the text encoder and the processor (which codes items
        with the group's codebook);
     3. serving (reading the processor's live code paths);
@@ -155,11 +160,12 @@ class Daemon:
         )
         # table versions travel between the workers of a group on the versions topic;
         # writes to them are refused for domains this worker does not own now
-        versions_log = VersionsLog(settings)
+        self.kafka = KafkaCalls(self.stop_event, settings.kafka_bootstrap)
+        versions_log = VersionsLog(settings, calls=self.kafka)
         self.store = MirroredStore(local, versions_log, owned=self._owned_partitions)
         self.metrics.watch_state_memory(self.store.memory_usage)
         # -- 2. codebook, encoder, processor ----------------------------------------------
-        self.codebooks = CodebookLog(settings)
+        self.codebooks = CodebookLog(settings, calls=self.kafka)
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
         self.processor = Processor(self.store, settings, self.encoder.encode, group=self.codebooks)
         # -- 3. serving (full paths of new items, without a re-read) ---------------------
@@ -178,6 +184,7 @@ class Daemon:
             on_restored=self._on_restored,
             before_subscribe=self._join_group_codebook,
             shared_topics=[versions_log.topic, self.codebooks.topic],
+            kafka_calls=self.kafka,
         )
         # -- 5. fine-tunes ---------------------------------------------------------------
         self.tuner = FineTuner(
@@ -222,15 +229,21 @@ class Daemon:
         self.serving.wake()  # a publish: build and swap the new version's index now
 
     def _send_control(self, op: str, domain: str, fields: dict[str, Any]) -> None:
-        """What ``adacode rollback`` sends while the worker runs, on the loop's producer."""
-        self.loop.producer.send(
-            self.settings.topic("control"),
-            key=domain.encode(),
-            value=control_payload(op, domain, **fields),
-        ).get(timeout=10)
+        """What ``adacode rollback`` sends while the worker runs, on the loop's producer
+        (an HTTP request: waits out an outage for at most ``CONTROL_WAIT_S``)."""
+
+        def send() -> None:
+            self.loop.producer.send(
+                self.settings.topic("control"),
+                key=domain.encode(),
+                value=control_payload(op, domain, **fields),
+            ).get(timeout=CONTROL_WAIT_S)
+
+        self.kafka.call(KafkaCall.CONTROL_SEND, send, max_wait_s=CONTROL_WAIT_S)
 
     def _healthz(self, _: Request) -> Response:
-        ok = self.loop.healthy or not self.loop.stats.batches
+        # before the first batch the loop has not polled yet: ok unless a Kafka call waits
+        ok = self.loop.healthy or (not self.loop.stats.batches and not self.kafka.waiting)
         return Response.json(200 if ok else 503, {"status": "ok" if ok else "unhealthy"})
 
     def _readyz(self, _: Request) -> Response:

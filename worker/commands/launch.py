@@ -48,13 +48,16 @@ class WorkerProcess:
         args: Sequence[str] = (),
         cwd: Path | None = None,
         append: bool = True,
+        launcher: Sequence[str] = ("-m", "worker.commands.cli"),
     ) -> WorkerProcess:
         """Start ``adacode run`` with ``env`` (its whole environment) and extra ``args``.
 
         Its stdout and stderr go to ``log_path``, appended to (or truncated first with
         ``append=False``); this process closes its handle once the worker has its own.
+        ``launcher``: the interpreter arguments that run the CLI (a test may pass
+        ``("-c", code, ...)`` to run code of its own first).
         """
-        command = [sys.executable, "-m", "worker.commands.cli", "run", *args]
+        command = [sys.executable, *launcher, "run", *args]
         with log_path.open("ab" if append else "wb") as log:
             proc = subprocess.Popen(
                 command, cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT

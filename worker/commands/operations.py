@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import orjson
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
 
 from store.exceptions import StateLockedError
 from store.rocksdb import RocksDBPartition
@@ -23,6 +22,8 @@ from worker.commands.inspection import open_state_readonly
 from worker.core.settings import Settings
 from worker.ingest.events import control_payload
 from worker.ingest.exceptions import KafkaUnavailableError
+from worker.ingest.group import command_calls
+from worker.ingest.kafka_calls import KafkaCall
 from worker.state.exceptions import VersionError
 from worker.state.versions import (
     current_version,
@@ -36,21 +37,28 @@ from worker.tuning.finetune import FineTuner, Outcome
 
 
 def send_control(settings: Settings, op: str, domain: str, **fields: Any) -> None:
+    """Send a control command to the running worker (waits out a broker outage for at most
+    :data:`~worker.ingest.group.COMMAND_WAIT_S`, then names what to do)."""
+
+    def send() -> None:
+        producer = KafkaProducer(**settings.kafka_common(), acks="all", max_block_ms=5_000)
+        try:
+            producer.send(
+                settings.topic("control"),
+                key=domain.encode(),
+                value=control_payload(op, domain, **fields),
+            ).get(timeout=10)
+        finally:
+            producer.close(timeout=5)
+
     try:
-        producer = KafkaProducer(**settings.kafka_common(), acks="all")
-    except KafkaError as exc:
+        command_calls(settings).call(KafkaCall.CONTROL_SEND, send)
+    except KafkaUnavailableError as exc:
         raise KafkaUnavailableError(
             f"the worker holds {settings.state_dir} and Kafka at {settings.kafka_bootstrap} did "
-            f"not answer ({exc}); start the broker or stop the worker to act on the state directly"
+            f"not take the {op} command ({exc}); start the broker or stop the worker to act on "
+            "the state directly"
         ) from exc
-    try:
-        producer.send(
-            settings.topic("control"),
-            key=domain.encode(),
-            value=control_payload(op, domain, **fields),
-        ).get(timeout=30)
-    finally:
-        producer.close()
 
 
 def do_rollback(settings: Settings, domain: str, to: int | None, previous: bool) -> str:

@@ -9,6 +9,7 @@ Each wing that defines errors has its own ``exceptions`` module; the whole tree:
         ├── VersionError               worker.state.exceptions
         ├── EventError                 worker.ingest.exceptions
         ├── KafkaUnavailableError      worker.ingest.exceptions
+        ├── KafkaRefusedError          worker.ingest.exceptions
         ├── EncoderError               worker.ingest.exceptions
         ├── BatchAbandoned             worker.ingest.exceptions
         ├── NotOwnedError              worker.ingest.exceptions

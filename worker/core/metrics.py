@@ -103,6 +103,12 @@ class Metrics:
         self.rejected_versions = Gauge(
             "adacode_rejected_candidates", "candidates the gate rejected", ["domain"], registry=r
         )
+        self.dead_letters_refused = Counter(
+            "adacode_dead_letters_refused",
+            "dead letters Kafka refused for good (logged with their source coordinates)",
+            ["topic"],
+            registry=r,
+        )
         self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
 
     def watch_state_memory(self, usage: Callable[[], dict[str, int]]) -> None:

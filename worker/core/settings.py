@@ -22,9 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kafka import KafkaConsumer
+
 from worker.core.exceptions import ConfigError
 
 ENV_PREFIX = "ADACODE_"
+#: how long a Kafka client made while no broker answers waits before it fails
+BOOTSTRAP_TIMEOUT_MS = 5_000
 #: ADACODE_* variables read by the ops/ scripts and the tests, not worker settings.
 OPS_ENV = frozenset(
     {
@@ -233,6 +237,10 @@ class Settings:
             conf["sasl_plain_password"] = self.kafka_sasl_password
         if self.kafka_ssl_cafile:
             conf["ssl_cafile"] = self.kafka_ssl_cafile
+        if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:
+            # a client made while the broker is away fails within seconds (the worker's Kafka
+            # policy waits and tries again, and honours a stop meanwhile), not after 30 s
+            conf["bootstrap_timeout_ms"] = BOOTSTRAP_TIMEOUT_MS
         return conf
 
     def redacted(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Offsets are also committed to Kafka afterwards, for monitoring tools only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -26,15 +27,20 @@ from store.partition import StorePartition
 from worker.core.memory import release_free_memory
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
-from worker.ingest.exceptions import BatchAbandoned, KafkaUnavailableError
+from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, KafkaUnavailableError
 from worker.ingest.group import domain_partition
 from worker.ingest.health import BACKOFF_MAX_S, BACKOFF_MIN_S, BrokerWatch
+from worker.ingest.kafka_calls import KafkaCall, KafkaCalls, KafkaFault, classify
 from worker.ingest.processor import BatchResult, DeadLetter, Processor
 
 log = logging.getLogger(__name__)
 
 #: seconds between returns of free heap pages to the OS from the consuming thread
 TRIM_EVERY_S = 30.0
+#: how long a send waits for metadata, and a flush for acknowledgements, before the Kafka
+#: policy (worker.ingest.kafka_calls) takes over: short, so a stop request is honoured
+MAX_BLOCK_MS = 5_000
+FLUSH_TIMEOUT_S = 10.0
 
 
 def dead_letter_payload(dead: DeadLetter) -> bytes:
@@ -87,7 +93,14 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         """
         loop = self.loop
         # -- 1. restore --------------------------------------------------------------------
-        changed = loop.store.restore_owned({tp.partition for tp in assigned})
+        try:  # a group's store waits out an outage here, under the Kafka policy
+            changed = loop.store.restore_owned({tp.partition for tp in assigned})
+        except BatchAbandoned as exc:
+            # kafka-python swallows a listener's errors and would fetch from Kafka's own
+            # offsets: fetch nothing instead; the loop sees the stop and closes
+            loop.consumer.pause(*assigned)
+            log.warning("%s (partitions %s paused)", exc, sorted(map(str, assigned)))
+            return
         if loop.on_restored is not None and changed:
             loop.on_restored(changed)
         # -- 2. seek -----------------------------------------------------------------------
@@ -132,6 +145,8 @@ class ConsumerLoop:
         on_restored: Callable[[list[str]], None] | None = None,
         before_subscribe: Callable[[], None] | None = None,
         shared_topics: Sequence[str] = (),
+        kafka_calls: KafkaCalls | None = None,
+        producer: Any = None,
     ) -> None:
         """``store`` restores what other owners committed on each assignment
         (:meth:`~store.partition.StorePartition.restore_owned`: a group's ``MirroredStore``
@@ -143,19 +158,27 @@ class ConsumerLoop:
         called with the domains whose state a restore changed; ``before_subscribe``:
         called once every required topic exists, before the group is joined (the daemon
         agrees on the group's codebook); ``shared_topics``: the topics of the group's
-        shared state (versions, codebook), which must exist before the worker subscribes.
+        shared state (versions, codebook), which must exist before the worker subscribes;
+        ``kafka_calls``: the policy of every Kafka call outside the poll (see
+        :mod:`worker.ingest.kafka_calls`; by default its own, on ``stop_event``);
+        ``producer``: the producer of dead letters and notices (by default a KafkaProducer
+        made when the loop connects).
+
+        The Kafka clients are made when :meth:`run` starts, under that policy, so a worker
+        started while the broker is away waits for it (unhealthy) instead of failing.
         """
         self.settings = settings
         self.store = store
         self.processor = processor
         self.metrics = metrics
         self.stop_event = stop_event if stop_event is not None else threading.Event()
+        self.kafka_calls = kafka_calls or KafkaCalls(self.stop_event, settings.kafka_bootstrap)
         self.on_applied = on_applied
         self.on_restored = on_restored
         self.before_subscribe = before_subscribe
         self.assigned: set[TopicPartition] = set()
         self.stats = LoopStats()
-        self.healthy = False
+        self._healthy = False
         self.topics = [
             settings.topic("items"),
             settings.topic("interactions"),
@@ -169,25 +192,61 @@ class ConsumerLoop:
         #: publisher, so version pointers are changed by one writer at a time
         self.versions_lock = threading.RLock()
         self.deadletter_topic = settings.topic("deadletter")
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = producer
+
+    @property
+    def healthy(self) -> bool:
+        """The loop polls, a broker is connected, store writes succeed, and no Kafka call of
+        this worker is waiting out a fault."""
+        return self._healthy and not self.kafka_calls.waiting
+
+    @property
+    def consumer(self) -> KafkaConsumer:
+        if self._consumer is None:
+            raise KafkaUnavailableError("the consumer loop has not connected to Kafka yet")
+        return self._consumer
+
+    @property
+    def producer(self) -> KafkaProducer:
+        """The loop's producer (dead letters, snapshot notices, the API's control commands)."""
+        if self._producer is None:
+            raise KafkaUnavailableError("the consumer loop has not connected to Kafka yet")
+        return self._producer
+
+    def _connect(self) -> None:
+        """Make the consumer and the producer (each waits for a broker under the policy)."""
+        settings = self.settings
         common = settings.kafka_common()
-        self.consumer = KafkaConsumer(
-            **common,
-            group_id=settings.kafka_group_id,
-            group_instance_id=settings.kafka_group_instance_id or None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=settings.poll_max_records,
-            fetch_max_bytes=64 * 1024 * 1024,
-            max_partition_fetch_bytes=16 * 1024 * 1024,
-            max_poll_interval_ms=600_000,
-            # co-partitioned topics: partition p of items, interactions and control go to
-            # the same worker, so a domain's events and commands have one owner
-            partition_assignment_strategy=(RangePartitionAssignor,),
-            metadata_max_age_ms=10_000,  # notice new partitions and topics within seconds
-            session_timeout_ms=settings.kafka_session_timeout_ms,
-            heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 5),
+        self._consumer = self.kafka_calls.call(
+            KafkaCall.CONNECT,
+            lambda: KafkaConsumer(
+                **common,
+                group_id=settings.kafka_group_id,
+                group_instance_id=settings.kafka_group_instance_id or None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                max_poll_records=settings.poll_max_records,
+                fetch_max_bytes=64 * 1024 * 1024,
+                max_partition_fetch_bytes=16 * 1024 * 1024,
+                max_poll_interval_ms=600_000,
+                # co-partitioned topics: partition p of items, interactions and control go to
+                # the same worker, so a domain's events and commands have one owner
+                partition_assignment_strategy=(RangePartitionAssignor,),
+                metadata_max_age_ms=10_000,  # notice new partitions and topics within seconds
+                session_timeout_ms=settings.kafka_session_timeout_ms,
+                heartbeat_interval_ms=max(1000, settings.kafka_session_timeout_ms // 5),
+            ),
         )
-        self.producer = KafkaProducer(**common, acks="all", linger_ms=5, retries=5)
+        # a send waits for metadata at most MAX_BLOCK_MS: the policy, not kafka-python, waits
+        # out an outage, so a stop request is honoured within seconds
+        if self._producer is None:
+            self._producer = self.kafka_calls.call(
+                KafkaCall.CONNECT,
+                lambda: KafkaProducer(
+                    **common, acks="all", linger_ms=5, retries=5, max_block_ms=MAX_BLOCK_MS
+                ),
+            )
 
     # ------------------------------------------------------------------------------------
 
@@ -196,9 +255,18 @@ class ConsumerLoop:
 
         A broker outage does not stop it: see :mod:`worker.ingest.health` for how it is detected.
         """
-        self._wait_for_topics()
-        if self.before_subscribe is not None and not self.stop_event.is_set():
-            self.before_subscribe()
+        try:
+            self._connect()
+            self._wait_for_topics()
+            if self.before_subscribe is not None and not self.stop_event.is_set():
+                self.before_subscribe()
+        except BatchAbandoned as exc:
+            log.warning("%s", exc)
+            self.close()
+            return
+        if self.stop_event.is_set():
+            self.close()
+            return
         self.consumer.subscribe(self.topics, listener=_SeekToStoredOffsets(self))
         log.info("consuming %s as group %s", self.topics, self.settings.kafka_group_id)
         # While no broker is connected, kafka-python's polls return nothing and it reconnects
@@ -233,7 +301,7 @@ class ConsumerLoop:
                     release_free_memory()
                     trimmed_at = time.monotonic()
                 state = watch.check()
-                self.healthy = state.healthy and poll_failures < 3
+                self._healthy = state.healthy and poll_failures < 3
                 if polled or (state.healthy and not poll_failures):
                     if state.connected:
                         self._report_lag()
@@ -294,45 +362,120 @@ class ConsumerLoop:
         1. Flatten the records, in partition then offset order.
         2. Process them into one write batch (state + next offsets) and dead letters.
         3. Send the dead letters and wait until the broker has them.
-        4. Write the batch to the store: state and offsets commit together.
-        5. Commit the same offsets to Kafka (monitoring only; failures are logged).
+        4. Write the batch to the store: state and offsets commit together (a group's store
+           mirrors table versions to Kafka first, under the same policy).
+        5. Announce the rollbacks it applied, commit the same offsets to Kafka (monitoring
+           only), count it and hand the result on.
+
+        Steps 2-4 run under the versions lock when the batch holds control commands. A
+        Kafka call that waits out a fault holds the batch where it is, uncommitted; a stop
+        request meanwhile abandons it (:class:`BatchAbandoned`) and a restart replays it.
         """
         started = time.perf_counter()
+        records = self._flatten(polled)
+        with self._versions_lock_if(self._has_control(polled)):
+            result = self.processor.process(records)
+            self._dead_letter(result.dead)
+            self._write(result)
+        self._after_commit(polled, records, result, time.perf_counter() - started)
+        return result
+
+    def _flatten(self, polled: dict[TopicPartition, list[Any]]) -> list[Any]:
+        """The batch's records in partition then offset order (kafka-python's ConsumerRecord
+        is a processor.Record: no per-record copies; TopicPartition sorts by topic, then
+        partition)."""
         for tp, recs in polled.items():
             self.metrics.count_consumed(tp.topic, len(recs))
-        # -- 1. flatten --------------------------------------------------------------------
-        # (kafka-python's ConsumerRecord is a processor.Record: no per-record copies;
-        # TopicPartition sorts by topic, then partition)
-        records = [r for tp in sorted(polled) for r in polled[tp]]
-        # -- 2. process (under the versions lock if the batch holds control commands) -----
-        has_control = any(tp.topic == self.control_topic and recs for tp, recs in polled.items())
-        if has_control:
-            self.versions_lock.acquire()
-        try:
-            result = self.processor.process(records)
-            # -- 3. dead letters (retried while the broker is away) ----------------------
-            if result.dead:
-                for dead in result.dead:
-                    log.warning(
-                        "dead-lettered %s-%d@%d: %s",
-                        dead.record.topic,
-                        dead.record.partition,
-                        dead.record.offset,
-                        dead.reason,
-                    )
-                self._until_delivered(lambda: self._send_dead_letters(result.dead), "dead letters")
-            # -- 4. write (table versions reach the versions topic first, retried too) -----
+        return [r for tp in sorted(polled) for r in polled[tp]]
+
+    def _has_control(self, polled: dict[TopicPartition, list[Any]]) -> bool:
+        return any(tp.topic == self.control_topic and recs for tp, recs in polled.items())
+
+    def _versions_lock_if(self, held: bool) -> contextlib.AbstractContextManager[Any]:
+        return self.versions_lock if held else contextlib.nullcontext()
+
+    def _dead_letter(self, dead: list[DeadLetter]) -> None:
+        """Send the batch's dead letters; wait until Kafka has them (transient faults).
+
+        A dead letter that Kafka refuses for good (see :class:`KafkaRefusedError`) is logged
+        with its source coordinates and counted (``adacode_dead_letters_refused_total``); the
+        batch goes on: its source record is not applied either way.
+        """
+        if not dead:
+            return
+        for d in dead:
+            log.warning(
+                "dead-lettered %s-%d@%d: %s",
+                d.record.topic,
+                d.record.partition,
+                d.record.offset,
+                d.reason,
+            )
+        refused = self.kafka_calls.call(
+            KafkaCall.DEAD_LETTERS, lambda: self._send_dead_letters(dead)
+        )
+        for d, exc in refused:
+            log.error(
+                "Kafka refused the dead letter of %s-%d@%d for good (%s: %s); it is not on %s",
+                d.record.topic,
+                d.record.partition,
+                d.record.offset,
+                type(exc).__name__,
+                exc,
+                self.deadletter_topic,
+            )
+            self.metrics.dead_letters_refused.labels(d.record.topic).inc()
+
+    def _send_dead_letters(self, dead: list[DeadLetter]) -> list[tuple[DeadLetter, KafkaError]]:
+        """Send each dead letter and wait for its acknowledgement; returns those Kafka
+        refused for good. A transient fault raises (the policy sends them all again)."""
+        sent: list[tuple[DeadLetter, Any]] = []
+        refused: list[tuple[DeadLetter, KafkaError]] = []
+        for d in dead:
             try:
-                self._until_delivered(lambda: self.store.write(result.batch), "table versions")
-            except StoreError:
-                self.healthy = False
-                raise
-        finally:
-            if has_control:
-                self.versions_lock.release()
+                future = self.producer.send(
+                    self.deadletter_topic, key=d.record.key, value=dead_letter_payload(d)
+                )
+            except KafkaError as exc:
+                if classify(exc) is KafkaFault.TRANSIENT:
+                    raise
+                refused.append((d, exc))
+                continue
+            sent.append((d, future))
+        self.producer.flush(timeout=FLUSH_TIMEOUT_S)
+        for d, future in sent:
+            try:
+                future.get(timeout=FLUSH_TIMEOUT_S)
+            except KafkaError as exc:
+                if classify(exc) is KafkaFault.TRANSIENT:
+                    raise
+                refused.append((d, exc))
+        return refused
+
+    def _write(self, result: BatchResult) -> None:
+        """State and offsets in one atomic write (a failed store write stops the loop)."""
+        try:
+            self.store.write(result.batch)
+        except StoreError:
+            self._healthy = False
+            raise
+
+    def _after_commit(
+        self,
+        polled: dict[TopicPartition, list[Any]],
+        records: list[Any],
+        result: BatchResult,
+        seconds: float,
+    ) -> None:
         for switch in result.switches:
             self.announce({"event": "rollback", **switch, "at": time.time()})
-        # -- 5. commit to Kafka (monitoring) -----------------------------------------------
+        self._commit_to_kafka(polled)
+        self._count(records, result, seconds)
+        if self.on_applied is not None:
+            self.on_applied(result)
+
+    def _commit_to_kafka(self, polled: dict[TopicPartition, list[Any]]) -> None:
+        """The batch's offsets, committed to Kafka for lag monitors (the store holds the truth)."""
         offsets = {
             tp: OffsetAndMetadata(records_[-1].offset + 1, "", -1)
             for tp, records_ in polled.items()
@@ -340,66 +483,36 @@ class ConsumerLoop:
         }
         try:
             self.consumer.commit_async(offsets)
-        except KafkaError as exc:  # the store holds the truth; this is for lag monitors
+        except KafkaError as exc:
             log.debug("kafka offset commit failed: %s", exc)
-        elapsed = time.perf_counter() - started
+
+    def _count(self, records: list[Any], result: BatchResult, seconds: float) -> None:
         self.stats.batches += 1
         self.stats.records += len(records)
         self.stats.dead += len(result.dead)
-        self.stats.last_batch_s = elapsed
+        self.stats.last_batch_s = seconds
         self.metrics.observe_batch(
             applied=result.applied,
             dead_topics=[dead.record.topic for dead in result.dead],
             texts_encoded=result.texts_encoded,
             code_changes=[(domain, change.reason) for domain, change in result.coding.changes],
-            seconds=elapsed,
+            seconds=seconds,
         )
-        if self.on_applied is not None:
-            self.on_applied(result)
-        return result
-
-    def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
-        futures = [
-            self.producer.send(
-                self.deadletter_topic, key=d.record.key, value=dead_letter_payload(d)
-            )
-            for d in dead
-        ]
-        self.producer.flush(timeout=30)
-        for future in futures:
-            future.get(timeout=30)
-
-    def _until_delivered(self, action: Callable[[], None], what: str) -> None:
-        """Run ``action`` until Kafka takes it; the batch waits, nothing is committed before.
-
-        A stop requested meanwhile abandons the batch (:class:`BatchAbandoned`): its
-        records are replayed by the next run, as after a crash.
-        """
-        wait = BACKOFF_MIN_S
-        while True:
-            try:
-                action()
-                return
-            except (KafkaError, KafkaUnavailableError) as exc:
-                self.healthy = False
-                if self.stop_event.is_set():
-                    raise BatchAbandoned(
-                        f"stopping while Kafka at {self.settings.kafka_bootstrap} does not take "
-                        f"the batch's {what}; nothing of it was committed, it is replayed on "
-                        "the next start"
-                    ) from exc
-                log.warning(
-                    "Kafka did not take the batch's %s (%s); retrying in %.1f s", what, exc, wait
-                )
-                self.stop_event.wait(wait)
-                wait = min(BACKOFF_MAX_S, wait * 2)
 
     def announce(self, event: dict[str, Any]) -> None:
-        """A small message on the snapshots topic (publish, rejection, rollback)."""
+        """A small message on the snapshots topic (publish, rejection, rollback), sent under
+        the Kafka policy: it waits out an outage (a stop abandons it; the switch it reports
+        is committed already). A notice Kafka refuses for good is logged and dropped."""
         domain = str(event.get("domain", ""))
+
+        def send() -> None:
+            self.producer.send(
+                self.snapshots_topic, key=domain.encode(), value=orjson.dumps(event)
+            ).get(timeout=FLUSH_TIMEOUT_S)
+
         try:
-            self.producer.send(self.snapshots_topic, key=domain.encode(), value=orjson.dumps(event))
-        except KafkaError as exc:  # the version switch is committed; the notice is best-effort
+            self.kafka_calls.call(KafkaCall.SNAPSHOT_ANNOUNCE, send)
+        except KafkaRefusedError as exc:
             log.warning("could not announce %s on %s: %s", event, self.snapshots_topic, exc)
 
     def _report_lag(self) -> None:
@@ -417,13 +530,15 @@ class ConsumerLoop:
             pass  # lag is best-effort; the next poll reports connection trouble
 
     def close(self) -> None:
-        try:
-            self.producer.flush(timeout=10)
-            self.producer.close(timeout=10)
-        except KafkaError as exc:
-            log.warning("closing the dead-letter producer: %s", exc)
-        try:
-            self.consumer.close(autocommit=False)
-        except KafkaError as exc:
-            log.warning("closing the consumer: %s", exc)
-        self.healthy = False
+        if self._producer is not None:
+            try:
+                self._producer.flush(timeout=10)
+                self._producer.close(timeout=10)
+            except KafkaError as exc:
+                log.warning("closing the dead-letter producer: %s", exc)
+        if self._consumer is not None:
+            try:
+                self._consumer.close(autocommit=False)
+            except KafkaError as exc:
+                log.warning("closing the consumer: %s", exc)
+        self._healthy = False

@@ -6,6 +6,7 @@
     └── WorkerError
         ├── EventError                 an event is invalid (its record is dead-lettered)
         ├── KafkaUnavailableError      the Kafka cluster did not answer in time
+        ├── KafkaRefusedError          Kafka refused a call for good (size, topic, authorization)
         ├── EncoderError               the text encoder failed to load or on a batch
         ├── BatchAbandoned             the loop stopped while a batch waited for Kafka
         ├── NotOwnedError              a write to a domain whose partition moved away
@@ -31,6 +32,16 @@ class EventError(WorkerError):
 
 class KafkaUnavailableError(WorkerError):
     """The Kafka cluster did not answer in time."""
+
+
+class KafkaRefusedError(WorkerError):
+    """Kafka refused a call for a reason that waiting does not change (a record too large,
+    an invalid topic, no authorization); ``call`` names the call (see
+    :class:`worker.ingest.kafka_calls.KafkaCall`)."""
+
+    def __init__(self, call: str, message: str) -> None:
+        super().__init__(message)
+        self.call = call
 
 
 class EncoderError(WorkerError):

@@ -42,6 +42,7 @@ from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
 from worker.ingest.coding import CodeService, put_codebook
 from worker.ingest.exceptions import CodebookConflictError, KafkaUnavailableError, NotOwnedError
+from worker.ingest.kafka_calls import KafkaCall, KafkaCalls
 from worker.state.layout import (
     mirrored_offset_key,
     restore_position_key,
@@ -54,6 +55,18 @@ log = logging.getLogger(__name__)
 _POSITION = struct.Struct(">q")
 #: large enough for a version's table and items of a few hundred thousand items
 MAX_RECORD_BYTES = 64 * 1024 * 1024
+#: how long a command's Kafka call (no daemon, no stop event) waits out a broker outage
+COMMAND_WAIT_S = 30.0
+#: how long a send waits for metadata before the policy takes over (see worker.ingest.kafka_calls)
+MAX_BLOCK_MS = 5_000
+#: how long one metadata or offsets request may block (kafka-python's default is 30 s)
+CALL_TIMEOUT_MS = 5_000
+
+
+def command_calls(settings: Settings) -> KafkaCalls:
+    """The Kafka policy of a part made outside the daemon (a command, a test): no stop
+    event, each call's wait bounded by :data:`COMMAND_WAIT_S`."""
+    return KafkaCalls(threading.Event(), settings.kafka_bootstrap, max_wait_s=COMMAND_WAIT_S)
 
 
 def domain_partition(domain: str, partitions: int) -> int:
@@ -221,8 +234,16 @@ class RestoreReport:
 class VersionsLog:
     """The compacted ``versions`` topic: send mirrored changes, restore partitions."""
 
-    def __init__(self, settings: Settings, partitions: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        partitions: int | None = None,
+        *,
+        calls: KafkaCalls | None = None,
+    ) -> None:
+        """``calls``: the worker's Kafka policy (by default :func:`command_calls`)."""
         self.settings = settings
+        self.calls = calls or command_calls(settings)
         self.topic = settings.topic("versions")
         self.control_topic = settings.topic("control")
         self._partitions = partitions
@@ -231,7 +252,7 @@ class VersionsLog:
     @property
     def partitions(self) -> int:
         if self._partitions is None:
-            self._partitions = self._count_partitions()
+            self._partitions = self.calls.call(KafkaCall.VERSIONS_MIRROR, self._count_partitions)
         return self._partitions
 
     def _count_partitions(self) -> int:
@@ -263,13 +284,19 @@ class VersionsLog:
                 linger_ms=2,
                 retries=5,
                 max_request_size=MAX_RECORD_BYTES,
+                max_block_ms=MAX_BLOCK_MS,
             )
         return self._producer
 
-    def send(self, ops: Iterable[MirrorOp], timeout_s: float = 60.0) -> None:
-        """Send ``ops`` in order and wait until the broker has every one."""
-        producer = self.producer()
+    def send(self, ops: Iterable[MirrorOp], timeout_s: float = 10.0) -> None:
+        """Send ``ops`` in order and wait until the broker has every one (under the Kafka
+        policy: an outage is waited out, a stop abandons the write before anything local)."""
+        pending = list(ops)
+        self.calls.call(KafkaCall.VERSIONS_MIRROR, lambda: self._send(pending, timeout_s))
+
+    def _send(self, ops: list[MirrorOp], timeout_s: float) -> None:
         try:
+            producer = self.producer()
             futures = [
                 producer.send(self.topic, key=op.key, value=op.value, partition=op.partition)
                 for op in ops
@@ -285,6 +312,12 @@ class VersionsLog:
             ) from exc
 
     def restore(self, store: StorePartition, partitions: Iterable[int]) -> RestoreReport:
+        """:meth:`restore_once` under the Kafka policy (an outage is waited out, a stop
+        abandons it with nothing written)."""
+        wanted = sorted(partitions)
+        return self.calls.call(KafkaCall.VERSIONS_RESTORE, lambda: self.restore_once(store, wanted))
+
+    def restore_once(self, store: StorePartition, partitions: Iterable[int]) -> RestoreReport:
         """Bring the local ``versions`` of ``partitions`` up to the topic's end.
 
         Reads each partition from where this store last restored it (``meta``
@@ -295,17 +328,22 @@ class VersionsLog:
         report = RestoreReport(partitions=sorted(partitions))
         if not report.partitions:
             return report
-        consumer = KafkaConsumer(
-            **self.settings.kafka_common(),
-            enable_auto_commit=False,
-            max_partition_fetch_bytes=MAX_RECORD_BYTES,
-            fetch_max_bytes=MAX_RECORD_BYTES,
-        )
+        try:
+            consumer = KafkaConsumer(
+                **self.settings.kafka_common(),
+                enable_auto_commit=False,
+                max_partition_fetch_bytes=MAX_RECORD_BYTES,
+                fetch_max_bytes=MAX_RECORD_BYTES,
+            )
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not restore table versions from {self.topic}: {exc}"
+            ) from exc
         batch = store.batch()
         try:
             tps = [TopicPartition(self.topic, p) for p in report.partitions]
             consumer.assign(tps)
-            ends = consumer.end_offsets(tps)
+            ends = consumer.end_offsets(tps, timeout_ms=CALL_TIMEOUT_MS)
             for tp in tps:
                 raw = store.get("meta", restore_position_key(self.topic, tp.partition))
                 start = _POSITION.unpack(raw)[0] if raw is not None else 0
@@ -315,6 +353,8 @@ class VersionsLog:
                 position = start
                 deadline = time.monotonic() + 120
                 while position < ends[tp]:
+                    if self.calls.stop.is_set():
+                        raise KafkaUnavailableError("restore interrupted by a stop request")
                     if time.monotonic() > deadline:
                         raise KafkaUnavailableError(
                             f"restoring {tp.topic}-{tp.partition} stalled at offset {position} "
@@ -324,7 +364,7 @@ class VersionsLog:
                         for rec in records:
                             self._apply(store, batch, rec.key, rec.value, report)
                             position = rec.offset + 1
-                    position = max(position, consumer.position(tp))
+                    position = max(position, consumer.position(tp, timeout_ms=CALL_TIMEOUT_MS))
                 batch.put(
                     "meta", restore_position_key(self.topic, tp.partition), _POSITION.pack(position)
                 )
@@ -379,17 +419,21 @@ class VersionsLog:
 class CodebookLog:
     """The one-partition ``codebook`` topic: the first codebook on it is the group's."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, calls: KafkaCalls | None = None) -> None:
+        """``calls``: the worker's Kafka policy (by default :func:`command_calls`)."""
         self.settings = settings
+        self.calls = calls or command_calls(settings)
         self.topic = settings.topic("codebook")
         self._lock = threading.Lock()
         self._first: ResidualCodebook | None = None
 
-    def first(self, timeout_s: float = 10.0) -> ResidualCodebook | None:
+    def first(self, timeout_s: float = 5.0) -> ResidualCodebook | None:
         """The group's codebook, or ``None`` when none was published yet."""
         with self._lock:
             if self._first is None:
-                self._first = self._read_first(timeout_s)
+                self._first = self.calls.call(
+                    KafkaCall.CODEBOOK_READ, lambda: self._read_first(timeout_s)
+                )
             return self._first
 
     def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
@@ -397,19 +441,7 @@ class CodebookLog:
         found = self.first()
         if found is not None:
             return found
-        producer = KafkaProducer(
-            **self.settings.kafka_common(), acks="all", max_request_size=MAX_RECORD_BYTES
-        )
-        try:
-            producer.send(
-                self.topic, key=candidate.codebook_id.encode(), value=candidate.to_bytes()
-            ).get(timeout=60)
-        except KafkaError as exc:
-            raise KafkaUnavailableError(
-                f"could not offer codebook {candidate.codebook_id} on {self.topic}: {exc}"
-            ) from exc
-        finally:
-            producer.close(timeout=10)
+        self.calls.call(KafkaCall.CODEBOOK_OFFER, lambda: self._offer(candidate))
         winner = self.first()
         if winner is None:
             raise KafkaUnavailableError(
@@ -424,17 +456,45 @@ class CodebookLog:
             )
         return winner
 
+    def _offer(self, candidate: ResidualCodebook) -> None:
+        try:
+            producer = KafkaProducer(
+                **self.settings.kafka_common(),
+                acks="all",
+                max_request_size=MAX_RECORD_BYTES,
+                max_block_ms=MAX_BLOCK_MS,
+            )
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not offer codebook {candidate.codebook_id} on {self.topic}: {exc}"
+            ) from exc
+        try:
+            producer.send(
+                self.topic, key=candidate.codebook_id.encode(), value=candidate.to_bytes()
+            ).get(timeout=10)
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not offer codebook {candidate.codebook_id} on {self.topic}: {exc}"
+            ) from exc
+        finally:
+            producer.close(timeout=10)
+
     def _read_first(self, timeout_s: float) -> ResidualCodebook | None:
-        consumer = KafkaConsumer(
-            **self.settings.kafka_common(),
-            enable_auto_commit=False,
-            max_partition_fetch_bytes=MAX_RECORD_BYTES,
-            fetch_max_bytes=MAX_RECORD_BYTES,
-        )
+        try:
+            consumer = KafkaConsumer(
+                **self.settings.kafka_common(),
+                enable_auto_commit=False,
+                max_partition_fetch_bytes=MAX_RECORD_BYTES,
+                fetch_max_bytes=MAX_RECORD_BYTES,
+            )
+        except KafkaError as exc:
+            raise KafkaUnavailableError(
+                f"could not read the group's codebook from {self.topic}: {exc}"
+            ) from exc
         try:
             tp = TopicPartition(self.topic, 0)
             consumer.assign([tp])
-            end = consumer.end_offsets([tp])[tp]
+            end = consumer.end_offsets([tp], timeout_ms=CALL_TIMEOUT_MS)[tp]
             if not end:
                 return None
             consumer.seek_to_beginning(tp)
@@ -444,7 +504,7 @@ class CodebookLog:
                     for rec in records:
                         if rec.value:
                             return ResidualCodebook.from_bytes(rec.value)
-                if consumer.position(tp) >= end:
+                if consumer.position(tp, timeout_ms=CALL_TIMEOUT_MS) >= end:
                     return None
         except KafkaError as exc:
             raise KafkaUnavailableError(

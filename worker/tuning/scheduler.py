@@ -21,7 +21,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from worker.core.memory import release_free_memory
 from worker.core.settings import Settings
-from worker.ingest.exceptions import NotOwnedError
+from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, NotOwnedError
 from worker.ingest.processor import BatchResult
 from worker.tuning.finetune import FinetuneStatus, Outcome
 
@@ -122,6 +122,12 @@ class FinetuneScheduler:
             outcome = self.tuner.run(domain)
         except NotOwnedError as exc:  # the domain moved to another worker during the run
             log.info("fine-tune of %s dropped: %s", domain, exc)
+            return
+        except BatchAbandoned as exc:  # stopping while Kafka was away (publish or notice)
+            log.warning("fine-tune of %s: %s", domain, exc)
+            return
+        except KafkaRefusedError as exc:  # e.g. a version larger than the versions topic takes
+            log.error("fine-tune of %s not published: %s", domain, exc)
             return
         except Exception:  # a failed fine-tune must not stop the scheduler or the worker
             log.exception("fine-tune of %s failed; nothing was published", domain)
