@@ -22,6 +22,7 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,34 @@ def _check_applied_once(state: Path, versions: tuple[int | None, ...] = (1,)) ->
         store.close()
 
 
+@dataclass
+class _Run:
+    """One scenario: fresh topics with the events produced, and a worker held before its
+    first Kafka call of ``phase``."""
+
+    settings: Settings
+    state: Path
+    end: dict[tuple[str, int], int]
+    port: int
+    env: dict[str, str]
+    log: Path
+    worker: WorkerProcess
+
+    @classmethod
+    def start(cls, broker: _Broker, tmp_path: Path, phase: KafkaCall) -> _Run:
+        prefix = f"k{uuid.uuid4().hex[:8]}."
+        state = tmp_path / "state"
+        s, over = _settings(broker.bootstrap, prefix, state)
+        create_topics(s, partitions=1)
+        _produce(broker.bootstrap, s)
+        topics = [s.topic("items"), s.topic("interactions"), s.topic("control")]
+        end = end_offsets(broker.bootstrap, topics)
+        port = _free_port()
+        env = worker_env(broker.bootstrap, prefix, state, http_port=port, **over)
+        log = tmp_path / "worker.log"
+        return cls(s, state, end, port, env, log, _start(env, log, phase, tmp_path))
+
+
 def _hold_then_stop_the_broker(broker: _Broker, worker: WorkerProcess, where: Path) -> None:
     wait_for(lambda: (where / "held").exists() or worker.poll() is not None, 180, "the hold")
     assert worker.poll() is None, worker.log_tail()
@@ -195,17 +224,15 @@ def _hold_then_stop_the_broker(broker: _Broker, worker: WorkerProcess, where: Pa
 def test_an_outage_inside_a_phase_is_waited_out_and_everything_applied_once(
     broker: _Broker, tmp_path: Path, phase: KafkaCall
 ) -> None:
-    prefix = f"k{uuid.uuid4().hex[:8]}."
-    state = tmp_path / "state"
-    s, over = _settings(broker.bootstrap, prefix, state)
-    create_topics(s, partitions=1)
-    _produce(broker.bootstrap, s)
-    topics = [s.topic("items"), s.topic("interactions"), s.topic("control")]
-    end = end_offsets(broker.bootstrap, topics)
-    port = _free_port()
-    env = worker_env(broker.bootstrap, prefix, state, http_port=port, **over)
-    log = tmp_path / "worker.log"
-    worker = _start(env, log, phase, tmp_path)
+    run = _Run.start(broker, tmp_path, phase)
+    s, state, end, port, log, worker = (
+        run.settings,
+        run.state,
+        run.end,
+        run.port,
+        run.log,
+        run.worker,
+    )
     try:
         _hold_then_stop_the_broker(broker, worker, tmp_path)
         went_down = time.monotonic()
@@ -239,17 +266,8 @@ def test_an_outage_inside_a_phase_is_waited_out_and_everything_applied_once(
 def test_sigterm_during_an_outage_inside_a_phase_exits_cleanly_and_nothing_is_lost(
     broker: _Broker, tmp_path: Path, phase: KafkaCall
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:8]}."
-    state = tmp_path / "state"
-    s, over = _settings(broker.bootstrap, prefix, state)
-    create_topics(s, partitions=1)
-    _produce(broker.bootstrap, s)
-    topics = [s.topic("items"), s.topic("interactions"), s.topic("control")]
-    end = end_offsets(broker.bootstrap, topics)
-    port = _free_port()
-    env = worker_env(broker.bootstrap, prefix, state, http_port=port, **over)
-    log = tmp_path / "worker.log"
-    worker = _start(env, log, phase, tmp_path)
+    run = _Run.start(broker, tmp_path, phase)
+    state, end, port, env, log, worker = run.state, run.end, run.port, run.env, run.log, run.worker
     try:
         _hold_then_stop_the_broker(broker, worker, tmp_path)
         wait_for(lambda: "did not take the" in log.read_text(), 30, "the call to wait for Kafka")

@@ -63,6 +63,20 @@ MAX_BLOCK_MS = 5_000
 CALL_TIMEOUT_MS = 5_000
 
 
+def topic_reader(settings: Settings, what: str) -> KafkaConsumer:
+    """A consumer without a group that reads whole records of up to :data:`MAX_RECORD_BYTES`;
+    no broker: :class:`KafkaUnavailableError` saying it could not ``what``."""
+    try:
+        return KafkaConsumer(
+            **settings.kafka_common(),
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=MAX_RECORD_BYTES,
+            fetch_max_bytes=MAX_RECORD_BYTES,
+        )
+    except KafkaError as exc:
+        raise KafkaUnavailableError(f"could not {what}: {exc}") from exc
+
+
 def command_calls(settings: Settings) -> KafkaCalls:
     """The Kafka policy of a part made outside the daemon (a command, a test): no stop
     event, each call's wait bounded by :data:`COMMAND_WAIT_S`."""
@@ -328,17 +342,7 @@ class VersionsLog:
         report = RestoreReport(partitions=sorted(partitions))
         if not report.partitions:
             return report
-        try:
-            consumer = KafkaConsumer(
-                **self.settings.kafka_common(),
-                enable_auto_commit=False,
-                max_partition_fetch_bytes=MAX_RECORD_BYTES,
-                fetch_max_bytes=MAX_RECORD_BYTES,
-            )
-        except KafkaError as exc:
-            raise KafkaUnavailableError(
-                f"could not restore table versions from {self.topic}: {exc}"
-            ) from exc
+        consumer = topic_reader(self.settings, f"restore table versions from {self.topic}")
         batch = store.batch()
         try:
             tps = [TopicPartition(self.topic, p) for p in report.partitions]
@@ -480,17 +484,7 @@ class CodebookLog:
             producer.close(timeout=10)
 
     def _read_first(self, timeout_s: float) -> ResidualCodebook | None:
-        try:
-            consumer = KafkaConsumer(
-                **self.settings.kafka_common(),
-                enable_auto_commit=False,
-                max_partition_fetch_bytes=MAX_RECORD_BYTES,
-                fetch_max_bytes=MAX_RECORD_BYTES,
-            )
-        except KafkaError as exc:
-            raise KafkaUnavailableError(
-                f"could not read the group's codebook from {self.topic}: {exc}"
-            ) from exc
+        consumer = topic_reader(self.settings, f"read the group's codebook from {self.topic}")
         try:
             tp = TopicPartition(self.topic, 0)
             consumer.assign([tp])
