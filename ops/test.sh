@@ -3,7 +3,8 @@
 #
 #   ./ops/test.sh [pytest args]        e.g. ./ops/test.sh tests/quantize -x
 #
-# Steps: ops/setup.sh (venv), ops/kafka.sh fetch (jars), a dedicated broker on
+# Steps: promtool (Debian's prometheus package, installed when missing: tests/ops runs it),
+# ops/setup.sh (venv), ops/kafka.sh fetch (jars), a dedicated broker on
 # ${ADACODE_TEST_KAFKA_PORT:-19092} with its data in a temp dir (started in the background while
 # ruff and mypy run), then `ruff check .`, `ruff format --check .`, `mypy`, and
 # `python -m pytest -q -p no:cacheprovider [pytest args]` with ADACODE_TEST_BOOTSTRAP pointing at
@@ -28,6 +29,28 @@ cd "${REPO_DIR}"
 port_free() {
     ! timeout 2 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null
 }
+
+# promtool checks ops/prometheus/alerts.yml (tests/ops/test_alerts.py); Debian's `prometheus`
+# package provides /usr/bin/promtool. Installed once, never skipped: without it, stop here.
+ensure_promtool() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    echo "promtool missing: apt-get install -y prometheus"
+    local sudo=()
+    if ((EUID != 0)); then
+        sudo=(sudo -n)
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    if ! "${sudo[@]}" apt-get install -y --no-install-recommends prometheus; then
+        "${sudo[@]}" apt-get update && "${sudo[@]}" apt-get install -y --no-install-recommends prometheus ||
+            true
+    fi
+    if ! command -v promtool >/dev/null 2>&1; then
+        echo "test.sh: promtool could not be installed (apt-get install -y prometheus failed);" \
+            "install it (it checks ops/prometheus/alerts.yml) and run again" >&2
+        exit 1
+    fi
+}
+ensure_promtool
 
 "${SCRIPT_DIR}/setup.sh"
 "${KAFKA_SH}" fetch

@@ -61,6 +61,11 @@ def _settings(**over: Any) -> Settings:
     return Settings(**base)
 
 
+def _key(payload: bytes) -> bytes:
+    """Events are keyed by their domain (the worker dead-letters any other key)."""
+    return str(orjson.loads(payload)["domain"]).encode()
+
+
 @dataclass
 class Env:
     settings: Settings
@@ -74,7 +79,7 @@ class Env:
 
     def feed(self, topic: str, payloads: list[bytes]) -> BatchResult:
         records = [
-            SourceRecord(self.settings.topic(topic), 0, self.offset + i, b"shop", p)
+            SourceRecord(self.settings.topic(topic), 0, self.offset + i, _key(p), p)
             for i, p in enumerate(payloads)
         ]
         self.offset += len(payloads)

@@ -31,7 +31,9 @@ def _items(n: int, start: int = 0, seed: int = 0) -> list[SourceRecord]:
     out = []
     for i in range(start, start + n):
         vec = centers[i % 8] + 0.3 * rng.normal(size=16)
-        out.append(SourceRecord(ITEMS, 0, i, b"d", item_payload(f"i{i}", "shop", i, embedding=vec)))
+        out.append(
+            SourceRecord(ITEMS, 0, i, b"shop", item_payload(f"i{i}", "shop", i, embedding=vec))
+        )
     return out
 
 
@@ -85,7 +87,7 @@ def test_interactions_promote_a_head_item_by_appending_digits_and_history_record
                     INTER,
                     0,
                     offset,
-                    b"d",
+                    b"shop",
                     interaction_payload(f"u{j}", item, "shop", 1000 + offset),
                 )
             )

@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from worker.ingest.events import (
     EventLimits,
+    check_keys,
     interaction_payload,
     item_payload,
+    key_fault,
     parse_interaction,
     parse_interactions,
     parse_item,
@@ -253,3 +255,42 @@ def test_parse_interactions_fast_path_keeps_every_valid_record() -> None:
     assert cols.index == list(range(50)) and not cols.bad
     assert cols.weights[:3] == [1.0, 2.0, 3.0] and cols.ts[-1] == 149
     assert parse_interactions([], LIMITS).index == []
+
+
+# --- keys -----------------------------------------------------------------------------
+
+
+def test_key_fault_names_the_rule_and_the_fix() -> None:
+    assert key_fault(b"shop", "shop") is None
+    wrong = key_fault(b"news", "shop")
+    assert wrong is not None and wrong.startswith("key 'news' is not the event's domain 'shop'")
+    assert wrong.endswith("produce it with key='shop'")
+    missing = key_fault(None, "shop")
+    assert missing is not None and missing.startswith("no key") and "key='shop'" in missing
+    assert key_fault(b"", "shop") is not None
+
+
+def test_check_keys_moves_misskeyed_rows_to_bad_in_input_order() -> None:
+    raws = [
+        interaction_payload("u", "a", "shop", 1),
+        interaction_payload("u", "b", "news", 2),
+        b"{broken",
+        interaction_payload("u", "c", "shop", 3),
+        interaction_payload("u", "d", "shop", 4),
+    ]
+    keys: list[bytes | None] = [b"shop", b"shop", b"shop", None, b"shop"]
+    cols = parse_interactions(raws, LIMITS)
+    assert check_keys(cols, keys) == 2
+    assert cols.index == [0, 4] and cols.item_ids == ["a", "d"] and cols.ts == [1, 4]
+    assert cols.domains == ["shop", "shop"] and len(cols.weights) == len(cols.user_ids) == 2
+    assert [k for k, _ in cols.bad] == [1, 2, 3]
+    assert "key 'shop' is not the event's domain 'news'" in cols.bad[0][1]
+    assert cols.bad[2][1].startswith("no key")
+
+
+def test_check_keys_leaves_a_well_keyed_batch_as_it_is() -> None:
+    raws = [interaction_payload("u", f"i{k}", ("a", "b")[k % 2], k) for k in range(100)]
+    cols = parse_interactions(raws, LIMITS)
+    assert check_keys(cols, [("a", "b")[k % 2].encode() for k in range(100)]) == 0
+    assert cols.index == list(range(100)) and not cols.bad
+    assert check_keys(parse_interactions([], LIMITS), []) == 0

@@ -75,7 +75,7 @@ def _feed(
             item = cluster * 15 + pos % 15
             recs.append(
                 SourceRecord(
-                    INTER, 0, offset, b"d", interaction_payload(f"u{u}", f"i{item}", "shop", ts)
+                    INTER, 0, offset, b"shop", interaction_payload(f"u{u}", f"i{item}", "shop", ts)
                 )
             )
             offset += 1
@@ -95,7 +95,7 @@ def _describe(proc: Processor, domain: str, offset: int) -> int:
             ITEMS,
             0,
             offset + i,
-            b"d",
+            domain.encode(),
             item_payload(
                 f"i{i}", domain, 1, embedding=centers[i // 15] + 0.1 * rng.normal(size=16)
             ),
@@ -249,7 +249,7 @@ def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() 
     result = proc.process(
         [
             SourceRecord(
-                ITEMS, 0, 10_000, b"d", item_payload("newbie", "shop", 99, embedding=new_emb)
+                ITEMS, 0, 10_000, b"shop", item_payload("newbie", "shop", 99, embedding=new_emb)
             )
         ]
     )
@@ -325,7 +325,7 @@ def test_a_new_domain_starts_from_the_shared_init_of_another_domain() -> None:
             INTER,
             0,
             20_000 + n,
-            b"d",
+            b"mall",
             interaction_payload(f"m{n % 40}", f"i{n % 120}", "mall", 3000 + n),
         )
         for n in range(320)
@@ -392,7 +392,7 @@ def _with_cold_targets(store: MemoryPartition, proc: Processor, offset: int) -> 
             ITEMS,
             0,
             offset + c,
-            b"d",
+            b"shop",
             item_payload(cold[c], "shop", 1, embedding=centers[c] + 0.1 * rng.normal(size=16)),
         )
         for c in range(8)
@@ -403,7 +403,7 @@ def _with_cold_targets(store: MemoryPartition, proc: Processor, offset: int) -> 
             item = f"i{c * 15 + step}" if step < 3 else cold[c]
             recs.append(
                 SourceRecord(
-                    INTER, 0, offset, b"d", interaction_payload(f"late{c}", item, "shop", ts)
+                    INTER, 0, offset, b"shop", interaction_payload(f"late{c}", item, "shop", ts)
                 )
             )
             offset, ts = offset + 1, ts + 1
@@ -502,7 +502,11 @@ def test_untrained_and_brand_new_items_are_served_their_trained_relatives_code()
     code = [r for r in table.item_rows[model] if r >= 0][: max(depth)]
     new_emb = (found[table.item_ids[model]] + 1e-4).astype(np.float32)
     result = proc.process(
-        [SourceRecord(ITEMS, 0, 50_000, b"d", item_payload("twin", "shop", 99, embedding=new_emb))]
+        [
+            SourceRecord(
+                ITEMS, 0, 50_000, b"shop", item_payload("twin", "shop", 99, embedding=new_emb)
+            )
+        ]
     )
     store.write(result.batch)
     serving.on_applied(result)

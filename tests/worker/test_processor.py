@@ -18,7 +18,7 @@ from store.memory import MemoryPartition
 from store.partition import COLUMN_FAMILIES, StorePartition
 from store.records import DomainCounters, ItemRecord, Popularity
 from worker.core.settings import Settings
-from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.events import control_payload, interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.state.layout import domain_counters_key, item_key
 
@@ -47,9 +47,14 @@ class CountingEncoder:
 
 
 def _records(
-    topic: str, payloads: list[bytes], partition: int = 0, start: int = 0
+    topic: str,
+    payloads: list[bytes],
+    partition: int = 0,
+    start: int = 0,
+    key: bytes | None = b"shop",
 ) -> list[SourceRecord]:
-    return [SourceRecord(topic, partition, start + i, b"d", p) for i, p in enumerate(payloads)]
+    """Records keyed by their domain (every event here is in "shop") unless ``key`` says."""
+    return [SourceRecord(topic, partition, start + i, key, p) for i, p in enumerate(payloads)]
 
 
 def _dump(store: StorePartition) -> dict[str, list[tuple[bytes, bytes]]]:
@@ -263,3 +268,153 @@ def test_kafka_consumer_records_are_processed_as_they_are() -> None:
     _apply(copied, Processor(copied, SETTINGS, CountingEncoder()), records)
     assert _dump(direct) == _dump(copied)
     assert [d.record.offset for d in result.dead] == [60]  # the garbage record
+
+
+# --- keys: events are keyed by their domain -----------------------------------------
+
+
+def test_an_event_keyed_by_another_domain_or_by_none_is_dead_lettered_with_the_rule() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, CountingEncoder())
+    emb = [0.5] * 8
+    records = [
+        SourceRecord(ITEMS, 0, 0, b"shop", item_payload("a", "shop", 1, embedding=emb)),
+        SourceRecord(ITEMS, 0, 1, b"news", item_payload("b", "shop", 1, embedding=emb)),
+        SourceRecord(ITEMS, 0, 2, None, item_payload("c", "shop", 1, embedding=emb)),
+        SourceRecord(INTER, 0, 0, b"shop", interaction_payload("u", "a", "shop", 2)),
+        SourceRecord(INTER, 0, 1, b"news", interaction_payload("u", "a", "shop", 3)),
+        SourceRecord(INTER, 0, 2, None, interaction_payload("u", "a", "shop", 4)),
+        SourceRecord(INTER, 0, 3, b"shop", interaction_payload("u", "a", "shop", 5)),
+    ]
+    result = _apply(store, proc, records)
+    assert [(d.record.topic, d.record.offset) for d in result.dead] == [
+        (ITEMS, 1),
+        (ITEMS, 2),
+        (INTER, 1),
+        (INTER, 2),
+    ]
+    wrong, missing = result.dead[0].reason, result.dead[1].reason
+    assert wrong.startswith("key 'news' is not the event's domain 'shop'")
+    assert "produce it with key='shop'" in wrong and "one worker owns each domain" in wrong
+    assert missing.startswith("no key") and "produce it with key='shop'" in missing
+    assert result.dead[2].reason == wrong and result.dead[3].reason == missing
+    assert result.key_mismatches == {ITEMS: 2, INTER: 2}
+    assert result.applied == {("item", "shop"): 1, ("interaction", "shop"): 2}
+    c = DomainCounters.decode(store.get("meta", domain_counters_key("shop")))
+    assert (c.items, c.interactions, c.logged) == (1, 2, 2)
+    assert store.get("items", item_key("shop", "b")) is None
+    assert store.get_offset(ITEMS, 0) == 3 and store.get_offset(INTER, 0) == 4
+
+
+def test_a_wrong_key_among_invalid_interactions_keeps_the_dead_letters_in_order() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, CountingEncoder())
+    records = _records(
+        INTER,
+        [
+            interaction_payload("u", "a", "shop", 1),
+            b"{broken",
+            interaction_payload("u", "a", "shop", 2),
+            interaction_payload("u", "a", "shop", 3),
+        ],
+    )
+    records[2] = SourceRecord(INTER, 0, 2, b"sho", records[2].value)
+    result = _apply(store, proc, records)
+    assert [d.record.offset for d in result.dead] == [1, 2]
+    assert "not JSON" in result.dead[0].reason and "key 'sho'" in result.dead[1].reason
+    assert result.key_mismatches == {INTER: 1}
+    assert result.applied == {("interaction", "shop"): 2}
+
+
+def test_a_huge_wrong_key_is_shown_cut_in_the_reason() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, CountingEncoder())
+    records = _records(INTER, [interaction_payload("u", "a", "shop", 1)], key=b"k" * 100_000)
+    (dead,) = _apply(store, proc, records).dead
+    assert len(dead.reason) < 500 and "(100000 bytes)" in dead.reason
+
+
+def test_a_control_command_is_keyed_by_its_domain_too() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, SETTINGS, CountingEncoder())
+    control = SETTINGS.topic("control")
+    records = [
+        SourceRecord(control, 0, 0, b"shop", control_payload("finetune", "shop")),
+        SourceRecord(control, 0, 1, b"news", control_payload("finetune", "shop")),
+    ]
+    result = _apply(store, proc, records)
+    assert result.finetune_requests == ["shop"]
+    assert [d.record.offset for d in result.dead] == [1]
+    assert result.key_mismatches == {control: 1}
+
+
+# --- dead letters always fit ----------------------------------------------------------
+
+
+def _letter(value: bytes | None, key: bytes | None = b"shop", reason: str = "bad") -> dict:
+    from worker.ingest.consumer import dead_letter_payload
+    from worker.ingest.processor import DeadLetter
+
+    return orjson.loads(
+        dead_letter_payload(DeadLetter(reason, SourceRecord(ITEMS, 2, 7, key, value)))
+    )
+
+
+def test_a_small_dead_letter_copies_the_whole_value() -> None:
+    from worker.ingest.consumer import DEAD_LETTER_VALUE_BYTES
+
+    for value in (b"{broken", b"x" * DEAD_LETTER_VALUE_BYTES):
+        doc = _letter(value)
+        assert doc["value"] == value.decode() and doc["value_encoding"] == "utf-8"
+        assert doc["truncated"] is False and "value_sha256" not in doc and "value_bytes" not in doc
+        assert (doc["topic"], doc["partition"], doc["offset"], doc["key"]) == (ITEMS, 2, 7, "shop")
+    doc = _letter(b"\xff\xfe binary")
+    assert (doc["value"], doc["value_encoding"]) == (b"\xff\xfe binary".hex(), "hex")
+    doc = _letter(None, key=None)
+    assert doc["value"] is None and doc["key"] is None and doc["truncated"] is False
+
+
+def test_a_large_value_is_cut_with_its_size_and_digest() -> None:
+    from worker.ingest.consumer import DEAD_LETTER_VALUE_BYTES as N
+
+    for chars in ((N - 7) // 2, (N - 7) // 2 + 1, 1_000_000):
+        # valid UTF-8 whose two-byte characters start at odd offsets: the cut splits one
+        value = b'{"tt":"' + "é".encode() * chars + b'"}'
+        size = len(value)
+        assert size > N
+        doc = _letter(value)
+        assert doc["truncated"] is True and doc["value_bytes"] == size
+        assert doc["value_sha256"] == hashlib.sha256(value).hexdigest()
+        assert doc["value_encoding"] == "utf-8" and value.startswith(doc["value"].encode())
+        assert N - 1 <= len(doc["value"].encode()) <= N
+        assert (doc["topic"], doc["partition"], doc["offset"], doc["key"]) == (ITEMS, 2, 7, "shop")
+    binary = b"\xff" * (N + 10)
+    doc = _letter(binary)
+    assert doc["truncated"] is True and doc["value_encoding"] == "hex"
+    assert bytes.fromhex(doc["value"]) == binary[:N] and doc["value_bytes"] == N + 10
+
+
+def test_a_huge_key_and_reason_are_cut_and_the_worst_letter_fits_a_request() -> None:
+    from worker.ingest.consumer import (
+        DEAD_LETTER_KEY_BYTES,
+        DEAD_LETTER_MAX_BYTES,
+        PRODUCER_MAX_REQUEST_BYTES,
+        dead_letter_key,
+        dead_letter_payload,
+    )
+    from worker.ingest.processor import DeadLetter
+
+    key = b"k" * 5000
+    doc = _letter(b"{}", key=key)
+    assert doc["key"] == "k" * DEAD_LETTER_KEY_BYTES and doc["key_truncated"] is True
+    assert doc["key_bytes"] == 5000 and doc["key_sha256"] == hashlib.sha256(key).hexdigest()
+    # the worst case: every byte escaped as \u00XX, an invalid key, a reason quoting megabytes
+    worst = DeadLetter(
+        "\x01" * 3_000_000,
+        SourceRecord("t" * 249, 2**31 - 1, 2**63 - 1, b"\xff\x01" * 500_000, b"\x01" * 3_000_000),
+    )
+    payload = dead_letter_payload(worst)
+    assert len(payload) <= DEAD_LETTER_MAX_BYTES
+    assert orjson.loads(payload)["truncated"] is True
+    wrapped = len(payload) + len(dead_letter_key(worst) or b"") + 1024  # record overhead
+    assert wrapped < PRODUCER_MAX_REQUEST_BYTES

@@ -1,11 +1,23 @@
-"""Prometheus metrics of the worker, in a registry of its own (served at /metrics)."""
+"""Prometheus metrics of the worker, in a registry of its own (served at /metrics).
+
+The registry also holds prometheus_client's process collector (``process_resident_memory_bytes``,
+``process_cpu_seconds_total``, ``process_open_fds``, ...; Linux only): the "memory near a limit"
+alert in ``ops/prometheus/alerts.yml`` reads the worker's RSS from it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -109,7 +121,15 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.key_mismatches = Counter(
+            "adacode_key_mismatch_events",
+            "events dead-lettered because their record key is not their domain (or is null)",
+            ["topic"],
+            registry=r,
+        )
         self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
+        # process_* (RSS, CPU, open fds) of this process, read at each scrape
+        ProcessCollector(registry=r)
 
     def watch_state_memory(self, usage: Callable[[], dict[str, int]]) -> None:
         """Report ``usage()`` (e.g. :meth:`StorePartition.memory_usage`) at each scrape."""
@@ -123,13 +143,17 @@ class Metrics:
         texts_encoded: int,
         code_changes: Iterable[tuple[str, str]],
         seconds: float,
+        key_mismatches: Mapping[str, int] | None = None,
     ) -> None:
         """One committed batch: events applied by ``(kind, domain)``, the source topic of each
-        dead letter, texts encoded, ``(domain, reason)`` of each code change, its duration."""
+        dead letter, texts encoded, ``(domain, reason)`` of each code change, its duration,
+        and per topic the dead letters whose key was not their event's domain."""
         for (kind, domain), n in applied.items():
             self.applied.labels(kind, domain).inc(n)
         for topic in dead_topics:
             self.rejected.labels(topic).inc()
+        for topic, n in (key_mismatches or {}).items():
+            self.key_mismatches.labels(topic).inc(n)
         if texts_encoded:
             self.texts.inc(texts_encoded)
         for domain, reason in code_changes:

@@ -9,6 +9,7 @@ Offsets are also committed to Kafka afterwards, for monitoring tools only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -43,28 +44,81 @@ MAX_BLOCK_MS = 5_000
 FLUSH_TIMEOUT_S = 10.0
 
 
-def dead_letter_payload(dead: DeadLetter) -> bytes:
-    """The dead-letter message: the reason, where the record came from, and the record."""
-    rec = dead.record
-    value: Any
+#: the most bytes of a record's value a dead letter copies; a larger value is cut to its
+#: first DEAD_LETTER_VALUE_BYTES, and the letter says so (``"truncated": true``) with the
+#: value's size and SHA-256, so the original can still be found on its source topic
+DEAD_LETTER_VALUE_BYTES = 64 * 1024
+#: the same for the record's key (keys are domains: short), in the letter and as its key
+DEAD_LETTER_KEY_BYTES = 1024
+#: the most characters of a reason a dead letter copies (a reason may quote the value)
+DEAD_LETTER_REASON_CHARS = 4096
+#: an upper bound of a dead letter's size: each copied byte or character takes at most six
+#: bytes of JSON (a control character escaped as \u00XX); the rest (topic name of at most
+#: 249 characters, numbers, field names) well under 2 KiB
+DEAD_LETTER_MAX_BYTES = (
+    6 * (DEAD_LETTER_VALUE_BYTES + DEAD_LETTER_KEY_BYTES + DEAD_LETTER_REASON_CHARS) + 2 * 1024
+)
+#: the producer's largest request (kafka-python's default, stated): every dead letter fits,
+#: with its key and the record's overhead, so Kafka never refuses one for its size
+PRODUCER_MAX_REQUEST_BYTES = 1024 * 1024
+
+
+def dead_letter_key(dead: DeadLetter) -> bytes | None:
+    """The dead letter's Kafka key: the record's key, cut to DEAD_LETTER_KEY_BYTES."""
+    key = dead.record.key
+    return key if key is None else key[:DEAD_LETTER_KEY_BYTES]
+
+
+def _as_text(raw: bytes, limit: int) -> tuple[str, str]:
+    """The first ``limit`` bytes of ``raw`` as text, and the encoding: UTF-8 when the whole
+    of ``raw`` is (a character split by the cut is dropped), else hex."""
     try:
-        value = None if rec.value is None else rec.value.decode()
-        encoding = "utf-8"
+        raw.decode()
     except UnicodeDecodeError:
-        value = rec.value.hex() if rec.value is not None else None
-        encoding = "hex"
-    return orjson.dumps(
-        {
-            "reason": dead.reason,
-            "topic": rec.topic,
-            "partition": rec.partition,
-            "offset": rec.offset,
-            "key": rec.key.decode(errors="replace") if rec.key else None,
-            "value": value,
-            "value_encoding": encoding,
-            "ts": int(time.time() * 1000),
-        }
-    )
+        return raw[:limit].hex(), "hex"
+    return raw[:limit].decode(errors="ignore"), "utf-8"
+
+
+def _cut_reason(reason: str) -> str:
+    if len(reason) <= DEAD_LETTER_REASON_CHARS:
+        return reason
+    return f"{reason[:DEAD_LETTER_REASON_CHARS]}... (cut at {DEAD_LETTER_REASON_CHARS} characters)"
+
+
+def dead_letter_payload(dead: DeadLetter) -> bytes:
+    """The dead-letter message: the reason, where the record came from, and the record.
+
+    ``{"reason", "topic", "partition", "offset", "key", "value", "value_encoding", "ts",
+    "truncated"}``; a value longer than DEAD_LETTER_VALUE_BYTES is cut to its first bytes
+    (``"truncated": true``) and the letter adds ``"value_bytes"`` (the original size) and
+    ``"value_sha256"`` (hex digest of the whole value); a key longer than
+    DEAD_LETTER_KEY_BYTES likewise (``"key_truncated": true``, ``"key_bytes"``,
+    ``"key_sha256"``). So a letter is at most DEAD_LETTER_MAX_BYTES, whatever the record.
+    """
+    rec = dead.record
+    key, value = rec.key, rec.value
+    doc: dict[str, Any] = {
+        "reason": _cut_reason(dead.reason),
+        "topic": rec.topic,
+        "partition": rec.partition,
+        "offset": rec.offset,
+        "key": key[:DEAD_LETTER_KEY_BYTES].decode(errors="replace") if key else None,
+        "value": None,
+        "value_encoding": "utf-8",
+        "ts": int(time.time() * 1000),
+        "truncated": False,
+    }
+    if value is not None:
+        doc["value"], doc["value_encoding"] = _as_text(value, DEAD_LETTER_VALUE_BYTES)
+        if len(value) > DEAD_LETTER_VALUE_BYTES:
+            doc["truncated"] = True
+            doc["value_bytes"] = len(value)
+            doc["value_sha256"] = hashlib.sha256(value).hexdigest()
+    if key and len(key) > DEAD_LETTER_KEY_BYTES:
+        doc["key_truncated"] = True
+        doc["key_bytes"] = len(key)
+        doc["key_sha256"] = hashlib.sha256(key).hexdigest()
+    return orjson.dumps(doc)
 
 
 class _SeekToStoredOffsets(ConsumerRebalanceListener):
@@ -239,12 +293,20 @@ class ConsumerLoop:
             ),
         )
         # a send waits for metadata at most MAX_BLOCK_MS: the policy, not kafka-python, waits
-        # out an outage, so a stop request is honoured within seconds
+        # out an outage, so a stop request is honoured within seconds. Its largest request is
+        # kafka-python's default 1 MiB, stated: a dead letter is at most DEAD_LETTER_MAX_BYTES
+        # (about 416 KiB: the value cut to 64 KiB, see dead_letter_payload), far below it and
+        # below the broker's default message.max.bytes, so none is refused for its size
         if self._producer is None:
             self._producer = self.kafka_calls.call(
                 KafkaCall.CONNECT,
                 lambda: KafkaProducer(
-                    **common, acks="all", linger_ms=5, retries=5, max_block_ms=MAX_BLOCK_MS
+                    **common,
+                    acks="all",
+                    linger_ms=5,
+                    retries=5,
+                    max_block_ms=MAX_BLOCK_MS,
+                    max_request_size=PRODUCER_MAX_REQUEST_BYTES,
                 ),
             )
 
@@ -434,7 +496,7 @@ class ConsumerLoop:
         for d in dead:
             try:
                 future = self.producer.send(
-                    self.deadletter_topic, key=d.record.key, value=dead_letter_payload(d)
+                    self.deadletter_topic, key=dead_letter_key(d), value=dead_letter_payload(d)
                 )
             except KafkaError as exc:
                 if classify(exc) is KafkaFault.TRANSIENT:
@@ -497,6 +559,7 @@ class ConsumerLoop:
             texts_encoded=result.texts_encoded,
             code_changes=[(domain, change.reason) for domain, change in result.coding.changes],
             seconds=seconds,
+            key_mismatches=result.key_mismatches,
         )
 
     def announce(self, event: dict[str, Any]) -> None:

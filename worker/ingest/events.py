@@ -12,7 +12,8 @@ finite values). Interaction event::
 :func:`parse_item` and :func:`parse_interaction` turn raw bytes into small frozen
 dataclasses or raise :class:`~worker.ingest.exceptions.EventError` whose ``reason`` goes
 to the dead-letter topic. They are on the hot path: plain type checks, no schema
-library.
+library. The record's key must be the event's domain (:func:`key_fault`,
+:func:`check_keys`).
 """
 
 from __future__ import annotations
@@ -246,6 +247,66 @@ def parse_interactions(raws: Sequence[bytes | None], limits: EventLimits) -> Int
     except (_Irregular, TypeError, KeyError, orjson.JSONDecodeError):
         return _parse_one_by_one(raws, limits)
     return InteractionColumns(list(range(n)), user_ids, item_ids, domains, ts, weights, [])
+
+
+#: the longest part of a wrong key a reason shows (keys are domains: short)
+_KEY_SHOWN_CHARS = 80
+
+
+def key_fault(key: bytes | None, domain: str) -> str | None:
+    """Why a record keyed ``key`` may not carry an event of ``domain``; ``None``: it may.
+
+    Events and commands are keyed by their domain: the key picks the partition, and the
+    partition the one worker of a group that owns the domain. An event under another key,
+    or under none (a null key spreads records over partitions), would be applied by a
+    worker that does not own its domain, so it is dead-lettered with this reason.
+    """
+    if key is None:
+        return (
+            f"no key: events are keyed by their domain {domain!r}, so that one worker owns "
+            f"each domain; produce it with key={domain!r}"
+        )
+    if key == domain.encode():
+        return None
+    shown = key[: _KEY_SHOWN_CHARS * 4].decode(errors="replace")
+    if len(shown) > _KEY_SHOWN_CHARS or len(key) > _KEY_SHOWN_CHARS * 4:
+        shown = f"{shown[:_KEY_SHOWN_CHARS]}... ({len(key)} bytes)"
+    return (
+        f"key {shown!r} is not the event's domain {domain!r}: events are keyed by their "
+        f"domain, so that one worker owns each domain; produce it with key={domain!r}"
+    )
+
+
+def check_keys(cols: InteractionColumns, keys: Sequence[bytes | None]) -> int:
+    """Move the valid events whose record key (``keys[position]``) is not their domain
+    (:func:`key_fault`) from the columns to ``cols.bad``; returns how many moved.
+
+    On the interactions' hot path: each distinct domain is encoded once and the keys are
+    compared as one list, in C; only a batch with a wrong key is looked at record by record.
+    """
+    if not cols.index:
+        return 0
+    encoded = {domain: domain.encode() for domain in set(cols.domains)}
+    want = list(map(encoded.__getitem__, cols.domains))
+    got = list(keys) if len(keys) == len(cols.index) else [keys[k] for k in cols.index]
+    if got == want:
+        return 0
+    keep: list[int] = []
+    bad: list[tuple[int, str]] = []
+    for row, (position, domain) in enumerate(zip(cols.index, cols.domains, strict=True)):
+        reason = key_fault(got[row], domain)
+        if reason is None:
+            keep.append(row)
+        else:
+            bad.append((position, reason))
+    cols.index = [cols.index[row] for row in keep]
+    cols.user_ids = [cols.user_ids[row] for row in keep]
+    cols.item_ids = [cols.item_ids[row] for row in keep]
+    cols.domains = [cols.domains[row] for row in keep]
+    cols.ts = [cols.ts[row] for row in keep]
+    cols.weights = [cols.weights[row] for row in keep]
+    cols.bad = sorted(cols.bad + bad)
+    return len(bad)
 
 
 def _parse_one_by_one(raws: Sequence[bytes | None], limits: EventLimits) -> InteractionColumns:

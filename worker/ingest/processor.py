@@ -39,6 +39,8 @@ from worker.ingest.events import (
     EventLimits,
     InteractionColumns,
     ItemEvent,
+    check_keys,
+    key_fault,
     parse_control,
     parse_interactions,
     parse_item,
@@ -110,6 +112,8 @@ class BatchResult:
     coding: CodingResult = field(default_factory=CodingResult)
     finetune_requests: list[str] = field(default_factory=list)  # domains (control topic)
     switches: list[dict[str, object]] = field(default_factory=list)  # rollbacks applied
+    #: topic -> records dead-lettered because their key is not their event's domain
+    key_mismatches: Counter[str] = field(default_factory=Counter)
 
 
 class _Cache:
@@ -219,10 +223,16 @@ class _Touched:
     items: set[bytes] = field(default_factory=set)  # keys that exist after the batch
 
 
-_E = TypeVar("_E")
+class _Domained(Protocol):
+    @property
+    def domain(self) -> str: ...
+
+
+_E = TypeVar("_E", bound=_Domained)
 _TOPIC_PARTITION = attrgetter("topic", "partition")
 _OFFSET = attrgetter("offset")
 _VALUE = attrgetter("value")
+_KEY = attrgetter("key")
 
 
 @dataclass
@@ -314,7 +324,8 @@ class Processor:
         """Compute the state change of ``records``; nothing is written here.
 
         1. Split the records by topic; parse and validate them (interactions as columns,
-           see :func:`~worker.ingest.events.parse_interactions`); a bad one becomes a dead letter.
+           see :func:`~worker.ingest.events.parse_interactions`); a bad one, or one whose key
+           is not its domain, becomes a dead letter.
         2. Read the records the batch touches (one multi-get per column family).
         3. Encode the texts of new or changed items in one MiniLM call.
         4. Apply item events in offset order, then the interactions grouped per item and
@@ -360,7 +371,8 @@ class Processor:
         result: BatchResult,
     ) -> _Parsed:
         """Items and control commands one by one, interactions as columns; a record of
-        another topic, or one that is invalid, becomes a dead letter."""
+        another topic, one that is invalid, or one whose key is not its event's domain
+        (:func:`~worker.ingest.events.key_fault`) becomes a dead letter."""
         items: list[tuple[Record, ItemEvent]] = []
         controls: list[tuple[Record, ControlCommand]] = []
         inter_recs: list[Record] = []
@@ -375,6 +387,9 @@ class Processor:
                 reason = f"no handler for topic {topic!r}"
                 result.dead.extend(DeadLetter(reason, rec) for rec in recs)
         inter = parse_interactions(list(map(_VALUE, inter_recs)), self.limits)
+        misskeyed = check_keys(inter, list(map(_KEY, inter_recs)))
+        if misskeyed:
+            result.key_mismatches[self.interactions_topic] += misskeyed
         if inter.bad:
             result.dead.extend(DeadLetter(reason, inter_recs[k]) for k, reason in inter.bad)
         return _Parsed(items, controls, inter_recs, inter, next_offsets)
@@ -472,12 +487,21 @@ class Processor:
         result: BatchResult,
         limits: EventLimits,
     ) -> list[tuple[Record, _E]]:
+        """Parse each record; a bad one, or one whose key is not its event's domain, becomes
+        a dead letter."""
         out: list[tuple[Record, _E]] = []
         for rec in recs:
             try:
-                out.append((rec, parse(rec.value, limits)))
+                event = parse(rec.value, limits)
             except EventError as exc:
                 result.dead.append(DeadLetter(exc.reason, rec))
+                continue
+            wrong_key = key_fault(rec.key, event.domain)
+            if wrong_key is not None:
+                result.dead.append(DeadLetter(wrong_key, rec))
+                result.key_mismatches[rec.topic] += 1
+                continue
+            out.append((rec, event))
         return out
 
     def _encode_items(
