@@ -9,10 +9,20 @@ embeddings, median of several runs). A second table compares the two codebook tr
 (``rkmeans`` greedy vs ``rq_beam``) at the rule's shape: training time, encode throughput
 and reconstruction error per prefix length, the evidence for the default trainer.
 
+A third table checks training on a bounded sample (``points_per_centroid``, the bootstrap's
+rule ``sample_size(K) = K * 256`` rows) against training on every item, on synthetic
+clustered 384-d items (``--sample-items``): training time, relative quantization error
+(MSE over mean squared norm, full depth and after one level) and the share of items whose
+full path another item shares. ``--bootstrap-items`` times the worker's bootstrap itself
+(:mod:`worker.ingest.bootstrap`, in-process, items in a RocksDB store): choosing the sample
+(one streamed pass over ``items``), reading it and training, with the peak resident-memory
+growth sampled every 20 ms.
+
 Run from the repository root::
 
     python -m bench.codes --dataset ../shared/datasets/office \\
         --dataset ../shared/datasets/movies
+    python -m bench.codes --sample-items 100000 --bootstrap-items 100000 1000000
 
 Outputs: printed tables, ``bench/out/codes_<dataset>.png`` (served length against
 popularity, per policy) and ``bench/out/codes_<dataset>.json`` (all figures).
@@ -27,6 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,11 +46,12 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from bench.common import Dataset, add_dataset_args, item_embeddings, load_dataset, out_path
+from bench.common import Dataset, item_embeddings, load_dataset, out_path
 from quantize.assign import ServedCodes, assign_codes
 from quantize.code_metrics import CodeReport, code_report
-from quantize.codebook import ResidualCodebook, suggest_shape
+from quantize.codebook import POINTS_PER_CENTROID, ResidualCodebook, sample_size, suggest_shape
 from quantize.lengths import make_policy
+from store.partition import StorePartition
 
 DEFAULT_LEVELS = (3, 4, 5, 6)
 POLICY_ROWS = ("fixed-raw", "fixed", "popularity", "entropy", "reverse")
@@ -151,6 +163,169 @@ def print_methods(results: list[dict[str, object]]) -> None:
     print("l0_greedy = share of items whose level-0 digit equals the greedy (nearest) one")
 
 
+# -- sample training against full training (synthetic) -----------------------------------
+
+SYNTH_DIM = 384
+
+
+def synthetic_items(n: int, seed: int = 0, dim: int = SYNTH_DIM) -> np.ndarray:
+    """Unit-norm clustered items: 64 topics, 16 sub-topics each, Gaussian noise (float32)."""
+    rng = np.random.default_rng(seed)
+    topics = rng.standard_normal((64, dim))
+    subs = topics[:, None, :] + 0.6 * rng.standard_normal((64, 16, dim))
+    subs = subs.reshape(-1, dim)
+    out = np.empty((n, dim), dtype=np.float32)
+    for start in range(0, n, 100_000):  # in blocks: no float64 copy of all n rows
+        m = min(100_000, n - start)
+        block = subs[rng.integers(0, len(subs), m)] + 0.5 * rng.standard_normal((m, dim))
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        out[start : start + m] = block
+    return out
+
+
+def shared_path_share(paths: np.ndarray) -> float:
+    """Share of items whose full path at least one other item has too."""
+    _, inverse, counts = np.unique(paths, axis=0, return_inverse=True, return_counts=True)
+    return float(np.mean(counts[inverse.ravel()] > 1))
+
+
+def compare_sampling(
+    x: np.ndarray, levels: int, k: int, seed: int, per_centroid: list[int]
+) -> list[dict[str, object]]:
+    """Train at one shape on every row and on samples of ``k * p`` rows; score on every row."""
+    power = float(np.mean(np.einsum("nd,nd->n", x, x)))
+    out: list[dict[str, object]] = []
+    for p in [None, *per_centroid]:
+        start = time.perf_counter()
+        cb = ResidualCodebook.train(x, levels, k, seed=seed, points_per_centroid=p)
+        train_s = time.perf_counter() - start
+        paths = cb.encode(x)
+        out.append(
+            {
+                "training": "full" if p is None else f"sample {p}/centroid",
+                "rows": len(x) if p is None else min(len(x), sample_size(k, points_per_centroid=p)),
+                "train_s": train_s,
+                "rel_mse": cb.quantization_error(x, codes=paths) / power,
+                "rel_mse_l1": cb.quantization_error(x, length=1, codes=paths) / power,
+                "shared_paths": shared_path_share(paths),
+                "codebook_id": cb.codebook_id,
+            }
+        )
+    return out
+
+
+def print_sampling(results: list[dict[str, object]]) -> None:
+    base = results[0]
+    print(
+        f"{'training':<18} {'rows':>9} {'train_s':>8} {'vs_full':>7} {'rel_mse':>8} "
+        f"{'mse_vs_full':>11} {'rel_mse_l1':>10} {'shared_paths':>12}"
+    )
+    for r in results:
+        print(
+            f"{r['training']!s:<18} {r['rows']:>9,} {r['train_s']:>8.2f} "
+            f"{float(r['train_s']) / float(base['train_s']):>7.2f} {r['rel_mse']:>8.4f} "  # type: ignore[arg-type]
+            f"{float(r['rel_mse']) / float(base['rel_mse']):>11.4f} "  # type: ignore[arg-type]
+            f"{r['rel_mse_l1']:>10.4f} {r['shared_paths']:>12.4f}"
+        )
+    print(
+        "rel_mse = full-depth MSE / mean squared norm (every item, encoded by each codebook); "
+        "shared_paths = share of items whose full path another item has too"
+    )
+
+
+def run_sampling(n: int, args: argparse.Namespace) -> list[dict[str, object]]:
+    x = synthetic_items(n, seed=args.seed)
+    levels, k = suggest_shape(n)
+    print(
+        f"\n== sample vs full training: {n:,} synthetic clustered items x {SYNTH_DIM}, "
+        f"L={levels}, K={k} (rule), faiss threads {args.threads}"
+    )
+    results = compare_sampling(x, levels, k, args.seed, args.points_per_centroid)
+    print_sampling(results)
+    out_path(f"codes_sampling_{n}.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+# -- the worker's bootstrap, in-process ----------------------------------------------------
+
+
+def run_bootstrap(n: int, args: argparse.Namespace) -> dict[str, object]:
+    """Store ``n`` synthetic items in a fresh RocksDB store, then choose the sample and
+    train through :class:`worker.ingest.bootstrap.Bootstrap`, sampling RSS every 20 ms."""
+    import tempfile
+
+    from store.rocksdb import RocksDBPartition
+
+    with (
+        tempfile.TemporaryDirectory(prefix="adacode-bootstrap-") as tmp,
+        RocksDBPartition.open(Path(tmp) / "state") as store,
+    ):
+        store_synthetic(store, n, args.seed)
+        result = timed_bootstrap(store)
+    print(
+        f"bootstrap {n:>9,} items: sample {result['sample']:,}, L x K = {result['shape']}; "
+        f"choose sample {result['scan_s']:.1f} s, read + train {result['train_s']:.1f} s, "
+        f"total {result['total_s']:.1f} s; peak RSS growth "
+        f"{result['peak_rss_growth_mib']:.0f} MiB"
+    )
+    out_path(f"codes_bootstrap_{n}.json").write_text(json.dumps({"items": n, **result}, indent=1))
+    return result
+
+
+def store_synthetic(store: StorePartition, n: int, seed: int) -> None:
+    from store.records import ItemRecord
+    from worker.state.layout import item_key
+
+    for start in range(0, n, 50_000):
+        block = synthetic_items(min(50_000, n - start), seed=seed + start)
+        batch = store.batch()
+        for i, vec in enumerate(block, start):
+            record = ItemRecord(i, i, b"", vec.tobytes())
+            batch.put("items", item_key("shop", f"item{i:08d}"), record.encode())
+        store.write(batch)
+
+
+def timed_bootstrap(store: StorePartition) -> dict[str, Any]:
+    """Choose the sample and train it as the worker does; times and peak RSS growth."""
+    import threading
+
+    from worker.core.settings import Settings
+    from worker.ingest.bootstrap import Bootstrap, resident_bytes, sample_cap, scan_sample
+
+    settings = Settings(embedding_dim=SYNTH_DIM)
+    stop, done = threading.Event(), threading.Event()
+    base = resident_bytes()
+    peak = [base]
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], resident_bytes())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.perf_counter()
+    scan = scan_sample(store, sample_cap(settings), stop_event=stop)
+    scanned = time.perf_counter()
+    boot = Bootstrap(store, settings, stop)
+    boot.start(scan.keys, scan.n_items)
+    while boot.poll() is None and boot.running:
+        time.sleep(0.05)
+    codebook = boot.poll()
+    ended = time.perf_counter()
+    done.set()
+    watcher.join()
+    if codebook is None:
+        raise RuntimeError(f"the bootstrap ended without a codebook ({boot.phase})")
+    return {
+        "sample": len(scan.keys),
+        "shape": [codebook.levels, codebook.k],
+        "scan_s": scanned - started,
+        "train_s": ended - scanned,
+        "total_s": ended - started,
+        "peak_rss_growth_mib": (peak[0] - base) / 2**20,
+    }
+
+
 def plot(ds: Dataset, pop: np.ndarray, served: dict[str, ServedCodes], title: str) -> Path:
     import matplotlib
 
@@ -247,7 +422,30 @@ def run_dataset(root: Path, args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_dataset_args(parser, multiple=True)
+    parser.add_argument(
+        "--dataset", action="append", default=[], type=Path, help="dataset directory (repeat)"
+    )
+    parser.add_argument(
+        "--sample-items",
+        type=int,
+        nargs="+",
+        default=[],
+        help="compare sample- and full-trained codebooks on this many synthetic items",
+    )
+    parser.add_argument(
+        "--points-per-centroid",
+        type=int,
+        nargs="+",
+        default=[64, POINTS_PER_CENTROID],
+        help="sample sizes (per centroid) to compare against full training",
+    )
+    parser.add_argument(
+        "--bootstrap-items",
+        type=int,
+        nargs="+",
+        default=[],
+        help="time the worker's bootstrap (sample + train) on this many synthetic items",
+    )
     parser.add_argument(
         "--levels",
         type=int,
@@ -262,9 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="faiss OpenMP threads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not (args.dataset or args.sample_items or args.bootstrap_items):
+        parser.error("give --dataset, --sample-items or --bootstrap-items")
     faiss.omp_set_num_threads(args.threads)
     for root in args.dataset:
         run_dataset(root, args)
+    for n in args.sample_items:
+        run_sampling(n, args)
+    for n in args.bootstrap_items:
+        run_bootstrap(n, args)
     return 0
 
 

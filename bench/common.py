@@ -17,9 +17,14 @@ changes the file name, so a stale cache is never read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
+import math
 import os
+import re
+import time
+import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -290,3 +295,97 @@ def out_path(name: str) -> Path:
     """``bench/out/<name>``, creating ``bench/out`` when needed."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     return OUT_DIR / name
+
+
+# -- a worker daemon watched from outside (bench/scale.py, bench/ingest.py's headline) ---------
+
+MIB = 1024 * 1024
+
+
+def worker_env(settings: dict[str, object]) -> dict[str, str]:
+    """The environment of an ``adacode run`` subprocess: this one's, less every ``ADACODE_*``,
+    plus ``settings`` as ``ADACODE_<NAME>`` (booleans as ``true``/``false``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ADACODE_")}
+    env.update(
+        {
+            f"ADACODE_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v)
+            for k, v in settings.items()
+        }
+    )
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def proc_memory_mib(pid: int) -> tuple[float, float]:
+    """``(VmRSS, VmHWM)`` of ``pid`` in MiB: resident now and the kernel's peak (0 once gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0, 0.0
+    found = dict(
+        (m.group(1), int(m.group(2)) / 1024)
+        for m in re.finditer(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.MULTILINE)
+    )
+    return found.get("VmRSS", 0.0), found.get("VmHWM", 0.0)
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` (all its threads; 0 once gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dir_size_mib(path: Path) -> float:
+    """Bytes of every file under ``path`` in MiB (0 if it does not exist)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += (Path(root) / name).stat().st_size
+    return total / MIB
+
+
+@dataclass(frozen=True)
+class Scrape:
+    """What one ``GET /metrics`` of the worker said, and how long it took."""
+
+    seconds: float  # wall time of the request
+    applied: dict[str, float]  # adacode_applied_events_total by kind ("item", "interaction")
+    lag: float  # adacode_consumer_lag summed over partitions
+    batch_buckets: dict[float, float]  # adacode_batch_seconds cumulative buckets (le -> count)
+
+
+def scrape_metrics(port: int, timeout_s: float = 60.0) -> Scrape:
+    """``GET http://127.0.0.1:<port>/metrics``, parsed (raises ``OSError`` if it fails)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    started = time.perf_counter()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as resp:
+        text = resp.read().decode()
+    seconds = time.perf_counter() - started
+    applied: dict[str, float] = {}
+    lag = 0.0
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "adacode_applied_events_total":
+                kind = sample.labels.get("kind", "")
+                applied[kind] = applied.get(kind, 0.0) + sample.value
+            elif sample.name == "adacode_consumer_lag":
+                lag += sample.value
+            elif sample.name == "adacode_batch_seconds_bucket":
+                le = float(sample.labels.get("le", "inf"))
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+    return Scrape(seconds, applied, lag, buckets)
+
+
+def longest_batch_bound(buckets: dict[float, float]) -> float | None:
+    """Upper bound (s) of the longest batch the ``adacode_batch_seconds`` histogram saw: the
+    smallest bucket bound that holds every batch (``inf`` past the last; ``None``: no batch)."""
+    total = buckets.get(math.inf, max(buckets.values(), default=0.0))
+    if not total:
+        return None
+    return min(le for le, count in buckets.items() if count >= total)

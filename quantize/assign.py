@@ -67,10 +67,12 @@ from quantize.lengths import (
     check_paths,
     check_vector,
     head_flags,
+    is_per_item,
     make_policy,
     policy_lengths,
     thresholds_for_fraction,
 )
+from quantize.prefix_nodes import PrefixNodes
 
 STATE_VERSION = 1
 DEFAULT_DEMOTE_AFTER = 3
@@ -148,15 +150,18 @@ def _make_head_unique(
     uses_digit: np.ndarray,
     digits: np.ndarray,
     is_head: np.ndarray,
-    priority: np.ndarray,
+    popularity: np.ndarray,
     next_digit: int,
+    incumbent: np.ndarray | None = None,
 ) -> int:
     """Deepen colliding head items in place until head codes are unique.
 
-    ``priority`` (float, higher wins) decides who keeps a contested code; the others get
-    one more digit (or a disambiguation digit at full depth; ``digits`` of those without
-    one are allocated from ``next_digit`` in index order). Returns the new ``next_digit``.
+    Who keeps a contested code: an ``incumbent`` (served that very code before), then the
+    more popular item, then the lower index; the others get one more digit (or a
+    disambiguation digit at full depth; ``digits`` of those without one are allocated from
+    ``next_digit`` in index order). Returns the new ``next_digit``.
     """
+    held = np.zeros(len(popularity), dtype=bool) if incumbent is None else incumbent
     levels = paths.shape[1]
     heads = np.flatnonzero(is_head)
     # every round deepens at least one item by one digit, and no code has more than L + 1
@@ -172,7 +177,7 @@ def _make_head_unique(
         # keeper per group: highest priority, then lowest index
         cand = heads[dup]
         groups = inv[dup]
-        order = np.lexsort((cand, -priority[cand], groups))
+        order = np.lexsort((cand, -popularity[cand], ~held[cand], groups))
         first = np.ones(order.size, dtype=bool)
         first[1:] = groups[order][1:] != groups[order][:-1]
         losers = np.sort(cand[order][~first])
@@ -318,13 +323,21 @@ def _array(
     *,
     saved: type[np.generic] | None = None,
     per_level: bool = False,
+    in_state: bool = True,
 ) -> dict[str, Any]:
     """Metadata of a field of :class:`_Items`: its dtype, the value a new item starts with
     (``None``: :meth:`CodeAssigner.add` gives it), the dtype kept in :class:`AssignerState`
-    (default: the same) and whether it holds a digit per level (``[n, L]``, checked as
-    paths) instead of one value per item (``[n]``).
+    (default: the same), whether it holds a digit per level (``[n, L]``, checked as
+    paths) instead of one value per item (``[n]``), and whether :class:`AssignerState`
+    holds it (the bookkeeping of lazy demotions does not: it is derived on load).
     """
-    return {"dtype": dtype, "new": new, "saved": saved or dtype, "per_level": per_level}
+    return {
+        "dtype": dtype,
+        "new": new,
+        "saved": saved or dtype,
+        "per_level": per_level,
+        "in_state": in_state,
+    }
 
 
 @dataclass(eq=False)
@@ -333,7 +346,8 @@ class _Items:
 
     The one declaration of them: a field's name is also its :class:`AssignerState` field
     and its member in the saved bytes (in this order); its :func:`_array` metadata gives
-    its dtype, its value for a new item and its dtype in the state.
+    its dtype, its value for a new item and its dtype in the state. The arrays are views
+    of buffers with spare room, so appending a few items does not copy all of them.
     """
 
     paths: np.ndarray = field(metadata=_array(np.int64, None, saved=np.int32, per_level=True))
@@ -342,7 +356,11 @@ class _Items:
     lengths: np.ndarray = field(metadata=_array(np.int64, 0))  # path digits served, 0 = none yet
     digits: np.ndarray = field(metadata=_array(np.int64, -1))  # disambiguation digit, -1 = none
     uses_digit: np.ndarray = field(metadata=_array(np.bool_, False))  # code ends with its digit
-    shrink_streak: np.ndarray = field(metadata=_array(np.int64, 0))  # rounds due for demotion
+    shrink_streak: np.ndarray = field(metadata=_array(np.int64, 0))  # at ``eval_round``
+    #: the assigner's round count when the item was last evaluated
+    eval_round: np.ndarray = field(metadata=_array(np.int64, 0, in_state=False))
+    #: whether the item was due for demotion then (its streak grows each round since)
+    below: np.ndarray = field(metadata=_array(np.bool_, False, in_state=False))
 
     @classmethod
     def new(cls, paths: np.ndarray, popularity: np.ndarray | None = None) -> _Items:
@@ -362,6 +380,9 @@ class _Items:
         n, levels = len(state.keys), state.levels
         arrays: dict[str, np.ndarray] = {}
         for f in fields(cls):
+            if not f.metadata["in_state"]:
+                arrays[f.name] = np.full(n, f.metadata["new"], dtype=f.metadata["dtype"])
+                continue
             value = getattr(state, f.name)
             shape = (n, levels) if f.metadata["per_level"] else (n,)
             if f.metadata["per_level"] and np.size(value) == n * levels:
@@ -375,17 +396,33 @@ class _Items:
             arrays[f.name] = np.array(value, dtype=f.metadata["dtype"])
         return cls(**arrays)
 
+    def __len__(self) -> int:
+        return int(self.popularity.shape[0])
+
     def extend(self, other: _Items) -> None:
-        """Append the rows of ``other``."""
+        """Append the rows of ``other`` (amortized: the buffers double when full)."""
+        n, m = len(self), len(other)
+        buffers: dict[str, np.ndarray] = self.__dict__.setdefault("_buffers", {})
         for f in fields(self):
-            setattr(self, f.name, np.concatenate([getattr(self, f.name), getattr(other, f.name)]))
+            view = getattr(self, f.name)
+            buf = buffers.get(f.name)
+            if buf is None or buf.shape[0] < n + m or view.base is not buf:
+                buf = np.empty((max(64, 2 * (n + m)), *view.shape[1:]), dtype=view.dtype)
+                buf[:n] = view
+                buffers[f.name] = buf
+            buf[n : n + m] = getattr(other, f.name)
+            setattr(self, f.name, buf[: n + m])
 
     def saved(self) -> dict[str, np.ndarray]:
         """Copies in the state's dtypes, by :class:`AssignerState` field name."""
-        return {f.name: getattr(self, f.name).astype(f.metadata["saved"]) for f in fields(self)}
+        return {
+            f.name: getattr(self, f.name).astype(f.metadata["saved"])
+            for f in fields(self)
+            if f.metadata["in_state"]
+        }
 
 
-_ITEM_ARRAYS = tuple(f.name for f in fields(_Items))
+_ITEM_ARRAYS = tuple(f.name for f in fields(_Items) if f.metadata["in_state"])
 """Names of the per-item arrays of :class:`AssignerState`, in the order they are saved."""
 
 
@@ -480,6 +517,52 @@ class AssignerState:
         )
 
 
+@dataclass(frozen=True)
+class CodeStats:
+    """Counts of an assigner's served codes, kept up to date change by change (so reading
+    them costs nothing per item); :func:`quantize.code_metrics.code_report` computes the
+    same figures, and more, from a :class:`ServedCodes` snapshot."""
+
+    n_items: int
+    n_head: int
+    distinct_codes: int
+    distinct_head_codes: int
+    utilization: tuple[float, ...]  # per level: distinct codewords of the full paths / K
+    mean_len_head: float
+    mean_len_tail: float
+    table_rows: int
+
+    @property
+    def collision_all(self) -> float:
+        return 1.0 - self.distinct_codes / self.n_items if self.n_items else 0.0
+
+    @property
+    def collision_head(self) -> float:
+        return 1.0 - self.distinct_head_codes / self.n_head if self.n_head else 0.0
+
+
+#: format of :meth:`CodeAssigner.header` and :meth:`CodeAssigner.take_rows`
+ROWS_FORMAT = 2
+
+
+def _row_dtype(levels: int) -> np.dtype[Any]:
+    """One saved item of :meth:`CodeAssigner.take_rows` (fixed size, little-endian)."""
+    return np.dtype(
+        [
+            ("seq", "<i8"),
+            ("paths", "<i4", (levels,)),
+            ("popularity", "<f8"),
+            ("is_head", "u1"),
+            ("lengths", "<i2"),
+            ("digits", "<i8"),
+            ("uses_digit", "u1"),
+            ("shrink_streak", "<i8"),
+            ("eval_round", "<i8"),
+            ("below", "u1"),
+        ]
+    )
+
+
 class CodeAssigner:
     """Per-domain served codes, in memory, deterministic, rebuildable from arrays.
 
@@ -487,6 +570,16 @@ class CodeAssigner:
     values (time-decayed counts, supplied by the caller); pick them with
     :func:`quantize.lengths.thresholds_for_fraction` and move them with
     :meth:`set_thresholds`.
+
+    Cost: with a per-item policy (:func:`quantize.lengths.is_per_item`; ``fixed``,
+    ``entropy``, ``reverse``, ``popularity`` with ``pop_ref``) a call re-evaluates only the
+    items whose inputs moved (added, re-coded, new popularity or head flag, a lazy
+    demotion falling due, a head item whose prefix node's crowding flipped, a head item
+    that loses its code to another) and gives the same result as re-evaluating every
+    item, which ``incremental=False`` does (the reference of the tests, and the way of
+    policies that are not per item). Prefix statistics (:class:`PrefixNodes`), the head
+    codes and the :class:`CodeStats` counts are kept up to date change by change, and
+    :meth:`take_rows` hands over only the items that changed since it was last called.
     """
 
     def __init__(
@@ -498,6 +591,7 @@ class CodeAssigner:
         enter_threshold: float,
         exit_threshold: float,
         demote_after: int = DEFAULT_DEMOTE_AFTER,
+        incremental: bool = True,
     ) -> None:
         if levels < 1 or k < 2:
             raise AssignmentError(
@@ -514,11 +608,24 @@ class CodeAssigner:
         self.enter_threshold = float(enter_threshold)
         self.exit_threshold = float(exit_threshold)
         self.demote_after = demote_after
+        self.incremental = incremental and is_per_item(policy)
         self._keys: list[str] = []
         self._index: dict[str, int] = {}
         self._items = _Items.new(np.zeros((0, levels), dtype=np.int64))
         self._next_digit = 0
         self._clock = 0
+        #: popularity rounds so far (lazy demotions count them)
+        self._rounds = 0
+        self._nodes = PrefixNodes(levels, k)
+        #: served code -> the head item serving it (head codes are unique)
+        self._head_codes: dict[Code, int] = {}
+        #: round -> items whose lazy demotion falls due then (checked when popped)
+        self._due: dict[int, list[int]] = {}
+        #: rows changed since :meth:`take_rows`
+        self._unsaved: set[int] = set()
+        self._code_count: dict[Code, int] = {}
+        self._len_sum = [0, 0]  # served digits of tail, head items
+        self._level_use = np.zeros((levels, k), dtype=np.int64)
 
     @staticmethod
     def _check_thresholds(enter: float, exit_: float) -> None:
@@ -548,6 +655,14 @@ class CodeAssigner:
     def table_rows(self) -> int:
         return self.levels * self.k + self._next_digit
 
+    @property
+    def n_head(self) -> int:
+        return self._len_count[1]
+
+    @property
+    def rounds(self) -> int:
+        return self._rounds
+
     def _idx(self, key: str) -> int:
         try:
             return self._index[key]
@@ -561,6 +676,12 @@ class CodeAssigner:
         base = tuple(int(c) for c in items.paths[i, : items.lengths[i]])
         return (*base, int(items.digits[i])) if items.uses_digit[i] else base
 
+    def _code_as(self, i: int, length: int, uses: bool) -> Code:
+        """Item ``i``'s code had it ``length`` path digits (and its digit when ``uses``)."""
+        items = self._items
+        base = tuple(int(c) for c in items.paths[i, :length])
+        return (*base, int(items.digits[i])) if uses else base
+
     def served_code(self, key: str) -> Code:
         return self._code(self._idx(key))
 
@@ -572,6 +693,17 @@ class CodeAssigner:
 
     def popularity(self, key: str) -> float:
         return float(self._items.popularity[self._idx(key)])
+
+    def popularity_of(self, keys: Sequence[str]) -> np.ndarray:
+        """The popularity of known ``keys`` (float64), as the assigner holds it."""
+        idx = np.fromiter((self._idx(k) for k in keys), dtype=np.int64, count=len(keys))
+        return self._items.popularity[idx]
+
+    def all_popularity(self) -> np.ndarray:
+        """Every item's popularity (a read-only view, insertion order)."""
+        view = self._items.popularity.view()
+        view.flags.writeable = False
+        return view
 
     def row_ids(self, key: str) -> np.ndarray:
         return row_ids(self.served_code(key), self.k, self.levels)
@@ -588,6 +720,26 @@ class CodeAssigner:
             k=self.k,
             n_digit_rows=self._next_digit,
         )
+
+    def stats(self) -> CodeStats:
+        """The :class:`CodeStats` of the served codes (O(L x K), whatever the item count)."""
+        n, n_head = len(self._keys), self._len_count[1]
+        tail_sum, head_sum = self._len_sum
+        return CodeStats(
+            n_items=n,
+            n_head=n_head,
+            distinct_codes=len(self._code_count),
+            distinct_head_codes=len(self._head_codes),
+            utilization=tuple(float(u) for u in (self._level_use > 0).sum(axis=1) / float(self.k)),
+            mean_len_head=head_sum / n_head if n_head else 0.0,
+            mean_len_tail=tail_sum / (n - n_head) if n - n_head else 0.0,
+            table_rows=self.table_rows,
+        )
+
+    @property
+    def _len_count(self) -> tuple[int, int]:
+        head = len(self._head_codes)
+        return len(self._keys) - head, head
 
     # -- mutations -------------------------------------------------------------------------
 
@@ -611,12 +763,14 @@ class CodeAssigner:
         """
         stamp = self._tick(ts)
         keys, p, pop = self._checked_batch(keys, paths, popularity)
-        fixed, unknown = self._update_known(keys, p, pop)
+        moved = _Moved()
+        self._update_known(keys, p, pop, moved)
+        unknown = moved.unknown
         if unknown:
             rows = np.asarray(unknown)
             batch = _Items.new(p[rows], None if pop is None else pop[rows])
-            fixed.update(self._append([keys[j] for j in unknown], batch))
-        return self._reassign(fixed, stamp, round_=False)
+            self._append([keys[j] for j in unknown], batch, moved)
+        return self._reassign(moved, stamp, round_=False)
 
     def _checked_batch(
         self, keys: Sequence[str], paths: np.ndarray, popularity: np.ndarray | None
@@ -643,43 +797,60 @@ class CodeAssigner:
             return names, p, check_vector(popularity, len(names), "CodeAssigner.add")
 
     def _update_known(
-        self, keys: list[str], paths: np.ndarray, popularity: np.ndarray | None
-    ) -> tuple[dict[int, tuple[Code, str]], list[int]]:
+        self,
+        keys: list[str],
+        paths: np.ndarray,
+        popularity: np.ndarray | None,
+        moved: _Moved,
+    ) -> None:
         """Re-code the known keys whose path changed (their code starts over) and set their
-        popularity when given. Returns the re-coded items (old code, reason) and the batch
-        rows of the unknown keys."""
+        popularity when given; the batch rows of the unknown keys go to ``moved.unknown``."""
         items = self._items
-        recoded: dict[int, tuple[Code, str]] = {}
-        unknown: list[int] = []
         for j, key in enumerate(keys):
             i = self._index.get(key)
             if i is None:
-                unknown.append(j)
+                moved.unknown.append(j)
                 continue
-            if not np.array_equal(items.paths[i], paths[j]):
-                recoded[i] = (self._code(i), "recode")
+            recoded = not np.array_equal(items.paths[i], paths[j])
+            if recoded or popularity is not None:
+                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+            if recoded:  # rare: the call re-evaluates every item (see _reassign)
+                moved.fixed[i] = (self._code(i), "recode")
+                moved.recoded = True
                 items.paths[i] = paths[j]
                 items.lengths[i] = 0
                 items.uses_digit[i] = False
                 items.digits[i] = -1
                 items.shrink_streak[i] = 0
+                items.eval_round[i] = self._rounds
+                items.below[i] = False
             if popularity is not None:
                 items.popularity[i] = popularity[j]
-        return recoded, unknown
 
-    def _append(self, keys: list[str], batch: _Items) -> dict[int, tuple[Code, str]]:
-        """Append new items (their rows in ``batch``); returns them with old code ``()``."""
+    def _append(self, keys: list[str], batch: _Items, moved: _Moved) -> None:
+        """Append new items (their rows in ``batch``); they get old code ``()``."""
         start = len(self._keys)
         for key in keys:
             self._index[key] = len(self._keys)
             self._keys.append(key)
+        batch.eval_round[:] = self._rounds
         self._items.extend(batch)
-        return {i: ((), "new") for i in range(start, len(self._keys))}
+        rows = np.arange(start, len(self._keys), dtype=np.int64)
+        self._nodes.place(rows, batch.paths)
+        self._use_levels(batch.paths, 1)
+        for i in rows.tolist():
+            moved.fixed[i] = ((), "new")
+            moved.note(i, 0.0, False)
+            moved.stats_hold[i] = (0.0, False)
+
+    def _use_levels(self, paths: np.ndarray, sign: int) -> None:
+        for level in range(self.levels):
+            np.add.at(self._level_use[level], paths[:, level], sign)
 
     def update_popularity(
         self, keys: Sequence[str], popularity: np.ndarray, *, ts: int | None = None
     ) -> list[CodeChange]:
-        """Set the popularity of ``keys`` and re-evaluate every item (one popularity round).
+        """Set the popularity of ``keys`` and re-evaluate (one popularity round).
 
         Every bad input (unknown key, popularity not finite, negative or of another length
         than ``keys``) raises :class:`AssignmentError`.
@@ -689,43 +860,100 @@ class CodeAssigner:
         with _bad_input():
             pop = check_vector(popularity, len(keys), "CodeAssigner.update_popularity")
         idx = np.asarray([self._idx(key) for key in keys], dtype=np.int64)
-        self._items.popularity[idx] = pop
-        return self._reassign({}, stamp, round_=True)
+        moved = _Moved()
+        items = self._items
+        for i in idx.tolist():
+            moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+        items.popularity[idx] = pop
+        return self._reassign(moved, stamp, round_=True)
 
     def set_thresholds(
         self, enter_threshold: float, exit_threshold: float, *, ts: int | None = None
     ) -> list[CodeChange]:
-        """Move the head thresholds and re-evaluate every item (one popularity round)."""
+        """Move the head thresholds and re-evaluate (one popularity round): the items whose
+        head flag the new thresholds change, and those that depend on them."""
         self._check_thresholds(enter_threshold, exit_threshold)
         stamp = self._tick(ts)
         self.enter_threshold = float(enter_threshold)
         self.exit_threshold = float(exit_threshold)
-        return self._reassign({}, stamp, round_=True)
+        items = self._items
+        moved = _Moved()
+        if self.incremental and len(self._keys):
+            flips = head_flags(
+                items.popularity, items.is_head, self.enter_threshold, self.exit_threshold
+            )
+            for i in np.flatnonzero(flips != items.is_head).tolist():
+                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+        return self._reassign(moved, stamp, round_=True)
 
-    def _reassign(
+    def rescale_popularity(self, factor: float) -> None:
+        """Multiply every popularity and both thresholds by ``factor`` (> 0): the head flags,
+        lengths and codes stay (a power of two keeps every value exact). Costs O(items);
+        callers do it rarely (a new reference time for decayed counts)."""
+        if not factor > 0 or not np.isfinite(factor):
+            raise AssignmentError(f"rescale_popularity: factor={factor}; use a positive number")
+        self._items.popularity *= factor
+        self.enter_threshold *= factor
+        self.exit_threshold *= factor
+        self._rebuild_derived()
+        self._unsaved.update(range(len(self._keys)))
+
+    def _reassign(self, moved: _Moved, stamp: int, *, round_: bool) -> list[CodeChange]:
+        """Re-evaluate the items ``moved`` names and those that depend on them (every item
+        when not :attr:`incremental`); a popularity ``round_`` counts towards lazy
+        demotions."""
+        if round_:
+            self._rounds += 1
+        if not self._keys:
+            return []
+        if not self.incremental or moved.recoded:
+            return self._reassign_all(moved.fixed, stamp, round_=round_)
+        return self._reassign_some(moved, stamp, round_=round_)
+
+    # -- re-evaluating every item (the reference) -----------------------------------------
+
+    def _reassign_all(
         self, fixed: dict[int, tuple[Code, str]], stamp: int, *, round_: bool
     ) -> list[CodeChange]:
         """Re-evaluate every item; ``fixed`` holds the old code and the reason of the new and
-        re-coded items. A popularity ``round_`` counts towards lazy demotions.
+        re-coded items.
 
         1. Head flags (with hysteresis) and policy lengths from the current popularity.
         2. Served lengths under the stability rules (see the module docstring).
         3. Head codes made unique.
         4. The code changes against the codes served before.
         """
-        if not self._keys:
-            return []
         items = self._items
+        items.shrink_streak[:] = self._streaks(np.arange(len(items)), round_=round_)
         was_head = items.is_head.copy()
         old_len = items.lengths.copy()
         old_uses = items.uses_digit.copy()
         head, target = self._policy_targets()
-        lengths, uses = self._stable_lengths(head, target, round_=round_)
-        self._make_unique(head, lengths, uses)
-        items.lengths = lengths
-        items.uses_digit = uses
-        items.is_head = head
-        return self._changes(fixed, was_head, old_len, old_uses, stamp)
+        lengths, uses, streak = self._stable_lengths(
+            head, target, old_len, old_uses, items.shrink_streak, round_=round_
+        )
+        items.shrink_streak[:] = streak
+        fresh = old_len == 0
+        incumbent = ~fresh & (lengths == old_len) & (uses == old_uses)
+        self._next_digit = _make_head_unique(
+            items.paths,
+            lengths,
+            uses,
+            items.digits,
+            head,
+            items.popularity,
+            self._next_digit,
+            incumbent,
+        )
+        items.lengths[:] = lengths
+        items.uses_digit[:] = uses
+        items.is_head[:] = head
+        items.eval_round[:] = self._rounds
+        items.below[:] = ~head & (target < lengths + uses.astype(np.int64))
+        changes = self._changes_all(fixed, was_head, old_len, old_uses, stamp)
+        self._rebuild_derived()
+        self._unsaved.update(range(len(self._keys)))
+        return changes
 
     def _policy_targets(self) -> tuple[np.ndarray, np.ndarray]:
         """Head flags (hysteresis on the thresholds) and the policy's length per item."""
@@ -741,39 +969,44 @@ class CodeAssigner:
         return head, target
 
     def _stable_lengths(
-        self, head: np.ndarray, target: np.ndarray, *, round_: bool
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Served path lengths and disambiguation flags under the stability rules.
+        self,
+        head: np.ndarray,
+        target: np.ndarray,
+        cur: np.ndarray,
+        cur_uses: np.ndarray,
+        streak: np.ndarray,
+        *,
+        round_: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Served path lengths, disambiguation flags and demotion streaks under the
+        stability rules.
 
         New or re-coded items (length 0) take the policy length at once; others only grow,
         except that a non-head item is shortened to its policy length (its digit dropped)
         after ``demote_after`` rounds in which that length stayed below its served one.
         """
-        items = self._items
-        cur = items.lengths
         fresh = cur == 0
-        below = ~head & (target < cur + items.uses_digit.astype(np.int64))
+        below = ~head & (target < cur + cur_uses.astype(np.int64))
         if round_:
-            items.shrink_streak = np.where(below, items.shrink_streak + 1, 0)
-        shrink = below & ~fresh & (items.shrink_streak >= self.demote_after)
+            streak = np.where(below, streak + 1, 0)
+        shrink = below & ~fresh & (streak >= self.demote_after)
         lengths = np.where(fresh | shrink, target, np.maximum(target, cur))
-        uses = items.uses_digit & ~fresh & ~shrink & (lengths >= self.levels)
-        items.shrink_streak[shrink] = 0
-        return lengths.astype(np.int64), uses
+        uses = cur_uses & ~fresh & ~shrink & (lengths >= self.levels)
+        streak = np.where(shrink, 0, streak)
+        return lengths.astype(np.int64), uses, streak.astype(np.int64)
 
-    def _make_unique(self, head: np.ndarray, lengths: np.ndarray, uses: np.ndarray) -> None:
-        """Deepen colliding head codes in place: the incumbent (served this very code
-        before) keeps it, then the more popular item, then the one added first."""
+    def _streaks(self, rows: np.ndarray, *, round_: bool) -> np.ndarray:
+        """The demotion streaks of ``rows`` before this call's round: each item's streak
+        is saved when it is evaluated and grows by one each round since while it is
+        below its policy length (``below``), else it is 0 after the first round."""
         items = self._items
-        fresh = items.lengths == 0  # new or re-coded: nothing to defend
-        incumbent = ~fresh & (lengths == items.lengths) & (uses == items.uses_digit)
-        top = float(items.popularity.max()) + 1.0
-        priority = items.popularity + np.where(incumbent, top, 0.0)
-        self._next_digit = _make_head_unique(
-            items.paths, lengths, uses, items.digits, head, priority, self._next_digit
-        )
+        now = self._rounds - (1 if round_ else 0)
+        last = items.eval_round[rows]
+        saved = items.shrink_streak[rows]
+        grown = np.where(items.below[rows], saved + (now - last), 0)
+        return np.where(last >= now, saved, grown).astype(np.int64)
 
-    def _changes(
+    def _changes_all(
         self,
         fixed: dict[int, tuple[Code, str]],
         was_head: np.ndarray,
@@ -786,18 +1019,30 @@ class CodeAssigner:
         changed = (items.lengths != old_len) | (items.uses_digit != old_uses)
         if fixed:
             changed[np.fromiter(fixed, dtype=np.int64, count=len(fixed))] = True
+        old = {
+            i: self._code_as(i, int(old_len[i]), bool(old_uses[i]))
+            for i in np.flatnonzero(changed).tolist()
+        }
+        return self._changes(old, fixed, was_head, stamp)
+
+    def _changes(
+        self,
+        old: dict[int, Code],
+        fixed: dict[int, tuple[Code, str]],
+        was_head: np.ndarray | dict[int, bool],
+        stamp: int,
+    ) -> list[CodeChange]:
+        """The changes of the items of ``old`` (item -> code served before), in item order."""
         changes: list[CodeChange] = []
-        for i in np.flatnonzero(changed).tolist():
+        for i in sorted(old):
             new = self._code(i)
             if i in fixed:
-                old, reason = fixed[i]
+                before, reason = fixed[i]
             else:
-                old = tuple(int(c) for c in items.paths[i, : old_len[i]])
-                if old_uses[i]:
-                    old = (*old, int(items.digits[i]))
-                reason = self._reason(i, old, new, was_head[i])
-            if new != old:
-                changes.append(CodeChange(self._keys[i], old, new, reason, stamp))
+                before = old[i]
+                reason = self._reason(i, before, new, bool(was_head[i]))
+            if new != before:
+                changes.append(CodeChange(self._keys[i], before, new, reason, stamp))
         return changes
 
     def _reason(self, i: int, old: Code, new: Code, was_head: bool) -> str:
@@ -810,12 +1055,267 @@ class CodeAssigner:
             return "disambiguate"
         return "deepen"
 
+    # -- re-evaluating what moved -----------------------------------------------------------
+
+    def _reassign_some(self, moved: _Moved, stamp: int, *, round_: bool) -> list[CodeChange]:
+        """Re-evaluate the items whose inputs moved, with the result of
+        :meth:`_reassign_all`.
+
+        1. Items whose lazy demotion falls due in this round join.
+        2. Head flags of these items; the prefix statistics follow them.
+        3. Head items of prefix nodes whose crowding flipped join.
+        4. Policy lengths and served lengths under the stability rules.
+        5. Head codes made unique: contested codes go to their incumbents first.
+        6. The code changes; the counts follow; the items wait for :meth:`take_rows`.
+        """
+        if round_:
+            self._join_due(moved)
+        if not moved.old_pop:
+            return []
+        rows = np.asarray(sorted(moved.old_pop), dtype=np.int64)
+        flipped = self._follow_heads(rows, moved)
+        rows = self._join_crowded(rows, flipped, moved)
+        was_head = np.asarray([moved.old_head[i] for i in rows.tolist()], dtype=bool)
+        lengths, uses, old_len, old_uses = self._settle_lengths(rows, round_=round_)
+        old = {
+            i: self._code_as(i, int(old_len[j]), bool(old_uses[j]))
+            for j, i in enumerate(rows.tolist())
+            if old_len[j] > 0
+        }
+        self._uncount(old, dict(zip(rows.tolist(), was_head.tolist(), strict=True)))
+        incumbent = (old_len > 0) & (lengths == old_len) & (uses == old_uses)
+        deepened = self._settle_heads(rows, was_head, old, incumbent)
+        self._recount(rows, deepened)
+        heads_before = dict(zip(rows.tolist(), was_head.tolist(), strict=True))
+        for i in deepened:
+            heads_before.setdefault(i, True)
+        self._unsaved.update(old)
+        self._unsaved.update(rows.tolist())
+        fixed = moved.fixed
+        return self._changes(
+            {**old, **{i: () for i in rows.tolist() if i not in old}}, fixed, heads_before, stamp
+        )
+
+    def _join_due(self, moved: _Moved) -> None:
+        """Items whose lazy demotion falls due in this round join ``moved``."""
+        items = self._items
+        for i in self._due.pop(self._rounds, []):
+            due = items.eval_round[i] + self.demote_after - items.shrink_streak[i]
+            if items.below[i] and due == self._rounds and i not in moved.old_pop:
+                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+
+    def _follow_heads(self, rows: np.ndarray, moved: _Moved) -> list[np.ndarray]:
+        """New head flags of ``rows``; the prefix statistics take their new popularity and
+        flags. Returns, per depth, the nodes whose crowding flipped (policy's node flags)."""
+        items = self._items
+        head = head_flags(
+            items.popularity[rows], items.is_head[rows], self.enter_threshold, self.exit_threshold
+        )
+        held = [
+            moved.stats_hold.get(i, (moved.old_pop[i], moved.old_head[i])) for i in rows.tolist()
+        ]
+        old_pop = np.asarray([p for p, _ in held], dtype=np.float64)
+        old_head = np.asarray([h for _, h in held], dtype=bool)
+        flags = getattr(self.policy, "node_flags", None)
+        touched = self._nodes.nodes_of(rows) if flags is not None else []
+        before = [self._flags(d, nodes) for d, nodes in enumerate(touched)]
+        self._nodes.contribute(rows, old_pop, old_head, -1)
+        self._nodes.contribute(rows, items.popularity[rows], head, 1)
+        items.is_head[rows] = head
+        return [
+            nodes[self._flags(d, nodes) != was]
+            for d, (nodes, was) in enumerate(zip(touched, before, strict=True))
+        ]
+
+    def _flags(self, d: int, nodes: np.ndarray) -> np.ndarray:
+        flags = self.policy.node_flags  # type: ignore[attr-defined]
+        return np.asarray(
+            flags(self._nodes.head_count(d, nodes), self._nodes.entropy(d, nodes)), dtype=bool
+        )
+
+    def _join_crowded(
+        self, rows: np.ndarray, flipped: list[np.ndarray], moved: _Moved
+    ) -> np.ndarray:
+        """``rows`` and the items of the flipped nodes (head items only when the policy's
+        flags matter for head items only), sorted."""
+        if not any(f.size for f in flipped):
+            return rows
+        items = self._items
+        n = len(self._keys)
+        heads_only = getattr(self.policy, "node_flags_heads_only", False)
+        cand = np.flatnonzero(items.is_head[:n]) if heads_only else np.arange(n)
+        hit = np.zeros(cand.size, dtype=bool)
+        for d, nodes in enumerate(flipped):
+            if nodes.size:
+                hit |= np.isin(self._nodes.node_ids[cand, d], nodes)
+        for i in cand[hit].tolist():
+            if i not in moved.old_pop:
+                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+        return np.asarray(sorted(moved.old_pop), dtype=np.int64)
+
+    def _settle_lengths(
+        self, rows: np.ndarray, *, round_: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Policy and served lengths of ``rows`` (as :meth:`_stable_lengths`); the lazy
+        demotion bookkeeping is saved and due demotions are scheduled."""
+        items = self._items
+        paths = items.paths[rows]
+        head = items.is_head[rows]
+        try:
+            stats = self._nodes.stats_for(rows, paths)
+            target = policy_lengths(self.policy, paths, items.popularity[rows], head, stats)
+        except LengthPolicyError as exc:
+            raise AssignmentError(f"CodeAssigner: the length policy failed ({exc})") from exc
+        old_len = items.lengths[rows].copy()
+        old_uses = items.uses_digit[rows].copy()
+        streak = self._streaks(rows, round_=round_)
+        lengths, uses, streak = self._stable_lengths(
+            head, target, old_len, old_uses, streak, round_=round_
+        )
+        below = ~head & (target < lengths + uses.astype(np.int64))
+        items.lengths[rows] = lengths
+        items.uses_digit[rows] = uses
+        items.shrink_streak[rows] = streak
+        items.eval_round[rows] = self._rounds
+        items.below[rows] = below
+        for i, s in zip(rows[below].tolist(), streak[below].tolist(), strict=True):
+            self._due.setdefault(self._rounds + self.demote_after - s, []).append(i)
+        return lengths, uses, old_len, old_uses
+
+    def _settle_heads(
+        self,
+        rows: np.ndarray,
+        was_head: np.ndarray,
+        old: dict[int, Code],
+        incumbent: np.ndarray,
+    ) -> list[int]:
+        """Make head codes unique again after ``rows`` moved; returns the other items that
+        had to deepen (their old codes added to ``old``).
+
+        As :func:`_make_head_unique` over every head item: the head items that did not
+        move hold unique codes, so a contested code always involves an item that moved or
+        deepened in the round before; who keeps it is decided by the same rule (incumbent,
+        more popular, lower index) and the losers deepen in index order.
+        """
+        items = self._items
+        codes = self._head_codes
+        for j, i in enumerate(rows.tolist()):
+            if was_head[j] and i in old and codes.get(old[i]) == i:
+                del codes[old[i]]
+        held = dict(zip(rows.tolist(), incumbent.tolist(), strict=True))
+        active = [i for i in rows.tolist() if items.is_head[i]]
+        deepened: list[int] = []
+        limit = (self.levels + 2) * max(1, len(active) + 1)
+        for _ in range(limit):
+            if not active:
+                return deepened
+            losers = self._contest(active, held)
+            for i in losers:
+                if i not in held and i not in old:  # a head item that did not move
+                    old[i] = self._code(i)
+                    self._uncount({i: old[i]}, {i: True})
+                    deepened.append(i)
+            self._deepen(losers)
+            active = losers
+        raise AssignmentError(
+            "head codes could not be made unique within the round limit; the assigner "
+            "state is inconsistent, rebuild it"
+        )
+
+    def _contest(self, active: list[int], held: dict[int, bool]) -> list[int]:
+        """One round of :func:`_make_head_unique` for the codes of ``active``: the keeper of
+        each code is recorded, the losers are returned in index order."""
+        items = self._items
+        codes = self._head_codes
+        groups: dict[Code, list[int]] = {}
+        for i in active:
+            groups.setdefault(self._code(i), []).append(i)
+        losers: list[int] = []
+        for code, members in groups.items():
+            holder = codes.get(code)
+            if holder is not None and holder not in members:
+                members = [holder, *members]
+            if len(members) == 1:
+                codes[code] = members[0]
+                continue
+            keeper = max(members, key=lambda i: (held.get(i, True), float(items.popularity[i]), -i))
+            codes[code] = keeper
+            losers += [i for i in members if i != keeper]
+        return sorted(losers)
+
+    def _deepen(self, losers: list[int]) -> None:
+        """One more digit for each loser (a disambiguation digit at full depth)."""
+        items = self._items
+        stuck = True
+        for i in losers:
+            if items.lengths[i] < self.levels:
+                items.lengths[i] += 1
+                stuck = False
+            elif not items.uses_digit[i]:
+                if items.digits[i] < 0:
+                    items.digits[i] = self._next_digit
+                    self._next_digit += 1
+                items.uses_digit[i] = True
+                stuck = False
+        if stuck and losers:
+            raise AssignmentError(
+                "head codes cannot be made unique: colliding head items already hold "
+                "disambiguation digits; the assigner state is inconsistent, rebuild it"
+            )
+
+    # -- derived structures -----------------------------------------------------------------
+
+    def _uncount(self, old: dict[int, Code], was_head: dict[int, bool]) -> None:
+        counts = self._code_count
+        for i, code in old.items():
+            left = counts[code] - 1
+            if left:
+                counts[code] = left
+            else:
+                del counts[code]
+            self._len_sum[int(was_head.get(i, True))] -= len(code)
+
+    def _recount(self, rows: np.ndarray, deepened: list[int]) -> None:
+        counts = self._code_count
+        items = self._items
+        for i in [*rows.tolist(), *deepened]:
+            code = self._code(i)
+            counts[code] = counts.get(code, 0) + 1
+            self._len_sum[int(items.is_head[i])] += len(code)
+
+    def _rebuild_derived(self) -> None:
+        """Prefix statistics, head codes, counts and the demotion schedule from the arrays."""
+        items = self._items
+        n = len(self._keys)
+        rows = np.arange(n, dtype=np.int64)
+        if self.incremental:
+            self._nodes = PrefixNodes(self.levels, self.k)
+            self._nodes.place(rows, items.paths)
+            self._nodes.contribute(rows, items.popularity, items.is_head, 1)
+        self._head_codes = {}
+        self._code_count = {}
+        self._len_sum = [0, 0]
+        for i in rows.tolist():
+            code = self._code(i)
+            self._code_count[code] = self._code_count.get(code, 0) + 1
+            self._len_sum[int(items.is_head[i])] += len(code)
+            if items.is_head[i]:
+                self._head_codes[code] = i
+        self._level_use = np.zeros((self.levels, self.k), dtype=np.int64)
+        self._use_levels(items.paths, 1)
+        self._due = {}
+        due = items.eval_round + self.demote_after - items.shrink_streak
+        for i in np.flatnonzero(items.below).tolist():
+            self._due.setdefault(int(due[i]), []).append(i)
+
     # -- state -----------------------------------------------------------------------------
 
     def state(self) -> AssignerState:
+        saved = self._items.saved()
+        saved["shrink_streak"] = self._streaks(np.arange(len(self._keys)), round_=False)
         return AssignerState(
             keys=tuple(self._keys),
-            **self._items.saved(),
+            **saved,
             levels=self.levels,
             k=self.k,
             enter_threshold=self.enter_threshold,
@@ -828,24 +1328,20 @@ class CodeAssigner:
         )
 
     @classmethod
-    def from_state(cls, state: AssignerState) -> CodeAssigner:
+    def from_state(cls, state: AssignerState, *, incremental: bool = True) -> CodeAssigner:
         """Rebuild an assigner equal to the one that produced ``state``.
 
         A state that cannot be rebuilt raises :class:`AssignmentError`.
         """
-        try:
-            policy = make_policy(state.policy_name, **state.policy_params)
-        except LengthPolicyError as exc:
-            raise AssignmentError(
-                f"CodeAssigner.from_state: cannot rebuild policy ({exc})"
-            ) from exc
-        out = cls(
+        out = cls._empty(
             state.levels,
             state.k,
-            policy,
-            enter_threshold=state.enter_threshold,
-            exit_threshold=state.exit_threshold,
-            demote_after=state.demote_after,
+            state.policy_name,
+            state.policy_params,
+            state.enter_threshold,
+            state.exit_threshold,
+            state.demote_after,
+            incremental,
         )
         items = _Items.from_state(state)
         if len(set(state.keys)) != len(state.keys):
@@ -855,7 +1351,155 @@ class CodeAssigner:
         out._items = items
         out._next_digit = int(state.next_digit)
         out._clock = int(state.clock)
+        if out._keys:
+            _, target = out._policy_targets()
+            items.below[:] = ~items.is_head & (
+                target < items.lengths + items.uses_digit.astype(np.int64)
+            )
+        out._rebuild_derived()
         return out
+
+    @classmethod
+    def _empty(
+        cls,
+        levels: int,
+        k: int,
+        policy_name: str,
+        policy_params: dict[str, Any],
+        enter: float,
+        exit_: float,
+        demote_after: int,
+        incremental: bool,
+    ) -> CodeAssigner:
+        try:
+            policy = make_policy(policy_name, **policy_params)
+        except LengthPolicyError as exc:
+            raise AssignmentError(f"CodeAssigner: cannot rebuild policy ({exc})") from exc
+        return cls(
+            levels,
+            k,
+            policy,
+            enter_threshold=enter,
+            exit_threshold=exit_,
+            demote_after=demote_after,
+            incremental=incremental,
+        )
+
+    # -- rows: the state saved item by item ----------------------------------------------------
+
+    def header(self, extra: dict[str, Any] | None = None) -> bytes:
+        """The assigner's parameters and counters (small, JSON); with :meth:`take_rows`, what
+        :meth:`from_rows` rebuilds it from. ``extra`` is kept for the caller."""
+        return json.dumps(
+            {
+                "format": ROWS_FORMAT,
+                "levels": self.levels,
+                "k": self.k,
+                "enter_threshold": self.enter_threshold,
+                "exit_threshold": self.exit_threshold,
+                "demote_after": self.demote_after,
+                "next_digit": self._next_digit,
+                "clock": self._clock,
+                "rounds": self._rounds,
+                "items": len(self._keys),
+                "policy_name": self._policy_name,
+                "policy_params": self._policy_params,
+                "extra": extra or {},
+            }
+        ).encode()
+
+    def take_rows(self, *, everything: bool = False) -> tuple[list[str], list[bytes]]:
+        """The keys and saved rows of the items changed since the last call (all of them
+        with ``everything``), in insertion order; the change set starts empty again."""
+        rows = range(len(self._keys)) if everything else sorted(self._unsaved)
+        self._unsaved.clear()
+        idx = np.fromiter(rows, dtype=np.int64)
+        items = self._items
+        out = np.zeros(idx.size, dtype=_row_dtype(self.levels))
+        out["seq"] = idx
+        for name in out.dtype.names or ():
+            if name != "seq":
+                out[name] = getattr(items, name)[idx]
+        raw = out.tobytes()
+        size = out.dtype.itemsize
+        return [self._keys[i] for i in idx.tolist()], [
+            raw[j : j + size] for j in range(0, len(raw), size)
+        ]
+
+    @property
+    def unsaved(self) -> int:
+        """Items changed since :meth:`take_rows`."""
+        return len(self._unsaved)
+
+    @classmethod
+    def from_rows(
+        cls, header: bytes, keys: Sequence[str], rows: Sequence[bytes]
+    ) -> tuple[CodeAssigner, dict[str, Any]]:
+        """Rebuild an assigner from its :meth:`header` and every item's last saved row
+        (in any order); returns it and the header's ``extra``."""
+        try:
+            meta = json.loads(header)
+            if meta.get("format") != ROWS_FORMAT:
+                raise AssignmentError(
+                    f"CodeAssigner.from_rows: header format {meta.get('format')} is not "
+                    f"supported (this build reads {ROWS_FORMAT})"
+                )
+            levels = int(meta["levels"])
+            arr = np.frombuffer(b"".join(rows), dtype=_row_dtype(levels))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AssignmentError(
+                f"CodeAssigner.from_rows: the saved rows are corrupt ({exc}); rebuild them"
+            ) from exc
+        if arr.size != len(keys) or arr.size != int(meta["items"]):
+            raise AssignmentError(
+                f"CodeAssigner.from_rows: {arr.size} rows for {len(keys)} keys, the header "
+                f"says {meta['items']} items; the saved rows are incomplete"
+            )
+        order = np.argsort(arr["seq"], kind="stable")
+        arr = arr[order]
+        if not np.array_equal(arr["seq"], np.arange(arr.size)):
+            raise AssignmentError("CodeAssigner.from_rows: item sequence numbers have gaps")
+        out = cls._empty(
+            levels,
+            int(meta["k"]),
+            str(meta["policy_name"]),
+            dict(meta["policy_params"]),
+            float(meta["enter_threshold"]),
+            float(meta["exit_threshold"]),
+            int(meta["demote_after"]),
+            True,
+        )
+        out._keys = [keys[i] for i in order.tolist()]
+        out._index = {key: i for i, key in enumerate(out._keys)}
+        arrays = {
+            f.name: np.ascontiguousarray(arr[f.name], dtype=f.metadata["dtype"])
+            for f in fields(_Items)
+        }
+        out._items = _Items(**arrays)
+        out._next_digit = int(meta["next_digit"])
+        out._clock = int(meta["clock"])
+        out._rounds = int(meta["rounds"])
+        out._rebuild_derived()
+        return out, dict(meta.get("extra") or {})
+
+
+@dataclass
+class _Moved:
+    """The items a call re-evaluates, with their popularity and head flag as the prefix
+    statistics hold them (``stats_hold`` where that is not their last value: re-coded and
+    new items count there as cold tail items)."""
+
+    old_pop: dict[int, float] = field(default_factory=dict)
+    old_head: dict[int, bool] = field(default_factory=dict)
+    stats_hold: dict[int, tuple[float, bool]] = field(default_factory=dict)
+    fixed: dict[int, tuple[Code, str]] = field(default_factory=dict)
+    unknown: list[int] = field(default_factory=list)
+    recoded: bool = False  # a known item got a new path
+
+    def note(self, i: int, pop: float, head: bool) -> None:
+        if i not in self.old_pop:
+            self.old_pop[i] = pop
+            self.old_head[i] = head
 
 
 def state_equal(a: AssignerState, b: AssignerState) -> bool:
@@ -874,6 +1518,7 @@ __all__ = [
     "AssignerState",
     "CodeAssigner",
     "CodeChange",
+    "CodeStats",
     "ServedCodes",
     "assign_codes",
     "row_ids",

@@ -379,3 +379,143 @@ def holdout_split(
     mask = np.ones(n, dtype=bool)
     mask[held] = False
     return Holdout(train=np.flatnonzero(mask), holdout=held)
+
+
+ChunkScorer = Callable[[int, int], "np.ndarray | torch.Tensor"]
+"""Scores ``[b, stop - start]`` of a batch of cases against the items ``[start, stop)``."""
+
+ChunkScoreFn = Callable[[np.ndarray], ChunkScorer]
+"""Given case indices ``[b]`` returns a :data:`ChunkScorer` for those cases (the costly part,
+e.g. encoding the histories, is done once per batch, not once per item chunk)."""
+
+DEFAULT_SCORE_BUDGET = 1 << 24
+"""Scores held at once by :func:`evaluate_ranking_chunked` (64 MiB of float32)."""
+
+
+def item_chunk_for(batch_size: int, score_budget: int = DEFAULT_SCORE_BUDGET) -> int:
+    """Items per chunk so that ``batch_size`` cases hold at most ``score_budget`` scores."""
+    if batch_size < 1 or score_budget < 1:
+        raise QuantizeError(f"batch_size={batch_size} and score_budget={score_budget} must be >= 1")
+    return max(1, score_budget // batch_size)
+
+
+def chunked_ranks(
+    scorer: ChunkScorer,
+    targets: np.ndarray,
+    n_items: int,
+    item_chunk: int,
+    check: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """:func:`ranks` of a batch of cases computed over item chunks, never all scores at once.
+
+    Two passes: the target's score is read from the chunk that holds it (the same float
+    as in its own chunk, so ties count exactly as in one pass), then every chunk counts the
+    items scoring at least as high. A single chunk is scored once. ``check`` is called
+    before each chunk (raise from it to stop).
+    """
+    t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+    if t.ndim != 1 or item_chunk < 1:
+        raise QuantizeError(f"targets must be 1-D and item_chunk={item_chunk} >= 1")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= n_items):
+        raise QuantizeError(
+            f"a target item index is outside [0, {n_items}); score every item of the domain"
+        )
+    bounds = [(a, min(a + item_chunk, n_items)) for a in range(0, n_items, item_chunk)]
+    cached: dict[int, torch.Tensor] = {}
+
+    def scores(c: int) -> torch.Tensor:
+        if c in cached:
+            return cached[c]
+        if check is not None:
+            check()
+        s = torch.as_tensor(scorer(*bounds[c]))
+        if s.shape != (len(t), bounds[c][1] - bounds[c][0]):
+            raise QuantizeError(
+                f"a chunk scorer returned {tuple(s.shape)} for {len(t)} cases and items "
+                f"{bounds[c]}; return one score per case and item of the chunk"
+            )
+        if torch.isnan(s).any():
+            raise QuantizeError("scores contain NaN; the model diverged: lower the learning rate")
+        if len(bounds) == 1:
+            cached[c] = s
+        return s
+
+    target_scores = torch.empty(len(t), dtype=torch.float64)
+    chunk_of = t // item_chunk
+    for c in torch.unique(chunk_of).tolist():
+        s = scores(c)
+        mask = chunk_of == c
+        local = (t[mask] - bounds[c][0]).to(s.device)
+        rows = torch.nonzero(mask).view(-1).to(s.device)
+        target_scores[mask] = s[rows, local].double().cpu()
+    count = torch.zeros(len(t), dtype=torch.int64)
+    for c in range(len(bounds)):
+        s = scores(c)
+        count += (s >= target_scores.to(s.device, s.dtype).view(-1, 1)).sum(dim=1).cpu()
+    return (count - 1).numpy().astype(np.int64)
+
+
+def evaluate_ranking_chunked(
+    score_fn: ChunkScoreFn,
+    targets: np.ndarray,
+    n_items: int,
+    *,
+    k: int = 10,
+    slices: Mapping[str, np.ndarray] | None = None,
+    batch_size: int = 1024,
+    score_budget: int = DEFAULT_SCORE_BUDGET,
+    check: Callable[[], None] | None = None,
+) -> Evaluation:
+    """:func:`evaluate_ranking` (full ranking, same ranks) with bounded memory: cases in
+    batches of ``batch_size`` and items in chunks, at most ``score_budget`` scores at once
+    (see :func:`chunked_ranks`). ``check`` is called before each chunk (raise to stop)."""
+    t = np.asarray(targets, dtype=np.int64)
+    if t.ndim != 1:
+        raise QuantizeError(f"targets must be 1-D (one item per case), got shape {t.shape}")
+    if batch_size < 1 or k < 1 or n_items < 1:
+        raise QuantizeError(f"batch_size={batch_size}, k={k} and n_items={n_items} must be >= 1")
+    item_chunk = item_chunk_for(batch_size, score_budget)
+    parts = [np.zeros(0, dtype=np.int64)]
+    for start in range(0, len(t), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(t)))
+        parts.append(chunked_ranks(score_fn(idx), t[idx], n_items, item_chunk, check))
+    return summarize(np.concatenate(parts), k, slices)
+
+
+def pad_slices(
+    values: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int
+) -> np.ndarray:
+    """``[n, width]`` int32: the last ``width`` of ``values[starts[i] : starts[i] + lengths[i]]``
+    per row, left-padded with -1: :func:`pad_histories` of slices of one array, built with
+    numpy in bounded chunks of rows (no per-row Python objects)."""
+    s_all = np.asarray(starts, dtype=np.int64)
+    n_all = np.asarray(lengths, dtype=np.int64)
+    if s_all.shape != n_all.shape or s_all.ndim != 1 or width < 1:
+        raise QuantizeError(
+            f"starts {s_all.shape} and lengths {n_all.shape} must be parallel 1-D arrays and "
+            f"width={width} >= 1"
+        )
+    out = np.full((len(s_all), width), -1, dtype=np.int32)
+    cols = np.arange(width, dtype=np.int64)[None, :]
+    step = 1 << 16
+    for a in range(0, len(s_all), step):
+        s = s_all[a : a + step, None]
+        ln = n_all[a : a + step, None]
+        pos = s + ln - width + cols  # where column c of the row comes from
+        valid = cols >= width - np.minimum(ln, width)
+        out[a : a + step] = np.where(valid, values[np.where(valid, pos, 0)], -1)
+    return out
+
+
+def user_histories(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray, wanted: np.ndarray, max_len: int
+) -> np.ndarray:
+    """The last ``max_len`` items of each ``wanted`` user, in time order, left-padded:
+    ``pad_histories([user_sequences(...)[u] for u in wanted], max_len)`` with arrays only."""
+    order = time_order(users, timestamps)
+    su = np.asarray(users, dtype=np.int64)[order]
+    si = np.asarray(items, dtype=np.int64)[order]
+    w = np.asarray(wanted, dtype=np.int64)
+    starts = np.searchsorted(su, w, side="left")
+    ends = np.searchsorted(su, w, side="right")
+    return pad_slices(si, starts, ends - starts, max_len).astype(np.int64)

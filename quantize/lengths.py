@@ -39,6 +39,8 @@ import numpy as np
 from quantize.exceptions import LengthPolicyError
 
 DEFAULT_HEAD_FRACTION = 0.2
+#: entropies closer than this count as equal (incremental and full sums differ in the last bits)
+ENTROPY_TIE = 1e-9
 DEFAULT_EXIT_RATIO = 0.8
 
 
@@ -141,8 +143,9 @@ def thresholds_for_fraction(
     m = round(fraction * len(pop))
     if m == 0 or positive.size == 0:
         return math.inf, math.inf
-    ranked = np.sort(pop)[::-1]
-    enter = max(float(ranked[m - 1]), float(positive.min()))
+    # the m-th largest popularity (np.partition: O(n), no full sort)
+    mth = float(np.partition(pop, len(pop) - m)[len(pop) - m])
+    enter = max(mth, float(positive.min()))
     return enter, enter * exit_ratio
 
 
@@ -311,6 +314,9 @@ class FixedLength:
     length: int | None = None
     name: str = "fixed"
 
+    #: an item's length depends only on its own values (see :func:`is_per_item`)
+    per_item = True
+
     def __post_init__(self) -> None:
         if self.length is not None and self.length < 1:
             raise LengthPolicyError(f"fixed policy: length={self.length}; use at least 1")
@@ -337,6 +343,11 @@ class PopularityLength:
     min_len: int = 1
     pop_ref: float | None = None
     name: str = "popularity"
+
+    @property
+    def per_item(self) -> bool:
+        """Without ``pop_ref`` every length depends on the largest popularity."""
+        return self.pop_ref is not None
 
     def __post_init__(self) -> None:
         _check_min_len(self.min_len, self.name)
@@ -374,6 +385,11 @@ class EntropyLength:
     max_effective: float = 2.0
     name: str = "entropy"
 
+    #: an item's length depends on its own values and :meth:`node_flags` of its nodes
+    per_item = True
+    #: :meth:`node_flags` matter for head items only (tail items get ``min_len``)
+    node_flags_heads_only = True
+
     def __post_init__(self) -> None:
         _check_min_len(self.min_len, self.name)
         if not self.max_effective >= 1.0:
@@ -394,12 +410,17 @@ class EntropyLength:
         head = np.asarray(is_head, dtype=bool)
         lengths = np.full(n, lo, dtype=np.int64)
         active = head.copy()
-        limit = math.log(self.max_effective)
         for depth in range(lo, levels):
-            crowded = (stats.item_head_count(depth) > 1) | (stats.item_entropy(depth) > limit)
-            active &= crowded
+            active &= self.node_flags(stats.item_head_count(depth), stats.item_entropy(depth))
             lengths[active] = depth + 1
         return lengths
+
+    def node_flags(self, head_count: np.ndarray, entropy: np.ndarray) -> np.ndarray:
+        """Whether nodes are crowded: another head item, or an effective item count above
+        ``max_effective`` (entropies within ``ENTROPY_TIE`` of the limit count as equal, so
+        sums taken in another order decide alike)."""
+        limit = math.log(self.max_effective) + ENTROPY_TIE
+        return (np.asarray(head_count) > 1) | (np.asarray(entropy) > limit)
 
 
 @dataclass(frozen=True)
@@ -408,6 +429,8 @@ class ReverseLength:
 
     min_len: int = 1
     name: str = "reverse"
+
+    per_item = True
 
     def __post_init__(self) -> None:
         _check_min_len(self.min_len, self.name)
@@ -422,6 +445,13 @@ class ReverseLength:
         levels = np.shape(paths)[1]
         head = np.asarray(is_head, dtype=bool)
         return np.where(head, min(self.min_len, levels), levels).astype(np.int64)
+
+
+def is_per_item(policy: LengthPolicy) -> bool:
+    """Whether ``policy`` gives an item a length from its own popularity and head flag (and
+    the :meth:`EntropyLength.node_flags` of its prefix nodes) only: then an assigner can
+    re-evaluate just the items whose inputs moved. Policies that do not say are not."""
+    return bool(getattr(policy, "per_item", False))
 
 
 PolicyFactory = Callable[..., LengthPolicy]

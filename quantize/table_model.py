@@ -150,6 +150,9 @@ class CodeTable(nn.Module):
         self.repeat: nn.Parameter | None = None
         if config.repeat_bias:
             self.repeat = nn.Parameter(torch.zeros(()))
+        self.sparse_rows = False
+        """With ``True`` the rows get sparse gradients (only the rows a step used), for
+        optimisers that update only those (:class:`torch.optim.SparseAdam`)."""
         self.text_proj: nn.Linear | None = None
         if config.text_dim > 0:
             self.text_proj = nn.Linear(config.text_dim, config.hidden, bias=False)
@@ -164,7 +167,11 @@ class CodeTable(nn.Module):
                 "max_code_len (warm starts copy the overlap)"
             )
         valid = item_rows >= 0
-        gathered = self.rows[item_rows.clamp(min=0)] * valid.unsqueeze(-1)
+        if self.sparse_rows:
+            looked_up = F.embedding(item_rows.clamp(min=0), self.rows, sparse=True)
+        else:
+            looked_up = self.rows[item_rows.clamp(min=0)]
+        gathered = looked_up * valid.unsqueeze(-1)
         if self.level_weight is not None:
             gathered = gathered * self.level_weight[: item_rows.shape[1]].view(1, -1, 1)
         vectors = gathered.sum(dim=1)
@@ -315,6 +322,27 @@ class CodeTableRecommender(nn.Module):
         # padding maps to item 0 with weight 0; scatter_add keeps real occurrences of item 0
         seen = torch.zeros_like(scores)
         seen.scatter_add_(1, sequences.clamp(min=0), (sequences >= 0).to(scores.dtype))
+        return scores + offset * (seen > 0)
+
+    def last_states(self, sequences: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
+        """User states ``[batch, hidden]`` after each left-padded sequence."""
+        return self.encode(sequences, item_vecs)[:, -1]
+
+    def score_chunk(
+        self, states: torch.Tensor, sequences: torch.Tensor, chunk_vecs: torch.Tensor, start: int
+    ) -> torch.Tensor:
+        """:meth:`score_last` restricted to the items ``[start, start + len(chunk_vecs))``:
+        scores ``[batch, len(chunk_vecs)]`` from :meth:`last_states` (same floats as
+        :meth:`score_last` when the chunk holds every item)."""
+        scores = self.logits(states, chunk_vecs)
+        offset = self.repeat_offset()
+        if offset is None:
+            return scores
+        width = scores.shape[1]
+        local = sequences - start
+        inside = (sequences >= 0) & (local >= 0) & (local < width)
+        seen = torch.zeros_like(scores)
+        seen.scatter_add_(1, torch.where(inside, local, 0), inside.to(scores.dtype))
         return scores + offset * (seen > 0)
 
     def domain_parameters(self) -> list[nn.Parameter]:

@@ -2,10 +2,26 @@
 
 :func:`train_domain` trains next-item prediction over a domain's interaction log (parallel
 arrays: user index, item index, timestamp). Every user's time-ordered sequence is cut into
-windows of ``max_len`` inputs from the end; every position predicts the next item
-(SASRec-style), with a full softmax over the domain's items (or shared sampled negatives
-for very large domains). The last interaction of every user is held out as the validation
-target for early stopping; the parameters of the best validation epoch are returned.
+windows of ``max_len`` inputs from the end (numpy only, no per-interaction objects); every
+position predicts the next item (SASRec-style). The last interaction of every user is held
+out as the validation target for early stopping; the parameters of the best validation
+epoch are returned.
+
+The loss, by rule (``TrainConfig.softmax="auto"``): a full softmax over the domain's items
+while the catalogue has at most ``full_softmax_max_items`` items (every step computes every
+item's vector: exact, and as cheap as sampling at that size); above it a sampled softmax
+whose cost per step does not depend on the catalogue (:func:`sampled_softmax_loss`): the
+candidates are the batch's own targets (in-batch negatives, drawn by popularity) plus
+``negatives`` items drawn uniformly, shared by the batch; each candidate's logit is
+corrected by ``-log q`` (its probability of being in the pool; Yi et al. 2019,
+"Sampling-bias-corrected neural modeling for large corpus item recommendations"), so the
+popular items that in-batch sampling over-represents are not over-penalised; item vectors
+are computed only for the pool and the batch's inputs, and the code rows get sparse
+gradients (lazy Adam), so no step touches every item or row. Validation and the gate rank
+all items (:func:`~quantize.evaluate.evaluate_ranking_chunked`, bounded memory).
+
+Budget and stop: ``max_seconds`` is checked before every step and every validation batch;
+``check`` (a callback) likewise, and raising from it stops training at once.
 
 Warm starts: ``init_from`` loads a previous version or a cross-domain pretrained model
 (shapes that grew, e.g. more table rows, keep their fresh initialisation beyond the copied
@@ -19,6 +35,7 @@ thread count are restored on return.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,7 +46,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quantize.evaluate import evaluate_ranking, pad_histories, time_order
+from quantize.evaluate import (
+    DEFAULT_SCORE_BUDGET,
+    ChunkScoreFn,
+    ChunkScorer,
+    evaluate_ranking_chunked,
+    pad_slices,
+    time_order,
+)
 from quantize.exceptions import QuantizeError
 from quantize.table_model import (
     DOMAIN_PREFIX,
@@ -47,6 +71,7 @@ from quantize.table_model import (
 
 Trainable = Literal["all", "domain"]
 SoftmaxItems = Literal["seen", "all"]
+SoftmaxKind = Literal["auto", "full", "sampled"]
 IncrementalValidation = Literal["new", "all"]
 
 
@@ -69,8 +94,14 @@ class TrainConfig:
     What is trained: ``trainable="all"``, or ``"domain"`` (shared encoder frozen).
     ``softmax_items="seen"`` ranks targets against the items of the training log only, so
     items without any interaction (new items) are never pushed down as negatives and keep
-    the score their codes and text give them; ``"all"`` uses every item. ``negatives``: 0 =
-    full softmax, else that many uniformly sampled candidates shared by a batch.
+    the score their codes and text give them; ``"all"`` uses every item.
+
+    The loss: ``softmax="full"`` (every candidate item, every step), ``"sampled"`` (the
+    batch's targets plus ``negatives`` uniformly drawn candidates, logQ-corrected; see the
+    module docstring) or ``"auto"``: full while the domain has at most
+    ``full_softmax_max_items`` items, sampled above (the threshold is measured by
+    ``bench/train_scale.py``). In sampled mode ``weight_decay`` applies to the dense
+    parameters only (code rows are updated lazily, with sparse Adam).
 
     Incremental runs (``new_since``): ``replay_ratio`` old windows are sampled per new
     window; with ``epochs=None`` they get ``incremental_share`` of the epochs the rule
@@ -81,7 +112,9 @@ class TrainConfig:
 
     Runtime: ``threads`` torch CPU threads while training (restored after); ``device``
     ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``; ``val_users`` caps the
-    validation users (a seeded sample), ``None`` = all.
+    validation users (a seeded sample), ``None`` = all, and ``val_item_scores`` caps
+    validation users x items (large catalogues validate on fewer users, at least
+    ``min_val_users``), so one validation costs at most that many scores.
     """
 
     epochs: int | None = None
@@ -97,7 +130,9 @@ class TrainConfig:
     trainable: Trainable = "all"
     replay_ratio: float = 1.0
     incremental_share: float = 0.5
-    negatives: int = 0
+    softmax: SoftmaxKind = "auto"
+    full_softmax_max_items: int = 5_000
+    negatives: int = 2048
     softmax_items: SoftmaxItems = "seen"
     incremental_validation: IncrementalValidation = "new"
     min_val_users: int = 100
@@ -106,6 +141,13 @@ class TrainConfig:
     device: str = "auto"
     max_seconds: float | None = None
     val_users: int | None = 10_000
+    val_item_scores: int = 2_000_000_000
+
+    def loss_for(self, n_items: int) -> Literal["full", "sampled"]:
+        """The loss a domain of ``n_items`` items trains with (the rule of ``softmax``)."""
+        if self.softmax == "auto":
+            return "full" if n_items <= self.full_softmax_max_items else "sampled"
+        return self.softmax
 
     def epochs_for(self, n_targets: int) -> int:
         """``epochs`` when set, else ``position_budget / n_targets`` clipped to the bounds."""
@@ -130,8 +172,12 @@ class TrainConfig:
             problems.append(f"trainable={self.trainable!r} is not 'all' or 'domain'")
         if not 0.0 < self.incremental_share <= 1.0:
             problems.append(f"incremental_share={self.incremental_share} is outside (0, 1]")
-        if self.replay_ratio < 0 or self.negatives < 0:
-            problems.append("replay_ratio and negatives must be >= 0")
+        if self.replay_ratio < 0 or self.negatives < 1 or self.full_softmax_max_items < 0:
+            problems.append("replay_ratio and full_softmax_max_items must be >= 0, negatives >= 1")
+        if self.softmax not in ("auto", "full", "sampled"):
+            problems.append(f"softmax={self.softmax!r} is not 'auto', 'full' or 'sampled'")
+        if self.val_item_scores < 1:
+            problems.append(f"val_item_scores={self.val_item_scores} must be >= 1")
         if self.incremental_validation not in ("new", "all") or self.min_val_users < 0:
             problems.append(
                 f"incremental_validation={self.incremental_validation!r} must be 'new' or "
@@ -179,6 +225,19 @@ class TrainResult:
     """bool ``[n_items]``: items of the training log (inputs or targets of a training window),
     the items whose code rows this version trained; pass ``~seen_items`` as the new items
     to :func:`~quantize.table_model.borrow_trained_codes` when serving."""
+    loss: str = "full"
+    """The loss the rule chose: ``"full"`` or ``"sampled"``."""
+    out_of_time: bool = False
+    """``max_seconds`` ran out during training (the epoch under way was dropped). With
+    ``best_epoch == 0`` no epoch was validated in time: ``params`` are a partly trained,
+    unvalidated model that must not be served (see :attr:`validated`)."""
+    steps: int = 0
+    """Optimiser steps taken."""
+
+    @property
+    def validated(self) -> bool:
+        """Whether ``params`` come from a validated epoch (always, unless out of time)."""
+        return self.best_epoch > 0
 
     def snapshot(self) -> Snapshot:
         """The trained version as a :class:`~quantize.table_model.Snapshot` (bytes-ready)."""
@@ -196,13 +255,15 @@ class TrainResult:
             "trainable_params": float(self.trainable_params),
             "n_windows": float(self.n_windows),
             "n_targets": float(self.n_targets),
+            "steps": float(self.steps),
+            "sampled_loss": float(self.loss == "sampled"),
         }
 
 
 @dataclass(frozen=True)
 class _Windows:
-    inputs: np.ndarray  # int64 [n_windows, max_len], left-padded with -1
-    targets: np.ndarray  # int64 [n_windows, max_len], -1 = no loss at this position
+    inputs: np.ndarray  # int32 [n_windows, max_len], left-padded with -1
+    targets: np.ndarray  # int32 [n_windows, max_len], -1 = no loss at this position
     is_new: np.ndarray  # bool [n_windows]: holds a target at/after new_since
 
 
@@ -224,36 +285,23 @@ def _prepare(
     validate: bool,
 ) -> _Data:
     """Every user's time-ordered sequence, its last item held out for validation (with
-    ``validate``, when it has two or more), the rest cut into windows (:func:`_cut`)."""
+    ``validate``, when it has two or more), the rest cut into windows (:func:`_cut`);
+    arrays throughout, no per-user or per-interaction Python objects."""
     u, it, ts = _check_log_columns(users, items, timestamps, n_items)
     order = time_order(u, ts)
     su, si, st = u[order], it[order], ts[order]
-    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if su.size else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], len(su)].astype(np.int64) if su.size else starts
-    cut: list[tuple[np.ndarray, np.ndarray, bool]] = []
-    val_hist: list[np.ndarray] = []
-    val_tgt: list[int] = []
-    val_ts: list[int] = []
-    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-        seq = si[a:b]
-        stamps = st[a:b]
-        if validate and len(seq) >= 2:
-            val_hist.append(seq[:-1])
-            val_tgt.append(int(seq[-1]))
-            val_ts.append(int(stamps[-1]))
-            seq, stamps = seq[:-1], stamps[:-1]
-        cut.extend(_cut(seq, stamps, max_len, new_since))
-    shape = (len(cut), max_len)
-    windows = _Windows(
-        inputs=np.stack([c[0] for c in cut]) if cut else np.zeros(shape, np.int64),
-        targets=np.stack([c[1] for c in cut]) if cut else np.zeros(shape, np.int64),
-        is_new=np.asarray([c[2] for c in cut], dtype=bool),
-    )
+    n = len(su)
+    starts = np.flatnonzero(np.r_[True, su[1:] != su[:-1]]) if n else np.zeros(0, np.int64)
+    lengths = np.diff(np.r_[starts, n]).astype(np.int64)
+    held = (lengths >= 2) if validate else np.zeros(len(starts), dtype=bool)
+    val = np.flatnonzero(held)
+    val_at = starts[val] + lengths[val] - 1  # the held-out (last) interaction
+    windows = _cut(si, st, starts, lengths - held, max_len, new_since)
     return _Data(
         windows,
-        pad_histories(val_hist, max_len),
-        np.asarray(val_tgt, dtype=np.int64),
-        np.asarray(val_ts, dtype=np.int64),
+        pad_slices(si, starts[val], lengths[val] - 1, max_len).astype(np.int64),
+        si[val_at].astype(np.int64),
+        st[val_at].astype(np.int64),
     )
 
 
@@ -278,26 +326,39 @@ def _check_log_columns(
 
 
 def _cut(
-    seq: np.ndarray, stamps: np.ndarray, max_len: int, new_since: int | None
-) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """Windows ``(inputs, targets, is_new)`` of one user's sequence, cut from the end.
+    items: np.ndarray,
+    stamps: np.ndarray,
+    starts: np.ndarray,
+    lengths: np.ndarray,
+    max_len: int,
+    new_since: int | None,
+) -> _Windows:
+    """Windows of every user's training sequence ``items[starts[u] : starts[u] + lengths[u]]``,
+    cut from its end, users in order and each user's last window first.
 
     The pairs (input ``seq[i]``, target ``seq[i + 1]``) go in windows of at most
     ``max_len``, left-padded with -1; a window is new when it holds a target stamped at or
     after ``new_since``.
     """
-    out: list[tuple[np.ndarray, np.ndarray, bool]] = []
-    end = len(seq) - 1
-    while end > 0:
-        begin = max(0, end - max_len)
-        inp = np.full(max_len, -1, dtype=np.int64)
-        tgt = np.full(max_len, -1, dtype=np.int64)
-        inp[max_len - (end - begin) :] = seq[begin:end]
-        tgt[max_len - (end - begin) :] = seq[begin + 1 : end + 1]
-        is_new = new_since is not None and bool((stamps[begin + 1 : end + 1] >= new_since).any())
-        out.append((inp, tgt, is_new))
-        end = begin
-    return out
+    pairs = np.maximum(lengths - 1, 0)
+    per_user = -(-pairs // max_len)
+    owner = np.repeat(np.arange(len(starts)), per_user)
+    first = np.r_[0, np.cumsum(per_user)[:-1]] if len(per_user) else per_user
+    nth = np.arange(len(owner)) - np.repeat(first, per_user)  # 0 = the user's last window
+    end = pairs[owner] - nth * max_len  # pairs [begin, end) of the user's sequence
+    begin = np.maximum(0, end - max_len)
+    at = starts[owner] + begin
+    inputs = pad_slices(items, at, end - begin, max_len)
+    targets = pad_slices(items, at + 1, end - begin, max_len)
+    if new_since is None:
+        is_new = np.zeros(len(owner), dtype=bool)
+    else:
+        last_stamp = np.full(len(owner), np.iinfo(np.int64).min, dtype=np.int64)
+        if len(owner):
+            # the newest target of a window: its targets are time-ordered, so the last one
+            last_stamp = stamps[at + (end - begin)]
+        is_new = last_stamp >= new_since
+    return _Windows(inputs, targets, is_new)
 
 
 def _select_windows(
@@ -346,7 +407,7 @@ def _candidates(
         ids = np.arange(n_items)
     else:
         used = np.concatenate([windows.inputs.ravel(), windows.targets.ravel()])
-        ids = np.unique(used[used >= 0])
+        ids = np.unique(used[used >= 0]).astype(np.int64)
     slot = np.full(n_items, -1, dtype=np.int64)
     slot[ids] = np.arange(len(ids))
     return torch.as_tensor(ids, device=device), torch.as_tensor(slot, device=device)
@@ -417,25 +478,80 @@ def _trim(histories: torch.Tensor) -> torch.Tensor:
     return histories[:, histories.shape[1] - max(width, 1) :]
 
 
+def rank_histories(
+    model: CodeTableRecommender,
+    item_rows: np.ndarray | torch.Tensor,
+    histories: np.ndarray,
+    targets: np.ndarray,
+    *,
+    text: np.ndarray | torch.Tensor | None = None,
+    batch_size: int = 512,
+    score_budget: int = DEFAULT_SCORE_BUDGET,
+    check: Callable[[], None] | None = None,
+) -> np.ndarray:
+    """0-based full-ranking rank of each target after its left-padded history: the ranks
+    of :func:`score_histories`, computed in item chunks (at most ``score_budget`` scores at
+    once, whatever the catalogue). ``check`` is called before each chunk (raise to stop)."""
+    device = next(model.parameters()).device
+    rows = torch.as_tensor(np.asarray(item_rows, dtype=np.int64), device=device)
+    txt = (
+        None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
+    )
+    hist = torch.as_tensor(np.asarray(histories, dtype=np.int64)[:, -model.config.max_len :])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            vecs = model.item_vectors(rows, txt)
+            result = evaluate_ranking_chunked(
+                _chunk_scorer(model, vecs, hist.to(device)),
+                np.asarray(targets, dtype=np.int64),
+                len(rows),
+                batch_size=batch_size,
+                score_budget=score_budget,
+                check=check,
+            )
+    finally:
+        model.train(was_training)
+    return result.rank
+
+
+def _chunk_scorer(
+    model: CodeTableRecommender, vecs: torch.Tensor, histories: torch.Tensor
+) -> ChunkScoreFn:
+    """Per batch of cases: their states once, then scores against any item range."""
+
+    def prepare(idx: np.ndarray) -> ChunkScorer:
+        batch = _trim(histories[torch.as_tensor(idx, device=histories.device)])
+        states = model.last_states(batch, vecs)
+        return lambda start, stop: model.score_chunk(states, batch, vecs[start:stop], start)
+
+    return prepare
+
+
 def _validate(
     model: CodeTableRecommender,
     rows: torch.Tensor,
     text: torch.Tensor | None,
     histories: torch.Tensor,
     targets: np.ndarray,
+    check: Callable[[], None] | None = None,
 ) -> tuple[float, float]:
     if len(targets) == 0:
         return float("nan"), float("nan")
     model.eval()
-    with torch.no_grad():
-        vecs = model.item_vectors(rows, text)
-
-        def score(idx: np.ndarray) -> torch.Tensor:
-            batch = histories[torch.as_tensor(idx, device=histories.device)]
-            return model.score_last(_trim(batch), vecs)
-
-        result = evaluate_ranking(score, targets, batch_size=512)
-    model.train()
+    try:
+        with torch.no_grad():
+            vecs = model.item_vectors(rows, text)
+            result = evaluate_ranking_chunked(
+                _chunk_scorer(model, vecs, histories),
+                targets,
+                len(rows),
+                batch_size=512,
+                check=check,
+            )
+    finally:
+        model.train()
     return result.recall, result.ndcg
 
 
@@ -446,32 +562,70 @@ def _loss(
     targets: torch.Tensor,
     candidates: torch.Tensor,
     slot: torch.Tensor,
-    negatives: int,
-    generator: torch.Generator,
 ) -> torch.Tensor:
-    """Cross-entropy of the next item against ``candidates`` (all of them, or a sample).
+    """Full softmax: cross-entropy of the next item against every one of ``candidates``.
 
-    ``slot[item]`` is the item's position in ``candidates`` (every target is a candidate).
+    ``vecs``: every item's vector; ``slot[item]`` is the item's position in ``candidates``
+    (every target is a candidate).
     """
     states = model.encode(inputs, vecs)
     keep = targets >= 0
     states = states[keep]
-    tgt = targets[keep]
-    if negatives <= 0 or negatives >= len(candidates):
-        cols, col_of, target_cols = candidates, slot, slot[tgt]
-    else:
-        draw = torch.randint(0, len(candidates), (negatives,), generator=generator)
-        sampled = candidates[draw.to(candidates.device)]
-        cols, inverse = torch.unique(torch.cat([tgt, sampled]), return_inverse=True)
-        col_of = torch.full_like(slot, -1)
-        col_of[cols] = torch.arange(len(cols), device=cols.device)
-        target_cols = inverse[: len(tgt)]
-    logits = model.logits(states, vecs[cols])
+    logits = model.logits(states, vecs[candidates])
     offset = model.repeat_offset()
     if offset is not None:
-        rows, hist_cols = history_pairs(inputs, keep, col_of, len(cols))
+        rows, hist_cols = history_pairs(inputs, keep, slot, len(candidates))
         logits = logits.index_put_((rows, hist_cols), offset.expand(len(rows)), accumulate=True)
-    return F.cross_entropy(logits, target_cols)
+    return F.cross_entropy(logits, slot[targets[keep]])
+
+
+def sampled_softmax_loss(
+    model: CodeTableRecommender,
+    item_rows: torch.Tensor,
+    text: torch.Tensor | None,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    pool: torch.Tensor,
+    log_q: torch.Tensor,
+) -> torch.Tensor:
+    """Cross-entropy of the next item against a candidate ``pool``, logQ-corrected.
+
+    ``inputs``/``targets`` ``[batch, T]`` item indices (``-1``: padding / no loss);
+    ``pool``: sorted unique item indices holding every target (the batch's targets plus
+    sampled negatives); ``log_q[j]``: log probability that ``pool[j]`` is in a pool, whose
+    subtraction from the logits makes the sampled softmax an unbiased stand-in for the
+    full one (Yi et al. 2019); a pool of every item with a uniform ``log_q`` gives the
+    full softmax exactly. Item vectors are computed for the pool and the inputs only.
+    """
+    keep = targets >= 0
+    tgt = targets[keep]
+    cols = torch.searchsorted(pool, tgt)
+    if len(tgt) and not torch.equal(pool[cols.clamp(max=len(pool) - 1)], tgt):
+        raise QuantizeError("every target must be in the sampled pool; add the targets to it")
+    needed = torch.unique(torch.cat([pool, inputs[inputs >= 0]]))
+    vecs = model.item_vectors(item_rows[needed], None if text is None else text[needed])
+    local = torch.where(inputs >= 0, torch.searchsorted(needed, inputs.clamp(min=0)), -1)
+    pool_local = torch.searchsorted(needed, pool)
+    states = model.encode(local, vecs)[keep]
+    logits = model.logits(states, vecs[pool_local])
+    offset = model.repeat_offset()
+    if offset is not None:
+        col_of = torch.full((len(needed),), -1, dtype=torch.long, device=needed.device)
+        col_of[pool_local] = torch.arange(len(pool), device=needed.device)
+        rows, hist_cols = history_pairs(local, keep, col_of, len(pool))
+        logits = logits.index_put_((rows, hist_cols), offset.expand(len(rows)), accumulate=True)
+    return F.cross_entropy(logits - log_q, cols)
+
+
+def pool_log_q(
+    target_share: torch.Tensor, n_positions: int, n_sampled: int, n_candidates: int
+) -> torch.Tensor:
+    """Log probability that each item is in a pool of ``n_positions`` targets (each drawn
+    with the item's ``target_share`` of the training targets) and ``n_sampled`` uniform
+    draws among ``n_candidates`` items: ``log(1 - (1 - 1/N)^S (1 - share)^P)``."""
+    miss = n_sampled * math.log1p(-1.0 / n_candidates) if n_candidates > 1 else -math.inf
+    absent = miss + n_positions * torch.log1p(-target_share.clamp(max=1.0))
+    return torch.log(-torch.expm1(absent)).clamp(min=-80.0)
 
 
 def train_domain(
@@ -487,6 +641,7 @@ def train_domain(
     new_since: int | None = None,
     n_rows: int | None = None,
     progress: Callable[[EpochReport], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train (or fine-tune) a domain model on its interaction log; see the module docstring.
 
@@ -495,7 +650,10 @@ def train_domain(
     ``model_config.text_dim > 0``. ``init_from``: params to start from (a previous version,
     or a pretrained model of another domain sharing the codebook). ``new_since``: train on
     windows with targets at/after this timestamp plus a replay sample of older windows.
-    ``n_rows``: table size (default ``item_rows.max() + 1``).
+    ``n_rows``: table size (default ``item_rows.max() + 1``). ``check``: called before every
+    step and every validation batch; an exception raised from it stops training and
+    propagates (e.g. a shutdown). ``max_seconds`` is checked as often (see
+    :attr:`TrainResult.out_of_time`).
     """
     mcfg = model_config or ModelConfig()
     cfg = config or TrainConfig()
@@ -505,7 +663,11 @@ def train_domain(
     data = _prepare(
         users, items, timestamps, rows_np.shape[0], mcfg.max_len, new_since, validate=True
     )
-    run = _Run(rows_np, data, mcfg, cfg, text, init_from, new_since, n_rows, _device(cfg.device))
+    if check is not None:
+        check()
+    run = _Run(
+        rows_np, data, mcfg, cfg, text, init_from, new_since, n_rows, _device(cfg.device), check
+    )
     with _seeded_torch(run.device, cfg):
         return _train(run, progress, started)
 
@@ -563,10 +725,16 @@ class _Run:
     new_since: int | None
     n_rows: int | None
     device: torch.device
+    check: Callable[[], None] | None = None
 
     @property
     def n_items(self) -> int:
         return int(self.item_rows.shape[0])
+
+    @property
+    def loss(self) -> Literal["full", "sampled"]:
+        """The loss of this run, by the config's rule on the catalogue size."""
+        return self.config.loss_for(self.n_items)
 
     def planned_epochs(self) -> int:
         """Epochs by the config's rule; an incremental run gets its share of them."""
@@ -627,31 +795,37 @@ def _train(
     model, params = _build(run)
     train = _training_set(run, rng)
     val = _validation_set(run, rng)
-    trainer = _Trainer(run, model, params, train, val, rng)
-    best, history = _fit(trainer, progress, started)
+    trainer = _Trainer(run, model, params, train, val, rng, started)
+    fit = _fit(trainer, progress, started)
+    best = fit.best
     return TrainResult(
-        params=best.params,
+        params=export_params(model) if best is None else best.params,
         config=run.model_config,
-        epochs_run=len(history),
-        best_epoch=best.epoch,
+        epochs_run=len(fit.history),
+        best_epoch=0 if best is None else best.epoch,
         wall_s=time.perf_counter() - started,
         trainable_params=count_parameters(params),
         n_windows=len(train.chosen),
         n_targets=train.n_targets,
-        val_recall=best.recall,
-        val_ndcg=best.ndcg,
-        history=history,
+        val_recall=float("nan") if best is None else best.recall,
+        val_ndcg=float("nan") if best is None else best.ndcg,
+        history=fit.history,
         seen_items=_seen(run.data.windows, run.n_items),
+        loss=run.loss,
+        out_of_time=fit.out_of_time,
+        steps=trainer.steps_done,
     )
 
 
 def _build(run: _Run) -> tuple[CodeTableRecommender, list[torch.nn.Parameter]]:
     """The model on the device, loaded from ``init_from``, and its trained parameters (the
-    domain's only, the shared ones frozen, when ``trainable="domain"``)."""
+    domain's only, the shared ones frozen, when ``trainable="domain"``); with the sampled
+    loss the code rows get sparse gradients."""
     model = build_model(run.model_config, run.item_rows, run.n_rows)
     if run.init_from is not None:
         load_params(model, run.init_from, partial=True)
     model.to(run.device)
+    model.table.sparse_rows = run.loss == "sampled"
     if run.config.trainable == "domain":
         for p in model.shared_parameters():
             p.requires_grad_(False)
@@ -668,25 +842,32 @@ def _training_set(run: _Run, rng: np.random.Generator) -> _TrainingSet:
             "no training windows: every user has at most one interaction besides the "
             "validation target (or none is new); collect more interactions before training"
         )
+    every = len(chosen) == len(windows.inputs)  # chosen is then arange: no copy
+    inputs = windows.inputs if every else windows.inputs[chosen]
+    targets = windows.targets if every else windows.targets[chosen]
     return _TrainingSet(
         chosen=chosen,
-        inputs=torch.as_tensor(windows.inputs[chosen], device=run.device),
-        targets=torch.as_tensor(windows.targets[chosen], device=run.device),
-        lengths=(windows.inputs[chosen] >= 0).sum(axis=1),
+        inputs=torch.as_tensor(inputs, device=run.device),
+        targets=torch.as_tensor(targets, device=run.device),
+        lengths=(inputs >= 0).sum(axis=1),
     )
 
 
 def _validation_set(run: _Run, rng: np.random.Generator) -> _ValidationSet:
     """The users to validate on: those with a new target when an incremental run validates
-    on them and has ``min_val_users`` of them, capped at ``val_users`` (seeded sample)."""
+    on them and has ``min_val_users`` of them, capped at ``val_users`` and at
+    ``val_item_scores / n_items`` (at least ``min_val_users``; a seeded sample)."""
     cfg = run.config
     targets, histories = run.data.val_targets, run.data.val_histories
     if run.new_since is not None and cfg.incremental_validation == "new":
         recent = run.data.val_times >= run.new_since
         if recent.sum() >= cfg.min_val_users:
             targets, histories = targets[recent], histories[recent]
-    if cfg.val_users is not None and len(targets) > cfg.val_users:
-        keep = np.sort(rng.choice(len(targets), size=cfg.val_users, replace=False))
+    cap = max(cfg.min_val_users, cfg.val_item_scores // run.n_items)
+    if cfg.val_users is not None:
+        cap = min(cap, cfg.val_users)
+    if len(targets) > cap:
+        keep = np.sort(rng.choice(len(targets), size=cap, replace=False))
         targets, histories = targets[keep], histories[keep]
     by_length = np.argsort((histories >= 0).sum(axis=1), kind="stable")  # cheap batches
     return _ValidationSet(
@@ -695,9 +876,14 @@ def _validation_set(run: _Run, rng: np.random.Generator) -> _ValidationSet:
     )
 
 
+class _OutOfTime(QuantizeError):
+    """Internal: ``max_seconds`` ran out (raised between steps, caught by :func:`_fit`)."""
+
+
 class _Trainer:
     """The optimisation of one run: epochs of steps over shuffled batches, with the
-    learning rate decaying over the planned steps, and validation."""
+    learning rate decaying over the planned steps, and validation; the budget and the
+    ``check`` callback are honoured before every step and validation batch."""
 
     def __init__(
         self,
@@ -707,14 +893,18 @@ class _Trainer:
         train: _TrainingSet,
         val: _ValidationSet,
         rng: np.random.Generator,
+        started: float,
     ) -> None:
         cfg = run.config
         self.config = cfg
+        self.run = run
         self.model = model
         self.train = train
         self.val = val
         self.rng = rng
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.started = started
+        self.sampled = run.loss == "sampled"
+        self.optimizers = _optimizers(model, params, cfg, self.sampled)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.rows = torch.as_tensor(run.item_rows, device=run.device)
         self.text = (
@@ -725,6 +915,7 @@ class _Trainer:
         self.candidates, self.slot = _candidates(
             run.data.windows, run.n_items, cfg.softmax_items, run.device
         )
+        self.target_share = _target_share(train.targets, self.candidates, run.n_items)
         self.planned_epochs = run.planned_epochs()
         self.total_steps = self.planned_epochs * len(self._batches())
         self.steps_done = 0
@@ -733,11 +924,20 @@ class _Trainer:
     def _batches(self) -> list[np.ndarray]:
         return _batches(self.train.lengths, self.config.batch_tokens, self.rng)
 
+    def check(self) -> None:
+        """Raise when asked to stop (the run's ``check``) or out of time."""
+        if self.run.check is not None:
+            self.run.check()
+        limit = self.config.max_seconds
+        if limit is not None and time.perf_counter() - self.started >= limit:
+            raise _OutOfTime
+
     def epoch(self) -> float:
         """One pass over the training windows; returns the mean batch loss."""
         total = 0.0
         steps = 0
         for idx in self._batches():
+            self.check()
             total += self._step(idx)
             steps += 1
         return total / max(steps, 1)
@@ -746,48 +946,93 @@ class _Trainer:
         """One optimiser step on the windows ``idx`` (trimmed to their longest input)."""
         batch = torch.as_tensor(idx, device=self.train.inputs.device)
         width = int(self.train.lengths[idx].max())
-        vecs = self.model.item_vectors(self.rows, self.text)
-        loss = _loss(
-            self.model,
-            vecs,
-            self.train.inputs[batch, -width:],
-            self.train.targets[batch, -width:],
-            self.candidates,
-            self.slot,
-            self.config.negatives,
-            self.generator,
-        )
-        self.optimizer.zero_grad(set_to_none=True)
+        inputs = self.train.inputs[batch, -width:].long()
+        targets = self.train.targets[batch, -width:].long()
+        loss = self._sampled(inputs, targets) if self.sampled else self._full(inputs, targets)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        for opt in self.optimizers:
+            opt.step()
         self.steps_done += 1
         if self.config.lr_decay:
             self._decay_lr()
         return float(loss.detach())
 
+    def _full(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The full softmax: every item's vector, every candidate scored."""
+        vecs = self.model.item_vectors(self.rows, self.text)
+        return _loss(self.model, vecs, inputs, targets, self.candidates, self.slot)
+
+    def _sampled(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The sampled softmax over the batch's targets and ``negatives`` uniform draws."""
+        tgt = targets[targets >= 0]
+        n = len(self.candidates)
+        draw = torch.randint(0, n, (self.config.negatives,), generator=self.generator)
+        pool = torch.unique(torch.cat([tgt, self.candidates[draw.to(tgt.device)]]))
+        log_q = pool_log_q(self.target_share[pool], len(tgt), self.config.negatives, n)
+        return sampled_softmax_loss(self.model, self.rows, self.text, inputs, targets, pool, log_q)
+
     def _decay_lr(self) -> None:
         """Linear decay from ``lr`` to ``lr_floor * lr`` over the planned steps."""
         cfg = self.config
         share = min(1.0, self.steps_done / self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = cfg.lr * (1.0 - (1.0 - cfg.lr_floor) * share)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * (1.0 - (1.0 - cfg.lr_floor) * share)
 
     def validate(self) -> tuple[float, float]:
         """Recall@10 and NDCG@10 on the validation users."""
-        return _validate(self.model, self.rows, self.text, self.val.histories, self.val.targets)
+        return _validate(
+            self.model, self.rows, self.text, self.val.histories, self.val.targets, self.check
+        )
 
 
-def _fit(
-    trainer: _Trainer, progress: Callable[[EpochReport], None] | None, started: float
-) -> tuple[_Best, list[EpochReport]]:
+def _optimizers(
+    model: CodeTableRecommender,
+    params: list[torch.nn.Parameter],
+    cfg: TrainConfig,
+    sparse: bool,
+) -> list[torch.optim.Optimizer]:
+    """AdamW over ``params``; with sparse rows, the code rows apart under sparse Adam (only
+    the rows a step used move; no weight decay on them)."""
+    rows = model.table.rows
+    if not sparse or not any(p is rows for p in params):
+        return [torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    dense = [p for p in params if p is not rows]
+    out: list[torch.optim.Optimizer] = [torch.optim.SparseAdam([rows], lr=cfg.lr)]
+    if dense:
+        out.append(torch.optim.AdamW(dense, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    return out
+
+
+def _target_share(targets: torch.Tensor, candidates: torch.Tensor, n_items: int) -> torch.Tensor:
+    """Each item's share of the training targets (float64 ``[n_items]``)."""
+    t = targets[targets >= 0].long()
+    counts = torch.bincount(t, minlength=n_items).double()
+    return counts / max(len(t), 1)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    best: _Best | None
+    history: list[EpochReport]
+    out_of_time: bool
+
+
+def _fit(trainer: _Trainer, progress: Callable[[EpochReport], None] | None, started: float) -> _Fit:
     """Train the planned epochs, keeping the best validation epoch; stop early when the
-    patience or the time budget runs out. Returns the best epoch and every epoch's report."""
+    patience or the time budget runs out (an epoch cut by the budget is dropped). Returns
+    the best epoch (``None`` when none was validated in time) and every epoch's report."""
     cfg = trainer.config
     history: list[EpochReport] = []
     best: _Best | None = None
     for epoch in range(1, trainer.planned_epochs + 1):
-        loss = trainer.epoch()
-        recall, ndcg = trainer.validate()
+        try:
+            loss = trainer.epoch()
+            recall, ndcg = trainer.validate()
+        except _OutOfTime:
+            return _Fit(best, history, out_of_time=True)
         score = ndcg if not np.isnan(ndcg) else -float(epoch)
         if best is None or score > best.score:
             best = _Best(score, epoch, recall, ndcg, export_params(trainer.model))
@@ -806,7 +1051,5 @@ def _fit(
         if cfg.patience and epoch - best.epoch >= cfg.patience:
             break
         if cfg.max_seconds is not None and report.elapsed_s >= cfg.max_seconds:
-            break
-    if best is None:  # unreachable: epochs >= 1 always sets it
-        raise QuantizeError("training ran no epoch; set epochs >= 1")
-    return best, history
+            return _Fit(best, history, out_of_time=True)
+    return _Fit(best, history, out_of_time=False)

@@ -172,6 +172,25 @@ _POP_DTYPE = np.dtype(
 )
 
 
+def popularity_since(values: Sequence[bytes], ref_ts: int, half_life_s: float) -> np.ndarray:
+    """Decayed counts of encoded :class:`Popularity` records expressed at ``ref_ts`` *without
+    clamping*: ``decayed * 2 ** ((decay_ts - ref_ts) / half_life)``. Taken at one fixed
+    ``ref_ts``, an item's value changes only when it gets an interaction, and the ratio
+    of two items' values is that of their decayed counts at any later time (float64)."""
+    if not values:
+        return np.zeros(0, dtype=np.float64)
+    raw = b"".join(values)
+    if len(raw) != _POP.size * len(values):
+        bad = next(v for v in values if len(v) != _POP.size)
+        raise _corrupt("popularity", bad)
+    rows = np.frombuffer(raw, dtype=_POP_DTYPE)
+    if (rows["version"] != _V1).any():
+        raise _corrupt("popularity", values[int(np.argmax(rows["version"] != _V1))])
+    dt = (rows["decay_ts"].astype(np.float64) - float(ref_ts)) / half_life_s
+    out = rows["decayed"] * np.exp2(dt)
+    return np.where(rows["count"] > 0, out, 0.0)
+
+
 def popularity_at(values: Sequence[bytes], ts: int, half_life_s: float) -> list[float]:
     """:meth:`Popularity.at` of many encoded :class:`Popularity` records (same results)."""
     if not values:

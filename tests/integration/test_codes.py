@@ -11,12 +11,12 @@ from tests.kafka_utils import produce_json
 from tests.worker_process import DIM, InProcessWorker, end_offsets, settings_for, wait_for
 from worker.commands.topics import create_topics
 from worker.ingest.events import interaction_payload, item_payload
-from worker.state.layout import assigner_key
+from worker.state.reads import committed_assigner
 
 
 def _state(worker: InProcessWorker, domain: str) -> AssignerState | None:
-    raw = worker.store.get("codes", assigner_key(domain))
-    return None if raw is None else AssignerState.from_bytes(raw)
+    assigner = committed_assigner(worker.store, domain)
+    return None if assigner is None else assigner.state()
 
 
 def test_new_item_is_coded_in_its_batch_and_interactions_promote_it(

@@ -463,3 +463,139 @@ def test_metric_edge_cases() -> None:
     assert level_utilization(even, 8)[0] == pytest.approx(0.5)
     skewed = np.array([[0], [0], [0], [1]])
     assert 0 < level_balance(skewed, 4)[0] < level_balance(even, 4)[0]
+
+
+# -- incremental re-evaluation against the full one ------------------------------------------
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> dict[str, object]:
+    """A random stream of calls: adds (sometimes with popularity or a new path for a known
+    key), popularity rounds over a few items, threshold moves."""
+    levels = draw(st.integers(min_value=1, max_value=4))
+    k = draw(st.integers(min_value=2, max_value=4))
+    n_keys = draw(st.integers(min_value=2, max_value=40))
+    steps = []
+    for _ in range(draw(st.integers(min_value=1, max_value=14))):
+        kind = draw(st.sampled_from(["add", "add", "pop", "pop", "pop", "thresholds"]))
+        if kind == "add":
+            keys = draw(st.lists(st.integers(0, n_keys - 1), min_size=1, max_size=8, unique=True))
+            paths = draw(hnp.arrays(np.int64, (len(keys), levels), elements=st.integers(0, k - 1)))
+            pop = draw(
+                st.none()
+                | hnp.arrays(np.float64, len(keys), elements=st.sampled_from([0.0, 1.0, 4.0, 7.0]))
+            )
+            steps.append(("add", keys, paths, pop))
+        elif kind == "pop":
+            keys = draw(st.lists(st.integers(0, n_keys - 1), min_size=1, max_size=10, unique=True))
+            pop = draw(
+                hnp.arrays(
+                    np.float64, len(keys), elements=st.sampled_from([0.0, 1.0, 2.0, 3.0, 6.0, 12.0])
+                )
+            )
+            steps.append(("pop", keys, pop))
+        else:
+            enter = draw(st.sampled_from([1.0, 3.0, 5.0, 8.0, float("inf")]))
+            steps.append(("thresholds", enter, draw(st.sampled_from([0.5, 0.8, 1.0]))))
+    return {
+        "levels": levels,
+        "k": k,
+        "steps": steps,
+        "policy": draw(st.sampled_from(POLICY_NAMES)),
+        "params": draw(st.sampled_from([{}, {"min_len": 2}])),
+        "demote_after": draw(st.integers(1, 3)),
+    }
+
+
+def play(s: dict[str, object], assigner: CodeAssigner) -> list[list[CodeChange]]:
+    """Run stream ``s``; keys already known keep their path unless the step re-adds them."""
+    log: list[list[CodeChange]] = []
+    for step in s["steps"]:  # type: ignore[attr-defined]
+        if step[0] == "add":
+            _, ids, paths, pop = step
+            log.append(assigner.add([f"i{j}" for j in ids], paths, pop, ts=len(log)))
+        elif step[0] == "pop":
+            _, ids, pop = step
+            known = [(f"i{j}", p) for j, p in zip(ids, pop, strict=True) if f"i{j}" in assigner]
+            log.append(
+                assigner.update_popularity(
+                    [key for key, _ in known], np.asarray([p for _, p in known]), ts=len(log)
+                )
+            )
+        else:
+            _, enter, ratio = step
+            log.append(assigner.set_thresholds(enter, enter * ratio, ts=len(log)))
+        check_invariants(assigner)
+    return log
+
+
+def stream_assigner(s: dict[str, object], *, incremental: bool) -> CodeAssigner:
+    policy = make_policy(str(s["policy"]), **({} if s["policy"] == "fixed" else s["params"]))  # type: ignore[arg-type]
+    return CodeAssigner(
+        int(s["levels"]),  # type: ignore[call-overload]
+        int(s["k"]),  # type: ignore[call-overload]
+        policy,
+        enter_threshold=4.0,
+        exit_threshold=2.0,
+        demote_after=int(s["demote_after"]),  # type: ignore[call-overload]
+        incremental=incremental,
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(streams())
+def test_incremental_rounds_equal_a_full_reevaluation(s: dict[str, object]) -> None:
+    """Re-evaluating only what moved gives the codes, changes and state of re-evaluating
+    every item at every call (the reference), call by call."""
+    fast = stream_assigner(s, incremental=True)
+    slow = stream_assigner(s, incremental=False)
+    assert play(s, fast) == play(s, slow)
+    assert state_equal(fast.state(), slow.state())
+    assert fast.stats() == CodeAssigner.from_state(slow.state()).stats()
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams(), st.integers(min_value=0, max_value=13))
+def test_saved_rows_rebuild_the_assigner_at_any_point(s: dict[str, object], cut: int) -> None:
+    """Rows saved as they change (take_rows after each call) rebuild an assigner equal to
+    the live one, which then goes on exactly as the live one does."""
+    steps = s["steps"]
+    assert isinstance(steps, list)
+    live = stream_assigner(s, incremental=True)
+    saved: dict[str, bytes] = {}
+    play({**s, "steps": steps[:cut]}, live)
+    keys, rows = live.take_rows()
+    saved.update(zip(keys, rows, strict=True))
+    rebuilt, extra = CodeAssigner.from_rows(
+        live.header({"ref": 7}), list(saved), list(saved.values())
+    )
+    assert extra == {"ref": 7}
+    assert state_equal(rebuilt.state(), live.state())
+    rest = {**s, "steps": steps[cut:]}
+    assert play(rest, rebuilt) == play(rest, live)
+    assert state_equal(rebuilt.state(), live.state())
+    assert rebuilt.stats() == live.stats()
+
+
+def test_a_round_touches_only_the_items_that_moved() -> None:
+    """At 20,000 items, a round over 50 items saves about those 50 (plus the head items
+    whose codes they contest), not the catalogue."""
+    rng = np.random.default_rng(0)
+    n, levels, k = 20_000, 3, 16
+    assigner = CodeAssigner(
+        levels, k, make_policy("entropy"), enter_threshold=50.0, exit_threshold=40.0
+    )
+    keys = [f"i{j}" for j in range(n)]
+    assigner.add(keys, rng.integers(0, k, size=(n, levels)), rng.pareto(1.2, n) * 10)
+    assigner.take_rows()
+    picked = [keys[j] for j in rng.choice(n, 50, replace=False)]
+    assigner.update_popularity(picked, rng.pareto(1.2, 50) * 10)
+    moved = assigner.unsaved
+    assert 50 <= moved < 200
+    stats = assigner.stats()
+    report = code_report(assigner.served())
+    assert stats.n_head == report.n_head
+    assert stats.collision_all == pytest.approx(report.collision_all)
+    assert stats.mean_len_head == pytest.approx(report.mean_len_head)
+    assert stats.mean_len_tail == pytest.approx(report.mean_len_tail)
+    assert stats.utilization == pytest.approx(report.utilization)

@@ -12,7 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantize.codebook import ResidualCodebook, levels_for, suggest_k, suggest_shape
+from quantize.codebook import (
+    POINTS_PER_CENTROID,
+    ResidualCodebook,
+    levels_for,
+    sample_rows,
+    sample_size,
+    suggest_k,
+    suggest_shape,
+)
 from quantize.exceptions import CodebookError
 
 
@@ -206,3 +214,70 @@ def test_shape_rule(n: int) -> None:
         assert levels * k <= 0.05 * n
     assert suggest_k(n, levels) >= 2
     assert math.ceil(2 * math.log(n) / math.log(k)) <= levels or levels == 2
+
+
+# -- training on a bounded sample ---------------------------------------------------------
+
+
+def test_sample_size_rule_and_sample_rows() -> None:
+    assert POINTS_PER_CENTROID == 256
+    assert sample_size(256) == 65_536 and sample_size(16, points_per_centroid=10) == 160
+    np.testing.assert_array_equal(sample_rows(5, 8, seed=0), np.arange(5))
+    rows = sample_rows(1000, 100, seed=3)
+    assert rows.shape == (100,) and np.all(np.diff(rows) > 0) and rows.max() < 1000
+    np.testing.assert_array_equal(rows, sample_rows(1000, 100, seed=3))
+    assert not np.array_equal(rows, sample_rows(1000, 100, seed=4))
+    with pytest.raises(CodebookError, match="points_per_centroid"):
+        sample_size(16, points_per_centroid=0)
+
+
+def test_sample_training_is_close_to_full_training() -> None:
+    """Seeded clustered data: trained on the rule's 256 points per centroid (a fifth of the
+    rows), the codebook quantizes every row within 10 % of the one trained on every row
+    (measured 1.017x; seeds 1 and 2: 0.993x, 1.010x)."""
+    x = clustered(20_000, 24, seed=7, clusters=40)
+    full = ResidualCodebook.train(x, levels=3, k=16, seed=0)
+    sampled = ResidualCodebook.train(x, levels=3, k=16, seed=0, points_per_centroid=256)
+    assert sampled.codebook_id != full.codebook_id  # it did train on fewer rows
+    full_err, sample_err = full.quantization_error(x), sampled.quantization_error(x)
+    assert sample_err <= 1.1 * full_err, (sample_err, full_err)
+    assert sample_err < 0.8 * sampled.level_errors(x)[0]
+    again = ResidualCodebook.train(x, levels=3, k=16, seed=0, points_per_centroid=256)
+    assert again.codebook_id == sampled.codebook_id
+
+
+def test_a_sample_as_large_as_the_data_is_full_training(data: np.ndarray) -> None:
+    full = ResidualCodebook.train(data, levels=2, k=8, seed=1)
+    capped = ResidualCodebook.train(data, levels=2, k=8, seed=1, points_per_centroid=256)
+    assert len(data) <= sample_size(8) and capped.codebook_id == full.codebook_id
+    with pytest.raises(CodebookError, match="points_per_centroid=0"):
+        ResidualCodebook.train(data, levels=2, k=8, points_per_centroid=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["rkmeans", "rq_beam"])
+def test_after_level_reports_each_level(data: np.ndarray, method: str) -> None:
+    seen: list[tuple[int, int]] = []
+    ResidualCodebook.train(
+        data,
+        levels=3,
+        k=8,
+        method=method,  # type: ignore[arg-type]
+        after_level=lambda lv, total: seen.append((lv, total)),
+    )
+    assert seen == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_an_exception_from_after_level_stops_training(data: np.ndarray) -> None:
+    seen: list[int] = []
+
+    def stop_after_first(level: int, total: int) -> None:
+        seen.append(level)
+        raise _Stop
+
+    with pytest.raises(_Stop):
+        ResidualCodebook.train(data, levels=4, k=8, after_level=stop_after_first)
+    assert seen == [0]

@@ -12,14 +12,17 @@ from hypothesis import strategies as st
 
 from quantize.evaluate import (
     evaluate_ranking,
+    evaluate_ranking_chunked,
     holdout_split,
     leave_last_split,
     pad_histories,
+    pad_slices,
     paired_difference,
     ranks,
     recall_ndcg,
     summarize,
     target_slices,
+    user_histories,
     user_sequences,
     wilson_interval,
 )
@@ -231,3 +234,78 @@ def test_paired_difference_cluster_bootstrap() -> None:
     assert ahead.low == ahead.high == 1.0
     with pytest.raises(QuantizeError):
         paired_difference(a, b[:-1])
+
+
+# -- chunked full ranking (bounded memory) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [1, 3, 7, 12, 1000])
+def test_chunked_ranking_equals_one_pass(budget: int) -> None:
+    rng = np.random.default_rng(budget)
+    scores = rng.integers(0, 4, size=(23, 12)).astype(np.float32)  # many ties
+    targets = rng.integers(0, 12, size=23)
+    slices = {"odd": np.arange(23) % 2 == 1}
+    one = evaluate_ranking(lambda idx: scores[idx], targets, k=3, slices=slices)
+    chunked = evaluate_ranking_chunked(
+        lambda idx: lambda a, b: scores[idx, a:b],
+        targets,
+        12,
+        k=3,
+        slices=slices,
+        batch_size=5,
+        score_budget=budget * 5,  # item chunks of `budget` items
+    )
+    np.testing.assert_array_equal(chunked.rank, one.rank)
+    assert chunked.slices == one.slices
+
+
+def test_chunked_ranking_never_holds_more_than_the_budget() -> None:
+    held: list[int] = []
+    scores = np.random.default_rng(0).normal(size=(10, 100)).astype(np.float32)
+
+    def prepare(idx):
+        def chunk(a, b):
+            held.append(len(idx) * (b - a))
+            return scores[idx, a:b]
+
+        return chunk
+
+    evaluate_ranking_chunked(prepare, np.arange(10), 100, batch_size=4, score_budget=40)
+    assert max(held) <= 40
+
+
+def test_chunked_ranking_calls_check_and_stops() -> None:
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        evaluate_ranking_chunked(
+            lambda idx: lambda a, b: np.zeros((len(idx), b - a), dtype=np.float32),
+            np.zeros(4, dtype=np.int64),
+            50,
+            batch_size=4,
+            score_budget=40,
+            check=check,
+        )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_user_histories_equal_pad_histories_of_sequences(seed: int) -> None:
+    users, items, stamps = _random_log(seed, n=80, n_users=9)
+    wanted = np.array([3, 0, 8, 3, 5])
+    seqs = user_sequences(users, items, stamps, n_users=9)
+    np.testing.assert_array_equal(
+        user_histories(users, items, stamps, wanted, 4), pad_histories([seqs[u] for u in wanted], 4)
+    )
+    values = np.arange(20)
+    np.testing.assert_array_equal(
+        pad_slices(values, np.array([0, 5, 19]), np.array([0, 3, 1]), 2),
+        [[-1, -1], [6, 7], [-1, 19]],
+    )

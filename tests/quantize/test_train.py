@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from quantize.evaluate import evaluate_ranking, leave_last_split, pad_histories, user_sequences
+from quantize.evaluate import (
+    evaluate_ranking,
+    leave_last_split,
+    pad_histories,
+    ranks,
+    user_sequences,
+)
 from quantize.exceptions import QuantizeError
 from quantize.table_model import (
     ModelConfig,
@@ -17,7 +23,19 @@ from quantize.table_model import (
     pad_rows,
     shared_names,
 )
-from quantize.train import EpochReport, TrainConfig, score_histories, shared_init, train_domain
+from quantize.train import (
+    EpochReport,
+    TrainConfig,
+    _candidates,
+    _loss,
+    _prepare,
+    pool_log_q,
+    rank_histories,
+    sampled_softmax_loss,
+    score_histories,
+    shared_init,
+    train_domain,
+)
 
 N_CLUSTERS = 4
 PER_CLUSTER = 6
@@ -259,8 +277,9 @@ def test_sampled_negatives_reduce_loss(log) -> None:
         items[keep],
         stamps[keep],
         model_config=MODEL,
-        config=replace(TRAIN, negatives=8, epochs=6),
+        config=replace(TRAIN, softmax="sampled", negatives=8, epochs=6),
     )
+    assert result.loss == "sampled"
     assert result.history[-1].loss < result.history[0].loss
 
 
@@ -278,8 +297,9 @@ def test_progress_time_budget_and_threads(log) -> None:
         config=replace(TRAIN, max_seconds=0.0, threads=1),
         progress=seen.append,
     )
-    assert [r.epoch for r in seen] == [1]
-    assert result.epochs_run == 1
+    # the budget is checked before every step: no step, no validated epoch, nothing to serve
+    assert seen == [] and result.epochs_run == 0 and result.steps == 0
+    assert result.out_of_time and not result.validated and result.best_epoch == 0
     assert torch.get_num_threads() == before
 
 
@@ -405,3 +425,248 @@ def test_incremental_run_validates_on_the_new_targets(trained, log) -> None:
     assert 0 < ev.slices["new"].n < len(targets)
     assert run("new").val_ndcg == pytest.approx(ev.slices["new"].ndcg, abs=1e-6)
     assert run("all").val_ndcg == pytest.approx(ev.ndcg, abs=1e-6)
+
+
+# -- scale: numpy windows, sampled loss, stop and budget inside epochs -----------------------
+
+
+def _slow_prepare(users, items, stamps, max_len, new_since):
+    """Reference: the per-user Python loop the numpy windows replace."""
+    order = np.lexsort((np.arange(len(users)), stamps, users))
+    su, si, st = users[order], items[order], stamps[order]
+    inputs, targets, is_new, val_h, val_t, val_ts = [], [], [], [], [], []
+    for u in np.unique(su):
+        seq, ts = si[su == u], st[su == u]
+        if len(seq) >= 2:
+            val_h.append(seq[:-1])
+            val_t.append(seq[-1])
+            val_ts.append(ts[-1])
+            seq, ts = seq[:-1], ts[:-1]
+        end = len(seq) - 1
+        while end > 0:
+            begin = max(0, end - max_len)
+            inp = np.full(max_len, -1)
+            tgt = np.full(max_len, -1)
+            inp[max_len - (end - begin) :] = seq[begin:end]
+            tgt[max_len - (end - begin) :] = seq[begin + 1 : end + 1]
+            inputs.append(inp)
+            targets.append(tgt)
+            is_new.append(
+                new_since is not None and bool((ts[begin + 1 : end + 1] >= new_since).any())
+            )
+            end = begin
+    return inputs, targets, is_new, pad_histories(val_h, max_len), val_t, val_ts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_numpy_windows_equal_the_per_user_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 400
+    users = rng.integers(0, 40, n)
+    items = rng.integers(0, 30, n)
+    stamps = rng.integers(0, 50, n)  # ties on purpose
+    since = None if seed == 0 else 25
+    data = _prepare(users, items, stamps, 30, 7, since, validate=True)
+    inputs, targets, is_new, val_h, val_t, val_ts = _slow_prepare(users, items, stamps, 7, since)
+    np.testing.assert_array_equal(data.windows.inputs, np.array(inputs))
+    np.testing.assert_array_equal(data.windows.targets, np.array(targets))
+    np.testing.assert_array_equal(data.windows.is_new, np.array(is_new))
+    np.testing.assert_array_equal(data.val_histories, val_h)
+    np.testing.assert_array_equal(data.val_targets, val_t)
+    np.testing.assert_array_equal(data.val_times, val_ts)
+
+
+def _loss_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    text = torch.randn(N_ITEMS, 5)
+    model = model_from_params(
+        replace(MODEL, text_dim=5),
+        train_domain(
+            _codes(),
+            *_planted_log(seed, n_users=10)[:3],
+            model_config=replace(MODEL, text_dim=5),
+            config=replace(TRAIN, epochs=1),
+            text=text.numpy(),
+        ).params,
+    )
+    model.eval()  # no dropout: both sides see the same network
+    rng = np.random.default_rng(seed)
+    inputs = torch.as_tensor(rng.integers(-1, N_ITEMS, (5, MODEL.max_len)))
+    inputs[:, -1] = torch.as_tensor(rng.integers(0, N_ITEMS, 5))
+    targets = torch.as_tensor(rng.integers(0, N_ITEMS, (5, MODEL.max_len)))
+    targets[inputs < 0] = -1
+    return model, torch.as_tensor(_codes()), text, inputs, targets
+
+
+def _grads(model, loss) -> list[torch.Tensor]:
+    model.zero_grad()
+    loss.backward()
+    return [
+        p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        for p in model.parameters()
+    ]
+
+
+def _slow_sampled_loss(model, rows, text, inputs, targets, pool, log_q) -> torch.Tensor:
+    """Reference: every item's vector, then one position at a time."""
+    vecs = model.item_vectors(rows, text)
+    states = model.encode(inputs, vecs)
+    offset = model.repeat_offset()
+    losses = []
+    for b in range(inputs.shape[0]):
+        for t in range(inputs.shape[1]):
+            if targets[b, t] < 0:
+                continue
+            seen = set(inputs[b, : t + 1][inputs[b, : t + 1] >= 0].tolist())
+            logits = []
+            for j, item in enumerate(pool.tolist()):
+                s = torch.nn.functional.cosine_similarity(states[b, t], vecs[item], dim=0)
+                s = s / model.config.temperature + (offset if item in seen else 0.0)
+                logits.append(s - log_q[j])
+            stacked = torch.stack(logits)
+            at = pool.tolist().index(int(targets[b, t]))
+            losses.append(torch.logsumexp(stacked, 0) - stacked[at])
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampled_loss_and_gradient_equal_a_slow_reference(seed: int) -> None:
+    model, rows, text, inputs, targets = _loss_setup(seed)
+    g = torch.Generator().manual_seed(seed)
+    extra = torch.randint(0, N_ITEMS, (6,), generator=g)
+    pool = torch.unique(torch.cat([targets[targets >= 0], extra]))
+    log_q = torch.log(torch.rand(len(pool), generator=g) * 0.9 + 0.05)
+    fast = sampled_softmax_loss(model, rows, text, inputs, targets, pool, log_q)
+    fast_grads = _grads(model, fast)
+    slow = _slow_sampled_loss(model, rows, text, inputs, targets, pool, log_q)
+    slow_grads = _grads(model, slow)
+    assert float(fast.detach()) == pytest.approx(float(slow.detach()), rel=1e-5)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_every_item_sampled_once_with_uniform_q_is_the_full_softmax() -> None:
+    model, rows, text, inputs, targets = _loss_setup(3)
+    pool = torch.arange(N_ITEMS)
+    share = torch.full((N_ITEMS,), 1.0 / N_ITEMS, dtype=torch.float64)
+    log_q = pool_log_q(share, int((targets >= 0).sum()), N_ITEMS, N_ITEMS).float()
+    assert torch.allclose(log_q, log_q[0].expand(N_ITEMS))  # uniform q: a constant shift
+    sampled = sampled_softmax_loss(model, rows, text, inputs, targets, pool, log_q)
+    sampled_grads = _grads(model, sampled)
+    windows = type("W", (), {"inputs": inputs.numpy(), "targets": targets.numpy()})
+    candidates, slot = _candidates(windows, N_ITEMS, "all", torch.device("cpu"))  # type: ignore[arg-type]
+    full = _loss(model, model.item_vectors(rows, text), inputs, targets, candidates, slot)
+    full_grads = _grads(model, full)
+    assert float(sampled.detach()) == pytest.approx(float(full.detach()), rel=1e-6)
+    for a, b in zip(sampled_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_pool_log_q_is_the_inclusion_probability() -> None:
+    share = torch.tensor([0.0, 0.1, 0.5, 1.0], dtype=torch.float64)
+    got = pool_log_q(share, n_positions=3, n_sampled=4, n_candidates=10).exp()
+    want = 1 - (1 - 1 / 10) ** 4 * (1 - share) ** 3
+    torch.testing.assert_close(got, want)
+    assert (got.diff() > 0).all()  # popular items are likelier in the pool
+
+
+def test_the_rule_picks_full_softmax_up_to_the_threshold() -> None:
+    cfg = TrainConfig(full_softmax_max_items=100)
+    assert (cfg.loss_for(100), cfg.loss_for(101)) == ("full", "sampled")
+    assert replace(cfg, softmax="full").loss_for(10**6) == "full"
+    assert replace(cfg, softmax="sampled").loss_for(5) == "sampled"
+    with pytest.raises(QuantizeError, match="softmax="):
+        TrainConfig(softmax="nope")  # type: ignore[arg-type]
+
+
+def test_sampled_training_ranks_like_full_training(log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    sampled = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=replace(TRAIN, full_softmax_max_items=N_ITEMS - 1, negatives=6),
+    )
+    full = train_domain(
+        _codes(), users[keep], items[keep], stamps[keep], model_config=MODEL, config=TRAIN
+    )
+    assert (sampled.loss, full.loss) == ("sampled", "full")
+    assert _test_recall(sampled.params, log) >= 0.9 * _test_recall(full.params, log)
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _StopAfter:
+    """A ``check`` that raises on its ``n``-th call."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls >= self.n:
+            raise _Stopped
+
+
+def test_check_stops_training_mid_epoch(log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    reports: list[EpochReport] = []
+    stop = _StopAfter(3)  # the call before the run, then before the first two steps
+    with pytest.raises(_Stopped):
+        train_domain(
+            _codes(),
+            users[keep],
+            items[keep],
+            stamps[keep],
+            model_config=MODEL,
+            config=replace(TRAIN, batch_tokens=32),  # several steps per epoch
+            progress=reports.append,
+            check=stop,
+        )
+    assert stop.calls == 3 and reports == []  # stopped inside the first epoch
+
+
+def test_budget_cut_keeps_the_best_validated_epoch(log) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    probe = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=replace(TRAIN, epochs=2),
+    )
+    per_epoch = probe.wall_s / 2
+    result = train_domain(
+        _codes(),
+        users[keep],
+        items[keep],
+        stamps[keep],
+        model_config=MODEL,
+        config=replace(TRAIN, epochs=200, max_seconds=3.5 * per_epoch),
+    )
+    assert result.out_of_time and result.validated
+    assert 1 <= result.best_epoch <= result.epochs_run < 200
+    assert result.wall_s < 10 * per_epoch  # stopped within a step, not after many epochs
+
+
+@pytest.mark.parametrize("budget", [1, 7, 10_000])
+def test_chunked_rank_histories_equal_ranks_of_full_scores(trained, log, budget: int) -> None:
+    users, items, stamps, split = log
+    keep = ~split.test
+    seqs = user_sequences(users[keep], items[keep], stamps[keep])
+    hist = pad_histories([seqs[u] for u in users[split.test]], MODEL.max_len)
+    model = model_from_params(MODEL, trained.params)
+    full = ranks(score_histories(model, _codes(), hist), items[split.test])
+    chunked = rank_histories(
+        model, _codes(), hist, items[split.test], batch_size=8, score_budget=8 * budget
+    )
+    np.testing.assert_array_equal(chunked, full)

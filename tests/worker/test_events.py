@@ -103,10 +103,48 @@ def test_bad_items_are_rejected_with_a_reason(raw: bytes | None, reason: str) ->
     assert reason in info.value.reason
 
 
-def test_nan_embedding_is_rejected() -> None:
-    raw = b'{"item_id":"i","domain":"d","embedding":[NaN,1,1,1],"ts":1}'
-    with pytest.raises(EventError):  # orjson refuses NaN literals: "not JSON"
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_embedding_is_rejected_with_a_reason_that_names_it(value: float) -> None:
+    """Python's json writes NaN / Infinity / -Infinity, which are no JSON numbers: the
+    reason names them and the field, not orjson's "unexpected character" at a column."""
+    doc = {"item_id": "i", "domain": "d", "text": None, "embedding": [0.5, value, 1.0, 1.0]}
+    raw = json.dumps({**doc, "ts": 1}).encode()
+    with pytest.raises(EventError) as info:
         parse_item(raw, LIMITS)
+    reason = info.value.reason
+    assert "field 'embedding' holds NaN or Infinity (not JSON numbers)" in reason, reason
+    assert repr(json.dumps(value)) in reason and "column" not in reason, reason
+
+
+@pytest.mark.parametrize("token", ["nan", "inf", "-inf", "+Infinity", "NaN"])
+def test_every_spelling_of_a_non_finite_value_is_named(token: str) -> None:
+    raw = b'{"item_id":"i","domain":"d","embedding":[1, 2, ' + token.encode() + b', 3],"ts":1}'
+    with pytest.raises(EventError) as info:
+        parse_item(raw, LIMITS)
+    assert "field 'embedding' holds NaN or Infinity" in info.value.reason, info.value.reason
+    assert repr(token) in info.value.reason
+
+
+@pytest.mark.parametrize("token", ["None", "undefined", "0x1f", "1.", ".5", "True"])
+def test_a_non_numeric_bare_value_in_the_embedding_is_named(token: str) -> None:
+    raw = b'{"item_id":"i","domain":"d","embedding":[1, 2, ' + token.encode() + b', 3],"ts":1}'
+    with pytest.raises(EventError) as info:
+        parse_item(raw, LIMITS)
+    reason = info.value.reason
+    assert f"field 'embedding' holds {token!r}, not a JSON value" in reason, reason
+
+
+def test_a_non_finite_weight_names_its_field_and_broken_json_keeps_orjsons_reason() -> None:
+    raw = b'{"user_id":"u","item_id":"i","domain":"d","ts":1,"weight":Infinity}'
+    with pytest.raises(EventError) as info:
+        parse_interaction(raw, LIMITS)
+    assert "field 'weight' holds NaN or Infinity" in info.value.reason
+    cols = parse_interactions([raw], LIMITS)  # the batch path gives the same reason
+    assert cols.bad and "field 'weight' holds NaN or Infinity" in cols.bad[0][1]
+    # NaN inside a string is no fault of a number: orjson's own reason
+    with pytest.raises(EventError) as info:
+        parse_item(b'{"item_id":"i","text":"a NaN', LIMITS)
+    assert "NaN or Infinity" not in info.value.reason and "not JSON" in info.value.reason
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,12 @@ from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.serving.index import Serving
 from worker.state.layout import item_key
-from worker.state.reads import load_codebook, stored_embeddings
+from worker.state.reads import (
+    committed_assigner,
+    iter_interactions,
+    load_codebook,
+    stored_embeddings,
+)
 from worker.state.versions import (
     REJECTED,
     TEXT_PROJ,
@@ -35,7 +40,7 @@ from worker.state.versions import (
     load_table,
     rollback,
 )
-from worker.tuning.exceptions import FineTuneDataError
+from worker.tuning.exceptions import Abandoned, FineTuneDataError
 from worker.tuning.finetune import (
     Candidate,
     DomainData,
@@ -43,6 +48,7 @@ from worker.tuning.finetune import (
     FinetuneStatus,
     read_domain,
     read_embeddings,
+    read_log,
 )
 
 S = Settings(
@@ -122,9 +128,9 @@ class RecordingTuner(FineTuner):
         self.inits: list[Snapshot | None] = []
         self.break_candidate = break_candidate
 
-    def train_candidate(self, domain, data: DomainData, train, init, new_since):  # type: ignore[no-untyped-def]
+    def train_candidate(self, domain, data: DomainData, train, init, new_since, **kw):  # type: ignore[no-untyped-def]
         self.inits.append(init)
-        candidate = super().train_candidate(domain, data, train, init, new_since)
+        candidate = super().train_candidate(domain, data, train, init, new_since, **kw)
         if self.break_candidate:
             snapshot = candidate.snapshot
             params = dict(snapshot.params)
@@ -193,7 +199,7 @@ def test_a_stop_abandons_the_fine_tune_and_writes_nothing() -> None:
     tuner = FineTuner(store, S, stop=stop)
     outcome = tuner.run("shop")
     assert outcome.status is FinetuneStatus.ABANDONED and outcome.record is None
-    assert outcome.reason == "fine-tune of 'shop' abandoned at epoch 1: stopping"
+    assert outcome.reason == "fine-tune of 'shop' abandoned while reading: stopping"
     assert current_version(store, "shop") is None and list_records(store, "shop") == []
     assert tuner.last == {}  # /metrics keeps the last finished run
 
@@ -527,3 +533,78 @@ def test_untrained_and_brand_new_items_are_served_their_trained_relatives_code()
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+# -- scale: chunked reads, stop and budget inside training -----------------------------------
+
+
+def _slow_read_log(store: MemoryPartition, domain: str, item_ids: list[str]):
+    """Reference: one decoded object per interaction, users numbered on first sight."""
+    index = {item: i for i, item in enumerate(item_ids)}
+    users: dict[str, int] = {}
+    u, it, ts = [], [], []
+    for t, inter in iter_interactions(store, domain):
+        if inter.item_id in index:
+            u.append(users.setdefault(inter.user_id, len(users)))
+            it.append(index[inter.item_id])
+            ts.append(t)
+    return np.array(u), np.array(it), np.array(ts)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
+def test_the_chunked_log_reader_equals_the_per_interaction_one(chunk: int) -> None:
+    store, proc, offset = _setup()
+    # a user id longer than any other, an unknown item, ids of several lengths
+    recs = [
+        SourceRecord(
+            INTER, 0, offset, b"shop", interaction_payload("a-long-user-id", "i3", "shop", 5000)
+        ),
+        SourceRecord(
+            INTER, 0, offset + 1, b"shop", interaction_payload("u1", "nope", "shop", 5001)
+        ),
+        SourceRecord(INTER, 0, offset + 2, b"shop", interaction_payload("u", "i119", "shop", 5002)),
+    ]
+    store.write(proc.process(recs).batch)
+    assigner = committed_assigner(store, "shop")
+    assert assigner is not None
+    item_ids = list(assigner.keys)
+    got = read_log(store, "shop", item_ids, chunk=chunk)
+    want = _slow_read_log(store, "shop", item_ids)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(got[0]) == 200 * 8 + 2
+
+
+class StopAfter(threading.Event):
+    """A stop event that is set on its ``n``-th ``is_set`` question."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+        self.asked = 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        if self.asked >= self.n:
+            self.set()
+        return super().is_set()
+
+
+def test_a_stop_during_training_abandons_within_a_step_and_publishes_nothing() -> None:
+    store, _proc, _offset = _setup()
+    stop = StopAfter(12)  # past the reading checks, a few steps into training
+    tuner = FineTuner(store, S, stop=stop)
+    outcome = tuner.run("shop")
+    assert outcome.status is FinetuneStatus.ABANDONED and outcome.record is None
+    assert outcome.reason == "fine-tune of 'shop' abandoned while training: stopping"
+    assert stop.asked == 12  # nothing ran past the step that saw the stop
+    assert current_version(store, "shop") is None and list_records(store, "shop") == []
+
+
+def test_a_run_out_of_budget_before_any_validated_epoch_is_abandoned() -> None:
+    store, _proc, _offset = _setup()
+    tuner = FineTuner(store, S)
+    data = tuner._read("shop")
+    assert data is not None
+    with pytest.raises(Abandoned, match="over budget: no epoch validated within 0 s"):
+        tuner.train_candidate("shop", data, np.arange(len(data.items)), None, None, budget_s=0.0)

@@ -438,8 +438,6 @@ def test_versions_written_before_borrowing_load_as_all_trained_and_serve(
         1,
         table,
         embeddings=lambda keys: {k: emb[0] for k in keys},
-        hnsw_min_items=10_000,
-        ef_search=16,
         levels=LEVELS,
     )
     for i, item in enumerate(ids):  # every item is served as it was trained

@@ -18,7 +18,6 @@ from typing import Any
 import faiss
 from kafka import TopicPartition
 
-from quantize.code_metrics import code_report
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
@@ -26,6 +25,7 @@ from worker.core.memory import cap_mmap_threshold
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.core.signals import install_stop_handlers
+from worker.ingest.bootstrap import Bootstrap
 from worker.ingest.consumer import ConsumerLoop
 from worker.ingest.encoder import TextEncoder
 from worker.ingest.events import control_payload
@@ -57,6 +57,7 @@ def readiness(
     assigned: Collection[TopicPartition],
     serving: Serving,
     store: StorePartition,
+    finetunes: dict[str, Any] | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Whether the worker can serve, and a JSON document saying what is missing if not.
 
@@ -71,6 +72,13 @@ def readiness(
     being ``serving`` (index of the current version), ``stale`` (an older version is served
     while the current one is built or could not be), ``building`` or ``failed`` (nothing
     served); ``missing`` lists, in words, each reason the worker is not ready.
+
+    ``finetunes``: the fine-tune queue's :meth:`~worker.tuning.scheduler.FinetuneScheduler.status`.
+    With it, (4) no owned domain may be waiting for its first version: a domain without any
+    version whose fine-tune is queued or running and was not tried yet in this process (a
+    request on the control topic, restored pending ones included, or a trigger). Once its
+    first fine-tune has an outcome (published, or skipped for too little data, or failed) it
+    no longer holds readiness. The document then carries ``finetune`` (queue counts).
     """
     missing: list[str] = []
     if not healthy:
@@ -107,13 +115,29 @@ def readiness(
                 state = "building"
                 missing.append(f"domain {domain!r}: the index of version {version} is being built")
         domains[domain] = {"current": version, "served": served, "state": state}
+    if finetunes is not None and finetunes["awaiting_first_version"]:
+        first = finetunes["awaiting_first_version"]
+        named = ", ".join(repr(d) for d in first[:5]) + (", ..." if len(first) > 5 else "")
+        missing.append(
+            f"{len(first)} domain(s) wait for their first fine-tune ({named}): queued or "
+            f"running, {len(finetunes['running'])} running now"
+        )
     ready = not missing
-    return ready, {
+    doc: dict[str, Any] = {
         "ready": ready,
         "missing": missing,
         "partitions": sorted(f"{tp.topic}-{tp.partition}" for tp in assigned),
         "domains": domains,
     }
+    if finetunes is not None:
+        doc["finetune"] = {
+            "workers": finetunes["workers"],
+            "queued": finetunes["queued"],
+            "running": len(finetunes["running"]),
+            "oldest_wait_s": round(finetunes["oldest_wait_s"], 1),
+            "awaiting_first_version": len(finetunes["awaiting_first_version"]),
+        }
+    return ready, doc
 
 
 class Daemon:
@@ -155,6 +179,10 @@ class Daemon:
         faiss.omp_set_num_threads(1)
         # -- 1. metrics and store ---------------------------------------------------------
         self.metrics = Metrics()
+        #: scrapes read versions only of the domains whose versions moved (see _metrics)
+        self._gauges_lock = threading.Lock()
+        self._versions_changed: set[str] = set()
+        self._created: dict[str, float] | None = None
         local = store or RocksDBPartition.open(
             settings.state_path, sync_writes=settings.sync_writes
         )
@@ -167,7 +195,13 @@ class Daemon:
         # -- 2. codebook, encoder, processor ----------------------------------------------
         self.codebooks = CodebookLog(settings, calls=self.kafka)
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
-        self.processor = Processor(self.store, settings, self.encoder.encode, group=self.codebooks)
+        self.processor = Processor(
+            self.store,
+            settings,
+            self.encoder.encode,
+            group=self.codebooks,
+            trainer=self._bootstrap,
+        )
         # -- 3. serving (full paths of new items, without a re-read) ---------------------
         codes = self.processor.codes
         self.serving = Serving(
@@ -194,7 +228,16 @@ class Daemon:
             announce=self._announce,
             stop=self.stop_event,
         )
-        self.scheduler = FinetuneScheduler(self.tuner, settings, owns=self.loop.owns)
+        # the queue: requests pending in the store, re-queued on each assignment
+        self.scheduler = FinetuneScheduler(
+            self.tuner,
+            settings,
+            owns=self.loop.owns,
+            assignment=self._assignment,
+            store=self.store,
+            lock=self.loop.versions_lock,
+            metrics=self.metrics,
+        )
         # -- 6. HTTP ---------------------------------------------------------------------
         self.router = Router()
         self.router.add("GET", "/healthz", self._healthz)
@@ -203,7 +246,12 @@ class Daemon:
         ApiRoutes(self.serving, self.store, settings, self._send_control).register(self.router)
         self.http: HttpServer | None = None
         if settings.http_port:
-            self.http = HttpServer(self.router, settings.http_host, settings.http_port)
+            self.http = HttpServer(
+                self.router,
+                settings.http_host,
+                settings.http_port,
+                max_body_bytes=settings.http_max_body_bytes,
+            )
 
     # -- callbacks of the parts (called once the daemon runs) -----------------------------
 
@@ -211,12 +259,29 @@ class Daemon:
         """The store's ownership check: the partitions the loop holds now."""
         return self.loop.owned_partitions()
 
+    def _assignment(self) -> Collection[TopicPartition]:
+        """The loop's assignment, the live collection (a new one at each rebalance)."""
+        return self.loop.assigned
+
+    def _bootstrap(self) -> Bootstrap:
+        """What trains the first codebook, in the background (see worker.ingest.coding)."""
+        return Bootstrap(self.store, self.settings, self.stop_event, group=self.codebooks)
+
     def _on_applied(self, result: BatchResult) -> None:
         self.serving.on_applied(result)  # new items servable at once; rollbacks wake it
         self.scheduler.on_applied(result)
+        for switch in result.switches:
+            self._versions_moved(str(switch["domain"]))
 
-    def _on_restored(self, _domains: list[str]) -> None:
-        self.serving.wake()  # restored versions: build and swap their indexes now
+    def _on_restored(self, domains: list[str]) -> None:
+        self.serving.wake(domains)  # restored versions: build and swap their indexes now
+        for domain in domains:
+            self._versions_moved(domain)
+
+    def _versions_moved(self, domain: str) -> None:
+        """The next scrape reads ``domain``'s versions again (published, rolled back)."""
+        with self._gauges_lock:
+            self._versions_changed.add(domain)
 
     def _join_group_codebook(self) -> None:
         """Agree on the group's codebook before the first batch (see worker.ingest.group)."""
@@ -225,8 +290,11 @@ class Daemon:
             adopt_group_codebook(self.store, codes, self.codebooks)
 
     def _announce(self, event: dict[str, Any]) -> None:
+        if isinstance(event.get("domain"), str):
+            self._versions_moved(event["domain"])
         self.loop.announce(event)
-        self.serving.wake()  # a publish: build and swap the new version's index now
+        # a publish: build and swap the new version's index now (only that domain is read)
+        self.serving.wake([str(event["domain"])])
 
     def _send_control(self, op: str, domain: str, fields: dict[str, Any]) -> None:
         """What ``adacode rollback`` sends while the worker runs, on the loop's producer
@@ -247,7 +315,13 @@ class Daemon:
         return Response.json(200 if ok else 503, {"status": "ok" if ok else "unhealthy"})
 
     def _readyz(self, _: Request) -> Response:
-        ready, doc = readiness(self.loop.healthy, self.loop.assigned, self.serving, self.store)
+        ready, doc = readiness(
+            self.loop.healthy,
+            self.loop.assigned,
+            self.serving,
+            self.store,
+            self.scheduler.status(),
+        )
         doc["batches"] = self.loop.stats.batches
         doc["records"] = self.loop.stats.records
         return Response.json(200 if ready else 503, doc)
@@ -255,26 +329,35 @@ class Daemon:
     def _metrics(self, _: Request) -> Response:
         self.metrics.up.set(1 if self.loop.healthy else 0)
         codes = self.processor.codes
-        if codes is not None:
-            # a snapshot between batches: the consumer thread changes the assigners
-            for domain, served in codes.served_snapshots().items():
-                self.metrics.observe_codes(domain, code_report(served))
-        now = time.time()
-        for domain in domains_with_versions(self.store):
-            version = current_version(self.store, domain)
-            records = list_records(self.store, domain)
-            if version is not None:
-                self.metrics.version.labels(domain).set(version)
-                created = next((r.created_at for r in records if r.version == version), now)
-                self.metrics.staleness.labels(domain).set(now - created)
-            self.metrics.rejected_versions.labels(domain).set(
-                sum(r.status == REJECTED for r in records)
-            )
+        if codes is not None:  # kept by the batches that changed them: no lock, no recount
+            for domain, stats in codes.take_stats().items():
+                self.metrics.observe_codes(domain, stats)
+        self._observe_versions(time.time())
         for domain, outcome in list(self.tuner.last.items()):
             if outcome.record is not None:
                 self.metrics.finetune_seconds.labels(domain).set(outcome.seconds)
                 self.metrics.finetune_recall.labels(domain).set(outcome.metrics.get("recall@10", 0))
         return Response(200, self.metrics.render(), "text/plain; version=0.0.4")
+
+    def _observe_versions(self, now: float) -> None:
+        """Version gauges: the domains whose versions moved since the last scrape are read
+        again (all of them on the first); the others' creation times are remembered."""
+        with self._gauges_lock:
+            moved, self._versions_changed = self._versions_changed, set()
+        todo = domains_with_versions(self.store) if self._created is None else sorted(moved)
+        created = self._created if self._created is not None else {}
+        for domain in todo:
+            version = current_version(self.store, domain)
+            records = list_records(self.store, domain)
+            if version is not None:
+                self.metrics.version.labels(domain).set(version)
+                created[domain] = next((r.created_at for r in records if r.version == version), now)
+            self.metrics.rejected_versions.labels(domain).set(
+                sum(r.status == REJECTED for r in records)
+            )
+        self._created = created
+        for domain, at in created.items():
+            self.metrics.staleness.labels(domain).set(now - at)
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""

@@ -25,6 +25,7 @@ from worker.ingest.exceptions import KafkaUnavailableError
 from worker.ingest.group import command_calls
 from worker.ingest.kafka_calls import KafkaCall
 from worker.state.exceptions import VersionError
+from worker.state.requests import pending_request_doc
 from worker.state.versions import (
     current_version,
     export_arrays,
@@ -103,6 +104,8 @@ def versions_report(settings: Settings, domain: str) -> dict[str, Any]:
             "current": current_version(store, domain),
             "versions": [r.__dict__ for r in list_records(store, domain)],
             "switches": switches(store, domain),
+            # a fine-tune requested on the control topic whose outcome is not final yet
+            "pending_finetune": pending_request_doc(store, domain),
         }
 
 
@@ -171,4 +174,9 @@ def format_versions(doc: dict[str, Any]) -> str:
     for sw in doc["switches"]:
         at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sw["at"]))
         lines.append(f"  {at}  {sw['from']} -> {sw['to']}  ({sw['reason']})")
+    pending = doc.get("pending_finetune")
+    if pending is not None:
+        at = pending["requested_at"]
+        when = "-" if at is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+        lines.append(f"pending fine-tune: requested {when} ({pending['source']})")
     return "\n".join(lines)

@@ -14,6 +14,8 @@ Each wing that defines errors has its own ``exceptions`` module; the whole tree:
         ├── BatchAbandoned             worker.ingest.exceptions
         ├── NotOwnedError              worker.ingest.exceptions
         ├── CodebookConflictError      worker.ingest.exceptions
+        ├── BootstrapError             worker.ingest.exceptions
+        ├── BootstrapStopped           worker.ingest.exceptions
         ├── Abandoned                  worker.tuning.exceptions
         ├── FineTuneDataError          worker.tuning.exceptions
         ├── ServingError               worker.serving.exceptions (and its subclasses)

@@ -7,6 +7,7 @@ alert in ``ops/prometheus/alerts.yml`` reads the worker's RSS from it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 from store.exceptions import StoreError
 
 if TYPE_CHECKING:
+    from quantize.assign import CodeStats
     from quantize.code_metrics import CodeReport
 
 
@@ -127,6 +129,26 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        # the fine-tune queue: set when it changes (the age is read from its oldest entry,
+        # O(1)), so a scrape costs the same whatever the number of domains
+        self.finetune_queue_length = Gauge(
+            "adacode_finetune_queue_length",
+            "domains waiting for a fine-tune (due, not running)",
+            registry=r,
+        )
+        self.finetune_running = Gauge(
+            "adacode_finetune_running", "fine-tunes running now", registry=r
+        )
+        self.finetune_oldest_wait = Gauge(
+            "adacode_finetune_oldest_wait_seconds",
+            "seconds the longest-waiting domain of the fine-tune queue has waited (0: none)",
+            registry=r,
+        )
+        self.finetune_first_versions_waiting = Gauge(
+            "adacode_finetune_awaiting_first_version",
+            "domains without a version whose first fine-tune is queued or running",
+            registry=r,
+        )
         self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
         # process_* (RSS, CPU, open fds) of this process, read at each scrape
         ProcessCollector(registry=r)
@@ -134,6 +156,23 @@ class Metrics:
     def watch_state_memory(self, usage: Callable[[], dict[str, int]]) -> None:
         """Report ``usage()`` (e.g. :meth:`StorePartition.memory_usage`) at each scrape."""
         self.registry.register(_StateMemory(usage))
+
+    def watch_finetune_queue(self, oldest_queued_at: Callable[[], float | None]) -> None:
+        """Report the age of the queue's oldest entry: ``time.time() - oldest_queued_at()``
+        at each scrape (``None``: the queue is empty, 0)."""
+
+        def age() -> float:
+            at = oldest_queued_at()
+            return 0.0 if at is None else max(0.0, time.time() - at)
+
+        self.finetune_oldest_wait.set_function(age)
+
+    def observe_finetune_queue(self, waiting: int, running: int, first_versions: int) -> None:
+        """The queue changed: ``waiting`` domains due, ``running`` fine-tunes, and
+        ``first_versions`` domains waiting for their first version."""
+        self.finetune_queue_length.set(waiting)
+        self.finetune_running.set(running)
+        self.finetune_first_versions_waiting.set(first_versions)
 
     def observe_batch(
         self,
@@ -166,7 +205,7 @@ class Metrics:
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self.lag.labels(topic, str(partition)).set(lag)
 
-    def observe_codes(self, domain: str, report: CodeReport) -> None:
+    def observe_codes(self, domain: str, report: CodeReport | CodeStats) -> None:
         for level, u in enumerate(report.utilization):
             self.code_utilization.labels(domain, str(level)).set(u)
         self.code_collisions.labels(domain, "all").set(report.collision_all)

@@ -148,8 +148,18 @@ class Settings:
     )
     code_round_interactions: int = setting(
         10_000,
-        "a domain's code lengths are re-evaluated each time it gets this many interactions",
+        "most interactions a domain gets between two re-evaluations of its code lengths",
         minimum=1,
+    )
+    code_round_share: float = setting(
+        0.5,
+        "a domain's code lengths are re-evaluated once it has had this many interactions per "
+        "item since the last time (within code_round_min_interactions and "
+        "code_round_interactions)",
+        minimum=0.0,
+    )
+    code_round_min_interactions: int = setting(
+        100, "fewest interactions a domain gets between two code-length rounds", minimum=1
     )
     codebook_min_items: int = setting(
         1000, "items with embeddings needed to train the bootstrap codebook", minimum=16
@@ -171,6 +181,18 @@ class Settings:
     finetune_epochs: int = setting(20, "most epochs of a full fine-tune", minimum=1)
     finetune_max_seconds: float = setting(300.0, "wall-time budget of one fine-tune", minimum=1.0)
     finetune_threads: int = setting(1, "torch threads of a fine-tune", minimum=1, maximum=64)
+    finetune_full_softmax_max_items: int = setting(
+        5_000,
+        "a domain of at most this many items trains with a full softmax, a larger one with "
+        "sampled, logQ-corrected negatives (cost per step independent of the catalogue)",
+        minimum=0,
+    )
+    finetune_workers: int = setting(
+        max(1, (os.cpu_count() or 2) - 1),
+        "fine-tunes run at once (default: the cores less one for the consumer, at least 1)",
+        minimum=1,
+        maximum=64,
+    )
     finetune_hidden: int = setting(64, "width of the code-table rows", minimum=8, maximum=1024)
     finetune_encoder: str = setting(
         "transformer", "user sequence encoder", choices=("transformer", "attention")
@@ -194,6 +216,9 @@ class Settings:
     # --- daemon ----------------------------------------------------------------------
     http_host: str = setting("127.0.0.1", "address of the health/metrics/API server")
     http_port: int = setting(8321, "port of the HTTP server (0: none)", minimum=0, maximum=65535)
+    http_max_body_bytes: int = setting(
+        1 << 20, "largest HTTP request body; a larger one is answered 413 unread", minimum=1024
+    )
     admin_token: str = setting(
         "",
         "bearer token of the admin endpoints (rollback); empty: admin endpoints answer 403",
@@ -203,16 +228,33 @@ class Settings:
     log_level: str = setting("INFO", "log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
     # --- serving ---------------------------------------------------------------------
-    index_hnsw_min_items: int = setting(
-        1_000_000,
-        "a domain with at least this many items is searched by HNSW (exact search below)",
+    index_exact_max_items: int = setting(
+        20_000,
+        "a domain with more items is searched by an inverted file (IVF, ~sqrt(n) cells); "
+        "exact search up to this many",
         minimum=1,
     )
+    index_recall: float = setting(
+        0.95,
+        "recall@10 against exact search that an IVF index's nprobe is calibrated to at build",
+        minimum=0.5,
+        maximum=1.0,
+    )
+    index_cache_versions: int = setting(
+        1,
+        "built indexes kept per domain besides the current one (a rollback to one swaps at "
+        "once; each costs the memory of an index)",
+        minimum=0,
+        maximum=16,
+    )
     index_hnsw_ef_search: int = setting(
-        128, "HNSW search breadth (recall vs latency)", minimum=1, maximum=100_000
+        128, "HNSW search breadth of bench/serve.py's HNSW comparison", minimum=1, maximum=100_000
     )
     index_poll_s: float = setting(
-        1.0, "seconds between checks of each domain's current version", minimum=0.01
+        30.0,
+        "seconds between fallback checks of every domain's current version (publishes and "
+        "rollbacks wake the index thread at once)",
+        minimum=0.01,
     )
     user_history_len: int = setting(
         50, "recent items kept per user for /users/{u}/recommend (0: none)", minimum=0, maximum=1000

@@ -2,57 +2,88 @@
 
 One residual codebook per worker state (shared by every domain, so table rows are
 comparable across domains), and one :class:`~quantize.assign.CodeAssigner` per
-domain, kept in memory and persisted in the ``codes`` column family in the same
-batch as the events that changed it.
+domain, kept in memory and saved item by item in the ``codes`` column family in the
+same batch as the events that changed it.
 
 Keys in ``codes`` (built by :mod:`worker.state.layout`)::
 
-    state \\0 <domain>                      -> AssignerState bytes
+    state \\0 <domain>                      -> the assigner's header (JSON; the first format
+                                              held the whole state there, read once)
+    row   \\0 <domain> \\0 <item_id>          -> one item's assigner row
+    pend  \\0 <domain> \\0 <item_id>          -> b"": the item's popularity moved since the
+                                              domain's last code round
     hist  \\0 <domain> \\0 ts(>q) <item_id>  -> {"old", "new", "reason"} (audit trail)
 
 and in ``meta``: ``codebook/current`` -> id, ``codebook/<id>`` -> codebook bytes.
 
-Bootstrap: while there is no codebook, items are stored uncoded; once
-``codebook_min_items`` items have embeddings, a codebook is trained on all of them
-(shape by :func:`quantize.codebook.suggest_shape` unless configured) and every
-item is coded in that same batch. Retraining is explicit (``adacode codebook
-train``), never a silent change of codes.
+Bootstrap: while there is no codebook, items are stored uncoded. Once
+``codebook_min_items`` items have embeddings, a bounded sample of them is chosen and
+saved, and :class:`~worker.ingest.bootstrap.Bootstrap` trains the codebook on it in the
+background while batches go on; the first batch after it is done adopts it, and the
+items held so far are coded in chunks of ``CATCH_UP_ITEMS`` per batch in key order
+(new items are coded as they come). A restart resumes the same sample.
+Retraining is explicit (``adacode codebook train``), never a silent change of codes.
 
-Popularity rounds: after each batch, the touched items' time-decayed counts (at
-the domain's newest event time) go to :meth:`CodeAssigner.update_popularity`;
-promotions only append digits; demotions are lazy. The head threshold follows
-``code_head_fraction`` of the domain's items and is moved when it drifts by more
-than 25 %.
+Popularity rounds (cost: the items whose popularity moved, see
+:class:`~quantize.assign.CodeAssigner`): every batch marks the items whose popularity
+moved; a round runs in a domain once it has had ``code_round_share`` interactions per
+item since its last round (within ``code_round_min_interactions`` and
+``code_round_interactions``), reads the marked items' popularity and hands it to
+:meth:`CodeAssigner.update_popularity`. Popularity is expressed at a fixed reference
+time of the domain (:func:`store.records.popularity_since`): an item's value changes
+only with its own interactions, and ratios are those of the decayed counts at any
+time. The head thresholds follow ``code_head_fraction`` of the domain's items: they
+are moved (:meth:`CodeAssigner.set_thresholds`) when the head count drifts by more than
+a quarter from its target.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Protocol
 
 import numpy as np
 import orjson
 
-from quantize.assign import Code, CodeAssigner, CodeChange, ServedCodes
-from quantize.codebook import ResidualCodebook, suggest_shape
+from quantize.assign import Code, CodeAssigner, CodeChange, CodeStats
+from quantize.codebook import POINTS_PER_CENTROID, ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
-from store.partition import StorePartition, WriteBatch
-from store.records import ItemRecord
+from store.partition import StorePartition, WriteBatch, key_after
+from store.records import DomainCounters, ItemRecord, fold_popularity, popularity_since
+from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
 from worker.state.layout import (
+    BOOTSTRAP_CURSOR,
+    BOOTSTRAP_SAMPLE,
     CODEBOOK_CURRENT,
     assigner_key,
+    code_row_key,
+    code_row_prefix,
     codebook_key,
     history_key,
+    item_key,
+    round_pending_key,
+    round_pending_prefix,
     split_item_key,
 )
-from worker.state.reads import committed_assigner, load_codebook
+from worker.state.reads import committed_codes, domain_counters, load_codebook, round_pending
 
 log = logging.getLogger(__name__)
+
+#: items coded per batch while the items held before the codebook catch up
+CATCH_UP_ITEMS = 20_000
+#: a domain's popularity is expressed at a reference time on this grid (half-lives);
+#: moved by whole steps (an exact power of two) once values would grow past 2 ** REBASE_AT
+REFERENCE_GRID = 32
+REBASE_AT = 512
+#: the head thresholds move once the head count is this far (relative) from its target
+HEAD_DRIFT = 0.25
 
 
 def put_codebook(batch: WriteBatch, codebook: ResidualCodebook) -> None:
@@ -71,6 +102,20 @@ class CodebookSource(Protocol):
         """Offer ``candidate``; returns the group's codebook."""
 
 
+class Trainer(Protocol):
+    """Trains the first codebook in the background (:class:`~worker.ingest.bootstrap.Bootstrap`)."""
+
+    def start(
+        self,
+        sample_keys: list[bytes],
+        n_items_total: int,
+        *,
+        vectors: np.ndarray | None = None,
+    ) -> None: ...
+
+    def poll(self) -> ResidualCodebook | None: ...
+
+
 #: how often a worker without a codebook asks the group whether one exists
 GROUP_CODEBOOK_POLL_S = 5.0
 
@@ -78,11 +123,49 @@ GROUP_CODEBOOK_POLL_S = 5.0
 @dataclass
 class CodingResult:
     changes: list[tuple[str, CodeChange]] = field(default_factory=list)  # (domain, change)
-    trained: str | None = None  # id of a codebook trained in this batch
+    trained: str | None = None  # id of a codebook adopted in this batch
     #: items that had a code and came again with an embedding: (domain, item, served code);
     #: serving re-vectors them even when the code stayed (a text-projecting version's
     #: vector follows the item's embedding)
     redescribed: list[tuple[str, str, Code]] = field(default_factory=list)
+    #: code rounds run: (domain, items re-evaluated, seconds)
+    rounds: list[tuple[str, int, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PopularityMoves:
+    """A batch's valid interactions in offset order (as columns) and the popularity records
+    of the items they touch: as committed before the batch (``None``: none yet) and as the
+    batch leaves them."""
+
+    domains: Sequence[str]
+    item_ids: Sequence[str]
+    ts: Sequence[int]
+    weights: Sequence[float]
+    before: Mapping[bytes, bytes | None]
+    after: Mapping[bytes, bytes]
+
+    @classmethod
+    def none(cls) -> PopularityMoves:
+        return cls([], [], [], [], {}, {})
+
+    def by_domain(self) -> dict[str, list[int]]:
+        """Positions of each domain's interactions, in offset order."""
+        out: dict[str, list[int]] = {}
+        for j, domain in enumerate(self.domains):
+            out.setdefault(domain, []).append(j)
+        return out
+
+
+@dataclass
+class _Domain:
+    """A domain's assigner and what its header keeps beside it."""
+
+    assigner: CodeAssigner
+    ref_ts: int  # the popularity reference time (see the module docstring)
+    last_round: int  # the domain's interaction count at its last round
+    next_round: int  # ... at its next round
+    resave: bool = False  # read in the first format: save every row once
 
 
 class CodeService:
@@ -94,20 +177,34 @@ class CodeService:
         settings: Settings,
         *,
         group: CodebookSource | None = None,
+        trainer: Callable[[], Trainer] | None = None,
     ) -> None:
         """``group``: where a group of workers agrees on one codebook (``None``: a worker
-        on its own, which trains and keeps its own)."""
+        on its own, which trains and keeps its own); ``trainer``: trains the first codebook
+        in the background, a new one per try (``None``: in the batch that has enough items,
+        for tools and tests)."""
         self.store = store
         self.settings = settings
         self.codebook = load_codebook(store)
-        self.assigners: dict[str, CodeAssigner] = {}
-        #: held while a batch changes the assigners; readers on other threads (``/metrics``)
-        #: take it for a consistent snapshot (:meth:`served_snapshots`)
+        self.domains: dict[str, _Domain] = {}
+        #: held while a batch changes the assigners; readers on other threads take it
         self.lock = threading.Lock()
         self._dirty: set[str] = set()
-        #: the group's codebook source; None = a worker on its own
         self.group = group
+        self.make_trainer = trainer
+        self.trainer: Trainer | None = None
         self._group_checked = 0.0
+        self._half_life = settings.popularity_half_life_hours * 3600.0
+        #: per domain, the :class:`CodeStats` after the last batch that changed it, and
+        #: those not yet taken by :meth:`take_stats` (under their own small lock: a reader
+        #: never waits for a batch)
+        self.stats: dict[str, CodeStats] = {}
+        self._fresh_stats: dict[str, CodeStats] = {}
+        self._stats_lock = threading.Lock()
+        self._training = False
+        #: the next item key the catch-up after a bootstrap codes (None: nothing to catch up)
+        self._cursor: bytes | None = None
+        self._cursor_loaded = False
 
     # -- assigners ------------------------------------------------------------------------
 
@@ -123,124 +220,217 @@ class CodeService:
             exit_threshold=float("inf"),
         )
 
-    def assigner(self, domain: str) -> CodeAssigner | None:
+    def _domain(self, domain: str, ts: int = 0) -> _Domain | None:
         if self.codebook is None:
             return None
-        found = self.assigners.get(domain)
+        found = self.domains.get(domain)
         if found is None:
-            found = committed_assigner(self.store, domain)
-            if found is None:
-                found = self._new_assigner(self.codebook)
-            self.assigners[domain] = found
+            found = self._load(domain, ts)
+            self.domains[domain] = found
         return found
 
-    # -- per batch ------------------------------------------------------------------------
+    def _load(self, domain: str, ts: int) -> _Domain:
+        committed = committed_codes(self.store, domain)
+        if committed is None:
+            return self._load_fresh(domain, ts)
+        assigner, extra, first_format = committed
+        last = int(extra.get("last_round", 0))
+        return _Domain(
+            assigner,
+            int(extra.get("ref_ts", 0)),
+            last,
+            int(extra.get("next_round", last + self._round_every(len(assigner)))),
+            resave=first_format,
+        )
 
-    def served_snapshots(self) -> dict[str, ServedCodes]:
-        """Every domain's served codes, copied between batches (safe from any thread)."""
-        with self.lock:
-            return {domain: assigner.served() for domain, assigner in self.assigners.items()}
+    def _load_fresh(self, domain: str, ts: int) -> _Domain:
+        """A domain without codes yet; its reference time is the grid point before ``ts``."""
+        assert self.codebook is not None
+        grid = REFERENCE_GRID * self._half_life
+        return _Domain(
+            self._new_assigner(self.codebook), int(ts // grid * grid), 0, self._round_every(0)
+        )
+
+    def assigner(self, domain: str) -> CodeAssigner | None:
+        found = self._domain(domain)
+        return None if found is None else found.assigner
+
+    @property
+    def assigners(self) -> dict[str, CodeAssigner]:
+        return {domain: d.assigner for domain, d in self.domains.items()}
+
+    def background_work(self) -> bool:
+        """Whether the next batch has work even without events: a bootstrap codebook to
+        adopt once trained, or items held from before the codebook still to code."""
+        if self.codebook is None:
+            if not self._training:  # a sample saved before a restart: resume its training
+                return self.store.get("meta", BOOTSTRAP_SAMPLE) is not None
+            return self._ready()
+        if not self._cursor_loaded:
+            self._cursor = self.store.get("meta", BOOTSTRAP_CURSOR)
+            self._cursor_loaded = True
+        return self._cursor is not None
+
+    def _ready(self) -> bool:
+        try:
+            return self.trainer is not None and self.trainer.poll() is not None
+        except WorkerError:
+            return True  # the next batch logs it and starts again
+
+    def take_stats(self) -> dict[str, CodeStats]:
+        """The :class:`CodeStats` of the domains whose codes changed since the last call
+        (safe from any thread; never waits for a batch in progress)."""
+        with self._stats_lock:
+            taken, self._fresh_stats = self._fresh_stats, {}
+        return taken
+
+    # -- per batch ------------------------------------------------------------------------
 
     def apply(
         self,
         batch: WriteBatch,
         new_items: dict[str, dict[str, bytes]],
-        popularity: dict[str, dict[str, float]],
-        domain_ts: dict[str, int],
-        held_items: Iterable[tuple[bytes, bytes]],
+        moves: PopularityMoves,
+        before: Mapping[str, DomainCounters],
+        counters: Mapping[str, DomainCounters],
     ) -> CodingResult:
-        """Code ``new_items`` (domain -> item -> float32 bytes) and run a popularity round.
+        """Code ``new_items`` (domain -> item -> float32 bytes), follow the popularity the
+        batch's interactions ``moves``, and run the code rounds that fall in the batch
+        (``before`` / ``counters``: the domains as the batch found and leaves them).
 
-        ``held_items`` yields every stored (key, ItemRecord bytes) as of this batch,
-        used only to bootstrap the codebook.
+        1. Without a codebook: start or resume its bootstrap, or adopt it once trained.
+        2. Code the batch's new items (cold), and a chunk of the items held from before
+           the codebook (with their popularity).
+        3. Each round that falls in the batch runs at its very interaction (see
+           :meth:`_rounds`); the items moved after the last one are marked.
+        4. Save the changed rows, headers and the history.
         """
         with self.lock:
             result = CodingResult()
-            if self.codebook is None:
-                if not self._maybe_bootstrap(batch, new_items, held_items, result):
-                    return result
-            else:
-                for domain, items in sorted(new_items.items()):
-                    self._code_items(domain, items, domain_ts.get(domain, 0), result)
-            self._popularity_round(popularity, domain_ts, result)
+            if self.codebook is None and not self._adopt(batch, new_items, counters, result):
+                return result
+            for domain, items in sorted(new_items.items()):
+                ts = counters[domain].last_ts if domain in counters else 0
+                self._code_items(domain, items, ts, None, result)
+            self._catch_up(batch, result)
+            self._rounds(batch, moves, before, counters, result)
             self._flush(batch, result)
             return result
 
-    def _popularity_round(
-        self,
-        popularity: dict[str, dict[str, float]],
-        domain_ts: dict[str, int],
-        result: CodingResult,
-    ) -> None:
-        for domain, pops in sorted(popularity.items()):
-            assigner = self.assigner(domain)
-            if assigner is None:
-                continue
-            known = [k for k in sorted(pops) if k in assigner]
-            if not known:
-                continue
-            ts = domain_ts.get(domain, 0)
-            changes = assigner.update_popularity(
-                known, np.asarray([pops[k] for k in known], dtype=np.float64), ts=ts
-            )
-            changes += self._follow_threshold(assigner, ts)
-            result.changes += [(domain, c) for c in changes]
-            self._dirty.add(domain)
+    # -- 1. bootstrap ---------------------------------------------------------------------
 
-    def _code_items(
-        self, domain: str, items: dict[str, bytes], ts: int, result: CodingResult
-    ) -> None:
-        assigner = self.assigner(domain)
-        if assigner is None or not items or self.codebook is None:
-            return
-        keys = sorted(items)
-        known = [k for k in keys if k in assigner]
-        vectors = np.stack([np.frombuffer(items[k], dtype="<f4") for k in keys])
-        paths = self.codebook.encode(vectors)
-        result.changes += [(domain, c) for c in assigner.add(keys, paths, ts=ts)]
-        result.redescribed += [(domain, k, assigner.served_code(k)) for k in known]
-        self._dirty.add(domain)
-
-    def _follow_threshold(self, assigner: CodeAssigner, ts: int) -> list[CodeChange]:
-        pops = assigner.state().popularity
-        enter, exit_ = thresholds_for_fraction(pops, self.settings.code_head_fraction)
-        if not np.isfinite(enter):
-            return []
-        current = assigner.enter_threshold
-        if np.isfinite(current) and abs(enter - current) <= 0.25 * current:
-            return []
-        return assigner.set_thresholds(enter, exit_, ts=ts)
-
-    def _maybe_bootstrap(
+    def _adopt(
         self,
         batch: WriteBatch,
         new_items: dict[str, dict[str, bytes]],
-        held_items: Iterable[tuple[bytes, bytes]],
+        counters: Mapping[str, DomainCounters],
         result: CodingResult,
     ) -> bool:
-        everything: dict[str, dict[str, bytes]] = {}
-        for key, raw in held_items:
-            rec = ItemRecord.decode(raw)
-            if rec.embedding:
-                domain, item_id = split_item_key(key)
-                everything.setdefault(domain, {})[item_id] = rec.embedding
-        for domain, items in new_items.items():
-            everything.setdefault(domain, {}).update(items)
-        n = sum(len(v) for v in everything.values())
-        codebook = self._group_codebook()
+        """Whether a codebook is adopted in this batch (then the items held so far are
+        coded from the first key on, in chunks)."""
+        codebook = self._group_codebook() or self._trained(batch, new_items, counters)
         if codebook is None:
-            if n < self.settings.codebook_min_items:
-                return False
-            codebook = self._train(everything, n)
-            if self.group is not None:
-                codebook = self.group.agree(codebook)
-        put_codebook(batch, codebook)
-        self.codebook = codebook
+            return False
+        self.adopt(batch, codebook)
         result.trained = codebook.codebook_id
-        ts = 0
-        for domain in sorted(everything):
-            self._code_items(domain, everything[domain], ts, result)
+        log.info(
+            "adopted codebook %s (%d levels x %d)",
+            codebook.codebook_id,
+            codebook.levels,
+            codebook.k,
+        )
         return True
+
+    def adopt(self, batch: WriteBatch, codebook: ResidualCodebook) -> None:
+        """Use ``codebook`` from this batch on; the items held so far are coded from the
+        first key on, ``CATCH_UP_ITEMS`` per batch."""
+        put_codebook(batch, codebook)
+        batch.delete("meta", BOOTSTRAP_SAMPLE)
+        batch.put("meta", BOOTSTRAP_CURSOR, b"")
+        self._cursor, self._cursor_loaded = b"", True
+        self.codebook = codebook
+
+    def _trained(
+        self,
+        batch: WriteBatch,
+        new_items: dict[str, dict[str, bytes]],
+        counters: Mapping[str, DomainCounters],
+    ) -> ResidualCodebook | None:
+        """The bootstrap codebook once trained; starts (or resumes) its training when enough
+        items are held. Without a trainer, it trains here (tools, tests)."""
+        if self._training and self.trainer is not None:
+            try:
+                return self.trainer.poll()
+            except WorkerError as exc:  # logged by the trainer; the next batch tries again
+                log.error("codebook bootstrap failed (%s); trying again", exc)
+                self._training = False
+                return None
+        sample = self.store.get("meta", BOOTSTRAP_SAMPLE)
+        if sample is None:
+            n = self._held_items(counters)
+            if n < self.settings.codebook_min_items:
+                return None
+            keys = self._choose_sample(new_items)
+            sample = orjson.dumps({"n": n, "keys": [k.decode() for k in keys]})
+            batch.put("meta", BOOTSTRAP_SAMPLE, sample)
+        doc = orjson.loads(sample)
+        keys = [k.encode() for k in doc["keys"]]
+        vectors = self._sample_vectors(keys, new_items)  # a batch's items are not written yet
+        if self.make_trainer is None:
+            return self._train_here(vectors, int(doc["n"]))
+        self.trainer = self.make_trainer()
+        self.trainer.start(keys, int(doc["n"]), vectors=vectors)
+        self._training = True
+        return None
+
+    def _held_items(self, counters: Mapping[str, DomainCounters]) -> int:
+        total = {d: c.items for d, c in domain_counters(self.store).items()}
+        total.update((d, c.items) for d, c in counters.items())
+        return sum(total.values())
+
+    def _choose_sample(self, new_items: dict[str, dict[str, bytes]]) -> list[bytes]:
+        from worker.ingest.bootstrap import choose_sample, sample_cap, sample_rank
+
+        cap = sample_cap(self.settings)
+        held = choose_sample(self.store, cap, stop_event=threading.Event())
+        fresh = [item_key(d, i) for d, items in new_items.items() for i in items]
+        keys = sorted(set(held) | set(fresh), key=lambda k: (sample_rank(k), k))[:cap]
+        return sorted(keys)
+
+    def _sample_vectors(
+        self, keys: list[bytes], new_items: dict[str, dict[str, bytes]]
+    ) -> np.ndarray:
+        """The embeddings of the sample ``keys``: this batch's, else the stored ones."""
+        fresh = {item_key(d, i): v for d, items in new_items.items() for i, v in items.items()}
+        stored = dict(zip(keys, self.store.multi_get("items", keys), strict=True))
+        vectors = []
+        for key in keys:
+            if key in fresh:
+                vectors.append(np.frombuffer(fresh[key], dtype="<f4"))
+            elif (raw := stored[key]) is not None and (rec := ItemRecord.decode(raw)).embedding:
+                vectors.append(np.frombuffer(rec.embedding, dtype="<f4"))
+        if not vectors:
+            return np.zeros((0, self.settings.embedding_dim), dtype=np.float32)
+        return np.stack(vectors)
+
+    def _train_here(self, data: np.ndarray, n: int) -> ResidualCodebook:
+        levels, k = suggest_shape(n)
+        levels = self.settings.code_levels or levels
+        k = min(self.settings.code_k or k, data.shape[0])
+        codebook = ResidualCodebook.train(
+            data, levels, k, seed=0, points_per_centroid=POINTS_PER_CENTROID
+        )
+        if self.group is not None:
+            codebook = self.group.agree(codebook)
+        log.info(
+            "trained codebook %s (%d levels x %d codewords) on %d of %d items",
+            codebook.codebook_id,
+            levels,
+            k,
+            data.shape[0],
+            n,
+        )
+        return codebook
 
     def _group_codebook(self) -> ResidualCodebook | None:
         """The group's codebook if there is one (asked at most every few seconds)."""
@@ -255,30 +445,246 @@ class CodeService:
             log.info("using the group's codebook %s", found.codebook_id)
         return found
 
-    def _train(self, everything: dict[str, dict[str, bytes]], n: int) -> ResidualCodebook:
-        vectors = np.stack(
-            [
-                np.frombuffer(v, dtype="<f4")
-                for d in sorted(everything)
-                for _, v in sorted(everything[d].items())
-            ]
-        )
-        levels, k = suggest_shape(n)
-        levels = self.settings.code_levels or levels
-        k = min(self.settings.code_k or k, n)
-        codebook = ResidualCodebook.train(vectors, levels, k, seed=0)
+    # -- 2. coding --------------------------------------------------------------------------
+
+    def _code_items(
+        self,
+        domain: str,
+        items: Mapping[str, bytes],
+        ts: int,
+        popularity: Mapping[bytes, bytes] | None,
+        result: CodingResult,
+    ) -> None:
+        state = self._domain(domain, ts)
+        if state is None or not items or self.codebook is None:
+            return
+        assigner = state.assigner
+        self._rebase(state, ts)
+        keys = sorted(items)
+        known = [k for k in keys if k in assigner]
+        vectors = np.stack([np.frombuffer(items[k], dtype="<f4") for k in keys])
+        paths = self.codebook.encode(vectors)
+        # items of a batch start cold (their interactions are marked for the next round);
+        # items held from before the codebook come with the popularity they have
+        pops = None if popularity is None else self._popularity(state, domain, keys, popularity)
+        result.changes += [(domain, c) for c in assigner.add(keys, paths, pops, ts=ts)]
+        result.redescribed += [(domain, k, assigner.served_code(k)) for k in known]
+        self._dirty.add(domain)
+
+    def _popularity(
+        self,
+        state: _Domain,
+        domain: str,
+        keys: list[str],
+        popularity: Mapping[bytes, bytes | None],
+    ) -> np.ndarray:
+        """The popularity of ``keys`` at the domain's reference time: the values in
+        ``popularity``, else the committed ones (0 for items without interactions)."""
+        ikeys = [item_key(domain, k) for k in keys]
+        missing = [k for k in ikeys if k not in popularity]
+        stored = dict(zip(missing, self.store.multi_get("popularity", missing), strict=True))
+        raws = [popularity[k] if k in popularity else stored.get(k) for k in ikeys]
+        have = [j for j, raw in enumerate(raws) if raw is not None]
+        out = np.zeros(len(keys), dtype=np.float64)
+        if have:
+            values = popularity_since([raws[j] for j in have], state.ref_ts, self._half_life)  # type: ignore[misc]
+            out[have] = values
+        return out
+
+    def _catch_up(self, batch: WriteBatch, result: CodingResult) -> None:
+        """Code the next chunk of the items held from before the codebook (key order)."""
+        if not self._cursor_loaded:
+            self._cursor = self.store.get("meta", BOOTSTRAP_CURSOR)
+            self._cursor_loaded = True
+        cursor = self._cursor
+        if cursor is None:
+            return
+        rows = list(islice(self.store.items("items", start=cursor or None), CATCH_UP_ITEMS + 1))
+        rows = [(k, v) for k, v in rows if k != cursor]
+        chunk = rows[:CATCH_UP_ITEMS]
+        per_domain: dict[str, dict[str, bytes]] = {}
+        newest: dict[str, int] = {}
+        for key, raw in chunk:
+            rec = ItemRecord.decode(raw)
+            domain, item_id = split_item_key(key)
+            if rec.embedding:
+                per_domain.setdefault(domain, {})[item_id] = rec.embedding
+                newest[domain] = max(newest.get(domain, 0), rec.last_seen)
+        for domain, items in sorted(per_domain.items()):
+            state = self._domain(domain, newest[domain])
+            if state is not None:
+                todo = {k: v for k, v in items.items() if k not in state.assigner}
+                self._code_items(domain, todo, newest[domain], {}, result)
+        if len(rows) > CATCH_UP_ITEMS:
+            self._cursor = chunk[-1][0]
+            batch.put("meta", BOOTSTRAP_CURSOR, self._cursor)
+        else:
+            self._cursor = None
+            batch.delete("meta", BOOTSTRAP_CURSOR)
+            log.info("every item held before the codebook is coded")
+
+    # -- 3. rounds --------------------------------------------------------------------------
+
+    def _rounds(
+        self,
+        batch: WriteBatch,
+        moves: PopularityMoves,
+        before: Mapping[str, DomainCounters],
+        counters: Mapping[str, DomainCounters],
+        result: CodingResult,
+    ) -> None:
+        """The rounds that fall in this batch, domain by domain (see :meth:`_domain_rounds`)."""
+        for domain, positions in sorted(moves.by_domain().items()):
+            state = self._domain(domain, counters[domain].last_ts)
+            if state is not None:
+                self._domain_rounds(batch, domain, state, moves, positions, before[domain], result)
+
+    def _round_every(self, n_items: int) -> int:
+        """Interactions between two rounds of a domain of ``n_items`` coded items."""
+        s = self.settings
+        share = math.ceil(s.code_round_share * n_items)
+        return min(s.code_round_interactions, max(s.code_round_min_interactions, share))
+
+    def _domain_rounds(
+        self,
+        batch: WriteBatch,
+        domain: str,
+        state: _Domain,
+        moves: PopularityMoves,
+        positions: list[int],
+        found: DomainCounters,
+        result: CodingResult,
+    ) -> None:
+        """Each round at the interaction that reaches ``next_round``, with the popularity as
+        of that interaction, so rounds do not depend on how the stream was cut into
+        batches; the items moved after the last round are marked for the next.
+
+        1. Fold the interactions up to the round into the moved items' popularity.
+        2. Run the round on them and on the items marked by earlier batches.
+        3. Mark the items moved after the last round.
+        """
+        current: dict[bytes, bytes | None] = {}
+        moved: set[str] = set()
+        newest = [found.last_ts]
+        cursor, first = 0, True
+        while state.next_round - found.interactions <= len(positions):
+            stop = max(cursor, state.next_round - found.interactions)
+            self._fold(moves, positions[cursor:stop], current, moved, newest)
+            cursor = stop
+            marked = set(round_pending(self.store, domain)) if first else set()
+            self._round(batch, domain, state, marked | moved, current, newest[0], result)
+            first = False
+            moved.clear()
+            state.last_round = found.interactions + cursor
+            state.next_round = state.last_round + self._round_every(len(state.assigner))
+        self._fold(moves, positions[cursor:], current, moved, newest)
+        for item_id in sorted(moved):
+            batch.put("codes", round_pending_key(domain, item_id), b"")
+
+    def _fold(
+        self,
+        moves: PopularityMoves,
+        positions: list[int],
+        current: dict[bytes, bytes | None],
+        moved: set[str],
+        newest: list[int],
+    ) -> None:
+        """Fold the interactions at ``positions`` into ``current`` (item key -> popularity
+        record, from the committed one), with the same float operations as the batch."""
+        per_item: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for j in positions:
+            key = (moves.domains[j], moves.item_ids[j])
+            per_item.setdefault(key, []).append((moves.ts[j], moves.weights[j]))
+            newest[0] = max(newest[0], moves.ts[j])
+        for (domain, item_id), events in per_item.items():
+            ikey = item_key(domain, item_id)
+            raw = current[ikey] if ikey in current else moves.before.get(ikey)
+            current[ikey], _ = fold_popularity(raw, events, self._half_life)
+            moved.add(item_id)
+
+    def _round(
+        self,
+        batch: WriteBatch,
+        domain: str,
+        state: _Domain,
+        marked: set[str],
+        current: Mapping[bytes, bytes | None],
+        ts: int,
+        result: CodingResult,
+    ) -> None:
+        """One code round: the popularity of the ``marked`` items (``current`` holds those
+        this batch moved so far), then the thresholds; the markers are cleared."""
+        started = time.perf_counter()
+        assigner = state.assigner
+        self._rebase(state, ts)
+        keys = sorted(k for k in marked if k in assigner)
+        changes: list[CodeChange] = []
+        if keys:
+            pops = self._popularity(state, domain, keys, current)
+            changes = assigner.update_popularity(keys, pops, ts=ts)
+        changes += self._follow_threshold(assigner, ts)
+        prefix = round_pending_prefix(domain)
+        batch.delete_range("codes", prefix, key_after(prefix))
+        result.changes += [(domain, change) for change in changes]
+        self._dirty.add(domain)
+        seconds = time.perf_counter() - started
+        result.rounds.append((domain, len(keys), seconds))
         log.info(
-            "trained codebook %s (%d levels x %d codewords) on %d items",
-            codebook.codebook_id,
-            levels,
-            k,
-            n,
+            "code round in %s: %d items moved, %d code changes, %d heads of %d items, %.1f ms",
+            domain,
+            len(keys),
+            len(changes),
+            assigner.n_head,
+            len(assigner),
+            seconds * 1000,
         )
-        return codebook
+
+    def _rebase(self, state: _Domain, ts: int) -> None:
+        """Move the reference time by whole grid steps once values would grow too large."""
+        grid = REFERENCE_GRID * self._half_life
+        if (ts - state.ref_ts) / self._half_life <= REBASE_AT:
+            return
+        steps = int((ts - state.ref_ts) // grid)
+        state.ref_ts += int(steps * grid)
+        state.assigner.rescale_popularity(2.0 ** (-REFERENCE_GRID * steps))
+
+    def _follow_threshold(self, assigner: CodeAssigner, ts: int) -> list[CodeChange]:
+        """Move the head thresholds when the head count is more than ``HEAD_DRIFT`` from
+        ``code_head_fraction`` of the domain's items (or there are none yet)."""
+        fraction = self.settings.code_head_fraction
+        target = round(fraction * len(assigner))
+        if target == 0:
+            return []
+        drift = abs(assigner.n_head - target)
+        if math.isfinite(assigner.enter_threshold) and drift <= HEAD_DRIFT * target:
+            return []
+        enter, exit_ = thresholds_for_fraction(assigner.all_popularity(), fraction)
+        if not math.isfinite(enter) or (
+            enter == assigner.enter_threshold and exit_ == assigner.exit_threshold
+        ):
+            return []
+        return assigner.set_thresholds(enter, exit_, ts=ts)
+
+    # -- 4. saving --------------------------------------------------------------------------
 
     def _flush(self, batch: WriteBatch, result: CodingResult) -> None:
         for domain in sorted(self._dirty):
-            batch.put("codes", assigner_key(domain), self.assigners[domain].state().to_bytes())
+            state = self.domains[domain]
+            assigner = state.assigner
+            keys, rows = assigner.take_rows(everything=state.resave)
+            state.resave = False
+            for key, row in zip(keys, rows, strict=True):
+                batch.put("codes", code_row_key(domain, key), row)
+            extra = {
+                "ref_ts": state.ref_ts,
+                "last_round": state.last_round,
+                "next_round": state.next_round,
+            }
+            batch.put("codes", assigner_key(domain), assigner.header(extra))
+            stats = assigner.stats()
+            self.stats[domain] = stats
+            with self._stats_lock:
+                self._fresh_stats[domain] = stats
         self._dirty.clear()
         for domain, change in result.changes:
             batch.put(
@@ -312,11 +718,13 @@ def retrain_codebook(
     number of items re-coded. The caller holds the store as primary (worker stopped).
     """
     held: dict[str, dict[str, bytes]] = {}
+    newest: dict[str, int] = {}
     for key, raw in store.items("items"):
         rec = ItemRecord.decode(raw)
         if rec.embedding:
             domain, item_id = split_item_key(key)
             held.setdefault(domain, {})[item_id] = rec.embedding
+            newest[domain] = max(newest.get(domain, 0), rec.last_seen)
     if vectors is None:
         vectors = (
             np.stack(
@@ -330,22 +738,26 @@ def retrain_codebook(
     levels = levels or settings.code_levels or rule_levels
     k = min(k or settings.code_k or rule_k, max(n, 2))
     codebook = ResidualCodebook.train(vectors.astype(np.float32), levels, k, seed=seed)
+    had_codes = load_codebook(store) is not None
     service = CodeService(store, settings)
-    service.codebook = codebook
     batch = store.batch()
-    put_codebook(batch, codebook)
     result = CodingResult(trained=codebook.codebook_id)
     for domain in sorted(held):
-        old = service.assigner(domain) if load_codebook(store) is not None else None
+        old = service.assigner(domain) if had_codes else None
         old_codes = {} if old is None else {key: old.served_code(key) for key in old.keys}
-        service.assigners[domain] = service._new_assigner(codebook)
-        service._code_items(domain, held[domain], 0, result)
+        service.codebook = codebook
+        service.domains[domain] = service._load_fresh(domain, newest[domain])
+        batch.delete_range("codes", code_row_prefix(domain), key_after(code_row_prefix(domain)))
+        service._code_items(domain, held[domain], newest[domain], {}, result)
+        service.domains[domain].resave = True
         result.changes = [
             (d, CodeChange(c.key, old_codes.get(c.key, ()), c.new, "recode", c.ts))
             if d == domain
             else (d, c)
             for d, c in result.changes
         ]
+    service.codebook = codebook
+    put_codebook(batch, codebook)
     service._flush(batch, result)
     store.write(batch)
     return codebook, sum(len(v) for v in held.values())

@@ -351,7 +351,9 @@ class ConsumerLoop:
                     log.warning(
                         "polling Kafka at %s failed: %r", self.settings.kafka_bootstrap, exc
                     )
-                if polled:
+                if polled or self.processor.background_work():
+                    # an empty batch too while background work waits to be written (a
+                    # codebook trained meanwhile, items held from before it to code)
                     try:
                         self.apply(polled)
                     except BatchAbandoned as exc:

@@ -73,10 +73,45 @@ def _load(raw: bytes | None, limits: EventLimits) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise EventError(f"not JSON: {exc}") from exc
+        raise EventError(_not_json(raw, exc)) from exc
     if not isinstance(data, dict):
         raise EventError(f"expected a JSON object, got {type(data).__name__}")
     return data
+
+
+#: what producers write for non-finite floats (Python's json, JavaScript): no JSON numbers
+_NON_FINITE = frozenset({"nan", "infinity", "inf"})
+#: a key followed by its value, or by its flat list's values, up to where parsing stopped
+_VALUE_OF = re.compile(rb'"([^"\\]{1,64})"\s*:\s*(?:\[[^\[\]{}]*)?$')
+_BEFORE_VALUE = frozenset(b"[,:{ \t\r\n")
+_AFTER_VALUE = frozenset(b",]} \t\r\n")
+
+
+def _not_json(raw: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why orjson refused ``raw``, naming a value that is no JSON value and its field.
+
+    NaN and Infinity (which e.g. Python's ``json.dumps`` writes for non-finite floats) are
+    named as such, with the field they are in, instead of orjson's "unexpected character"
+    at a column.
+    """
+    start = end = min(exc.pos, len(raw))
+    while start > 0 and raw[start - 1] not in _BEFORE_VALUE:
+        start -= 1
+    while end < len(raw) and raw[end] not in _AFTER_VALUE:
+        end += 1
+    if exc.pos >= len(raw):  # truncated (e.g. inside a string): no value to name
+        return f"not JSON: {exc}"
+    token = raw[start:end].decode("utf-8", "replace")
+    key = _VALUE_OF.search(raw, 0, start)
+    where = "the payload" if key is None else f"field {key.group(1).decode(errors='replace')!r}"
+    if token.lstrip("+-").lower() in _NON_FINITE:
+        return (
+            f"not JSON: {where} holds NaN or Infinity (not JSON numbers): {token!r} at "
+            f"character {start}; send finite numbers"
+        )
+    if key is not None and token and not token.startswith('"'):
+        return f"not JSON: {where} holds {token[:40]!r}, not a JSON value ({exc})"
+    return f"not JSON: {exc}"
 
 
 def _str_field(data: dict[str, Any], name: str) -> str:

@@ -10,7 +10,9 @@
         ├── EncoderError               the text encoder failed to load or on a batch
         ├── BatchAbandoned             the loop stopped while a batch waited for Kafka
         ├── NotOwnedError              a write to a domain whose partition moved away
-        └── CodebookConflictError      this state's codebook is not the group's
+        ├── CodebookConflictError      this state's codebook is not the group's
+        ├── BootstrapError             the background codebook bootstrap failed
+        └── BootstrapStopped           the stop event ended a bootstrap (nothing trained)
 """
 
 from __future__ import annotations
@@ -58,3 +60,13 @@ class NotOwnedError(WorkerError):
 
 class CodebookConflictError(WorkerError):
     """This state was coded with another codebook than the group's."""
+
+
+class BootstrapError(WorkerError):
+    """The background codebook bootstrap (:mod:`worker.ingest.bootstrap`) failed; the cause
+    is chained (``__cause__``)."""
+
+
+class BootstrapStopped(WorkerError):
+    """The stop event was set while a bootstrap chose or read its sample or trained; nothing
+    was trained and nothing was written."""

@@ -40,7 +40,7 @@ from quantize.codebook import ResidualCodebook
 from store.partition import StorePartition, WriteBatch, decode_offset_key
 from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
-from worker.ingest.coding import CodeService, put_codebook
+from worker.ingest.coding import CodeService
 from worker.ingest.exceptions import CodebookConflictError, KafkaUnavailableError, NotOwnedError
 from worker.ingest.kafka_calls import KafkaCall, KafkaCalls
 from worker.state.layout import (
@@ -526,9 +526,8 @@ def adopt_group_codebook(store: StorePartition, codes: CodeService, group: Codeb
     # -- 2. adopt -----------------------------------------------------------------------------
     if local is None:
         batch = store.batch()
-        put_codebook(batch, winner)
+        codes.adopt(batch, winner)  # items held already are coded by the next batches
         store.write(batch)
-        codes.codebook = winner
         log.info("using the group's codebook %s", winner.codebook_id)
         return
     # -- 3. conflict --------------------------------------------------------------------------

@@ -29,10 +29,15 @@ from store.records import (
     ItemRecord,
     encode_interactions,
     fold_popularity,
-    popularity_at,
 )
 from worker.core.settings import Settings
-from worker.ingest.coding import CodebookSource, CodeService, CodingResult
+from worker.ingest.coding import (
+    CodebookSource,
+    CodeService,
+    CodingResult,
+    PopularityMoves,
+    Trainer,
+)
 from worker.ingest.encoder import text_hash
 from worker.ingest.events import (
     ControlCommand,
@@ -51,11 +56,9 @@ from worker.state.layout import (
     domain_counters_key,
     domain_prefix,
     interaction_keys,
-    item_ids_of,
     item_key,
     user_key,
 )
-from worker.state.reads import domain_counters
 from worker.state.users import append_recent, encode_entries
 from worker.state.versions import rollback, set_pinned
 
@@ -221,6 +224,8 @@ class _Touched:
     popularity: dict[bytes, bytes] = field(default_factory=dict)
     users: dict[bytes, bytes] = field(default_factory=dict)
     items: set[bytes] = field(default_factory=set)  # keys that exist after the batch
+    #: the committed popularity of the items the batch's interactions touch (None: none)
+    before: dict[bytes, bytes | None] = field(default_factory=dict)
 
 
 class _Domained(Protocol):
@@ -298,10 +303,12 @@ class Processor:
         encode: Encode | None,
         *,
         group: CodebookSource | None = None,
+        trainer: Callable[[], Trainer] | None = None,
     ) -> None:
         """``encode``: the text encoder (``None``: items must carry embeddings); ``group``:
-        where a group of workers agrees on one codebook, handed to the :class:`CodeService`
-        (``None``: a worker on its own)."""
+        where a group of workers agrees on one codebook, and ``trainer``: what trains the
+        first codebook in the background, both handed to the :class:`CodeService`
+        (``None``: a worker on its own; trained in the batch)."""
         self.store = store
         self.settings = settings
         self.encode = encode
@@ -315,10 +322,19 @@ class Processor:
             max_text_chars=settings.max_text_chars,
         )
         self.half_life_s = settings.popularity_half_life_hours * 3600.0
-        self.codes = CodeService(store, settings, group=group) if settings.codes_enabled else None
+        self.codes = (
+            CodeService(store, settings, group=group, trainer=trainer)
+            if settings.codes_enabled
+            else None
+        )
         self.committed = _Committed()
 
     # ------------------------------------------------------------------------------------
+
+    def background_work(self) -> bool:
+        """Whether a batch would write something with no records (see
+        :meth:`CodeService.background_work`)."""
+        return self.codes is not None and self.codes.background_work()
 
     def process(self, records: Sequence[Record]) -> BatchResult:
         """Compute the state change of ``records``; nothing is written here.
@@ -347,7 +363,7 @@ class Processor:
         if len(parsed.inter):
             self._apply_interactions(parsed, work, touched, result)
         if self.codes is not None:
-            self._assign_codes(self.codes, parsed.items, work, touched.popularity, result)
+            self._assign_codes(self.codes, parsed, work, touched, result)
         self._trim_logs(work, result.batch)
         self._apply_controls(parsed.controls, result)
         self._put_changes(parsed.next_offsets, work, touched, result.batch)
@@ -589,6 +605,7 @@ class Processor:
         )
         keys = [item_key(d, i) for d, i in per_item]
         pops = self._read_popularity(keys, work.items)
+        touched.before = pops
         placeholders, last_ts = self._fold_popularity(per_item, keys, pops, work.items, touched)
         self._count_interactions(inter, placeholders, last_ts, work.counters, result)
         self._log_interactions(parsed, result.batch)
@@ -684,26 +701,25 @@ class Processor:
     def _assign_codes(
         self,
         codes: CodeService,
-        items: list[tuple[Record, ItemEvent]],
+        parsed: _Parsed,
         work: _Work,
-        popularity: dict[bytes, bytes],
+        touched: _Touched,
         result: BatchResult,
     ) -> None:
-        """Code new items; run a popularity round in each domain whose interaction count
-        crossed a multiple of ``code_round_interactions`` in this batch.
-
-        1. Gather the embeddings of the batch's new or changed items, per domain.
-        2. Read the popularity of every item of each domain due for a round.
-        3. While there is no codebook and enough items to train one, read every held item.
-        4. The code service codes them all into the batch.
-        """
-        new = self._new_embeddings(items, work.items)
-        domain_ts = {d: c.last_ts for d, c in work.counters.items()}
-        pops = self._round_popularity(work, popularity, domain_ts)
-        held: list[tuple[bytes, bytes]] = []
-        if codes.codebook is None and self._enough_items(work.counters):
-            held = list(self.store.items("items"))
-        result.coding = codes.apply(result.batch, new, pops, domain_ts, held)
+        """Code new items and run the code rounds that are due (see
+        :meth:`CodeService.apply`): the embeddings of the batch's new or changed items, per
+        domain, the batch's interactions (in offset order) with the popularity they found
+        and left, and the domains' counters before and after the batch."""
+        new = self._new_embeddings(parsed.items, work.items)
+        moves = PopularityMoves(
+            parsed.inter.domains,
+            parsed.inter.item_ids,
+            parsed.inter.ts,
+            parsed.inter.weights,
+            touched.before,
+            touched.popularity,
+        )
+        result.coding = codes.apply(result.batch, new, moves, work.before, work.counters)
 
     @staticmethod
     def _new_embeddings(
@@ -720,38 +736,14 @@ class Processor:
                     new.setdefault(event.domain, {})[event.item_id] = rec.embedding
         return new
 
-    def _round_popularity(
-        self, work: _Work, popularity: dict[bytes, bytes], domain_ts: dict[str, int]
-    ) -> dict[str, dict[str, float]]:
-        """Domain -> item -> popularity (at the domain's newest event time) of each domain
-        due for a round: a round re-evaluates every item of the domain anyway, so it reads
-        the popularity of all of them instead of tracking which changed."""
-        every = self.settings.code_round_interactions
-        pops: dict[str, dict[str, float]] = {}
-        for domain, c in work.counters.items():
-            if c.interactions // every == work.before[domain].interactions // every:
-                continue
-            at = domain_ts[domain]
-            prefix = domain_prefix(domain)
-            values = dict(self.store.items("popularity", prefix=prefix))
-            values.update((k, v) for k, v in popularity.items() if k.startswith(prefix))
-            pops[domain] = dict(
-                zip(
-                    item_ids_of(domain, values),
-                    popularity_at(list(values.values()), at, self.half_life_s),
-                    strict=True,
-                )
-            )
-        return pops
-
-    def _enough_items(self, counters: dict[str, DomainCounters]) -> bool:
-        """Whether the items held (after this batch) can train the bootstrap codebook."""
-        total = {d: c.items for d, c in domain_counters(self.store).items()}
-        total.update((d, c.items) for d, c in counters.items())
-        return sum(total.values()) >= self.settings.codebook_min_items
-
     def _apply_control(self, rec: Record, command: ControlCommand, result: BatchResult) -> None:
-        if command.op == "finetune":
+        if command.op == "finetune":  # durable: pending until its outcome is final
+            from worker.state.requests import put_request  # (kept inside this method)
+
+            ts = getattr(rec, "timestamp", None)  # the record's own time: a replay is equal
+            at = ts / 1000 if isinstance(ts, int) and ts >= 0 else None
+            source = f"{rec.topic}-{rec.partition}@{rec.offset}"
+            put_request(result.batch, command.domain, at, source)
             result.finetune_requests.append(command.domain)
             return
         try:

@@ -1,17 +1,35 @@
 """Serving: per-domain item-vector indexes of the current version, live cold-start items.
 
 One :class:`DomainIndex` per domain holds the current version's model, every item's
-vector and a faiss index over the normalized vectors (cosine): exact
-``IndexFlatIP`` below ``index_hnsw_min_items`` items, ``IndexHNSWFlat`` above.
+vector and a faiss index over the normalized vectors (cosine), of a type chosen by rule
+from the catalogue size (:class:`IndexRule`, measured in ``bench/index.py``):
+
+* up to ``index_exact_max_items`` items, exact search (``IndexFlatIP``);
+* above, an inverted file (``IndexIVFFlat``, inner product): ``nlist ~ sqrt(N)`` cells
+  whose coarse quantizer is trained by spherical k-means on a bounded sample
+  (``64 * nlist`` vectors, ``10`` iterations), and ``nprobe`` calibrated at each build on
+  the domain's own vectors: the smallest power of two whose recall@10 against exact
+  search reaches ``index_recall`` on seeded sample queries. At 1M items x 64 this builds
+  in well under the 120 s budget (HNSW took 303 s); items are added to the cells live.
+
+A build reads the vectors and adds them in chunks and checks the stop event between
+chunks, so a shutdown is honoured within seconds in every phase.
 
 How it follows the state (:class:`Serving`):
 
-* **Versions** (publish, rollback). A background thread checks each domain's
-  current-version pointer every ``index_poll_s`` seconds, and at once when woken
-  (the daemon wakes it after a batch that applied a rollback and when a fine-tune
-  announces a publish). When the pointer moved it builds the new index off to the
-  side, then swaps one reference: a reader holds the old index or the new one for
-  its whole request, never a half-built one.
+* **Versions** (publish, rollback). The index thread sleeps until it is told that some
+  domains' current version may have moved (:meth:`Serving.wake` with their names: the
+  daemon calls it when a fine-tune announces a publish, after a batch that applied a
+  rollback, and after a restore of versions from the group's changelog); only those
+  domains' pointers are read, so the cost of a notification does not grow with the
+  number of domains. Every ``index_poll_s`` seconds (a slow fallback: 30 s by default)
+  it reads every domain's pointer once, for moves nobody announced (an offline
+  ``adacode rollback``). When the pointer moved it builds the new index off to the side,
+  then swaps one reference: a reader holds the old index or the new one for its whole
+  request, never a half-built one.
+* **Cached versions.** The indexes a domain served last (``index_cache_versions`` of
+  them besides the current one) are kept, and kept current with new items, so a rollback
+  to one of them swaps at once, without a build.
 * **Item vectors** (:class:`~worker.state.versions.ItemVectorizer`): the sum of the item's
   code rows, plus ``W @ e`` when the version projects text (``text_dim > 0``). Items
   of the version's table use the rows and the ``W @ e`` they were trained with; any
@@ -31,10 +49,10 @@ How it follows the state (:class:`Serving`):
   gets the vector of its (borrowed, else served) code's rows in the current version's
   table (rows the version never had, e.g. a disambiguation digit handed out later, are
   left out), plus the projection of its stored embedding, and is added to the live
-  index at once, without a rebuild or any training. An item that is re-described (a
-  new embedding or text, the same code) is re-vectored the same way. Items of the
-  version's table keep the rows (and text part) they were served with at the version
-  until the next one.
+  index at once (to its nearest cell for an inverted file), without a rebuild or any
+  training. An item that is re-described (a new embedding or text, the same code) is
+  re-vectored the same way, in place. Items of the version's table keep the rows (and
+  text part) they were served with at the version until the next one.
 * **Builds racing live items.** A build reads the committed code state; codes that
   change while it runs are recorded and replayed on the new index before the swap.
 
@@ -43,10 +61,13 @@ A domain without a published version is not served (409, saying how to get one).
 
 from __future__ import annotations
 
+import enum
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +151,205 @@ def _normalized(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+# -- the index type, by rule ------------------------------------------------------------------
+
+
+class IndexKind(enum.Enum):
+    """The faiss index of a domain: exact search, or an inverted file of cells."""
+
+    FLAT = "flat"
+    IVF = "ivf"
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build for a catalogue: the kind and, for an inverted file, its cell count
+    and the size of the sample its coarse quantizer is trained on."""
+
+    kind: IndexKind
+    nlist: int = 0
+    train_items: int = 0
+
+
+@dataclass(frozen=True)
+class IndexRule:
+    """The index type and parameters as a function of the catalogue size (see the module
+    docstring; ``bench/index.py`` measures the choice against exact search).
+
+    ``exact_max_items``: largest catalogue searched exactly; ``recall``: the recall@10
+    against exact search that an inverted file's ``nprobe`` is calibrated to reach;
+    ``train_per_cell``: sample vectors per cell for the coarse quantizer (faiss's
+    guideline: 30 to 256); ``queries``: sample queries of the calibration; ``chunk``: vectors
+    added (or vectored) between two checks of the stop event.
+    """
+
+    exact_max_items: int = 20_000
+    recall: float = 0.95
+    train_per_cell: int = 64
+    kmeans_iters: int = 10
+    min_cells: int = 16
+    queries: int = 256
+    chunk: int = 65_536
+    seed: int = 0
+
+    @classmethod
+    def of(cls, settings: Settings) -> IndexRule:
+        return cls(exact_max_items=settings.index_exact_max_items, recall=settings.index_recall)
+
+    def plan(self, n: int) -> IndexPlan:
+        """Exact search up to ``exact_max_items``; above, an inverted file of ``~sqrt(n)``
+        cells (faiss's guideline is 4 to 16 sqrt(n) for the fastest search at scale, but
+        the coarse assignment of every vector costs ``n * nlist``: at 1M x 64 on two cores,
+        4 sqrt(n) cells took 136 s to build, sqrt(n) 15 s, and sqrt(n) cells of ~1,000
+        vectors are searched in well under a millisecond)."""
+        if n <= self.exact_max_items:
+            return IndexPlan(IndexKind.FLAT)
+        nlist = max(self.min_cells, round(math.sqrt(n)))
+        return IndexPlan(IndexKind.IVF, nlist, min(n, self.train_per_cell * nlist))
+
+
+@dataclass
+class SearchIndex:
+    """A built faiss index over normalized vectors (ids: positions), with its plan and,
+    for an inverted file, the calibrated ``nprobe`` and the recall it measured."""
+
+    index: faiss.Index
+    plan: IndexPlan
+    nprobe: int = 0
+    recall: float = 1.0
+
+    @property
+    def kind(self) -> IndexKind:
+        return self.plan.kind
+
+    def add(self, normalized: np.ndarray) -> None:
+        self.index.add(normalized)
+
+    def overwrite(self, i: int, normalized: np.ndarray) -> None:
+        """Replace vector ``i`` (an inverted file moves it to its new nearest cell)."""
+        if self.plan.kind is IndexKind.IVF:
+            self.index.update_vectors(np.asarray([i], dtype=np.int64), normalized.reshape(1, -1))
+            return
+        flat: Any = self.index
+        stored = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d)
+        stored.reshape(flat.ntotal, flat.d)[i] = normalized
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores, ids = self.index.search(q, k)
+        return scores, ids
+
+
+def _stopped(stop: threading.Event | None) -> bool:
+    return stop is not None and stop.is_set()
+
+
+def build_search_index(
+    normalized: np.ndarray,
+    rule: IndexRule,
+    stop: threading.Event | None = None,
+) -> SearchIndex | None:
+    """The index of ``normalized`` ``[n, d]`` vectors chosen by ``rule`` (``None``: stopped;
+    the stop event is checked between chunks of at most ``rule.chunk`` vectors)."""
+    n, d = normalized.shape
+    plan = rule.plan(n)
+    if plan.kind is IndexKind.FLAT:
+        built = SearchIndex(faiss.IndexFlatIP(d), plan)
+    else:
+        trained = _trained_ivf(normalized, plan, rule, stop)
+        if trained is None:
+            return None
+        built = SearchIndex(trained, plan)
+    for start in range(0, n, rule.chunk):
+        if _stopped(stop):
+            return None
+        built.add(normalized[start : start + rule.chunk])
+    if plan.kind is IndexKind.IVF:
+        calibrated = calibrate_nprobe(built.index, normalized, rule, stop)
+        if calibrated is None:
+            return None
+        built.nprobe, built.recall = calibrated
+    return built
+
+
+def _trained_ivf(
+    normalized: np.ndarray, plan: IndexPlan, rule: IndexRule, stop: threading.Event | None
+) -> faiss.Index | None:
+    """An empty inverted file whose coarse quantizer is trained by spherical k-means on a
+    seeded sample of ``plan.train_items`` vectors, one iteration at a time with a check of
+    the stop event between them (``None``: stopped); positions map to cells (a direct map),
+    so an item's vector can be replaced in place."""
+    d = normalized.shape[1]
+    n = normalized.shape[0]
+    rng = np.random.default_rng(rule.seed)
+    sample = np.ascontiguousarray(
+        normalized
+        if plan.train_items >= n
+        else normalized[np.sort(rng.choice(n, plan.train_items, replace=False))]
+    )
+    kmeans = faiss.Kmeans(d, plan.nlist, niter=1, spherical=True, seed=rule.seed)
+    kmeans.train(sample)
+    for _ in range(rule.kmeans_iters - 1):
+        if _stopped(stop):
+            return None
+        kmeans.train(sample, init_centroids=kmeans.centroids)
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(np.asarray(kmeans.centroids, dtype=np.float32))
+    ivf: Any = faiss.IndexIVFFlat(quantizer, d, plan.nlist, faiss.METRIC_INNER_PRODUCT)
+    direct_map: Any = getattr(faiss, "DirectMap")  # noqa: B009 (missing from the stubs)
+    ivf.set_direct_map_type(direct_map.Array)
+    return ivf
+
+
+def sample_queries(normalized: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Seeded queries like the served ones: half are item vectors (similar items), half
+    the normalized midpoints of two items (a user state between items)."""
+    rng = np.random.default_rng(seed)
+    n = normalized.shape[0]
+    own = normalized[rng.integers(n, size=count - count // 2)]
+    mid = (
+        normalized[rng.integers(n, size=count // 2)] + normalized[rng.integers(n, size=count // 2)]
+    )
+    return _normalized(np.concatenate([own, mid]))
+
+
+def recall_at(found_scores: np.ndarray, exact_scores: np.ndarray) -> float:
+    """Mean recall@k of approximate answers against exact ones, by score: an answer whose
+    score reaches the exact k-th score counts as found (items sharing a code tie)."""
+    kth = exact_scores[:, -1:]
+    return float(np.mean(found_scores >= kth - 1e-5))
+
+
+def calibrate_nprobe(
+    ivf: Any,
+    normalized: np.ndarray,
+    rule: IndexRule,
+    stop: threading.Event | None = None,
+    k: int = 10,
+) -> tuple[int, float] | None:
+    """The smallest power-of-two ``nprobe`` whose recall@``k`` against exact search on
+    seeded sample queries reaches ``rule.recall`` (set on ``ivf``), with that recall
+    (``None``: stopped). The exact answers are computed chunk by chunk over the vectors."""
+    queries = sample_queries(normalized, rule.queries, rule.seed + 1)
+    k = min(k, normalized.shape[0])
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for start in range(0, normalized.shape[0], rule.chunk):
+        if _stopped(stop):
+            return None
+        block = normalized[start : start + rule.chunk]
+        scores = queries @ block.T
+        top = min(k, block.shape[0])
+        part = -np.partition(-scores, top - 1, axis=1)[:, :top]
+        best = -np.sort(-np.concatenate([best, part], axis=1), axis=1)[:, :k]
+    nprobe, recall = 1, 0.0
+    while True:
+        ivf.nprobe = nprobe
+        found, _ = ivf.search(queries, k)
+        recall = recall_at(found, best)
+        if recall >= rule.recall or nprobe >= ivf.nlist:
+            return nprobe, recall
+        nprobe = min(2 * nprobe, ivf.nlist)
+
+
 class DomainIndex:
     """One domain at one version: model, item vectors and their faiss index.
 
@@ -144,16 +364,20 @@ class DomainIndex:
         table: VersionTable,
         *,
         embeddings: EmbeddingReader | None = None,
-        hnsw_min_items: int,
-        ef_search: int,
+        rule: IndexRule | None = None,
         borrow: bool = True,
         levels: int | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
-        """``borrow``: serve untrained items borrowed codes (see the module docstring);
+        """``rule``: the index type by catalogue size (default :class:`IndexRule`);
+        ``borrow``: serve untrained items borrowed codes (see the module docstring);
         ``levels``: the codebook's levels, needed to borrow for new items from a version
-        written before borrowing (without full-path rows; ``None``: they keep their own)."""
+        written before borrowing (without full-path rows; ``None``: they keep their own);
+        ``stop``: checked between chunks of the build; when it is set the build ends early
+        and :attr:`complete` is false (the index must not be served)."""
         self.domain = domain
         self.version = version
+        self.rule = rule or IndexRule()
         self.vectorizer = ItemVectorizer(table.snapshot)
         self.model = self.vectorizer.model  # the version's encoder (and code table)
         self.embeddings = embeddings
@@ -166,24 +390,52 @@ class DomainIndex:
         self.trained_codes: TrainedCodes | None = None
         if borrow and (table.full_rows is not None or levels is not None):
             self.trained_codes = TrainedCodes.of(table, levels or 0)
-        raw = self.vectorizer.vectors(table.served_rows(borrow), table.text_vectors)
-        self.dim = raw.shape[1]
-        self.raw = np.zeros((max(16, 2 * len(self.ids)), self.dim), dtype=np.float32)
-        self.raw[: len(self.ids)] = raw
-        self.hnsw = len(self.ids) >= hnsw_min_items
-        if self.hnsw:
-            hnsw = faiss.IndexHNSWFlat(self.dim, 32, faiss.METRIC_INNER_PRODUCT)
-            hnsw.hnsw.efConstruction = 80
-            hnsw.hnsw.efSearch = ef_search
-            self.index: faiss.Index = hnsw
-        else:
-            self.index = faiss.IndexFlatIP(self.dim)
-        if len(self.ids):
-            self.index.add(_normalized(raw))
+        self.dim = self.vectorizer.hidden
+        n = len(self.ids)
+        self.raw = np.zeros((n + max(16, n // 8), self.dim), dtype=np.float32)
+        self.complete = False
+        self.built_here = True  # false once served again from a cache (not rebuilt)
+        self.searcher: SearchIndex | None = None
+        if self._vectorize(table, borrow, stop):
+            self.searcher = build_search_index(_normalized(self.raw[:n]), self.rule, stop)
+            self.complete = self.searcher is not None
+
+    def _vectorize(self, table: VersionTable, borrow: bool, stop: threading.Event | None) -> bool:
+        """The version's item vectors into :attr:`raw`, chunk by chunk (false: stopped)."""
+        rows = table.served_rows(borrow)
+        text = table.text_vectors
+        for start in range(0, len(self.ids), self.rule.chunk):
+            if _stopped(stop):
+                return False
+            end = min(len(self.ids), start + self.rule.chunk)
+            part = None if text is None else text[start:end]
+            self.raw[start:end] = self.vectorizer.vectors(rows[start:end], part)
+        return not _stopped(stop)
+
+    @property
+    def index(self) -> SearchIndex:
+        if self.searcher is None:
+            raise VersionError(
+                f"the index of {self.domain!r} version {self.version} was stopped mid-build"
+            )
+        return self.searcher
 
     @property
     def kind(self) -> str:
-        return "hnsw" if self.hnsw else "flat"
+        return self.index.kind.value
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The index's type and parameters (for logs, ``/v1/domains`` and benchmarks)."""
+        ix = self.index
+        if ix.kind is IndexKind.FLAT:
+            return {"kind": ix.kind.value}
+        return {
+            "kind": ix.kind.value,
+            "nlist": ix.plan.nlist,
+            "nprobe": ix.nprobe,
+            "calibrated_recall": round(ix.recall, 4),
+        }
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -280,7 +532,7 @@ class DomainIndex:
                     self.raw = grown
                 block = np.stack([v for _, v in new])
                 self.raw[n:need] = block
-                self.index.add(_normalized(block))
+                self.index.add(_normalized(block))  # to its nearest cell in an inverted file
                 for i, (k, _) in enumerate(new):
                     self.pos[k] = n + i
                 self.ids.extend(k for k, _ in new)
@@ -289,12 +541,7 @@ class DomainIndex:
     def _overwrite(self, i: int, vector: np.ndarray) -> None:
         """Replace item ``i``'s vector (a live item whose served code changed)."""
         self.raw[i] = vector
-        flat: Any = self.index
-        if self.hnsw:
-            flat = faiss.downcast_index(flat.storage)
-        stored = faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * self.dim)
-        stored.reshape(flat.ntotal, self.dim)[i] = _normalized(vector)
-        # HNSW keeps the item's old graph links until the next build (approximate anyway)
+        self.index.overwrite(i, _normalized(vector.reshape(1, -1)))
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -369,9 +616,12 @@ def build_index(
     version: int,
     settings: Settings,
     live: CodeAssigner | None = None,
-) -> DomainIndex:
+    *,
+    stop: threading.Event | None = None,
+) -> DomainIndex | None:
     """The index of ``domain`` at ``version``: the version's items with their trained rows,
-    plus every item coded since (from ``live``, else the committed code state)."""
+    plus every item coded since (from ``live``, else the committed code state); ``None``
+    when ``stop`` was set during the build."""
     table = load_table(store, domain, version)
     assigner = live if live is not None else committed_assigner(store, domain)
     index = DomainIndex(
@@ -379,11 +629,13 @@ def build_index(
         version,
         table,
         embeddings=lambda keys: stored_embeddings(store, domain, keys),
-        hnsw_min_items=settings.index_hnsw_min_items,
-        ef_search=settings.index_hnsw_ef_search,
+        rule=IndexRule.of(settings),
         borrow=settings.serve_borrow_trained,
         levels=None if assigner is None else assigner.levels,
+        stop=stop,
     )
+    if not index.complete:
+        return None
     if assigner is not None:
         later = [k for k in assigner.keys if k not in index.pos]
         index.upsert({k: assigner.row_ids(k) for k in later}, full_path_rows(assigner, later))
@@ -425,9 +677,14 @@ class Serving:
         self.store = store
         self.settings = settings
         self._indexes: dict[str, DomainIndex] = {}
+        # per domain, the indexes it served before (least recently served first), kept
+        # current with new items: a rollback to one of them swaps without a build
+        self._cached: dict[str, OrderedDict[int, DomainIndex]] = {}
         self._lock = threading.Lock()  # orders live upserts against swaps
-        # (domain, codes, full-path rows) since the poll began
-        self._pending: list[tuple[str, dict[str, np.ndarray], Mapping[str, np.ndarray]]] = []
+        # domain being built -> (codes, full-path rows) of the batches since its build began
+        self._pending: dict[str, list[tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]]] = {}
+        self._due: set[str] = set()  # domains whose pointer may have moved (notified)
+        self._scan = True  # read every domain's pointer at the next refresh (start, poll)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -435,6 +692,7 @@ class Serving:
         self._shape: tuple[int, int] | None = None  # (levels, k) of the codebook
         self._rebuild = False  # rebuild every index at the next refresh, version or not
         self.builds = 0
+        self.cache_hits = 0
         self.on_swap = on_swap
         self.paths = paths
 
@@ -445,71 +703,143 @@ class Serving:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the index thread (a build in progress ends within a chunk)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def wake(self, _event: object = None) -> None:
-        """Check the version pointers now (after a publish or a rollback)."""
+    def wake(self, domains: Iterable[str] | None = None) -> None:
+        """Check these domains' current versions now (after a publish, a rollback or a
+        restore of theirs); ``None``: every domain's."""
+        with self._lock:
+            if domains is None:
+                self._scan = True
+            else:
+                self._due.update(domains)
         self._wake.set()
 
     def _run(self) -> None:
+        """Refresh what is due, then sleep until woken or until the fallback poll is due."""
         while not self._stop.is_set():
+            due = self._take_due()
             try:
-                self.refresh()
+                self.refresh(due)
             except Exception:  # a bad version must not stop serving the others
                 log.exception("refreshing the serving indexes failed")
-            self._wake.wait(self.settings.index_poll_s)
+            if not self._wake.wait(self.settings.index_poll_s):
+                self._scan = True  # the slow fallback: moves nobody announced
             self._wake.clear()
+
+    def _take_due(self) -> list[str] | None:
+        """The domains to check (``None``: all), emptied for the next notifications."""
+        with self._lock:
+            scan, self._scan = self._scan, False
+            due, self._due = self._due, set()
+        return None if scan else sorted(due)
 
     # -- following the state --------------------------------------------------------------
 
-    def refresh(self) -> list[str]:
-        """Build and swap in the index of every domain whose current version moved.
+    def refresh(self, domains: Iterable[str] | None = None) -> list[str]:
+        """Swap in the index of each of ``domains`` (``None``: every domain with a version)
+        whose current version moved: a cached one at once, else one built off to the side.
 
         Returns the domains swapped. Called by the index thread (and by tests).
         """
-        with self._lock:
-            self._pending.clear()  # every earlier batch is committed: a build reads it
         rebuild, self._rebuild = self._rebuild, False
-        swapped = []
-        for domain in domains_with_versions(self.store):
-            version = current_version(self.store, domain)
-            held = self._indexes.get(domain)
-            if version is None or (not rebuild and held is not None and held.version == version):
-                continue
-            if (domain, version) in self._failed:
-                continue
-            started = time.perf_counter()
-            try:
-                index = build_index(self.store, domain, version, self.settings)
-            except (VersionError, WorkerError) as exc:
-                self._failed[(domain, version)] = str(exc)
-                log.error("cannot serve %s version %d: %s", domain, version, exc)
-                continue
+        if rebuild:
+            domains = None
             with self._lock:
-                for d, codes, full in self._pending:
-                    if d == domain:
-                        index.upsert(codes, full)
-                old = self._indexes.get(domain)
-                self.builds += 1  # counted first: whoever sees the new index sees the count
-                self._indexes[domain] = index  # the swap: one reference
-            old_version = None if old is None else old.version
-            old = None  # the previous version's index and the build's buffers: back to the OS
-            release_free_memory()
-            swapped.append(domain)
-            log.info(
-                "serving %s version %d (%d items, %s index) built in %.2f s",
-                domain,
-                version,
-                len(index),
-                index.kind,
-                time.perf_counter() - started,
-            )
-            if self.on_swap is not None:
-                self.on_swap(domain, old_version, version)
+                self._cached.clear()  # their live items may be wrong too
+        names = domains_with_versions(self.store) if domains is None else list(domains)
+        swapped = []
+        for domain in names:
+            if self._stop.is_set():
+                break
+            if self._follow(domain, rebuild):
+                swapped.append(domain)
         return swapped
+
+    def _follow(self, domain: str, rebuild: bool) -> bool:
+        """Bring ``domain``'s index to its current version; true when it was swapped."""
+        version = current_version(self.store, domain)
+        held = self._indexes.get(domain)
+        if version is None or (not rebuild and held is not None and held.version == version):
+            return False
+        if (domain, version) in self._failed:
+            return False
+        started = time.perf_counter()
+        index = None if rebuild else self._from_cache(domain, version)
+        if index is None:
+            index = self._build(domain, version)
+            if index is None:
+                return False
+        old_version = self._swap(domain, index)
+        release_free_memory()  # an evicted index and the build's buffers: back to the OS
+        log.info(
+            "serving %s version %d (%d items, %s) %s in %.2f s",
+            domain,
+            version,
+            len(index),
+            index.params,
+            "built" if index.built_here else "from the cache",
+            time.perf_counter() - started,
+        )
+        if self.on_swap is not None:
+            self.on_swap(domain, old_version, version)
+        return True
+
+    def _from_cache(self, domain: str, version: int) -> DomainIndex | None:
+        with self._lock:
+            index = self._cached.get(domain, OrderedDict()).pop(version, None)
+        if index is not None:
+            index.built_here = False
+            self.cache_hits += 1
+        return index
+
+    def _build(self, domain: str, version: int) -> DomainIndex | None:
+        """Build ``domain`` at ``version`` off to the side (``None``: failed or stopped);
+        the codes of batches applied meanwhile are recorded for :meth:`_swap`."""
+        with self._lock:
+            self._pending[domain] = []  # every earlier batch is committed: the build reads it
+        try:
+            index = build_index(self.store, domain, version, self.settings, stop=self._stop)
+        except (VersionError, WorkerError) as exc:
+            self._failed[(domain, version)] = str(exc)
+            log.error("cannot serve %s version %d: %s", domain, version, exc)
+            index = None
+        if index is None:
+            with self._lock:
+                self._pending.pop(domain, None)
+            return None
+        index.built_here = True
+        return index
+
+    def _swap(self, domain: str, index: DomainIndex) -> int | None:
+        """Make ``index`` the domain's served one (one reference) after replaying the codes
+        that changed during its build; the one it replaces goes to the domain's cache.
+        Returns the version served before."""
+        with self._lock:
+            for codes, full in self._pending.pop(domain, []):
+                index.upsert(codes, full)
+            old = self._indexes.get(domain)
+            if index.built_here:
+                self.builds += 1  # counted first: whoever sees the new index sees the count
+            self._indexes[domain] = index  # the swap: one reference
+            cache = self._cached.setdefault(domain, OrderedDict())
+            cache.pop(index.version, None)
+            if old is not None and old.version != index.version:
+                cache[old.version] = old
+            while len(cache) > self.settings.index_cache_versions:
+                cache.popitem(last=False)
+            if not cache:
+                del self._cached[domain]
+        return None if old is None else old.version
+
+    def cached_versions(self, domain: str) -> list[int]:
+        """The versions of ``domain`` whose indexes are cached (least recently served first)."""
+        with self._lock:
+            return list(self._cached.get(domain, ()))
 
     def apply_codes(
         self,
@@ -517,16 +847,21 @@ class Serving:
         codes: dict[str, np.ndarray],
         full_rows: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Serve items whose served code is new or changed (from the consumer thread);
+        """Serve items whose served code is new or changed (from the consumer thread), in
+        the domain's index, its cached ones and (replayed at the swap) one being built;
         ``full_rows``: their full-path rows, for borrowed codes (see :meth:`DomainIndex.upsert`)."""
         if not codes:
             return
         full = full_rows or {}
         with self._lock:
-            self._pending.append((domain, codes, full))
+            building = self._pending.get(domain)
+            if building is not None:
+                building.append((codes, full))
             index = self._indexes.get(domain)
             if index is not None:
                 index.upsert(codes, full)
+            for cached in self._cached.get(domain, {}).values():
+                cached.upsert(codes, full)
 
     def _full_rows(self, domain: str, keys: Sequence[str]) -> Mapping[str, np.ndarray]:
         """Full-path rows of ``keys`` (none when borrowing is off)."""
@@ -568,7 +903,7 @@ class Serving:
                 for domain, codes in sorted(by_domain.items()):
                     self.apply_codes(domain, codes, self._full_rows(domain, list(codes)))
         if result.switches:
-            self.wake()
+            self.wake(str(switch["domain"]) for switch in result.switches)
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -51,10 +51,6 @@ class Route:
     body: str | None = None  # schema name of the JSON body
     admin: bool = False
 
-    @property
-    def regex(self) -> str:
-        return re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
-
 
 _K = ("k", "integer", f"how many items, 1..{MAX_K} (default {DEFAULT_K})")
 
@@ -194,7 +190,7 @@ class ApiRoutes:
 
     def register(self, router: Router) -> None:
         for route in ROUTES:
-            router.add(route.method, route.regex, self._wrap(route))
+            router.add(route.method, route.path, self._wrap(route))
 
     def _wrap(self, route: Route) -> Callable[[Request], Response]:
         handler: Callable[[Request], Response] = getattr(self, route.handler)
@@ -410,8 +406,14 @@ _REASONS = {
     403: "admin endpoints are disabled (admin_token is empty)",
     404: "unknown domain, item, user or version",
     409: "the domain has no servable version",
+    413: "the request body is larger than the http_max_body_bytes setting",
     503: "not available yet (index being built, Kafka down)",
 }
+
+
+def route_statuses(route: Route) -> tuple[int, ...]:
+    """What ``route`` may answer: its own statuses, and 413 where it takes a body."""
+    return (*route.statuses, 413) if route.body is not None else route.statuses
 
 
 def openapi_document() -> dict[str, Any]:
@@ -434,7 +436,7 @@ def openapi_document() -> dict[str, Any]:
                     "description": _REASONS[s],
                     "content": {"application/json": {"schema": _ERROR if s >= 400 else {}}},
                 }
-                for s in route.statuses
+                for s in route_statuses(route)
             },
         }
         if route.body is not None:

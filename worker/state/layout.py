@@ -16,11 +16,15 @@ meta          ``domain/`` domain                        :class:`DomainCounters` 
 meta          ``codebook/current``                      the current codebook's id        ingest.coding
 meta          ``codebook/`` id                          ResidualCodebook bytes           ingest.coding
 meta          ``restore/`` topic ``/`` partition        restore position (``>q``)        ingest.group
+meta          ``bootstrap/sample``                      {"n", "keys"} while it trains    ingest.coding
+meta          ``bootstrap/cursor``                      last item key coded since        ingest.coding
 items         domain \\0 item_id                         :class:`ItemRecord`              ingest.processor
 popularity    domain \\0 item_id                         :class:`Popularity`              ingest.processor
 interactions  domain \\0 ts(>q) partition(>i) offset(>q)  :class:`LoggedInteraction`       ingest.processor
 users         domain \\0 user_id                         recent items (state.users)       ingest.processor
-codes         ``state`` \\0 domain                       AssignerState bytes              ingest.coding
+codes         ``state`` \\0 domain                       assigner header (JSON; npz: v1)  ingest.coding
+codes         ``row`` \\0 domain \\0 item_id              one item's assigner row          ingest.coding
+codes         ``pend`` \\0 domain \\0 item_id             b"" (popularity moved)           ingest.coding
 codes         ``hist`` \\0 domain \\0 ts(>q) item \\0 why   {"item", "old", "new", "reason"} ingest.coding
 versions      ``rec`` \\0 domain \\0 v                    VersionRecord (JSON)             state.versions
 versions      ``table`` \\0 domain \\0 v                  model snapshot (npz)             state.versions
@@ -28,6 +32,7 @@ versions      ``items`` \\0 domain \\0 v                  the version's items (n
 versions      ``current`` \\0 domain                     v                                state.versions
 versions      ``next`` \\0 domain                        next version number (``>q``)     state.versions
 versions      ``switch`` \\0 domain \\0 seq(>q)           {"from", "to", "reason", "at"}   state.versions
+versions      ``request`` \\0 domain                     {"requested_at", "source"}       ingest.processor
 offsets       topic \\0 partition(>i)                    next offset (``>q``)             store (consumer batches)
 ============  ========================================  ===============================  =======================
 
@@ -137,6 +142,14 @@ def codebook_key(codebook_id: bytes) -> bytes:
     return b"codebook/" + codebook_id
 
 
+BOOTSTRAP_SAMPLE = b"bootstrap/sample"
+"""``meta`` key of the sample the bootstrap codebook trains on, while it trains (JSON)."""
+
+BOOTSTRAP_CURSOR = b"bootstrap/cursor"
+"""``meta`` key of the last item key coded since the codebook came (while items held from
+before it are coded in chunks; ``b""``: none yet)."""
+
+
 def restore_position_key(topic: str, partition: int) -> bytes:
     """Key of how far the ``versions`` topic partition was restored (see
     :mod:`worker.ingest.group`)."""
@@ -159,6 +172,26 @@ def domain_of_assigner_key(key: bytes) -> str:
     return key[len(ASSIGNER_PREFIX) :].decode()
 
 
+def code_row_prefix(domain: str) -> bytes:
+    """The prefix of every :func:`code_row_key` of ``domain``."""
+    return b"row\x00" + domain.encode() + _SEP
+
+
+def code_row_key(domain: str, item_id: str) -> bytes:
+    """Key of one item's saved assigner row (:meth:`CodeAssigner.take_rows`)."""
+    return code_row_prefix(domain) + item_id.encode()
+
+
+def round_pending_prefix(domain: str) -> bytes:
+    """The prefix of every :func:`round_pending_key` of ``domain``."""
+    return b"pend\x00" + domain.encode() + _SEP
+
+
+def round_pending_key(domain: str, item_id: str) -> bytes:
+    """Key marking an item whose popularity moved since the domain's last code round."""
+    return round_pending_prefix(domain) + item_id.encode()
+
+
 def history_prefix(domain: str) -> bytes:
     """The prefix of every :func:`history_key` of ``domain`` (its changes in time order)."""
     return b"hist\x00" + domain.encode() + _SEP
@@ -177,7 +210,7 @@ def history_key_ts(domain: str, key: bytes) -> int:
 
 # --- versions: kind \0 domain [\0 v] --------------------------------------------------------
 
-VersionKind = Literal["rec", "table", "items", "current", "next", "switch"]
+VersionKind = Literal["rec", "table", "items", "current", "next", "switch", "request"]
 """What a ``versions`` key holds (see the module docstring)."""
 
 
@@ -207,6 +240,25 @@ def version_key_domain(key: bytes) -> str:
     if len(parts) < 2:
         raise KeyLayoutError(f"versions key {key!r} names no domain; it was not written by adacode")
     return parts[1].decode()
+
+
+# --- fine-tune requests: ``request`` \0 domain in ``versions`` ------------------------------
+# A pending fine-tune request is state (worker.state.requests). It lives in the ``versions``
+# column family, not in ``meta``, so that it is mirrored to the compacted versions topic with
+# the control offset that consumed it: in a group the domain's next owner restores it.
+
+REQUEST_PREFIX = b"request\x00"
+"""The prefix of every :func:`finetune_request_key` (one per domain with a pending request)."""
+
+
+def finetune_request_key(domain: str) -> bytes:
+    """Key of ``domain``'s pending fine-tune request in ``versions``."""
+    return version_key("request", domain)
+
+
+def domain_of_request_key(key: bytes) -> str:
+    """Inverse of :func:`finetune_request_key`."""
+    return key[len(REQUEST_PREFIX) :].decode()
 
 
 # --- the versions topic ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ from worker.state.layout import (
     CODEBOOK_CURRENT,
     DOMAIN_COUNTERS_PREFIX,
     assigner_key,
+    code_row_prefix,
     codebook_key,
     domain_counters_key,
     domain_of_counters_key,
@@ -32,6 +33,7 @@ from worker.state.layout import (
     history_prefix,
     interaction_key_ts,
     item_key,
+    round_pending_prefix,
     split_item_key,
 )
 
@@ -128,8 +130,37 @@ def load_codebook(store: StorePartition) -> ResidualCodebook | None:
 
 def committed_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:
     """The domain's code assigner as committed, or ``None`` when it has no codes yet."""
+    found = committed_codes(store, domain)
+    return None if found is None else found[0]
+
+
+def committed_codes(
+    store: StorePartition, domain: str
+) -> tuple[CodeAssigner, dict[str, Any], bool] | None:
+    """The domain's code assigner as committed, the extra fields of its header, and whether
+    it was saved in the first format (one state for the whole domain, to be saved again
+    row by row); ``None`` when the domain has no codes yet."""
     raw = store.get("codes", assigner_key(domain))
-    return None if raw is None else CodeAssigner.from_state(AssignerState.from_bytes(raw))
+    if raw is None:
+        return None
+    if not raw.startswith(b"{"):
+        return CodeAssigner.from_state(AssignerState.from_bytes(raw)), {}, True
+    prefix = code_row_prefix(domain)
+    cut = len(prefix)
+    keys: list[str] = []
+    rows: list[bytes] = []
+    for key, row in store.items("codes", prefix=prefix):
+        keys.append(key[cut:].decode())
+        rows.append(row)
+    assigner, extra = CodeAssigner.from_rows(raw, keys, rows)
+    return assigner, extra, False
+
+
+def round_pending(store: StorePartition, domain: str) -> list[str]:
+    """The items of ``domain`` whose popularity moved since its last code round."""
+    prefix = round_pending_prefix(domain)
+    cut = len(prefix)
+    return [key[cut:].decode() for key, _ in store.items("codes", prefix=prefix)]
 
 
 def code_changes(store: StorePartition, domain: str) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -19,6 +19,14 @@ windows used (``TrainResult.seen_items``) and every item's full-path rows, and s
 untrained item the code of its deepest trained relative (see :mod:`worker.state.versions`). The
 gate scores the candidate and the current version with that same rule, so what is gated is
 what is served.
+
+Scale: the domain is read in chunks straight into arrays (:func:`read_log`,
+:func:`read_embeddings`: no per-interaction objects); training picks its loss by rule
+(:mod:`quantize.train`: full softmax on small catalogues, sampled above
+``finetune_full_softmax_max_items``); the gate ranks every item in bounded chunks. The stop
+event is checked between read chunks, training steps, validation and gate chunks (a
+shutdown abandons the run within a step), and ``finetune_max_seconds`` before every
+training step: a run with no validated epoch within the budget publishes nothing.
 """
 
 from __future__ import annotations
@@ -36,14 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from quantize.evaluate import holdout_split, pad_histories, ranks, recall_ndcg, user_sequences
+from quantize.evaluate import holdout_split, recall_ndcg, user_histories
 from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
-from quantize.train import EpochReport, TrainConfig, score_histories, shared_init, train_domain
+from quantize.train import EpochReport, TrainConfig, rank_histories, shared_init, train_domain
 from store.partition import StorePartition
 from worker.core.settings import Settings
+from worker.state.layout import domain_prefix, interaction_key_ts
 from worker.state.reads import (
     committed_assigner,
-    iter_interactions,
     load_codebook,
     stored_embeddings,
 )
@@ -156,25 +164,31 @@ class Outcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def read_domain(store: StorePartition, domain: str) -> DomainData | None:
-    """Coded items and the interaction log of ``domain`` (None: no codes yet)."""
+Check = Callable[[], None]
+"""Called between chunks of long work; raises to stop it (e.g. :class:`Abandoned`)."""
+
+LOG_CHUNK = 1 << 16
+"""Interactions decoded at once by :func:`read_log`."""
+
+EMBEDDING_CHUNK = 1 << 12
+"""Item records read at once by :func:`read_embeddings`."""
+
+_LOG_HEAD = 9  # a logged interaction's value: version byte, float64 weight, then user\0item
+
+
+def read_domain(
+    store: StorePartition, domain: str, check: Check | None = None
+) -> DomainData | None:
+    """Coded items and the interaction log of ``domain`` (None: no codes yet), read in
+    chunks into arrays; ``check`` is called between chunks."""
     codebook = load_codebook(store)
     assigner = committed_assigner(store, domain)
     if codebook is None or assigner is None:
         return None
     served = assigner.served()
     item_ids = list(assigner.keys)
-    text = read_embeddings(store, domain, item_ids)
-    index = {item: i for i, item in enumerate(item_ids)}
-    users: dict[str, int] = {}
-    u, it, ts = [], [], []
-    for t, inter in iter_interactions(store, domain):
-        i = index.get(inter.item_id)
-        if i is None:
-            continue  # an item without an item event yet: no code, no row
-        u.append(users.setdefault(inter.user_id, len(users)))
-        it.append(i)
-        ts.append(t)
+    text = read_embeddings(store, domain, item_ids, check)
+    users, items, timestamps = read_log(store, domain, item_ids, check)
     offsets = {f"{t}-{p}": o for (t, p), o in sorted(store.offsets().items())}
     levels = served.levels
     full_rows = np.arange(levels, dtype=np.int64)[None, :] * served.k + served.paths
@@ -183,29 +197,142 @@ def read_domain(store: StorePartition, domain: str) -> DomainData | None:
         served.row_matrix(),
         text,
         served.table_rows,
-        np.asarray(u, dtype=np.int64),
-        np.asarray(it, dtype=np.int64),
-        np.asarray(ts, dtype=np.int64),
+        users,
+        items,
+        timestamps,
         offsets,
         codebook.codebook_id,
         full_rows.astype(np.int64, copy=False),
     )
 
 
-def read_embeddings(store: StorePartition, domain: str, item_ids: list[str]) -> np.ndarray:
-    """The frozen embeddings ``[n, dim]`` (float32) of coded items, from their item records."""
-    found = stored_embeddings(store, domain, item_ids)
-    missing = [item for item in item_ids if item not in found]
-    widths = sorted({len(v) for v in found.values()})
+def read_log(
+    store: StorePartition,
+    domain: str,
+    item_ids: list[str],
+    check: Check | None = None,
+    *,
+    chunk: int = LOG_CHUNK,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The domain's interaction log in time order as int64 arrays ``(users, items,
+    timestamps)``: users numbered by first appearance, items as indices into ``item_ids``
+    (interactions of other items, not coded yet, are left out). Keys and values are
+    decoded ``chunk`` at a time with numpy; ``check`` is called between chunks."""
+    catalogue = np.array([i.encode() for i in item_ids], dtype=bytes)
+    by_id = np.argsort(catalogue, kind="stable")
+    known = catalogue[by_id]
+    prefix = domain_prefix(domain)
+    users: list[np.ndarray] = []
+    items: list[np.ndarray] = []
+    stamps: list[np.ndarray] = []
+    keys: list[bytes] = []
+    values: list[bytes] = []
+
+    def flush() -> None:
+        if check is not None:
+            check()
+        u, it, ts = _decode_log_chunk(domain, len(prefix), keys, values, known, by_id)
+        users.append(u)
+        items.append(it)
+        stamps.append(ts)
+        keys.clear()
+        values.clear()
+
+    for key, value in store.items("interactions", prefix=prefix):
+        keys.append(key)
+        values.append(value)
+        if len(keys) >= chunk:
+            flush()
+    if keys:
+        flush()
+    if not users:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    return _number_users(np.concatenate(users)), np.concatenate(items), np.concatenate(stamps)
+
+
+def _decode_log_chunk(
+    domain: str,
+    prefix_len: int,
+    keys: list[bytes],
+    values: list[bytes],
+    known: np.ndarray,
+    by_id: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One chunk of log records as arrays: user ids (bytes), item indices, timestamps
+    (rows of items outside the catalogue dropped)."""
+    n = len(keys)
+    key_len = len(keys[0])
+    raw_keys = np.frombuffer(b"".join(keys), dtype=np.uint8)
+    if raw_keys.size != n * key_len:
+        raise FineTuneDataError(f"domain {domain!r}: interaction keys of unequal length; " + _FIX)
+    ts_bytes = raw_keys.reshape(n, key_len)[:, prefix_len : prefix_len + 8]
+    ts = np.ascontiguousarray(ts_bytes).view(">i8").reshape(n).astype(np.int64)
+    if ts[0] != interaction_key_ts(keys[0]) or ts[-1] != interaction_key_ts(keys[-1]):
+        raise FineTuneDataError(f"domain {domain!r}: interaction keys of another layout; " + _FIX)
+    body = np.array(values, dtype=bytes)
+    width = body.dtype.itemsize
+    raw = body.view(np.uint8).reshape(n, width)
+    if width <= _LOG_HEAD or (raw[:, 0] != 1).any():
+        raise FineTuneDataError(f"domain {domain!r}: unreadable interaction records; " + _FIX)
+    text = raw[:, _LOG_HEAD:]
+    cols = np.arange(text.shape[1])[None, :]
+    sep = np.argmax(text == 0, axis=1)[:, None]
+    if (text[np.arange(n), sep[:, 0]] != 0).any():
+        raise FineTuneDataError(f"domain {domain!r}: interaction without an item id; " + _FIX)
+    user = np.where(cols < sep, text, 0)
+    shifted = np.minimum(cols + sep + 1, text.shape[1] - 1)
+    item = np.where(cols + sep + 1 < text.shape[1], np.take_along_axis(text, shifted, 1), 0)
+    user_ids = np.ascontiguousarray(user).view(f"S{text.shape[1]}").reshape(n)
+    item_ids = np.ascontiguousarray(item).view(f"S{text.shape[1]}").reshape(n)
+    at = np.minimum(np.searchsorted(known, item_ids), max(len(known) - 1, 0))
+    found = known[at] == item_ids if len(known) else np.zeros(n, dtype=bool)
+    return user_ids[found], by_id[at[found]].astype(np.int64), ts[found]
+
+
+_FIX = "the state is corrupt or of another version: restore it from a backup"
+
+
+def _number_users(user_ids: np.ndarray) -> np.ndarray:
+    """User indices ``0..`` in order of first appearance."""
+    if not len(user_ids):
+        return np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(user_ids, return_index=True, return_inverse=True)
+    number = np.empty(len(first), dtype=np.int64)
+    number[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return number[inverse.reshape(-1)]
+
+
+def read_embeddings(
+    store: StorePartition, domain: str, item_ids: list[str], check: Check | None = None
+) -> np.ndarray:
+    """The frozen embeddings ``[n, dim]`` (float32) of coded items, from their item records,
+    read :data:`EMBEDDING_CHUNK` records at a time into one array."""
+    out: np.ndarray | None = None
+    missing: list[str] = []
+    widths: set[int] = set()
+    for start in range(0, len(item_ids), EMBEDDING_CHUNK):
+        if check is not None:
+            check()
+        chunk = item_ids[start : start + EMBEDDING_CHUNK]
+        found = stored_embeddings(store, domain, chunk)
+        widths.update(len(v) for v in found.values())
+        if out is None and found:
+            out = np.zeros((len(item_ids), len(next(iter(found.values())))), dtype=np.float32)
+        for i, item in enumerate(chunk):
+            vec = found.get(item)
+            if vec is None:
+                missing.append(item)
+            elif out is not None and len(vec) == out.shape[1]:
+                out[start + i] = vec
     if missing or len(widths) > 1:
         raise FineTuneDataError(
             f"domain {domain!r}: coded items need one embedding each of one width, but "
-            f"{len(missing)} have none (e.g. {missing[:3]}) and the widths are {widths}; the "
-            "state is inconsistent: restore it from a backup or rebuild it by replaying the topics"
+            f"{len(missing)} have none (e.g. {missing[:3]}) and the widths are {sorted(widths)}; "
+            "the state is inconsistent: restore it from a backup or rebuild it by replaying "
+            "the topics"
         )
-    if not item_ids:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.stack([found[item] for item in item_ids]).astype(np.float32, copy=False)
+    return np.zeros((0, 0), dtype=np.float32) if out is None else out
 
 
 def serving_rows(
@@ -228,8 +355,10 @@ def recall_at_10(
     *,
     full_rows: np.ndarray | None = None,
     trained: np.ndarray | None = None,
+    check: Check | None = None,
 ) -> tuple[float, float]:
-    """Recall@10 and NDCG@10 of a version on held-out next items (full ranking).
+    """Recall@10 and NDCG@10 of a version on held-out next items (full ranking, in item
+    chunks of bounded memory; ``check`` is called before each chunk).
 
     ``text``: the items' embeddings, used when the version projects text. ``full_rows``
     and ``trained`` (the items' full-path rows and the version's trained mask): score the
@@ -241,10 +370,15 @@ def recall_at_10(
     served = serving_rows(item_rows, full_rows, trained)
     rows = np.where(served < width, served, -1)  # rows the version never had
     model = snapshot.model()
-    scores = score_histories(
-        model, rows, histories, text=text if snapshot.config.text_dim else None
+    rank = rank_histories(
+        model,
+        rows,
+        histories,
+        targets,
+        text=text if snapshot.config.text_dim else None,
+        check=check,
     )
-    hit, ndcg = recall_ndcg(ranks(scores, targets), 10)
+    hit, ndcg = recall_ndcg(rank, 10)
     return float(hit.mean()), float(ndcg.mean())
 
 
@@ -295,8 +429,10 @@ class FineTuner:
            (:meth:`_record`).
         6. Announce on the snapshots topic (:meth:`_announce`).
 
-        A stop (shutdown) during training or before step 5 abandons the run: nothing is
-        written and the outcome is :attr:`FinetuneStatus.ABANDONED`.
+        A stop (shutdown) at any point before step 5 abandons the run within a training
+        step or a chunk of reading or ranking: nothing is written and the outcome is
+        :attr:`FinetuneStatus.ABANDONED`; so is a run whose ``finetune_max_seconds`` ran out
+        before any epoch was validated (the budget is checked before every step).
         """
         started = time.perf_counter()
         try:
@@ -318,7 +454,10 @@ class FineTuner:
         if new_since is not None and not (data.timestamps[holdout.train] >= new_since).any():
             reason = f"no new interactions since version {parent}"
             return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NO_NEW_DATA, reason))
-        candidate = self.train_candidate(domain, data, holdout.train, init, new_since)
+        budget = self.settings.finetune_max_seconds - (time.perf_counter() - started)
+        candidate = self.train_candidate(
+            domain, data, holdout.train, init, new_since, budget_s=max(budget, 0.0)
+        )
         verdict = self._gate(domain, data, holdout, parent, candidate)
         self._check_stop(domain)
         record = self._record(domain, data, parent, mode, candidate, verdict)
@@ -350,7 +489,7 @@ class FineTuner:
         try:
             snap = self.store.checkpoint(tmp / "checkpoint")
             try:
-                data = read_domain(snap, domain)
+                data = read_domain(snap, domain, self._stopper(domain, "reading"))
             finally:
                 snap.close()
         finally:
@@ -369,14 +508,13 @@ class FineTuner:
         before it; the other rows of the log are trained on."""
         split = holdout_split(data.users, data.timestamps, max_users=self.settings.gate_users)
         train = split.train
-        seqs = user_sequences(
+        histories = user_histories(
             data.users[train],
             data.items[train],
             data.timestamps[train],
-            n_users=int(data.users.max()) + 1,
+            data.users[split.holdout],
+            self.model_config.max_len,
         )
-        held_users = data.users[split.holdout]
-        histories = pad_histories([seqs[u] for u in held_users], self.model_config.max_len)
         return Holdout(train, histories, data.items[split.holdout])
 
     def _gate(
@@ -399,6 +537,7 @@ class FineTuner:
             data.text,
             full_rows=full,
             trained=candidate.trained,
+            check=self._stopper(domain, "gating"),
         )
         base_recall = base_ndcg = None
         if parent is not None:
@@ -411,6 +550,7 @@ class FineTuner:
                 data.text,
                 full_rows=full,
                 trained=trained_by(current, data.item_ids),
+                check=self._stopper(domain, "gating"),
             )
         passed = base_recall is None or cand_recall >= base_recall - self.settings.gate_tolerance
         metrics = {
@@ -425,6 +565,15 @@ class FineTuner:
             metrics["current_ndcg@10"] = base_ndcg or 0.0
         reason = f"recall@10 {cand_recall:.4f} vs current {base_recall if base_recall is not None else 'none'}"
         return Verdict(passed, reason, metrics)
+
+    def _stopper(self, domain: str, phase: str) -> Check:
+        """A :data:`Check` that abandons the run when a stop was requested."""
+
+        def check() -> None:
+            if self.stop.is_set():
+                raise Abandoned(f"fine-tune of {domain!r} abandoned while {phase}: stopping")
+
+        return check
 
     def _check_stop(self, domain: str) -> None:
         """Abandon before anything is written when a stop was requested."""
@@ -502,25 +651,28 @@ class FineTuner:
         train: np.ndarray,
         init: Snapshot | None,
         new_since: int | None,
+        *,
+        budget_s: float | None = None,
     ) -> Candidate:
         """Train a candidate on the ``train`` rows of the log; shared parts stay frozen
-        whenever there is a model to start from (see :meth:`start_params`)."""
+        whenever there is a model to start from (see :meth:`start_params`).
+
+        ``budget_s`` (default ``finetune_max_seconds``) is checked before every step, the
+        stop event too; either raises :class:`Abandoned` when no epoch was validated yet
+        (a budget that runs out later keeps the best validated epoch)."""
         cfg = TrainConfig(
             epochs=self.settings.finetune_epochs
             if new_since is None
             else max(2, self.settings.finetune_epochs // 3),
             threads=self.settings.finetune_threads,
             trainable="all" if init is None else "domain",
-            max_seconds=self.settings.finetune_max_seconds,
+            max_seconds=self.settings.finetune_max_seconds if budget_s is None else budget_s,
             patience=2,
             seed=0,
+            full_softmax_max_items=self.settings.finetune_full_softmax_max_items,
         )
 
         def progress(report: EpochReport) -> None:
-            if self.stop.is_set():
-                raise Abandoned(
-                    f"fine-tune of {domain!r} abandoned at epoch {report.epoch}: stopping"
-                )
             log.info(
                 "fine-tune %s epoch %d: loss %.4f, val recall@10 %.4f (%.1f s)",
                 domain,
@@ -542,12 +694,22 @@ class FineTuner:
             new_since=new_since,
             n_rows=data.n_rows,
             progress=progress,
+            check=self._stopper(domain, "training"),
         )
+        if not result.validated:
+            raise Abandoned(
+                f"fine-tune of {domain!r} over budget: no epoch validated within "
+                f"{cfg.max_seconds:.0f} s (finetune_max_seconds) after {result.steps} steps; "
+                "nothing published"
+            )
         metrics = {
             "train_s": result.wall_s,
             "epochs": float(result.epochs_run),
             "val_recall@10": result.val_recall,
             "trainable_params": float(result.trainable_params),
+            "steps": float(result.steps),
+            "sampled_loss": float(result.loss == "sampled"),
+            "out_of_time": float(result.out_of_time),
         }
         seen = result.seen_items
         if seen is None or seen.shape != (len(data.item_ids),):

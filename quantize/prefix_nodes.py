@@ -1,0 +1,160 @@
+"""Prefix-node statistics kept item by item: the incremental form of
+:class:`~quantize.lengths.PrefixStats`.
+
+A node is a prefix of ``depth`` digits (``1..L``) of the items' full paths. Per node and
+depth, :class:`PrefixNodes` holds the item count, the count of items with positive
+popularity, the popularity mass, the sum of ``p log p`` and the head count, and changes
+them by the contributions of the items that moved: adding items, moving their
+popularity or head flag, or re-placing them under a new path costs O(items moved x L),
+whatever the catalogue. :meth:`PrefixNodes.stats_for` gives a :class:`PrefixStats` over
+a subset of items (their nodes renumbered), so a :class:`~quantize.lengths.LengthPolicy`
+runs on just those items with the statistics of the whole catalogue.
+
+Sums taken in another order than :meth:`PrefixStats.compute` differ in the last bits; a
+node whose items all have zero popularity has mass exactly 0 (the positive count says
+so), and policies compare entropies with :data:`~quantize.lengths.ENTROPY_TIE`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from quantize.lengths import PrefixStats
+
+_MIN_CAPACITY = 64
+
+
+def _grown(arr: np.ndarray, size: int) -> np.ndarray:
+    """``arr`` with room for at least ``size`` rows (doubling; zeros beyond the old rows)."""
+    if arr.shape[0] >= size:
+        return arr
+    cap = max(_MIN_CAPACITY, size, 2 * arr.shape[0])
+    out = np.zeros((cap, *arr.shape[1:]), dtype=arr.dtype)
+    out[: arr.shape[0]] = arr
+    return out
+
+
+def _plogp(pop: np.ndarray) -> np.ndarray:
+    return np.where(pop > 0, pop * np.log(np.where(pop > 0, pop, 1.0)), 0.0)
+
+
+class _Depth:
+    """The nodes of one depth: a lookup from (parent node, digit) and per-node sums."""
+
+    def __init__(self) -> None:
+        self.lookup: dict[int, int] = {}
+        self.count = np.zeros(0, dtype=np.int64)
+        self.positive = np.zeros(0, dtype=np.int64)
+        self.mass = np.zeros(0, dtype=np.float64)
+        self.plogp = np.zeros(0, dtype=np.float64)
+        self.heads = np.zeros(0, dtype=np.int64)
+
+    def ids(self, keys: np.ndarray) -> np.ndarray:
+        """Node ids of ``keys`` (``parent * width + digit``), new nodes numbered on."""
+        uniq, inv = np.unique(keys, return_inverse=True)
+        lookup = self.lookup
+        ids = np.empty(uniq.size, dtype=np.int64)
+        for j, key in enumerate(uniq.tolist()):
+            node = lookup.get(key)
+            if node is None:
+                node = lookup[key] = len(lookup)
+            ids[j] = node
+        size = len(lookup)
+        for name in ("count", "positive", "mass", "plogp", "heads"):
+            setattr(self, name, _grown(getattr(self, name), size))
+        return ids[inv.reshape(-1)]
+
+    def entropy(self, nodes: np.ndarray) -> np.ndarray:
+        """As :meth:`PrefixStats.compute`: of the popularity-weighted distribution, or of
+        the uniform one where the node's mass is 0."""
+        mass = np.where(self.positive[nodes] > 0, self.mass[nodes], 0.0)
+        s = self.plogp[nodes]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent = np.where(mass > 0, np.log(np.where(mass > 0, mass, 1.0)) - s / mass, 0.0)
+        return np.where(
+            mass > 0, np.maximum(ent, 0.0), np.log(np.maximum(self.count[nodes], 1))
+        )
+
+
+class PrefixNodes:
+    """Per-node statistics of a growing set of items (rows ``0..n-1``)."""
+
+    def __init__(self, levels: int, width: int) -> None:
+        self.levels = levels
+        self.width = width
+        self.depths = [_Depth() for _ in range(levels)]
+        self.node_ids = np.zeros((0, levels), dtype=np.int64)
+        self.n = 0
+
+    def place(self, rows: np.ndarray, paths: np.ndarray) -> None:
+        """Give ``rows`` (new, or removed before) the nodes of ``paths``; they count as
+        items of zero popularity, not head, until :meth:`contribute` says otherwise."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            return
+        self.node_ids = _grown(self.node_ids, int(rows.max()) + 1)
+        self.n = max(self.n, int(rows.max()) + 1)
+        parent = np.zeros(rows.size, dtype=np.int64)
+        for d, depth in enumerate(self.depths):
+            nodes = depth.ids(parent * self.width + paths[:, d])
+            np.add.at(depth.count, nodes, 1)
+            self.node_ids[rows, d] = nodes
+            parent = nodes
+
+    def remove(self, rows: np.ndarray, popularity: np.ndarray, head: np.ndarray) -> None:
+        """Take ``rows`` (with their current popularity and head flags) out of their nodes."""
+        self.contribute(rows, popularity, head, -1)
+        for d, depth in enumerate(self.depths):
+            np.subtract.at(depth.count, self.node_ids[rows, d], 1)
+
+    def contribute(
+        self, rows: np.ndarray, popularity: np.ndarray, head: np.ndarray, sign: int
+    ) -> None:
+        """Add (``sign=1``) or take away (``-1``) the popularity and head flags of ``rows``."""
+        if len(rows) == 0:
+            return
+        pop = np.asarray(popularity, dtype=np.float64)
+        pos = (pop > 0).astype(np.int64) * sign
+        plogp = _plogp(pop) * sign
+        heads = np.asarray(head, dtype=np.int64) * sign
+        for d, depth in enumerate(self.depths):
+            nodes = self.node_ids[rows, d]
+            np.add.at(depth.positive, nodes, pos)
+            np.add.at(depth.mass, nodes, pop * sign)
+            np.add.at(depth.plogp, nodes, plogp)
+            np.add.at(depth.heads, nodes, heads)
+            if sign < 0:  # a node left without positive popularity has mass exactly 0
+                empty = nodes[depth.positive[nodes] == 0]
+                depth.mass[empty] = 0.0
+                depth.plogp[empty] = 0.0
+
+    def nodes_of(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Per depth, the distinct nodes of ``rows``."""
+        return [np.unique(self.node_ids[rows, d]) for d in range(self.levels)]
+
+    def head_count(self, d: int, nodes: np.ndarray) -> np.ndarray:
+        return self.depths[d].heads[nodes]
+
+    def entropy(self, d: int, nodes: np.ndarray) -> np.ndarray:
+        return self.depths[d].entropy(nodes)
+
+    def stats_for(self, rows: np.ndarray, paths: np.ndarray) -> PrefixStats:
+        """A :class:`PrefixStats` over ``rows`` only (``paths`` their full paths), with the
+        statistics of every item; its node ids are renumbered among ``rows``' nodes."""
+        node_ids = np.zeros((rows.size, self.levels), dtype=np.int64)
+        count, mass, entropy, heads = [], [], [], []
+        for d, depth in enumerate(self.depths):
+            uniq, inv = np.unique(self.node_ids[rows, d], return_inverse=True)
+            node_ids[:, d] = inv.reshape(-1)
+            count.append(depth.count[uniq].copy())
+            mass.append(np.where(depth.positive[uniq] > 0, depth.mass[uniq], 0.0))
+            entropy.append(depth.entropy(uniq))
+            heads.append(depth.heads[uniq].copy())
+        return PrefixStats(
+            paths=paths,
+            node_ids=node_ids,
+            count=tuple(count),
+            mass=tuple(mass),
+            entropy=tuple(entropy),
+            head_count=tuple(heads),
+        )

@@ -1,0 +1,192 @@
+"""bench/scale.py's pure parts: the generator, the figures from polls, the log parsing.
+
+Fast unit tests: no broker, no worker.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import orjson
+import pytest
+
+from bench.common import longest_batch_bound
+from bench.scale import (
+    DIM,
+    LogLine,
+    Sample,
+    Spec,
+    SyntheticDomain,
+    code_rounds,
+    crossing_time,
+    decile_rates,
+    duration_ms,
+    find_bootstrap,
+    item_value,
+    longest_pause,
+    parse_log_line,
+)
+from worker.ingest.events import EventLimits, parse_interaction, parse_item
+
+SPEC = Spec(items=3000, interactions=20_000, users=500, clusters=20, seed=3)
+LIMITS = EventLimits(DIM, 1_000_000, re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$"), 4000)
+
+
+def _items(domain: SyntheticDomain) -> np.ndarray:
+    return np.concatenate([v for _, v in domain.item_chunks()])
+
+
+def _interactions(domain: SyntheticDomain) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(domain.interaction_chunks())
+    return np.concatenate([u for u, _, _ in parts]), np.concatenate([i for _, i, _ in parts])
+
+
+# -- the generator ------------------------------------------------------------------------
+
+
+def test_generator_is_seeded_and_deterministic() -> None:
+    a, b = SyntheticDomain(SPEC), SyntheticDomain(SPEC)
+    np.testing.assert_array_equal(_items(a), _items(b))
+    for x, y in zip(_interactions(a), _interactions(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    other = SyntheticDomain(Spec(**{**SPEC.__dict__, "seed": SPEC.seed + 1}))
+    assert not np.array_equal(_interactions(a)[1], _interactions(other)[1])
+    assert not np.allclose(_items(a), _items(other))
+
+
+def test_event_streams_are_the_chunks_and_parse_as_worker_events() -> None:
+    domain = SyntheticDomain(SPEC)
+    items = list(domain.item_events())
+    assert len(items) == SPEC.items
+    vectors = _items(domain)
+    for k in (0, 1234, SPEC.items - 1):
+        key, value = items[k]
+        event = parse_item(value, LIMITS)
+        assert key == b"scale" and event.item_id == domain.item_id(k)
+        assert event.embedding is not None
+        np.testing.assert_allclose(np.asarray(event.embedding), vectors[k], rtol=1e-6)
+    users, chosen = _interactions(domain)
+    interactions = list(domain.interaction_events())
+    assert len(interactions) == SPEC.interactions
+    for k in (0, 777, SPEC.interactions - 1):
+        event = parse_interaction(interactions[k][1], LIMITS)
+        assert event.item_id == domain.item_id(int(chosen[k]))
+        assert event.user_id == f"u{users[k]:07d}"
+    stamps = [orjson.loads(v)["ts"] for _, v in interactions]
+    assert stamps == sorted(stamps)
+
+
+def test_embeddings_are_normalized_and_clustered() -> None:
+    domain = SyntheticDomain(SPEC)
+    vectors = _items(domain)
+    assert vectors.shape == (SPEC.items, DIM) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    sims = vectors @ domain.centres.T
+    own = sims[np.arange(SPEC.items), domain.item_cluster]
+    assert (sims.argmax(axis=1) == domain.item_cluster).mean() > 0.99
+    assert own.mean() > 0.7 > 0.3 > np.partition(sims, -2, axis=1)[:, -2].mean()
+
+
+def test_popularity_is_zipf_and_users_stay_in_their_clusters() -> None:
+    domain = SyntheticDomain(SPEC)
+    users, items = _interactions(domain)
+    counts = np.sort(np.bincount(items, minlength=SPEC.items))[::-1]
+    assert counts[: SPEC.items // 100].sum() > 0.3 * SPEC.interactions  # a heavy head
+    assert (counts == 0).sum() > SPEC.items // 10  # and a long, partly unseen tail
+    in_favourites = (domain.favourites[users] == domain.item_cluster[items][:, None]).any(axis=1)
+    assert in_favourites.mean() > 0.85
+    assert users.max() < SPEC.users and items.max() < SPEC.items
+
+
+def test_item_value_is_the_short_float32_form() -> None:
+    vec = np.full(DIM, 0.1, dtype=np.float32)
+    value = item_value("a", "d", 5, vec)
+    assert b"0.1," in value and len(value) < 6 * DIM
+    assert parse_item(value, LIMITS).item_id == "a"
+
+
+# -- figures from polls -------------------------------------------------------------------
+
+
+def test_crossing_time_interpolates_between_polls() -> None:
+    t, c = [0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 100.0, 200.0]
+    assert crossing_time(t, c, 50) == pytest.approx(1.5)
+    assert crossing_time(t, c, 200) == pytest.approx(3.0)
+    assert crossing_time(t, c, 201) is None
+
+
+def test_decile_rates_of_a_steady_and_a_slowing_counter() -> None:
+    t = [float(x) for x in range(12)]
+    steady = [0.0] + [100.0 * k for k in range(1, 11)] + [1000.0]
+    assert decile_rates(t, steady, 1000) == pytest.approx([100.0] * 10)
+    # the second half at half the rate
+    times = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0]
+    counts = [0.0] + [100.0 * k for k in range(1, 11)]
+    rates = decile_rates(times, counts, 1000)
+    assert rates[:5] == pytest.approx([100.0] * 5) and rates[5:] == pytest.approx([50.0] * 5)
+    # not finished: the deciles not reached are None
+    assert decile_rates(t[:4], steady[:4], 1000)[3:] == [None] * 7
+
+
+def test_longest_pause_only_counts_while_events_wait() -> None:
+    t = [0.0, 0.5, 1.0, 1.5, 4.5, 5.0, 9.0]
+    c = [0.0, 10.0, 20.0, 20.0, 30.0, 40.0, 40.0]  # stalled 1.0 -> 4.5; done at 5.0
+    assert longest_pause(t, c, 40) == pytest.approx(3.5)
+    assert longest_pause(t, c, 1000) == pytest.approx(4.0)  # still waiting at the end
+
+
+def test_longest_batch_bound_from_the_histogram() -> None:
+    buckets = {0.1: 3.0, 0.5: 7.0, 1.0: 9.0, 2.5: 9.0, float("inf"): 9.0}
+    assert longest_batch_bound(buckets) == 1.0
+    assert longest_batch_bound({float("inf"): 0.0}) is None
+
+
+# -- the worker's log ---------------------------------------------------------------------
+
+
+def test_parse_log_line_json_and_other() -> None:
+    line = parse_log_line('{"ts":"2026-01-02T03:04:05.250Z","level":"INFO","msg":"hello"}\n')
+    assert line.msg == "hello" and line.ts is not None and line.ts % 1 == pytest.approx(0.25)
+    other = parse_log_line("12:00:01 INFO    worker.x: code round of 10 items in 3 ms")
+    assert other.ts is None and "code round" in other.msg
+    assert parse_log_line('{"broken').ts is None
+
+
+@pytest.mark.parametrize(
+    ("msg", "items", "ms"),
+    [
+        ("code round shop: 1,234 items re-evaluated in 12.5 ms", 1234, 12.5),
+        ("code round of shop took 0.25 s (42 items changed)", 42, 250.0),
+        ("Code round shop done: 7 changes", None, None),
+    ],
+)
+def test_code_round_lines_in_any_form(msg: str, items: int | None, ms: float | None) -> None:
+    rounds = code_rounds([LogLine(1.0, "unrelated 5 ms"), LogLine(2.0, msg)])
+    assert len(rounds) == 1
+    assert rounds[0].items == items and rounds[0].ms == ms
+
+
+def test_duration_forms() -> None:
+    assert duration_ms("in 3 ms") == 3.0
+    assert duration_ms("in 1.5 s") == 1500.0
+    assert duration_ms("took 2 seconds") == 2000.0
+    assert duration_ms("6 levels x 16 codewords on 2000 items") is None
+
+
+def _sample(t: float, items: float) -> Sample:
+    return Sample(t, 0.01, items, 0.0, 0.0, 100.0, 100.0, 0.0, None)
+
+
+def test_bootstrap_from_a_logged_duration_a_start_line_or_the_polls() -> None:
+    samples = [_sample(10.0, 500), _sample(11.0, 900), _sample(20.0, 2000)]
+    done = LogLine(15.0, "trained codebook ab12 (6 levels x 16 codewords) on 2000 items")
+    timed = LogLine(15.0, "trained codebook ab12 on 2000 items in 4.0 s")
+    start = LogLine(12.5, "training the bootstrap codebook on a sample of 2000 items")
+    settings = LogLine(1.0, "starting worker with settings {'codebook_min_items': 1000}")
+    assert find_bootstrap([settings, timed], samples, 1000).seconds == pytest.approx(4.0)
+    boot = find_bootstrap([settings, start, done], samples, 1000)
+    assert boot.how == "start line" and boot.seconds == pytest.approx(2.5)
+    boot = find_bootstrap([settings, done], samples, 1000)
+    assert boot.how.startswith("~") and boot.seconds == pytest.approx(4.0)  # 11 -> 15
+    assert find_bootstrap([settings], samples, 1000).seconds is None
