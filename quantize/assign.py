@@ -682,6 +682,25 @@ class CodeAssigner:
         base = tuple(int(c) for c in items.paths[i, :length])
         return (*base, int(items.digits[i])) if uses else base
 
+    def _codes(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        lengths: np.ndarray | None = None,
+        uses: np.ndarray | None = None,
+    ) -> list[Code]:
+        """The served codes of ``rows`` (with these ``lengths`` / ``uses`` instead of the
+        current ones when given): one array read for all of them."""
+        items = self._items
+        idx = np.asarray(rows, dtype=np.int64)
+        paths = items.paths[idx].tolist()
+        lens = (items.lengths[idx] if lengths is None else lengths).tolist()
+        flags = (items.uses_digit[idx] if uses is None else uses).tolist()
+        digits = items.digits[idx].tolist()
+        return [
+            (*p[:n], d) if u else tuple(p[:n])
+            for p, n, u, d in zip(paths, lens, flags, digits, strict=True)
+        ]
+
     def served_code(self, key: str) -> Code:
         return self._code(self._idx(key))
 
@@ -1019,10 +1038,10 @@ class CodeAssigner:
         changed = (items.lengths != old_len) | (items.uses_digit != old_uses)
         if fixed:
             changed[np.fromiter(fixed, dtype=np.int64, count=len(fixed))] = True
-        old = {
-            i: self._code_as(i, int(old_len[i]), bool(old_uses[i]))
-            for i in np.flatnonzero(changed).tolist()
-        }
+        moved = np.flatnonzero(changed)
+        old = dict(
+            zip(moved.tolist(), self._codes(moved, old_len[moved], old_uses[moved]), strict=True)
+        )
         return self._changes(old, fixed, was_head, stamp)
 
     def _changes(
@@ -1034,8 +1053,8 @@ class CodeAssigner:
     ) -> list[CodeChange]:
         """The changes of the items of ``old`` (item -> code served before), in item order."""
         changes: list[CodeChange] = []
-        for i in sorted(old):
-            new = self._code(i)
+        order = sorted(old)
+        for i, new in zip(order, self._codes(order), strict=True):
             if i in fixed:
                 before, reason = fixed[i]
             else:
@@ -1077,23 +1096,33 @@ class CodeAssigner:
         rows = self._join_crowded(rows, flipped, moved)
         was_head = np.asarray([moved.old_head[i] for i in rows.tolist()], dtype=bool)
         lengths, uses, old_len, old_uses = self._settle_lengths(rows, round_=round_)
-        old = {
-            i: self._code_as(i, int(old_len[j]), bool(old_uses[j]))
-            for j, i in enumerate(rows.tolist())
-            if old_len[j] > 0
-        }
-        self._uncount(old, dict(zip(rows.tolist(), was_head.tolist(), strict=True)))
-        incumbent = (old_len > 0) & (lengths == old_len) & (uses == old_uses)
-        deepened = self._settle_heads(rows, was_head, old, incumbent)
-        self._recount(rows, deepened)
+        fresh = old_len == 0
+        touched = fresh | (lengths != old_len) | (uses != old_uses)
+        touched |= was_head != self._items.is_head[rows]
+        had = touched & ~fresh
+        old = dict(
+            zip(
+                rows[had].tolist(),
+                self._codes(rows[had], old_len[had], old_uses[had]),
+                strict=True,
+            )
+        )
         heads_before = dict(zip(rows.tolist(), was_head.tolist(), strict=True))
-        for i in deepened:
+        self._uncount(old, heads_before)
+        incumbent = ~fresh & (lengths == old_len) & (uses == old_uses)
+        moved_rows = rows[touched].tolist()
+        extra = self._settle_heads(moved_rows, rows, old, set(moved_rows), incumbent, heads_before)
+        self._recount([*moved_rows, *extra])
+        for i in extra:
             heads_before.setdefault(i, True)
-        self._unsaved.update(old)
+        self._unsaved.update(moved_rows)
+        self._unsaved.update(extra)
         self._unsaved.update(rows.tolist())
-        fixed = moved.fixed
         return self._changes(
-            {**old, **{i: () for i in rows.tolist() if i not in old}}, fixed, heads_before, stamp
+            {**old, **{i: () for i in moved_rows if i not in old}},
+            moved.fixed,
+            heads_before,
+            stamp,
         )
 
     def _join_due(self, moved: _Moved) -> None:
@@ -1184,13 +1213,16 @@ class CodeAssigner:
 
     def _settle_heads(
         self,
+        moved_rows: list[int],
         rows: np.ndarray,
-        was_head: np.ndarray,
         old: dict[int, Code],
+        known: set[int],
         incumbent: np.ndarray,
+        was_head: dict[int, bool],
     ) -> list[int]:
-        """Make head codes unique again after ``rows`` moved; returns the other items that
-        had to deepen (their old codes added to ``old``).
+        """Make head codes unique again after ``moved_rows`` (the re-evaluated ``rows`` whose
+        code or head flag moved) changed; returns the other items that had to deepen (their
+        old codes added to ``old``, taken out of the counts).
 
         As :func:`_make_head_unique` over every head item: the head items that did not
         move hold unique codes, so a contested code always involves an item that moved or
@@ -1199,22 +1231,23 @@ class CodeAssigner:
         """
         items = self._items
         codes = self._head_codes
-        for j, i in enumerate(rows.tolist()):
-            if was_head[j] and i in old and codes.get(old[i]) == i:
+        for i in moved_rows:
+            if was_head[i] and i in old and codes.get(old[i]) == i:
                 del codes[old[i]]
         held = dict(zip(rows.tolist(), incumbent.tolist(), strict=True))
-        active = [i for i in rows.tolist() if items.is_head[i]]
-        deepened: list[int] = []
+        active = [i for i in moved_rows if items.is_head[i]]
+        extra: list[int] = []
         limit = (self.levels + 2) * max(1, len(active) + 1)
         for _ in range(limit):
             if not active:
-                return deepened
+                return extra
             losers = self._contest(active, held)
             for i in losers:
-                if i not in held and i not in old:  # a head item that did not move
+                if i not in known:  # a head item whose code had not moved
+                    known.add(i)
                     old[i] = self._code(i)
                     self._uncount({i: old[i]}, {i: True})
-                    deepened.append(i)
+                    extra.append(i)
             self._deepen(losers)
             active = losers
         raise AssignmentError(
@@ -1228,8 +1261,8 @@ class CodeAssigner:
         items = self._items
         codes = self._head_codes
         groups: dict[Code, list[int]] = {}
-        for i in active:
-            groups.setdefault(self._code(i), []).append(i)
+        for i, code in zip(active, self._codes(active), strict=True):
+            groups.setdefault(code, []).append(i)
         losers: list[int] = []
         for code, members in groups.items():
             holder = codes.get(code)
@@ -1275,13 +1308,13 @@ class CodeAssigner:
                 del counts[code]
             self._len_sum[int(was_head.get(i, True))] -= len(code)
 
-    def _recount(self, rows: np.ndarray, deepened: list[int]) -> None:
+    def _recount(self, every: list[int]) -> None:
         counts = self._code_count
         items = self._items
-        for i in [*rows.tolist(), *deepened]:
-            code = self._code(i)
+        heads = items.is_head[np.asarray(every, dtype=np.int64)].tolist()
+        for code, head in zip(self._codes(every), heads, strict=True):
             counts[code] = counts.get(code, 0) + 1
-            self._len_sum[int(items.is_head[i])] += len(code)
+            self._len_sum[int(head)] += len(code)
 
     def _rebuild_derived(self) -> None:
         """Prefix statistics, head codes, counts and the demotion schedule from the arrays."""
@@ -1295,11 +1328,11 @@ class CodeAssigner:
         self._head_codes = {}
         self._code_count = {}
         self._len_sum = [0, 0]
-        for i in rows.tolist():
-            code = self._code(i)
+        heads = items.is_head[:n].tolist()
+        for i, (code, head) in enumerate(zip(self._codes(rows), heads, strict=True)):
             self._code_count[code] = self._code_count.get(code, 0) + 1
-            self._len_sum[int(items.is_head[i])] += len(code)
-            if items.is_head[i]:
+            self._len_sum[int(head)] += len(code)
+            if head:
                 self._head_codes[code] = i
         self._level_use = np.zeros((self.levels, self.k), dtype=np.int64)
         self._use_levels(items.paths, 1)

@@ -71,9 +71,7 @@ class _Depth:
         s = self.plogp[nodes]
         with np.errstate(divide="ignore", invalid="ignore"):
             ent = np.where(mass > 0, np.log(np.where(mass > 0, mass, 1.0)) - s / mass, 0.0)
-        return np.where(
-            mass > 0, np.maximum(ent, 0.0), np.log(np.maximum(self.count[nodes], 1))
-        )
+        return np.where(mass > 0, np.maximum(ent, 0.0), np.log(np.maximum(self.count[nodes], 1)))
 
 
 class PrefixNodes:

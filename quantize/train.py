@@ -502,7 +502,7 @@ def rank_histories(
     model.eval()
     try:
         with torch.no_grad():
-            vecs = model.item_vectors(rows, txt)
+            vecs = _all_item_vectors(model, rows, txt, check)
             result = evaluate_ranking_chunked(
                 _chunk_scorer(model, vecs, hist.to(device)),
                 np.asarray(targets, dtype=np.int64),
@@ -514,6 +514,28 @@ def rank_histories(
     finally:
         model.train(was_training)
     return result.rank
+
+
+_VECTOR_CHUNK = 1 << 16
+"""Item vectors computed at once for ranking (a stop is honoured between chunks)."""
+
+
+def _all_item_vectors(
+    model: CodeTableRecommender,
+    rows: torch.Tensor,
+    text: torch.Tensor | None,
+    check: Callable[[], None] | None,
+) -> torch.Tensor:
+    """Every item's vector (no grad); a large catalogue in chunks, ``check`` between them."""
+    if len(rows) <= _VECTOR_CHUNK:
+        return model.item_vectors(rows, text)
+    parts = []
+    for a in range(0, len(rows), _VECTOR_CHUNK):
+        if check is not None:
+            check()
+        b = a + _VECTOR_CHUNK
+        parts.append(model.item_vectors(rows[a:b], None if text is None else text[a:b]))
+    return torch.cat(parts)
 
 
 def _chunk_scorer(
@@ -542,7 +564,7 @@ def _validate(
     model.eval()
     try:
         with torch.no_grad():
-            vecs = model.item_vectors(rows, text)
+            vecs = _all_item_vectors(model, rows, text, check)
             result = evaluate_ranking_chunked(
                 _chunk_scorer(model, vecs, histories),
                 targets,

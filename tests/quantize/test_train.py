@@ -157,7 +157,8 @@ def test_seeded_runs_reproduce_the_pinned_losses_and_params(log) -> None:
         87.59538269042969,
         398.22882080078125,
     )
-    # incremental: replay sample, validation sample and sampled negatives draw in turn
+    # incremental: replay sample and validation sample draw in turn (the rule keeps this
+    # small catalogue on the full softmax, so `negatives` draws nothing)
     incremental = train_domain(
         _codes(),
         u,

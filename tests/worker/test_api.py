@@ -30,6 +30,7 @@ from worker.serving.http import HttpServer, Router
 from worker.serving.index import Serving, full_path_rows, live_paths
 from worker.serving.routes import DAEMON_ROUTES, ROUTES, ApiRoutes, openapi_document
 from worker.state.reads import stored_embeddings
+from worker.state.requests import put_request
 from worker.state.users import recent_items
 from worker.state.versions import (
     PUBLISHED,
@@ -381,6 +382,12 @@ def test_versions_lists_records_and_what_is_served(env: Env) -> None:
     assert status == 200 and doc["current"] == 2 and doc["served"]["version"] == 2
     assert [v["version"] for v in doc["versions"]] == [1, 2]
     assert [(s["from"], s["to"]) for s in doc["switches"]] == [(None, 1), (1, 2)]
+    assert doc["pending_finetune"] is None
+    batch = env.store.batch()
+    put_request(batch, "shop", 1234.5, "t.control-0@7")  # a finetune command, not run yet
+    env.store.write(batch)
+    _, doc = env.call("GET", "/v1/domains/shop/versions")
+    assert doc["pending_finetune"] == {"requested_at": 1234.5, "source": "t.control-0@7"}
     assert env.call("GET", "/v1/domains/nope/versions")[0] == 404
     status, doc = env.call("GET", "/v1/domains/other/versions")
     assert status == 200 and doc["current"] is None and doc["versions"] == []

@@ -13,7 +13,7 @@ from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.state.layout import CODEBOOK_CURRENT
-from worker.state.reads import code_history, committed_assigner, load_codebook
+from worker.state.reads import code_history, committed_assigner, load_codebook, round_pending
 
 S = Settings(
     embedding_dim=16,
@@ -178,3 +178,59 @@ def test_code_stats_are_read_during_a_batch_without_waiting_for_it() -> None:
     stats = codes.take_stats()["shop"]
     assert stats.n_items == 87
     assert stats == assigner.stats()
+
+
+def _interactions(n: int, seed: int, start: int = 0) -> list[SourceRecord]:
+    """Zipf-ish traffic over 100 items (a few hot ones), one user per event."""
+    rng = np.random.default_rng(seed)
+    hot = rng.zipf(1.6, size=n) % 100
+    return [
+        SourceRecord(
+            INTER,
+            0,
+            start + k,
+            b"shop",
+            interaction_payload(f"u{k}", f"i{hot[k]}", "shop", 500 + k),
+        )
+        for k in range(n)
+    ]
+
+
+def _codes(store: MemoryPartition) -> dict[str, tuple[tuple[int, ...], bool]]:
+    assigner = committed_assigner(store, "shop")
+    assert assigner is not None
+    return {k: (assigner.served_code(k), assigner.is_head(k)) for k in assigner.keys}
+
+
+def test_rounds_fall_on_their_interaction_whatever_the_batches_and_clear_their_marks() -> None:
+    """A domain of 100 items gets a round every 50 interactions (code_round_share=0.5) at that
+    very interaction: cutting the same stream into other batches gives the same codes,
+    popularity rounds and marks; a round leaves no mark behind it."""
+    settings = Settings(
+        embedding_dim=16,
+        topic_prefix="t.",
+        codebook_min_items=64,
+        code_head_fraction=0.1,
+        code_round_share=0.5,
+        code_round_min_interactions=10,
+    )
+    stream = _interactions(437, seed=3)
+    results = []
+    for sizes in ([437], [1, 60, 3, 200, 173], [50] * 9, [7] * 63):
+        store = MemoryPartition()
+        proc = Processor(store, settings, None)
+        _apply(store, proc, _items(100))
+        rounds = []
+        at = 0
+        for size in sizes:
+            r = _apply(store, proc, stream[at : at + size])
+            rounds += [n for _, n, _ in r.coding.rounds]
+            at += size
+        marks = round_pending(store, "shop")
+        results.append((_codes(store), len(rounds), sorted(marks)))
+        assert len(rounds) == 437 // 50
+        # the 37 interactions after the last round are marked, nothing older
+        assert set(marks) == {f"i{i}" for i in np.random.default_rng(3).zipf(1.6, 437)[400:] % 100}
+    assert all(r == results[0] for r in results[1:])
+    heads = [c for c, head in results[0][0].values() if head]
+    assert heads and max(len(c) for c in heads) > 1  # a small domain gets long head codes

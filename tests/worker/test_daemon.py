@@ -227,3 +227,43 @@ def test_http_handler_threads_search_with_one_openmp_thread(
     thread.start()
     thread.join()
     assert seen == [1]
+
+
+# -- /metrics: what a scrape costs ---------------------------------------------------------------
+
+
+def test_a_scrape_reads_only_the_domains_whose_versions_or_codes_moved(
+    daemon: tuple[Daemon, MemoryPartition], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With 40 domains, the first scrape reads each domain's versions once; later scrapes
+    read only the domains a publish or rollback named since, and code gauges come from
+    the counts the batches left (no assigner is read, no report computed)."""
+    d, local = daemon
+    domains = [f"d{i:02d}" for i in range(40)]
+    for i, domain in enumerate(domains):
+        _publish(local, domain, seed=i, n_items=4)
+    reads: list[str] = []
+    real = daemon_module.list_records
+
+    def counted(store: Any, domain: str) -> Any:
+        reads.append(domain)
+        return real(store, domain)
+
+    monkeypatch.setattr(daemon_module, "list_records", counted)
+
+    def scrape() -> str:
+        response = d.router.dispatch(Request("GET", "/metrics", {}, {}, b""))
+        assert response.status == 200
+        return response.body.decode()
+
+    body = scrape()
+    assert sorted(reads) == domains and 'adacode_current_version{domain="d07"} 1.0' in body
+    reads.clear()
+    for _ in range(3):
+        scrape()
+    assert reads == []  # nothing moved: no domain is read again
+    d._versions_moved("d07")  # what a publish announcement or a rollback does
+    scrape()
+    assert reads == ["d07"]
+    codes = d.processor.codes
+    assert codes is not None and codes.take_stats() == {}  # no batch ran: nothing to set

@@ -54,7 +54,7 @@ import orjson
 from quantize.assign import Code, CodeAssigner, CodeChange, CodeStats
 from quantize.codebook import POINTS_PER_CENTROID, ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
-from store.partition import StorePartition, WriteBatch, key_after
+from store.partition import StorePartition, WriteBatch, prefix_upper_bound
 from store.records import DomainCounters, ItemRecord, fold_popularity, popularity_since
 from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
@@ -84,6 +84,13 @@ REFERENCE_GRID = 32
 REBASE_AT = 512
 #: the head thresholds move once the head count is this far (relative) from its target
 HEAD_DRIFT = 0.25
+
+
+def _upper(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix`` (a ``\\0``-ended one)."""
+    bound = prefix_upper_bound(prefix)
+    assert bound is not None  # our prefixes end with a zero byte
+    return bound
 
 
 def put_codebook(batch: WriteBatch, codebook: ResidualCodebook) -> None:
@@ -164,7 +171,6 @@ class _Domain:
     assigner: CodeAssigner
     ref_ts: int  # the popularity reference time (see the module docstring)
     last_round: int  # the domain's interaction count at its last round
-    next_round: int  # ... at its next round
     resave: bool = False  # read in the first format: save every row once
 
 
@@ -234,12 +240,10 @@ class CodeService:
         if committed is None:
             return self._load_fresh(domain, ts)
         assigner, extra, first_format = committed
-        last = int(extra.get("last_round", 0))
         return _Domain(
             assigner,
             int(extra.get("ref_ts", 0)),
-            last,
-            int(extra.get("next_round", last + self._round_every(len(assigner)))),
+            int(extra.get("last_round", 0)),
             resave=first_format,
         )
 
@@ -247,9 +251,7 @@ class CodeService:
         """A domain without codes yet; its reference time is the grid point before ``ts``."""
         assert self.codebook is not None
         grid = REFERENCE_GRID * self._half_life
-        return _Domain(
-            self._new_assigner(self.codebook), int(ts // grid * grid), 0, self._round_every(0)
-        )
+        return _Domain(self._new_assigner(self.codebook), int(ts // grid * grid), 0)
 
     def assigner(self, domain: str) -> CodeAssigner | None:
         found = self._domain(domain)
@@ -539,6 +541,10 @@ class CodeService:
             if state is not None:
                 self._domain_rounds(batch, domain, state, moves, positions, before[domain], result)
 
+    def _next_round(self, state: _Domain) -> int:
+        """The domain's interaction count at which its next round falls."""
+        return state.last_round + self._round_every(len(state.assigner))
+
     def _round_every(self, n_items: int) -> int:
         """Interactions between two rounds of a domain of ``n_items`` coded items."""
         s = self.settings
@@ -567,8 +573,8 @@ class CodeService:
         moved: set[str] = set()
         newest = [found.last_ts]
         cursor, first = 0, True
-        while state.next_round - found.interactions <= len(positions):
-            stop = max(cursor, state.next_round - found.interactions)
+        while self._next_round(state) - found.interactions <= len(positions):
+            stop = max(cursor, self._next_round(state) - found.interactions)
             self._fold(moves, positions[cursor:stop], current, moved, newest)
             cursor = stop
             marked = set(round_pending(self.store, domain)) if first else set()
@@ -576,8 +582,7 @@ class CodeService:
             first = False
             moved.clear()
             state.last_round = found.interactions + cursor
-            state.next_round = state.last_round + self._round_every(len(state.assigner))
-        self._fold(moves, positions[cursor:], current, moved, newest)
+        moved.update(moves.item_ids[j] for j in positions[cursor:])  # no values needed yet
         for item_id in sorted(moved):
             batch.put("codes", round_pending_key(domain, item_id), b"")
 
@@ -624,7 +629,7 @@ class CodeService:
             changes = assigner.update_popularity(keys, pops, ts=ts)
         changes += self._follow_threshold(assigner, ts)
         prefix = round_pending_prefix(domain)
-        batch.delete_range("codes", prefix, key_after(prefix))
+        batch.delete_range("codes", prefix, _upper(prefix))
         result.changes += [(domain, change) for change in changes]
         self._dirty.add(domain)
         seconds = time.perf_counter() - started
@@ -675,11 +680,7 @@ class CodeService:
             state.resave = False
             for key, row in zip(keys, rows, strict=True):
                 batch.put("codes", code_row_key(domain, key), row)
-            extra = {
-                "ref_ts": state.ref_ts,
-                "last_round": state.last_round,
-                "next_round": state.next_round,
-            }
+            extra = {"ref_ts": state.ref_ts, "last_round": state.last_round}
             batch.put("codes", assigner_key(domain), assigner.header(extra))
             stats = assigner.stats()
             self.stats[domain] = stats
@@ -747,7 +748,8 @@ def retrain_codebook(
         old_codes = {} if old is None else {key: old.served_code(key) for key in old.keys}
         service.codebook = codebook
         service.domains[domain] = service._load_fresh(domain, newest[domain])
-        batch.delete_range("codes", code_row_prefix(domain), key_after(code_row_prefix(domain)))
+        rows = code_row_prefix(domain)
+        batch.delete_range("codes", rows, _upper(rows))
         service._code_items(domain, held[domain], newest[domain], {}, result)
         service.domains[domain].resave = True
         result.changes = [

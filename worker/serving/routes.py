@@ -30,6 +30,7 @@ from worker.serving.exceptions import BadRequestError, ServingError, UnknownItem
 from worker.serving.http import Request, Response, Router
 from worker.serving.index import DomainIndex, Neighbour, Serving, version_vector
 from worker.state.exceptions import VersionError
+from worker.state.requests import pending_request_doc
 from worker.state.users import recent_items
 from worker.state.versions import PUBLISHED, current_version, list_records, switches
 
@@ -344,6 +345,7 @@ class ApiRoutes:
                 else {"version": served.version, "items": len(served), "index": served.kind},
                 "versions": [r.__dict__ for r in records],
                 "switches": switches(self.store, domain),
+                "pending_finetune": pending_request_doc(self.store, domain),
             },
         )
 
