@@ -906,11 +906,12 @@ class CodeAssigner:
         return self._reassign(moved, stamp, round_=True)
 
     def rescale_popularity(self, factor: float) -> None:
-        """Multiply every popularity and both thresholds by ``factor`` (> 0): the head flags,
-        lengths and codes stay (a power of two keeps every value exact). Costs O(items);
-        callers do it rarely (a new reference time for decayed counts)."""
-        if not factor > 0 or not np.isfinite(factor):
-            raise AssignmentError(f"rescale_popularity: factor={factor}; use a positive number")
+        """Multiply every popularity and both thresholds by ``factor`` (>= 0): the head flags,
+        lengths and codes stay (a power of two keeps every value exact; a factor that
+        underflows to 0 forgets popularity too old to matter). Costs O(items); callers do it
+        rarely (a new reference time for decayed counts)."""
+        if not factor >= 0 or not np.isfinite(factor):
+            raise AssignmentError(f"rescale_popularity: factor={factor}; use a number >= 0")
         self._items.popularity *= factor
         self.enter_threshold *= factor
         self.exit_threshold *= factor

@@ -172,13 +172,8 @@ _POP_DTYPE = np.dtype(
 )
 
 
-def popularity_since(values: Sequence[bytes], ref_ts: int, half_life_s: float) -> np.ndarray:
-    """Decayed counts of encoded :class:`Popularity` records expressed at ``ref_ts`` *without
-    clamping*: ``decayed * 2 ** ((decay_ts - ref_ts) / half_life)``. Taken at one fixed
-    ``ref_ts``, an item's value changes only when it gets an interaction, and the ratio
-    of two items' values is that of their decayed counts at any later time (float64)."""
-    if not values:
-        return np.zeros(0, dtype=np.float64)
+def _popularity_rows(values: Sequence[bytes]) -> np.ndarray:
+    """Encoded :class:`Popularity` records as one structured array (checked)."""
     raw = b"".join(values)
     if len(raw) != _POP.size * len(values):
         bad = next(v for v in values if len(v) != _POP.size)
@@ -186,6 +181,17 @@ def popularity_since(values: Sequence[bytes], ref_ts: int, half_life_s: float) -
     rows = np.frombuffer(raw, dtype=_POP_DTYPE)
     if (rows["version"] != _V1).any():
         raise _corrupt("popularity", values[int(np.argmax(rows["version"] != _V1))])
+    return rows
+
+
+def popularity_since(values: Sequence[bytes], ref_ts: int, half_life_s: float) -> np.ndarray:
+    """Decayed counts of encoded :class:`Popularity` records expressed at ``ref_ts`` *without
+    clamping*: ``decayed * 2 ** ((decay_ts - ref_ts) / half_life)``. Taken at one fixed
+    ``ref_ts``, an item's value changes only when it gets an interaction, and the ratio
+    of two items' values is that of their decayed counts at any later time (float64)."""
+    if not values:
+        return np.zeros(0, dtype=np.float64)
+    rows = _popularity_rows(values)
     dt = (rows["decay_ts"].astype(np.float64) - float(ref_ts)) / half_life_s
     out = rows["decayed"] * np.exp2(dt)
     return np.where(rows["count"] > 0, out, 0.0)
@@ -195,13 +201,7 @@ def popularity_at(values: Sequence[bytes], ts: int, half_life_s: float) -> list[
     """:meth:`Popularity.at` of many encoded :class:`Popularity` records (same results)."""
     if not values:
         return []
-    raw = b"".join(values)
-    if len(raw) != _POP.size * len(values):
-        bad = next(v for v in values if len(v) != _POP.size)
-        raise _corrupt("popularity", bad)
-    rows = np.frombuffer(raw, dtype=_POP_DTYPE)
-    if (rows["version"] != _V1).any():
-        raise _corrupt("popularity", values[int(np.argmax(rows["version"] != _V1))])
+    rows = _popularity_rows(values)
     exp2 = math.exp2
     return [
         decayed * exp2(-max(0, ts - dts) / half_life_s) if count else 0.0

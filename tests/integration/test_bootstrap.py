@@ -116,11 +116,18 @@ def test_a_sigkill_mid_bootstrap_restarts_to_the_uninterrupted_state_and_sigterm
     assert "adopted codebook" not in log.read_text(), "the SIGKILL landed after the bootstrap"
     _run_to_the_end(env, log, crashed, end)
 
+    # the uninterrupted run: the same events on topics of its own (a worker takes the
+    # codebook its topics already hold, so it must not see the first run's)
+    other = f"{topic_prefix}clean."
+    c = settings_for(kafka_bootstrap, other, tmp_path / "unused", **TUNING)
+    create_topics(c, partitions=1)
+    produce_json(kafka_bootstrap, c.topic("items"), items)
+    produce_json(kafka_bootstrap, c.topic("interactions"), inters)
+    clean_end = end_offsets(kafka_bootstrap, [c.topic("items"), c.topic("interactions")])
     clean = tmp_path / "clean"
-    env = worker_env(
-        kafka_bootstrap, topic_prefix, clean, kafka_group_id=f"{topic_prefix}clean", **TUNING
-    )
-    _run_to_the_end(env, tmp_path / "clean.log", clean, end)
+    log = tmp_path / "clean.log"
+    _run_to_the_end(worker_env(kafka_bootstrap, other, clean, **TUNING), log, clean, clean_end)
+    assert TRAINING in log.read_text()  # it trained its own
 
     # the same sample trained again: the same codebook, the same full paths
     codebook, paths = _final(crashed)

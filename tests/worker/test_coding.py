@@ -234,3 +234,35 @@ def test_rounds_fall_on_their_interaction_whatever_the_batches_and_clear_their_m
     assert all(r == results[0] for r in results[1:])
     heads = [c for c, head in results[0][0].values() if head]
     assert heads and max(len(c) for c in heads) > 1  # a small domain gets long head codes
+
+
+def test_a_long_stream_moves_the_reference_time_and_keeps_popularity_finite() -> None:
+    """With a half-life of 3.6 s, 20,000 s of events span ~5,600 half-lives: values taken at
+    a fixed reference time would overflow; the reference moves by whole grid steps (exact
+    powers of two) and the head is still the recent traffic."""
+    settings = Settings(
+        embedding_dim=16,
+        topic_prefix="t.",
+        codebook_min_items=64,
+        code_head_fraction=0.05,
+        popularity_half_life_hours=0.001,
+        code_round_min_interactions=10,
+    )
+    store = MemoryPartition()
+    proc = Processor(store, settings, None)
+    _apply(store, proc, _items(100))
+    recs = []
+    for k in range(400):
+        item = f"i{k % 7}" if k < 200 else f"i{50 + k % 3}"  # old traffic, then new
+        ts = 10 * k if k < 200 else 20_000 + k
+        recs.append(
+            SourceRecord(INTER, 0, k, b"shop", interaction_payload(f"u{k}", item, "shop", ts))
+        )
+    for start in range(0, 400, 50):
+        _apply(store, proc, recs[start : start + 50])
+    assigner = committed_assigner(store, "shop")
+    assert assigner is not None
+    pops = assigner.all_popularity()
+    assert np.isfinite(pops).all() and pops.max() > 0
+    heads = {k for k in assigner.keys if assigner.is_head(k)}
+    assert {"i50", "i51", "i52"} <= heads and not heads & {f"i{j}" for j in range(7)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +13,7 @@ from store.records import (
     encode_interactions,
     fold_popularity,
     popularity_at,
+    popularity_since,
 )
 from worker.state.layout import interaction_key, interaction_keys
 
@@ -46,6 +49,36 @@ def test_popularity_at_equals_at(histories: list[list[tuple[int, float]]], ts: i
     pops = [_add_each(h) for h in histories]
     got = popularity_at([p.encode() for p in pops], ts, HALF_LIFE)
     assert got == [p.at(ts, HALF_LIFE) for p in pops]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            st.tuples(
+                st.integers(0, int(200 * HALF_LIFE)), st.floats(min_value=0.001, max_value=1e6)
+            ),
+            max_size=40,
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+    st.integers(0, int(400 * HALF_LIFE)),
+)
+def test_popularity_since_is_at_any_later_time_up_to_one_factor(
+    histories: list[list[tuple[int, float]]], ts: int
+) -> None:
+    """At a reference time before the events, values are not clamped: each is the decayed
+    count at any time ``ts`` after every event times one factor ``2 ** ((ts - ref) / h)``,
+    the same for every item (so ranks and ratios are those of the decayed counts). Within a
+    few hundred half-lives of the reference (the worker moves it before values overflow)."""
+    pops = [_add_each(h) for h in histories]
+    ref = 0
+    late = max([ts, *(p.last_ts for p in pops)])
+    got = popularity_since([p.encode() for p in pops], ref, HALF_LIFE)
+    factor = 2.0 ** ((late - ref) / HALF_LIFE)
+    for value, pop in zip(got.tolist(), pops, strict=True):
+        assert math.isclose(value, pop.at(late, HALF_LIFE) * factor, rel_tol=1e-9, abs_tol=0)
 
 
 @settings(max_examples=50, deadline=None)
