@@ -12,7 +12,7 @@ from store.memory import MemoryPartition
 from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
-from worker.state.layout import CODEBOOK_CURRENT
+from worker.state.layout import CODEBOOK_CURRENT, assigner_key, code_row_prefix
 from worker.state.reads import code_history, committed_assigner, load_codebook, round_pending
 
 S = Settings(
@@ -266,3 +266,33 @@ def test_a_long_stream_moves_the_reference_time_and_keeps_popularity_finite() ->
     assert np.isfinite(pops).all() and pops.max() > 0
     heads = {k for k in assigner.keys if assigner.is_head(k)}
     assert {"i50", "i51", "i52"} <= heads and not heads & {f"i{j}" for j in range(7)}
+
+
+def test_a_domain_saved_in_the_first_format_is_read_then_saved_row_by_row() -> None:
+    """A state written before per-item rows (one AssignerState blob per domain) is read as it
+    is, and the first batch that changes the domain saves every item as a row and a header."""
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _apply(store, proc, _items(80))
+    live = committed_assigner(store, "shop")
+    assert live is not None
+    batch = store.batch()  # rewrite the domain as the first format held it
+    prefix = code_row_prefix("shop")
+    for key, _ in list(store.items("codes", prefix=prefix)):
+        batch.delete("codes", key)
+    batch.put("codes", assigner_key("shop"), live.state().to_bytes())
+    store.write(batch)
+    old = Processor(store, S, None)  # a restart on that state
+    assert codes_of(committed_assigner(store, "shop")) == codes_of(live)
+    _apply(store, old, _items(3, start=80))
+    header = store.get("codes", assigner_key("shop"))
+    assert header is not None and header.startswith(b"{")
+    assert store.count("codes", prefix=prefix) == 83
+    again = committed_assigner(store, "shop")
+    assert again is not None and len(again) == 83
+    assert {k: again.served_code(k) for k in live.keys} == codes_of(live)
+
+
+def codes_of(assigner: object) -> dict[str, tuple[int, ...]]:
+    assert assigner is not None
+    return {k: assigner.served_code(k) for k in assigner.keys}  # type: ignore[attr-defined]

@@ -598,9 +598,13 @@ class ConsumerLoop:
         if self._producer is not None:
             try:
                 self._producer.flush(timeout=10)
-                self._producer.close(timeout=10)
-            except KafkaError as exc:
+            except KafkaError as exc:  # unsent letters belong to an uncommitted batch: replayed
                 log.warning("closing the dead-letter producer: %s", exc)
+            finally:
+                # always closed (it drops kafka-python's exit hook, which would print a
+                # traceback for letters still unsent); without waiting: flushed above
+                with contextlib.suppress(KafkaError):
+                    self._producer.close(timeout=0)
         if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)
