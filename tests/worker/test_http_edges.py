@@ -307,8 +307,10 @@ def test_clients_that_leave_mid_request_or_mid_response_are_a_debug_line(
     deadline = time.monotonic() + 10  # the last one is logged once the server sees the reset
     while len(_left(server.log_lines()[server.seen :])) < 5 and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = _left(server.check_stderr())
-    assert len(left) == 5 and all(d["level"] == "DEBUG" for d in left), left
+    left = _left(server.check_stderr())  # and no traceback, no line outside the log format
+    # one line per client gone; under load the slow handler's client can be seen gone before
+    # its answer is due, and uvicorn then drops the answer without a write to log about
+    assert 4 <= len(left) <= 5 and all(d["level"] == "DEBUG" for d in left), left
     with server.connect() as sock:  # and the server still answers
         assert _ask(sock, "GET", _request("GET", "/healthz")).status == 200
 

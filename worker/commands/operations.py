@@ -23,7 +23,7 @@ from worker.core.settings import Settings
 from worker.ingest.events import control_payload
 from worker.ingest.exceptions import KafkaUnavailableError
 from worker.ingest.group import command_calls
-from worker.ingest.kafka_calls import KafkaCall
+from worker.ingest.kafka_calls import KafkaCall, close_producer
 from worker.state.exceptions import VersionError
 from worker.state.requests import pending_request_doc
 from worker.state.versions import (
@@ -50,7 +50,7 @@ def send_control(settings: Settings, op: str, domain: str, **fields: Any) -> Non
                 value=control_payload(op, domain, **fields),
             ).get(timeout=10)
         finally:
-            producer.close(timeout=5)
+            close_producer(producer, 5, "control")
 
     try:
         command_calls(settings).call(KafkaCall.CONTROL_SEND, send)

@@ -31,7 +31,13 @@ from worker.core.settings import Settings
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, KafkaUnavailableError
 from worker.ingest.group import domain_partition
 from worker.ingest.health import BACKOFF_MAX_S, BACKOFF_MIN_S, BrokerWatch
-from worker.ingest.kafka_calls import KafkaCall, KafkaCalls, KafkaFault, classify
+from worker.ingest.kafka_calls import (
+    KafkaCall,
+    KafkaCalls,
+    KafkaFault,
+    classify,
+    close_producer,
+)
 from worker.ingest.processor import BatchResult, DeadLetter, Processor
 
 log = logging.getLogger(__name__)
@@ -595,16 +601,8 @@ class ConsumerLoop:
             pass  # lag is best-effort; the next poll reports connection trouble
 
     def close(self) -> None:
-        if self._producer is not None:
-            try:
-                self._producer.flush(timeout=10)
-            except KafkaError as exc:  # unsent letters belong to an uncommitted batch: replayed
-                log.warning("closing the dead-letter producer: %s", exc)
-            finally:
-                # always closed (it drops kafka-python's exit hook, which would print a
-                # traceback for letters still unsent); without waiting: flushed above
-                with contextlib.suppress(KafkaError):
-                    self._producer.close(timeout=0)
+        if self._producer is not None:  # unsent letters belong to an uncommitted batch
+            close_producer(self._producer, 10, "dead-letter")
         if self._consumer is not None:
             try:
                 self._consumer.close(autocommit=False)

@@ -42,7 +42,7 @@ from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
 from worker.ingest.coding import CodeService
 from worker.ingest.exceptions import CodebookConflictError, KafkaUnavailableError, NotOwnedError
-from worker.ingest.kafka_calls import KafkaCall, KafkaCalls
+from worker.ingest.kafka_calls import KafkaCall, KafkaCalls, close_producer
 from worker.state.layout import (
     mirrored_offset_key,
     restore_position_key,
@@ -411,10 +411,7 @@ class VersionsLog:
 
     def close(self) -> None:
         if self._producer is not None:
-            try:
-                self._producer.close(timeout=10)
-            except KafkaError as exc:
-                log.warning("closing the versions producer: %s", exc)
+            close_producer(self._producer, 10, "versions")
 
 
 # -- the codebook topic -----------------------------------------------------------------------
@@ -481,7 +478,7 @@ class CodebookLog:
                 f"could not offer codebook {candidate.codebook_id} on {self.topic}: {exc}"
             ) from exc
         finally:
-            producer.close(timeout=10)
+            close_producer(producer, 10, "codebook")
 
     def _read_first(self, timeout_s: float) -> ResidualCodebook | None:
         consumer = topic_reader(self.settings, f"read the group's codebook from {self.topic}")

@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kafka.errors import KafkaError
 
@@ -175,3 +175,15 @@ class KafkaCalls:
                 f"Kafka at {self.bootstrap} did not take the {kind.value} within "
                 f"{limit:.0f} s ({exc}); start the broker and try again"
             ) from exc
+
+
+def close_producer(producer: Any, timeout_s: float, what: str) -> None:
+    """Close a kafka-python producer, waiting at most ``timeout_s`` for its sends. When the
+    broker does not take them, they are given up (what they carried belongs to a batch that
+    is not committed, or is offered again) and the producer is marked closed, so neither its
+    exit hook nor its finalizer tries again and prints a traceback on stderr."""
+    try:
+        producer.close(timeout=timeout_s)
+    except KafkaError as exc:
+        log.warning("closing the %s producer: %s (unsent records given up)", what, exc)
+        producer._closed = True  # kafka-python's close() and __del__ return at once after this
