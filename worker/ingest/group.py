@@ -469,6 +469,10 @@ class CodebookLog:
             raise KafkaUnavailableError(
                 f"could not offer codebook {candidate.codebook_id} on {self.topic}: {exc}"
             ) from exc
+        # the offer may run on the bootstrap thread when the process exits (a SIGTERM during
+        # an outage): drop kafka-python's exit hook, which would flush an unsent offer and print
+        # a traceback; the finally below closes it otherwise (an offer not sent is made again)
+        getattr(producer, "_unregister_cleanup", lambda: None)()
         try:
             producer.send(
                 self.topic, key=candidate.codebook_id.encode(), value=candidate.to_bytes()
