@@ -657,7 +657,7 @@ class CodeAssigner:
 
     @property
     def n_head(self) -> int:
-        return self._len_count[1]
+        return len(self._head_codes)  # head codes are unique: one per head item
 
     @property
     def rounds(self) -> int:
@@ -675,12 +675,6 @@ class CodeAssigner:
         items = self._items
         base = tuple(int(c) for c in items.paths[i, : items.lengths[i]])
         return (*base, int(items.digits[i])) if items.uses_digit[i] else base
-
-    def _code_as(self, i: int, length: int, uses: bool) -> Code:
-        """Item ``i``'s code had it ``length`` path digits (and its digit when ``uses``)."""
-        items = self._items
-        base = tuple(int(c) for c in items.paths[i, :length])
-        return (*base, int(items.digits[i])) if uses else base
 
     def _codes(
         self,
@@ -742,7 +736,7 @@ class CodeAssigner:
 
     def stats(self) -> CodeStats:
         """The :class:`CodeStats` of the served codes (O(L x K), whatever the item count)."""
-        n, n_head = len(self._keys), self._len_count[1]
+        n, n_head = len(self._keys), self.n_head
         tail_sum, head_sum = self._len_sum
         return CodeStats(
             n_items=n,
@@ -754,11 +748,6 @@ class CodeAssigner:
             mean_len_tail=tail_sum / (n - n_head) if n - n_head else 0.0,
             table_rows=self.table_rows,
         )
-
-    @property
-    def _len_count(self) -> tuple[int, int]:
-        head = len(self._head_codes)
-        return len(self._keys) - head, head
 
     # -- mutations -------------------------------------------------------------------------
 

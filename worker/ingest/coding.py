@@ -257,10 +257,6 @@ class CodeService:
         found = self._domain(domain)
         return None if found is None else found.assigner
 
-    @property
-    def assigners(self) -> dict[str, CodeAssigner]:
-        return {domain: d.assigner for domain, d in self.domains.items()}
-
     def background_work(self) -> bool:
         """Whether the next batch has work even without events: a bootstrap codebook to
         adopt once trained, or items held from before the codebook still to code."""
