@@ -60,7 +60,7 @@ def exported_series() -> set[str]:
     m.observe_codes(
         "d", CodeReport(10, 2, 2, 4, 0.1, 0.0, (0.5, 0.5), (1.0, 1.0), 1.0, 2.0, 8, 6, 4)
     )
-    for gauge in (m.version, m.staleness, m.finetune_seconds, m.finetune_recall):
+    for gauge in (m.version, m.version_created, m.finetune_seconds, m.finetune_recall):
         gauge.labels("d").set(1)
     m.rejected_versions.labels("d").set(0)
     m.dead_letters_refused.labels("t").inc()

@@ -256,14 +256,19 @@ def test_a_scrape_reads_only_the_domains_whose_versions_or_codes_moved(
         assert response.status == 200
         return response.body.decode()
 
+    def formatted() -> int:  # exposition lines formatted so far, all families
+        return sum(f.formatted for f in d.metrics.families)
+
     body = scrape()
     assert sorted(reads) == domains and 'adacode_current_version{domain="d07"} 1.0' in body
+    assert 'adacode_version_created_timestamp_seconds{domain="d07"}' in body
     reads.clear()
+    before = formatted()
     for _ in range(3):
         scrape()
-    assert reads == []  # nothing moved: no domain is read again
+    assert reads == [] and formatted() == before  # nothing moved: nothing read or formatted
     d._versions_moved("d07")  # what a publish announcement or a rollback does
     scrape()
-    assert reads == ["d07"]
+    assert reads == ["d07"] and formatted() - before == 3  # version, created, rejected
     codes = d.processor.codes
     assert codes is not None and codes.take_stats() == {}  # no batch ran: nothing to set

@@ -38,7 +38,7 @@ from worker.serving.http import HttpServer, Request, Response, Router
 from worker.serving.index import Serving, live_paths
 from worker.serving.routes import ApiRoutes
 from worker.state.versions import REJECTED, current_version, domains_with_versions, list_records
-from worker.tuning.finetune import FineTuner
+from worker.tuning.finetune import FineTuner, Outcome
 from worker.tuning.scheduler import FinetuneScheduler
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Daemon:
         #: scrapes read versions only of the domains whose versions moved (see _metrics)
         self._gauges_lock = threading.Lock()
         self._versions_changed: set[str] = set()
-        self._created: dict[str, float] | None = None
+        self._versions_read = False
         local = store or RocksDBPartition.open(
             settings.state_path, sync_writes=settings.sync_writes
         )
@@ -227,6 +227,7 @@ class Daemon:
             lock=self.loop.versions_lock,
             announce=self._announce,
             stop=self.stop_event,
+            on_outcome=self._observe_outcome,
         )
         # the queue: requests pending in the store, re-queued on each assignment
         self.scheduler = FinetuneScheduler(
@@ -332,32 +333,33 @@ class Daemon:
         if codes is not None:  # kept by the batches that changed them: no lock, no recount
             for domain, stats in codes.take_stats().items():
                 self.metrics.observe_codes(domain, stats)
-        self._observe_versions(time.time())
-        for domain, outcome in list(self.tuner.last.items()):
-            if outcome.record is not None:
-                self.metrics.finetune_seconds.labels(domain).set(outcome.seconds)
-                self.metrics.finetune_recall.labels(domain).set(outcome.metrics.get("recall@10", 0))
+        self._observe_versions()
         return Response(200, self.metrics.render(), "text/plain; version=0.0.4")
 
-    def _observe_versions(self, now: float) -> None:
+    def _observe_outcome(self, outcome: Outcome) -> None:
+        """A fine-tune that made a candidate: its time and holdout recall (set once, here)."""
+        if outcome.record is not None:
+            self.metrics.finetune_seconds.labels(outcome.domain).set(outcome.seconds)
+            recall = outcome.metrics.get("recall@10", 0)
+            self.metrics.finetune_recall.labels(outcome.domain).set(recall)
+
+    def _observe_versions(self) -> None:
         """Version gauges: the domains whose versions moved since the last scrape are read
-        again (all of them on the first); the others' creation times are remembered."""
+        again (all of them on the first scrape); the others' series stay as they were."""
         with self._gauges_lock:
             moved, self._versions_changed = self._versions_changed, set()
-        todo = domains_with_versions(self.store) if self._created is None else sorted(moved)
-        created = self._created if self._created is not None else {}
-        for domain in todo:
+            first, self._versions_read = not self._versions_read, True
+        for domain in domains_with_versions(self.store) if first else sorted(moved):
             version = current_version(self.store, domain)
             records = list_records(self.store, domain)
             if version is not None:
                 self.metrics.version.labels(domain).set(version)
-                created[domain] = next((r.created_at for r in records if r.version == version), now)
+                created = next((r.created_at for r in records if r.version == version), None)
+                if created is not None:
+                    self.metrics.version_created.labels(domain).set(created)
             self.metrics.rejected_versions.labels(domain).set(
                 sum(r.status == REJECTED for r in records)
             )
-        self._created = created
-        for domain, at in created.items():
-            self.metrics.staleness.labels(domain).set(now - at)
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""

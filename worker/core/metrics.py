@@ -7,9 +7,10 @@ alert in ``ops/prometheus/alerts.yml`` reads the worker's RSS from it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +22,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from store.exceptions import StoreError
 
@@ -50,6 +52,101 @@ class _StateMemory(Collector):
         yield family
 
 
+def _escape(value: str) -> str:
+    """A label value as the text format writes it (backslash, quote and newline escaped)."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class _Series:
+    """One series of a :class:`TextFamily`: its value, and its line once formatted."""
+
+    __slots__ = ("family", "key", "value")
+
+    def __init__(self, family: TextFamily, key: tuple[str, ...]) -> None:
+        self.family = family
+        self.key = key
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0 and self.family.kind == "counter":
+            raise ValueError(f"{self.family.name}: a counter only goes up (inc by {amount})")
+        self.family.changed(self, self.value + amount)
+
+    def set(self, value: float) -> None:
+        if self.family.kind == "counter":
+            raise ValueError(f"{self.family.name}: a counter is not set, it goes up with inc()")
+        self.family.changed(self, float(value))
+
+    def get(self) -> float:
+        return self.value
+
+
+class TextFamily:
+    """A labelled counter or gauge kept as its exposition text (one series per domain, ...).
+
+    A change marks its one series; a scrape formats only the series marked since the last
+    scrape and joins the others' lines as they were. prometheus_client's own families format
+    every series at every scrape (about 14 us each here: 70 ms for the 5,000 per-domain series
+    of 1,000 domains, several times that while the consumer holds the GIL), so the scrape's
+    work grew with the number of domains; here it grows with what changed since the last one.
+    Counters are written as prometheus_client writes them (``<name>_total``, HELP and TYPE
+    on that name), without the ``_created`` series.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str],
+        kind: Literal["counter", "gauge"],
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.labelnames = tuple(labelnames)
+        sample = f"{name}_total" if kind == "counter" else name
+        doc = documentation.replace("\\", "\\\\").replace("\n", "\\n")
+        self._head = f"# HELP {sample} {doc}\n# TYPE {sample} {kind}\n"
+        self._sample = sample
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, ...], _Series] = {}
+        self._lines: dict[tuple[str, ...], str] = {}
+        self._marked: set[tuple[str, ...]] = set()
+        self._text: str | None = ""
+        #: lines formatted so far (tests count them: a scrape formats what changed)
+        self.formatted = 0
+
+    def labels(self, *values: str) -> _Series:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: labels {self.labelnames}, got {values!r}")
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(key, _Series(self, key))
+        return series
+
+    def changed(self, series: _Series, value: float) -> None:
+        with self._lock:
+            series.value = value
+            self._marked.add(series.key)
+            self._text = None
+
+    def text(self) -> str:
+        """The family's exposition: the marked series formatted, the others as they were."""
+        with self._lock:
+            if self._text is None:
+                for key in self._marked:
+                    labels = ",".join(
+                        f'{n}="{_escape(v)}"' for n, v in zip(self.labelnames, key, strict=True)
+                    )
+                    value = floatToGoString(self._series[key].value)
+                    self._lines[key] = f"{self._sample}{{{labels}}} {value}\n"
+                self.formatted += len(self._marked)
+                self._marked.clear()
+                self._text = self._head + "".join(self._lines.values()) if self._lines else ""
+            return self._text
+
+
 class Metrics:
     """Counters of consumed/applied/rejected events, batch latency and consumer lag."""
 
@@ -59,8 +156,9 @@ class Metrics:
         self.consumed = Counter(
             "adacode_consumed_records", "records polled from Kafka", ["topic"], registry=r
         )
-        self.applied = Counter(
-            "adacode_applied_events", "events applied to state", ["kind", "domain"], registry=r
+        # per-domain families: exposition text kept per series (see TextFamily)
+        self.applied = TextFamily(
+            "adacode_applied_events", "events applied to state", ["kind", "domain"], "counter"
         )
         self.rejected = Counter(
             "adacode_rejected_events", "events sent to the dead-letter topic", ["topic"], registry=r
@@ -75,47 +173,58 @@ class Metrics:
         self.lag = Gauge(
             "adacode_consumer_lag", "records behind the log end", ["topic", "partition"], registry=r
         )
-        self.code_changes = Counter(
+        self.code_changes = TextFamily(
             "adacode_code_changes",
             "served-code changes (new, promote, deepen, disambiguate, demote, recode)",
             ["domain", "reason"],
-            registry=r,
+            "counter",
         )
-        self.code_utilization = Gauge(
-            "adacode_code_utilization", "codewords used / K", ["domain", "level"], registry=r
+        self.code_utilization = TextFamily(
+            "adacode_code_utilization", "codewords used / K", ["domain", "level"], "gauge"
         )
-        self.code_collisions = Gauge(
+        self.code_collisions = TextFamily(
             "adacode_code_collision_rate",
             "1 - distinct served codes / items",
             ["domain", "scope"],
-            registry=r,
+            "gauge",
         )
-        self.code_length = Gauge(
-            "adacode_code_mean_length", "mean served code length", ["domain", "group"], registry=r
+        self.code_length = TextFamily(
+            "adacode_code_mean_length", "mean served code length", ["domain", "group"], "gauge"
         )
-        self.version = Gauge(
-            "adacode_current_version", "the domain's current table version", ["domain"], registry=r
+        self.version = TextFamily(
+            "adacode_current_version", "the domain's current table version", ["domain"], "gauge"
         )
-        self.staleness = Gauge(
-            "adacode_version_age_seconds",
-            "seconds since the current version was created",
+        # a creation time, not an age: it changes only with a publish or rollback, so a scrape
+        # formats nothing for a domain whose version stayed (the age: time() - this in PromQL)
+        self.version_created = TextFamily(
+            "adacode_version_created_timestamp_seconds",
+            "unix time the current version was created (its age: time() - this)",
             ["domain"],
-            registry=r,
+            "gauge",
         )
-        self.finetune_seconds = Gauge(
-            "adacode_last_finetune_seconds",
-            "wall time of the last fine-tune",
-            ["domain"],
-            registry=r,
+        self.finetune_seconds = TextFamily(
+            "adacode_last_finetune_seconds", "wall time of the last fine-tune", ["domain"], "gauge"
         )
-        self.finetune_recall = Gauge(
+        self.finetune_recall = TextFamily(
             "adacode_last_finetune_recall_at_10",
             "holdout Recall@10 of the last candidate",
             ["domain"],
-            registry=r,
+            "gauge",
         )
-        self.rejected_versions = Gauge(
-            "adacode_rejected_candidates", "candidates the gate rejected", ["domain"], registry=r
+        self.rejected_versions = TextFamily(
+            "adacode_rejected_candidates", "candidates the gate rejected", ["domain"], "gauge"
+        )
+        self.families = (
+            self.applied,
+            self.code_changes,
+            self.code_utilization,
+            self.code_collisions,
+            self.code_length,
+            self.version,
+            self.version_created,
+            self.finetune_seconds,
+            self.finetune_recall,
+            self.rejected_versions,
         )
         self.dead_letters_refused = Counter(
             "adacode_dead_letters_refused",
@@ -214,4 +323,6 @@ class Metrics:
         self.code_length.labels(domain, "tail").set(report.mean_len_tail)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition: the registry's (process, batch, Kafka: a fixed size) and the
+        per-domain families' text (formatted where it changed since the last scrape)."""
+        return generate_latest(self.registry) + "".join(f.text() for f in self.families).encode()

@@ -401,12 +401,17 @@ class FineTuner:
         lock: threading.RLock | None = None,
         announce: Callable[[dict[str, Any]], None] | None = None,
         stop: threading.Event | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> None:
+        """``announce``: sends a published or rejected version's event (the snapshots topic);
+        ``on_outcome``: told each settled outcome (the daemon's gauges); ``stop``: abandons
+        a run at its next step."""
         self.store = store
         self.settings = settings
         self.lock = lock or threading.RLock()
         self.announce = announce
         self.stop = stop or threading.Event()
+        self.on_outcome = on_outcome
         self.model_config = ModelConfig(
             hidden=settings.finetune_hidden,
             encoder="transformer" if settings.finetune_encoder == "transformer" else "attention",
@@ -628,6 +633,8 @@ class FineTuner:
     def _settle(self, outcome: Outcome) -> Outcome:
         """Keep ``outcome`` as the domain's last (for /metrics): one per domain."""
         self.last[outcome.domain] = outcome
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
         return outcome
 
     def _announce(self, domain: str, record: VersionRecord) -> None:
