@@ -10,6 +10,7 @@ import numpy as np
 from quantize.assign import AssignerState
 from store.memory import MemoryPartition
 from worker.core.settings import Settings
+from worker.ingest.coding import codes_after_round
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.state.layout import CODEBOOK_CURRENT, assigner_key, code_row_prefix
@@ -296,3 +297,38 @@ def test_a_domain_saved_in_the_first_format_is_read_then_saved_row_by_row() -> N
 def codes_of(assigner: object) -> dict[str, tuple[int, ...]]:
     assert assigner is not None
     return {k: assigner.served_code(k) for k in assigner.keys}  # type: ignore[attr-defined]
+
+
+def test_a_fine_tune_reads_the_codes_its_waiting_round_leaves() -> None:
+    """Between two rounds, :func:`codes_after_round` applies the round the moved items wait
+    for to a copy: the codes equal those the consumer's own round gives when it falls later
+    with nothing else moved (the interactions up to it are of an item not coded), and the
+    committed state and its marks are left as they were."""
+    settings = Settings(
+        embedding_dim=16,
+        topic_prefix="t.",
+        codebook_min_items=64,
+        code_head_fraction=0.1,
+        code_round_share=0.5,
+        code_round_min_interactions=10,
+    )
+    store = MemoryPartition()
+    proc = Processor(store, settings, None)
+    _apply(store, proc, _items(100))
+    stream = _interactions(140, seed=5)
+    rounds = [n for _, n, _ in _apply(store, proc, stream).coding.rounds]
+    assert len(rounds) == 2  # at interactions 50 and 100; the 40 after wait for the next
+    committed, marks = _codes(store), round_pending(store, "shop")
+    rounded = codes_after_round(store, "shop", settings)
+    assert rounded is not None and rounded.moved == len(marks) > 0 and rounded.changes
+    after = {k: (rounded.assigner.served_code(k), rounded.assigner.is_head(k)) for k in committed}
+    assert after != committed
+    assert _codes(store) == committed and round_pending(store, "shop") == marks
+    ghost = [
+        SourceRecord(
+            INTER, 0, 140 + k, b"shop", interaction_payload(f"v{k}", "ghost", "shop", 900 + k)
+        )
+        for k in range(10)
+    ]
+    assert [n for _, n, _ in _apply(store, proc, ghost).coding.rounds] == [len(marks)]
+    assert _codes(store) == after and round_pending(store, "shop") == []

@@ -18,6 +18,7 @@ from store.memory import MemoryPartition
 from store.records import ItemRecord
 from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.core.settings import Settings
+from worker.ingest.coding import codes_after_round
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.serving.index import Serving
@@ -417,6 +418,23 @@ def _with_cold_targets(store: MemoryPartition, proc: Processor, offset: int) -> 
     return cold
 
 
+def _twin_of_a_head(store: MemoryPartition, proc: Processor, offset: int) -> list[str]:
+    """An item described with the very embedding of the head item whose code is longest
+    (after the round a fine-tune reads), a gate target never trained on: served with
+    borrowing, it takes its twin's long code instead of its own short one."""
+    rounded = codes_after_round(store, "shop", B)
+    assert rounded is not None
+    head = max(rounded.assigner.keys, key=lambda k: len(rounded.assigner.served_code(k)))
+    assert len(rounded.assigner.served_code(head)) > 1
+    vec = stored_embeddings(store, "shop", [head])[head]
+    recs = [SourceRecord(ITEMS, 0, offset, b"shop", item_payload("twin", "shop", 1, embedding=vec))]
+    for step, item in enumerate(["i0", "i1", "i2", "twin"]):
+        payload = interaction_payload("late_twin", item, "shop", 200_000 + step)
+        recs.append(SourceRecord(INTER, 0, offset + 1 + step, b"shop", payload))
+    store.write(proc.process(recs).batch)
+    return ["twin"]
+
+
 def _served_recall(store: MemoryPartition, settings: Settings) -> tuple[float, float, int]:
     """Recall@10 and NDCG@10 of the gate's holdout measured through the serving index (the
     vectors and the encoder that are served), and the number of held-out cases."""
@@ -461,7 +479,7 @@ def _served_recall(store: MemoryPartition, settings: Settings) -> tuple[float, f
 @pytest.mark.parametrize("borrow", [True, False])
 def test_the_gate_scores_items_as_they_are_served(borrow: bool) -> None:
     store, proc, offset = _setup(B)
-    cold = _with_cold_targets(store, proc, offset)
+    cold = _with_cold_targets(store, proc, offset) + _twin_of_a_head(store, proc, offset + 40)
     settings = replace(B, serve_borrow_trained=borrow)
     outcome = FineTuner(store, settings).run("shop")
     assert outcome.status is FinetuneStatus.PUBLISHED

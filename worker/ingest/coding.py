@@ -66,6 +66,7 @@ from worker.state.layout import (
     code_row_key,
     code_row_prefix,
     codebook_key,
+    domain_counters_key,
     history_key,
     item_key,
     round_pending_key,
@@ -84,6 +85,68 @@ REFERENCE_GRID = 32
 REBASE_AT = 512
 #: the head thresholds move once the head count is this far (relative) from its target
 HEAD_DRIFT = 0.25
+
+
+def round_codes(
+    assigner: CodeAssigner,
+    keys: Sequence[str],
+    popularity: np.ndarray,
+    ts: int,
+    head_fraction: float,
+) -> list[CodeChange]:
+    """One code round on ``assigner``: the new popularity of ``keys`` (at the domain's
+    reference time), then the head thresholds, moved when the head count is more than
+    ``HEAD_DRIFT`` from ``head_fraction`` of the items (or there are none yet)."""
+    changes = assigner.update_popularity(list(keys), popularity, ts=ts) if len(keys) else []
+    target = round(head_fraction * len(assigner))
+    if target == 0:
+        return changes
+    drift = abs(assigner.n_head - target)
+    if math.isfinite(assigner.enter_threshold) and drift <= HEAD_DRIFT * target:
+        return changes
+    enter, exit_ = thresholds_for_fraction(assigner.all_popularity(), head_fraction)
+    if not math.isfinite(enter) or (
+        enter == assigner.enter_threshold and exit_ == assigner.exit_threshold
+    ):
+        return changes
+    return changes + assigner.set_thresholds(enter, exit_, ts=ts)
+
+
+@dataclass(frozen=True)
+class RoundedCodes:
+    """A domain's codes as its next round would leave them (see :func:`codes_after_round`)."""
+
+    assigner: CodeAssigner
+    moved: int  # items whose popularity moved since the last round (read for this one)
+    changes: list[CodeChange]
+
+
+def codes_after_round(
+    store: StorePartition, domain: str, settings: Settings
+) -> RoundedCodes | None:
+    """The domain's committed codes with the round its marked items wait for applied, in
+    memory (``None``: no codes yet). What a fine-tune reads: a round falls at an exact
+    interaction of the stream (so replays give the same codes), which leaves up to a round's
+    worth of interactions not yet rounded when a fine-tune reads the domain; this applies
+    the same round (:func:`round_codes`, the popularity as committed) to the fine-tune's
+    copy, so head items are trained and published with their long codes at once. The
+    state itself is left as it is: its round still falls at its interaction."""
+    committed = committed_codes(store, domain)
+    if committed is None:
+        return None
+    assigner, extra, _ = committed
+    keys = sorted(k for k in round_pending(store, domain) if k in assigner)
+    raw_counters = store.get("meta", domain_counters_key(domain)) if keys else None
+    ts = DomainCounters.decode(raw_counters).last_ts if raw_counters else 0
+    half_life = settings.popularity_half_life_hours * 3600.0
+    raws = store.multi_get("popularity", [item_key(domain, k) for k in keys])
+    have = [j for j, raw in enumerate(raws) if raw is not None]
+    pops = np.zeros(len(keys), dtype=np.float64)
+    if have:
+        ref_ts = int(extra.get("ref_ts", 0))
+        pops[have] = popularity_since([raws[j] for j in have], ref_ts, half_life)  # type: ignore[misc]
+    changes = round_codes(assigner, keys, pops, ts, settings.code_head_fraction)
+    return RoundedCodes(assigner, len(keys), changes)
 
 
 def _upper(prefix: bytes) -> bytes:
@@ -619,11 +682,8 @@ class CodeService:
         assigner = state.assigner
         self._rebase(state, ts)
         keys = sorted(k for k in marked if k in assigner)
-        changes: list[CodeChange] = []
-        if keys:
-            pops = self._popularity(state, domain, keys, current)
-            changes = assigner.update_popularity(keys, pops, ts=ts)
-        changes += self._follow_threshold(assigner, ts)
+        pops = self._popularity(state, domain, keys, current)
+        changes = round_codes(assigner, keys, pops, ts, self.settings.code_head_fraction)
         prefix = round_pending_prefix(domain)
         batch.delete_range("codes", prefix, _upper(prefix))
         result.changes += [(domain, change) for change in changes]
@@ -648,23 +708,6 @@ class CodeService:
         steps = int((ts - state.ref_ts) // grid)
         state.ref_ts += int(steps * grid)
         state.assigner.rescale_popularity(2.0 ** (-REFERENCE_GRID * steps))
-
-    def _follow_threshold(self, assigner: CodeAssigner, ts: int) -> list[CodeChange]:
-        """Move the head thresholds when the head count is more than ``HEAD_DRIFT`` from
-        ``code_head_fraction`` of the domain's items (or there are none yet)."""
-        fraction = self.settings.code_head_fraction
-        target = round(fraction * len(assigner))
-        if target == 0:
-            return []
-        drift = abs(assigner.n_head - target)
-        if math.isfinite(assigner.enter_threshold) and drift <= HEAD_DRIFT * target:
-            return []
-        enter, exit_ = thresholds_for_fraction(assigner.all_popularity(), fraction)
-        if not math.isfinite(enter) or (
-            enter == assigner.enter_threshold and exit_ == assigner.exit_threshold
-        ):
-            return []
-        return assigner.set_thresholds(enter, exit_, ts=ts)
 
     # -- 4. saving --------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_c
 from quantize.train import EpochReport, TrainConfig, rank_histories, shared_init, train_domain
 from store.partition import StorePartition
 from worker.core.settings import Settings
+from worker.ingest.coding import codes_after_round
 from worker.state.layout import domain_prefix, interaction_key_ts
 from worker.state.reads import (
     committed_assigner,
@@ -177,12 +178,30 @@ _LOG_HEAD = 9  # a logged interaction's value: version byte, float64 weight, the
 
 
 def read_domain(
-    store: StorePartition, domain: str, check: Check | None = None
+    store: StorePartition,
+    domain: str,
+    check: Check | None = None,
+    *,
+    settings: Settings | None = None,
 ) -> DomainData | None:
     """Coded items and the interaction log of ``domain`` (None: no codes yet), read in
-    chunks into arrays; ``check`` is called between chunks."""
+    chunks into arrays; ``check`` is called between chunks. With ``settings``, the codes
+    are those the domain's next round leaves (:func:`~worker.ingest.coding.codes_after_round`:
+    the round its moved items wait for, applied to this copy); without, as committed."""
     codebook = load_codebook(store)
-    assigner = committed_assigner(store, domain)
+    if settings is None:
+        assigner = committed_assigner(store, domain)
+    else:
+        rounded = codes_after_round(store, domain, settings)
+        assigner = None if rounded is None else rounded.assigner
+        if rounded is not None and rounded.moved:
+            log.info(
+                "fine-tune %s reads its codes after the round %d moved items waited for "
+                "(%d code changes)",
+                domain,
+                rounded.moved,
+                len(rounded.changes),
+            )
     if codebook is None or assigner is None:
         return None
     served = assigner.served()
@@ -494,7 +513,8 @@ class FineTuner:
         try:
             snap = self.store.checkpoint(tmp / "checkpoint")
             try:
-                data = read_domain(snap, domain, self._stopper(domain, "reading"))
+                check = self._stopper(domain, "reading")
+                data = read_domain(snap, domain, check, settings=self.settings)
             finally:
                 snap.close()
         finally:
