@@ -626,3 +626,27 @@ def test_a_run_out_of_budget_before_any_validated_epoch_is_abandoned() -> None:
     assert data is not None
     with pytest.raises(Abandoned, match="over budget: no epoch validated within 0 s"):
         tuner.train_candidate("shop", data, np.arange(len(data.items)), None, None, budget_s=0.0)
+
+
+def test_the_warm_up_trains_once_on_made_up_data_and_writes_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The daemon's fine-tune warm-up: torch's one-time set-up paid at start, the store left
+    untouched; with the stop set it gives up at its first step."""
+    store = MemoryPartition()
+    families = ("meta", "codes", "versions", "items", "popularity")
+
+    def contents() -> list[list[tuple[bytes, bytes]]]:
+        return [list(store.items(cf)) for cf in families]
+
+    before = contents()
+    tuner = FineTuner(store, B)
+    with caplog.at_level("INFO", logger="worker.tuning.finetune"):
+        tuner.warm_up()
+    assert any("warmed up" in r.getMessage() for r in caplog.records)
+    assert contents() == before
+    stopped = FineTuner(store, B, stop=threading.Event())
+    stopped.stop.set()
+    caplog.clear()
+    stopped.warm_up()
+    assert not any("warm" in r.getMessage() for r in caplog.records)

@@ -65,6 +65,7 @@ class FixedTuner:
         self.most_at_once = 0
         self.overlapped: list[str] = []  # a domain run twice at once
         self.seconds = 0.0
+        self.warmed_before: list[str] | None = None  # the runs made before the warm-up
 
     def run(self, domain: str) -> Outcome:
         with self.lock:
@@ -80,6 +81,9 @@ class FixedTuner:
         finally:
             with self.lock:
                 self.active[domain] -= 1
+
+    def warm_up(self) -> None:
+        self.warmed_before = list(self.calls)
 
     def release(self) -> None:
         self.gate.set()
@@ -140,6 +144,7 @@ def test_the_scheduler_runs_again_exactly_the_runs_whose_status_says_retry(
         assert len(tuner.calls) >= 3 and set(tuner.calls) == {"shop"}
     else:
         assert tuner.calls == ["shop"] and s.status()["queued"] == 0
+    assert tuner.warmed_before == []  # warmed up once, before the first run
 
 
 def test_a_retry_waits_finetune_retry_s(made: list[FinetuneScheduler]) -> None:

@@ -96,6 +96,8 @@ class Tuner(Protocol):
 
     def run(self, domain: str) -> Outcome: ...
 
+    def warm_up(self) -> None: ...
+
 
 @dataclass
 class Waiting:
@@ -358,7 +360,9 @@ class FinetuneScheduler:
     # -- the dispatcher -----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Until stopped: follow the assignment, start what fits."""
+        """Warm the tuner up once (before any run: nothing runs beside it), then until
+        stopped: follow the assignment, start what fits."""
+        self.tuner.warm_up()
         while True:
             changed = self._assignment_changed()
             if changed:
