@@ -718,6 +718,12 @@ class CodeAssigner:
         view.flags.writeable = False
         return view
 
+    def head_mask(self) -> np.ndarray:
+        """Every item's head flag (a read-only view, insertion order)."""
+        view = self._items.is_head.view()
+        view.flags.writeable = False
+        return view
+
     def row_ids(self, key: str) -> np.ndarray:
         return row_ids(self.served_code(key), self.k, self.levels)
 

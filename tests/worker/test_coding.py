@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any
 
 import numpy as np
+import pytest
 
-from quantize.assign import AssignerState
+from quantize.assign import AssignerState, CodeAssigner
+from quantize.lengths import make_policy, thresholds_for_fraction
 from store.memory import MemoryPartition
 from worker.core.settings import Settings
-from worker.ingest.coding import codes_after_round
+from worker.ingest.coding import HEAD_DRIFT, codes_after_round, follow_head_fraction
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.state.layout import CODEBOOK_CURRENT, assigner_key, code_row_prefix
@@ -332,3 +335,40 @@ def test_a_fine_tune_reads_the_codes_its_waiting_round_leaves() -> None:
     ]
     assert [n for _, n, _ in _apply(store, proc, ghost).coding.rounds] == [len(marks)]
     assert _codes(store) == after and round_pending(store, "shop") == []
+
+
+def _pareto_assigner(n: int, head_fraction: float) -> CodeAssigner:
+    rng = np.random.default_rng(7)
+    a = CodeAssigner(
+        3, 16, make_policy("entropy", min_len=1), enter_threshold=math.inf, exit_threshold=math.inf
+    )
+    pop = rng.pareto(1.1, n)
+    a.add([f"i{j}" for j in range(n)], rng.integers(0, 16, size=(n, 3)), pop)
+    a.set_thresholds(*thresholds_for_fraction(pop, head_fraction))
+    return a
+
+
+@pytest.mark.parametrize("start, goal", [(0.3, 0.1), (0.05, 0.2)])
+def test_a_threshold_move_flips_at_most_its_budget_and_reaches_the_target(
+    start: float, goal: float
+) -> None:
+    """Heads far from ``code_head_fraction`` (too many, then too few): each move flips at
+    most its budget of head flags (one more for a tie), and a few moves bring the head count
+    within HEAD_DRIFT of the target; an unbounded budget is one jump to the target's
+    thresholds, as before."""
+    n, budget = 20_000, 500
+    a = _pareto_assigner(n, start)
+    target = round(goal * n)
+    moves = 0
+    while abs(a.n_head - target) > HEAD_DRIFT * target:
+        heads = a.n_head
+        follow_head_fraction(a, goal, 1, budget)  # code changes: few (demotion is lazy)
+        assert 0 < abs(a.n_head - heads) <= budget + 1 and moves < 50
+        moves += 1
+    thresholds = (a.enter_threshold, a.exit_threshold)
+    assert moves >= 3 and follow_head_fraction(a, goal, 1, budget) == []
+    assert (a.enter_threshold, a.exit_threshold) == thresholds  # within the drift: no move
+    jump = _pareto_assigner(n, start)
+    follow_head_fraction(jump, goal, 1, n)
+    enter, exit_ = thresholds_for_fraction(jump.all_popularity(), goal)
+    assert (jump.enter_threshold, jump.exit_threshold) == (enter, exit_)

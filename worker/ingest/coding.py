@@ -34,7 +34,8 @@ time of the domain (:func:`store.records.popularity_since`): an item's value cha
 only with its own interactions, and ratios are those of the decayed counts at any
 time. The head thresholds follow ``code_head_fraction`` of the domain's items: they
 are moved (:meth:`CodeAssigner.set_thresholds`) when the head count drifts by more than
-a quarter from its target.
+a quarter from its target, by at most as many head flags as the round moved items
+(:func:`follow_head_fraction`), so a move is spread over a few rounds.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ REFERENCE_GRID = 32
 REBASE_AT = 512
 #: the head thresholds move once the head count is this far (relative) from its target
 HEAD_DRIFT = 0.25
+#: a round's threshold move may flip as many head flags per side as the round moved items,
+#: and at least this many
+MIN_FLIPS = 1000
 
 
 def round_codes(
@@ -95,21 +99,52 @@ def round_codes(
     head_fraction: float,
 ) -> list[CodeChange]:
     """One code round on ``assigner``: the new popularity of ``keys`` (at the domain's
-    reference time), then the head thresholds, moved when the head count is more than
-    ``HEAD_DRIFT`` from ``head_fraction`` of the items (or there are none yet)."""
+    reference time), then the head thresholds (:func:`follow_head_fraction`), which may flip
+    as many head flags as the round moved items (at least ``MIN_FLIPS``)."""
     changes = assigner.update_popularity(list(keys), popularity, ts=ts) if len(keys) else []
+    budget = max(len(keys), MIN_FLIPS)
+    return changes + follow_head_fraction(assigner, head_fraction, ts, budget)
+
+
+def follow_head_fraction(
+    assigner: CodeAssigner, head_fraction: float, ts: int, budget: int
+) -> list[CodeChange]:
+    """Move the head thresholds towards ``head_fraction`` of the items once the head count
+    is more than ``HEAD_DRIFT`` from it (or there are none yet), flipping at most about
+    ``budget`` head flags per side.
+
+    With popularity taken at a fixed reference time, new traffic outgrows old, so heads
+    accumulate and the thresholds must rise; at a million items one jump to the target
+    flipped ~50,000 items in one round (1.9 s). A move is cut instead: the exit threshold
+    rises at most to the popularity of the ``budget``-th least popular head (so at most
+    ``budget`` heads leave), the enter threshold falls at most to that of the
+    ``budget``-th most popular other item. The next rounds go on from there, so the head
+    count reaches the target over a few rounds, each bounded (one O(items) numpy pass).
+    Deterministic: a function of the state at the round."""
     target = round(head_fraction * len(assigner))
     if target == 0:
-        return changes
+        return []
     drift = abs(assigner.n_head - target)
     if math.isfinite(assigner.enter_threshold) and drift <= HEAD_DRIFT * target:
-        return changes
-    enter, exit_ = thresholds_for_fraction(assigner.all_popularity(), head_fraction)
-    if not math.isfinite(enter) or (
-        enter == assigner.enter_threshold and exit_ == assigner.exit_threshold
-    ):
-        return changes
-    return changes + assigner.set_thresholds(enter, exit_, ts=ts)
+        return []
+    pop = assigner.all_popularity()
+    enter, exit_ = thresholds_for_fraction(pop, head_fraction)
+    if not math.isfinite(enter):
+        return []
+    old_enter, old_exit = assigner.enter_threshold, assigner.exit_threshold
+    head = assigner.head_mask()
+    if exit_ > old_exit:  # heads below the new exit leave: at most budget of them
+        heads = pop[head]
+        if np.count_nonzero(heads < exit_) > budget:
+            exit_ = float(np.partition(heads, budget)[budget])
+    if enter < old_enter:  # non-heads at or above the new enter come in: at most budget
+        others = pop[~head & (pop > 0)]
+        if np.count_nonzero(others >= enter) > budget:
+            cut = others.size - 1 - budget
+            enter = max(enter, float(np.partition(others, cut)[cut]))
+    if enter == old_enter and exit_ == old_exit:
+        return []
+    return assigner.set_thresholds(enter, exit_, ts=ts)
 
 
 @dataclass(frozen=True)
