@@ -86,6 +86,11 @@ class TrainConfig:
       ``[min_epochs, max_epochs]``, so small domains get more passes and large ones fewer.
     * ``patience``: epochs without a validation NDCG@10 gain before stopping (0 = never).
     * ``max_seconds``: stop after the epoch that crosses this wall time.
+    * ``epoch_steps``: at most this many steps per epoch (``None``: a whole pass). A log
+      of millions of interactions takes thousands of steps per pass; capped, each epoch is
+      the first ``epoch_steps`` batches of a fresh shuffle (a random part of the log), so
+      validation, early stopping and the best-epoch choice happen every so many steps and a
+      run cut by ``max_seconds`` still has validated epochs to keep.
 
     Optimisation: ``batch_tokens`` positions per step (windows of similar length are packed
     up to this many, padding included); AdamW with ``lr`` and ``weight_decay``; with
@@ -140,6 +145,7 @@ class TrainConfig:
     threads: int = 1
     device: str = "auto"
     max_seconds: float | None = None
+    epoch_steps: int | None = None
     val_users: int | None = 10_000
     val_item_scores: int = 2_000_000_000
 
@@ -162,6 +168,8 @@ class TrainConfig:
             problems.append("epochs and batch_tokens must be >= 1")
         if self.threads < 1 or self.position_budget < 1:
             problems.append("threads and position_budget must be >= 1")
+        if self.epoch_steps is not None and self.epoch_steps < 1:
+            problems.append(f"epoch_steps={self.epoch_steps} must be >= 1 (or None: a whole pass)")
         if not 1 <= self.min_epochs <= self.max_epochs:
             problems.append(f"need 1 <= min_epochs ({self.min_epochs}) <= max_epochs")
         if not 0.0 <= self.lr_floor <= 1.0:
@@ -940,11 +948,15 @@ class _Trainer:
         self.target_share = _target_share(train.targets, self.candidates, run.n_items)
         self.planned_epochs = run.planned_epochs()
         self.total_steps = self.planned_epochs * len(self._batches())
+        if cfg.epoch_steps is not None:
+            self.total_steps = min(self.total_steps, self.planned_epochs * cfg.epoch_steps)
         self.steps_done = 0
         model.train()
 
     def _batches(self) -> list[np.ndarray]:
-        return _batches(self.train.lengths, self.config.batch_tokens, self.rng)
+        """One epoch's batches: a shuffled pass, cut to ``epoch_steps``."""
+        batches = _batches(self.train.lengths, self.config.batch_tokens, self.rng)
+        return batches if self.config.epoch_steps is None else batches[: self.config.epoch_steps]
 
     def check(self) -> None:
         """Raise when asked to stop (the run's ``check``) or out of time."""

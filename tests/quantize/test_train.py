@@ -671,3 +671,45 @@ def test_chunked_rank_histories_equal_ranks_of_full_scores(trained, log, budget:
         model, _codes(), hist, items[split.test], batch_size=8, score_budget=8 * budget
     )
     np.testing.assert_array_equal(chunked, full)
+
+
+class _Count:
+    """A ``check`` that counts its calls (one before the run, one per step and per
+    validation batch)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+def test_epoch_steps_caps_the_steps_between_two_validations(log) -> None:
+    """With ``epoch_steps``, each epoch is that many steps (a random part of the log): the
+    same number of validations as epochs, far fewer steps than whole passes; a cap above
+    the pass changes nothing (same parameters, bit for bit)."""
+    users, items, stamps, split = log
+    keep = ~split.test
+    args = (_codes(), users[keep], items[keep], stamps[keep])
+    small = replace(TRAIN, epochs=3, batch_tokens=16)  # many steps per pass
+    counts = {}
+    for cap in (None, 2):
+        count = _Count()
+        reports: list[EpochReport] = []
+        train_domain(
+            *args,
+            model_config=MODEL,
+            config=replace(small, epoch_steps=cap),
+            progress=reports.append,
+            check=count,
+        )
+        assert len(reports) == 3  # a validation after each epoch, capped or not
+        counts[cap] = count.calls
+    capped, whole = counts[2], counts[None]
+    assert capped < whole / 3  # 2 steps an epoch instead of a pass of many
+    base = train_domain(*args, model_config=MODEL, config=small)
+    same = train_domain(*args, model_config=MODEL, config=replace(small, epoch_steps=10**6))
+    for name, value in base.params.items():
+        np.testing.assert_array_equal(value, same.params[name])
+    with pytest.raises(QuantizeError, match="epoch_steps"):
+        replace(small, epoch_steps=0)

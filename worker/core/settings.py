@@ -180,6 +180,13 @@ class Settings:
     )
     finetune_epochs: int = setting(20, "most epochs of a full fine-tune", minimum=1)
     finetune_max_seconds: float = setting(300.0, "wall-time budget of one fine-tune", minimum=1.0)
+    finetune_epoch_steps: int = setting(
+        2_000,
+        "most training steps between two validations: a large domain's epoch is a random "
+        "part of its log, so a fine-tune cut by finetune_max_seconds still has validated "
+        "epochs to gate and publish",
+        minimum=1,
+    )
     finetune_threads: int = setting(1, "torch threads of a fine-tune", minimum=1, maximum=64)
     finetune_full_softmax_max_items: int = setting(
         5_000,

@@ -724,6 +724,7 @@ class FineTuner:
             threads=self.settings.finetune_threads,
             trainable="all" if init is None else "domain",
             max_seconds=self.settings.finetune_max_seconds if budget_s is None else budget_s,
+            epoch_steps=self.settings.finetune_epoch_steps,
             patience=2,
             seed=0,
             full_softmax_max_items=self.settings.finetune_full_softmax_max_items,
