@@ -48,10 +48,12 @@ Stability rules of :class:`CodeAssigner`
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -88,6 +90,21 @@ def _bad_input() -> Iterator[None]:
         yield
     except LengthPolicyError as exc:
         raise AssignmentError(str(exc)) from exc
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: a round makes many short-lived tuples and
+    lists (codes) but no cycles, and each collection they trigger would walk every tracked
+    object of the process (the catalogue's too), a cost growing with the catalogue."""
+    paused = gc.isenabled()
+    if paused:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -620,10 +637,10 @@ class CodeAssigner:
         #: served code -> the head item serving it (head codes are unique)
         self._head_codes: dict[Code, int] = {}
         #: round -> items whose lazy demotion falls due then (checked when popped)
-        self._due: dict[int, list[int]] = {}
+        self._due: dict[int, list[np.ndarray]] = {}
         #: rows changed since :meth:`take_rows`
         self._unsaved: set[int] = set()
-        self._code_count: dict[Code, int] = {}
+        self._code_count: Counter[Code] = Counter()
         self._len_sum = [0, 0]  # served digits of tail, head items
         self._level_use = np.zeros((levels, k), dtype=np.int64)
 
@@ -685,15 +702,25 @@ class CodeAssigner:
         """The served codes of ``rows`` (with these ``lengths`` / ``uses`` instead of the
         current ones when given): one array read for all of them."""
         items = self._items
-        idx = np.asarray(rows, dtype=np.int64)
-        paths = items.paths[idx].tolist()
-        lens = (items.lengths[idx] if lengths is None else lengths).tolist()
-        flags = (items.uses_digit[idx] if uses is None else uses).tolist()
-        digits = items.digits[idx].tolist()
-        return [
-            (*p[:n], d) if u else tuple(p[:n])
-            for p, n, u, d in zip(paths, lens, flags, digits, strict=True)
-        ]
+        idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return []
+        lens = items.lengths[idx] if lengths is None else np.asarray(lengths, dtype=np.int64)
+        flags = items.uses_digit[idx] if uses is None else np.asarray(uses, dtype=bool)
+        # items grouped by code shape (length, digit or not): one slice per shape
+        shape = lens * 2 + flags
+        order = np.argsort(shape, kind="stable")
+        shape = shape[order]
+        table = np.concatenate([items.paths[idx[order]], items.digits[idx[order]][:, None]], axis=1)
+        cuts = (np.flatnonzero(shape[1:] != shape[:-1]) + 1).tolist()
+        grouped: list[Code] = []
+        for start, stop in zip([0, *cuts], [*cuts, idx.size], strict=True):
+            n, digit = divmod(int(shape[start]), 2)
+            cols = [*range(n), self.levels] if digit else list(range(n))
+            grouped += map(tuple, table[start:stop][:, cols].tolist())
+        place = np.empty(idx.size, dtype=np.int64)
+        place[order] = np.arange(idx.size)
+        return list(map(grouped.__getitem__, place.tolist()))
 
     def served_code(self, key: str) -> Code:
         return self._code(self._idx(key))
@@ -707,10 +734,16 @@ class CodeAssigner:
     def popularity(self, key: str) -> float:
         return float(self._items.popularity[self._idx(key)])
 
+    def _indices(self, keys: Sequence[str]) -> np.ndarray:
+        """The rows of known ``keys`` (int64); an unknown key raises as :meth:`_idx`."""
+        try:
+            return np.fromiter(map(self._index.__getitem__, keys), dtype=np.int64, count=len(keys))
+        except KeyError:
+            return np.asarray([self._idx(key) for key in keys], dtype=np.int64)
+
     def popularity_of(self, keys: Sequence[str]) -> np.ndarray:
         """The popularity of known ``keys`` (float64), as the assigner holds it."""
-        idx = np.fromiter((self._idx(k) for k in keys), dtype=np.int64, count=len(keys))
-        return self._items.popularity[idx]
+        return self._items.popularity[self._indices(keys)]
 
     def all_popularity(self) -> np.ndarray:
         """Every item's popularity (a read-only view, insertion order)."""
@@ -820,26 +853,36 @@ class CodeAssigner:
         """Re-code the known keys whose path changed (their code starts over) and set their
         popularity when given; the batch rows of the unknown keys go to ``moved.unknown``."""
         items = self._items
+        known: list[int] = []
+        batch_rows: list[int] = []
         for j, key in enumerate(keys):
             i = self._index.get(key)
             if i is None:
                 moved.unknown.append(j)
-                continue
-            recoded = not np.array_equal(items.paths[i], paths[j])
-            if recoded or popularity is not None:
-                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
-            if recoded:  # rare: the call re-evaluates every item (see _reassign)
-                moved.fixed[i] = (self._code(i), "recode")
-                moved.recoded = True
-                items.paths[i] = paths[j]
-                items.lengths[i] = 0
-                items.uses_digit[i] = False
-                items.digits[i] = -1
-                items.shrink_streak[i] = 0
-                items.eval_round[i] = self._rounds
-                items.below[i] = False
-            if popularity is not None:
-                items.popularity[i] = popularity[j]
+            else:
+                known.append(i)
+                batch_rows.append(j)
+        if not known:
+            return
+        rows = np.asarray(known, dtype=np.int64)
+        given = np.asarray(batch_rows, dtype=np.int64)
+        recoded = np.any(items.paths[rows] != paths[given], axis=1)
+        noted = rows if popularity is not None else rows[recoded]
+        moved.note(noted, items.popularity[noted], items.is_head[noted])
+        if recoded.any():  # rare: the call re-evaluates every item (see _reassign)
+            re_rows = rows[recoded]
+            for i, code in zip(re_rows.tolist(), self._codes(re_rows), strict=True):
+                moved.fixed[i] = (code, "recode")
+            moved.recoded = True
+            items.paths[re_rows] = paths[given[recoded]]
+            items.lengths[re_rows] = 0
+            items.uses_digit[re_rows] = False
+            items.digits[re_rows] = -1
+            items.shrink_streak[re_rows] = 0
+            items.eval_round[re_rows] = self._rounds
+            items.below[re_rows] = False
+        if popularity is not None:
+            items.popularity[rows] = popularity[given]
 
     def _append(self, keys: list[str], batch: _Items, moved: _Moved) -> None:
         """Append new items (their rows in ``batch``); they get old code ``()``."""
@@ -852,10 +895,8 @@ class CodeAssigner:
         rows = np.arange(start, len(self._keys), dtype=np.int64)
         self._nodes.place(rows, batch.paths)
         self._use_levels(batch.paths, 1)
-        for i in rows.tolist():
-            moved.fixed[i] = ((), "new")
-            moved.note(i, 0.0, False)
-            moved.stats_hold[i] = (0.0, False)
+        moved.fixed.update(dict.fromkeys(rows.tolist(), ((), "new")))
+        moved.note(rows, np.zeros(rows.size), np.zeros(rows.size, dtype=bool))
 
     def _use_levels(self, paths: np.ndarray, sign: int) -> None:
         for level in range(self.levels):
@@ -870,14 +911,13 @@ class CodeAssigner:
         than ``keys``) raises :class:`AssignmentError`.
         """
         stamp = self._tick(ts)
-        keys = [str(key) for key in keys]
+        keys = list(map(str, keys))
         with _bad_input():
             pop = check_vector(popularity, len(keys), "CodeAssigner.update_popularity")
-        idx = np.asarray([self._idx(key) for key in keys], dtype=np.int64)
+        idx = self._indices(keys)
         moved = _Moved()
         items = self._items
-        for i in idx.tolist():
-            moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+        moved.note(idx, items.popularity[idx], items.is_head[idx])
         items.popularity[idx] = pop
         return self._reassign(moved, stamp, round_=True)
 
@@ -896,8 +936,8 @@ class CodeAssigner:
             flips = head_flags(
                 items.popularity, items.is_head, self.enter_threshold, self.exit_threshold
             )
-            for i in np.flatnonzero(flips != items.is_head).tolist():
-                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+            rows = np.flatnonzero(flips != items.is_head)
+            moved.note(rows, items.popularity[rows], items.is_head[rows])
         return self._reassign(moved, stamp, round_=True)
 
     def rescale_popularity(self, factor: float) -> None:
@@ -921,9 +961,10 @@ class CodeAssigner:
             self._rounds += 1
         if not self._keys:
             return []
-        if not self.incremental or moved.recoded:
-            return self._reassign_all(moved.fixed, stamp, round_=round_)
-        return self._reassign_some(moved, stamp, round_=round_)
+        with _collector_paused():
+            if not self.incremental or moved.recoded:
+                return self._reassign_all(moved.fixed, stamp, round_=round_)
+            return self._reassign_some(moved, stamp, round_=round_)
 
     # -- re-evaluating every item (the reference) -----------------------------------------
 
@@ -1046,29 +1087,38 @@ class CodeAssigner:
         fixed: dict[int, tuple[Code, str]],
         was_head: np.ndarray | dict[int, bool],
         stamp: int,
+        codes: dict[int, Code] | None = None,
     ) -> list[CodeChange]:
-        """The changes of the items of ``old`` (item -> code served before), in item order."""
+        """The changes of the items of ``old`` (item -> code served before), in item order
+        (``codes``: their current codes, where the caller has them)."""
         changes: list[CodeChange] = []
         order = sorted(old)
-        for i, new in zip(order, self._codes(order), strict=True):
+        rows = np.asarray(order, dtype=np.int64)
+        news = self._codes(rows) if codes is None else [codes[i] for i in order]
+        heads = self._items.is_head[rows].tolist()
+        uses = self._items.uses_digit[rows].tolist()
+        full = self.levels + 1
+        keys = self._keys
+        for i, new, head, digit in zip(order, news, heads, uses, strict=True):
             if i in fixed:
                 before, reason = fixed[i]
+                if new != before:
+                    changes.append(CodeChange(keys[i], before, new, reason, stamp))
+                continue
+            before = old[i]
+            if new == before:
+                continue
+            # why the code moved (neither new nor re-coded)
+            if len(new) < len(before):
+                reason = "demote"
+            elif head and not was_head[i]:
+                reason = "promote"
+            elif len(new) == full and digit:
+                reason = "disambiguate"
             else:
-                before = old[i]
-                reason = self._reason(i, before, new, bool(was_head[i]))
-            if new != before:
-                changes.append(CodeChange(self._keys[i], before, new, reason, stamp))
+                reason = "deepen"
+            changes.append(CodeChange(keys[i], before, new, reason, stamp))
         return changes
-
-    def _reason(self, i: int, old: Code, new: Code, was_head: bool) -> str:
-        """Why item ``i``'s code went from ``old`` to ``new`` (neither new nor re-coded)."""
-        if len(new) < len(old):
-            return "demote"
-        if self._items.is_head[i] and not was_head:
-            return "promote"
-        if len(new) == self.levels + 1 and self._items.uses_digit[i]:
-            return "disambiguate"
-        return "deepen"
 
     # -- re-evaluating what moved -----------------------------------------------------------
 
@@ -1085,13 +1135,13 @@ class CodeAssigner:
         """
         if round_:
             self._join_due(moved)
-        if not moved.old_pop:
+        rows, old_pop, was_head = moved.noted()
+        if not rows.size:
             return []
-        rows = np.asarray(sorted(moved.old_pop), dtype=np.int64)
-        flipped = self._follow_heads(rows, moved)
-        rows = self._join_crowded(rows, flipped, moved)
-        was_head = np.asarray([moved.old_head[i] for i in rows.tolist()], dtype=bool)
-        lengths, uses, old_len, old_uses = self._settle_lengths(rows, round_=round_)
+        flipped, nodes = self._follow_heads(rows, old_pop, was_head)
+        if any(f.size for f in flipped):
+            rows, _, was_head = self._join_crowded(flipped, moved)
+        lengths, uses, old_len, old_uses = self._settle_lengths(rows, nodes, round_=round_)
         fresh = old_len == 0
         touched = fresh | (lengths != old_len) | (uses != old_uses)
         touched |= was_head != self._items.is_head[rows]
@@ -1103,91 +1153,118 @@ class CodeAssigner:
                 strict=True,
             )
         )
-        heads_before = dict(zip(rows.tolist(), was_head.tolist(), strict=True))
-        self._uncount(old, heads_before)
+        # only the items that moved: the others keep their head flag and code
+        moved_idx = rows[touched]
+        moved_rows = moved_idx.tolist()
+        heads_before = dict(zip(moved_rows, was_head[touched].tolist(), strict=True))
+        self._sum_lengths(old_len[had] + old_uses[had], was_head[had], -1)
         incumbent = ~fresh & (lengths == old_len) & (uses == old_uses)
-        moved_rows = rows[touched].tolist()
-        extra = self._settle_heads(moved_rows, rows, old, set(moved_rows), incumbent, heads_before)
-        self._recount([*moved_rows, *extra])
+        held = dict(zip(moved_rows, incumbent[touched].tolist(), strict=True))
+        extra = self._settle_heads(moved_rows, held, old, set(moved_rows), heads_before)
+        items = self._items
+        every = np.concatenate([moved_idx, np.asarray(extra, dtype=np.int64)])
+        self._sum_lengths(items.lengths[every] + items.uses_digit[every], items.is_head[every], 1)
+        # the items whose code changed (those that kept theirs stay counted, unchanged)
+        kept = incumbent[touched] & (items.lengths[moved_idx] == lengths[touched])
+        kept &= items.uses_digit[moved_idx] == uses[touched]
+        self._uncount([old[i] for i in moved_idx[kept ^ had[touched]].tolist()])
+        changed = [*moved_idx[~kept].tolist(), *extra]
+        codes = self._codes(changed)
+        self._code_count.update(codes)
         for i in extra:
             heads_before.setdefault(i, True)
-        self._unsaved.update(moved_rows)
-        self._unsaved.update(extra)
         self._unsaved.update(rows.tolist())
+        self._unsaved.update(extra)
         return self._changes(
-            {**old, **{i: () for i in moved_rows if i not in old}},
+            {i: old.get(i, ()) for i in changed},
             moved.fixed,
             heads_before,
             stamp,
+            dict(zip(changed, codes, strict=True)),
         )
 
     def _join_due(self, moved: _Moved) -> None:
         """Items whose lazy demotion falls due in this round join ``moved``."""
+        parts = self._due.pop(self._rounds, None)
+        if not parts:
+            return
         items = self._items
-        for i in self._due.pop(self._rounds, []):
-            due = items.eval_round[i] + self.demote_after - items.shrink_streak[i]
-            if items.below[i] and due == self._rounds and i not in moved.old_pop:
-                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
+        cand = np.concatenate(parts)
+        due = items.eval_round[cand] + self.demote_after - items.shrink_streak[cand]
+        hit = cand[items.below[cand] & (due == self._rounds)]
+        moved.note(hit, items.popularity[hit], items.is_head[hit])
 
-    def _follow_heads(self, rows: np.ndarray, moved: _Moved) -> list[np.ndarray]:
+    def _schedule_due(self, rows: np.ndarray, due: np.ndarray) -> None:
+        """Items ``rows`` wait for their lazy demotion in rounds ``due``."""
+        if not rows.size:
+            return
+        order = np.argsort(due, kind="stable")
+        due = due[order]
+        starts = np.flatnonzero(np.concatenate([[True], due[1:] != due[:-1]]))
+        parts = np.split(rows[order], starts[1:])
+        for round_, part in zip(due[starts].tolist(), parts, strict=True):
+            self._due.setdefault(round_, []).append(part)
+
+    def _follow_heads(
+        self, rows: np.ndarray, old_pop: np.ndarray, old_head: np.ndarray
+    ) -> tuple[list[np.ndarray], list[tuple[np.ndarray, np.ndarray]] | None]:
         """New head flags of ``rows``; the prefix statistics take their new popularity and
-        flags. Returns, per depth, the nodes whose crowding flipped (policy's node flags)."""
+        flags (instead of ``old_pop``, ``old_head``). Returns, per depth, the nodes whose
+        crowding flipped (policy's node flags), and the nodes of ``rows`` with their new
+        entropy (``None`` without node flags)."""
         items = self._items
         head = head_flags(
             items.popularity[rows], items.is_head[rows], self.enter_threshold, self.exit_threshold
         )
-        held = [
-            moved.stats_hold.get(i, (moved.old_pop[i], moved.old_head[i])) for i in rows.tolist()
-        ]
-        old_pop = np.asarray([p for p, _ in held], dtype=np.float64)
-        old_head = np.asarray([h for _, h in held], dtype=bool)
         flags = getattr(self.policy, "node_flags", None)
         touched = self._nodes.nodes_of(rows) if flags is not None else []
         before = [self._flags(d, nodes) for d, nodes in enumerate(touched)]
         self._nodes.contribute(rows, old_pop, old_head, -1)
         self._nodes.contribute(rows, items.popularity[rows], head, 1)
         items.is_head[rows] = head
-        return [
-            nodes[self._flags(d, nodes) != was]
-            for d, (nodes, was) in enumerate(zip(touched, before, strict=True))
+        if flags is None:
+            return [], None
+        now = [(nodes, self._nodes.entropy(d, nodes)) for d, nodes in enumerate(touched)]
+        flipped = [
+            nodes[self._flags(d, nodes, entropy) != was]
+            for d, ((nodes, entropy), was) in enumerate(zip(now, before, strict=True))
         ]
+        return flipped, now
 
-    def _flags(self, d: int, nodes: np.ndarray) -> np.ndarray:
+    def _flags(self, d: int, nodes: np.ndarray, entropy: np.ndarray | None = None) -> np.ndarray:
         flags = self.policy.node_flags  # type: ignore[attr-defined]
-        return np.asarray(
-            flags(self._nodes.head_count(d, nodes), self._nodes.entropy(d, nodes)), dtype=bool
-        )
+        if entropy is None:
+            entropy = self._nodes.entropy(d, nodes)
+        return np.asarray(flags(self._nodes.head_count(d, nodes), entropy), dtype=bool)
 
     def _join_crowded(
-        self, rows: np.ndarray, flipped: list[np.ndarray], moved: _Moved
-    ) -> np.ndarray:
-        """``rows`` and the items of the flipped nodes (head items only when the policy's
-        flags matter for head items only), sorted."""
-        if not any(f.size for f in flipped):
-            return rows
+        self, flipped: list[np.ndarray], moved: _Moved
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The items of the flipped nodes (head items only when the policy's flags matter
+        for head items only) join ``moved``; returns all of its items, as
+        :meth:`_Moved.noted`."""
         items = self._items
-        n = len(self._keys)
-        heads_only = getattr(self.policy, "node_flags_heads_only", False)
-        cand = np.flatnonzero(items.is_head[:n]) if heads_only else np.arange(n)
-        hit = np.zeros(cand.size, dtype=bool)
-        for d, nodes in enumerate(flipped):
-            if nodes.size:
-                hit |= np.isin(self._nodes.node_ids[cand, d], nodes)
-        for i in cand[hit].tolist():
-            if i not in moved.old_pop:
-                moved.note(i, float(items.popularity[i]), bool(items.is_head[i]))
-        return np.asarray(sorted(moved.old_pop), dtype=np.int64)
+        hit = self._nodes.members(flipped)
+        if getattr(self.policy, "node_flags_heads_only", False):
+            hit = hit[items.is_head[hit]]
+        moved.note(hit, items.popularity[hit], items.is_head[hit])
+        return moved.noted()
 
     def _settle_lengths(
-        self, rows: np.ndarray, *, round_: bool
+        self,
+        rows: np.ndarray,
+        nodes: list[tuple[np.ndarray, np.ndarray]] | None,
+        *,
+        round_: bool,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Policy and served lengths of ``rows`` (as :meth:`_stable_lengths`); the lazy
-        demotion bookkeeping is saved and due demotions are scheduled."""
+        """Policy and served lengths of ``rows`` (as :meth:`_stable_lengths`; ``nodes``: per
+        depth, their distinct nodes and entropy, where known); the lazy demotion
+        bookkeeping is saved and due demotions are scheduled."""
         items = self._items
         paths = items.paths[rows]
         head = items.is_head[rows]
         try:
-            stats = self._nodes.stats_for(rows, paths)
+            stats = self._nodes.stats_for(rows, paths, nodes)
             target = policy_lengths(self.policy, paths, items.popularity[rows], head, stats)
         except LengthPolicyError as exc:
             raise AssignmentError(f"CodeAssigner: the length policy failed ({exc})") from exc
@@ -1203,22 +1280,21 @@ class CodeAssigner:
         items.shrink_streak[rows] = streak
         items.eval_round[rows] = self._rounds
         items.below[rows] = below
-        for i, s in zip(rows[below].tolist(), streak[below].tolist(), strict=True):
-            self._due.setdefault(self._rounds + self.demote_after - s, []).append(i)
+        self._schedule_due(rows[below], self._rounds + self.demote_after - streak[below])
         return lengths, uses, old_len, old_uses
 
     def _settle_heads(
         self,
         moved_rows: list[int],
-        rows: np.ndarray,
+        held: dict[int, bool],
         old: dict[int, Code],
         known: set[int],
-        incumbent: np.ndarray,
         was_head: dict[int, bool],
     ) -> list[int]:
-        """Make head codes unique again after ``moved_rows`` (the re-evaluated ``rows`` whose
-        code or head flag moved) changed; returns the other items that had to deepen (their
-        old codes added to ``old``, taken out of the counts).
+        """Make head codes unique again after ``moved_rows`` (the re-evaluated items whose
+        code or head flag moved; ``held``: whether each kept its code, the others did)
+        changed; returns the other items that had to deepen (their old codes added to
+        ``old``, taken out of the counts).
 
         As :func:`_make_head_unique` over every head item: the head items that did not
         move hold unique codes, so a contested code always involves an item that moved or
@@ -1227,11 +1303,11 @@ class CodeAssigner:
         """
         items = self._items
         codes = self._head_codes
-        for i in moved_rows:
-            if was_head[i] and i in old and codes.get(old[i]) == i:
-                del codes[old[i]]
-        held = dict(zip(rows.tolist(), incumbent.tolist(), strict=True))
-        active = [i for i in moved_rows if items.is_head[i]]
+        for i, code in old.items():  # the items of moved_rows that served a code before
+            if was_head[i] and codes.get(code) == i:
+                del codes[code]
+        heads = items.is_head[np.asarray(moved_rows, dtype=np.int64)].tolist()
+        active = [i for i, head in zip(moved_rows, heads, strict=True) if head]
         extra: list[int] = []
         limit = (self.levels + 2) * max(1, len(active) + 1)
         for _ in range(limit):
@@ -1242,7 +1318,8 @@ class CodeAssigner:
                 if i not in known:  # a head item whose code had not moved
                     known.add(i)
                     old[i] = self._code(i)
-                    self._uncount({i: old[i]}, {i: True})
+                    self._uncount([old[i]])
+                    self._len_sum[1] -= len(old[i])
                     extra.append(i)
             self._deepen(losers)
             active = losers
@@ -1256,10 +1333,24 @@ class CodeAssigner:
         each code is recorded, the losers are returned in index order."""
         items = self._items
         codes = self._head_codes
-        groups: dict[Code, list[int]] = {}
-        for i, code in zip(active, self._codes(active), strict=True):
-            groups.setdefault(code, []).append(i)
+        mine = self._codes(active)
+
+        def rank(i: int) -> tuple[bool, float, int]:
+            return held.get(i, True), float(items.popularity[i]), -i
+
         losers: list[int] = []
+        if len(set(mine)) == len(mine):  # the usual case: only a holder may contest
+            for i, code in zip(active, mine, strict=True):
+                holder = codes.get(code)
+                if holder is None or holder == i:
+                    codes[code] = i
+                else:
+                    keeper = codes[code] = max(holder, i, key=rank)
+                    losers.append(i if keeper == holder else holder)
+            return sorted(losers)
+        groups: dict[Code, list[int]] = {}
+        for i, code in zip(active, mine, strict=True):
+            groups.setdefault(code, []).append(i)
         for code, members in groups.items():
             holder = codes.get(code)
             if holder is not None and holder not in members:
@@ -1267,7 +1358,7 @@ class CodeAssigner:
             if len(members) == 1:
                 codes[code] = members[0]
                 continue
-            keeper = max(members, key=lambda i: (held.get(i, True), float(items.popularity[i]), -i))
+            keeper = max(members, key=rank)
             codes[code] = keeper
             losers += [i for i in members if i != keeper]
         return sorted(losers)
@@ -1294,23 +1385,22 @@ class CodeAssigner:
 
     # -- derived structures -----------------------------------------------------------------
 
-    def _uncount(self, old: dict[int, Code], was_head: dict[int, bool]) -> None:
+    def _uncount(self, codes: Iterable[Code]) -> None:
+        """Take ``codes`` (served before) out of the counts (the callers keep the length
+        sums)."""
         counts = self._code_count
-        for i, code in old.items():
+        for code in codes:
             left = counts[code] - 1
             if left:
                 counts[code] = left
             else:
-                del counts[code]
-            self._len_sum[int(was_head.get(i, True))] -= len(code)
+                counts.pop(code)
 
-    def _recount(self, every: list[int]) -> None:
-        counts = self._code_count
-        items = self._items
-        heads = items.is_head[np.asarray(every, dtype=np.int64)].tolist()
-        for code, head in zip(self._codes(every), heads, strict=True):
-            counts[code] = counts.get(code, 0) + 1
-            self._len_sum[int(head)] += len(code)
+    def _sum_lengths(self, served: np.ndarray, heads: np.ndarray, sign: int) -> None:
+        """Add (``sign=1``) or take away (``-1``) served code lengths to the sums of the
+        tail and head items (``heads``: whether each is head)."""
+        self._len_sum[0] += sign * int(served[~heads].sum())
+        self._len_sum[1] += sign * int(served[heads].sum())
 
     def _rebuild_derived(self) -> None:
         """Prefix statistics, head codes, counts and the demotion schedule from the arrays."""
@@ -1322,7 +1412,7 @@ class CodeAssigner:
             self._nodes.place(rows, items.paths)
             self._nodes.contribute(rows, items.popularity, items.is_head, 1)
         self._head_codes = {}
-        self._code_count = {}
+        self._code_count = Counter()
         self._len_sum = [0, 0]
         heads = items.is_head[:n].tolist()
         for i, (code, head) in enumerate(zip(self._codes(rows), heads, strict=True)):
@@ -1333,9 +1423,10 @@ class CodeAssigner:
         self._level_use = np.zeros((self.levels, self.k), dtype=np.int64)
         self._use_levels(items.paths, 1)
         self._due = {}
-        due = items.eval_round + self.demote_after - items.shrink_streak
-        for i in np.flatnonzero(items.below).tolist():
-            self._due.setdefault(int(due[i]), []).append(i)
+        below = np.flatnonzero(items.below)
+        self._schedule_due(
+            below, items.eval_round[below] + self.demote_after - items.shrink_streak[below]
+        )
 
     # -- state -----------------------------------------------------------------------------
 
@@ -1440,20 +1531,20 @@ class CodeAssigner:
     def take_rows(self, *, everything: bool = False) -> tuple[list[str], list[bytes]]:
         """The keys and saved rows of the items changed since the last call (all of them
         with ``everything``), in insertion order; the change set starts empty again."""
-        rows = range(len(self._keys)) if everything else sorted(self._unsaved)
+        if everything:
+            idx = np.arange(len(self._keys), dtype=np.int64)
+        else:
+            idx = np.sort(np.fromiter(self._unsaved, dtype=np.int64, count=len(self._unsaved)))
         self._unsaved.clear()
-        idx = np.fromiter(rows, dtype=np.int64)
         items = self._items
         out = np.zeros(idx.size, dtype=_row_dtype(self.levels))
         out["seq"] = idx
         for name in out.dtype.names or ():
             if name != "seq":
                 out[name] = getattr(items, name)[idx]
-        raw = out.tobytes()
-        size = out.dtype.itemsize
-        return [self._keys[i] for i in idx.tolist()], [
-            raw[j : j + size] for j in range(0, len(raw), size)
-        ]
+        # one bytes object per row (a void scalar's bytes keep every byte)
+        raw = out.view(np.dtype((np.void, out.dtype.itemsize))).tolist()
+        return list(map(self._keys.__getitem__, idx.tolist())), raw
 
     @property
     def unsaved(self) -> int:
@@ -1515,20 +1606,36 @@ class CodeAssigner:
 @dataclass
 class _Moved:
     """The items a call re-evaluates, with their popularity and head flag as the prefix
-    statistics hold them (``stats_hold`` where that is not their last value: re-coded and
-    new items count there as cold tail items)."""
+    statistics hold them (the values of the first :meth:`note` of an item: new items
+    count there as cold tail items), as arrays: noting costs no Python work per item."""
 
-    old_pop: dict[int, float] = field(default_factory=dict)
-    old_head: dict[int, bool] = field(default_factory=dict)
-    stats_hold: dict[int, tuple[float, bool]] = field(default_factory=dict)
     fixed: dict[int, tuple[Code, str]] = field(default_factory=dict)
     unknown: list[int] = field(default_factory=list)
     recoded: bool = False  # a known item got a new path
+    _parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
-    def note(self, i: int, pop: float, head: bool) -> None:
-        if i not in self.old_pop:
-            self.old_pop[i] = pop
-            self.old_head[i] = head
+    def note(self, rows: np.ndarray, pop: np.ndarray, head: np.ndarray) -> None:
+        """Items ``rows`` with these values (an item noted before keeps its first ones)."""
+        if len(rows):
+            self._parts.append(
+                (
+                    np.asarray(rows, dtype=np.int64),
+                    np.asarray(pop, dtype=np.float64),
+                    np.asarray(head, dtype=bool),
+                )
+            )
+
+    def noted(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The noted items (sorted, each once) with their first noted values."""
+        if not self._parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, bool)
+        rows, pop, head = (np.concatenate(part) for part in zip(*self._parts, strict=True))
+        order = np.argsort(rows, kind="stable")  # the first note of an item comes first
+        keep = np.ones(rows.size, dtype=bool)
+        keep[1:] = rows[order[1:]] != rows[order[:-1]]
+        first = order[keep]
+        self._parts = [(rows[first], pop[first], head[first])]
+        return self._parts[0]
 
 
 def state_equal(a: AssignerState, b: AssignerState) -> bool:

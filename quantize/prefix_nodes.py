@@ -38,16 +38,68 @@ def _plogp(pop: np.ndarray) -> np.ndarray:
     return np.where(pop > 0, pop * np.log(np.where(pop > 0, pop, 1.0)), 0.0)
 
 
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a 1-d array (as ``np.unique``, whose hashing is
+    slower for the few thousand values of a round)."""
+    out = np.sort(values)
+    if out.size > 1:
+        keep = np.empty(out.size, dtype=bool)
+        keep[0] = True
+        np.not_equal(out[1:], out[:-1], out=keep[1:])
+        out = out[keep]
+    return out
+
+
+def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(start, stop)`` over the pairs (int64)."""
+    sizes = stops - starts
+    total = int(sizes.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shift = starts - (np.cumsum(sizes) - sizes)
+    return np.repeat(shift, sizes) + np.arange(total, dtype=np.int64)
+
+
+#: the sums of one node, side by side: a round reads and writes a few thousand scattered
+#: nodes, each then one memory access instead of one per sum
+_NODE_SUMS = np.dtype(
+    [
+        ("count", np.int64),
+        ("positive", np.int64),
+        ("mass", np.float64),
+        ("plogp", np.float64),
+        ("heads", np.int64),
+    ]
+)
+
+
 class _Depth:
-    """The nodes of one depth: a lookup from (parent node, digit) and per-node sums."""
+    """The nodes of one depth: a lookup from (parent node, digit) and per-node sums (views
+    of the fields of one record per node)."""
 
     def __init__(self) -> None:
         self.lookup: dict[int, int] = {}
-        self.count = np.zeros(0, dtype=np.int64)
-        self.positive = np.zeros(0, dtype=np.int64)
-        self.mass = np.zeros(0, dtype=np.float64)
-        self.plogp = np.zeros(0, dtype=np.float64)
-        self.heads = np.zeros(0, dtype=np.int64)
+        self._sums = np.zeros(0, dtype=_NODE_SUMS)
+
+    @property
+    def count(self) -> np.ndarray:
+        return self._sums["count"]
+
+    @property
+    def positive(self) -> np.ndarray:
+        return self._sums["positive"]
+
+    @property
+    def mass(self) -> np.ndarray:
+        return self._sums["mass"]
+
+    @property
+    def plogp(self) -> np.ndarray:
+        return self._sums["plogp"]
+
+    @property
+    def heads(self) -> np.ndarray:
+        return self._sums["heads"]
 
     def ids(self, keys: np.ndarray) -> np.ndarray:
         """Node ids of ``keys`` (``parent * width + digit``), new nodes numbered on."""
@@ -59,10 +111,22 @@ class _Depth:
             if node is None:
                 node = lookup[key] = len(lookup)
             ids[j] = node
-        size = len(lookup)
-        for name in ("count", "positive", "mass", "plogp", "heads"):
-            setattr(self, name, _grown(getattr(self, name), size))
+        self._sums = _grown(self._sums, len(lookup))
         return ids[inv.reshape(-1)]
+
+    def entropy_reusing(self, nodes: np.ndarray, have: np.ndarray, ent: np.ndarray) -> np.ndarray:
+        """:meth:`entropy` of ``nodes``, taken from ``ent`` for the nodes of ``have``
+        (sorted, their entropy now) and computed for the others."""
+        if nodes.size == have.size and np.array_equal(nodes, have):
+            return ent
+        if have.size == 0:
+            return self.entropy(nodes)
+        pos = np.minimum(np.searchsorted(have, nodes), have.size - 1)
+        hit = have[pos] == nodes
+        out = np.empty(nodes.size, dtype=np.float64)
+        out[hit] = ent[pos[hit]]
+        out[~hit] = self.entropy(nodes[~hit])
+        return out
 
     def entropy(self, nodes: np.ndarray) -> np.ndarray:
         """As :meth:`PrefixStats.compute`: of the popularity-weighted distribution, or of
@@ -83,6 +147,10 @@ class PrefixNodes:
         self.depths = [_Depth() for _ in range(levels)]
         self.node_ids = np.zeros((0, levels), dtype=np.int64)
         self.n = 0
+        #: per depth, rows ``0..indexed-1`` sorted by node and each node's first position
+        #: there (built when needed; rows placed later are scanned until it is rebuilt)
+        self._members: list[tuple[np.ndarray, np.ndarray]] = []
+        self._indexed = 0
 
     def place(self, rows: np.ndarray, paths: np.ndarray) -> None:
         """Give ``rows`` (new, or removed before) the nodes of ``paths``; they count as
@@ -90,6 +158,8 @@ class PrefixNodes:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return
+        if int(rows.min()) < self._indexed:
+            self._forget_members()
         self.node_ids = _grown(self.node_ids, int(rows.max()) + 1)
         self.n = max(self.n, int(rows.max()) + 1)
         parent = np.zeros(rows.size, dtype=np.int64)
@@ -102,6 +172,7 @@ class PrefixNodes:
     def remove(self, rows: np.ndarray, popularity: np.ndarray, head: np.ndarray) -> None:
         """Take ``rows`` (with their current popularity and head flags) out of their nodes."""
         self.contribute(rows, popularity, head, -1)
+        self._forget_members()
         for d, depth in enumerate(self.depths):
             np.subtract.at(depth.count, self.node_ids[rows, d], 1)
 
@@ -128,7 +199,48 @@ class PrefixNodes:
 
     def nodes_of(self, rows: np.ndarray) -> list[np.ndarray]:
         """Per depth, the distinct nodes of ``rows``."""
-        return [np.unique(self.node_ids[rows, d]) for d in range(self.levels)]
+        return [_distinct(self.node_ids[rows, d]) for d in range(self.levels)]
+
+    def members(self, nodes: list[np.ndarray]) -> np.ndarray:
+        """The rows under any of ``nodes[d]`` at depth ``d`` (sorted, each once): from an
+        index of the rows by node, so the cost grows with the rows found, not with all."""
+        self._index_members()
+        found: list[np.ndarray] = []
+        start, stop = self._indexed, self.n
+        for d, wanted in enumerate(nodes):
+            if not wanted.size:
+                continue
+            order, offsets = self._members[d]
+            known = wanted[wanted < offsets.size - 1]
+            found.append(order[_ranges(offsets[known], offsets[known + 1])])
+            if stop > start:  # placed since the index was built
+                late = np.isin(self.node_ids[start:stop, d], wanted)
+                found.append(np.flatnonzero(late) + start)
+        if not found:
+            return np.zeros(0, dtype=np.int64)
+        return _distinct(np.concatenate(found).astype(np.int64, copy=False))
+
+    def _index_members(self) -> None:
+        """(Re)build the index of rows by node when rows placed since outnumber a quarter
+        of those indexed (the scans of the newer rows stay small, rebuilds amortized)."""
+        if self._members and self.n - self._indexed <= max(4096, self._indexed // 4):
+            return
+        n = self.n
+        row_type = np.int32 if n < 2**31 else np.int64
+        self._members = []
+        for d, depth in enumerate(self.depths):
+            ids = self.node_ids[:n, d]
+            order = np.argsort(ids, kind="stable").astype(row_type)
+            counts = np.bincount(ids, minlength=len(depth.lookup))
+            offsets = np.zeros(counts.size + 1, dtype=row_type)
+            np.cumsum(counts, out=offsets[1:])
+            self._members.append((order, offsets))
+        self._indexed = n
+
+    def _forget_members(self) -> None:
+        """Rows changed nodes: the index of rows by node is rebuilt when next needed."""
+        self._members = []
+        self._indexed = 0
 
     def head_count(self, d: int, nodes: np.ndarray) -> np.ndarray:
         return self.depths[d].heads[nodes]
@@ -136,17 +248,26 @@ class PrefixNodes:
     def entropy(self, d: int, nodes: np.ndarray) -> np.ndarray:
         return self.depths[d].entropy(nodes)
 
-    def stats_for(self, rows: np.ndarray, paths: np.ndarray) -> PrefixStats:
+    def stats_for(
+        self,
+        rows: np.ndarray,
+        paths: np.ndarray,
+        known: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> PrefixStats:
         """A :class:`PrefixStats` over ``rows`` only (``paths`` their full paths), with the
-        statistics of every item; its node ids are renumbered among ``rows``' nodes."""
+        statistics of every item; its node ids are renumbered among ``rows``' nodes.
+        ``known``: per depth, sorted distinct nodes and their current :meth:`entropy`,
+        when the caller has them (the entropy of the other nodes is computed)."""
         node_ids = np.zeros((rows.size, self.levels), dtype=np.int64)
         count, mass, entropy, heads = [], [], [], []
         for d, depth in enumerate(self.depths):
-            uniq, inv = np.unique(self.node_ids[rows, d], return_inverse=True)
+            ids = self.node_ids[rows, d]
+            uniq, inv = np.unique(ids, return_inverse=True)
+            ent = depth.entropy(uniq) if known is None else depth.entropy_reusing(uniq, *known[d])
             node_ids[:, d] = inv.reshape(-1)
             count.append(depth.count[uniq].copy())
             mass.append(np.where(depth.positive[uniq] > 0, depth.mass[uniq], 0.0))
-            entropy.append(depth.entropy(uniq))
+            entropy.append(ent)
             heads.append(depth.heads[uniq].copy())
         return PrefixStats(
             paths=paths,

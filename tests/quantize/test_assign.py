@@ -25,6 +25,7 @@ from quantize.assign import (
 from quantize.code_metrics import code_report, collision_rate, level_balance, level_utilization
 from quantize.exceptions import AssignmentError, LengthPolicyError
 from quantize.lengths import POLICIES, make_policy
+from quantize.prefix_nodes import PrefixNodes
 
 POLICY_NAMES = sorted(POLICIES)
 GROWING = {"new", "recode", "promote", "deepen", "disambiguate"}
@@ -599,3 +600,33 @@ def test_a_round_touches_only_the_items_that_moved() -> None:
     assert stats.mean_len_head == pytest.approx(report.mean_len_head)
     assert stats.mean_len_tail == pytest.approx(report.mean_len_tail)
     assert stats.utilization == pytest.approx(report.utilization)
+
+
+def test_prefix_node_members_equal_a_scan_of_every_row() -> None:
+    """The rows under given nodes (what a round re-evaluates when a node's crowding flips)
+    come from an index of rows by node, built when first needed, that newer rows join by
+    a scan until it is rebuilt, and that re-placed rows drop: always what a scan of every
+    row finds, nodes created after the index included."""
+    rng = np.random.default_rng(3)
+    levels, k = 3, 8
+    nodes = PrefixNodes(levels, k)
+    n = 0
+
+    def check() -> None:
+        ids = nodes.node_ids[:n]
+        for _ in range(4):
+            wanted = [np.unique(rng.choice(ids[:, d], 3)) for d in range(levels)]
+            wanted[int(rng.integers(levels))] = np.zeros(0, dtype=np.int64)
+            hit = np.zeros(n, dtype=bool)
+            for d, w in enumerate(wanted):
+                hit |= np.isin(ids[:, d], w)
+            np.testing.assert_array_equal(nodes.members(wanted), np.flatnonzero(hit))
+
+    for size in (40, 10, 3000, 5000, 20000, 7):  # late rows below, then above the rebuild
+        nodes.place(np.arange(n, n + size), rng.integers(0, k, size=(size, levels)))
+        n += size
+        check()
+    moved = rng.choice(n, 500, replace=False)
+    nodes.remove(moved, np.zeros(moved.size), np.zeros(moved.size, dtype=bool))
+    nodes.place(moved, rng.integers(0, k, size=(moved.size, levels)))
+    check()
