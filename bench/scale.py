@@ -4,7 +4,8 @@ One command::
 
     python bench/scale.py [--items 100000 [N ...]] [--interactions 1000000 [M ...]]
                           [--users U] [--clusters C] [--bootstrap HOST:PORT]
-                          [--finetune] [--serve] [--worker-setting KEY=VALUE ...]
+                          [--finetune] [--serve [--serve-rate 200] [--serve-seconds 20]
+                          [--new-items 50]] [--worker-setting KEY=VALUE ...]
 
 Without ``--bootstrap`` it starts its own broker (``ops/kafka.sh up`` on free ports, stopped at
 the end). For each catalogue size (``--items`` may take several values; ``--interactions`` and
@@ -26,8 +27,22 @@ the end). For each catalogue size (``--items`` may take several values; ``--inte
    a worker reading both backlogs at once would interleave them.
 4. Optional: ``--finetune`` asks for a fine-tune on the control topic (as ``adacode
    finetune`` does with a worker running) and times it until ``/v1/domains/<d>/versions``
-   shows the version served; ``--serve`` samples ``/similar`` and ``/users/<u>/recommend``
-   latencies (p50, p99).
+   shows the version served; ``--serve`` measures serving (issue 13's goals at 1M items:
+   recommend p99 < 20 ms and similar p99 < 10 ms at 200 requests/s; a new item servable
+   within 250 ms p99), in three steps:
+
+   * sequential samples: ``--serve-requests`` pairs of ``/similar`` and
+     ``/users/<u>/recommend`` one after the other (p50, p99);
+   * paced load: open loop at ``--serve-rate`` requests/s for ``--serve-seconds``, recommend
+     and similar in turn (items among the most popular tenth, users by activity, as the
+     samples), fired on schedule from ``--serve-threads`` threads with keep-alive
+     connections; each latency counts from its scheduled instant, so a request that waited
+     for a busy thread counts its wait (no coordinated omission);
+   * new items: ``--new-items`` items not in the catalogue (embeddings drawn like the
+     catalogue's), produced one at a time with the bench's producer client (acks=1, no
+     linger); for each, ``/items/<new>/similar`` is asked every ~5 ms until it answers 200
+     (produce-to-servable; after 10 s the item counts as not servable, and after 3 such in a
+     row the step stops).
 
 While a worker runs, a thread polls ``/metrics`` every ``--poll-s`` seconds (after the previous
 scrape returned) and ``/proc/<pid>/status``. The table per size:
@@ -48,7 +63,10 @@ scrape returned) and ``/proc/<pid>/status``. The table per size:
   (any order; ``n/a`` when the worker does not log them);
 * ``/metrics`` scrape time (median, max) of the bench's own scrapes;
 * worker RSS after ingest and its peak (``VmHWM``), RocksDB size on disk after the stop;
-* fine-tune time, index build (from the worker's log lines) and latency, when asked.
+* fine-tune time, index build (from the worker's log lines) and latency, when asked: the
+  sequential samples' p50 / p99; per kind of the paced load p50 / p90 / p99 / max, the
+  achieved rate and the HTTP statuses (non-200 counted); new items' produce-to-servable
+  p50 / p99 / max and how many were servable.
 
 Writes ``bench/out/scale.md`` (the tables), ``bench/out/scale.json`` and ``bench/out/scale.png``
 (applied interactions/s over time with the deciles, and RSS over time with the bootstrap
@@ -59,6 +77,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import http.client
 import itertools
 import json
 import math
@@ -72,7 +92,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -109,6 +130,12 @@ EXPLORE = 0.1  # share of a user's interactions outside its favourites
 CLUSTER_SPREAD = 0.6  # noise norm / centre norm of the Gaussian mixture
 ITEM_CHUNK = 2_000
 INTERACTION_CHUNK = 100_000
+# issue 13's goals at 1M items: paced p99 per kind, and produce-to-servable p99 of a new item
+PACED_GOAL_P99_MS = {"user_recommend": 20.0, "similar": 10.0}
+NEW_ITEM_GOAL_P99_MS = 250.0
+NEW_ITEM_POLL_S = 0.005  # the new item's /similar is asked every ~5 ms ...
+NEW_ITEM_TIMEOUT_S = 10.0  # ... until it answers 200, or this long: not servable
+NEW_ITEM_GIVE_UP = 3  # stop producing new items after this many in a row were not servable
 
 
 class ScaleBenchError(AdacodeError):
@@ -185,11 +212,41 @@ class SyntheticDomain:
         for c, start in enumerate(range(0, self.spec.items, chunk)):
             stop = min(start + chunk, self.spec.items)
             rng = np.random.default_rng([self.spec.seed, 1, c])
-            noise = rng.standard_normal((stop - start, DIM)).astype(np.float32)
-            noise *= CLUSTER_SPREAD / np.linalg.norm(noise, axis=1, keepdims=True)
-            vectors = self.centres[self.item_cluster[start:stop]] + noise
-            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-            yield start, vectors
+            yield start, self.mixture_vectors(self.item_cluster[start:stop], rng)
+
+    def mixture_vectors(self, clusters: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """float32 [len(clusters), DIM]: each cluster's centre plus noise of norm
+        ``CLUSTER_SPREAD``, L2-normalized (how every generated item's embedding is drawn)."""
+        noise = rng.standard_normal((len(clusters), DIM)).astype(np.float32)
+        noise *= CLUSTER_SPREAD / np.linalg.norm(noise, axis=1, keepdims=True)
+        vectors = self.centres[clusters] + noise
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors
+
+    def new_item_events(self, n: int) -> list[tuple[str, bytes, bytes]]:
+        """``(item id, key, value)`` of ``n`` items that are not in the catalogue (ids
+        ``n0000000``...; the catalogue's are ``i...``), their embeddings drawn like the
+        catalogue's (a uniform cluster, the same noise), from their own seeded generator."""
+        rng = np.random.default_rng([self.spec.seed, 3])
+        clusters = rng.integers(0, self.spec.clusters, size=n)
+        vectors = self.mixture_vectors(clusters, rng)
+        key, domain = self.spec.domain.encode(), self.spec.domain
+        ts = BASE_TS + SPAN_S  # after every catalogue event
+        return [
+            (f"n{j:07d}", key, item_value(f"n{j:07d}", domain, ts, vec))
+            for j, vec in enumerate(vectors)
+        ]
+
+    def serve_picks(self, rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+        """``n`` items (uniform over the most popular tenth) and ``n`` users (by activity)
+        to ask ``/similar`` and ``/users/<u>/recommend`` about."""
+        popular = np.argsort(-self.weight)[: max(1, self.spec.items // 10)]
+        users = np.searchsorted(self.user_cdf, rng.random(n), side="right")
+        items = rng.choice(popular, size=n)
+        return (
+            [self.item_id(int(i)) for i in items],
+            [f"u{min(int(u), self.spec.users - 1):07d}" for u in users],
+        )
 
     def interaction_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """``(users, items, ts)`` int64 arrays per chunk of ``INTERACTION_CHUNK``, in time order."""
@@ -488,6 +545,180 @@ def quantiles(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
+def latency_quantiles(values_ms: Sequence[float]) -> dict[str, float | None]:
+    """p50 / p90 / p99 / max (and n) of latencies in ms; ``None`` each when there are none."""
+    if not values_ms:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
+    arr = np.asarray(values_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+    return {
+        "p50": float(p50),
+        "p90": float(p90),
+        "p99": float(p99),
+        "max": float(arr.max()),
+        "n": len(values_ms),
+    }
+
+
+def pace_schedule(rate: float, seconds: float) -> np.ndarray:
+    """Send instants (s from the start) of an open-loop run: ``rate`` per second, evenly
+    spaced, ``floor(rate * seconds)`` of them, all before ``seconds``."""
+    if rate <= 0 or seconds <= 0:
+        return np.zeros(0)
+    n = math.floor(rate * seconds + 1e-9)
+    return np.arange(n, dtype=np.float64) / rate
+
+
+def count_statuses(statuses: Sequence[int]) -> dict[int, int]:
+    """HTTP status -> how many (0: no answer: the connection failed or timed out)."""
+    out: dict[int, int] = {}
+    for status in statuses:
+        out[status] = out.get(status, 0) + 1
+    return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One request of a paced run: its kind, when it was due and answered (s from the
+    start), its status."""
+
+    kind: str
+    due: float
+    done: float
+    status: int
+
+
+def paced_figures(shots: Sequence[Shot]) -> dict[str, dict[str, Any]]:
+    """Per kind: latency quantiles from each request's scheduled instant (so queueing,
+    in the bench's pool or in the worker, counts: no coordinated omission), the achieved
+    rate (requests answered / the time from the first due instant to the last answer),
+    the statuses and the non-200 count."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in dict.fromkeys(s.kind for s in shots):
+        mine = [s for s in shots if s.kind == kind]
+        span = max(s.done for s in mine) - min(s.due for s in mine)
+        out[kind] = latency_quantiles([1000 * (s.done - s.due) for s in mine]) | {
+            "achieved_per_s": len(mine) / span if span > 0 else None,
+            "statuses": count_statuses([s.status for s in mine]),
+            "non_200": sum(1 for s in mine if s.status != 200),
+        }
+    return out
+
+
+class KeepAlive:
+    """One keep-alive ``http.client.HTTPConnection`` per thread to the worker's API."""
+
+    def __init__(self, port: int, timeout_s: float = 10.0) -> None:
+        self.port, self.timeout_s = port, timeout_s
+        self.local = threading.local()
+        self.every: list[http.client.HTTPConnection] = []
+        self.lock = threading.Lock()
+
+    def get(self, path: str) -> int:
+        """The status of ``GET path`` (body read and dropped); 0 when it got no answer."""
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=self.timeout_s)
+            self.local.conn = conn
+            with self.lock:
+                self.every.append(conn)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self.local.conn = None
+            return 0
+
+    def close(self) -> None:
+        with self.lock:
+            for conn in self.every:
+                conn.close()
+
+
+def run_paced(
+    requests: Sequence[tuple[str, str]],
+    offsets: np.ndarray,
+    send: Callable[[str], int],
+    threads: int,
+) -> list[Shot]:
+    """Fire ``requests[k]`` (kind, path) at ``offsets[k]`` s from now on a pool of
+    ``threads``; each shot's latency counts from its due instant, whether it left late
+    (the pool was busy) or not."""
+    shots: list[Shot | None] = [None] * len(offsets)
+    start = time.perf_counter() + 0.05
+
+    def fire(k: int, due: float) -> None:
+        kind, path = requests[k]
+        status = send(path)
+        shots[k] = Shot(kind, due - start, time.perf_counter() - start, status)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scale-paced") as pool:
+        for k, offset in enumerate(offsets.tolist()):
+            due = start + offset
+            wait = due - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            pool.submit(fire, k, due)
+    return [s for s in shots if s is not None]
+
+
+def poll_until_ok(
+    ask: Callable[[], int], started: float, every_s: float, timeout_s: float
+) -> float | None:
+    """Call ``ask`` every ``every_s`` (from the start of one call to the next) until it
+    returns 200: seconds from ``started`` (``time.perf_counter()``) to that answer; ``None``
+    when ``timeout_s`` after ``started`` passed first."""
+    deadline = started + timeout_s
+    while True:
+        asked = time.perf_counter()
+        if ask() == 200:
+            return time.perf_counter() - started
+        if time.perf_counter() >= deadline:
+            return None
+        time.sleep(max(0.0, min(asked + every_s, deadline) - time.perf_counter()))
+
+
+class OneByOneProducer:
+    """The bench's producer client (``--producer``), sending one record at a time and
+    waiting for the broker's ack (acks=1, no linger): what a catalogue service does when
+    one new item appears."""
+
+    def __init__(self, bootstrap: str, client: str) -> None:
+        self.client = client
+        if client == "confluent":
+            from confluent_kafka import Producer
+
+            self.confluent = Producer({"bootstrap.servers": bootstrap, "acks": 1, "linger.ms": 0})
+        else:
+            from kafka import KafkaProducer
+
+            self.kafka = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0)
+
+    def send(self, topic: str, key: bytes, value: bytes) -> None:
+        if self.client == "confluent":
+            failed: list[object] = []
+            self.confluent.produce(
+                topic, value=value, key=key, on_delivery=lambda err, _m: failed.append(err)
+            )
+            left = self.confluent.flush(30)
+            if left or any(err is not None for err in failed):
+                raise ScaleBenchError(f"a new item was not delivered to {topic}: {failed}")
+        else:
+            self.kafka.send(topic, key=key, value=value).get(timeout=30)
+
+    def __enter__(self) -> OneByOneProducer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.client == "confluent":
+            self.confluent.flush(30)
+        else:
+            self.kafka.close(timeout=30)
+
+
 # ======================================================================================
 # one catalogue size
 # ======================================================================================
@@ -716,15 +947,18 @@ class ScaleRun:
             self.result.figures["finetune_outcome"] = ended
 
     def serve(self) -> None:
+        """Sequential samples, then the paced load, then new items to servable."""
+        self.sequential_latency()
+        self.paced_latency()
+        self.new_items_servable()
+
+    def sequential_latency(self) -> None:
         d = self.spec.domain
         rng = np.random.default_rng(self.spec.seed + 99)
-        popular = np.argsort(-self.domain.weight)[: max(1, self.spec.items // 10)]
         latencies: dict[str, list[float]] = {"similar": [], "user_recommend": []}
         statuses: dict[str, dict[int, int]] = {k: {} for k in latencies}
-        users = np.searchsorted(self.domain.user_cdf, rng.random(self.args.serve_requests))
-        for n in range(self.args.serve_requests):
-            item = self.domain.item_id(int(rng.choice(popular)))
-            user = f"u{min(int(users[n]), self.spec.users - 1):07d}"
+        items, users = self.domain.serve_picks(rng, self.args.serve_requests)
+        for item, user in zip(items, users, strict=True):
             for kind, path in (
                 ("similar", f"/v1/domains/{d}/items/{item}/similar?k=10"),
                 ("user_recommend", f"/v1/domains/{d}/users/{user}/recommend?k=10"),
@@ -735,6 +969,77 @@ class ScaleRun:
                 statuses[kind][status] = statuses[kind].get(status, 0) + 1
         self.result.figures["latency_ms"] = {
             k: quantiles(v) | {"statuses": statuses[k]} for k, v in latencies.items()
+        }
+
+    def paced_latency(self) -> None:
+        """Open loop: ``--serve-rate`` requests/s for ``--serve-seconds``, recommend and
+        similar in turn, on a pool of keep-alive connections (see :func:`run_paced`)."""
+        d = self.spec.domain
+        offsets = pace_schedule(self.args.serve_rate, self.args.serve_seconds)
+        if not len(offsets):
+            return
+        rng = np.random.default_rng(self.spec.seed + 98)
+        items, users = self.domain.serve_picks(rng, len(offsets))
+        requests = [
+            ("user_recommend", f"/v1/domains/{d}/users/{users[k]}/recommend?k=10")
+            if k % 2 == 0
+            else ("similar", f"/v1/domains/{d}/items/{items[k]}/similar?k=10")
+            for k in range(len(offsets))
+        ]
+        client = KeepAlive(self.port)
+        try:
+            shots = run_paced(requests, offsets, client.get, self.args.serve_threads)
+        finally:
+            client.close()
+        self.result.figures["paced_latency_ms"] = paced_figures(shots)
+        self.result.figures["paced"] = {
+            "rate": self.args.serve_rate,
+            "seconds": self.args.serve_seconds,
+            "threads": self.args.serve_threads,
+            "requests": len(offsets),
+        }
+
+    def new_items_servable(self) -> None:
+        """``--new-items`` new items produced one at a time; for each, the time from its
+        send to the first 200 of its ``/similar`` (asked every ~5 ms, up to 10 s)."""
+        n = self.args.new_items
+        if n <= 0:
+            return
+        d = self.spec.domain
+        events = self.domain.new_item_events(n)
+        rng = np.random.default_rng(self.spec.seed + 97)
+        client = KeepAlive(self.port, timeout_s=NEW_ITEM_TIMEOUT_S)
+        latencies: list[float] = []
+        missed: list[str] = []
+        in_a_row = 0
+        with OneByOneProducer(self.bootstrap, self.args.producer) as producer:
+            for item, key, value in events:
+                time.sleep(float(rng.uniform(0.0, 0.1)))  # off the worker's poll cycle
+                started = time.perf_counter()
+                producer.send(self.settings.topic("items"), key, value)
+                seconds = poll_until_ok(
+                    functools.partial(client.get, f"/v1/domains/{d}/items/{item}/similar?k=10"),
+                    started,
+                    NEW_ITEM_POLL_S,
+                    NEW_ITEM_TIMEOUT_S,
+                )
+                if seconds is None:
+                    missed.append(item)
+                    in_a_row += 1
+                    if in_a_row >= NEW_ITEM_GIVE_UP:
+                        break
+                else:
+                    latencies.append(1000 * seconds)
+                    in_a_row = 0
+        client.close()
+        tried = len(latencies) + len(missed)
+        self.result.figures["new_item_ms"] = latency_quantiles(latencies) | {
+            "produced": tried,
+            "asked": n,
+            "servable": len(latencies),
+            "not_servable": missed,
+            "stopped_early": tried < n,
+            "client": self.args.producer,
         }
 
 
@@ -888,6 +1193,7 @@ def render_table(result: SizeResult) -> str:
             or "not run",
         ),
     ]
+    rows += serve_rows(f)
     notes = list(f.get("notes") or [])
     if f.get("finetune_outcome"):
         notes.append(f"fine-tune: {f['finetune_outcome']}")
@@ -896,6 +1202,46 @@ def render_table(result: SizeResult) -> str:
     lines = [f"### {spec.items:,} items", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def serve_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
+    """The paced load's and the new items' rows, when they ran (against issue 13's goals)."""
+    rows: list[tuple[str, str]] = []
+    paced, run = f.get("paced_latency_ms") or {}, f.get("paced") or {}
+    for kind, v in paced.items():
+        goal = PACED_GOAL_P99_MS.get(kind)
+        seconds = run.get("seconds")
+        asked = v.get("n", 0) / seconds if seconds else None
+        rows.append(
+            (
+                f"paced {kind} p50 / p90 / p99 / max ms",
+                f"{_f(v.get('p50'), '{:.1f}')} / {_f(v.get('p90'), '{:.1f}')} / "
+                f"{_f(v.get('p99'), '{:.1f}')} / {_f(v.get('max'), '{:.1f}')} "
+                f"(goal p99 < {_f(goal, '{:g}')} ms; {v.get('n', 0)} requests, achieved "
+                f"{_f(v.get('achieved_per_s'), '{:.1f}')}/s of {_f(asked, '{:g}')}/s asked "
+                f"({_f(run.get('rate'), '{:g}')}/s in all for {_f(seconds, '{:g}')} s, "
+                f"{run.get('threads')} threads); HTTP {v.get('statuses')}, "
+                f"{v.get('non_200', 0)} not 200)",
+            )
+        )
+    new = f.get("new_item_ms")
+    if new:
+        stopped = (
+            f"; stopped after {NEW_ITEM_GIVE_UP} in a row were not servable"
+            if new.get("stopped_early")
+            else ""
+        )
+        rows.append(
+            (
+                "new item produce-to-servable p50 / p99 / max ms",
+                f"{_f(new.get('p50'), '{:.1f}')} / {_f(new.get('p99'), '{:.1f}')} / "
+                f"{_f(new.get('max'), '{:.1f}')} (goal p99 < {NEW_ITEM_GOAL_P99_MS:g} ms; "
+                f"{new.get('servable', 0)} of {new.get('produced', 0)} servable within "
+                f"{NEW_ITEM_TIMEOUT_S:g} s, /similar 200 polled every "
+                f"{1000 * NEW_ITEM_POLL_S:g} ms; {new.get('client')}, one at a time{stopped})",
+            )
+        )
+    return rows
 
 
 def plot(results: Sequence[SizeResult], path: Path) -> None:
@@ -1016,7 +1362,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--finetune", action="store_true", help="time a fine-tune after ingest")
     parser.add_argument("--finetune-timeout-s", type=float, default=1800.0)
     parser.add_argument("--serve", action="store_true", help="sample API latencies after ingest")
-    parser.add_argument("--serve-requests", type=int, default=200)
+    parser.add_argument("--serve-requests", type=int, default=200, help="sequential samples")
+    parser.add_argument(
+        "--serve-rate", type=float, default=200.0, help="paced load: requests/s (0: none)"
+    )
+    parser.add_argument("--serve-seconds", type=float, default=20.0, help="paced load: seconds")
+    parser.add_argument(
+        "--serve-threads", type=int, default=32, help="paced load: client threads (connections)"
+    )
+    parser.add_argument(
+        "--new-items", type=int, default=50, help="new items timed to servable (0: none)"
+    )
     parser.add_argument(
         "--worker-setting",
         action="append",

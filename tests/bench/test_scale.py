@@ -6,26 +6,41 @@ Fast unit tests: no broker, no worker.
 from __future__ import annotations
 
 import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import orjson
 import pytest
 
+from bench.broker import free_port
 from bench.common import longest_batch_bound
 from bench.scale import (
     DIM,
+    KeepAlive,
     LogLine,
     Sample,
+    Shot,
+    SizeResult,
     Spec,
     SyntheticDomain,
     code_rounds,
+    count_statuses,
     crossing_time,
     decile_rates,
     duration_ms,
     find_bootstrap,
     item_value,
+    latency_quantiles,
     longest_pause,
+    pace_schedule,
+    paced_figures,
     parse_log_line,
+    poll_until_ok,
+    render_table,
+    run_paced,
 )
 from worker.ingest.events import EventLimits, parse_interaction, parse_item
 
@@ -70,9 +85,9 @@ def test_event_streams_are_the_chunks_and_parse_as_worker_events() -> None:
     interactions = list(domain.interaction_events())
     assert len(interactions) == SPEC.interactions
     for k in (0, 777, SPEC.interactions - 1):
-        event = parse_interaction(interactions[k][1], LIMITS)
-        assert event.item_id == domain.item_id(int(chosen[k]))
-        assert event.user_id == f"u{users[k]:07d}"
+        interaction = parse_interaction(interactions[k][1], LIMITS)
+        assert interaction.item_id == domain.item_id(int(chosen[k]))
+        assert interaction.user_id == f"u{users[k]:07d}"
     stamps = [orjson.loads(v)["ts"] for _, v in interactions]
     assert stamps == sorted(stamps)
 
@@ -190,3 +205,147 @@ def test_bootstrap_from_a_logged_duration_a_start_line_or_the_polls() -> None:
     boot = find_bootstrap([settings, done], samples, 1000)
     assert boot.how.startswith("~") and boot.seconds == pytest.approx(4.0)  # 11 -> 15
     assert find_bootstrap([settings], samples, 1000).seconds is None
+
+
+# -- serving: new items, picks, the paced load ------------------------------------------
+
+
+def test_new_items_are_new_deterministic_and_drawn_like_the_catalogue() -> None:
+    domain = SyntheticDomain(SPEC)
+    events = domain.new_item_events(40)
+    assert events == domain.new_item_events(40)
+    catalogue = {domain.item_id(i) for i in range(SPEC.items)}
+    ids = [item for item, _, _ in events]
+    assert len(set(ids)) == 40 and not catalogue & set(ids)
+    vectors = []
+    for item, key, value in events:
+        event = parse_item(value, LIMITS)
+        assert key == b"scale" and event.item_id == item and event.embedding is not None
+        vectors.append(np.asarray(event.embedding, dtype=np.float32))
+    x = np.stack(vectors)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    # as close to their nearest centre as the catalogue's items are to theirs
+    own = _items(domain) @ domain.centres.T
+    assert (x @ domain.centres.T).max(axis=1).mean() == pytest.approx(
+        own.max(axis=1).mean(), abs=0.05
+    )
+
+
+def test_serve_picks_popular_items_and_known_users() -> None:
+    domain = SyntheticDomain(SPEC)
+    items, users = domain.serve_picks(np.random.default_rng(1), 500)
+    popular = {domain.item_id(int(i)) for i in np.argsort(-domain.weight)[: SPEC.items // 10]}
+    assert len(items) == len(users) == 500 and set(items) <= popular
+    assert all(re.fullmatch(r"u\d{7}", u) and int(u[1:]) < SPEC.users for u in users)
+
+
+def test_latency_quantiles() -> None:
+    q = latency_quantiles([float(x) for x in range(1, 101)])
+    assert q["p50"] == pytest.approx(50.5) and q["p90"] == pytest.approx(90.1)
+    assert q["p99"] == pytest.approx(99.01) and q["max"] == 100.0 and q["n"] == 100
+    assert latency_quantiles([]) == {"p50": None, "p90": None, "p99": None, "max": None, "n": 0}
+
+
+def test_pace_schedule_is_even_and_ends_before_the_window() -> None:
+    offsets = pace_schedule(200, 20)
+    assert len(offsets) == 4000 and offsets[0] == 0.0 and offsets[-1] < 20
+    np.testing.assert_allclose(np.diff(offsets), 0.005)
+    assert len(pace_schedule(3, 2.5)) == 7  # 0, 1/3, ..., 2
+    assert len(pace_schedule(0, 10)) == 0 and len(pace_schedule(100, 0)) == 0
+
+
+def test_count_statuses_and_paced_figures() -> None:
+    assert count_statuses([200, 404, 200, 0]) == {0: 1, 200: 2, 404: 1}
+    shots = [Shot("a", 0.01 * k, 0.01 * k + 0.002 * (k + 1), 200) for k in range(10)]
+    shots.append(Shot("b", 0.0, 0.5, 503))
+    got = paced_figures(shots)
+    assert got["a"]["p50"] == pytest.approx(11.0) and got["a"]["max"] == pytest.approx(20.0)
+    assert got["a"]["achieved_per_s"] == pytest.approx(10 / 0.11)
+    assert got["a"]["statuses"] == {200: 10} and got["a"]["non_200"] == 0
+    assert got["b"]["non_200"] == 1 and got["b"]["p99"] == pytest.approx(500.0)
+
+
+def test_run_paced_counts_the_wait_for_a_busy_pool() -> None:
+    """One thread, a 30 ms request every 10 ms: each waits for the last, and its latency
+    (from its due instant) grows by ~20 ms a request; with enough threads it does not."""
+
+    def slow(_path: str) -> int:
+        time.sleep(0.03)
+        return 200
+
+    offsets = pace_schedule(100, 0.1)
+    requests = [("x", "/") for _ in offsets]
+    queued = run_paced(requests, offsets, slow, threads=1)
+    assert [s.due for s in queued] == pytest.approx(list(offsets))
+    latency = [s.done - s.due for s in queued]
+    assert latency[-1] - latency[0] > 0.15  # 9 x 20 ms of queueing, not hidden
+    spread = run_paced(requests, offsets, slow, threads=8)
+    assert max(s.done - s.due for s in spread) < 0.1
+    assert {s.status for s in spread} == {200} and len(spread) == 10
+
+
+def test_poll_until_ok_times_from_the_start_and_gives_up() -> None:
+    answers = iter([404, 404, 404, 200])
+    started = time.perf_counter()
+    seconds = poll_until_ok(lambda: next(answers), started, 0.01, 5.0)
+    assert seconds is not None and 0.03 <= seconds < 1.0
+    assert poll_until_ok(lambda: 404, time.perf_counter(), 0.005, 0.05) is None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    connections = 0
+
+    def setup(self) -> None:
+        type(self).connections += 1
+        super().setup()
+
+    def do_GET(self) -> None:
+        body = b"{}"
+        self.send_response(200 if self.path == "/ok" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_port() -> Iterator[int]:
+    _Handler.connections = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_keep_alive_reuses_one_connection_per_thread(http_port: int) -> None:
+    client = KeepAlive(http_port)
+    assert [client.get("/ok") for _ in range(5)] + [client.get("/no")] == [200] * 5 + [404]
+    other = threading.Thread(target=lambda: client.get("/ok"))
+    other.start()
+    other.join()
+    client.close()
+    assert _Handler.connections == 2
+    assert KeepAlive(free_port(), timeout_s=1.0).get("/ok") == 0  # nothing listens: no answer
+
+
+def test_serve_rows_only_when_serving_ran() -> None:
+    plain = render_table(SizeResult(SPEC))
+    assert "paced" not in plain and "produce-to-servable" not in plain
+    result = SizeResult(SPEC)
+    shots = [Shot("user_recommend", 0.0, 0.012, 200), Shot("similar", 0.005, 0.011, 404)]
+    result.figures = {
+        "paced_latency_ms": paced_figures(shots),
+        "paced": {"rate": 200.0, "seconds": 20.0, "threads": 32, "requests": 2},
+        "new_item_ms": latency_quantiles([40.0, 60.0])
+        | {"produced": 3, "servable": 2, "stopped_early": False, "client": "confluent"},
+    }
+    table = render_table(result)
+    assert "| paced user_recommend p50 / p90 / p99 / max ms | 12.0 / 12.0 / 12.0 / 12.0" in table
+    assert "goal p99 < 10 ms" in table and "1 not 200" in table
+    assert "| new item produce-to-servable p50 / p99 / max ms | 50.0 / 59.8 / 60.0" in table
+    assert "2 of 3 servable" in table
