@@ -10,6 +10,7 @@ from quantize.assign import AssignerState
 from tests.kafka_utils import produce_json
 from tests.worker_process import DIM, InProcessWorker, end_offsets, settings_for, wait_for
 from worker.commands.topics import create_topics
+from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
 from worker.state.reads import committed_assigner
 
@@ -95,5 +96,59 @@ def test_new_item_is_coded_in_its_batch_and_interactions_promote_it(
             assigner.served_code(k) for k, h in zip(state.keys, state.is_head, strict=True) if h
         ]
         assert len(set(heads)) == len(heads)  # head items never share a code
+    finally:
+        worker.stop()
+
+
+def test_a_small_domain_gets_rounds_and_serves_its_head_items_longer_codes(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """A domain of 300 items and 3,000 interactions with the round settings as shipped (a
+    round every code_round_share x items interactions, not every 10,000): code rounds run,
+    head items exist, and they are served longer codes than the tail (the mechanism was
+    off for every small domain when rounds came only every 10,000 interactions)."""
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "state", codebook_min_items=200)
+    defaults = Settings()
+    assert (s.code_round_share, s.code_round_interactions) == (
+        defaults.code_round_share,
+        defaults.code_round_interactions,
+    )
+    create_topics(s, partitions=1)
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(10, DIM))
+    items = [
+        (
+            "small",
+            item_payload(
+                f"i{i}", "small", i, embedding=centers[i % 10] + 0.3 * rng.normal(size=DIM)
+            ),
+        )
+        for i in range(300)
+    ]
+    hot = rng.zipf(1.3, size=3000) % 300
+    inters = [
+        ("small", interaction_payload(f"u{j % 400}", f"i{hot[j]}", "small", 10_000 + j))
+        for j in range(3000)
+    ]
+    produce_json(kafka_bootstrap, s.topic("items"), items)
+    worker = InProcessWorker(s)
+    try:
+        wait_for(
+            lambda: worker.store.offsets() == end_offsets(kafka_bootstrap, [s.topic("items")]),
+            60,
+            "items",
+        )
+        produce_json(kafka_bootstrap, s.topic("interactions"), inters)
+        topics = [s.topic("items"), s.topic("interactions")]
+        wait_for(
+            lambda: worker.store.offsets() == end_offsets(kafka_bootstrap, topics), 60, "events"
+        )
+        assigner = committed_assigner(worker.store, "small")
+        assert assigner is not None and len(assigner) == 300
+        stats = assigner.stats()
+        assert assigner.rounds >= 10  # 3,000 interactions / (0.5 x 300) per round
+        assert stats.n_head > 0 and stats.mean_len_head > stats.mean_len_tail
+        heads = [assigner.served_code(k) for k in assigner.keys if assigner.is_head(k)]
+        assert max(len(c) for c in heads) > 1 and len(set(heads)) == len(heads)
     finally:
         worker.stop()
