@@ -671,8 +671,10 @@ class CodeService:
             stop = max(cursor, self._next_round(state) - found.interactions)
             self._fold(moves, positions[cursor:stop], current, moved, newest)
             cursor = stop
+            read_started = time.perf_counter()
             marked = set(round_pending(self.store, domain)) if first else set()
-            self._round(batch, domain, state, marked | moved, current, newest[0], result)
+            read_s = time.perf_counter() - read_started
+            self._round(batch, domain, state, marked | moved, current, newest[0], result, read_s)
             first = False
             moved.clear()
             state.last_round = found.interactions + cursor
@@ -710,14 +712,18 @@ class CodeService:
         current: Mapping[bytes, bytes | None],
         ts: int,
         result: CodingResult,
+        read_s: float = 0.0,
     ) -> None:
         """One code round: the popularity of the ``marked`` items (``current`` holds those
-        this batch moved so far), then the thresholds; the markers are cleared."""
-        started = time.perf_counter()
+        this batch moved so far), then the thresholds; the markers are cleared. ``read_s``:
+        the time the marks took to read (logged with the popularity reads)."""
+        started = time.perf_counter() - read_s  # the round's time includes reading the marks
         assigner = state.assigner
         self._rebase(state, ts)
         keys = sorted(k for k in marked if k in assigner)
+        popularity_started = time.perf_counter()
         pops = self._popularity(state, domain, keys, current)
+        read_s += time.perf_counter() - popularity_started
         changes = round_codes(assigner, keys, pops, ts, self.settings.code_head_fraction)
         prefix = round_pending_prefix(domain)
         batch.delete_range("codes", prefix, _upper(prefix))
@@ -726,13 +732,15 @@ class CodeService:
         seconds = time.perf_counter() - started
         result.rounds.append((domain, len(keys), seconds))
         log.info(
-            "code round in %s: %d items moved, %d code changes, %d heads of %d items, %.1f ms",
+            "code round in %s: %d items moved, %d code changes, %d heads of %d items, %.1f ms "
+            "(reading marks and popularity %.1f ms)",
             domain,
             len(keys),
             len(changes),
             assigner.n_head,
             len(assigner),
             seconds * 1000,
+            read_s * 1000,
         )
 
     def _rebase(self, state: _Domain, ts: int) -> None:
