@@ -69,6 +69,10 @@ from quantize.table_model import (
     load_params,
 )
 
+EPOCH_BUDGET_SHARE = 0.25
+"""An epoch ends once it has taken this share of ``max_seconds`` (a budgeted run validates
+at least about three times, whatever the log's size and the machine's speed)."""
+
 Trainable = Literal["all", "domain"]
 SoftmaxItems = Literal["seen", "all"]
 SoftmaxKind = Literal["auto", "full", "sampled"]
@@ -90,7 +94,11 @@ class TrainConfig:
       of millions of interactions takes thousands of steps per pass; capped, each epoch is
       the first ``epoch_steps`` batches of a fresh shuffle (a random part of the log), so
       validation, early stopping and the best-epoch choice happen every so many steps and a
-      run cut by ``max_seconds`` still has validated epochs to keep.
+      run cut by ``max_seconds`` still has validated epochs to keep. An epoch also ends
+      once it has taken ``EPOCH_BUDGET_SHARE`` (a quarter) of ``max_seconds``: a step's
+      cost varies with the model and the machine, so a step count alone cannot promise a
+      validation within the budget (only runs whose epochs take over a quarter of their
+      budget are cut, so their result then depends on timing, as the budget's cut does).
 
     Optimisation: ``batch_tokens`` positions per step (windows of similar length are packed
     up to this many, padding included); AdamW with ``lr`` and ``weight_decay``; with
@@ -967,13 +975,18 @@ class _Trainer:
             raise _OutOfTime
 
     def epoch(self) -> float:
-        """One pass over the training windows; returns the mean batch loss."""
+        """One pass over the training windows, cut to ``epoch_steps`` steps and to
+        ``EPOCH_BUDGET_SHARE`` of ``max_seconds``; returns the mean batch loss."""
         total = 0.0
         steps = 0
+        began = time.perf_counter()
+        limit = self.config.max_seconds
         for idx in self._batches():
             self.check()
             total += self._step(idx)
             steps += 1
+            if limit is not None and time.perf_counter() - began >= EPOCH_BUDGET_SHARE * limit:
+                break
         return total / max(steps, 1)
 
     def _step(self, idx: np.ndarray) -> float:

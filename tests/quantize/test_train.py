@@ -713,3 +713,17 @@ def test_epoch_steps_caps_the_steps_between_two_validations(log) -> None:
         np.testing.assert_array_equal(value, same.params[name])
     with pytest.raises(QuantizeError, match="epoch_steps"):
         replace(small, epoch_steps=0)
+
+
+def test_an_epoch_longer_than_the_budget_is_cut_so_the_run_still_validates(log) -> None:
+    """A budget shorter than one pass: each epoch ends at a quarter of the budget, so the
+    run has validated epochs to keep (without the cut, none would be)."""
+    users, items, stamps, split = log
+    keep = ~split.test
+    args = (_codes(), users[keep], items[keep], stamps[keep])
+    slow = replace(TRAIN, epochs=2, batch_tokens=16)  # many small steps per pass
+    per_epoch = train_domain(*args, model_config=MODEL, config=slow).wall_s / 2
+    result = train_domain(
+        *args, model_config=MODEL, config=replace(slow, epochs=50, max_seconds=0.8 * per_epoch)
+    )
+    assert result.out_of_time and result.validated and result.epochs_run >= 2
