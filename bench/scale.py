@@ -345,7 +345,8 @@ _CODEBOOK_START = re.compile(
 
 
 _FINETUNE_FAILED = re.compile(
-    r"fine-tune.*\b(over budget|rejected|skipped|abandoned|dropped|failed)\b", re.IGNORECASE
+    r"fine-tune.*\b(over budget|rejected|skipped|abandoned|dropped|failed|not published)\b",
+    re.IGNORECASE,
 )
 
 
