@@ -353,6 +353,19 @@ class ItemVectorizer:
         return out + text_vectors.astype(np.float32, copy=False)
 
 
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """Integer row ids in the smallest signed type that holds them (int16 for any codebook
+    of up to 32,767 rows); read back as int64 (:func:`decode_items`)."""
+    a = np.asarray(values, dtype=np.int64)
+    if not a.size:
+        return a
+    for dtype in (np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if info.min <= int(a.min()) and int(a.max()) <= info.max:
+            return a.astype(dtype)
+    return a
+
+
 def encode_items(
     item_ids: list[str],
     item_rows: np.ndarray,
@@ -360,16 +373,20 @@ def encode_items(
     trained: np.ndarray | None = None,
     full_rows: np.ndarray | None = None,
 ) -> bytes:
+    """A version's items as one ``.npz`` blob: ids as UTF-8 bytes and row ids in the
+    smallest integer type (about 35 bytes an item at 5 levels, where unicode ids and int64
+    rows took ~142: a version of 1M items is ~35 MB, under the versions topic's 64 MiB
+    record; blobs written before are read as they are)."""
     arrays: dict[str, np.ndarray] = {
-        "ids": np.asarray(item_ids, dtype=str),
-        "rows": np.asarray(item_rows, dtype=np.int64),
+        "ids_utf8": np.char.encode(np.asarray(item_ids, dtype=str), "utf-8"),
+        "rows": _narrow(item_rows),
     }
     if text_vectors is not None:
         arrays["text_vectors"] = np.asarray(text_vectors, dtype=np.float32)
     if trained is not None:
         arrays["trained"] = np.asarray(trained, dtype=bool)
     if full_rows is not None:
-        arrays["full_rows"] = np.asarray(full_rows, dtype=np.int64)
+        arrays["full_rows"] = _narrow(full_rows)
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
@@ -395,12 +412,17 @@ def decode_items(raw: bytes) -> StoredItems:
         def optional(name: str) -> np.ndarray | None:
             return z[name] if name in names else None
 
+        if "ids_utf8" in names:
+            ids = [b.decode("utf-8") for b in z["ids_utf8"].tolist()]
+        else:  # written before ids were stored as UTF-8 bytes
+            ids = [str(s) for s in z["ids"]]
+        full = optional("full_rows")
         return StoredItems(
-            [str(s) for s in z["ids"]],
-            z["rows"],
+            ids,
+            z["rows"].astype(np.int64, copy=False),
             optional("text_vectors"),
             optional("trained"),
-            optional("full_rows"),
+            None if full is None else full.astype(np.int64, copy=False),
         )
 
 
