@@ -70,8 +70,9 @@ from quantize.table_model import (
 )
 
 EPOCH_BUDGET_SHARE = 0.25
-"""An epoch ends once it has taken this share of ``max_seconds`` (a budgeted run validates
-at least about three times, whatever the log's size and the machine's speed)."""
+"""An epoch ends once it has taken this share of ``max_seconds``, so a budgeted run reaches
+a validation whatever the log's size and the machine's speed (as long as one validation
+takes less than the rest of the budget: at 1M items it took ~75 s of 300 s)."""
 
 Trainable = Literal["all", "domain"]
 SoftmaxItems = Literal["seen", "all"]
