@@ -43,6 +43,9 @@ def test_the_text_is_what_prometheus_client_writes_for_the_same_series() -> None
     ours = ours_c.text() + ours_g.text()
     theirs = generate_latest(registry).decode()
     assert _samples(ours) == _samples(theirs)
+    ours_lines = [line for line in ours.splitlines() if not line.startswith("#")]
+    theirs_lines = [line for line in theirs.splitlines() if "_created" not in line]
+    assert set(ours_lines) <= set(theirs_lines)  # the very lines, label order included
     ours_heads = [line for line in ours.splitlines() if line.startswith("#")]
     theirs_heads = [line for line in theirs.splitlines() if line.startswith("#")]
     assert ours_heads == [h for h in theirs_heads if "_created" not in h]
