@@ -261,6 +261,9 @@ class FinetuneScheduler:
         self._cond = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="finetune")
         self._thread = threading.Thread(target=self._dispatch, name="finetune-queue", daemon=True)
+        # torch's one-time set-up, off to the side: the dispatcher starts nothing before it is
+        # done, and a shutdown never waits for it (its first steps may take seconds)
+        self._warm_up = threading.Thread(target=tuner.warm_up, name="finetune-warm-up", daemon=True)
         if metrics is not None:
             metrics.watch_finetune_queue(lambda: self._oldest)
 
@@ -272,6 +275,7 @@ class FinetuneScheduler:
         if self.assignment is None:
             self.requeue_pending()
         self.apscheduler.start()
+        self._warm_up.start()
         self._thread.start()
 
     def shutdown(self) -> None:
@@ -360,9 +364,13 @@ class FinetuneScheduler:
     # -- the dispatcher -----------------------------------------------------------------
 
     def _dispatch(self) -> None:
-        """Warm the tuner up once (before any run: nothing runs beside it), then until
-        stopped: follow the assignment, start what fits."""
-        self.tuner.warm_up()
+        """Wait for the tuner's warm-up (nothing runs beside it; a stop ends the wait), then
+        until stopped: follow the assignment, start what fits."""
+        while self._warm_up.is_alive():
+            self._warm_up.join(timeout=0.1)
+            with self._cond:
+                if self._stopping:
+                    return
         while True:
             changed = self._assignment_changed()
             if changed:
