@@ -113,6 +113,9 @@ class HeldTuner:
         self.gate.wait(30)
         return Outcome(domain, FinetuneStatus.SKIPPED_NOT_READY, "too few interactions")
 
+    def warm_up(self) -> None:
+        """Nothing to set up."""
+
 
 def test_readyz_waits_for_the_first_fine_tune_of_every_domain_without_a_version() -> None:
     store = MemoryPartition()
