@@ -27,6 +27,15 @@ S = Settings(
     code_round_interactions=30,
 )
 ITEMS, INTER = S.topic("items"), S.topic("interactions")
+#: rounds as shipped (a share of the domain's items, a floor), small enough for tests
+ROUNDS = Settings(
+    embedding_dim=16,
+    topic_prefix="t.",
+    codebook_min_items=64,
+    code_head_fraction=0.1,
+    code_round_share=0.5,
+    code_round_min_interactions=10,
+)
 
 
 def _items(n: int, start: int = 0, seed: int = 0) -> list[SourceRecord]:
@@ -210,14 +219,7 @@ def test_rounds_fall_on_their_interaction_whatever_the_batches_and_clear_their_m
     """A domain of 100 items gets a round every 50 interactions (code_round_share=0.5) at that
     very interaction: cutting the same stream into other batches gives the same codes,
     popularity rounds and marks; a round leaves no mark behind it."""
-    settings = Settings(
-        embedding_dim=16,
-        topic_prefix="t.",
-        codebook_min_items=64,
-        code_head_fraction=0.1,
-        code_round_share=0.5,
-        code_round_min_interactions=10,
-    )
+    settings = ROUNDS
     stream = _interactions(437, seed=3)
     results = []
     for sizes in ([437], [1, 60, 3, 200, 173], [50] * 9, [7] * 63):
@@ -307,14 +309,7 @@ def test_a_fine_tune_reads_the_codes_its_waiting_round_leaves() -> None:
     for to a copy: the codes equal those the consumer's own round gives when it falls later
     with nothing else moved (the interactions up to it are of an item not coded), and the
     committed state and its marks are left as they were."""
-    settings = Settings(
-        embedding_dim=16,
-        topic_prefix="t.",
-        codebook_min_items=64,
-        code_head_fraction=0.1,
-        code_round_share=0.5,
-        code_round_min_interactions=10,
-    )
+    settings = ROUNDS
     store = MemoryPartition()
     proc = Processor(store, settings, None)
     _apply(store, proc, _items(100))
