@@ -147,6 +147,29 @@ def follow_head_fraction(
     return assigner.set_thresholds(enter, exit_, ts=ts)
 
 
+def popularity_at_reference(
+    store: StorePartition,
+    domain: str,
+    keys: Sequence[str],
+    ref_ts: int,
+    half_life_s: float,
+    popularity: Mapping[bytes, bytes | None] | None = None,
+) -> np.ndarray:
+    """The popularity of ``keys`` at the domain's reference time ``ref_ts``: the records in
+    ``popularity`` (this batch's, by item key), else the committed ones (0 for items without
+    interactions)."""
+    given = popularity or {}
+    ikeys = [item_key(domain, k) for k in keys]
+    missing = [k for k in ikeys if k not in given]
+    stored = dict(zip(missing, store.multi_get("popularity", missing), strict=True))
+    raws = [given[k] if k in given else stored.get(k) for k in ikeys]
+    have = [j for j, raw in enumerate(raws) if raw is not None]
+    out = np.zeros(len(keys), dtype=np.float64)
+    if have:
+        out[have] = popularity_since([raws[j] for j in have], ref_ts, half_life_s)  # type: ignore[misc]
+    return out
+
+
 @dataclass(frozen=True)
 class RoundedCodes:
     """A domain's codes as its next round would leave them (see :func:`codes_after_round`)."""
@@ -174,12 +197,8 @@ def codes_after_round(
     raw_counters = store.get("meta", domain_counters_key(domain)) if keys else None
     ts = DomainCounters.decode(raw_counters).last_ts if raw_counters else 0
     half_life = settings.popularity_half_life_hours * 3600.0
-    raws = store.multi_get("popularity", [item_key(domain, k) for k in keys])
-    have = [j for j, raw in enumerate(raws) if raw is not None]
-    pops = np.zeros(len(keys), dtype=np.float64)
-    if have:
-        ref_ts = int(extra.get("ref_ts", 0))
-        pops[have] = popularity_since([raws[j] for j in have], ref_ts, half_life)  # type: ignore[misc]
+    ref_ts = int(extra.get("ref_ts", 0))
+    pops = popularity_at_reference(store, domain, keys, ref_ts, half_life)
     changes = round_codes(assigner, keys, pops, ts, settings.code_head_fraction)
     return RoundedCodes(assigner, len(keys), changes)
 
@@ -574,18 +593,11 @@ class CodeService:
         keys: list[str],
         popularity: Mapping[bytes, bytes | None],
     ) -> np.ndarray:
-        """The popularity of ``keys`` at the domain's reference time: the values in
-        ``popularity``, else the committed ones (0 for items without interactions)."""
-        ikeys = [item_key(domain, k) for k in keys]
-        missing = [k for k in ikeys if k not in popularity]
-        stored = dict(zip(missing, self.store.multi_get("popularity", missing), strict=True))
-        raws = [popularity[k] if k in popularity else stored.get(k) for k in ikeys]
-        have = [j for j, raw in enumerate(raws) if raw is not None]
-        out = np.zeros(len(keys), dtype=np.float64)
-        if have:
-            values = popularity_since([raws[j] for j in have], state.ref_ts, self._half_life)  # type: ignore[misc]
-            out[have] = values
-        return out
+        """The popularity of ``keys`` at the domain's reference time (see
+        :func:`popularity_at_reference`)."""
+        return popularity_at_reference(
+            self.store, domain, keys, state.ref_ts, self._half_life, popularity
+        )
 
     def _catch_up(self, batch: WriteBatch, result: CodingResult) -> None:
         """Code the next chunk of the items held from before the codebook (key order)."""
