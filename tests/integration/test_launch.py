@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -51,6 +52,28 @@ def test_a_live_worker_answers_times_out_a_wait_and_stops_cleanly_on_leaving_the
     text = log.read_text()
     assert text.startswith("an earlier run\n")  # appended to
     assert "received SIGTERM" in text
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.3, 1.0])
+def test_a_sigterm_while_the_fine_tune_warm_up_trains_exits_0_without_an_abort(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, delay_s: float
+) -> None:
+    """The warm-up trains a tiny model on a thread at start-up; a SIGTERM that lands while it
+    is inside torch must still end the process with 0, not with torch's abort when the
+    interpreter finalises under it (``terminate called without an active exception``)."""
+    env = worker_env(kafka_bootstrap, topic_prefix, tmp_path / "state")
+    log = tmp_path / "w.log"
+    with WorkerProcess.start(env, log, cwd=REPO) as worker:
+        STARTED.append(worker.proc)
+        worker.wait_until(
+            lambda: "fine-tune warm-up: training" in log.read_text(), 60, "the warm-up"
+        )
+        time.sleep(delay_s)
+        assert worker.stop(timeout_s=30) == 0, worker.log_tail()
+    text = log.read_text()
+    assert "received SIGTERM" in text
+    for sign in ("terminate called", "Traceback", "warm-up failed"):
+        assert sign not in text, text[-3000:]
 
 
 def test_adacode_kafka_outside_a_checkout_says_what_it_needs(tmp_path: Path) -> None:

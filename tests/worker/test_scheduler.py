@@ -26,7 +26,7 @@ from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError
 from worker.ingest.processor import BatchResult
 from worker.state.requests import Standing, pending_request, put_request
 from worker.tuning.finetune import FinetuneStatus, Outcome
-from worker.tuning.scheduler import FinetuneQueue, FinetuneScheduler
+from worker.tuning.scheduler import WARM_UP_GRACE_S, FinetuneQueue, FinetuneScheduler
 
 RETRIED = {FinetuneStatus.SKIPPED_NOT_READY}
 NOW = 1_700_000_000.0
@@ -214,6 +214,49 @@ def test_the_stop_ends_the_schedule_within_seconds(made: list[FinetuneScheduler]
     runs = len(tuner.calls)
     time.sleep(0.6)  # several intervals and retry periods
     assert len(tuner.calls) == runs  # nothing fires, nothing runs
+
+
+class SlowWarmUp(FixedTuner):
+    """A warm-up that takes ``after_stop_s`` to notice the stop (a step inside torch)."""
+
+    def __init__(self, after_stop_s: float) -> None:
+        super().__init__()
+        self.after_stop_s = after_stop_s
+        self.warming = threading.Event()
+        self.finished = threading.Event()
+
+    def warm_up(self) -> None:
+        self.warming.set()
+        self.stop.wait(60)
+        time.sleep(self.after_stop_s)
+        self.finished.set()
+
+
+def test_a_shutdown_waits_for_a_warm_up_that_stops_within_its_grace(
+    made: list[FinetuneScheduler],
+) -> None:
+    tuner = SlowWarmUp(after_stop_s=0.5)
+    s = _scheduler(made, tuner)
+    s.start()
+    assert tuner.warming.wait(10)
+    s.shutdown()
+    assert tuner.finished.is_set()  # torch is done before the interpreter may finalise
+    assert not s.torch_busy
+
+
+def test_a_shutdown_does_not_wait_past_the_grace_and_says_torch_is_busy(
+    made: list[FinetuneScheduler],
+) -> None:
+    tuner = SlowWarmUp(after_stop_s=WARM_UP_GRACE_S + 2)
+    s = _scheduler(made, tuner)
+    s.start()
+    assert tuner.warming.wait(10)
+    started = time.monotonic()
+    s.shutdown()
+    assert time.monotonic() - started < WARM_UP_GRACE_S + 1
+    assert s.torch_busy and not tuner.finished.is_set()  # adacode run then exits hard
+    assert tuner.finished.wait(10)
+    assert not s.torch_busy
 
 
 class FailingTuner(FixedTuner):

@@ -9,6 +9,7 @@ non-zero; a restart resumes from the last committed batch.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -395,6 +396,12 @@ class Daemon:
         )
         return code
 
+    @property
+    def torch_busy(self) -> bool:
+        """Whether torch still runs on a thread after :meth:`run` returned (see
+        :attr:`FinetuneScheduler.torch_busy`)."""
+        return self.scheduler.torch_busy
+
     def _preload_encoder(self) -> None:
         try:
             self.encoder.encode(["warm-up"])
@@ -405,12 +412,17 @@ class Daemon:
         self.loop.stop()
 
 
-def run_daemon(settings: Settings, stop: threading.Event | None = None) -> int:
+def run_daemon(
+    settings: Settings, stop: threading.Event | None = None, *, exit_process: bool = False
+) -> int:
     """Run a daemon in this process until SIGTERM/SIGINT; returns the exit code.
 
     The signal handlers are installed first (by ``adacode run`` before the slow
     imports, or here), so a signal during start-up also stops the daemon cleanly
-    (it then stops before its first poll).
+    (it then stops before its first poll). With ``exit_process`` (``adacode run``), a
+    process whose torch set-up is still running on a thread after everything is closed
+    ends with ``os._exit``: the state is closed and committed by then, and the interpreter's
+    finalisation under a running torch thread aborts the process (exit -6).
     """
     if stop is None:
         stop = install_stop_handlers()
@@ -418,4 +430,11 @@ def run_daemon(settings: Settings, stop: threading.Event | None = None) -> int:
     cap_mmap_threshold()  # before the big allocations: see worker.core.memory
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     daemon = Daemon(settings, stop=stop)
-    return daemon.run()
+    code = daemon.run()
+    if exit_process and daemon.torch_busy:
+        log.info("torch's set-up is still running on a thread: exiting without finalisation")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

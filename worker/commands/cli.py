@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(settings.log_format, settings.log_level)
-    return run_daemon(settings, stop)
+    return run_daemon(settings, stop, exit_process=True)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

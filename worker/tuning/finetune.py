@@ -446,6 +446,7 @@ class FineTuner:
         domain's fine-tune (nor after every restart). A failure is logged and otherwise
         ignored: the first real run pays the set-up instead."""
         started = time.perf_counter()
+        log.info("fine-tune warm-up: training a tiny model once")
         rng = np.random.default_rng(0)
         n_items, n_events = 64, 240
         rows = np.stack([rng.integers(0, 8, n_items), 8 + rng.integers(0, 8, n_items)], axis=1)

@@ -78,6 +78,8 @@ log = logging.getLogger(__name__)
 
 #: the dispatcher checks the assignment at least this often
 TICK_S = 1.0
+#: how long a shutdown waits for the warm-up to notice the stop (it checks between steps)
+WARM_UP_GRACE_S = 3.0
 #: the overdue rule's units when the setting is 0 (that trigger off): its defaults
 DEFAULT_INTERVAL_S = 600.0
 DEFAULT_AFTER_INTERACTIONS = 50_000
@@ -262,7 +264,8 @@ class FinetuneScheduler:
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="finetune")
         self._thread = threading.Thread(target=self._dispatch, name="finetune-queue", daemon=True)
         # torch's one-time set-up, off to the side: the dispatcher starts nothing before it is
-        # done, and a shutdown never waits for it (its first steps may take seconds)
+        # done; a shutdown waits for it a bounded time (WARM_UP_GRACE_S: it checks the stop
+        # between steps, but its first step may sit in torch's set-up for seconds)
         self._warm_up = threading.Thread(target=tuner.warm_up, name="finetune-warm-up", daemon=True)
         if metrics is not None:
             metrics.watch_finetune_queue(lambda: self._oldest)
@@ -290,6 +293,16 @@ class FinetuneScheduler:
         if self._thread.is_alive():
             self._thread.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._warm_up.is_alive():
+            self._warm_up.join(timeout=WARM_UP_GRACE_S)
+
+    @property
+    def torch_busy(self) -> bool:
+        """Whether a thread of this scheduler is still inside torch after :meth:`shutdown`
+        (only the warm-up can be, past its grace): the process must then end without the
+        interpreter's finalisation, which torch aborts on (``terminate called without an
+        active exception``)."""
+        return self._warm_up.is_alive()
 
     def wait_idle(self, timeout_s: float) -> bool:
         """Wait until nothing waits or runs (scheduled jobs aside); whether it got there."""
