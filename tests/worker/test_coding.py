@@ -154,6 +154,35 @@ def test_retraining_is_explicit_and_recodes_every_item_with_history() -> None:
     assert again.codes is not None and again.codes.codebook == codebook
 
 
+def test_drift_is_measured_as_items_are_coded_saved_with_them_and_read_by_stats() -> None:
+    """The catalogue the codebook is adopted for forms the baseline; later items from the
+    same clusters score near 0, items from new clusters pass the threshold; the sums are
+    committed with the batch (a restarted processor and ``adacode stats`` read them)."""
+    from worker.commands.inspection import stats
+
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _apply(store, proc, _items(100))
+    assert proc.codes is not None
+    report = proc.codes.drift_report()
+    assert report is not None and report.baseline_items == 100 and report.recent_items == 0
+    for start in range(100, 700, 100):  # same clusters, batch after batch
+        _apply(store, proc, _items(100, start=start))
+    same = proc.codes.drift_report()
+    assert same is not None and same.score is not None and same.recent_items == 600
+    assert abs(same.score) < S.codebook_drift_threshold and not same.drifted
+    for start in range(700, 1900, 100):  # new clusters
+        _apply(store, proc, _items(100, start=start, seed=7))
+    moved = proc.codes.drift_report()
+    assert moved is not None and moved.score is not None and moved.drifted
+    assert moved.error_ratio is not None and moved.error_ratio > 1.3
+    assert moved.catalogue_share == pytest.approx(100 / 1900)
+    again = Processor(store, S, None)
+    assert again.codes is not None and again.codes.drift_report() == moved
+    doc = stats(store, S.codebook_drift_threshold)["codebook"]["drift"]
+    assert doc["score"] == pytest.approx(moved.score) and doc["drifted"] is True
+
+
 def test_code_stats_are_read_during_a_batch_without_waiting_for_it() -> None:
     """``/metrics`` reads the served codes from an HTTP thread while the consumer thread
     codes a batch: the snapshot must not see an assigner half-way through ``add`` (its

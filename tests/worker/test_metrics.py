@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -105,3 +106,26 @@ def test_the_worker_exposition_holds_the_registry_and_the_families() -> None:
     assert samples[("adacode_code_changes_total", (("domain", "shop"), ("reason", "new")))] == 2
     assert samples[("adacode_version_created_timestamp_seconds", (("domain", "shop"),))] == 1.7e9
     assert ("adacode_batch_seconds_count", ()) in samples
+
+
+def test_the_codebook_drift_is_exposed_and_nan_until_it_can_be_scored() -> None:
+    from quantize.drift import CodebookDrift
+
+    drift = CodebookDrift.new("c", k=4, half_life=1000)
+    drift.add(np.ones(200), np.arange(200) % 4, adoption=True)
+    m = Metrics()
+    m.observe_drift(drift.report())
+    samples = _samples(m.render().decode())
+    assert math.isnan(samples[("adacode_codebook_drift_score", ())])
+    assert samples[("adacode_codebook_drifted", ())] == 0
+    assert samples[("adacode_codebook_coded_items", (("window", "baseline"),))] == 200
+    drift.add(np.full(400, 3.0), np.zeros(400, dtype=int))  # far, and all in one cell
+    report = drift.report()
+    m.observe_drift(report)
+    samples = _samples(m.render().decode())
+    assert samples[("adacode_codebook_drift_score", ())] == pytest.approx(report.score)
+    assert samples[("adacode_codebook_error_ratio", ())] == pytest.approx(3.0)
+    assert samples[("adacode_codebook_balance", ())] == pytest.approx(0.25)
+    assert samples[("adacode_codebook_drifted", ())] == 1
+    assert samples[("adacode_codebook_catalogue_share", ())] == pytest.approx(200 / 600)
+    assert samples[("adacode_codebook_coded_items", (("window", "recent"),))] == 400

@@ -17,6 +17,7 @@ from worker.core.settings import Settings
 from worker.state.exceptions import KeyLayoutError
 from worker.state.layout import (
     CODEBOOK_CURRENT,
+    CODEBOOK_DRIFT,
     CURRENT_PREFIX,
     DOMAIN_COUNTERS_PREFIX,
     assigner_key,
@@ -176,6 +177,7 @@ PINNED = [
     (domain_counters_key("shop"), b"domain/shop"),
     (DOMAIN_COUNTERS_PREFIX, b"domain/"),
     (CODEBOOK_CURRENT, b"codebook/current"),
+    (CODEBOOK_DRIFT, b"drift/codebook"),
     (codebook_key(b"cb1234"), b"codebook/cb1234"),
     (restore_position_key("t.versions", 3), b"restore/t.versions/3"),
     (assigner_key("shop"), b"state\x00shop"),

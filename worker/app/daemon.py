@@ -334,6 +334,9 @@ class Daemon:
         if codes is not None:  # kept by the batches that changed them: no lock, no recount
             for domain, stats in codes.take_stats().items():
                 self.metrics.observe_codes(domain, stats)
+            drift = codes.drift_report()
+            if drift is not None:
+                self.metrics.observe_drift(drift)
         self._observe_versions()
         return Response(200, self.metrics.render(), "text/plain; version=0.0.4")
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -156,7 +157,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     with open_state_readonly(settings) as store:
-        doc = stats(store)
+        doc = stats(store, settings.codebook_drift_threshold)
     if args.json:
         _print_json(doc)
         return 0
@@ -172,6 +173,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print("codebook: none yet (trained once codebook_min_items items have embeddings)")
         return 0
     print(f"codebook {cb['id']}: {cb['levels']} levels x {cb['k']} codewords")
+    print(f"  drift: {_drift_line(cb['drift'])}")
     for domain, c in doc["codes"].items():
         if c is None:
             continue
@@ -183,6 +185,20 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"({c['table_memory_vs_id_table']:.1%} of an ID table); changes {c['changes']}"
         )
     return 0
+
+
+def _drift_line(drift: dict[str, Any] | None) -> str:
+    if drift is None:
+        return "not measured yet (no item coded since this build measures it)"
+    coded = f"{drift['baseline_items']} items at adoption, {drift['recent_items']} after"
+    if drift["score"] is None:
+        return f"too few items after the adoption to score ({coded})"
+    verdict = "DRIFTED: consider retraining the codebook" if drift["drifted"] else "ok"
+    return (
+        f"score {drift['score']:.3f} ({verdict}); error ratio {drift['error_ratio']:.2f}, "
+        f"balance {drift['balance']:.2f}, catalogue share {drift['catalogue_share']:.1%}; "
+        f"{coded}"
+    )
 
 
 def cmd_item(args: argparse.Namespace) -> int:

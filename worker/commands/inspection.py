@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from quantize.code_metrics import code_report
+from quantize.drift import DRIFT_THRESHOLD
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
 from worker.core.exceptions import WorkerError
@@ -25,6 +26,7 @@ from worker.state.reads import (
     item_popularity,
     item_record,
     load_codebook,
+    load_drift,
 )
 
 
@@ -45,13 +47,19 @@ def open_state_readonly(settings: Settings) -> Iterator[StorePartition]:
             store.close()
 
 
-def stats(store: StorePartition) -> dict[str, Any]:
-    """Per-domain counts, code metrics and stored consumer offsets."""
+def stats(store: StorePartition, drift_threshold: float = DRIFT_THRESHOLD) -> dict[str, Any]:
+    """Per-domain counts, code metrics, the codebook's drift and stored consumer offsets."""
     codebook = load_codebook(store)
+    drift = None if codebook is None else load_drift(store, codebook)
     return {
         "codebook": None
         if codebook is None
-        else {"id": codebook.codebook_id, "levels": codebook.levels, "k": codebook.k},
+        else {
+            "id": codebook.codebook_id,
+            "levels": codebook.levels,
+            "k": codebook.k,
+            "drift": None if drift is None else drift.report(drift_threshold).to_dict(),
+        },
         "codes": {d: code_stats(store, d) for d in sorted(domain_counters(store))},
         "domains": {
             d: {

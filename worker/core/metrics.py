@@ -7,6 +7,7 @@ alert in ``ops/prometheus/alerts.yml`` reads the worker's RSS from it.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,6 +30,7 @@ from store.exceptions import StoreError
 if TYPE_CHECKING:
     from quantize.assign import CodeStats
     from quantize.code_metrics import CodeReport
+    from quantize.drift import DriftReport
 
 
 class _StateMemory(Collector):
@@ -260,6 +262,36 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("adacode_up", "1 while the consumer loop is healthy", registry=r)
+        # the codebook's drift (quantize.drift): set from the last batch's report at a scrape
+        self.drift_score = Gauge(
+            "adacode_codebook_drift_score",
+            "log(error ratio / balance) of recently coded items (NaN: too few yet)",
+            registry=r,
+        )
+        self.drifted = Gauge(
+            "adacode_codebook_drifted", "1 when the drift score passed its threshold", registry=r
+        )
+        self.drift_error_ratio = Gauge(
+            "adacode_codebook_error_ratio",
+            "mean quantization error of recent items / of the catalogue at adoption",
+            registry=r,
+        )
+        self.drift_balance = Gauge(
+            "adacode_codebook_balance",
+            "effective first-level cells of recent items / of the catalogue at adoption",
+            registry=r,
+        )
+        self.drift_share = Gauge(
+            "adacode_codebook_catalogue_share",
+            "items coded at the codebook's adoption / every item coded with it",
+            registry=r,
+        )
+        self.drift_items = Gauge(
+            "adacode_codebook_coded_items",
+            "items coded with the current codebook, at its adoption (baseline) and after",
+            ["window"],
+            registry=r,
+        )
         # process_* (RSS, CPU, open fds) of this process, read at each scrape
         ProcessCollector(registry=r)
 
@@ -276,6 +308,17 @@ class Metrics:
             return 0.0 if at is None else max(0.0, time.time() - at)
 
         self.finetune_oldest_wait.set_function(age)
+
+    def observe_drift(self, report: DriftReport) -> None:
+        """The codebook's drift as the last batch left it (O(1))."""
+        nan = math.nan
+        self.drift_score.set(nan if report.score is None else report.score)
+        self.drifted.set(1 if report.drifted else 0)
+        self.drift_error_ratio.set(nan if report.error_ratio is None else report.error_ratio)
+        self.drift_balance.set(nan if report.balance is None else report.balance)
+        self.drift_share.set(report.catalogue_share)
+        self.drift_items.labels("baseline").set(report.baseline_items)
+        self.drift_items.labels("recent").set(report.recent_items)
 
     def observe_finetune_queue(self, waiting: int, running: int, first_versions: int) -> None:
         """The queue changed: ``waiting`` domains due, ``running`` fine-tunes, and

@@ -164,6 +164,16 @@ class Settings:
     codebook_min_items: int = setting(
         1000, "items with embeddings needed to train the bootstrap codebook", minimum=16
     )
+    codebook_drift_window: float = setting(
+        10_000.0,
+        "half-life, in coded items, of the recent window the codebook's drift is measured on",
+        minimum=1.0,
+    )
+    codebook_drift_threshold: float = setting(
+        0.405,
+        "drift score at which the codebook counts as drifted (log 1.5: see quantize.drift)",
+        minimum=0.0,
+    )
 
     # --- fine-tuning and versions ------------------------------------------------------
     finetune_interval_s: float = setting(

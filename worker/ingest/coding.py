@@ -54,6 +54,7 @@ import orjson
 
 from quantize.assign import Code, CodeAssigner, CodeChange, CodeStats
 from quantize.codebook import POINTS_PER_CENTROID, ResidualCodebook, suggest_shape
+from quantize.drift import CodebookDrift, DriftReport, squared_errors
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.partition import StorePartition, WriteBatch, prefix_upper_bound
 from store.records import DomainCounters, ItemRecord, fold_popularity, popularity_since
@@ -63,6 +64,7 @@ from worker.state.layout import (
     BOOTSTRAP_CURSOR,
     BOOTSTRAP_SAMPLE,
     CODEBOOK_CURRENT,
+    CODEBOOK_DRIFT,
     assigner_key,
     code_row_key,
     code_row_prefix,
@@ -74,7 +76,13 @@ from worker.state.layout import (
     round_pending_prefix,
     split_item_key,
 )
-from worker.state.reads import committed_codes, domain_counters, load_codebook, round_pending
+from worker.state.reads import (
+    committed_codes,
+    domain_counters,
+    load_codebook,
+    load_drift,
+    round_pending,
+)
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +336,15 @@ class CodeService:
         #: the next item key the catch-up after a bootstrap codes (None: nothing to catch up)
         self._cursor: bytes | None = None
         self._cursor_loaded = False
+        #: the codebook's drift sums (see quantize.drift), saved with the items coded; the
+        #: last report is read by scrapes under the stats lock
+        self.drift: CodebookDrift | None = None
+        self._drift_report: DriftReport | None = None
+        self._drift_dirty = False
+        if self.codebook is not None:
+            self.drift = load_drift(store, self.codebook)
+            if self.drift is not None:
+                self._drift_report = self._report_drift(self.drift)
 
     # -- assigners ------------------------------------------------------------------------
 
@@ -381,10 +398,7 @@ class CodeService:
             if not self._training:  # a sample saved before a restart: resume its training
                 return self.store.get("meta", BOOTSTRAP_SAMPLE) is not None
             return self._ready()
-        if not self._cursor_loaded:
-            self._cursor = self.store.get("meta", BOOTSTRAP_CURSOR)
-            self._cursor_loaded = True
-        return self._cursor is not None
+        return self._catching_up()
 
     def _ready(self) -> bool:
         try:
@@ -579,12 +593,44 @@ class CodeService:
         known = [k for k in keys if k in assigner]
         vectors = np.stack([np.frombuffer(items[k], dtype="<f4") for k in keys])
         paths = self.codebook.encode(vectors)
+        self._measure_drift(vectors, paths, adoption=self._catching_up())
         # items of a batch start cold (their interactions are marked for the next round);
         # items held from before the codebook come with the popularity they have
         pops = None if popularity is None else self._popularity(state, domain, keys, popularity)
         result.changes += [(domain, c) for c in assigner.add(keys, paths, pops, ts=ts)]
         result.redescribed += [(domain, k, assigner.served_code(k)) for k in known]
         self._dirty.add(domain)
+
+    def _measure_drift(self, vectors: np.ndarray, paths: np.ndarray, *, adoption: bool) -> None:
+        """Add the items just coded to the codebook's drift sums (their error and first
+        cell); the items coded until the catch-up is done (``adoption``) form the
+        baseline."""
+        assert self.codebook is not None
+        drift = self.drift
+        if drift is None or drift.codebook_id != self.codebook.codebook_id:
+            drift = self.drift = CodebookDrift.new(
+                self.codebook.codebook_id, self.codebook.k, self.settings.codebook_drift_window
+            )
+        errors = squared_errors(vectors, self.codebook.decode(paths))
+        drift.add(errors, paths[:, 0], adoption=adoption)
+        self._drift_dirty = True
+
+    def _catching_up(self) -> bool:
+        """Whether items held from before the codebook are still being coded (the items
+        coded until then are the catalogue the codebook was adopted for)."""
+        if not self._cursor_loaded:
+            self._cursor = self.store.get("meta", BOOTSTRAP_CURSOR)
+            self._cursor_loaded = True
+        return self._cursor is not None
+
+    def _report_drift(self, drift: CodebookDrift) -> DriftReport:
+        return drift.report(self.settings.codebook_drift_threshold)
+
+    def drift_report(self) -> DriftReport | None:
+        """The codebook's drift after the last batch that coded items (safe from any
+        thread; never waits for a batch in progress)."""
+        with self._stats_lock:
+            return self._drift_report
 
     def _popularity(
         self,
@@ -601,12 +647,10 @@ class CodeService:
 
     def _catch_up(self, batch: WriteBatch, result: CodingResult) -> None:
         """Code the next chunk of the items held from before the codebook (key order)."""
-        if not self._cursor_loaded:
-            self._cursor = self.store.get("meta", BOOTSTRAP_CURSOR)
-            self._cursor_loaded = True
-        cursor = self._cursor
-        if cursor is None:
+        if not self._catching_up():
             return
+        cursor = self._cursor
+        assert cursor is not None
         rows = list(islice(self.store.items("items", start=cursor or None), CATCH_UP_ITEMS + 1))
         rows = [(k, v) for k, v in rows if k != cursor]
         chunk = rows[:CATCH_UP_ITEMS]
@@ -767,6 +811,12 @@ class CodeService:
     # -- 4. saving --------------------------------------------------------------------------
 
     def _flush(self, batch: WriteBatch, result: CodingResult) -> None:
+        if self._drift_dirty and self.drift is not None:
+            batch.put("meta", CODEBOOK_DRIFT, orjson.dumps(self.drift.to_dict()))
+            report = self._report_drift(self.drift)
+            with self._stats_lock:
+                self._drift_report = report
+            self._drift_dirty = False
         for domain in sorted(self._dirty):
             state = self.domains[domain]
             assigner = state.assigner

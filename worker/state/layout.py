@@ -18,6 +18,7 @@ meta          ``codebook/`` id                          ResidualCodebook bytes  
 meta          ``restore/`` topic ``/`` partition        restore position (``>q``)        ingest.group
 meta          ``bootstrap/sample``                      {"n", "keys"} while it trains    ingest.coding
 meta          ``bootstrap/cursor``                      last item key coded since        ingest.coding
+meta          ``drift/codebook``                        the codebook's drift sums        ingest.coding
 items         domain \\0 item_id                         :class:`ItemRecord`              ingest.processor
 popularity    domain \\0 item_id                         :class:`Popularity`              ingest.processor
 interactions  domain \\0 ts(>q) partition(>i) offset(>q)  :class:`LoggedInteraction`       ingest.processor
@@ -141,6 +142,10 @@ def codebook_key(codebook_id: bytes) -> bytes:
     """Key of a codebook by its id, as stored under :data:`CODEBOOK_CURRENT`."""
     return b"codebook/" + codebook_id
 
+
+CODEBOOK_DRIFT = b"drift/codebook"
+"""``meta`` key of the current codebook's drift sums (JSON of
+:meth:`quantize.drift.CodebookDrift.to_dict`; written with the items coded)."""
 
 BOOTSTRAP_SAMPLE = b"bootstrap/sample"
 """``meta`` key of the sample the bootstrap codebook trains on, while it trains (JSON)."""

@@ -17,11 +17,13 @@ import orjson
 
 from quantize.assign import AssignerState, CodeAssigner
 from quantize.codebook import ResidualCodebook
+from quantize.drift import CodebookDrift
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.records import DomainCounters, ItemRecord, LoggedInteraction, Popularity
 from worker.state.layout import (
     CODEBOOK_CURRENT,
+    CODEBOOK_DRIFT,
     DOMAIN_COUNTERS_PREFIX,
     assigner_key,
     code_row_prefix,
@@ -126,6 +128,16 @@ def load_codebook(store: StorePartition) -> ResidualCodebook | None:
     if raw is None:
         return None
     return ResidualCodebook.from_bytes(raw)
+
+
+def load_drift(store: StorePartition, codebook: ResidualCodebook) -> CodebookDrift | None:
+    """The drift sums of ``codebook`` as committed (``None``: none yet, or of another
+    codebook)."""
+    raw = store.get("meta", CODEBOOK_DRIFT)
+    if raw is None:
+        return None
+    drift = CodebookDrift.from_dict(orjson.loads(raw))
+    return drift if drift.codebook_id == codebook.codebook_id else None
 
 
 def committed_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:
