@@ -248,12 +248,16 @@ class SyntheticDomain:
             [f"u{min(int(u), self.spec.users - 1):07d}" for u in users],
         )
 
-    def interaction_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """``(users, items, ts)`` int64 arrays per chunk of ``INTERACTION_CHUNK``, in time order."""
-        n, chunk = self.spec.interactions, INTERACTION_CHUNK
+    def interaction_chunks(
+        self, extra: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """``(users, items, ts)`` int64 arrays per chunk of ``INTERACTION_CHUNK``, in time order;
+        with ``extra``, that many more interactions of the same users, after every one of the
+        stream (their own generators: the incremental fine-tune's new data)."""
+        n, chunk = extra or self.spec.interactions, INTERACTION_CHUNK
         for c, start in enumerate(range(0, n, chunk)):
             m = min(start + chunk, n) - start
-            rng = np.random.default_rng([self.spec.seed, 2, c])
+            rng = np.random.default_rng([self.spec.seed, 3 if extra else 2, c])
             users = np.searchsorted(self.user_cdf, rng.random(m), side="right").clip(
                 max=self.spec.users - 1
             )
@@ -268,6 +272,8 @@ class SyntheticDomain:
             pos = np.searchsorted(self.cum, target, side="right").clip(lo, hi - 1)
             items = self.members[pos]
             ts = BASE_TS + (np.arange(start, start + m, dtype=np.int64) * SPAN_S) // max(1, n)
+            if extra:  # the span again, after the first one
+                ts = ts + SPAN_S
             yield users.astype(np.int64), items, ts
 
     # -- events ---------------------------------------------------------------------------
@@ -280,10 +286,10 @@ class SyntheticDomain:
                 i = start + j
                 yield key, item_value(self.item_id(i), self.spec.domain, BASE_TS + i % 1000, vec)
 
-    def interaction_events(self) -> Iterator[tuple[bytes, bytes]]:
+    def interaction_events(self, extra: int = 0) -> Iterator[tuple[bytes, bytes]]:
         key = self.spec.domain.encode()
         domain = self.spec.domain
-        for users, items, ts in self.interaction_chunks():
+        for users, items, ts in self.interaction_chunks(extra):
             for u, i, t in zip(users.tolist(), items.tolist(), ts.tolist(), strict=True):
                 yield key, interaction_payload(f"u{u:07d}", self.item_id(i), domain, t)
 
@@ -344,6 +350,7 @@ _CODEBOOK_START = re.compile(
 )
 
 
+_FINETUNE_VERSION = re.compile(r"fine-tune \S+: version \d+")
 _FINETUNE_FAILED = re.compile(
     r"fine-tune.*\b(over budget|rejected|skipped|abandoned|dropped|failed|not published)\b",
     re.IGNORECASE,
@@ -854,6 +861,8 @@ class ScaleRun:
                     self.finetune(worker)
                 if self.args.serve:
                     self.serve()
+                if self.args.incremental and self.result.figures.get("served"):
+                    self.incremental(worker, monitor)
         finally:
             monitor.done.set()
             monitor.join(timeout=120)
@@ -946,6 +955,51 @@ class ScaleRun:
         self.result.figures["served"] = served
         if ended is not None:
             self.result.figures["finetune_outcome"] = ended
+
+    def incremental(self, worker: WorkerProcess, monitor: Monitor) -> None:
+        """``--incremental`` more interactions produced and applied, then a fine-tune
+        requested and timed until its version is served (it warm-starts from the current
+        version and reads what came since: the incremental case)."""
+        from worker.commands.operations import send_control
+
+        d, extra = self.spec.domain, self.args.incremental
+        _, doc = self.api("GET", f"/v1/domains/{d}/versions")
+        before = (doc or {}).get("current")
+        self.produce("incremental", self.domain.interaction_events(extra), extra)
+        target = self.spec.interactions + extra
+        deadline = time.monotonic() + self.args.timeout_s
+        while time.monotonic() < deadline and worker.poll() is None:
+            sample = monitor.last()
+            if sample is not None and sample.interactions >= target:
+                break
+            time.sleep(0.5)
+        offset = self.log_path.stat().st_size
+        started = time.perf_counter()
+        send_control(self.settings, "finetune", d)
+        deadline = time.monotonic() + self.args.finetune_timeout_s
+        served, ended = None, None
+        while time.monotonic() < deadline and worker.poll() is None:
+            status, doc = self.api("GET", f"/v1/domains/{d}/versions")
+            if status == 200 and doc and doc.get("current") not in (None, before):
+                served = doc.get("served")
+                break
+            lines = read_log(self.log_path, offset)
+            ended = next((ln.msg for ln in lines if _FINETUNE_FAILED.search(ln.msg)), None)
+            if ended is not None:
+                break
+            time.sleep(1.0)
+        f = self.result.figures
+        f["incremental_interactions"] = extra
+        f["incremental_wall_s"] = time.perf_counter() - started if served else None
+        runs = [
+            ln.msg for ln in read_log(self.log_path, offset) if _FINETUNE_VERSION.search(ln.msg)
+        ]
+        f["incremental_finetune_s"] = (
+            (duration_ms(runs[-1]) or 0.0) / 1000 or None if runs else None
+        )
+        f["incremental_line"] = runs[-1] if runs else None
+        if ended is not None:
+            f["incremental_outcome"] = ended
 
     def serve(self) -> None:
         """Sequential samples, then the paced load, then new items to servable."""
@@ -1091,10 +1145,10 @@ def figures(result: SizeResult, min_items: int) -> dict[str, Any]:
         "ms": quantiles([r.ms for r in rounds if r.ms is not None]),
         "items_max": max((r.items for r in rounds if r.items is not None), default=None),
     }
-    finetune = [ln for ln in lines if re.search(r"fine-tune \S+: version \d+", ln.msg)]
-    if finetune:
-        out["finetune_s"] = (duration_ms(finetune[-1].msg) or 0.0) / 1000 or None
-        out["finetune_line"] = finetune[-1].msg
+    finetune = [ln for ln in lines if _FINETUNE_VERSION.search(ln.msg)]
+    if finetune:  # the first run's (an --incremental run's comes after it)
+        out["finetune_s"] = (duration_ms(finetune[0].msg) or 0.0) / 1000 or None
+        out["finetune_line"] = finetune[0].msg
     built = [ln for ln in lines if re.search(r"\bserving\b.*\bbuilt in\b", ln.msg)]
     if built:
         found = re.search(r"built in\s+(\d+(?:\.\d+)?)\s*s", built[-1].msg)
@@ -1183,6 +1237,12 @@ def render_table(result: SizeResult) -> str:
             f"{_f(f.get('finetune_s'), '{:.1f} s', 'not run')} / "
             f"{_f(f.get('finetune_wall_s'), '{:.1f} s', 'not run')}",
         ),
+        (
+            "incremental fine-tune (+interactions): worker log / request to served",
+            f"+{_f(f.get('incremental_interactions'))}: "
+            f"{_f(f.get('incremental_finetune_s'), '{:.1f} s', 'not run')} / "
+            f"{_f(f.get('incremental_wall_s'), '{:.1f} s', 'not run')}",
+        ),
         ("index build", _f(f.get("index_build_s"), "{:.2f} s", "not run")),
         (
             "latency p50 / p99 ms",
@@ -1198,6 +1258,8 @@ def render_table(result: SizeResult) -> str:
     notes = list(f.get("notes") or [])
     if f.get("finetune_outcome"):
         notes.append(f"fine-tune: {f['finetune_outcome']}")
+    if f.get("incremental_outcome"):
+        notes.append(f"incremental fine-tune: {f['incremental_outcome']}")
     if notes:
         rows.append(("notes", "; ".join(notes)))
     lines = [f"### {spec.items:,} items", "", "| measure | value |", "|---|---|"]
@@ -1362,6 +1424,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--finetune", action="store_true", help="time a fine-tune after ingest")
     parser.add_argument("--finetune-timeout-s", type=float, default=1800.0)
+    parser.add_argument(
+        "--incremental",
+        type=int,
+        default=0,
+        help="after serving: produce this many more interactions and time the fine-tune "
+        "that follows (0: none)",
+    )
     parser.add_argument("--serve", action="store_true", help="sample API latencies after ingest")
     parser.add_argument("--serve-requests", type=int, default=200, help="sequential samples")
     parser.add_argument(

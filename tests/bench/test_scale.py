@@ -92,6 +92,21 @@ def test_event_streams_are_the_chunks_and_parse_as_worker_events() -> None:
     assert stamps == sorted(stamps)
 
 
+def test_extra_interactions_come_after_the_stream_are_new_and_deterministic() -> None:
+    domain = SyntheticDomain(SPEC)
+    first = [orjson.loads(v) for _, v in domain.interaction_events()]
+    extra = [orjson.loads(v) for _, v in domain.interaction_events(extra=5000)]
+    again = [orjson.loads(v) for _, v in SyntheticDomain(SPEC).interaction_events(extra=5000)]
+    assert len(extra) == 5000 and extra == again
+    assert min(e["ts"] for e in extra) > max(e["ts"] for e in first)
+    assert [e["ts"] for e in extra] == sorted(e["ts"] for e in extra)
+    assert [(e["user_id"], e["item_id"]) for e in extra[:50]] != [
+        (e["user_id"], e["item_id"]) for e in first[:50]
+    ]
+    known = {e["user_id"] for e in first}
+    assert sum(e["user_id"] in known for e in extra) / len(extra) > 0.9
+
+
 def test_embeddings_are_normalized_and_clustered() -> None:
     domain = SyntheticDomain(SPEC)
     vectors = _items(domain)
