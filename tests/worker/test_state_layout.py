@@ -42,6 +42,7 @@ from worker.state.layout import (
     user_key,
     version_key,
     version_key_domain,
+    version_part_key,
     version_prefix,
 )
 
@@ -189,6 +190,10 @@ PINNED = [
     (version_key("rec", "shop", 1), b"rec\x00shop\x00" + V1),
     (version_key("table", "shop", 1), b"table\x00shop\x00" + V1),
     (version_key("items", "shop", 1), b"items\x00shop\x00" + V1),
+    (
+        version_part_key("items", "shop", 1, 2),
+        b"part\x00shop\x00" + V1 + b"\x00items\x00" + (2).to_bytes(4, "big"),
+    ),
     (version_key("switch", "shop", 1), b"switch\x00shop\x00" + V1),
     (version_key("current", "shop"), b"current\x00shop"),
     (version_key("next", "shop"), b"next\x00shop"),

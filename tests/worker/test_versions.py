@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,10 @@ from store.rocksdb import RocksDBPartition
 from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.serving.index import DomainIndex
 from worker.state.exceptions import VersionError
+from worker.state.layout import version_key, version_key_domain, version_part_key
 from worker.state.versions import (
     EXPIRED,
+    PART_BYTES,
     PUBLISHED,
     REJECTED,
     TEXT_PROJ,
@@ -42,12 +45,15 @@ from worker.state.versions import (
     add_version,
     current_version,
     decode_items,
+    delete_blob,
     encode_items,
     export_arrays,
+    get_blob,
     get_record,
     item_vectors,
     list_records,
     load_table,
+    put_blob,
     rollback,
     set_pinned,
     switches,
@@ -496,3 +502,58 @@ def test_items_round_trip_in_the_compact_format_and_a_million_fit_one_record() -
     again = decode_items(raw)
     assert again.item_ids[123_456] == "item-0123456"
     np.testing.assert_array_equal(again.full_rows, big_full)
+
+
+def test_a_blob_larger_than_a_part_is_stored_in_parts_read_back_and_deleted_whole(
+    store: StorePartition,
+) -> None:
+    """Each part is one record of the versions topic (whose limit is 64 MiB): a blob of any
+    size is written in parts under keys of its domain, read back joined, deleted whole."""
+    blob = np.random.default_rng(0).bytes(3500)
+    batch = store.batch()
+    put_blob(batch, "items", "d", 7, blob, part_bytes=1000)
+    put_blob(batch, "table", "d", 7, b"PK small", part_bytes=1000)
+    store.write(batch)
+    keys = [k for k, _ in store.items("versions")]
+    parts = [version_part_key("items", "d", 7, i) for i in range(4)]
+    assert set(parts) <= set(keys) and all(version_key_domain(k) == "d" for k in keys)
+    assert all(len(store.get("versions", k) or b"") <= 1000 for k in parts)
+    assert get_blob(store, "items", "d", 7) == blob
+    assert store.get("versions", version_key("table", "d", 7)) == b"PK small"  # as before
+    assert get_blob(store, "table", "d", 7) == b"PK small"
+    batch = store.batch()
+    batch.delete("versions", parts[2])
+    store.write(batch)
+    with pytest.raises(VersionError, match="1 of 4 parts of its items are missing"):
+        get_blob(store, "items", "d", 7)
+    batch = store.batch()
+    delete_blob(store, batch, "items", "d", 7)
+    delete_blob(store, batch, "table", "d", 7)
+    store.write(batch)
+    assert list(store.items("versions")) == []
+
+
+def test_a_version_larger_than_a_part_publishes_loads_and_expires() -> None:
+    """Through add_version: a table whose items blob is over PART_BYTES (1M-item versions
+    with text vectors took 142 MB, refused by Kafka as one record) is stored in parts,
+    loads, and its parts go when it expires."""
+    store = MemoryPartition()
+    n = 800_000
+    ids = [f"item-{i:020d}" for i in range(n)]
+    rows = np.tile(np.array([[0, 5]], dtype=np.int64), (n, 1))
+    model = build_model(CONFIG, rows[:3], n_rows=12)
+    table = VersionTable(Snapshot(CONFIG, export_params(model)), ids, rows)
+    record = VersionRecord(0, None, 1.0, "cb", {"ts": 1}, {})
+    batch = store.batch()
+    add_version(store, batch, "d", record, table, keep=1)
+    store.write(batch)
+    raw = store.get("versions", version_key("items", "d", 1)) or b""
+    assert not raw.startswith(b"PK")  # a manifest: the blob is in parts
+    assert max(len(v) for _, v in store.items("versions")) <= PART_BYTES
+    loaded = load_table(store, "d", 1)
+    assert loaded.item_ids[654_321] == ids[654_321] and loaded.item_rows.shape == (n, 2)
+    batch = store.batch()
+    add_version(store, batch, "d", replace(record, parent=1), _table(2.0), keep=1)
+    store.write(batch)
+    assert get_record(store, "d", 1).status == EXPIRED  # type: ignore[union-attr]
+    assert not any(k.startswith(b"part\x00") for k, _ in store.items("versions"))

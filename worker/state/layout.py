@@ -30,6 +30,7 @@ codes         ``hist`` \\0 domain \\0 ts(>q) item \\0 why   {"item", "old", "new
 versions      ``rec`` \\0 domain \\0 v                    VersionRecord (JSON)             state.versions
 versions      ``table`` \\0 domain \\0 v                  model snapshot (npz)             state.versions
 versions      ``items`` \\0 domain \\0 v                  the version's items (npz)        state.versions
+versions      ``part`` \\0 domain \\0 v \\0 kind \\0 i(>I)  part i of a large table/items     state.versions
 versions      ``current`` \\0 domain                     v                                state.versions
 versions      ``next`` \\0 domain                        next version number (``>q``)     state.versions
 versions      ``switch`` \\0 domain \\0 seq(>q)           {"from", "to", "reason", "at"}   state.versions
@@ -56,6 +57,7 @@ from worker.state.exceptions import KeyLayoutError
 
 _SEP = b"\x00"
 _I64 = struct.Struct(">q")
+_U32 = struct.Struct(">I")
 
 # --- items, popularity, users: domain \0 id ----------------------------------------------
 
@@ -215,7 +217,7 @@ def history_key_ts(domain: str, key: bytes) -> int:
 
 # --- versions: kind \0 domain [\0 v] --------------------------------------------------------
 
-VersionKind = Literal["rec", "table", "items", "current", "next", "switch", "request"]
+VersionKind = Literal["rec", "table", "items", "current", "next", "switch", "request", "part"]
 """What a ``versions`` key holds (see the module docstring)."""
 
 
@@ -228,6 +230,15 @@ def version_key(kind: VersionKind, domain: str, version: int | None = None) -> b
 def version_prefix(kind: VersionKind, domain: str) -> bytes:
     """The prefix of every numbered ``kind`` key of ``domain``, in number order."""
     return version_key(kind, domain) + _SEP
+
+
+def version_part_key(
+    kind: Literal["table", "items"], domain: str, version: int, index: int
+) -> bytes:
+    """Key of part ``index`` of a version's ``kind`` blob when it is stored in parts
+    (``part \0 domain \0 version(>q) \0 kind \0 index(>I)``; see
+    :func:`worker.state.versions.put_blob`)."""
+    return version_key("part", domain, version) + _SEP + kind.encode() + _SEP + _U32.pack(index)
 
 
 CURRENT_PREFIX = b"current\x00"

@@ -42,8 +42,9 @@ from __future__ import annotations
 import io
 import struct
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -65,10 +66,17 @@ from worker.state.layout import (
     CURRENT_PREFIX,
     domain_of_current_key,
     version_key,
+    version_part_key,
     version_prefix,
 )
 
 _V = struct.Struct(">q")
+
+#: a table or items blob larger than this is stored in parts of at most this size (each is one
+#: record of the versions topic, whose limit is 64 MiB: worker.ingest.group.MAX_RECORD_BYTES);
+#: the blob's own key then holds a manifest that starts with PARTS_MAGIC (blobs are .npz: "PK")
+PART_BYTES = 16 * 1024 * 1024
+PARTS_MAGIC = b"\x00adacode-parts\x00"
 
 TEXT_PROJ = DOMAIN_PREFIX + "text_proj.weight"
 """Snapshot parameter holding the text projection ``W`` ``[hidden, text_dim]``."""
@@ -426,6 +434,74 @@ def decode_items(raw: bytes) -> StoredItems:
         )
 
 
+# --- blobs in parts ---------------------------------------------------------------------------
+
+BlobKind = Literal["table", "items"]
+
+
+def put_blob(
+    batch: WriteBatch,
+    kind: BlobKind,
+    domain: str,
+    version: int,
+    blob: bytes,
+    *,
+    part_bytes: int = PART_BYTES,
+) -> None:
+    """Put a version's ``kind`` blob: under its key when it fits in ``part_bytes``, else in
+    parts (:func:`version_part_key`) with a manifest under its key."""
+    key = version_key(kind, domain, version)
+    if len(blob) <= part_bytes:
+        batch.put("versions", key, blob)
+        return
+    view = memoryview(blob)
+    parts = range(0, len(blob), part_bytes)
+    for index, start in enumerate(parts):
+        batch.put(
+            "versions",
+            version_part_key(kind, domain, version, index),
+            bytes(view[start : start + part_bytes]),
+        )
+    manifest = {"parts": len(parts), "bytes": len(blob), "crc32": zlib.crc32(blob)}
+    batch.put("versions", key, PARTS_MAGIC + orjson.dumps(manifest))
+
+
+def get_blob(store: StorePartition, kind: BlobKind, domain: str, version: int) -> bytes | None:
+    """A version's ``kind`` blob, joined from its parts when it was stored in parts
+    (``None``: not stored; a part missing or corrupt: :class:`VersionError`)."""
+    raw = store.get("versions", version_key(kind, domain, version))
+    if raw is None or not raw.startswith(PARTS_MAGIC):
+        return raw
+    manifest = orjson.loads(raw[len(PARTS_MAGIC) :])
+    keys = [version_part_key(kind, domain, version, i) for i in range(int(manifest["parts"]))]
+    parts = store.multi_get("versions", keys)
+    missing = [i for i, part in enumerate(parts) if part is None]
+    if missing:
+        raise VersionError(
+            f"version {version} of {domain!r}: {len(missing)} of {len(keys)} parts of its "
+            f"{kind} are missing (first: part {missing[0]}); roll back to another version"
+        )
+    blob = b"".join(p for p in parts if p is not None)
+    if len(blob) != manifest["bytes"] or zlib.crc32(blob) != manifest["crc32"]:
+        raise VersionError(
+            f"version {version} of {domain!r}: its {kind} parts do not add up to what was "
+            f"written ({len(blob)} of {manifest['bytes']} bytes or a checksum mismatch)"
+        )
+    return blob
+
+
+def delete_blob(
+    store: StorePartition, batch: WriteBatch, kind: BlobKind, domain: str, version: int
+) -> None:
+    """Delete a version's ``kind`` blob and its parts (each a tombstone on the topic)."""
+    key = version_key(kind, domain, version)
+    raw = store.get("versions", key)
+    if raw is not None and raw.startswith(PARTS_MAGIC):
+        for index in range(int(orjson.loads(raw[len(PARTS_MAGIC) :])["parts"])):
+            batch.delete("versions", version_part_key(kind, domain, version, index))
+    batch.delete("versions", key)
+
+
 # --- reads ---------------------------------------------------------------------------------
 
 
@@ -456,8 +532,8 @@ def domains_with_versions(store: StorePartition) -> list[str]:
 
 
 def load_table(store: StorePartition, domain: str, version: int) -> VersionTable:
-    table = store.get("versions", version_key("table", domain, version))
-    items = store.get("versions", version_key("items", domain, version))
+    table = get_blob(store, "table", domain, version)
+    items = get_blob(store, "items", domain, version)
     if table is None or items is None:
         record = get_record(store, domain, version)
         status = "unknown" if record is None else record.status
@@ -584,18 +660,11 @@ def add_version(
     if record.status == PUBLISHED:
         if table is None:
             raise VersionError(f"version {number} of {domain!r} is published without a table")
-        batch.put("versions", version_key("table", domain, number), table.snapshot.to_bytes())
-        batch.put(
-            "versions",
-            version_key("items", domain, number),
-            encode_items(
-                table.item_ids,
-                table.item_rows,
-                table.text_vectors,
-                table.trained,
-                table.full_rows,
-            ),
+        put_blob(batch, "table", domain, number, table.snapshot.to_bytes())
+        items = encode_items(
+            table.item_ids, table.item_rows, table.text_vectors, table.trained, table.full_rows
         )
+        put_blob(batch, "items", domain, number, items)
     # -- 3. record ------------------------------------------------------------------------
     batch.put("versions", version_key("rec", domain, number), record.encode())
     # -- 4. switch ------------------------------------------------------------------------
@@ -608,8 +677,8 @@ def add_version(
         for old in published[:-keep] if keep > 0 else []:
             if old.pinned or old.version == number:
                 continue
-            batch.delete("versions", version_key("table", domain, old.version))
-            batch.delete("versions", version_key("items", domain, old.version))
+            delete_blob(store, batch, "table", domain, old.version)
+            delete_blob(store, batch, "items", domain, old.version)
             batch.put(
                 "versions",
                 version_key("rec", domain, old.version),
