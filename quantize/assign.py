@@ -1402,6 +1402,30 @@ class CodeAssigner:
         self._len_sum[0] += sign * int(served[~heads].sum())
         self._len_sum[1] += sign * int(served[heads].sum())
 
+    def _count_codes(self, n: int) -> Counter[Code]:
+        """How many of the first ``n`` items serve each code: the distinct codes found as
+        rows of one array (paths cut at their length, the digit or -1), a tuple built per
+        distinct code, not per item."""
+        items = self._items
+        if n == 0:
+            return Counter()
+        lens = items.lengths[:n]
+        cut = np.arange(self.levels) < lens[:, None]
+        table = np.where(cut, items.paths[:n], -1)
+        digit = np.where(items.uses_digit[:n], items.digits[:n], -1)
+        rows = np.concatenate([table, digit[:, None]], axis=1)
+        order = np.lexsort(rows.T[::-1])  # faster than np.unique(axis=0)'s byte compares
+        ranked = rows[order]
+        starts = np.flatnonzero(np.concatenate([[True], np.any(ranked[1:] != ranked[:-1], axis=1)]))
+        first = order[starts]
+        counts = np.diff(np.append(starts, n))
+        out: Counter[Code] = Counter()
+        # summed, not set: a path cut at length l + 1 and a path cut at l plus a digit can
+        # be the same tuple (digits are numbered from 0)
+        for code, count in zip(self._codes(first), counts.tolist(), strict=True):
+            out[code] += count
+        return out
+
     def _rebuild_derived(self) -> None:
         """Prefix statistics, head codes, counts and the demotion schedule from the arrays."""
         items = self._items
@@ -1411,15 +1435,12 @@ class CodeAssigner:
             self._nodes = PrefixNodes(self.levels, self.k)
             self._nodes.place(rows, items.paths)
             self._nodes.contribute(rows, items.popularity, items.is_head, 1)
-        self._head_codes = {}
-        self._code_count = Counter()
+        self._code_count = self._count_codes(n)
+        heads = np.flatnonzero(items.is_head[:n])
+        self._head_codes = dict(zip(self._codes(heads), heads.tolist(), strict=True))
+        served = items.lengths[:n] + items.uses_digit[:n]
         self._len_sum = [0, 0]
-        heads = items.is_head[:n].tolist()
-        for i, (code, head) in enumerate(zip(self._codes(rows), heads, strict=True)):
-            self._code_count[code] = self._code_count.get(code, 0) + 1
-            self._len_sum[int(head)] += len(code)
-            if head:
-                self._head_codes[code] = i
+        self._sum_lengths(served, items.is_head[:n], 1)
         self._level_use = np.zeros((self.levels, self.k), dtype=np.int64)
         self._use_levels(items.paths, 1)
         self._due = {}
@@ -1467,7 +1488,7 @@ class CodeAssigner:
         if len(set(state.keys)) != len(state.keys):
             raise AssignmentError("CodeAssigner.from_state: duplicate keys; the state is corrupt")
         out._keys = list(state.keys)
-        out._index = {key: i for i, key in enumerate(out._keys)}
+        out._index = dict(zip(out._keys, range(len(out._keys)), strict=True))
         out._items = items
         out._next_digit = int(state.next_digit)
         out._clock = int(state.clock)
@@ -1590,7 +1611,7 @@ class CodeAssigner:
             True,
         )
         out._keys = [keys[i] for i in order.tolist()]
-        out._index = {key: i for i, key in enumerate(out._keys)}
+        out._index = dict(zip(out._keys, range(len(out._keys)), strict=True))
         arrays = {
             f.name: np.ascontiguousarray(arr[f.name], dtype=f.metadata["dtype"])
             for f in fields(_Items)

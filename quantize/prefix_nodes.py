@@ -105,12 +105,17 @@ class _Depth:
         """Node ids of ``keys`` (``parent * width + digit``), new nodes numbered on."""
         uniq, inv = np.unique(keys, return_inverse=True)
         lookup = self.lookup
-        ids = np.empty(uniq.size, dtype=np.int64)
-        for j, key in enumerate(uniq.tolist()):
-            node = lookup.get(key)
-            if node is None:
-                node = lookup[key] = len(lookup)
-            ids[j] = node
+        known = uniq.tolist()
+        if lookup:
+            ids = np.fromiter((lookup.get(k, -1) for k in known), np.int64, count=uniq.size)
+        else:  # a first placement (a load): every node is new
+            ids = np.full(uniq.size, -1, dtype=np.int64)
+        new = np.flatnonzero(ids < 0)
+        if new.size:  # numbered on in key order
+            start = len(lookup)
+            ids[new] = np.arange(start, start + new.size, dtype=np.int64)
+            fresh = known if new.size == uniq.size else [known[j] for j in new.tolist()]
+            lookup.update(zip(fresh, range(start, start + new.size), strict=True))
         self._sums = _grown(self._sums, len(lookup))
         return ids[inv.reshape(-1)]
 

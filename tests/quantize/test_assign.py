@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import zlib
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
@@ -572,6 +573,16 @@ def test_saved_rows_rebuild_the_assigner_at_any_point(s: dict[str, object], cut:
     )
     assert extra == {"ref": 7}
     assert state_equal(rebuilt.state(), live.state())
+    # the counts rebuilt from arrays against a slow reference: one served code per item
+    served = [rebuilt.served_code(k) for k in rebuilt.keys]
+    assert rebuilt._code_count == Counter(served) == live._code_count
+    heads = {
+        c: i
+        for i, (c, k) in enumerate(zip(served, rebuilt.keys, strict=True))
+        if rebuilt.is_head(k)
+    }
+    assert rebuilt._head_codes == heads == live._head_codes
+    assert rebuilt._len_sum == live._len_sum
     rest = {**s, "steps": steps[cut:]}
     assert play(rest, rebuilt) == play(rest, live)
     assert state_equal(rebuilt.state(), live.state())
