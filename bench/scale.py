@@ -793,7 +793,15 @@ class ScaleRun:
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def produce(self, topic: str, events: Iterator[tuple[bytes, bytes]], total: int) -> None:
+    def produce(
+        self,
+        topic: str,
+        events: Iterator[tuple[bytes, bytes]],
+        total: int,
+        label: str | None = None,
+    ) -> None:
+        """Produce ``events`` to ``topic``; figures under ``label`` (default: the topic)."""
+        label = label or topic
         started = time.perf_counter()
         count, size = produce_stream(
             self.bootstrap,
@@ -803,7 +811,7 @@ class ScaleRun:
             client=self.args.producer,
         )
         seconds = time.perf_counter() - started
-        self.result.produce[topic] = {
+        self.result.produce[label] = {
             "records": count,
             "bytes": size,
             "seconds": seconds,
@@ -812,7 +820,7 @@ class ScaleRun:
             "client": self.args.producer,
         }
         print(
-            f"  produced {count:,} {topic} ({size / 1e6:,.0f} MB) in {seconds:.1f} s: "
+            f"  produced {count:,} {label} ({size / 1e6:,.0f} MB) in {seconds:.1f} s: "
             f"{count / max(seconds, 1e-9):,.0f}/s",
             flush=True,
         )
@@ -857,12 +865,7 @@ class ScaleRun:
             if name == "items" and phase.finished_at is not None:
                 self.wait_codebook(worker, offset, phase)
             if name == "interactions" and phase.finished_at is not None:
-                if self.args.finetune:
-                    self.finetune(worker)
-                if self.args.serve:
-                    self.serve()
-                if self.args.incremental and self.result.figures.get("served"):
-                    self.incremental(worker, monitor)
+                self.optional_stages(worker, monitor)
         finally:
             monitor.done.set()
             monitor.join(timeout=120)
@@ -956,6 +959,35 @@ class ScaleRun:
         if ended is not None:
             self.result.figures["finetune_outcome"] = ended
 
+    def optional_stages(self, worker: WorkerProcess, monitor: Monitor) -> None:
+        """Fine-tune, serving and the incremental fine-tune, as asked; a stage that fails is
+        noted in the table and the ones after it are skipped (the figures so far are kept)."""
+        stages = [
+            ("fine-tune", self.args.finetune, lambda: self.finetune(worker)),
+            ("serving", self.args.serve, self.serve),
+            (
+                "incremental fine-tune",
+                self.args.incremental,
+                lambda: self.incremental(worker, monitor),
+            ),
+        ]
+        for name, asked, stage in stages:
+            if not asked:
+                continue
+            if name == "incremental fine-tune" and not self.result.figures.get("served"):
+                self.result.figures.setdefault("notes", []).append(
+                    "incremental fine-tune not run: the first fine-tune served nothing"
+                )
+                continue
+            try:
+                stage()
+            except Exception as exc:  # a bench stage: keep what was measured, say what failed
+                self.result.figures.setdefault("notes", []).append(
+                    f"{name} failed: {type(exc).__name__}: {exc}"
+                )
+                print(f"  {name} failed: {type(exc).__name__}: {exc}", flush=True)
+                return
+
     def incremental(self, worker: WorkerProcess, monitor: Monitor) -> None:
         """``--incremental`` more interactions produced and applied, then a fine-tune
         requested and timed until its version is served (it warm-starts from the current
@@ -965,7 +997,8 @@ class ScaleRun:
         d, extra = self.spec.domain, self.args.incremental
         _, doc = self.api("GET", f"/v1/domains/{d}/versions")
         before = (doc or {}).get("current")
-        self.produce("incremental", self.domain.interaction_events(extra), extra)
+        events = self.domain.interaction_events(extra)
+        self.produce("interactions", events, extra, label="incremental interactions")
         target = self.spec.interactions + extra
         deadline = time.monotonic() + self.args.timeout_s
         while time.monotonic() < deadline and worker.poll() is None:
@@ -1150,10 +1183,12 @@ def figures(result: SizeResult, min_items: int) -> dict[str, Any]:
         out["finetune_s"] = (duration_ms(finetune[0].msg) or 0.0) / 1000 or None
         out["finetune_line"] = finetune[0].msg
     built = [ln for ln in lines if re.search(r"\bserving\b.*\bbuilt in\b", ln.msg)]
-    if built:
-        found = re.search(r"built in\s+(\d+(?:\.\d+)?)\s*s", built[-1].msg)
-        out["index_build_s"] = float(found.group(1)) if found else None
-    out["notes"] = [p.note for p in (items, inter) if p and p.note]
+    builds = [re.search(r"built in\s+(\d+(?:\.\d+)?)\s*s", ln.msg) for ln in built]
+    seconds = [float(found.group(1)) for found in builds if found]
+    if seconds:  # the first version's, then the incremental version's (when it ran)
+        out["index_build_s"] = seconds[0]
+        out["index_builds_s"] = seconds
+    out["notes"] = [p.note for p in (items, inter) if p and p.note] + list(out.get("notes") or [])
     out["exit_codes"] = {p.name: p.exit_code for p in (items, inter) if p}
     return out
 
@@ -1243,7 +1278,10 @@ def render_table(result: SizeResult) -> str:
             f"{_f(f.get('incremental_finetune_s'), '{:.1f} s', 'not run')} / "
             f"{_f(f.get('incremental_wall_s'), '{:.1f} s', 'not run')}",
         ),
-        ("index build", _f(f.get("index_build_s"), "{:.2f} s", "not run")),
+        (
+            "index build (each published version)",
+            " / ".join(f"{b:.2f} s" for b in f.get("index_builds_s") or []) or "not run",
+        ),
         (
             "latency p50 / p99 ms",
             "; ".join(
