@@ -1145,7 +1145,7 @@ def figures(result: SizeResult, min_items: int) -> dict[str, Any]:
     if inter is not None and inter.samples:
         t, c = inter.times(), inter.counts()
         begin, end = start_time(t, c), crossing_time(t, c, inter.expected)
-        last = c[-1] if c else 0.0
+        last = min(c[-1], float(inter.expected)) if c else 0.0  # not the --incremental ones
         if begin is not None:
             stop = end if end is not None else t[-1]
             out["applied_per_s"] = last / (stop - begin) if stop > begin else None
