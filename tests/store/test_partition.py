@@ -183,6 +183,19 @@ def test_items_bounds(partition: StorePartition) -> None:
             assert got == [(k, k + b"!") for k in want], (kwargs, reverse)
 
 
+def test_scan_is_items_as_one_list_and_refuses_a_closed_store(partition: StorePartition) -> None:
+    put_all(partition, "versions", {k: k + b"!" for k in KEYS})
+    put_all(partition, "codes", {b"ab": b"other family"})
+    for prefix in (b"", b"a", b"ab", b"b\xff", b"zz", b"\xff"):
+        assert partition.scan("versions", prefix=prefix) == list(
+            partition.items("versions", prefix=prefix)
+        ), prefix
+    assert partition.scan("codes") == [(b"ab", b"other family")]
+    partition.close()
+    with pytest.raises(StoreClosedError):
+        partition.scan("versions")
+
+
 def test_prefix_helpers_match_a_brute_force_scan() -> None:
     alphabet = [b"\x00", b"\x01", b"\xfe", b"\xff"]
     words = [b""] + alphabet + [a + b for a in alphabet for b in alphabet]

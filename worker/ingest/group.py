@@ -189,6 +189,9 @@ class MirroredStore(StorePartition):
     ) -> Iterator[tuple[bytes, bytes]]:
         return self.inner.items(cf, prefix=prefix, start=start, end=end, reverse=reverse)
 
+    def scan(self, cf: str, *, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        return self.inner.scan(cf, prefix=prefix)
+
     def batch(self) -> WriteBatch:
         return _RecordingBatch(self.inner.batch(), self)
 

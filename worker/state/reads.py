@@ -161,7 +161,7 @@ def committed_codes(
     cut = len(prefix)
     keys: list[str] = []
     rows: list[bytes] = []
-    for key, row in store.items("codes", prefix=prefix):
+    for key, row in store.scan("codes", prefix=prefix):  # 1M rows: one bulk read
         keys.append(key[cut:].decode())
         rows.append(row)
     assigner, extra = CodeAssigner.from_rows(raw, keys, rows)
