@@ -22,7 +22,7 @@ from kafka import TopicPartition
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
-from worker.core.memory import cap_mmap_threshold
+from worker.core.memory import cap_mmap_threshold, freeze_long_lived, thaw
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.core.signals import install_stop_handlers
@@ -379,6 +379,7 @@ class Daemon:
             threading.Thread(
                 target=self._preload_encoder, name="encoder-preload", daemon=True
             ).start()
+        freeze_long_lived("start-up")
         try:
             self.loop.run()
         except StoreError as exc:
@@ -390,6 +391,7 @@ class Daemon:
             if self.http is not None:
                 self.http.stop()
             self.store.close()
+            thaw()
         log.info(
             "stopped after %.1f s: %d batches, %d records, %d dead-lettered",
             time.monotonic() - started,

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.core.memory import freeze_long_lived
 from worker.ingest.exceptions import EncoderError
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class TextEncoder:
                 "traced graph" if self._forward is not None else "eager",
             )
             self._model = model
+            freeze_long_lived("the text encoder's load")
             return model
 
     def _checked_trace(self, model: Any) -> Forward | None:

@@ -48,6 +48,7 @@ from quantize.evaluate import holdout_split, recall_ndcg, user_histories
 from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
 from quantize.train import EpochReport, TrainConfig, rank_histories, shared_init, train_domain
 from store.partition import StorePartition
+from worker.core.memory import freeze_long_lived
 from worker.core.settings import Settings
 from worker.ingest.coding import codes_after_round
 from worker.state.layout import domain_prefix, interaction_key_ts
@@ -468,6 +469,7 @@ class FineTuner:
             log.warning("fine-tune warm-up failed (%s: %s); going on", type(exc).__name__, exc)
             return
         log.info("fine-tunes warmed up in %.1f s", time.perf_counter() - started)
+        freeze_long_lived("the fine-tune warm-up")  # the torch modules its first step loaded
 
     def run(self, domain: str) -> Outcome:
         """Fine-tune ``domain`` now: snapshot -> read -> train -> gate -> publish or record.
