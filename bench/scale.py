@@ -938,7 +938,13 @@ class ScaleRun:
         except urllib.error.HTTPError as exc:
             return exc.code, None
 
-    def finetune(self, worker: WorkerProcess) -> None:
+    def request_finetune(
+        self, worker: WorkerProcess, served_now: Callable[[dict[str, Any]], bool]
+    ) -> tuple[Any, str | None, float, int]:
+        """Send a ``finetune`` command and poll the versions route until ``served_now(doc)``
+        or the worker logs an outcome that serves nothing; returns what the route says is
+        served (``None``: nothing), that log line, the seconds waited and the log offset of
+        the request."""
         from worker.commands.operations import send_control
 
         d = self.spec.domain
@@ -949,15 +955,21 @@ class ScaleRun:
         served, ended = None, None
         while time.monotonic() < deadline and worker.poll() is None:
             status, doc = self.api("GET", f"/v1/domains/{d}/versions")
-            if status == 200 and doc and doc.get("current") and doc.get("served"):
-                served = doc["served"]
+            if status == 200 and doc and served_now(doc):
+                served = doc.get("served")
                 break
             lines = read_log(self.log_path, offset)
             ended = next((ln.msg for ln in lines if _FINETUNE_FAILED.search(ln.msg)), None)
             if ended is not None:  # over budget, rejected, skipped, ...: nothing will be served
                 break
             time.sleep(1.0)
-        self.result.figures["finetune_wall_s"] = time.perf_counter() - started if served else None
+        return served, ended, time.perf_counter() - started, offset
+
+    def finetune(self, worker: WorkerProcess) -> None:
+        served, ended, seconds, _ = self.request_finetune(
+            worker, lambda doc: bool(doc.get("current") and doc.get("served"))
+        )
+        self.result.figures["finetune_wall_s"] = seconds if served else None
         self.result.figures["served"] = served
         if ended is not None:
             self.result.figures["finetune_outcome"] = ended
@@ -995,7 +1007,6 @@ class ScaleRun:
         """``--incremental`` more interactions produced and applied, then a fine-tune
         requested and timed until its version is served (it warm-starts from the current
         version and reads what came since: the incremental case)."""
-        from worker.commands.operations import send_control
 
         d, extra = self.spec.domain, self.args.incremental
         _, doc = self.api("GET", f"/v1/domains/{d}/versions")
@@ -1009,24 +1020,12 @@ class ScaleRun:
             if sample is not None and sample.interactions >= target:
                 break
             time.sleep(0.5)
-        offset = self.log_path.stat().st_size
-        started = time.perf_counter()
-        send_control(self.settings, "finetune", d)
-        deadline = time.monotonic() + self.args.finetune_timeout_s
-        served, ended = None, None
-        while time.monotonic() < deadline and worker.poll() is None:
-            status, doc = self.api("GET", f"/v1/domains/{d}/versions")
-            if status == 200 and doc and doc.get("current") not in (None, before):
-                served = doc.get("served")
-                break
-            lines = read_log(self.log_path, offset)
-            ended = next((ln.msg for ln in lines if _FINETUNE_FAILED.search(ln.msg)), None)
-            if ended is not None:
-                break
-            time.sleep(1.0)
+        served, ended, seconds, offset = self.request_finetune(
+            worker, lambda doc: doc.get("current") not in (None, before)
+        )
         f = self.result.figures
         f["incremental_interactions"] = extra
-        f["incremental_wall_s"] = time.perf_counter() - started if served else None
+        f["incremental_wall_s"] = seconds if served else None
         runs = [
             ln.msg for ln in read_log(self.log_path, offset) if _FINETUNE_VERSION.search(ln.msg)
         ]
