@@ -183,6 +183,20 @@ def test_drift_is_measured_as_items_are_coded_saved_with_them_and_read_by_stats(
     assert doc["score"] == pytest.approx(moved.score) and doc["drifted"] is True
 
 
+def test_a_retrained_codebook_measures_drift_against_every_item_it_re_coded() -> None:
+    from worker.ingest.coding import retrain_codebook
+
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    for start in range(0, 400, 100):
+        _apply(store, proc, _items(100, start=start))
+    retrain_codebook(store, S, levels=2, k=8, seed=3)
+    again = Processor(store, S, None)
+    assert again.codes is not None
+    drift = again.codes.drift_report()
+    assert drift is not None and (drift.baseline_items, drift.recent_items) == (400, 0)
+
+
 def test_code_stats_are_read_during_a_batch_without_waiting_for_it() -> None:
     """``/metrics`` reads the served codes from an HTTP thread while the consumer thread
     codes a batch: the snapshot must not see an assigner half-way through ``add`` (its

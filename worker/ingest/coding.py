@@ -593,7 +593,9 @@ class CodeService:
         known = [k for k in keys if k in assigner]
         vectors = np.stack([np.frombuffer(items[k], dtype="<f4") for k in keys])
         paths = self.codebook.encode(vectors)
-        self._measure_drift(vectors, paths, adoption=self._catching_up())
+        # held items (catch-up, retraining) and anything coded before the catch-up ends
+        # are the catalogue the codebook was adopted for
+        self._measure_drift(vectors, paths, adoption=popularity is not None or self._catching_up())
         # items of a batch start cold (their interactions are marked for the next round);
         # items held from before the codebook come with the popularity they have
         pops = None if popularity is None else self._popularity(state, domain, keys, popularity)
