@@ -44,7 +44,7 @@ import struct
 import time
 import zlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import orjson
@@ -466,13 +466,21 @@ def put_blob(
     batch.put("versions", key, PARTS_MAGIC + orjson.dumps(manifest))
 
 
+def _manifest(raw: bytes | None) -> dict[str, Any] | None:
+    """The manifest a blob's key holds when the blob is in parts (``None``: a whole blob, or
+    nothing stored)."""
+    if raw is None or not raw.startswith(PARTS_MAGIC):
+        return None
+    return cast(dict[str, Any], orjson.loads(raw[len(PARTS_MAGIC) :]))
+
+
 def get_blob(store: StorePartition, kind: BlobKind, domain: str, version: int) -> bytes | None:
     """A version's ``kind`` blob, joined from its parts when it was stored in parts
     (``None``: not stored; a part missing or corrupt: :class:`VersionError`)."""
     raw = store.get("versions", version_key(kind, domain, version))
-    if raw is None or not raw.startswith(PARTS_MAGIC):
+    manifest = _manifest(raw)
+    if manifest is None:
         return raw
-    manifest = orjson.loads(raw[len(PARTS_MAGIC) :])
     keys = [version_part_key(kind, domain, version, i) for i in range(int(manifest["parts"]))]
     parts = store.multi_get("versions", keys)
     missing = [i for i, part in enumerate(parts) if part is None]
@@ -496,8 +504,9 @@ def delete_blob(
     """Delete a version's ``kind`` blob and its parts (each a tombstone on the topic)."""
     key = version_key(kind, domain, version)
     raw = store.get("versions", key)
-    if raw is not None and raw.startswith(PARTS_MAGIC):
-        for index in range(int(orjson.loads(raw[len(PARTS_MAGIC) :])["parts"])):
+    manifest = _manifest(raw)
+    if manifest is not None:
+        for index in range(int(manifest["parts"])):
             batch.delete("versions", version_part_key(kind, domain, version, index))
     batch.delete("versions", key)
 
