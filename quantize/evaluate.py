@@ -408,10 +408,13 @@ def chunked_ranks(
 ) -> np.ndarray:
     """:func:`ranks` of a batch of cases computed over item chunks, never all scores at once.
 
-    Two passes: the target's score is read from the chunk that holds it (the same float
-    as in its own chunk, so ties count exactly as in one pass), then every chunk counts the
-    items scoring at least as high. A single chunk is scored once. ``check`` is called
-    before each chunk (raise from it to stop).
+    The target's score is read from the chunk that holds it (the same float as in its own
+    chunk, so ties count exactly as in one pass), then every chunk counts the items scoring
+    at least as high. When all the batch's targets lie in one chunk (as
+    :func:`evaluate_ranking_chunked` batches them), that chunk is counted as it is read, so
+    each chunk is scored once; otherwise the chunks holding targets are scored twice.
+    ``check`` is called before each chunk (raise from it to stop). A target whose score is
+    NaN (a diverged model) raises :class:`QuantizeError`.
     """
     t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
     if t.ndim != 1 or item_chunk < 1:
@@ -421,11 +424,8 @@ def chunked_ranks(
             f"a target item index is outside [0, {n_items}); score every item of the domain"
         )
     bounds = [(a, min(a + item_chunk, n_items)) for a in range(0, n_items, item_chunk)]
-    cached: dict[int, torch.Tensor] = {}
 
     def scores(c: int) -> torch.Tensor:
-        if c in cached:
-            return cached[c]
         if check is not None:
             check()
         s = torch.as_tensor(scorer(*bounds[c]))
@@ -434,25 +434,33 @@ def chunked_ranks(
                 f"a chunk scorer returned {tuple(s.shape)} for {len(t)} cases and items "
                 f"{bounds[c]}; return one score per case and item of the chunk"
             )
-        if torch.isnan(s).any():
-            raise QuantizeError("scores contain NaN; the model diverged: lower the learning rate")
-        if len(bounds) == 1:
-            cached[c] = s
         return s
 
     target_scores = torch.empty(len(t), dtype=torch.float64)
+    count = torch.zeros(len(t), dtype=torch.int64)
     chunk_of = t // item_chunk
-    for c in torch.unique(chunk_of).tolist():
+    holding = torch.unique(chunk_of).tolist()
+    counted: set[int] = set()
+    for c in holding:
         s = scores(c)
         mask = chunk_of == c
         local = (t[mask] - bounds[c][0]).to(s.device)
         rows = torch.nonzero(mask).view(-1).to(s.device)
         target_scores[mask] = s[rows, local].double().cpu()
-    count = torch.zeros(len(t), dtype=torch.int64)
+        if len(holding) == 1:  # every target known: count this chunk now, not again
+            count += _at_least(s, target_scores)
+            counted.add(c)
+    if torch.isnan(target_scores).any():
+        raise QuantizeError("scores contain NaN; the model diverged: lower the learning rate")
     for c in range(len(bounds)):
-        s = scores(c)
-        count += (s >= target_scores.to(s.device, s.dtype).view(-1, 1)).sum(dim=1).cpu()
+        if c not in counted:
+            count += _at_least(scores(c), target_scores)
     return (count - 1).numpy().astype(np.int64)
+
+
+def _at_least(s: torch.Tensor, target_scores: torch.Tensor) -> torch.Tensor:
+    """Per case, how many of the chunk's scores ``s`` are at least its target's score."""
+    return (s >= target_scores.to(s.device, s.dtype).view(-1, 1)).sum(dim=1).cpu()
 
 
 def evaluate_ranking_chunked(
@@ -467,19 +475,35 @@ def evaluate_ranking_chunked(
     check: Callable[[], None] | None = None,
 ) -> Evaluation:
     """:func:`evaluate_ranking` (full ranking, same ranks) with bounded memory: cases in
-    batches of ``batch_size`` and items in chunks, at most ``score_budget`` scores at once
-    (see :func:`chunked_ranks`). ``check`` is called before each chunk (raise to stop)."""
+    batches of at most ``batch_size`` whose targets lie in one item chunk, items in chunks,
+    at most ``score_budget`` scores at once (see :func:`chunked_ranks`: each chunk is
+    scored once per batch). ``check`` is called before each chunk (raise to stop)."""
     t = np.asarray(targets, dtype=np.int64)
     if t.ndim != 1:
         raise QuantizeError(f"targets must be 1-D (one item per case), got shape {t.shape}")
     if batch_size < 1 or k < 1 or n_items < 1:
         raise QuantizeError(f"batch_size={batch_size}, k={k} and n_items={n_items} must be >= 1")
     item_chunk = item_chunk_for(batch_size, score_budget)
-    parts = [np.zeros(0, dtype=np.int64)]
-    for start in range(0, len(t), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(t)))
-        parts.append(chunked_ranks(score_fn(idx), t[idx], n_items, item_chunk, check))
-    return summarize(np.concatenate(parts), k, slices)
+    rank = np.zeros(len(t), dtype=np.int64)
+    for idx in _batches_by_target_chunk(t, item_chunk, batch_size):
+        rank[idx] = chunked_ranks(score_fn(idx), t[idx], n_items, item_chunk, check)
+    return summarize(rank, k, slices)
+
+
+def _batches_by_target_chunk(
+    targets: np.ndarray, item_chunk: int, batch_size: int
+) -> list[np.ndarray]:
+    """Case indices in batches of at most ``batch_size`` whose targets lie in one item chunk
+    (so :func:`chunked_ranks` scores each chunk once per batch, not twice), in case order
+    within a chunk."""
+    chunk_of = targets // item_chunk
+    order = np.argsort(chunk_of, kind="stable")
+    cuts = np.flatnonzero(np.diff(chunk_of[order])) + 1
+    return [
+        group[a : a + batch_size]
+        for group in np.split(order, cuts)
+        for a in range(0, len(group), batch_size)
+    ]
 
 
 def pad_slices(

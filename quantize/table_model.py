@@ -338,12 +338,16 @@ class CodeTableRecommender(nn.Module):
         offset = self.repeat_offset()
         if offset is None:
             return scores
-        width = scores.shape[1]
+        # the offset lands only on the (case, item) pairs of the histories inside the chunk:
+        # a few per case, not a pass over the chunk; a repeated item gets it once (each
+        # duplicate writes the same sum)
         local = sequences - start
-        inside = (sequences >= 0) & (local >= 0) & (local < width)
-        seen = torch.zeros_like(scores)
-        seen.scatter_add_(1, torch.where(inside, local, 0), inside.to(scores.dtype))
-        return scores + offset * (seen > 0)
+        case, pos = torch.nonzero(
+            (sequences >= 0) & (local >= 0) & (local < scores.shape[1]), as_tuple=True
+        )
+        item = local[case, pos]
+        scores[case, item] = scores[case, item] + offset
+        return scores
 
     def domain_parameters(self) -> list[nn.Parameter]:
         """The per-domain parameters (``table.*``)."""

@@ -134,6 +134,34 @@ def test_repeat_bias_shifts_only_items_in_the_history() -> None:
     np.testing.assert_allclose((after - before).numpy(), [[-2.0, 0.0, -2.0, 0.0]], atol=1e-5)
 
 
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_score_chunk_equals_score_last_over_any_chunking(width: int) -> None:
+    """The repeat offset lands on a chunk's history items once each (an item repeated in a
+    history, item 0 beside padding, items outside the chunk ignored), and the chunks joined
+    are :meth:`score_last` over every item (up to the matrix product's rounding)."""
+    torch.manual_seed(0)
+    model = build_model(_config(temperature=0.5), ROWS).eval()
+    with torch.no_grad():
+        model.table.repeat.fill_(-0.75)
+        vecs = model.item_vectors(torch.as_tensor(ROWS))
+        seqs = torch.as_tensor([[-1, -1, 2, 0, 2], [3, 3, 3, 1, 0], [-1, -1, -1, -1, 1]])
+        full = model.score_last(seqs, vecs)
+        states = model.last_states(seqs, vecs)
+        n = vecs.shape[0]
+        chunks = [
+            (
+                model.score_chunk(states, seqs, vecs[a : a + width], a),
+                model.logits(states, vecs[a : a + width]),
+            )
+            for a in range(0, n, width)
+        ]
+    shift = torch.cat([scored - plain for scored, plain in chunks], dim=1)
+    in_history = [[i in row.tolist() for i in range(n)] for row in seqs]
+    expected = torch.where(torch.as_tensor(in_history), float(model.repeat_offset().detach()), 0.0)
+    torch.testing.assert_close(shift, expected, rtol=0, atol=1e-6)  # once per item, exactly there
+    torch.testing.assert_close(torch.cat([c for c, _ in chunks], dim=1), full)
+
+
 def test_history_mask_matches_a_loop() -> None:
     seqs = torch.as_tensor([[-1, 3, 1, 3], [0, 2, -1, 4]])
     keep = torch.as_tensor([[False, True, True, True], [True, False, False, True]])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import quantize.train as train_module
 from quantize.evaluate import (
     evaluate_ranking,
     leave_last_split,
@@ -657,6 +658,50 @@ def test_budget_cut_keeps_the_best_validated_epoch(log) -> None:
     assert result.out_of_time and result.validated
     assert 1 <= result.best_epoch <= result.epochs_run < 200
     assert result.wall_s < 10 * per_epoch  # stopped within a step, not after many epochs
+
+
+class _StepClock:
+    """A clock for the trainer that moves only when the run's ``check`` is called (before
+    every step and validation batch): each call is ``tick`` seconds, so epochs of a fixed
+    number of steps have an exact, noise-free length."""
+
+    def __init__(self, tick: float) -> None:
+        self.now = 0.0
+        self.tick = tick
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __call__(self) -> None:
+        self.now += self.tick
+
+
+def test_an_epoch_the_rest_of_the_budget_cannot_fit_is_not_begun(log, monkeypatch) -> None:
+    """Epochs of a fixed length (a fixed number of steps on a clock that moves per step,
+    well under the quarter of the budget that would cut an epoch) and a budget with room
+    for five epochs and a half: the run stops after the fifth (a sixth would end past the
+    budget and be dropped), so every step it took belongs to a validated epoch. Before this
+    rule the sixth was begun, cut at the budget and thrown away."""
+    users, items, stamps, split = log
+    keep = ~split.test
+    args = (_codes(), users[keep], items[keep], stamps[keep])
+    steps = 10
+    fixed = replace(TRAIN, batch_tokens=16, epoch_steps=steps)
+    clock = _StepClock(tick=1.0)
+    monkeypatch.setattr(train_module, "time", clock)
+    probe: list[EpochReport] = []
+    config = replace(fixed, epochs=2)
+    train_domain(*args, model_config=MODEL, config=config, progress=probe.append, check=clock)
+    per_epoch = probe[1].elapsed_s - probe[0].elapsed_s
+    assert per_epoch > steps  # the steps and the validation batches
+    result = train_domain(
+        *args,
+        model_config=MODEL,
+        config=replace(fixed, epochs=50, max_seconds=5.5 * per_epoch),
+        check=clock,
+    )
+    assert result.out_of_time and result.validated and result.epochs_run == 5
+    assert result.steps == 5 * steps  # no step spent on a dropped epoch
 
 
 @pytest.mark.parametrize("budget", [1, 7, 10_000])

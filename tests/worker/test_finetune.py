@@ -127,10 +127,12 @@ class RecordingTuner(FineTuner):
     def __init__(self, *args: object, break_candidate: bool = False, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.inits: list[Snapshot | None] = []
+        self.budgets: list[float | None] = []
         self.break_candidate = break_candidate
 
     def train_candidate(self, domain, data: DomainData, train, init, new_since, **kw):  # type: ignore[no-untyped-def]
         self.inits.append(init)
+        self.budgets.append(kw.get("budget_s"))
         candidate = super().train_candidate(domain, data, train, init, new_since, **kw)
         if self.break_candidate:
             snapshot = candidate.snapshot
@@ -174,6 +176,21 @@ def test_first_fine_tune_publishes_and_the_next_one_is_incremental() -> None:
         for name, arr in v1.params.items():
             if not name.startswith("table."):
                 np.testing.assert_array_equal(arr, v2.params[name])
+
+
+def test_an_incremental_fine_tune_trains_within_its_share_of_the_budget() -> None:
+    """A full run trains within ``finetune_max_seconds`` less its reading; an incremental
+    one within ``finetune_incremental_share`` of it (less its reading)."""
+    settings = replace(S, finetune_max_seconds=100.0, finetune_incremental_share=0.3)
+    store, proc, offset = _setup(settings)
+    tuner = RecordingTuner(store, settings)
+    assert tuner.run("shop").status is FinetuneStatus.PUBLISHED
+    _feed(store, proc, 5000, 40, 2, offset)
+    second = tuner.run("shop")
+    assert second.record is not None and second.record.note == "incremental"
+    full, incremental = tuner.budgets
+    assert full is not None and incremental is not None
+    assert 90.0 < full <= 100.0 and 20.0 < incremental <= 30.0
 
 
 def test_the_gate_rejects_a_broken_candidate_and_keeps_the_current_version() -> None:

@@ -190,6 +190,13 @@ class Settings:
     )
     finetune_epochs: int = setting(20, "most epochs of a full fine-tune", minimum=1)
     finetune_max_seconds: float = setting(300.0, "wall-time budget of one fine-tune", minimum=1.0)
+    finetune_incremental_share: float = setting(
+        0.5,
+        "share of finetune_max_seconds an incremental fine-tune (from the domain's current "
+        "version, on what is new) may use: it adapts a trained table, so it is given less",
+        minimum=0.05,
+        maximum=1.0,
+    )
     finetune_epoch_steps: int = setting(
         2_000,
         "most training steps between two validations: a large domain's epoch is a random "

@@ -488,8 +488,9 @@ class FineTuner:
 
         A stop (shutdown) at any point before step 5 abandons the run within a training
         step or a chunk of reading or ranking: nothing is written and the outcome is
-        :attr:`FinetuneStatus.ABANDONED`; so is a run whose ``finetune_max_seconds`` ran out
-        before any epoch was validated (the budget is checked before every step).
+        :attr:`FinetuneStatus.ABANDONED`; so is a run whose budget (``finetune_max_seconds``,
+        an incremental run ``finetune_incremental_share`` of it) ran out before any epoch
+        was validated (the budget is checked before every step).
         """
         started = time.perf_counter()
         try:
@@ -511,12 +512,15 @@ class FineTuner:
         if new_since is not None and not (data.timestamps[holdout.train] >= new_since).any():
             reason = f"no new interactions since version {parent}"
             return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NO_NEW_DATA, reason))
-        budget = self.settings.finetune_max_seconds - (time.perf_counter() - started)
+        read_at = time.perf_counter()
+        budget = self._budget_s(new_since) - (read_at - started)
         candidate = self.train_candidate(
             domain, data, holdout.train, init, new_since, budget_s=max(budget, 0.0)
         )
+        trained_at = time.perf_counter()
         verdict = self._gate(domain, data, holdout, parent, candidate)
         self._check_stop(domain)
+        gated_at = time.perf_counter()
         record = self._record(domain, data, parent, mode, candidate, verdict)
         outcome = self._settle(
             Outcome(
@@ -529,15 +533,26 @@ class FineTuner:
             )
         )
         log.info(
-            "fine-tune %s: version %d %s (%s) in %.1f s",
+            "fine-tune %s: version %d %s (%s) in %.1f s (reading %.1f s, training %.1f s, "
+            "gate %.1f s, writing %.1f s)",
             domain,
             record.version,
             record.status,
             outcome.reason,
             outcome.seconds,
+            read_at - started,
+            trained_at - read_at,
+            gated_at - trained_at,
+            time.perf_counter() - gated_at,
         )
         self._announce(domain, record)
         return outcome
+
+    def _budget_s(self, new_since: int | None) -> float:
+        """The run's wall-time budget: ``finetune_max_seconds``, and for an incremental run
+        (``new_since`` set) its ``finetune_incremental_share`` of it."""
+        full = self.settings.finetune_max_seconds
+        return full if new_since is None else full * self.settings.finetune_incremental_share
 
     def _read(self, domain: str) -> DomainData | None:
         """Step 1: the domain's data, read from a checkpoint of the state (None: no codes
@@ -760,7 +775,9 @@ class FineTuner:
         if not result.validated:
             raise Abandoned(
                 f"fine-tune of {domain!r} over budget: no epoch validated within "
-                f"{cfg.max_seconds:.0f} s (finetune_max_seconds) after {result.steps} steps; "
+                f"{cfg.max_seconds:.0f} s (finetune_max_seconds"
+                f"{'' if new_since is None else ' x finetune_incremental_share'}) after "
+                f"{result.steps} steps; "
                 "nothing published"
             )
         metrics = {
