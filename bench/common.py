@@ -27,7 +27,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -356,6 +356,8 @@ class Scrape:
     applied: dict[str, float]  # adacode_applied_events_total by kind ("item", "interaction")
     lag: float  # adacode_consumer_lag summed over partitions
     batch_buckets: dict[float, float]  # adacode_batch_seconds cumulative buckets (le -> count)
+    gc_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
+    """adacode_gc_pause_seconds cumulative buckets per generation (gen -> le -> count)"""
 
 
 def scrape_metrics(port: int, timeout_s: float = 60.0) -> Scrape:
@@ -369,6 +371,7 @@ def scrape_metrics(port: int, timeout_s: float = 60.0) -> Scrape:
     applied: dict[str, float] = {}
     lag = 0.0
     buckets: dict[float, float] = {}
+    gc_buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "adacode_applied_events_total":
@@ -379,7 +382,21 @@ def scrape_metrics(port: int, timeout_s: float = 60.0) -> Scrape:
             elif sample.name == "adacode_batch_seconds_bucket":
                 le = float(sample.labels.get("le", "inf"))
                 buckets[le] = buckets.get(le, 0.0) + sample.value
-    return Scrape(seconds, applied, lag, buckets)
+            elif sample.name == "adacode_gc_pause_seconds_bucket":
+                gen = gc_buckets.setdefault(sample.labels.get("generation", ""), {})
+                gen[float(sample.labels.get("le", "inf"))] = sample.value
+    return Scrape(seconds, applied, lag, buckets, gc_buckets)
+
+
+def gc_pauses_between(before: Scrape, after: Scrape) -> dict[str, dict[str, float | None]]:
+    """Per collector generation, the passes between two scrapes and the upper bound (s) of
+    the longest of them (see :func:`longest_batch_bound`)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for gen, buckets in sorted(after.gc_buckets.items()):
+        old = before.gc_buckets.get(gen, {})
+        diff = {le: count - old.get(le, 0.0) for le, count in buckets.items()}
+        out[gen] = {"passes": diff.get(math.inf, 0.0), "longest_s": longest_batch_bound(diff)}
+    return out
 
 
 def longest_batch_bound(buckets: dict[float, float]) -> float | None:

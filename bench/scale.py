@@ -108,6 +108,7 @@ from adacode.errors import AdacodeError
 from bench.broker import broker, confluent_available, free_port, produce_stream
 from bench.common import (
     dir_size_mib,
+    gc_pauses_between,
     longest_batch_bound,
     out_path,
     proc_cpu_s,
@@ -1077,11 +1078,13 @@ class ScaleRun:
             for k in range(len(offsets))
         ]
         client = KeepAlive(self.port)
+        before = scrape_metrics(self.port)
         try:
             shots = run_paced(requests, offsets, client.get, self.args.serve_threads)
         finally:
             client.close()
         self.result.figures["paced_latency_ms"] = paced_figures(shots)
+        self.result.figures["paced_gc"] = gc_pauses_between(before, scrape_metrics(self.port))
         self.result.figures["paced"] = {
             "rate": self.args.serve_rate,
             "seconds": self.args.serve_seconds,
@@ -1329,6 +1332,17 @@ def serve_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
                 f"({_f(run.get('rate'), '{:g}')}/s in all for {_f(seconds, '{:g}')} s, "
                 f"{run.get('threads')} threads); HTTP {v.get('statuses')}, "
                 f"{v.get('non_200', 0)} not 200)",
+            )
+        )
+    gc_passes = f.get("paced_gc") or {}
+    if gc_passes:
+        rows.append(
+            (
+                "GC passes during the paced load (generation: passes, longest <=)",
+                "; ".join(
+                    f"{gen}: {v.get('passes', 0):.0f}, {_f(v.get('longest_s'), '{:g}')} s"
+                    for gen, v in gc_passes.items()
+                ),
             )
         )
     new = f.get("new_item_ms")

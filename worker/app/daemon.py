@@ -380,6 +380,7 @@ class Daemon:
                 target=self._preload_encoder, name="encoder-preload", daemon=True
             ).start()
         freeze_long_lived("start-up")
+        unwatch_gc = self.metrics.watch_gc()
         try:
             self.loop.run()
         except StoreError as exc:
@@ -391,6 +392,7 @@ class Daemon:
             if self.http is not None:
                 self.http.stop()
             self.store.close()
+            unwatch_gc()
             thaw()
         log.info(
             "stopped after %.1f s: %d batches, %d records, %d dead-lettered",

@@ -7,6 +7,7 @@ alert in ``ops/prometheus/alerts.yml`` reads the worker's RSS from it.
 
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -175,6 +176,13 @@ class Metrics:
         )
         self.lag = Gauge(
             "adacode_consumer_lag", "records behind the log end", ["topic", "partition"], registry=r
+        )
+        self.gc_pause = Histogram(
+            "adacode_gc_pause_seconds",
+            "cyclic garbage-collector passes, by generation (every thread waits for one)",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
         )
         self.code_changes = TextFamily(
             "adacode_code_changes",
@@ -365,6 +373,23 @@ class Metrics:
         self.code_collisions.labels(domain, "head").set(report.collision_head)
         self.code_length.labels(domain, "head").set(report.mean_len_head)
         self.code_length.labels(domain, "tail").set(report.mean_len_tail)
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Time every pass of the cyclic collector into :attr:`gc_pause` (a pause of the
+        whole process, so a request's tail shows here when the heap holds many tracked
+        objects); returns the function that stops watching."""
+        began = [0.0]
+
+        def callback(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                began[0] = time.perf_counter()
+            else:
+                self.gc_pause.labels(str(info["generation"])).observe(
+                    time.perf_counter() - began[0]
+                )
+
+        gc.callbacks.append(callback)
+        return lambda: gc.callbacks.remove(callback)
 
     def render(self) -> bytes:
         """The exposition: the registry's (process, batch, Kafka: a fixed size) and the
