@@ -23,6 +23,7 @@ from store.partition import (
     offset_key,
     prefix_upper_bound,
 )
+from store.rocksdb import SCAN_CHUNK
 
 
 @pytest.fixture(params=["memory", "rocksdb"])
@@ -194,6 +195,16 @@ def test_scan_is_items_as_one_list_and_refuses_a_closed_store(partition: StorePa
     partition.close()
     with pytest.raises(StoreClosedError):
         partition.scan("versions")
+
+
+def test_a_scan_longer_than_its_read_chunk_returns_every_row_once_in_order(
+    partition: StorePartition,
+) -> None:
+    """More rows than the RocksDB scan reads per call (``SCAN_CHUNK``), around a prefix."""
+    n = 2 * SCAN_CHUNK + 3
+    rows = {b"p" + i.to_bytes(4, "big"): i.to_bytes(4, "little") for i in range(n)}
+    put_all(partition, "codes", rows | {b"o": b"before", b"q": b"after"})
+    assert partition.scan("codes", prefix=b"p") == sorted(rows.items())
 
 
 def test_prefix_helpers_match_a_brute_force_scan() -> None:
