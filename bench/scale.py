@@ -617,26 +617,29 @@ def paced_figures(shots: Sequence[Shot]) -> dict[str, dict[str, Any]]:
 
 class ClientGc:
     """The bench's own collector during a measured load: its long-lived objects (the
-    generated domain, millions of them at 1M items) frozen out of the collector's reach, so
-    a full pass over them does not stall the client's threads and count as the worker's
-    latency (a load generator must not measure itself), and every pass that still runs
-    timed by generation."""
+    generated domain and the run's records) frozen out of the collector's reach, so a full
+    pass over them does not stall the client's threads and count as the worker's latency
+    (a load generator must not measure itself), and every pass that still runs timed by
+    generation. ``freeze=False`` (``--client-gc as-is``) only times them."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, freeze: bool = True) -> None:
+        self.freeze = freeze
         self.pauses: dict[int, list[float]] = {}
         self.frozen = 0
         self._began = 0.0
 
     def __enter__(self) -> ClientGc:
-        gc.collect()
-        gc.freeze()
-        self.frozen = gc.get_freeze_count()
+        if self.freeze:
+            gc.collect()
+            gc.freeze()
+            self.frozen = gc.get_freeze_count()
         gc.callbacks.append(self._callback)
         return self
 
     def __exit__(self, *exc: object) -> None:
         gc.callbacks.remove(self._callback)
-        gc.unfreeze()
+        if self.freeze:
+            gc.unfreeze()
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -1118,7 +1121,7 @@ class ScaleRun:
         client = KeepAlive(self.port)
         before = scrape_metrics(self.port)
         try:
-            with ClientGc() as client_gc:
+            with ClientGc(freeze=self.args.client_gc == "freeze") as client_gc:
                 shots = run_paced(requests, offsets, client.get, self.args.serve_threads)
         finally:
             client.close()
@@ -1543,6 +1546,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--serve-seconds", type=float, default=20.0, help="paced load: seconds")
     parser.add_argument(
         "--serve-threads", type=int, default=32, help="paced load: client threads (connections)"
+    )
+    parser.add_argument(
+        "--client-gc",
+        choices=("freeze", "as-is"),
+        default="freeze",
+        help="the bench client's collector during the paced load: its long-lived objects "
+        "frozen first (default), or as they are (to see what its own passes cost)",
     )
     parser.add_argument(
         "--new-items", type=int, default=50, help="new items timed to servable (0: none)"
