@@ -3,6 +3,7 @@ exposition prometheus_client writes, and a scrape formats only what changed sinc
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
@@ -129,3 +130,29 @@ def test_the_codebook_drift_is_exposed_and_nan_until_it_can_be_scored() -> None:
     assert samples[("adacode_codebook_drifted", ())] == 1
     assert samples[("adacode_codebook_catalogue_share", ())] == pytest.approx(200 / 600)
     assert samples[("adacode_codebook_coded_items", (("window", "recent"),))] == 400
+
+
+def _gc_count(metrics: Metrics, generation: str) -> float:
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if (
+                sample.name == "adacode_gc_pause_seconds_count"
+                and sample.labels.get("generation") == generation
+            ):
+                return sample.value
+    raise AssertionError(f"no adacode_gc_pause_seconds series for generation {generation}")
+
+
+def test_collector_passes_are_timed_while_watched_and_not_after() -> None:
+    metrics = Metrics()
+    assert _gc_count(metrics, "2") == 0.0  # every generation's series from the start
+    unwatch = metrics.watch_gc()
+    try:
+        gc.collect()
+        gc.collect(0)
+    finally:
+        unwatch()
+    watched = _gc_count(metrics, "2")
+    assert watched >= 1.0 and _gc_count(metrics, "0") >= 1.0
+    gc.collect()
+    assert _gc_count(metrics, "2") == watched  # no longer watched

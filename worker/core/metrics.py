@@ -184,6 +184,8 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        for generation in ("0", "1", "2"):  # every series from the first scrape, at 0
+            self.gc_pause.labels(generation)
         self.code_changes = TextFamily(
             "adacode_code_changes",
             "served-code changes (new, promote, deepen, disambiguate, demote, recode)",
