@@ -61,9 +61,11 @@ def freeze_long_lived(what: str) -> int:
     A worker holds ~500k container objects once torch, faiss, uvicorn and the encoder are
     imported, and a full collection walks them all: ~300 ms on this 2-core machine with the
     GIL held, a stall of every request and batch whenever the allocation counts trigger one
-    (measured in process; it was not what makes the paced tail of bench/scale.py at 1M
-    items, which stayed the same with the freeze). Objects made at start-up (modules, the loaded model) live as long as the
-    process, so they are frozen once loaded; objects made later are collected as before.
+    (measured in process; ``adacode_gc_pause_seconds`` times every pass). The paced tail of
+    bench/scale.py at 1M items was not the worker's collector but the bench client's own
+    (a ~100 ms full pass over its objects; the client now freezes them the same way).
+    Objects made at start-up (modules, the loaded model) live as long as the process, so
+    they are frozen once loaded; objects made later are collected as before.
     Called after start-up, the fine-tune warm-up and the encoder's load (``what`` says which)."""
     started = time.perf_counter()
     gc.collect()  # garbage of the loading goes first: frozen objects are never collected
