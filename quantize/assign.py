@@ -1435,6 +1435,7 @@ class CodeAssigner:
             self._nodes = PrefixNodes(self.levels, self.k)
             self._nodes.place(rows, items.paths)
             self._nodes.contribute(rows, items.popularity, items.is_head, 1)
+            self._nodes.index_members()  # here, with the other O(items) work, not in a round
         self._code_count = self._count_codes(n)
         heads = np.flatnonzero(items.is_head[:n])
         self._head_codes = dict(zip(self._codes(heads), heads.tolist(), strict=True))

@@ -143,9 +143,12 @@ def thresholds_for_fraction(
     m = round(fraction * len(pop))
     if m == 0 or positive.size == 0:
         return math.inf, math.inf
-    # the m-th largest popularity (np.partition: O(n), no full sort)
-    mth = float(np.partition(pop, len(pop) - m)[len(pop) - m])
-    enter = max(mth, float(positive.min()))
+    # the m-th largest popularity, never below the smallest positive one: when fewer than
+    # m items are positive, that smallest one; else the m-th largest of the positive items
+    # (np.partition over those only: O(positive), no full sort)
+    if positive.size <= m:
+        return float(positive.min()), float(positive.min()) * exit_ratio
+    enter = float(np.partition(positive, positive.size - m)[positive.size - m])
     return enter, enter * exit_ratio
 
 

@@ -60,6 +60,31 @@ def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
     return np.repeat(shift, sizes) + np.arange(total, dtype=np.int64)
 
 
+#: bits per pass of :func:`stable_order` (numpy sorts 16-bit keys stably by radix, in O(n))
+_RADIX_BITS = 16
+
+
+def stable_order(keys: np.ndarray, bound: int) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for non-negative integer ``keys`` below
+    ``bound``, in O(n) per 16 bits of ``bound``: least significant digit first, each pass
+    a stable radix sort of one 16-bit digit (numpy's own for ``uint16``). At a million
+    keys below 2**32 it takes about a quarter of the comparison sort's time."""
+    keys = np.asarray(keys)
+    if keys.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    passes = max(1, -(-max(int(bound) - 1, 1).bit_length() // _RADIX_BITS))
+    order: np.ndarray | None = None
+    mask = (1 << _RADIX_BITS) - 1
+    for p in range(passes):
+        digit = ((keys >> (_RADIX_BITS * p)) & mask).astype(np.uint16)
+        if order is None:
+            order = np.argsort(digit, kind="stable")
+        else:
+            order = order[np.argsort(digit[order], kind="stable")]
+    assert order is not None
+    return order.astype(np.int64, copy=False)
+
+
 #: the sums of one node, side by side: a round reads and writes a few thousand scattered
 #: nodes, each then one memory access instead of one per sum
 _NODE_SUMS = np.dtype(
@@ -225,22 +250,48 @@ class PrefixNodes:
             return np.zeros(0, dtype=np.int64)
         return _distinct(np.concatenate(found).astype(np.int64, copy=False))
 
+    def index_members(self) -> None:
+        """Bring the index of rows by node up to date: the rows placed since it was built
+        are merged into it (sorted among themselves, then inserted at the end of their
+        nodes' runs: O(rows) copies, no sort of the indexed rows); without an index, or
+        after rows changed nodes, it is built from every row (:func:`stable_order`)."""
+        n = self.n
+        if self._members and n == self._indexed:
+            return
+        row_type = np.int32 if n < 2**31 else np.int64
+        merged = []
+        for d, depth in enumerate(self.depths):
+            n_nodes = len(depth.lookup)
+            if self._members:
+                merged.append(self._merged(d, n_nodes, row_type))
+                continue
+            ids = self.node_ids[:n, d]
+            order = stable_order(ids, n_nodes).astype(row_type)
+            offsets = np.zeros(n_nodes + 1, dtype=row_type)
+            np.cumsum(np.bincount(ids, minlength=n_nodes), out=offsets[1:])
+            merged.append((order, offsets))
+        self._members = merged
+        self._indexed = n
+
+    def _merged(self, d: int, n_nodes: int, row_type: type) -> tuple[np.ndarray, np.ndarray]:
+        """Depth ``d``'s index with rows ``indexed..n-1`` merged in (each node's rows stay in
+        row order: the newer rows follow the indexed ones)."""
+        order, offsets = self._members[d]
+        late_ids = self.node_ids[self._indexed : self.n, d]
+        late = stable_order(late_ids, n_nodes)
+        ends = np.full(n_nodes + 1, offsets[-1], dtype=np.int64)
+        ends[: offsets.size] = offsets
+        order = np.insert(order, ends[late_ids[late] + 1], (late + self._indexed).astype(row_type))
+        added = np.zeros(n_nodes + 1, dtype=np.int64)
+        np.cumsum(np.bincount(late_ids, minlength=n_nodes), out=added[1:])
+        return order, (ends + added).astype(row_type)
+
     def _index_members(self) -> None:
-        """(Re)build the index of rows by node when rows placed since outnumber a quarter
-        of those indexed (the scans of the newer rows stay small, rebuilds amortized)."""
+        """Bring the index up to date when rows placed since outnumber a quarter of those
+        indexed (the scans of the newer rows stay small, merges amortized)."""
         if self._members and self.n - self._indexed <= max(4096, self._indexed // 4):
             return
-        n = self.n
-        row_type = np.int32 if n < 2**31 else np.int64
-        self._members = []
-        for d, depth in enumerate(self.depths):
-            ids = self.node_ids[:n, d]
-            order = np.argsort(ids, kind="stable").astype(row_type)
-            counts = np.bincount(ids, minlength=len(depth.lookup))
-            offsets = np.zeros(counts.size + 1, dtype=row_type)
-            np.cumsum(counts, out=offsets[1:])
-            self._members.append((order, offsets))
-        self._indexed = n
+        self.index_members()
 
     def _forget_members(self) -> None:
         """Rows changed nodes: the index of rows by node is rebuilt when next needed."""

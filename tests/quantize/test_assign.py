@@ -26,7 +26,7 @@ from quantize.assign import (
 from quantize.code_metrics import code_report, collision_rate, level_balance, level_utilization
 from quantize.exceptions import AssignmentError, LengthPolicyError
 from quantize.lengths import POLICIES, make_policy
-from quantize.prefix_nodes import PrefixNodes
+from quantize.prefix_nodes import PrefixNodes, stable_order
 
 POLICY_NAMES = sorted(POLICIES)
 GROWING = {"new", "recode", "promote", "deepen", "disambiguate"}
@@ -641,3 +641,38 @@ def test_prefix_node_members_equal_a_scan_of_every_row() -> None:
     nodes.remove(moved, np.zeros(moved.size), np.zeros(moved.size, dtype=bool))
     nodes.place(moved, rng.integers(0, k, size=(moved.size, levels)))
     check()
+
+
+def test_prefix_node_index_merged_from_newer_rows_equals_one_built_from_every_row() -> None:
+    """Rows placed after the index was built are merged into it (their nodes' runs, new
+    nodes included): the same order and offsets as an index built from every row."""
+    rng = np.random.default_rng(5)
+    levels, k = 3, 40
+    grown, fresh = PrefixNodes(levels, k), PrefixNodes(levels, k)
+    n = 0
+    for size in (300, 1, 50, 2000, 9):
+        paths = rng.integers(0, k, size=(size, levels))
+        grown.place(np.arange(n, n + size), paths)
+        grown.index_members()
+        fresh.place(np.arange(n, n + size), paths)
+        n += size
+    fresh.index_members()
+    for d, ((order, offsets), (want_order, want_offsets)) in enumerate(
+        zip(grown._members, fresh._members, strict=True)
+    ):
+        np.testing.assert_array_equal(order, want_order)
+        np.testing.assert_array_equal(offsets, want_offsets)
+        ids = fresh.node_ids[:n, d]
+        np.testing.assert_array_equal(want_order, np.argsort(ids, kind="stable"))
+        np.testing.assert_array_equal(np.diff(want_offsets), np.bincount(ids))
+
+
+@pytest.mark.parametrize("bound", [1, 2, 255, 2**16, 2**16 + 1, 2**33])
+def test_stable_order_equals_a_stable_argsort(bound: int) -> None:
+    """The radix order of integer keys below any bound (one to three 16-bit passes) is
+    numpy's stable argsort: ties keep their positions."""
+    rng = np.random.default_rng(bound % 1000)
+    for size in (0, 1, 7, 5000):
+        keys = rng.integers(0, bound, size=size, dtype=np.int64)
+        keys[: size // 3] = keys[size // 2] if size else 0  # many ties
+        np.testing.assert_array_equal(stable_order(keys, bound), np.argsort(keys, kind="stable"))

@@ -108,6 +108,26 @@ def test_thresholds_for_fraction(pop: np.ndarray, fraction: float) -> None:
         assert flags.sum() == target
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    hnp.arrays(np.float64, st.integers(1, 80), elements=st.sampled_from([0.0, 0.5, 1.0, 3.0, 7.5])),
+    st.floats(0.0, 1.0),
+)
+def test_thresholds_for_fraction_equal_a_sort_of_every_item(
+    pop: np.ndarray, fraction: float
+) -> None:
+    """The enter threshold is the m-th largest popularity of all items (zeros included),
+    never below the smallest positive one: a full sort gives the same value, ties and
+    catalogues with fewer positive items than m included."""
+    m = round(fraction * len(pop))
+    positive = pop[pop > 0]
+    if m == 0 or positive.size == 0:
+        assert thresholds_for_fraction(pop, fraction) == (math.inf, math.inf)
+        return
+    want = max(float(np.sort(pop)[::-1][m - 1]), float(positive.min()))
+    assert thresholds_for_fraction(pop, fraction, 0.5) == (want, want * 0.5)
+
+
 def reference_entropy_lengths(
     paths: np.ndarray, pop: np.ndarray, head: np.ndarray, min_len: int, max_effective: float
 ) -> np.ndarray:
