@@ -74,7 +74,7 @@ from quantize.lengths import (
     policy_lengths,
     thresholds_for_fraction,
 )
-from quantize.prefix_nodes import PrefixNodes
+from quantize.prefix_nodes import GIL_CHUNK, PrefixNodes, number_keys, row_tuples
 
 STATE_VERSION = 1
 DEFAULT_DEMOTE_AFTER = 3
@@ -717,10 +717,13 @@ class CodeAssigner:
         for start, stop in zip([0, *cuts], [*cuts, idx.size], strict=True):
             n, digit = divmod(int(shape[start]), 2)
             cols = [*range(n), self.levels] if digit else list(range(n))
-            grouped += map(tuple, table[start:stop][:, cols].tolist())
+            grouped += row_tuples(table[start:stop][:, cols])
         place = np.empty(idx.size, dtype=np.int64)
         place[order] = np.arange(idx.size)
-        return list(map(grouped.__getitem__, place.tolist()))
+        out: list[Code] = []
+        for lo in range(0, idx.size, GIL_CHUNK):
+            out += map(grouped.__getitem__, place[lo : lo + GIL_CHUNK].tolist())
+        return out
 
     def served_code(self, key: str) -> Code:
         return self._code(self._idx(key))
@@ -1427,7 +1430,13 @@ class CodeAssigner:
         return out
 
     def _rebuild_derived(self) -> None:
-        """Prefix statistics, head codes, counts and the demotion schedule from the arrays."""
+        """Prefix statistics, head codes, counts and the demotion schedule from the arrays
+        (with the collector paused: a million code tuples made here would each trigger
+        passes over them, no cycle among them)."""
+        with _collector_paused():
+            self._rebuild_derived_now()
+
+    def _rebuild_derived_now(self) -> None:
         items = self._items
         n = len(self._keys)
         rows = np.arange(n, dtype=np.int64)
@@ -1438,7 +1447,11 @@ class CodeAssigner:
             self._nodes.index_members()  # here, with the other O(items) work, not in a round
         self._code_count = self._count_codes(n)
         heads = np.flatnonzero(items.is_head[:n])
-        self._head_codes = dict(zip(self._codes(heads), heads.tolist(), strict=True))
+        self._head_codes = {}
+        head_codes, head_rows = self._codes(heads), heads.tolist()
+        for lo in range(0, len(head_rows), GIL_CHUNK):
+            hi = lo + GIL_CHUNK
+            self._head_codes.update(zip(head_codes[lo:hi], head_rows[lo:hi], strict=True))
         served = items.lengths[:n] + items.uses_digit[:n]
         self._len_sum = [0, 0]
         self._sum_lengths(served, items.is_head[:n], 1)
@@ -1489,7 +1502,8 @@ class CodeAssigner:
         if len(set(state.keys)) != len(state.keys):
             raise AssignmentError("CodeAssigner.from_state: duplicate keys; the state is corrupt")
         out._keys = list(state.keys)
-        out._index = dict(zip(out._keys, range(len(out._keys)), strict=True))
+        out._index = {}
+        number_keys(out._keys, 0, out._index)
         out._items = items
         out._next_digit = int(state.next_digit)
         out._clock = int(state.clock)
@@ -1612,7 +1626,8 @@ class CodeAssigner:
             True,
         )
         out._keys = [keys[i] for i in order.tolist()]
-        out._index = dict(zip(out._keys, range(len(out._keys)), strict=True))
+        out._index = {}
+        number_keys(out._keys, 0, out._index)
         arrays = {
             f.name: np.ascontiguousarray(arr[f.name], dtype=f.metadata["dtype"])
             for f in fields(_Items)
