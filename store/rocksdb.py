@@ -78,12 +78,26 @@ _BLOCK_CACHE = rocksdict.Cache(BLOCK_CACHE_BYTES)
 SCAN_CHUNK = 8192
 
 
-def _family_options() -> rocksdict.Options:
-    """Options of one column family: raw bytes, blocks in the shared cache."""
+#: column families read key by key on the ingest path (each batch reads its items, their
+#: popularity, its users' recent items, counters and offsets): their table files carry a
+#: Bloom filter, so a lookup reads the data block of the one file that holds the key instead
+#: of one per L0 file and level whose key range covers it. Without filters the users' reads
+#: grew from 13 % to 20 % of the consumer's time over a 10M-interaction run as the family
+#: grew levels. The others are scanned by prefix, where whole-key filters do not help.
+POINT_READ_FAMILIES = frozenset({"meta", "items", "popularity", "users", "offsets"})
+#: bits per key of those filters (~1 % false positives)
+BLOOM_BITS_PER_KEY = 10
+
+
+def _family_options(cf: str = _DEFAULT_CF) -> rocksdict.Options:
+    """Options of one column family: raw bytes, blocks in the shared cache, a Bloom filter
+    for the families read key by key."""
     table = rocksdict.BlockBasedOptions()
     table.set_block_cache(_BLOCK_CACHE)
     table.set_cache_index_and_filter_blocks(True)
     table.set_pin_l0_filter_and_index_blocks_in_cache(True)
+    if cf in POINT_READ_FAMILIES:
+        table.set_bloom_filter(BLOOM_BITS_PER_KEY, False)  # a full filter per file
     options = rocksdict.Options(raw_mode=True)
     options.set_block_based_table_factory(table)
     return options
@@ -302,7 +316,7 @@ class RocksDBPartition(StorePartition):
                     "open it once read-write (start the worker) to add them"
                 )
             for cf in missing:
-                db.create_column_family(cf, _family_options()).close()
+                db.create_column_family(cf, _family_options(cf)).close()
             return cls(db, path, mode=mode, sync_writes=sync_writes)
         except BaseException:
             db.close()
@@ -345,7 +359,7 @@ class RocksDBPartition(StorePartition):
             access = rocksdict.AccessType.read_only(False)
         else:
             access = rocksdict.AccessType.read_write()
-        column_families = {cf: _family_options() for cf in families if cf != _DEFAULT_CF}
+        column_families = {cf: _family_options(cf) for cf in families if cf != _DEFAULT_CF}
         try:
             return rocksdict.Rdict(
                 str(path), _options(create=create), column_families, access_type=access
