@@ -406,3 +406,28 @@ def longest_batch_bound(buckets: dict[float, float]) -> float | None:
     if not total:
         return None
     return min(le for le, count in buckets.items() if count >= total)
+
+
+def drop_topics(bootstrap: str, prefix: str) -> list[str]:
+    """Delete every topic named ``prefix...`` on the broker at ``bootstrap`` (a bench's own
+    topics: a 1M-item run leaves ~6 GB of them, and repeated runs filled the disk of a
+    long-lived broker until its log directory failed); returns their names. A broker that
+    does not answer is reported, not raised: the bench's figures are already taken."""
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30_000)
+    except KafkaError as exc:
+        print(f"  topics {prefix}* not deleted: the broker did not answer ({exc})")
+        return []
+    try:
+        names = sorted(t for t in admin.list_topics() if t.startswith(prefix))
+        if names:
+            admin.delete_topics(names)
+        return names
+    except KafkaError as exc:
+        print(f"  topics {prefix}* not deleted: {exc}")
+        return []
+    finally:
+        admin.close()

@@ -66,7 +66,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adacode.errors import AdacodeError
 from bench.broker import broker, confluent_available, free_port, produce_stream
-from bench.common import dir_size_mib, out_path, worker_env
+from bench.common import dir_size_mib, drop_topics, out_path, worker_env
 from bench.scale import (
     _CODEBOOK_DONE,
     DIM,
@@ -281,6 +281,8 @@ class DomainsRun:
             if self.worker is not None and self.worker.poll() is None:
                 self.stop_worker()
             shutil.rmtree(self.scratch, ignore_errors=True)
+            if not self.args.keep_topics:
+                drop_topics(self.bootstrap, self.prefix)
 
     # -- steps ----------------------------------------------------------------------------
 
@@ -741,6 +743,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--stop-by",
         type=_utc_today,
         help="HH:MM UTC: every wait gives up at it (the D is reported with what it reached)",
+    )
+    parser.add_argument(
+        "--keep-topics", action="store_true", help="keep the run's topics on the broker"
     )
     parser.add_argument("--producer", choices=("auto", "kafka-python", "confluent"), default="auto")
     parser.add_argument(

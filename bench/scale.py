@@ -109,6 +109,7 @@ from adacode.errors import AdacodeError
 from bench.broker import broker, confluent_available, free_port, produce_stream
 from bench.common import (
     dir_size_mib,
+    drop_topics,
     gc_pauses_between,
     longest_batch_bound,
     out_path,
@@ -837,6 +838,8 @@ class ScaleRun:
             return self.result
         finally:
             shutil.rmtree(self.scratch, ignore_errors=True)
+            if not self.args.keep_topics:
+                drop_topics(self.bootstrap, self.prefix)
 
     def produce(
         self,
@@ -1516,6 +1519,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-items", type=int, default=1000, help="codebook_min_items")
     parser.add_argument("--poll-s", type=float, default=0.5, help="seconds between /metrics polls")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="most seconds per phase")
+    parser.add_argument(
+        "--keep-topics",
+        action="store_true",
+        help="keep the run's topics on the broker (default: deleted at the end, ~6 GB at 1M items)",
+    )
     parser.add_argument(
         "--stall-s",
         type=float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from collections import defaultdict
 
 import pytest
@@ -47,3 +48,24 @@ def test_keyed_messages_round_trip_in_per_key_order(
 def test_consume_all_reports_a_missing_topic(kafka_bootstrap: str, topic_prefix: str) -> None:
     with pytest.raises(KafkaTestSupportError, match="not found"):
         consume_all(kafka_bootstrap, f"{topic_prefix}absent", timeout_s=2.0)
+
+
+def test_a_bench_drops_its_own_topics_and_no_other(
+    kafka_bootstrap: str, topic_prefix: str, admin: KafkaAdminClient
+) -> None:
+    """``bench.common.drop_topics`` deletes the topics of its prefix (a 1M-item bench leaves
+    ~6 GB) and leaves a topic of another prefix that starts the same way."""
+    from bench.common import drop_topics
+
+    mine = [f"{topic_prefix}bench.items", f"{topic_prefix}bench.interactions"]
+    other = f"{topic_prefix}benchmark-other"
+    create_topics(kafka_bootstrap, [*mine, other], partitions=1)
+
+    assert drop_topics(kafka_bootstrap, f"{topic_prefix}bench.") == sorted(mine)
+
+    deadline = time.monotonic() + 30.0
+    while set(mine) & set(admin.list_topics()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = set(admin.list_topics())
+    assert not set(mine) & left
+    assert other in left
