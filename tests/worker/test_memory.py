@@ -11,7 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.core.memory import cap_mmap_threshold, freeze_long_lived, release_free_memory
+from worker.core.memory import (
+    GC_YOUNG_THRESHOLD,
+    cap_mmap_threshold,
+    freeze_long_lived,
+    release_free_memory,
+    space_young_collections,
+    thaw,
+)
 
 
 def _rss_mb() -> float:
@@ -96,3 +103,33 @@ def test_frozen_objects_are_out_of_the_collectors_reach_and_later_ones_are_not()
         assert gc.collect() >= 1 and not any(id(o) == ref for o in gc.get_objects())
     finally:
         gc.unfreeze()
+
+
+def _passes_over_batches(batches: int, size: int) -> list[int]:
+    """Collector passes per generation while ``batches`` batches each make ``size`` objects
+    that live until the batch ends (as a consumer batch's records and events do)."""
+    before = [g["collections"] for g in gc.get_stats()]
+    for _ in range(batches):
+        batch = [[i] for i in range(size)]
+        del batch
+    return [g["collections"] - b for g, b in zip(gc.get_stats(), before, strict=True)]
+
+
+def test_spaced_young_collections_keep_batch_objects_out_of_the_old_generation() -> None:
+    """With CPython's default thresholds a batch's short-lived objects go through dozens of
+    young passes and reach the old generation, which then gets full passes; spaced young
+    passes let them die young: no full pass over 20 batches, a pass per batch at most.
+    Thawing restores the thresholds found."""
+    found = gc.get_threshold()
+    gc.collect()
+    default = _passes_over_batches(20, 20_000)
+    assert default[0] >= 20 * 20_000 // found[0] // 2 and default[2] >= 1
+    try:
+        now = space_young_collections()
+        assert now == (max(GC_YOUNG_THRESHOLD, found[0]), found[1], found[2])
+        gc.collect()
+        spaced = _passes_over_batches(20, 20_000)
+        assert spaced[0] <= 20 and spaced[2] == 0
+    finally:
+        thaw()
+    assert gc.get_threshold() == found

@@ -22,7 +22,12 @@ from kafka import TopicPartition
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
-from worker.core.memory import cap_mmap_threshold, freeze_long_lived, thaw
+from worker.core.memory import (
+    cap_mmap_threshold,
+    freeze_long_lived,
+    space_young_collections,
+    thaw,
+)
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.core.signals import install_stop_handlers
@@ -380,6 +385,7 @@ class Daemon:
                 target=self._preload_encoder, name="encoder-preload", daemon=True
             ).start()
         freeze_long_lived("start-up")
+        space_young_collections()
         unwatch_gc = self.metrics.watch_gc()
         try:
             self.loop.run()
