@@ -58,7 +58,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import cast
 
@@ -82,6 +82,7 @@ from quantize.evaluate import (
     user_sequences,
     wilson_interval,
 )
+from quantize.exceptions import QuantizeError
 from quantize.lengths import POLICIES, make_policy
 from quantize.table_model import (
     ModelConfig,
@@ -571,6 +572,43 @@ def cold_lines(
     return lines
 
 
+def overrides(config: type, pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as typed keyword arguments of the dataclass ``config`` (each value
+    parsed as the type of the field's default; ``none`` for an optional field)."""
+    defaults = {f.name: f.default for f in fields(config)}
+    parsed: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(
+                f"{config.__name__} override {pair!r}: expected KEY=VALUE with KEY one of "
+                f"{sorted(defaults)}"
+            )
+        try:
+            parsed[key] = _typed(defaults[key], raw)
+        except ValueError:
+            raise ValueError(
+                f"{config.__name__} override {pair!r}: {key} takes a value like its default "
+                f"{defaults[key]!r}"
+            ) from None
+    return parsed
+
+
+def _typed(default: object, raw: str) -> object:
+    """``raw`` parsed as the type of ``default`` (``none`` is None)."""
+    if raw.lower() == "none":
+        return None
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1", "yes", "on")
+    if isinstance(default, int | float):
+        return type(default)(raw)
+    if default is None:
+        return float(raw) if "." in raw or "e" in raw.lower() else int(raw)
+    return raw
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_args(parser, multiple=True)
@@ -592,6 +630,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--few-fraction", type=float, default=0.1, help="few-shot user share")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ModelConfig default for every row (repeatable), e.g. layers=2",
+    )
+    parser.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a TrainConfig default for every row (repeatable), e.g. lr=0.001",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     args = parser.parse_args(argv)
     policies = tuple(p for p in args.policies.split(",") if p)
@@ -601,12 +653,27 @@ def main(argv: list[str] | None = None) -> int:
     groups = frozenset(g for g in args.rows.split(",") if g)
     if groups - set(ROW_GROUPS):
         parser.error(f"--rows: unknown {sorted(groups - set(ROW_GROUPS))}; pick from {ROW_GROUPS}")
+    try:  # checked before any data is read: a bad override costs nothing
+        model_set = overrides(ModelConfig, args.model)
+        model_cfg = ModelConfig(**model_set)  # type: ignore[arg-type]
+        train_cfg = TrainConfig(
+            **{  # type: ignore[arg-type]
+                "epochs": args.epochs,
+                "threads": args.threads,
+                "seed": args.seed,
+                **overrides(TrainConfig, args.train),
+            }
+        )
+    except (ValueError, QuantizeError) as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads)
     loaded = [(ds, item_embeddings(ds)) for ds in map(load_dataset, args.dataset)]
     all_emb = np.concatenate([emb for _, emb in loaded])
+    if "text_dim" not in model_set:  # the text projection is on, with the embedding width
+        model_cfg = replace(model_cfg, text_dim=int(all_emb.shape[1]))
     st = Settings(
-        model=ModelConfig(text_dim=int(all_emb.shape[1])),
-        train=TrainConfig(epochs=args.epochs, threads=args.threads, seed=args.seed),
+        model=model_cfg,
+        train=train_cfg,
         policies=policies,
         few_fraction=args.few_fraction,
         seed=args.seed,
