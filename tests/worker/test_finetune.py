@@ -7,6 +7,7 @@ trained relative's code, the gate scoring items as they are served)."""
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -202,6 +203,47 @@ def test_the_gate_rejects_a_broken_candidate_and_keeps_the_current_version() -> 
     assert broken.metrics["recall@10"] < broken.metrics["current_recall@10"]
     assert current_version(store, "shop") == 1
     assert get_record(store, "shop", broken.record.version).status == REJECTED  # type: ignore[union-attr]
+
+
+class WatchingTuner(RecordingTuner):
+    """Notes whether the run's embeddings are still alive when the version is written."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.embeddings: weakref.ref[np.ndarray] | None = None
+        self.alive_at_write: list[bool] = []
+
+    def _read(self, domain: str) -> DomainData | None:
+        data = super()._read(domain)
+        if data is not None:
+            self.embeddings = weakref.ref(data.text)
+        return data
+
+    def _record(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        assert self.embeddings is not None
+        self.alive_at_write.append(self.embeddings() is not None)
+        return super()._record(*args, **kwargs)
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_embeddings_are_let_go_before_the_version_is_written(broken: bool) -> None:
+    store, proc, offset = _setup()
+    first = WatchingTuner(store, S).run("shop")
+    assert first.status is FinetuneStatus.PUBLISHED
+    _feed(store, proc, 5000, 40, 3, offset)
+    tuner = WatchingTuner(store, S, break_candidate=broken)
+    second = tuner.run("shop")
+    assert second.status is (FinetuneStatus.REJECTED if broken else FinetuneStatus.PUBLISHED)
+    # every reference to the 1.5 GB-at-1M array is gone when the write begins ...
+    assert tuner.alive_at_write == [False]
+    # ... and the published table was projected from them before: W @ e of every item
+    if not broken:
+        table = load_table(store, "shop", 2)
+        data = read_domain(store, "shop", settings=S)
+        assert data is not None and table.text_vectors is not None
+        w = table.snapshot.params[TEXT_PROJ]
+        order = [table.item_ids.index(i) for i in data.item_ids]
+        np.testing.assert_allclose(table.text_vectors[order], data.text @ w.T, rtol=1e-4, atol=1e-5)
 
 
 def test_too_little_coded_data_is_a_not_ready_skip() -> None:

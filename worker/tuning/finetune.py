@@ -94,6 +94,12 @@ class DomainData:
     def watermark_ts(self) -> int:
         return int(self.timestamps.max()) if self.timestamps.size else 0
 
+    def drop_text(self) -> None:
+        """Let go of the embeddings (a new empty array of the same width, not a view that
+        would keep them alive): the largest array of a run (1M items x 384 floats = 1.5 GB),
+        needed until the version's table is projected from them, not by the write after."""
+        self.text = np.zeros((0, self.text.shape[1] if self.text.ndim == 2 else 0), np.float32)
+
 
 @dataclass
 class Candidate:
@@ -505,9 +511,12 @@ class FineTuner:
            current version (shared warm start), else from scratch
            (:meth:`train_candidate`); nothing new since the current version: skipped.
         4. Gate: score candidate and current version on the holdout (:meth:`_gate`).
-        5. Publish (new version, atomic pointer switch) or record the rejection
+        5. Project the version's table (:meth:`_table`, a passed candidate only), then
+           let go of the embeddings (:meth:`DomainData.drop_text`), so the write does not
+           hold them beside the table and its bytes.
+        6. Publish (new version, atomic pointer switch) or record the rejection
            (:meth:`_record`).
-        6. Announce on the snapshots topic (:meth:`_announce`).
+        7. Announce on the snapshots topic (:meth:`_announce`).
 
         A stop (shutdown) at any point before step 5 abandons the run within a training
         step or a chunk of reading or ranking: nothing is written and the outcome is
@@ -545,7 +554,9 @@ class FineTuner:
         verdict = self._gate(domain, data, holdout, parent, candidate)
         self._check_stop(domain)
         phases.done("gate")
-        record = self._record(domain, data, parent, mode, candidate, verdict)
+        table = self._table(data, candidate) if verdict.passed else None
+        data.drop_text()
+        record = self._record(domain, data, parent, mode, candidate, verdict, table)
         phases.done("writing")
         outcome = self._settle(
             Outcome(
@@ -674,6 +685,17 @@ class FineTuner:
         if self.stop.is_set():
             raise Abandoned(f"fine-tune of {domain!r} abandoned before publishing: stopping")
 
+    def _table(self, data: DomainData, candidate: Candidate) -> VersionTable:
+        """Step 5: the version's table, item vectors projected from the embeddings."""
+        return VersionTable.build(
+            candidate.snapshot,
+            data.item_ids,
+            data.item_rows,
+            data.text,
+            trained=candidate.trained,
+            full_rows=data.full_rows,
+        )
+
     def _record(
         self,
         domain: str,
@@ -682,10 +704,11 @@ class FineTuner:
         mode: str,
         candidate: Candidate,
         verdict: Verdict,
+        table: VersionTable | None,
     ) -> VersionRecord:
-        """Step 5: write the new version in one batch under :attr:`lock`: published (its
-        table, the current-version pointer switched) if it passed the gate, else its record
-        only, as rejected (see :func:`~worker.state.versions.add_version`)."""
+        """Step 6: write the new version in one batch under :attr:`lock`: published (its
+        ``table``, the current-version pointer switched) if it passed the gate, else its
+        record only, as rejected (see :func:`~worker.state.versions.add_version`)."""
         record = VersionRecord(
             version=0,
             parent=parent,
@@ -697,14 +720,6 @@ class FineTuner:
             n_items=len(data.item_ids),
             table_bytes=candidate.snapshot.table_bytes(),
             note=mode,
-        )
-        table = VersionTable.build(
-            candidate.snapshot,
-            data.item_ids,
-            data.item_rows,
-            data.text,
-            trained=candidate.trained,
-            full_rows=data.full_rows,
         )
         with self.lock:
             batch = self.store.batch()
