@@ -98,7 +98,7 @@ class DomainData:
         """Let go of the embeddings (a new empty array of the same width, not a view that
         would keep them alive): the largest array of a run (1M items x 384 floats = 1.5 GB),
         needed until the version's table is projected from them, not by the write after."""
-        self.text = np.zeros((0, self.text.shape[1] if self.text.ndim == 2 else 0), np.float32)
+        self.text = np.zeros((0, self.text.shape[1]), np.float32)
 
 
 @dataclass
