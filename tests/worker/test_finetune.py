@@ -48,6 +48,7 @@ from worker.tuning.finetune import (
     DomainData,
     FineTuner,
     FinetuneStatus,
+    _number_users,
     read_domain,
     read_embeddings,
     read_log,
@@ -650,6 +651,16 @@ def test_the_chunked_log_reader_equals_the_per_interaction_one(chunk: int) -> No
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
     assert len(got[0]) == 200 * 8 + 2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 10_000])
+def test_users_are_numbered_by_first_appearance_across_chunks(chunk: int) -> None:
+    rng = np.random.default_rng(chunk)
+    ids = np.array([b"u%d" % i for i in rng.zipf(1.3, size=2_000) % 300], dtype=bytes)
+    first_seen: dict[bytes, int] = {}
+    slow = [first_seen.setdefault(bytes(u), len(first_seen)) for u in ids]
+    np.testing.assert_array_equal(_number_users(ids, chunk=chunk), slow)
+    assert _number_users(ids[:0], chunk=chunk).shape == (0,)
 
 
 class StopAfter(threading.Event):
