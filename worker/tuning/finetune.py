@@ -711,7 +711,8 @@ class FineTuner:
     ) -> VersionRecord:
         """Step 6: write the new version in one batch under :attr:`lock`: published (its
         ``table``, the current-version pointer switched) if it passed the gate, else its
-        record only, as rejected (see :func:`~worker.state.versions.add_version`)."""
+        record only, as rejected, with ``table`` None (step 5 builds none for it; see
+        :func:`~worker.state.versions.add_version`)."""
         record = VersionRecord(
             version=0,
             parent=parent,
@@ -731,7 +732,7 @@ class FineTuner:
                 batch,
                 domain,
                 record,
-                table if verdict.passed else None,
+                table,
                 keep=self.settings.versions_keep,
             )
             self.store.write(batch)
