@@ -181,7 +181,9 @@ class CodeTable(nn.Module):
                     "the code table projects text embeddings (text_dim > 0) but no text was "
                     "given; pass the items' frozen text embeddings"
                 )
-            vectors = vectors + self.text_proj(text)
+            # text held in float16 (a large catalogue's embeddings, half the memory) is
+            # widened here, for the rows of this call only
+            vectors = vectors + self.text_proj(text.to(self.text_proj.weight.dtype))
         return vectors
 
 

@@ -464,6 +464,16 @@ def _device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def text_tensor(text: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Frozen text embeddings as a tensor on ``device``, without a copy where one can be
+    avoided: float16 stays float16 (a large catalogue's embeddings held at half the memory;
+    the model widens the rows each call uses), anything else becomes float32."""
+    tensor = torch.as_tensor(text)
+    if tensor.dtype not in (torch.float16, torch.float32):
+        tensor = tensor.float()
+    return tensor.to(device)
+
+
 def score_histories(
     model: CodeTableRecommender,
     item_rows: np.ndarray | torch.Tensor,
@@ -475,9 +485,7 @@ def score_histories(
     """Scores ``[n, n_items]`` of every item after each left-padded history ``[n, T]``."""
     device = next(model.parameters()).device
     rows = torch.as_tensor(np.asarray(item_rows, dtype=np.int64), device=device)
-    txt = (
-        None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
-    )
+    txt = None if text is None else text_tensor(text, device)
     out = []
     was_training = model.training
     model.eval()
@@ -513,9 +521,7 @@ def rank_histories(
     once, whatever the catalogue). ``check`` is called before each chunk (raise to stop)."""
     device = next(model.parameters()).device
     rows = torch.as_tensor(np.asarray(item_rows, dtype=np.int64), device=device)
-    txt = (
-        None if text is None else torch.as_tensor(np.asarray(text, dtype=np.float32), device=device)
-    )
+    txt = None if text is None else text_tensor(text, device)
     hist = torch.as_tensor(np.asarray(histories, dtype=np.int64)[:, -model.config.max_len :])
     was_training = model.training
     model.eval()
@@ -948,11 +954,7 @@ class _Trainer:
         self.optimizers = _optimizers(model, params, cfg, self.sampled)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.rows = torch.as_tensor(run.item_rows, device=run.device)
-        self.text = (
-            None
-            if run.text is None
-            else torch.as_tensor(np.asarray(run.text, dtype=np.float32), device=run.device)
-        )
+        self.text = None if run.text is None else text_tensor(run.text, run.device)
         self.candidates, self.slot = _candidates(
             run.data.windows, run.n_items, cfg.softmax_items, run.device
         )

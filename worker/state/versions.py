@@ -288,19 +288,28 @@ def text_projection(snapshot: Snapshot) -> np.ndarray | None:
     return np.asarray(weight, dtype=np.float32)
 
 
+PROJECT_CHUNK = 1 << 16
+"""Embeddings widened to float32 at once by :func:`project_text` (float16 ones are not
+copied whole)."""
+
+
 def project_text(weight: np.ndarray | None, embeddings: np.ndarray) -> np.ndarray:
-    """``W @ e`` for every row ``e`` of ``embeddings`` ``[n, text_dim]`` -> ``[n, hidden]``."""
+    """``W @ e`` (float32) for every row ``e`` of ``embeddings`` ``[n, text_dim]`` (float16 or
+    float32) -> ``[n, hidden]``, :data:`PROJECT_CHUNK` rows at a time."""
     if weight is None:
         raise VersionError("the version projects no text (text_dim=0); there is no W to apply")
-    emb = np.asarray(embeddings, dtype=np.float32)
+    emb = np.asarray(embeddings)
     if emb.ndim != 2 or emb.shape[1] != weight.shape[1]:
         raise VersionError(
             f"embeddings of shape {emb.shape} do not fit the text projection of shape "
             f"{weight.shape} (text_dim={weight.shape[1]}); pass [n, {weight.shape[1]}] "
             "embeddings (the worker's embedding_dim)"
         )
-    out: np.ndarray = emb @ weight.T
-    return out.astype(np.float32, copy=False)
+    out = np.empty((emb.shape[0], weight.shape[0]), dtype=np.float32)
+    for start in range(0, emb.shape[0], PROJECT_CHUNK):
+        part = emb[start : start + PROJECT_CHUNK].astype(np.float32, copy=False)
+        out[start : start + len(part)] = part @ weight.T
+    return out
 
 
 class ItemVectorizer:

@@ -81,7 +81,7 @@ class DomainData:
 
     item_ids: list[str]
     item_rows: np.ndarray  # [n_items, width] row ids, -1 padded
-    text: np.ndarray  # float32 [n_items, embedding_dim]: the items' frozen embeddings
+    text: np.ndarray  # float16 or float32 [n_items, embedding_dim]: frozen embeddings
     n_rows: int
     users: np.ndarray
     items: np.ndarray
@@ -96,9 +96,9 @@ class DomainData:
 
     def drop_text(self) -> None:
         """Let go of the embeddings (a new empty array of the same width, not a view that
-        would keep them alive): the largest array of a run (1M items x 384 floats = 1.5 GB),
+        would keep them alive): the largest array of a run (1M items x 384 float16 = 0.77 GB),
         needed until the version's table is projected from them, not by the write after."""
-        self.text = np.zeros((0, self.text.shape[1]), np.float32)
+        self.text = np.zeros((0, self.text.shape[1]), self.text.dtype)
 
 
 @dataclass
@@ -333,11 +333,47 @@ def _number_users(user_ids: np.ndarray, chunk: int = LOG_CHUNK) -> np.ndarray:
     return out
 
 
+HALF_MAX = 65504.0
+"""float16's largest finite value."""
+HALF_MIN_NORMAL = 2.0**-14
+"""float16's smallest normal value."""
+
+
+class _NotHalf(Exception):
+    """An embedding does not fit float16 within :func:`read_embeddings`'s rule."""
+
+
+def fits_half(vectors: np.ndarray) -> bool:
+    """Whether every row fits float16 with each component within ``2 ** -11`` (float16's
+    precision, ~0.05 %) of the row's largest ``|component|`` ``M``: true when ``M`` is 0 or
+    in ``[2 ** -14, 65504]`` (a normal component is rounded within ``2 ** -11`` of itself, a
+    subnormal one within ``2 ** -25``, and nothing overflows)."""
+    if not vectors.size:
+        return True
+    peak = np.abs(vectors).max(axis=1)
+    return bool(((peak == 0) | ((peak >= HALF_MIN_NORMAL) & (peak <= HALF_MAX))).all())
+
+
 def read_embeddings(
     store: StorePartition, domain: str, item_ids: list[str], check: Check | None = None
 ) -> np.ndarray:
-    """The frozen embeddings ``[n, dim]`` (float32) of coded items, from their item records,
-    read :data:`EMBEDDING_CHUNK` records at a time into one array."""
+    """The frozen embeddings ``[n, dim]`` of coded items, from their item records, read
+    :data:`EMBEDDING_CHUNK` records at a time into one array: float16 when every one fits it
+    (:func:`fits_half`; half the memory: 0.77 GB instead of 1.5 GB for 1M items of 384
+    floats, the largest array of a fine-tune), else float32 (read again from the start)."""
+    try:
+        return _read_embeddings(store, domain, item_ids, check, np.dtype(np.float16))
+    except _NotHalf:
+        return _read_embeddings(store, domain, item_ids, check, np.dtype(np.float32))
+
+
+def _read_embeddings(
+    store: StorePartition,
+    domain: str,
+    item_ids: list[str],
+    check: Check | None,
+    dtype: np.dtype,
+) -> np.ndarray:
     out: np.ndarray | None = None
     missing: list[str] = []
     widths: set[int] = set()
@@ -347,14 +383,15 @@ def read_embeddings(
         chunk = item_ids[start : start + EMBEDDING_CHUNK]
         found = stored_embeddings(store, domain, chunk)
         widths.update(len(v) for v in found.values())
-        if out is None and found:
-            out = np.zeros((len(item_ids), len(next(iter(found.values())))), dtype=np.float32)
-        for i, item in enumerate(chunk):
-            vec = found.get(item)
-            if vec is None:
-                missing.append(item)
-            elif out is not None and len(vec) == out.shape[1]:
-                out[start + i] = vec
+        missing.extend(item for item in chunk if item not in found)
+        if len(widths) != 1 or missing:
+            continue  # an error below; keep counting what is wrong
+        if out is None:
+            out = np.zeros((len(item_ids), next(iter(widths))), dtype=dtype)
+        block = np.stack([found[item] for item in chunk])
+        if dtype == np.float16 and not fits_half(block):
+            raise _NotHalf
+        out[start : start + len(chunk)] = block
     if missing or len(widths) > 1:
         raise FineTuneDataError(
             f"domain {domain!r}: coded items need one embedding each of one width, but "
@@ -362,7 +399,7 @@ def read_embeddings(
             "the state is inconsistent: restore it from a backup or rebuild it by replaying "
             "the topics"
         )
-    return np.zeros((0, 0), dtype=np.float32) if out is None else out
+    return np.zeros((0, 0), dtype=dtype) if out is None else out
 
 
 def serving_rows(
