@@ -27,7 +27,8 @@ COLUMN_FAMILIES: tuple[str, ...] = (
     "items",  # domain \x00 item_id -> ItemRecord
     "popularity",  # domain \x00 item_id -> Popularity (small, hot)
     "interactions",  # domain \x00 ts(8, BE) partition(4, BE) offset(8, BE) -> LoggedInteraction
-    "users",  # domain \x00 user_id -> recent items
+    "users",  # domain \x00 user_id -> recent items: the ring's header (or a whole older row)
+    "recent",  # domain \x00 user_id \x00 slot(2, BE) -> one recent item (ts, item_id)
     "codes",  # state \x00 domain -> assigner state; hist \x00 domain \x00 ts ... -> code change
     "versions",  # kind \x00 domain [\x00 version(8, BE)] -> version record, table, items, ...
     "offsets",  # topic \x00 partition(4, BE) -> next offset (8, BE); built here (offset_key)

@@ -84,7 +84,7 @@ SCAN_CHUNK = 8192
 #: of one per L0 file and level whose key range covers it. Without filters the users' reads
 #: grew from 13 % to 20 % of the consumer's time over a 10M-interaction run as the family
 #: grew levels. The others are scanned by prefix, where whole-key filters do not help.
-POINT_READ_FAMILIES = frozenset({"meta", "items", "popularity", "users", "offsets"})
+POINT_READ_FAMILIES = frozenset({"meta", "items", "popularity", "users", "recent", "offsets"})
 #: bits per key of those filters (~1 % false positives)
 BLOOM_BITS_PER_KEY = 10
 

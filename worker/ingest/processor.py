@@ -59,7 +59,7 @@ from worker.state.layout import (
     item_key,
     user_key,
 )
-from worker.state.users import append_recent, encode_entries
+from worker.state.users import append_recent, encode_slot_values
 from worker.state.versions import rollback, set_pinned
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _bounded(values: dict[bytes, bytes], limit: int) -> None:
 
 class _Committed:
     """Values of recently written batches that later batches read again (hot items' popularity,
-    active users' recent items, which items exist), so they are not read back from RocksDB.
+    active users' ring headers, which items exist), so they are not read back from RocksDB.
 
     Only committed values are served: a batch's values wait in ``pending`` until the next
     batch starts and finds the batch's offsets in the store (they are written in the same
@@ -222,7 +222,9 @@ class _Touched:
     """What a batch's interactions changed, gathered for the batch's one write."""
 
     popularity: dict[bytes, bytes] = field(default_factory=dict)
-    users: dict[bytes, bytes] = field(default_factory=dict)
+    users: dict[bytes, bytes] = field(default_factory=dict)  # the users' ring headers
+    recent: dict[bytes, bytes] = field(default_factory=dict)  # the rings' slots written
+    stale: list[bytes] = field(default_factory=list)  # slots past a ring that shrank
     items: set[bytes] = field(default_factory=set)  # keys that exist after the batch
     #: the committed popularity of the items the batch's interactions touch (None: none)
     before: dict[bytes, bytes | None] = field(default_factory=dict)
@@ -473,7 +475,8 @@ class Processor:
 
         1. The domains' counters go into the meta cache.
         2. The items and meta caches put their changed values (in key order).
-        3. The interactions' popularity and the users' recent items are put.
+        3. The interactions' popularity and the users' recent items (ring headers and
+           slots) are put.
         4. The next offset of each partition is put, in order: state and offsets are then
            written together (the consumer loop's one write), so a replay after a crash
            starts exactly after what the state holds.
@@ -489,6 +492,10 @@ class Processor:
             put("popularity", key, value)
         for key, value in touched.users.items():
             put("users", key, value)
+        for key, value in touched.recent.items():
+            put("recent", key, value)
+        for key in touched.stale:
+            batch.delete("recent", key)
         for (topic, partition), offset in sorted(next_offsets.items()):
             batch.set_offset(topic, partition, offset)
         touched.items.update(k for k, v in work.items.values.items() if v is not None)
@@ -685,18 +692,25 @@ class Processor:
             put("interactions", key, value)
 
     def _append_recent(self, inter: InteractionColumns, touched: _Touched) -> None:
-        """Each user's recent items, with the batch's appended (none kept: nothing)."""
+        """Each user's recent items, with the batch's appended (none kept: nothing): the
+        users' ring headers are read, their new slots written (see :mod:`worker.state.users`)."""
         limit = self.settings.user_history_len
         if not limit:
             return
-        entries = encode_entries(inter.ts, inter.item_ids)
-        per_user = _grouped(zip(inter.domains, inter.user_ids, strict=True), entries)
+        values = encode_slot_values(inter.ts, inter.item_ids)
+        per_user = _grouped(zip(inter.domains, inter.user_ids, strict=True), values)
         ukeys = [user_key(d, u) for d, u in per_user]
         committed = self.committed
         stored = committed.read(self.store, "users", committed.users, ukeys)
-        new_users = touched.users
-        for ukey, mine in zip(ukeys, per_user.values(), strict=True):
-            new_users[ukey] = append_recent(stored[ukey], b"".join(mine), len(mine), limit)
+        new_users, slots = touched.users, touched.recent
+        for ukey, (domain, user), mine in zip(ukeys, per_user, per_user.values(), strict=True):
+            append = append_recent(domain, user, stored[ukey], mine, limit, self._read_slots)
+            new_users[ukey] = append.header
+            slots.update(append.slots)
+            touched.stale += append.deletes
+
+    def _read_slots(self, keys: list[bytes]) -> list[bytes | None]:
+        return self.store.multi_get("recent", keys)
 
     def _assign_codes(
         self,

@@ -22,7 +22,9 @@ meta          ``drift/codebook``                        the codebook's drift sum
 items         domain \\0 item_id                         :class:`ItemRecord`              ingest.processor
 popularity    domain \\0 item_id                         :class:`Popularity`              ingest.processor
 interactions  domain \\0 ts(>q) partition(>i) offset(>q)  :class:`LoggedInteraction`       ingest.processor
-users         domain \\0 user_id                         recent items (state.users)       ingest.processor
+users         domain \\0 user_id                         recent items' ring header        ingest.processor
+                                                          (state.users; older: the list)
+recent        domain \\0 user_id \\0 slot(>H)            one recent item: ts(>q), item id ingest.processor
 codes         ``state`` \\0 domain                       assigner header (JSON; npz: v1)  ingest.coding
 codes         ``row`` \\0 domain \\0 item_id              one item's assigner row          ingest.coding
 codes         ``pend`` \\0 domain \\0 item_id             b"" (popularity moved)           ingest.coding
@@ -88,6 +90,17 @@ def item_ids_of(domain: str, keys: Iterable[bytes]) -> list[str]:
 def user_key(domain: str, user_id: str) -> bytes:
     """Key of a user's recent items in ``users`` (the same ``domain \\0 id`` layout as items)."""
     return item_key(domain, user_id)
+
+
+_SLOT = struct.Struct(">H")
+
+
+def recent_slot_keys(domain: str, user_id: str, slots: Iterable[int]) -> list[bytes]:
+    """Keys of slots of a user's ring of recent items in ``recent``: ``domain \\0 user_id \\0
+    slot`` (``>H``; a fixed-length suffix, so no two users' slots share a key whatever their
+    ids hold)."""
+    head = user_key(domain, user_id) + _SEP
+    return [head + _SLOT.pack(slot) for slot in slots]
 
 
 # --- interactions: domain \0 ts partition offset --------------------------------------------
