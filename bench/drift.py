@@ -240,6 +240,24 @@ def adopt(codebook: ResidualCodebook, emb: np.ndarray, half_life: float) -> Code
 
 
 def evaluate(
+    st: Settings, dom: Domain, stage: Stage, codebook: ResidualCodebook, repeats: int = 1
+) -> tuple[dict[str, float], float]:
+    """Metrics of versions trained on ``dom``'s codes, averaged over ``repeats`` training
+    seeds (``st.train.seed`` on), with the standard deviation of each recall across them
+    (``<slice>recall_sd``), and the mean training time."""
+    runs = [
+        _evaluate_once(
+            replace(st, train=replace(st.train, seed=st.train.seed + r)), dom, stage, codebook
+        )
+        for r in range(repeats)
+    ]
+    metrics = {key: float(np.mean([m[key] for m, _ in runs])) for key in runs[0][0]}
+    for key in [k for k in runs[0][0] if k.endswith("recall")]:
+        metrics[f"{key}_sd"] = float(np.std([m[key] for m, _ in runs]))
+    return metrics, float(np.mean([wall for _, wall in runs]))
+
+
+def _evaluate_once(
     st: Settings, dom: Domain, stage: Stage, codebook: ResidualCodebook
 ) -> tuple[dict[str, float], float]:
     """Train a version on ``dom``'s codes and score its test cases (as served)."""
@@ -258,9 +276,17 @@ def evaluate(
 
 
 def run_catalogue(
-    st: Settings, cat: Catalogue, plan: Plan, *, threshold: float, half_life: float, seed: int
+    st: Settings,
+    cat: Catalogue,
+    plan: Plan,
+    *,
+    threshold: float,
+    half_life: float,
+    seed: int,
+    repeats: int = 1,
 ) -> list[StageRow]:
-    """Every stage of ``cat``'s stream, both arms (see the module docstring)."""
+    """Every stage of ``cat``'s stream, both arms (see the module docstring); each version
+    trained ``repeats`` times (training seeds), its metrics averaged."""
     base = stage_view(cat, plan, 0)
     first = train_codebook(base.emb, seed)
     arms = {name: Arm(name, first, adopt(first, base.emb, half_life)) for name in ARMS}
@@ -290,7 +316,7 @@ def run_catalogue(
                 done[arm.name] = done[twin]
             else:
                 dom = make_domain(stage.ds, stage.emb, arm.codebook, st.model.max_len)
-                done[arm.name] = evaluate(st, dom, stage, arm.codebook)
+                done[arm.name] = evaluate(st, dom, stage, arm.codebook, repeats)
             metrics, wall = done[arm.name]
             rows.append(
                 StageRow(
@@ -315,12 +341,17 @@ def _f(x: float | None, spec: str = ".4f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def _sd(x: float | None) -> str:
+    return "" if not x else f" ±{x:.4f}"
+
+
 def _line(r: StageRow) -> str:
     m = r.metrics
     return (
         f"| {r.catalogue} | {r.stage} | {r.arm} | {r.items:,} | {r.categories} | "
         f"{r.codebook}{' (migrated)' if r.migrated else ''} | {_f(r.drift_score, '.3f')} | "
-        f"{_f(m.get('recall'))} | {_f(m.get('new_recall'))} ({int(m.get('new_n', 0))}) | "
+        f"{_f(m.get('recall'))} | {_f(m.get('new_recall'))}{_sd(m.get('new_recall_sd'))} "
+        f"({int(m.get('new_n', 0))}) | "
         f"{_f(m.get('old_recall'))} ({int(m.get('old_n', 0))}) | "
         f"{_f(m.get('cold_recall'))} ({int(m.get('cold_n', 0))}) | {r.train_s:.1f} |"
     )
@@ -348,7 +379,8 @@ def verdict(rows: list[StageRow]) -> list[str]:
         old = move["old_recall"] - keep["old_recall"]
         out.append(
             f"{name}: {migrations} migration(s); last stage new-items R@10 "
-            f"{keep['new_recall']:.4f} -> {move['new_recall']:.4f} ({ratio:.2f}x, goal "
+            f"{keep['new_recall']:.4f} -> {move['new_recall']:.4f} ({ratio:.2f}x; sd over "
+            f"seeds {keep['new_recall_sd']:.4f} / {move['new_recall_sd']:.4f}; goal "
             f">= {GOAL_NEW_RATIO}x: {'met' if ratio >= GOAL_NEW_RATIO else 'not met'}); old "
             f"items {keep['old_recall']:.4f} -> {move['old_recall']:.4f} ({old:+.4f}); all "
             f"{keep['recall']:.4f} -> {move['recall']:.4f}"
@@ -440,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the ablation without the text projection: item vectors from their codes alone",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="versions trained per stage and arm (training seeds), their metrics averaged",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threshold",
@@ -457,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.dataset and not args.synthetic:
         parser.error("give at least one --dataset DIR or --synthetic N")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: train at least once")
     try:
         plan = plan_stages(args.categories, args.start, args.stages, args.seed)
         train_cfg = TrainConfig(epochs=args.epochs, threads=args.threads, seed=args.seed)
@@ -479,7 +519,13 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         rows += run_catalogue(
-            st, cat, plan, threshold=args.threshold, half_life=args.half_life, seed=args.seed
+            st,
+            cat,
+            plan,
+            threshold=args.threshold,
+            half_life=args.half_life,
+            seed=args.seed,
+            repeats=args.repeats,
         )
     lines = verdict(rows)
     print("\n" + HEADER)

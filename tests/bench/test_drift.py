@@ -11,13 +11,16 @@ import pytest
 from bench.drift import (
     ARMS,
     Catalogue,
+    _evaluate_once,
     arrivals,
+    evaluate,
     plan_stages,
     run_catalogue,
     stage_view,
     synthetic_catalogue,
+    train_codebook,
 )
-from bench.quality import Settings
+from bench.quality import Settings, make_domain
 from quantize.drift import DEFAULT_HALF_LIFE, DRIFT_THRESHOLD
 from quantize.table_model import ModelConfig
 from quantize.train import TrainConfig
@@ -105,3 +108,30 @@ def test_a_catalogue_that_moves_is_migrated_and_the_arms_split_only_then(text: b
     for r in rows:
         assert r.metrics["new_n"] + r.metrics["old_n"] == r.metrics["n"] > 0
         assert (r.metrics["new_n"] > 0) == (r.stage > 0)
+
+
+def test_repeats_average_the_runs_of_successive_training_seeds() -> None:
+    cat = synthetic_catalogue(400, 3000, 4, seed=1)
+    plan = plan_stages(4, 2, 2, seed=0)
+    stage = stage_view(cat, plan, 1)
+    codebook = train_codebook(stage.emb, seed=0)
+    dom = make_domain(stage.ds, stage.emb, codebook, 20)
+    st = Settings(
+        model=replace(ModelConfig(), hidden=16, text_dim=cat.emb.shape[1]),
+        train=TrainConfig(epochs=1, seed=5),
+        policies=("entropy",),
+        few_fraction=0.1,
+        seed=0,
+    )
+    runs = [
+        _evaluate_once(replace(st, train=replace(st.train, seed=s)), dom, stage, codebook)[0]
+        for s in (5, 6)
+    ]
+    assert runs[0]["recall"] != runs[1]["recall"] or runs[0]["ndcg"] != runs[1]["ndcg"]
+    got, _ = evaluate(st, dom, stage, codebook, repeats=2)
+    for key in runs[0]:
+        assert got[key] == pytest.approx((runs[0][key] + runs[1][key]) / 2)
+    assert got["new_recall_sd"] == pytest.approx(
+        abs(runs[0]["new_recall"] - runs[1]["new_recall"]) / 2
+    )
+    assert evaluate(st, dom, stage, codebook)[0]["recall_sd"] == 0.0
