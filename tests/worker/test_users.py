@@ -153,3 +153,29 @@ def test_decode_row_reads_both_older_layouts() -> None:
     assert decode_row(encode_row(recent)) == recent
     assert decode_row(orjson.dumps([[5, "x"], [6, "ü"]])) == recent
     assert decode_row(None) == []
+
+
+class _AppendsMidRead(MemoryPartition):
+    """A store whose first ``times`` reads of ring slots let a batch append to the user
+    between the reader's header read and its slot read (the consuming thread's race)."""
+
+    def __init__(self, user: str, times: int) -> None:
+        super().__init__()
+        self.user, self.times, self.t = user, times, 100
+
+    def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
+        if cf == "recent" and self.times:
+            self.times -= 1
+            self.t += 1
+            _append(self, self.user, [(self.t, f"n{self.t}")], 3)
+        return super().multi_get(cf, keys)
+
+
+def test_a_read_never_mixes_slots_of_two_appends() -> None:
+    store = _AppendsMidRead("u", times=0)
+    _append(store, "u", [(1, "a"), (2, "b"), (3, "c")], 3)
+    store.times = 2  # two appends land between header and slots, then the reads settle
+    assert recent_items(store, "shop", "u") == [(3, "c"), (101, "n101"), (102, "n102")]
+    store.times = 10**6  # an append on every read
+    with pytest.raises(StoreError, match="changed on each of"):
+        recent_items(store, "shop", "u")

@@ -208,10 +208,30 @@ def _decode_v1(raw: bytes) -> Recent:
 # -- reading ------------------------------------------------------------------------------------
 
 
+#: reads of a user's ring that a concurrent append may invalidate, before giving up
+READ_TRIES = 64
+
+
 def recent_items(store: StorePartition, domain: str, user_id: str) -> Recent:
-    """The user's stored recent items, oldest first (``[]`` when the user is unknown)."""
-    raw = store.get("users", user_key(domain, user_id))
-    ring = read_ring(raw)
-    if ring is None:
-        return decode_row(raw)
-    return _ring_entries(domain, user_id, ring, lambda keys: store.multi_get("recent", keys))
+    """The user's stored recent items, oldest first (``[]`` when the user is unknown).
+
+    Safe beside a consuming thread: the header and the slots are two reads, and a batch that
+    appends to the user between them overwrites slots the header pointed at; every batch that
+    touches the user rewrites the header (its count only grows, a re-layout changes its size),
+    so the slots are kept only when the header reads the same after them, else read again."""
+    key = user_key(domain, user_id)
+    raw = store.get("users", key)
+    for _ in range(READ_TRIES):
+        ring = read_ring(raw)
+        if ring is None:
+            return decode_row(raw)
+        keys = recent_slot_keys(domain, user_id, (n % ring.size for n in ring.live()))
+        values = store.multi_get("recent", keys)
+        again = store.get("users", key)
+        if again == raw:
+            return [_decode_slot(v) for v in values]
+        raw = again
+    raise StoreError(
+        f"the recent items of user {user_id!r} in {domain!r} changed on each of {READ_TRIES} "
+        "reads; try again"
+    )
