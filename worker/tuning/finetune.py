@@ -339,10 +339,6 @@ HALF_MIN_NORMAL = 2.0**-14
 """float16's smallest normal value."""
 
 
-class _NotHalf(Exception):
-    """An embedding does not fit float16 within :func:`read_embeddings`'s rule."""
-
-
 def fits_half(vectors: np.ndarray) -> bool:
     """Whether every row fits float16 with each component within ``2 ** -11`` (float16's
     precision, ~0.05 %) of the row's largest ``|component|`` ``M``: true when ``M`` is 0 or
@@ -361,10 +357,12 @@ def read_embeddings(
     :data:`EMBEDDING_CHUNK` records at a time into one array: float16 when every one fits it
     (:func:`fits_half`; half the memory: 0.77 GB instead of 1.5 GB for 1M items of 384
     floats, the largest array of a fine-tune), else float32 (read again from the start)."""
-    try:
-        return _read_embeddings(store, domain, item_ids, check, np.dtype(np.float16))
-    except _NotHalf:
-        return _read_embeddings(store, domain, item_ids, check, np.dtype(np.float32))
+    half = _read_embeddings(store, domain, item_ids, check, np.dtype(np.float16))
+    if half is not None:
+        return half
+    full = _read_embeddings(store, domain, item_ids, check, np.dtype(np.float32))
+    assert full is not None  # float32 holds every stored (float32) embedding
+    return full
 
 
 def _read_embeddings(
@@ -373,7 +371,8 @@ def _read_embeddings(
     item_ids: list[str],
     check: Check | None,
     dtype: np.dtype,
-) -> np.ndarray:
+) -> np.ndarray | None:
+    """The embeddings as ``dtype``; ``None`` when one does not fit float16 (:func:`fits_half`)."""
     out: np.ndarray | None = None
     missing: list[str] = []
     widths: set[int] = set()
@@ -390,7 +389,7 @@ def _read_embeddings(
             out = np.zeros((len(item_ids), next(iter(widths))), dtype=dtype)
         block = np.stack([found[item] for item in chunk])
         if dtype == np.float16 and not fits_half(block):
-            raise _NotHalf
+            return None
         out[start : start + len(chunk)] = block
     if missing or len(widths) > 1:
         raise FineTuneDataError(
