@@ -163,12 +163,12 @@ class _AppendsMidRead(MemoryPartition):
         super().__init__()
         self.user, self.times, self.t = user, times, 100
 
-    def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
+    def scan(self, cf: str, *, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
         if cf == "recent" and self.times:
             self.times -= 1
             self.t += 1
             _append(self, self.user, [(self.t, f"n{self.t}")], 3)
-        return super().multi_get(cf, keys)
+        return super().scan(cf, prefix=prefix)
 
 
 def test_a_read_never_mixes_slots_of_two_appends() -> None:

@@ -99,8 +99,15 @@ def recent_slot_keys(domain: str, user_id: str, slots: Iterable[int]) -> list[by
     """Keys of slots of a user's ring of recent items in ``recent``: ``domain \\0 user_id \\0
     slot`` (``>H``; a fixed-length suffix, so no two users' slots share a key whatever their
     ids hold)."""
-    head = user_key(domain, user_id) + _SEP
+    head = ring_prefix(domain, user_id)
     return [head + _SLOT.pack(slot) for slot in slots]
+
+
+def ring_prefix(domain: str, user_id: str) -> bytes:
+    """The prefix of the user's slot keys in ``recent``. A slot key is this prefix and two
+    bytes; longer keys under it belong to users whose ids extend this one (``u\\0...``), and a
+    reader of this user's slots looks its own keys up among what it scanned."""
+    return user_key(domain, user_id) + _SEP
 
 
 # --- interactions: domain \0 ts partition offset --------------------------------------------
