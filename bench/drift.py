@@ -342,7 +342,7 @@ def _f(x: float | None, spec: str = ".4f") -> str:
 
 
 def _sd(x: float | None) -> str:
-    return "" if not x else f" ±{x:.4f}"
+    return "" if x is None or not x or math.isnan(x) else f" ±{x:.4f}"
 
 
 def _line(r: StageRow) -> str:
