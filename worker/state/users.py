@@ -155,6 +155,11 @@ def _entries_before(
     return _ring_entries(domain, user_id, ring, read_slots)
 
 
+def _looked_up_in(found: dict[bytes, bytes]) -> SlotReader:
+    """A :data:`SlotReader` over slots already read."""
+    return lambda keys: [found.get(k) for k in keys]
+
+
 def _ring_entries(domain: str, user_id: str, ring: Ring, read_slots: SlotReader) -> Recent:
     numbers = ring.live()
     keys = recent_slot_keys(domain, user_id, (n % ring.size for n in numbers))
@@ -232,8 +237,7 @@ def recent_items(store: StorePartition, domain: str, user_id: str) -> Recent:
         held = dict(store.scan("recent", prefix=ring_prefix(domain, user_id)))
         again = store.get("users", key)
         if again == raw:
-            keys = recent_slot_keys(domain, user_id, (n % ring.size for n in ring.live()))
-            return [_decode_slot(held.get(k)) for k in keys]
+            return _ring_entries(domain, user_id, ring, _looked_up_in(held))
         raw = again
     raise StoreError(
         f"the recent items of user {user_id!r} in {domain!r} changed on each of {READ_TRIES} "
