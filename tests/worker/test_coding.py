@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from typing import Any
@@ -16,7 +17,13 @@ from worker.core.settings import Settings
 from worker.ingest.coding import HEAD_DRIFT, codes_after_round, follow_head_fraction
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
-from worker.state.layout import CODEBOOK_CURRENT, assigner_key, code_row_prefix
+from worker.state.layout import (
+    CODEBOOK_CURRENT,
+    assigner_key,
+    code_row_prefix,
+    item_key,
+    round_pending_prefix,
+)
 from worker.state.reads import code_history, committed_assigner, load_codebook, round_pending
 
 S = Settings(
@@ -283,6 +290,63 @@ def test_rounds_fall_on_their_interaction_whatever_the_batches_and_clear_their_m
     assert all(r == results[0] for r in results[1:])
     heads = [c for c, head in results[0][0].values() if head]
     assert heads and max(len(c) for c in heads) > 1  # a small domain gets long head codes
+
+
+class _ReadLog(MemoryPartition):
+    """A memory partition that records the point reads and scans made of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, bytes]] = []
+
+    def get(self, cf: str, key: bytes) -> bytes | None:
+        self.reads.append((cf, key))
+        return super().get(cf, key)
+
+    def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:
+        self.reads.extend((cf, k) for k in keys)
+        return super().multi_get(cf, keys)
+
+    def items(self, cf: str, *, prefix: bytes = b"", **kwargs: Any) -> Any:
+        self.reads.append((cf, b"scan:" + prefix))
+        return super().items(cf, prefix=prefix, **kwargs)
+
+
+def test_a_round_reads_its_marks_from_memory_and_a_restart_reads_them_once() -> None:
+    """The marks and the marked items' popularity are kept in memory: a batch whose round
+    takes the items marked by earlier batches reads neither the marks nor those items'
+    popularity from the store; a processor started on the same store reads them once, when
+    it loads the domain, and the stream then gives the same codes and marks as one that
+    never restarted."""
+    settings = ROUNDS
+    stream = _interactions(437, seed=5)
+    hot = np.random.default_rng(5).zipf(1.6, size=437) % 100  # the items of the stream
+    outcomes = []
+    rounds_checked = 0
+    for restart_at in (None, 2, 5):
+        store = _ReadLog()
+        proc = Processor(store, settings, None)
+        _apply(store, proc, _items(100))
+        cuts = [0, 23, 71, 120, 160, 213, 270, 330, 401, 437]
+        for n, (a, b) in enumerate(itertools.pairwise(cuts)):
+            if n == restart_at:
+                proc = Processor(store, settings, None)
+            store.reads.clear()
+            batch = stream[a:b]
+            result = _apply(store, proc, batch)
+            pend = [k for cf, k in store.reads if cf == "codes" and b"pend" in k]
+            if n == restart_at:
+                assert pend == [b"scan:" + round_pending_prefix("shop")]  # once, at the load
+            else:
+                assert pend == []  # never by a round
+            if result.coding.rounds and n != restart_at:
+                read = {k for cf, k in store.reads if cf == "popularity"}
+                in_batch = {item_key("shop", f"i{i}") for i in hot[a:b]}
+                assert read <= in_batch  # only the batch's own items (its folding)
+                rounds_checked += 1
+        outcomes.append((_codes(store), sorted(round_pending(store, "shop"))))
+    assert rounds_checked >= 12  # rounds with marks from earlier batches, in all three runs
+    assert outcomes[1] == outcomes[0] and outcomes[2] == outcomes[0]
 
 
 def test_a_long_stream_moves_the_reference_time_and_keeps_popularity_finite() -> None:

@@ -297,6 +297,10 @@ class _Domain:
     ref_ts: int  # the popularity reference time (see the module docstring)
     last_round: int  # the domain's interaction count at its last round
     resave: bool = False  # read in the first format: save every row once
+    #: the marked items (moved since the last round) -> their popularity record as the
+    #: batch that marked them left it: what the ``pend`` keys and the ``popularity`` rows
+    #: say, kept so that a round reads neither (read once, when the domain is loaded)
+    marked: dict[str, bytes | None] = field(default_factory=dict)
 
 
 class CodeService:
@@ -374,11 +378,14 @@ class CodeService:
         if committed is None:
             return self._load_fresh(domain, ts)
         assigner, extra, first_format = committed
+        marked = round_pending(self.store, domain)
+        records = self.store.multi_get("popularity", [item_key(domain, i) for i in marked])
         return _Domain(
             assigner,
             int(extra.get("ref_ts", 0)),
             int(extra.get("last_round", 0)),
             resave=first_format,
+            marked=dict(zip(marked, records, strict=True)),
         )
 
     def _load_fresh(self, domain: str, ts: int) -> _Domain:
@@ -719,26 +726,24 @@ class CodeService:
 
         1. Fold the interactions up to the round into the moved items' popularity.
         2. Run the round on them and on the items marked by earlier batches.
-        3. Mark the items moved after the last round.
+        3. Mark the items moved after the last round (in the store and in ``state.marked``,
+           with their popularity as this batch leaves it).
         """
         current: dict[bytes, bytes | None] = {}
         moved: set[str] = set()
         newest = [found.last_ts]
-        cursor, first = 0, True
+        cursor = 0
         while self._next_round(state) - found.interactions <= len(positions):
             stop = max(cursor, self._next_round(state) - found.interactions)
             self._fold(moves, positions[cursor:stop], current, moved, newest)
             cursor = stop
-            read_started = time.perf_counter()
-            marked = set(round_pending(self.store, domain)) if first else set()
-            read_s = time.perf_counter() - read_started
-            self._round(batch, domain, state, marked | moved, current, newest[0], result, read_s)
-            first = False
+            self._round(batch, domain, state, moved, current, newest[0], result)
             moved.clear()
             state.last_round = found.interactions + cursor
-        moved.update(moves.item_ids[j] for j in positions[cursor:])  # no values needed yet
+        moved.update(moves.item_ids[j] for j in positions[cursor:])
         for item_id in sorted(moved):
             batch.put("codes", round_pending_key(domain, item_id), b"")
+            state.marked[item_id] = moves.after[item_key(domain, item_id)]
 
     def _fold(
         self,
@@ -766,32 +771,34 @@ class CodeService:
         batch: WriteBatch,
         domain: str,
         state: _Domain,
-        marked: set[str],
+        moved: set[str],
         current: Mapping[bytes, bytes | None],
         ts: int,
         result: CodingResult,
-        read_s: float = 0.0,
     ) -> None:
-        """One code round: the popularity of the ``marked`` items (``current`` holds those
-        this batch moved so far), then the thresholds; the markers are cleared. ``read_s``:
-        the time the marks took to read (logged with the popularity reads)."""
-        started = time.perf_counter() - read_s  # the round's time includes reading the marks
+        """One code round: the popularity of the items ``moved`` in this batch so far (their
+        records in ``current``) and of those marked by earlier batches (``state.marked``),
+        then the thresholds; the marks are cleared."""
+        started = time.perf_counter()
         assigner = state.assigner
         self._rebase(state, ts)
-        keys = sorted(k for k in marked if k in assigner)
+        keys = sorted(k for k in state.marked.keys() | moved if k in assigner)
+        records = {item_key(domain, k): v for k, v in state.marked.items()}
+        records.update(current)
         popularity_started = time.perf_counter()
-        pops = self._popularity(state, domain, keys, current)
-        read_s += time.perf_counter() - popularity_started
+        pops = self._popularity(state, domain, keys, records)
+        read_s = time.perf_counter() - popularity_started
         changes = round_codes(assigner, keys, pops, ts, self.settings.code_head_fraction)
         prefix = round_pending_prefix(domain)
         batch.delete_range("codes", prefix, _upper(prefix))
+        state.marked.clear()
         result.changes += [(domain, change) for change in changes]
         self._dirty.add(domain)
         seconds = time.perf_counter() - started
         result.rounds.append((domain, len(keys), seconds))
         log.info(
             "code round in %s: %d items moved, %d code changes, %d heads of %d items, %.1f ms "
-            "(reading marks and popularity %.1f ms)",
+            "(reading popularity %.1f ms)",
             domain,
             len(keys),
             len(changes),
