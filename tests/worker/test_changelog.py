@@ -12,10 +12,17 @@ from hypothesis import strategies as st
 from kafka.partitioner import murmur2
 
 from store.memory import MemoryPartition
+from store.partition import COLUMN_FAMILIES
 from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
 from worker.ingest.exceptions import KafkaUnavailableError, NotOwnedError
-from worker.ingest.group import MirroredStore, MirrorOp, VersionsLog, domain_partition
+from worker.ingest.group import (
+    MIRRORED_FAMILIES,
+    MirroredStore,
+    MirrorOp,
+    VersionsLog,
+    domain_partition,
+)
 from worker.state.layout import version_key_domain
 
 SETTINGS = Settings(topic_prefix="t.", state_dir="/nonexistent")
@@ -63,6 +70,22 @@ def test_versions_and_control_offsets_are_mirrored_other_state_is_not() -> None:
     ]
     assert store.get("items", b"shop\x00i1") == b"item"
     assert store.get_offset("t.items", 2) == 99
+
+
+@given(
+    cf=st.sampled_from(sorted(COLUMN_FAMILIES)),
+    key=st.binary(max_size=40),
+    value=st.none() | st.binary(max_size=8),
+)
+@settings(max_examples=300, deadline=None)
+def test_only_the_mirrored_families_have_operations_to_mirror(
+    cf: str, key: bytes, value: bytes | None
+) -> None:
+    """A batch skips the mirror for every family outside ``MIRRORED_FAMILIES``: none of them
+    has an operation to mirror, whatever the key (the skip changes nothing)."""
+    store, _ = _store()
+    if cf not in MIRRORED_FAMILIES:
+        assert store.mirror_op(cf, key, value) is None
 
 
 def test_a_batch_without_versions_sends_nothing() -> None:

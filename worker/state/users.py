@@ -109,7 +109,7 @@ SlotReader = Callable[[list[bytes]], list[bytes | None]]
 """Reads ``recent`` values by key (a store's multi-get)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Append:
     """What appending to one user writes: the header, slot values, stale slots to delete."""
 
@@ -129,6 +129,15 @@ def append_recent(
     """Append ``values`` (:func:`encode_slot_values`, oldest first) to the user whose
     ``users`` value is ``raw``, keeping the newest ``limit`` (``>= 1``). ``read_slots`` is
     called only to re-lay out a ring of another size."""
+    if raw is not None and len(raw) == _RING.size and raw[0] == _V3:
+        _, count, size = _RING.unpack(raw)
+        if size == limit:  # a ring of today's size: the header and the new slots only
+            n = len(values)
+            first = max(0, n - limit)
+            ring_slots = [(count + j) % limit for j in range(first, n)]
+            keys = recent_slot_keys(domain, user_id, ring_slots)
+            slots = dict(zip(keys, values[first:], strict=True))
+            return Append(_RING.pack(_V3, count + n, limit), slots)
     ring = read_ring(raw)
     deletes: list[bytes] = []
     if ring is None or ring.size != limit:
