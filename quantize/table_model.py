@@ -465,6 +465,28 @@ def served_depth(item_rows: np.ndarray, full_rows: np.ndarray) -> np.ndarray:
     return np.cumprod(same, axis=1).sum(axis=1).astype(np.int64)
 
 
+class _PrefixGroups:
+    """The items' path prefixes, one depth deeper per :meth:`deeper` call, numbered as int64
+    ids: the prefix of depth ``d`` is the pair (id at depth ``d - 1``, row at ``d``), folded
+    into one integer and numbered by :func:`numpy.unique` on it. The same groups as
+    ``np.unique(full[:, :d], axis=0)``, whose row-wise compares of a million items held
+    the interpreter for seconds (every other thread, the HTTP server's included, waited);
+    integers sort in tens of milliseconds."""
+
+    def __init__(self, full: np.ndarray) -> None:
+        self.full = full
+        self.width = int(full.max()) + 1 if full.size else 1  # row ids are below it
+        self.depth = 0
+        self.ids = np.zeros(full.shape[0], dtype=np.int64)
+
+    def deeper(self) -> np.ndarray:
+        """The ids of the prefixes one row longer than the last call's."""
+        pairs = self.ids * self.width + self.full[:, self.depth]
+        self.ids = np.unique(pairs, return_inverse=True)[1].reshape(-1)
+        self.depth += 1
+        return self.ids
+
+
 def borrow_trained_codes(
     item_rows: np.ndarray, full_rows: np.ndarray, trained: np.ndarray
 ) -> np.ndarray:
@@ -489,15 +511,17 @@ def borrow_trained_codes(
     depth = served_depth(rows, full)
     levels = min(full.shape[1], rows.shape[1])
     borrow = np.zeros(rows.shape[0], dtype=np.int64)
+    prefix = _PrefixGroups(full[:, :levels])
     for d in range(1, levels + 1):
+        if not (mask & (depth >= d)).any():
+            break  # no trained code this deep: nothing to borrow from here on
+        group = prefix.deeper()  # the items' path prefixes of depth d, numbered
         owners = mask & (depth == d)
         if not owners.any():
             continue
-        _, inverse = np.unique(full[:, :d], axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        has = np.zeros(int(inverse.max()) + 1, dtype=bool)
-        has[inverse[owners]] = True
-        borrow[has[inverse] & ~mask] = d
+        has = np.zeros(int(group.max()) + 1, dtype=bool)
+        has[group[owners]] = True
+        borrow[has[group] & ~mask] = d
     out = rows.copy()
     take = np.flatnonzero(borrow > 0)
     path = np.full((len(take), rows.shape[1]), PAD, dtype=np.int64)

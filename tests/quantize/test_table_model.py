@@ -318,6 +318,43 @@ def test_borrow_trained_codes_matches_reference(seed: int) -> None:
         assert (out[i] >= 0).sum() == depth[i] >= 1
 
 
+def _rowwise_borrow(served: np.ndarray, full: np.ndarray, trained: np.ndarray) -> np.ndarray:
+    """The former implementation, a reference at sizes the loop reference cannot take:
+    prefix groups by ``np.unique(full[:, :d], axis=0)`` (row-wise compares)."""
+    depth = served_depth(served, full)
+    levels = min(full.shape[1], served.shape[1])
+    borrow = np.zeros(served.shape[0], dtype=np.int64)
+    for d in range(1, levels + 1):
+        owners = trained & (depth == d)
+        if owners.any():
+            inverse = np.unique(full[:, :d], axis=0, return_inverse=True)[1].reshape(-1)
+            has = np.zeros(int(inverse.max()) + 1, dtype=bool)
+            has[inverse[owners]] = True
+            borrow[has[inverse] & ~trained] = d
+    out = served.copy()
+    for i in np.flatnonzero(borrow):
+        out[i] = -1
+        out[i, : borrow[i]] = full[i, : borrow[i]]
+    return out
+
+
+@pytest.mark.parametrize(("n", "levels", "k"), [(5_000, 4, 8), (20_000, 6, 64), (3_000, 2, 300)])
+def test_borrow_trained_codes_matches_the_rowwise_grouping_at_size(
+    n: int, levels: int, k: int
+) -> None:
+    """Prefixes numbered as integers group the items as row-wise compares do, on catalogues
+    with many shared prefixes (few digits) and few (many digits), some trained deep."""
+    rng = np.random.default_rng(n + levels + k)
+    digits = np.minimum(rng.zipf(1.3, size=(n, levels)) - 1, k - 1)
+    full = np.arange(levels)[None, :] * k + digits
+    lengths = rng.integers(1, levels + 1, size=n)
+    served = np.where(np.arange(levels)[None, :] < lengths[:, None], full, -1)
+    trained = rng.random(n) < 0.3
+    out = borrow_trained_codes(served, full, trained)
+    assert np.array_equal(out, _rowwise_borrow(served, full, trained))
+    assert (out != served).any()  # some items did borrow
+
+
 def test_borrowed_code_is_the_most_specific_trained_relative() -> None:
     full = np.array([[0, 10, 20], [0, 10, 21], [0, 11, 20], [1, 10, 20], [0, 10, 22]])
     served = pad_rows([[0, 10], [0], [0, 11, 20, 99], [1], [0]], width=4)
