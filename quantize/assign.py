@@ -161,6 +161,26 @@ def _code_keys(
     return np.concatenate([lengths[:, None], prefix, last[:, None]], axis=1)
 
 
+def group_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct rows of an int matrix ``[n, m]``, in lexicographic (numeric) order:
+    ``(inverse, counts, first)``: each row's group, each group's size and the index of its
+    first row (in a stable sort). The groups of ``np.unique(rows, axis=0)``, by
+    :func:`numpy.lexsort` over the columns: ``np.unique(axis=0)`` compares rows as bytes
+    in one call that holds the interpreter (~0.3 s at 200k rows of 8), every other thread
+    waiting; lexsort lets them run and is several times faster."""
+    n = rows.shape[0]
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    order = np.lexsort(rows.T[::-1])
+    ranked = rows[order]
+    starts = np.concatenate([[True], np.any(ranked[1:] != ranked[:-1], axis=1)])
+    inverse = np.empty(n, dtype=np.int64)
+    inverse[order] = np.cumsum(starts) - 1
+    at = np.flatnonzero(starts)
+    return inverse, np.diff(np.append(at, n)), order[at]
+
+
 def _make_head_unique(
     paths: np.ndarray,
     lengths: np.ndarray,
@@ -186,8 +206,7 @@ def _make_head_unique(
         if heads.size < 2:
             break
         keys = _code_keys(paths[heads], lengths[heads], digits[heads], uses_digit[heads])
-        _, inv, counts = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
-        inv = inv.reshape(-1)
+        inv, counts, _ = group_rows(keys)
         dup = counts[inv] > 1
         if not dup.any():
             break
@@ -1417,11 +1436,7 @@ class CodeAssigner:
         table = np.where(cut, items.paths[:n], -1)
         digit = np.where(items.uses_digit[:n], items.digits[:n], -1)
         rows = np.concatenate([table, digit[:, None]], axis=1)
-        order = np.lexsort(rows.T[::-1])  # faster than np.unique(axis=0)'s byte compares
-        ranked = rows[order]
-        starts = np.flatnonzero(np.concatenate([[True], np.any(ranked[1:] != ranked[:-1], axis=1)]))
-        first = order[starts]
-        counts = np.diff(np.append(starts, n))
+        _, counts, first = group_rows(rows)
         out: Counter[Code] = Counter()
         # summed, not set: a path cut at length l + 1 and a path cut at l plus a digit can
         # be the same tuple (digits are numbered from 0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantize.assign import ServedCodes
+from quantize.assign import ServedCodes, group_rows
 
 
 def collision_rate(keys: np.ndarray) -> float:
@@ -24,7 +24,7 @@ def collision_rate(keys: np.ndarray) -> float:
     n = arr.shape[0]
     if n == 0:
         return 0.0
-    distinct = np.unique(arr.reshape(n, -1), axis=0).shape[0]
+    distinct = group_rows(arr.reshape(n, -1))[1].size
     return 1.0 - distinct / n
 
 

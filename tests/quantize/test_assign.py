@@ -20,6 +20,7 @@ from quantize.assign import (
     CodeChange,
     ServedCodes,
     assign_codes,
+    group_rows,
     row_ids,
     state_equal,
 )
@@ -676,3 +677,31 @@ def test_stable_order_equals_a_stable_argsort(bound: int) -> None:
         keys = rng.integers(0, bound, size=size, dtype=np.int64)
         keys[: size // 3] = keys[size // 2] if size else 0  # many ties
         np.testing.assert_array_equal(stable_order(keys, bound), np.argsort(keys, kind="stable"))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(0, 300),
+    st.integers(1, 6),
+    st.integers(1, 5),
+    st.integers(0, 10_000),
+)
+def test_group_rows_groups_as_unique_along_rows(n: int, m: int, span: int, seed: int) -> None:
+    """The groups of ``np.unique(axis=0)`` (few distinct values: many equal rows; negative
+    values included): same partition, sizes and first rows, in numeric order."""
+    rows = np.random.default_rng(seed).integers(-span, span, size=(n, m))
+    inverse, counts, first = group_rows(rows)
+    ref, ref_inverse, ref_counts = np.unique(rows, axis=0, return_inverse=True, return_counts=True)
+    ref_inverse = ref_inverse.reshape(-1)
+    assert len(counts) == len(ref) and counts.sum() == n
+    # the same partition: a one-to-one map between the two numberings
+    pairs = set(zip(inverse.tolist(), ref_inverse.tolist(), strict=True))
+    assert len(pairs) == len(counts)
+    assert sorted(counts.tolist()) == sorted(ref_counts.tolist())
+    for g, i in enumerate(first.tolist()):
+        members = np.flatnonzero(inverse == g)
+        assert i == members[0] and counts[g] == members.size
+        assert (rows[members] == rows[i]).all()
+    # groups in lexicographic order of their rows
+    keys = [tuple(rows[i]) for i in first.tolist()]
+    assert keys == sorted(keys)
