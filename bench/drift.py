@@ -19,9 +19,10 @@ policy):
   (:mod:`quantize.drift`: the items coded at adoption are the baseline, later items the
   recent window, the worker's default half-life and threshold); when a stage's arrivals
   take the score past the threshold, a new codebook is trained on a sample of that stage's
-  catalogue (the rule's shape and sample, as the bootstrap), every item is re-coded, and
-  its drift starts again from that catalogue. Until the first migration both arms are the
-  same run (trained once).
+  catalogue (the rule's shape and sample, as the bootstrap; with ``--keep-shape``, the
+  bootstrap codebook's levels and width, so the new codebook has as many rows to train),
+  every item is re-coded, and its drift starts again from that catalogue. Until the first
+  migration both arms are the same run (trained once).
 
 Per stage and arm: Recall@10 / NDCG@10 with the standard protocol (per user of the stage's
 log: last interaction = test, second-last = validation; full ranking over the stage's
@@ -39,7 +40,7 @@ fine-tune) and not the daemon's live job. Run::
         [--synthetic 20000]
 
 Outputs: a table per catalogue, ``<out>/drift.png`` and ``<out>/drift.json``
-(``drift_no_text.*`` with ``--no-text``).
+(``drift_no_text.*`` with ``--no-text``, ``*_keep_shape.*`` with ``--keep-shape``).
 """
 
 from __future__ import annotations
@@ -202,9 +203,12 @@ def arrivals(cat: Catalogue, plan: Plan, stage: int) -> np.ndarray:
     return new[np.lexsort((new, first[new]))]
 
 
-def train_codebook(emb: np.ndarray, seed: int) -> ResidualCodebook:
-    """The product's codebook for a catalogue: the rule's shape, a bounded sample."""
-    levels, k = suggest_shape(len(emb))
+def train_codebook(
+    emb: np.ndarray, seed: int, shape: tuple[int, int] | None = None
+) -> ResidualCodebook:
+    """The product's codebook for a catalogue: the rule's shape (or ``shape``, levels x k),
+    a bounded sample."""
+    levels, k = shape or suggest_shape(len(emb))
     return ResidualCodebook.train(
         emb, levels, k, seed=seed, points_per_centroid=POINTS_PER_CENTROID
     )
@@ -284,9 +288,11 @@ def run_catalogue(
     half_life: float,
     seed: int,
     repeats: int = 1,
+    keep_shape: bool = False,
 ) -> list[StageRow]:
     """Every stage of ``cat``'s stream, both arms (see the module docstring); each version
-    trained ``repeats`` times (training seeds), its metrics averaged."""
+    trained ``repeats`` times (training seeds), its metrics averaged; with ``keep_shape`` a
+    migration trains its codebook in the bootstrap codebook's shape."""
     base = stage_view(cat, plan, 0)
     first = train_codebook(base.emb, seed)
     arms = {name: Arm(name, first, adopt(first, base.emb, half_life)) for name in ARMS}
@@ -306,7 +312,8 @@ def run_catalogue(
             scores[arm.name] = report.score
             migrated[arm.name] = arm.name == "migration" and report.drifted
             if migrated[arm.name]:
-                arm.codebook = train_codebook(stage.emb, seed + s)
+                shape = (first.levels, first.k) if keep_shape else None
+                arm.codebook = train_codebook(stage.emb, seed + s, shape)
                 arm.drift = adopt(arm.codebook, stage.emb, half_life)
                 arm.trained_at = s
         done: dict[str, tuple[dict[str, float], float]] = {}
@@ -478,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="versions trained per stage and arm (training seeds), their metrics averaged",
     )
+    parser.add_argument(
+        "--keep-shape",
+        action="store_true",
+        help="a migration keeps the bootstrap codebook's levels x k (default: the rule's shape)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threshold",
@@ -526,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             half_life=args.half_life,
             seed=args.seed,
             repeats=args.repeats,
+            keep_shape=args.keep_shape,
         )
     lines = verdict(rows)
     print("\n" + HEADER)
@@ -533,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     print(f"total {time.perf_counter() - started:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "drift_no_text" if args.no_text else "drift"
+    name = ("drift_no_text" if args.no_text else "drift") + (
+        "_keep_shape" if args.keep_shape else ""
+    )
     png, out_json = args.out / f"{name}.png", args.out / f"{name}.json"
     plot(rows, png)
     payload = {

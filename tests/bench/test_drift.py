@@ -21,6 +21,7 @@ from bench.drift import (
     train_codebook,
 )
 from bench.quality import Settings, make_domain
+from quantize.codebook import suggest_shape
 from quantize.drift import DEFAULT_HALF_LIFE, DRIFT_THRESHOLD
 from quantize.table_model import ModelConfig
 from quantize.train import TrainConfig
@@ -108,6 +109,38 @@ def test_a_catalogue_that_moves_is_migrated_and_the_arms_split_only_then(text: b
     for r in rows:
         assert r.metrics["new_n"] + r.metrics["old_n"] == r.metrics["n"] > 0
         assert (r.metrics["new_n"] > 0) == (r.stage > 0)
+
+
+@pytest.mark.parametrize("keep_shape", [False, True], ids=["rule", "keep-shape"])
+def test_a_migration_takes_the_rules_shape_or_keeps_the_bootstraps(keep_shape: bool) -> None:
+    """Stage 0 holds 300 items (the rule: 6 x 8), the last stage 900 (the rule: 7 x 8): a
+    migration trains the rule's shape for its catalogue, or the bootstrap's with
+    ``keep_shape``."""
+    cat = synthetic_catalogue(900, 6000, 6, seed=0)
+    plan = plan_stages(6, 2, 2, seed=0)
+    st = Settings(
+        model=replace(ModelConfig(), hidden=16, text_dim=cat.emb.shape[1]),
+        train=TrainConfig(epochs=1, seed=0),
+        policies=("entropy",),
+        few_fraction=0.1,
+        seed=0,
+    )
+    rows = run_catalogue(
+        st,
+        cat,
+        plan,
+        threshold=DRIFT_THRESHOLD,
+        half_life=DEFAULT_HALF_LIFE,
+        seed=0,
+        keep_shape=keep_shape,
+    )
+    by = {(r.stage, r.arm): r for r in rows}
+    boot = suggest_shape(len(stage_view(cat, plan, 0).items))
+    assert by[0, ARMS[1]].codebook == f"{boot[0]}x{boot[1]} @0"
+    assert by[1, ARMS[1]].migrated
+    levels, k = boot if keep_shape else suggest_shape(cat.n_items)
+    assert by[1, ARMS[1]].codebook == f"{levels}x{k} @1"
+    assert suggest_shape(cat.n_items) != boot  # the two cases differ here
 
 
 def test_repeats_average_the_runs_of_successive_training_seeds() -> None:
