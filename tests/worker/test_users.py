@@ -4,6 +4,8 @@ append."""
 
 from __future__ import annotations
 
+import struct
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -16,11 +18,22 @@ from worker.state.users import (
     Ring,
     append_recent,
     decode_row,
-    encode_row,
     encode_slot_values,
     read_ring,
     recent_items,
 )
+
+
+def encode_row(recent: list[tuple[int, str]]) -> bytes:
+    """A v2 value, as earlier versions wrote it (the layout in worker.state.users'
+    docstring): ``0x02``, the entry count (``>H``), then per entry ``ts`` (``>q``), the item
+    id's UTF-8 length (``>H``) and bytes."""
+    parts = [struct.pack(">BH", 2, len(recent))]
+    for t, item in recent:
+        raw = item.encode()
+        parts.append(struct.pack(">qH", t, len(raw)) + raw)
+    return b"".join(parts)
+
 
 entries = st.lists(
     st.tuples(st.integers(0, 2**62 - 1), st.text(min_size=1, max_size=30)), max_size=40

@@ -203,15 +203,6 @@ def decode_row(raw: bytes | None) -> Recent:
     return out
 
 
-def encode_row(recent: Recent) -> bytes:
-    """A v2 value (written by earlier versions; kept to build them in tests)."""
-    parts = [_HEAD.pack(_V2, len(recent))]
-    for t, item in recent:
-        raw = item.encode()
-        parts.append(_ENTRY.pack(t, len(raw)) + raw)
-    return b"".join(parts)
-
-
 def _decode_v1(raw: bytes) -> Recent:
     try:
         return [(int(ts), str(item)) for ts, item in orjson.loads(raw)]
