@@ -37,6 +37,7 @@ from worker.state.versions import (
     PART_BYTES,
     PUBLISHED,
     REJECTED,
+    STAGED_PART_BYTES,
     TEXT_PROJ,
     ItemVectorizer,
     TrainedCodes,
@@ -531,6 +532,71 @@ def test_a_blob_larger_than_a_part_is_stored_in_parts_read_back_and_deleted_whol
     delete_blob(store, batch, "table", "d", 7)
     store.write(batch)
     assert list(store.items("versions")) == []
+
+
+def test_staged_parts_are_written_ahead_and_read_only_once_the_version_lands(
+    store: StorePartition,
+) -> None:
+    """With ``write_part``, each part is its own write of at most STAGED_PART_BYTES ahead of
+    the version's batch, which holds only the manifest: nothing reads the blob before that
+    batch lands. A run that died after some parts (the same number taken again) leaves
+    parts past the new blob's: the batch deletes them."""
+    written: list[tuple[bytes, bytes]] = []
+
+    def write_part(key: bytes, value: bytes) -> None:
+        written.append((key, value))
+        part = store.batch()
+        part.put("versions", key, value)
+        store.write(part)
+
+    rng = np.random.default_rng(1)
+    died = rng.bytes(3 * STAGED_PART_BYTES + 10)  # 4 parts written, then the run died
+    batch = store.batch()
+    put_blob(batch, "items", "d", 7, died, write_part=write_part, store=store)  # never written
+    assert len(written) == 4 and get_blob(store, "items", "d", 7) is None
+    written.clear()
+    blob = rng.bytes(STAGED_PART_BYTES + 5)  # the retry: 2 parts
+    batch = store.batch()
+    put_blob(batch, "items", "d", 7, blob, write_part=write_part, store=store)
+    assert [k for k, _ in written] == [version_part_key("items", "d", 7, i) for i in (0, 1)]
+    assert max(len(v) for _, v in written) <= STAGED_PART_BYTES
+    assert len(batch) == 3  # two stale parts deleted, the manifest put
+    assert get_blob(store, "items", "d", 7) is None  # the parts alone are not a blob
+    store.write(batch)
+    assert get_blob(store, "items", "d", 7) == blob
+    parts = [k for k, _ in store.items("versions") if k.startswith(b"part\x00")]
+    assert parts == [version_part_key("items", "d", 7, i) for i in (0, 1)]
+    small = store.batch()  # under a part: one value in the batch, no staged write
+    written.clear()
+    put_blob(small, "table", "d", 7, b"PK small", write_part=write_part, store=store)
+    assert written == [] and len(small) == 1
+
+
+def test_a_published_version_writes_its_parts_ahead_with_write_part() -> None:
+    """Through add_version with ``write_part`` (what a fine-tune passes): every part of the
+    items blob is written ahead, none is in the version's batch, and the version loads."""
+    store = MemoryPartition()
+    n = 300_000
+    ids = [f"item-{i:020d}" for i in range(n)]
+    rows = np.tile(np.array([[0, 5]], dtype=np.int64), (n, 1))
+    model = build_model(CONFIG, rows[:3], n_rows=12)
+    table = VersionTable(Snapshot(CONFIG, export_params(model)), ids, rows)
+    ahead: list[bytes] = []
+
+    def write_part(key: bytes, value: bytes) -> None:
+        ahead.append(key)
+        part = store.batch()
+        part.put("versions", key, value)
+        store.write(part)
+
+    batch = store.batch()
+    record = VersionRecord(0, None, 1.0, "cb", {"ts": 1}, {})
+    add_version(store, batch, "d", record, table, keep=1, write_part=write_part)
+    assert len(ahead) >= 2  # the items blob is over STAGED_PART_BYTES
+    assert len(batch) < 10  # manifests, record, pointer and counters: no part
+    store.write(batch)
+    loaded = load_table(store, "d", 1)
+    assert loaded.item_ids[212_345] == ids[212_345] and loaded.item_rows.shape == (n, 2)
 
 
 def test_a_version_larger_than_a_part_publishes_loads_and_expires() -> None:

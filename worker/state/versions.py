@@ -43,6 +43,7 @@ import io
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal, cast
 
@@ -76,6 +77,9 @@ _V = struct.Struct(">q")
 #: record of the versions topic, whose limit is 64 MiB: worker.ingest.group.MAX_RECORD_BYTES);
 #: the blob's own key then holds a manifest that starts with PARTS_MAGIC (blobs are .npz: "PK")
 PART_BYTES = 16 * 1024 * 1024
+#: the parts' size when they are written ahead of the version's batch (put_blob's
+#: ``write_part``): one write of 4 MiB holds the interpreter ~10 ms
+STAGED_PART_BYTES = 4 * 1024 * 1024
 PARTS_MAGIC = b"\x00adacode-parts\x00"
 
 TEXT_PROJ = DOMAIN_PREFIX + "text_proj.weight"
@@ -448,6 +452,10 @@ def decode_items(raw: bytes) -> StoredItems:
 BlobKind = Literal["table", "items"]
 
 
+PartWriter = Callable[[bytes, bytes], None]
+"""Writes one part of a blob (a ``versions`` key and value) ahead of the version's batch."""
+
+
 def put_blob(
     batch: WriteBatch,
     kind: BlobKind,
@@ -456,23 +464,54 @@ def put_blob(
     blob: bytes,
     *,
     part_bytes: int = PART_BYTES,
+    write_part: PartWriter | None = None,
+    store: StorePartition | None = None,
 ) -> None:
     """Put a version's ``kind`` blob: under its key when it fits in ``part_bytes``, else in
-    parts (:func:`version_part_key`) with a manifest under its key."""
+    parts (:func:`version_part_key`) with a manifest under its key.
+
+    With ``write_part`` (and the ``store`` it writes to), parts of at most
+    :data:`STAGED_PART_BYTES` are written one by one ahead of ``batch``, which takes only the
+    manifest: a RocksDB write holds the interpreter while it runs, and one batch of a million
+    items' version (~0.2 GB) stalled every other thread, the HTTP server's included, for
+    0.5-1.5 s. Nothing reads parts before the manifest lands with the version's record, and
+    a run that dies in between leaves parts under a number the next run takes again: they
+    are overwritten, and those past the new blob's parts are deleted in ``batch``."""
     key = version_key(kind, domain, version)
+    if write_part is not None:
+        part_bytes = min(part_bytes, STAGED_PART_BYTES)
     if len(blob) <= part_bytes:
         batch.put("versions", key, blob)
         return
     view = memoryview(blob)
     parts = range(0, len(blob), part_bytes)
+    put = batch.put if write_part is None else lambda cf, k, v: write_part(k, v)
     for index, start in enumerate(parts):
-        batch.put(
+        put(
             "versions",
             version_part_key(kind, domain, version, index),
             bytes(view[start : start + part_bytes]),
         )
+    if write_part is not None and store is not None:
+        _delete_stale_parts(store, batch, kind, domain, version, len(parts))
     manifest = {"parts": len(parts), "bytes": len(blob), "crc32": zlib.crc32(blob)}
     batch.put("versions", key, PARTS_MAGIC + orjson.dumps(manifest))
+
+
+def _delete_stale_parts(
+    store: StorePartition,
+    batch: WriteBatch,
+    kind: BlobKind,
+    domain: str,
+    version: int,
+    first: int,
+) -> None:
+    """Delete the parts from index ``first`` on that an earlier, unfinished write of the same
+    version left (a run writes its parts in index order, so they follow each other)."""
+    index = first
+    while store.get("versions", version_part_key(kind, domain, version, index)) is not None:
+        batch.delete("versions", version_part_key(kind, domain, version, index))
+        index += 1
 
 
 def _manifest(raw: bytes | None) -> dict[str, Any] | None:
@@ -661,8 +700,11 @@ def add_version(
     table: VersionTable | None,
     *,
     keep: int,
+    write_part: PartWriter | None = None,
 ) -> VersionRecord:
     """Put a new version (numbered here) into ``batch``; switch to it if it is published.
+    ``write_part``: where the parts of its large blobs are written ahead of ``batch`` (see
+    :func:`put_blob`); without it every part goes into ``batch``.
 
     1. Take the next version number (never reused, even for rejected candidates).
     2. Write the table and the item rows once (published versions only).
@@ -678,11 +720,12 @@ def add_version(
     if record.status == PUBLISHED:
         if table is None:
             raise VersionError(f"version {number} of {domain!r} is published without a table")
-        put_blob(batch, "table", domain, number, table.snapshot.to_bytes())
+        table_bytes = table.snapshot.to_bytes()
+        put_blob(batch, "table", domain, number, table_bytes, write_part=write_part, store=store)
         items = encode_items(
             table.item_ids, table.item_rows, table.text_vectors, table.trained, table.full_rows
         )
-        put_blob(batch, "items", domain, number, items)
+        put_blob(batch, "items", domain, number, items, write_part=write_part, store=store)
     # -- 3. record ------------------------------------------------------------------------
     batch.put("versions", version_key("rec", domain, number), record.encode())
     # -- 4. switch ------------------------------------------------------------------------

@@ -748,7 +748,9 @@ class FineTuner:
         """Step 6: write the new version in one batch under :attr:`lock`: published (its
         ``table``, the current-version pointer switched) if it passed the gate, else its
         record only, as rejected, with ``table`` None (step 5 builds none for it; see
-        :func:`~worker.state.versions.add_version`)."""
+        :func:`~worker.state.versions.add_version`). The parts of its large blobs are
+        written ahead of that batch, one small write each (:meth:`_write_part`); they are
+        read only once the batch lands."""
         record = VersionRecord(
             version=0,
             parent=parent,
@@ -770,9 +772,17 @@ class FineTuner:
                 record,
                 table,
                 keep=self.settings.versions_keep,
+                write_part=self._write_part,
             )
             self.store.write(batch)
         return record
+
+    def _write_part(self, key: bytes, value: bytes) -> None:
+        """One part of a version's blob, in its own write ahead of the version's batch (see
+        :func:`~worker.state.versions.put_blob`)."""
+        part = self.store.batch()
+        part.put("versions", key, value)
+        self.store.write(part)
 
     def _settle(self, outcome: Outcome) -> Outcome:
         """Keep ``outcome`` as the domain's last (for /metrics): one per domain."""
