@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quantize.prefix_nodes import GIL_CHUNK
 from quantize.table_model import (
     ModelConfig,
     Snapshot,
@@ -58,6 +59,7 @@ from worker.state.versions import (
     rollback,
     set_pinned,
     switches,
+    utf8_ids,
 )
 
 CONFIG = ModelConfig(hidden=8, max_len=4, layers=1, heads=1)
@@ -503,6 +505,18 @@ def test_items_round_trip_in_the_compact_format_and_a_million_fit_one_record() -
     again = decode_items(raw)
     assert again.item_ids[123_456] == "item-0123456"
     np.testing.assert_array_equal(again.full_rows, big_full)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, GIL_CHUNK + 7])
+def test_utf8_ids_are_what_numpy_encodes_in_one_call(n: int) -> None:
+    """Encoded a chunk at a time, the ids array equals np.char.encode's (dtype included):
+    ASCII, accented, CJK and emoji ids of varied lengths, across chunk boundaries."""
+    alphabet = ["a", "ü", "字", "🙂", "Z9", ""]
+    rng = np.random.default_rng(n)
+    ids = ["".join(rng.choice(alphabet, size=int(rng.integers(0, 12)))) for _ in range(n)]
+    got = utf8_ids(ids)
+    want = np.char.encode(np.asarray(ids, dtype=str), "utf-8")
+    assert got.dtype == want.dtype and got.tolist() == want.tolist()
 
 
 def test_a_blob_larger_than_a_part_is_stored_in_parts_read_back_and_deleted_whole(
