@@ -584,6 +584,17 @@ def test_staged_parts_are_written_ahead_and_read_only_once_the_version_lands(
     written.clear()
     put_blob(small, "table", "d", 7, b"PK small", write_part=write_part, store=store)
     assert written == [] and len(small) == 1
+    # a retry whose blob now fits one value deletes every part the unfinished run left
+    batch = store.batch()
+    put_blob(batch, "items", "d", 8, died, write_part=write_part, store=store)  # never written
+    retry = store.batch()
+    put_blob(retry, "items", "d", 8, b"PK fits", write_part=write_part, store=store)
+    assert len(retry) == 5  # four stale parts deleted, the value put
+    store.write(retry)
+    assert get_blob(store, "items", "d", 8) == b"PK fits"
+    assert not any(
+        k.startswith(version_part_key("items", "d", 8, 0)[:-4]) for k, _ in store.items("versions")
+    )
 
 
 def test_a_published_version_writes_its_parts_ahead_with_write_part() -> None:

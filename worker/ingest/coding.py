@@ -28,7 +28,8 @@ Popularity rounds (cost: the items whose popularity moved, see
 :class:`~quantize.assign.CodeAssigner`): every batch marks the items whose popularity
 moved; a round runs in a domain once it has had ``code_round_share`` interactions per
 item since its last round (within ``code_round_min_interactions`` and
-``code_round_interactions``), reads the marked items' popularity and hands it to
+``code_round_interactions``), takes the marked items' popularity (kept in memory beside
+the marks, read from the store once, when the domain loads) and hands it to
 :meth:`CodeAssigner.update_popularity`. Popularity is expressed at a fixed reference
 time of the domain (:func:`store.records.popularity_since`): an item's value changes
 only with its own interactions, and ratios are those of the decayed counts at any

@@ -497,6 +497,8 @@ def put_blob(
     if write_part is not None:
         part_bytes = min(part_bytes, STAGED_PART_BYTES)
     if len(blob) <= part_bytes:
+        if write_part is not None and store is not None:
+            _delete_stale_parts(store, batch, kind, domain, version, 0)
         batch.put("versions", key, blob)
         return
     view = memoryview(blob)
