@@ -345,6 +345,32 @@ def test_checkpoint_outlives_its_source(state: Path, tmp_path: Path) -> None:
         assert frozen.get_offset("items", 0) == 5
 
 
+def test_a_checkpoint_has_the_memtables_flushed_in_the_background_first(
+    state: Path, tmp_path: Path
+) -> None:
+    """Before the checkpoint's own call (which flushes inside a call that holds the
+    interpreter), every family's memtable is flushed by RocksDB's threads and waited for in
+    short sleeps: afterwards no family holds a memtable, active or waiting to be flushed,
+    and the checkpoint holds every write."""
+    with RocksDBPartition.open(state, sync_writes=False) as primary:
+        batch = primary.batch()
+        for cf in COLUMN_FAMILIES:
+            batch.put(cf, b"k-" + cf.encode(), b"v")
+        batch.set_offset("items", 0, 7)
+        primary.write(batch)
+        family = primary._family("items")
+        assert family.property_int_value("rocksdb.num-entries-active-mem-table") > 0
+        primary._flush_in_background()
+        for cf in COLUMN_FAMILIES:
+            family = primary._family(cf)
+            assert family.property_int_value("rocksdb.num-entries-active-mem-table") == 0, cf
+            assert family.property_int_value("rocksdb.num-immutable-mem-table") == 0, cf  # waited
+        with primary.checkpoint(tmp_path / "ck") as frozen:
+            for cf in COLUMN_FAMILIES:
+                assert frozen.get(cf, b"k-" + cf.encode()) == b"v"
+            assert frozen.get_offset("items", 0) == 7
+
+
 # ---- rocksdict behaviour this module works around ------------------------------------
 
 
