@@ -79,18 +79,23 @@ def test_items_arrive_by_their_first_interaction_then_by_number() -> None:
         assert got == sorted(mine, key=lambda i: (first[i], i))
 
 
+def _settings(text_dim: int, train_seed: int = 0) -> Settings:
+    """A small model trained one epoch per version (the entropy policy), as tests afford."""
+    return Settings(
+        model=replace(ModelConfig(), hidden=16, text_dim=text_dim),
+        train=TrainConfig(epochs=1, seed=train_seed),
+        policies=("entropy",),
+        few_fraction=0.1,
+        seed=0,
+    )
+
+
 @pytest.mark.parametrize("text", [True, False], ids=["text", "codes-only"])
 def test_a_catalogue_that_moves_is_migrated_and_the_arms_split_only_then(text: bool) -> None:
     cat = synthetic_catalogue(900, 9000, 6, seed=0)
     assert sorted(set(cat.category.tolist())) == list(range(6))
     plan = plan_stages(6, 2, 3, seed=0)
-    st = Settings(
-        model=replace(ModelConfig(), hidden=16, text_dim=cat.emb.shape[1] if text else 0),
-        train=TrainConfig(epochs=1, seed=0),
-        policies=("entropy",),
-        few_fraction=0.1,
-        seed=0,
-    )
+    st = _settings(cat.emb.shape[1] if text else 0)
     rows = run_catalogue(
         st, cat, plan, threshold=DRIFT_THRESHOLD, half_life=DEFAULT_HALF_LIFE, seed=0
     )
@@ -118,13 +123,7 @@ def test_a_migration_takes_the_rules_shape_or_keeps_the_bootstraps(keep_shape: b
     ``keep_shape``."""
     cat = synthetic_catalogue(900, 6000, 6, seed=0)
     plan = plan_stages(6, 2, 2, seed=0)
-    st = Settings(
-        model=replace(ModelConfig(), hidden=16, text_dim=cat.emb.shape[1]),
-        train=TrainConfig(epochs=1, seed=0),
-        policies=("entropy",),
-        few_fraction=0.1,
-        seed=0,
-    )
+    st = _settings(cat.emb.shape[1])
     rows = run_catalogue(
         st,
         cat,
@@ -149,13 +148,7 @@ def test_repeats_average_the_runs_of_successive_training_seeds() -> None:
     stage = stage_view(cat, plan, 1)
     codebook = train_codebook(stage.emb, seed=0)
     dom = make_domain(stage.ds, stage.emb, codebook, 20)
-    st = Settings(
-        model=replace(ModelConfig(), hidden=16, text_dim=cat.emb.shape[1]),
-        train=TrainConfig(epochs=1, seed=5),
-        policies=("entropy",),
-        few_fraction=0.1,
-        seed=0,
-    )
+    st = _settings(cat.emb.shape[1], train_seed=5)
     runs = [
         _evaluate_once(replace(st, train=replace(st.train, seed=s)), dom, stage, codebook)[0]
         for s in (5, 6)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -507,6 +507,28 @@ def test_items_round_trip_in_the_compact_format_and_a_million_fit_one_record() -
     np.testing.assert_array_equal(again.full_rows, big_full)
 
 
+def _big_table(n: int) -> VersionTable:
+    """A version table of ``n`` items with long ids (its items blob grows ~35 bytes an item)."""
+    ids = [f"item-{i:020d}" for i in range(n)]
+    rows = np.tile(np.array([[0, 5]], dtype=np.int64), (n, 1))
+    model = build_model(CONFIG, rows[:3], n_rows=12)
+    return VersionTable(Snapshot(CONFIG, export_params(model)), ids, rows)
+
+
+def _part_writer(
+    store: StorePartition, log: list[tuple[bytes, bytes]]
+) -> Callable[[bytes, bytes], None]:
+    """A ``write_part`` as a fine-tune's: each part its own write, logged in ``log``."""
+
+    def write_part(key: bytes, value: bytes) -> None:
+        log.append((key, value))
+        part = store.batch()
+        part.put("versions", key, value)
+        store.write(part)
+
+    return write_part
+
+
 @pytest.mark.parametrize("n", [0, 1, 5, GIL_CHUNK + 7])
 def test_utf8_ids_are_what_numpy_encodes_in_one_call(n: int) -> None:
     """Encoded a chunk at a time, the ids array equals np.char.encode's (dtype included):
@@ -556,13 +578,7 @@ def test_staged_parts_are_written_ahead_and_read_only_once_the_version_lands(
     batch lands. A run that died after some parts (the same number taken again) leaves
     parts past the new blob's: the batch deletes them."""
     written: list[tuple[bytes, bytes]] = []
-
-    def write_part(key: bytes, value: bytes) -> None:
-        written.append((key, value))
-        part = store.batch()
-        part.put("versions", key, value)
-        store.write(part)
-
+    write_part = _part_writer(store, written)
     rng = np.random.default_rng(1)
     died = rng.bytes(3 * STAGED_PART_BYTES + 10)  # 4 parts written, then the run died
     batch = store.batch()
@@ -602,18 +618,10 @@ def test_a_published_version_writes_its_parts_ahead_with_write_part() -> None:
     items blob is written ahead, none is in the version's batch, and the version loads."""
     store = MemoryPartition()
     n = 300_000
-    ids = [f"item-{i:020d}" for i in range(n)]
-    rows = np.tile(np.array([[0, 5]], dtype=np.int64), (n, 1))
-    model = build_model(CONFIG, rows[:3], n_rows=12)
-    table = VersionTable(Snapshot(CONFIG, export_params(model)), ids, rows)
-    ahead: list[bytes] = []
-
-    def write_part(key: bytes, value: bytes) -> None:
-        ahead.append(key)
-        part = store.batch()
-        part.put("versions", key, value)
-        store.write(part)
-
+    table = _big_table(n)
+    ids = table.item_ids
+    ahead: list[tuple[bytes, bytes]] = []
+    write_part = _part_writer(store, ahead)
     batch = store.batch()
     record = VersionRecord(0, None, 1.0, "cb", {"ts": 1}, {})
     add_version(store, batch, "d", record, table, keep=1, write_part=write_part)
@@ -630,10 +638,8 @@ def test_a_version_larger_than_a_part_publishes_loads_and_expires() -> None:
     loads, and its parts go when it expires."""
     store = MemoryPartition()
     n = 800_000
-    ids = [f"item-{i:020d}" for i in range(n)]
-    rows = np.tile(np.array([[0, 5]], dtype=np.int64), (n, 1))
-    model = build_model(CONFIG, rows[:3], n_rows=12)
-    table = VersionTable(Snapshot(CONFIG, export_params(model)), ids, rows)
+    table = _big_table(n)
+    ids = table.item_ids
     record = VersionRecord(0, None, 1.0, "cb", {"ts": 1}, {})
     batch = store.batch()
     add_version(store, batch, "d", record, table, keep=1)
