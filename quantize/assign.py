@@ -74,7 +74,14 @@ from quantize.lengths import (
     policy_lengths,
     thresholds_for_fraction,
 )
-from quantize.prefix_nodes import GIL_CHUNK, PrefixNodes, number_keys, row_tuples
+from quantize.prefix_nodes import (
+    GIL_CHUNK,
+    PrefixNodes,
+    join_records,
+    number_keys,
+    row_tuples,
+    take_items,
+)
 
 STATE_VERSION = 1
 DEFAULT_DEMOTE_AFTER = 3
@@ -739,10 +746,7 @@ class CodeAssigner:
             grouped += row_tuples(table[start:stop][:, cols])
         place = np.empty(idx.size, dtype=np.int64)
         place[order] = np.arange(idx.size)
-        out: list[Code] = []
-        for lo in range(0, idx.size, GIL_CHUNK):
-            out += map(grouped.__getitem__, place[lo : lo + GIL_CHUNK].tolist())
-        return out
+        return take_items(grouped, place)
 
     def served_code(self, key: str) -> Code:
         return self._code(self._idx(key))
@@ -1616,7 +1620,7 @@ class CodeAssigner:
                     f"supported (this build reads {ROWS_FORMAT})"
                 )
             levels = int(meta["levels"])
-            arr = np.frombuffer(b"".join(rows), dtype=_row_dtype(levels))
+            arr = join_records(rows, _row_dtype(levels))
         except (ValueError, KeyError, TypeError) as exc:
             raise AssignmentError(
                 f"CodeAssigner.from_rows: the saved rows are corrupt ({exc}); rebuild them"
@@ -1640,7 +1644,7 @@ class CodeAssigner:
             int(meta["demote_after"]),
             True,
         )
-        out._keys = [keys[i] for i in order.tolist()]
+        out._keys = take_items(keys, order)
         out._index = {}
         number_keys(out._keys, 0, out._index)
         arrays = {

@@ -40,6 +40,34 @@ def number_keys(keys: Sequence[Hashable], start: int, into: dict[Any, int]) -> N
         into.update(zip(keys[lo:hi], range(start + lo, start + hi), strict=True))
 
 
+def take_items(seq: Sequence[Any], idx: np.ndarray, chunk: int = GIL_CHUNK) -> list[Any]:
+    """``[seq[i] for i in idx]``, ``chunk`` items per call (one ``tolist`` of a million
+    indices held the interpreter ~20 ms)."""
+    out: list[Any] = []
+    for lo in range(0, len(idx), chunk):
+        out += map(seq.__getitem__, idx[lo : lo + chunk].tolist())
+    return out
+
+
+def join_records(
+    records: Sequence[bytes], dtype: np.dtype[Any], chunk: int = GIL_CHUNK
+) -> np.ndarray:
+    """Fixed-size records (``dtype.itemsize`` bytes each) as one array of ``dtype``,
+    joined ``chunk`` at a time: ``np.frombuffer(b"".join(records))`` over a million rows
+    held the interpreter ~60 ms. Records that do not add up to ``dtype.itemsize`` bytes
+    each, chunk by chunk, raise ``ValueError``."""
+    out = np.empty(len(records), dtype=dtype)
+    for lo in range(0, len(records), chunk):
+        hi = min(lo + chunk, len(records))
+        raw = b"".join(records[lo:hi])
+        if len(raw) != (hi - lo) * dtype.itemsize:
+            raise ValueError(
+                f"records {lo}..{hi - 1} hold {len(raw)} bytes, not {hi - lo} x {dtype.itemsize}"
+            )
+        out[lo:hi] = np.frombuffer(raw, dtype=dtype)
+    return out
+
+
 def row_tuples(table: np.ndarray) -> list[tuple[int, ...]]:
     """The rows of a 2-d integer array as tuples of Python ints, :data:`GIL_CHUNK` rows per
     call."""

@@ -27,7 +27,7 @@ from quantize.assign import (
 from quantize.code_metrics import code_report, collision_rate, level_balance, level_utilization
 from quantize.exceptions import AssignmentError, LengthPolicyError
 from quantize.lengths import POLICIES, make_policy
-from quantize.prefix_nodes import PrefixNodes, stable_order
+from quantize.prefix_nodes import PrefixNodes, join_records, stable_order, take_items
 
 POLICY_NAMES = sorted(POLICIES)
 GROWING = {"new", "recode", "promote", "deepen", "disambiguate"}
@@ -588,6 +588,38 @@ def test_saved_rows_rebuild_the_assigner_at_any_point(s: dict[str, object], cut:
     assert play(rest, rebuilt) == play(rest, live)
     assert state_equal(rebuilt.state(), live.state())
     assert rebuilt.stats() == live.stats()
+
+
+def test_chunked_loads_equal_the_whole_catalogue_calls() -> None:
+    """The helpers that load a million rows a chunk at a time (so other threads get the
+    interpreter between chunks) give what one whole-catalogue call gives, at every chunk
+    size and cut; a row of the wrong size is an error, as in one join."""
+    rng = np.random.default_rng(3)
+    dtype = np.dtype([("seq", np.int64), ("paths", np.int16, (3,)), ("pop", np.float64)])
+    table = np.zeros(103, dtype=dtype)
+    table["seq"] = rng.permutation(103)
+    table["paths"] = rng.integers(0, 50, size=(103, 3))
+    table["pop"] = rng.random(103)
+    records = table.view(np.dtype((np.void, dtype.itemsize))).tolist()
+    whole = np.frombuffer(b"".join(records), dtype=dtype)
+    keys = [f"k{j}" for j in range(103)]
+    order = rng.permutation(103)
+    for chunk in (1, 7, 64, 103, 1000):
+        assert join_records(records, dtype, chunk).tobytes() == whole.tobytes()
+        assert take_items(keys, order, chunk) == [keys[i] for i in order]
+        bad = [*records[:50], records[50][:-1], *records[51:]]
+        with pytest.raises(ValueError):
+            join_records(bad, dtype, chunk)
+    assert join_records([], dtype).shape == (0,)
+    assert take_items(keys, np.zeros(0, dtype=np.int64)) == []
+
+
+def test_a_corrupt_saved_row_is_an_assignment_error() -> None:
+    assigner = CodeAssigner(2, 4, make_policy("entropy"), enter_threshold=5.0, exit_threshold=2.0)
+    assigner.add(["a", "b", "c"], np.array([[0, 1], [1, 2], [3, 3]]))
+    keys, rows = assigner.take_rows()
+    with pytest.raises(AssignmentError, match="corrupt"):
+        CodeAssigner.from_rows(assigner.header(), keys, [rows[0], rows[1][:-2], rows[2]])
 
 
 def test_a_round_touches_only_the_items_that_moved() -> None:
