@@ -410,9 +410,9 @@ class TimedStore(RocksDBPartition):
             return super().batch()
         return CountingBatch(self, self.bytes_put)
 
-    def write(self, batch: WriteBatch) -> None:
+    def write(self, batch: WriteBatch, *, durable: bool = True) -> None:
         started = time.perf_counter()
-        super().write(batch)
+        super().write(batch, durable=durable)
         self._add("store.write", started)
 
     def multi_get(self, cf: str, keys: list[bytes]) -> list[bytes | None]:

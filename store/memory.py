@@ -150,7 +150,7 @@ class MemoryPartition(StorePartition):
             raise StoreClosedError(f"{_NAME} was used after close(); open a new partition")
         return MemoryWriteBatch(self)
 
-    def write(self, batch: WriteBatch) -> None:
+    def write(self, batch: WriteBatch, *, durable: bool = True) -> None:
         if not isinstance(batch, MemoryWriteBatch) or batch._owner is not self:
             raise StoreError(
                 f"{_NAME}: the batch was not made by this partition; use partition.batch()"

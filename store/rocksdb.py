@@ -486,7 +486,7 @@ class RocksDBPartition(StorePartition):
         self._cursors.add(cursor)
         return cursor
 
-    def scan(self, cf: str, *, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+    def scan(self, cf: str, *, prefix: bytes = b"") -> tuple[list[bytes], list[bytes]]:
         family = self._family(cf)
         lower, upper = key_range(prefix, None, None)
         read_options = rocksdict.ReadOptions()
@@ -497,10 +497,13 @@ class RocksDBPartition(StorePartition):
             # call per row, and other threads (a scrape, a request) get the GIL between
             # chunks instead of waiting for a million rows (~1 s held in one call)
             rows = family.items(from_key=lower, read_opt=read_options)
-            out: list[tuple[bytes, bytes]] = []
+            keys: list[bytes] = []
+            values: list[bytes] = []
             while chunk := list(itertools.islice(rows, SCAN_CHUNK)):
-                out.extend(cast(list[tuple[bytes, bytes]], chunk))
-            return out
+                chunk_keys, chunk_values = zip(*chunk, strict=True)  # the pairs die here
+                keys += chunk_keys
+                values += chunk_values
+            return keys, values
         except rocksdict.DbClosedError as exc:
             raise self._closed_error() from exc
         except Exception as exc:
@@ -513,7 +516,7 @@ class RocksDBPartition(StorePartition):
             raise self._closed_error()
         return RocksDBWriteBatch(self)
 
-    def write(self, batch: WriteBatch) -> None:
+    def write(self, batch: WriteBatch, *, durable: bool = True) -> None:
         if not isinstance(batch, RocksDBWriteBatch) or batch._owner is not self:
             raise StoreError(
                 f"state store {self._path}: the batch was not made by this partition; "
@@ -524,7 +527,7 @@ class RocksDBPartition(StorePartition):
                 f"state store {self._path} is open {self._mode}; "
                 "only the primary (the worker) writes"
             )
-        self._write_now(batch, sync=None)
+        self._write_now(batch, sync=None if durable else False)
 
     def _write_now(self, batch: RocksDBWriteBatch, *, sync: bool | None) -> None:
         if self._closed or self._db is None:
@@ -535,7 +538,7 @@ class RocksDBPartition(StorePartition):
                 "start a new one with partition.batch()"
             )
         batch._consumed = True  # rocksdict consumes it even when the write fails
-        options = self._write_options if sync is None else _synced()
+        options = self._write_options if sync is None else _synced(sync)
         try:
             self._db.write(batch._batch, options)
         except rocksdict.DbClosedError as exc:
@@ -662,9 +665,9 @@ class RocksDBPartition(StorePartition):
             ) from failures[-1]
 
 
-def _synced() -> rocksdict.WriteOptions:
+def _synced(sync: bool = True) -> rocksdict.WriteOptions:
     options = rocksdict.WriteOptions()
-    options.sync = True
+    options.sync = sync
     return options
 
 

@@ -184,14 +184,16 @@ def test_items_bounds(partition: StorePartition) -> None:
             assert got == [(k, k + b"!") for k in want], (kwargs, reverse)
 
 
-def test_scan_is_items_as_one_list_and_refuses_a_closed_store(partition: StorePartition) -> None:
+def test_scan_is_items_as_two_lists_and_refuses_a_closed_store(partition: StorePartition) -> None:
     put_all(partition, "versions", {k: k + b"!" for k in KEYS})
     put_all(partition, "codes", {b"ab": b"other family"})
     for prefix in (b"", b"a", b"ab", b"b\xff", b"zz", b"\xff"):
-        assert partition.scan("versions", prefix=prefix) == list(
+        keys, values = partition.scan("versions", prefix=prefix)
+        assert list(zip(keys, values, strict=True)) == list(
             partition.items("versions", prefix=prefix)
         ), prefix
-    assert partition.scan("codes") == [(b"ab", b"other family")]
+    assert partition.scan("codes") == ([b"ab"], [b"other family"])
+    assert partition.scan("codes", prefix=b"x") == ([], [])
     partition.close()
     with pytest.raises(StoreClosedError):
         partition.scan("versions")
@@ -204,7 +206,8 @@ def test_a_scan_longer_than_its_read_chunk_returns_every_row_once_in_order(
     n = 2 * SCAN_CHUNK + 3
     rows = {b"p" + i.to_bytes(4, "big"): i.to_bytes(4, "little") for i in range(n)}
     put_all(partition, "codes", rows | {b"o": b"before", b"q": b"after"})
-    assert partition.scan("codes", prefix=b"p") == sorted(rows.items())
+    keys, values = partition.scan("codes", prefix=b"p")
+    assert list(zip(keys, values, strict=True)) == sorted(rows.items())
 
 
 def test_prefix_helpers_match_a_brute_force_scan() -> None:

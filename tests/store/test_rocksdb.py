@@ -74,13 +74,17 @@ def test_creates_every_column_family_and_the_format_marker(state: Path) -> None:
 
 
 @pytest.mark.parametrize("sync_writes", [True, False])
-def test_state_persists_across_reopen(state: Path, sync_writes: bool) -> None:
+@pytest.mark.parametrize("durable", [True, False])
+def test_state_persists_across_reopen(state: Path, sync_writes: bool, durable: bool) -> None:
+    """Also a write with ``durable=False`` (unsynced, made durable by the next durable
+    write: a version's blob parts): applied at once, kept across a reopen."""
     with RocksDBPartition.open(state, sync_writes=sync_writes) as partition:
         batch = partition.batch()
         for cf in COLUMN_FAMILIES:
             batch.put(cf, b"k-" + cf.encode(), cf.encode())
         batch.set_offset("items", 3, 1234)
-        partition.write(batch)
+        partition.write(batch, durable=durable)
+        assert partition.get("items", b"k-items") == b"items"
         drop = partition.batch()
         drop.delete("users", b"k-users")
         partition.write(drop)

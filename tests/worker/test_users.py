@@ -176,7 +176,7 @@ class _AppendsMidRead(MemoryPartition):
         super().__init__()
         self.user, self.times, self.t = user, times, 100
 
-    def scan(self, cf: str, *, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+    def scan(self, cf: str, *, prefix: bytes = b"") -> tuple[list[bytes], list[bytes]]:
         if cf == "recent" and self.times:
             self.times -= 1
             self.t += 1

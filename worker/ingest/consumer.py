@@ -64,6 +64,14 @@ DEAD_LETTER_REASON_CHARS = 4096
 DEAD_LETTER_MAX_BYTES = (
     6 * (DEAD_LETTER_VALUE_BYTES + DEAD_LETTER_KEY_BYTES + DEAD_LETTER_REASON_CHARS) + 2 * 1024
 )
+#: the most bytes one fetch response holds, and per partition. kafka-python decodes a
+#: response on its I/O thread in calls that hold the interpreter for the whole response
+#: (its frame is zero-filled, copied and sliced in one piece each): 64 MiB responses of
+#: item events held it 40-110 ms at a time, stalling the consumer, /metrics and the API.
+#: A record batch larger than the limit is still returned whole (KIP-74), so the limits
+#: bound the work per call, never the largest event.
+FETCH_MAX_BYTES = 8 * 1024 * 1024
+FETCH_MAX_PARTITION_BYTES = 2 * 1024 * 1024
 #: the producer's largest request (kafka-python's default, stated): every dead letter fits,
 #: with its key and the record's overhead, so Kafka never refuses one for its size
 PRODUCER_MAX_REQUEST_BYTES = 1024 * 1024
@@ -287,8 +295,8 @@ class ConsumerLoop:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 max_poll_records=settings.poll_max_records,
-                fetch_max_bytes=64 * 1024 * 1024,
-                max_partition_fetch_bytes=16 * 1024 * 1024,
+                fetch_max_bytes=FETCH_MAX_BYTES,
+                max_partition_fetch_bytes=FETCH_MAX_PARTITION_BYTES,
                 max_poll_interval_ms=600_000,
                 # co-partitioned topics: partition p of items, interactions and control go to
                 # the same worker, so a domain's events and commands have one owner

@@ -197,13 +197,13 @@ class MirroredStore(StorePartition):
     ) -> Iterator[tuple[bytes, bytes]]:
         return self.inner.items(cf, prefix=prefix, start=start, end=end, reverse=reverse)
 
-    def scan(self, cf: str, *, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+    def scan(self, cf: str, *, prefix: bytes = b"") -> tuple[list[bytes], list[bytes]]:
         return self.inner.scan(cf, prefix=prefix)
 
     def batch(self) -> WriteBatch:
         return _RecordingBatch(self.inner.batch(), self)
 
-    def write(self, batch: WriteBatch) -> None:
+    def write(self, batch: WriteBatch, *, durable: bool = True) -> None:
         if not isinstance(batch, _RecordingBatch):
             raise WorkerError("a batch written to a MirroredStore must come from its batch()")
         # -- 1./2. ownership of every mirrored partition ---------------------------------
@@ -220,7 +220,7 @@ class MirroredStore(StorePartition):
         if batch.ops:
             self.versions_log.send(batch.ops)
         # -- 4. then the local store -----------------------------------------------------
-        self.inner.write(batch.inner)
+        self.inner.write(batch.inner, durable=durable)
 
     def restore_owned(self, partitions: Collection[int]) -> list[str]:
         """Restore ``partitions``' versions from the topic into the local store (unmirrored);

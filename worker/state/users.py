@@ -234,7 +234,7 @@ def recent_items(store: StorePartition, domain: str, user_id: str) -> Recent:
         ring = read_ring(raw)
         if ring is None:
             return decode_row(raw)
-        held = dict(store.scan("recent", prefix=ring_prefix(domain, user_id)))
+        held = dict(zip(*store.scan("recent", prefix=ring_prefix(domain, user_id)), strict=True))
         again = store.get("users", key)
         if again == raw:
             return _ring_entries(domain, user_id, ring, _looked_up_in(held))

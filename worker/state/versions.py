@@ -79,8 +79,9 @@ _V = struct.Struct(">q")
 #: the blob's own key then holds a manifest that starts with PARTS_MAGIC (blobs are .npz: "PK")
 PART_BYTES = 16 * 1024 * 1024
 #: the parts' size when they are written ahead of the version's batch (put_blob's
-#: ``write_part``): one write of 4 MiB holds the interpreter ~10 ms
-STAGED_PART_BYTES = 4 * 1024 * 1024
+#: ``write_part``, unsynced): a RocksDB write holds the interpreter ~2 ms per MiB, plus
+#: ~10-15 ms when it syncs
+STAGED_PART_BYTES = 1024 * 1024
 PARTS_MAGIC = b"\x00adacode-parts\x00"
 
 TEXT_PROJ = DOMAIN_PREFIX + "text_proj.weight"
@@ -551,7 +552,9 @@ def get_blob(store: StorePartition, kind: BlobKind, domain: str, version: int) -
     if manifest is None:
         return raw
     keys = [version_part_key(kind, domain, version, i) for i in range(int(manifest["parts"]))]
-    parts = store.multi_get("versions", keys)
+    # one part per read: a read copies its values into Python while it holds the
+    # interpreter, and one multi-get of a million items' ~0.3 GB held it ~150 ms
+    parts = [store.get("versions", key) for key in keys]
     missing = [i for i, part in enumerate(parts) if part is None]
     if missing:
         raise VersionError(

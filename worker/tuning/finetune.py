@@ -779,10 +779,11 @@ class FineTuner:
 
     def _write_part(self, key: bytes, value: bytes) -> None:
         """One part of a version's blob, in its own write ahead of the version's batch (see
-        :func:`~worker.state.versions.put_blob`)."""
+        :func:`~worker.state.versions.put_blob`), not synced: nothing reads it before the
+        version's batch, whose synced write makes it durable with it."""
         part = self.store.batch()
         part.put("versions", key, value)
-        self.store.write(part)
+        self.store.write(part, durable=False)
 
     def _settle(self, outcome: Outcome) -> Outcome:
         """Keep ``outcome`` as the domain's last (for /metrics): one per domain."""
