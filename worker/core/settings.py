@@ -211,6 +211,13 @@ class Settings:
         "sampled, logQ-corrected negatives (cost per step independent of the catalogue)",
         minimum=0,
     )
+    background_threads: int = setting(
+        max(1, (os.cpu_count() or 2) - 1),
+        "OpenMP threads of the serving index builds and the codebook bootstrap (default: "
+        "the cores less one, so the consumer and the API keep a core)",
+        minimum=1,
+        maximum=64,
+    )
     finetune_workers: int = setting(
         max(1, (os.cpu_count() or 2) - 1),
         "fine-tunes run at once (default: the cores less one for the consumer, at least 1)",

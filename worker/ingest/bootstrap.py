@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from enum import Enum
 from itertools import islice
 
+import faiss
 import numpy as np
 
 from quantize.codebook import (
@@ -281,6 +282,9 @@ class Bootstrap:
     # -- the thread -----------------------------------------------------------------------
 
     def _run(self, sample: Callable[[], SampleScan]) -> None:
+        # k-means on every core starved the consumer and the API (OpenMP threads are set
+        # per thread: this one starts at one per core)
+        faiss.omp_set_num_threads(self.settings.background_threads)
         try:
             scan = sample()
             codebook = self._bootstrap(scan.keys, scan.n_items)

@@ -69,6 +69,7 @@ from worker.state.versions import (
     domains_with_versions,
     get_record,
     load_table,
+    utf8_ids,
 )
 from worker.tuning.exceptions import Abandoned, FineTuneDataError
 
@@ -245,7 +246,7 @@ def read_log(
     timestamps)``: users numbered by first appearance, items as indices into ``item_ids``
     (interactions of other items, not coded yet, are left out). Keys and values are
     decoded ``chunk`` at a time with numpy; ``check`` is called between chunks."""
-    catalogue = np.array([i.encode() for i in item_ids], dtype=bytes)
+    catalogue = utf8_ids(item_ids)  # in chunks: one np.array of 1M ids held ~60 ms
     by_id = np.argsort(catalogue, kind="stable")
     known = catalogue[by_id]
     prefix = domain_prefix(domain)
