@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import faiss
 import numpy as np
@@ -246,8 +247,6 @@ def test_a_rollback_to_a_cached_version_swaps_without_a_build(store: MemoryParti
 
 
 def test_without_a_cache_a_rollback_builds(store: MemoryPartition) -> None:
-    from dataclasses import replace
-
     serving = Serving(store, replace(SMALL, index_cache_versions=0))
     _publish(store, "shop", seed=1, n_items=50)
     _publish(store, "shop", seed=2, n_items=50)
@@ -298,6 +297,24 @@ def test_the_refresher_reacts_to_a_notification_not_to_its_poll(store: MemoryPar
     finally:
         serving.stop()
     assert swaps[3:] == [("b", 1, 2), ("c", 1, 2)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_indexes_are_built_with_the_background_threads_setting(
+    store: MemoryPartition, threads: int
+) -> None:
+    """The index thread sets its own OpenMP threads (threads start at one per core) to
+    ``background_threads``: a build on every core starved the consumer and the API."""
+    seen: list[int] = []
+    settings = replace(SMALL, background_threads=threads)
+    serving = Serving(store, settings, on_swap=lambda *_: seen.append(faiss.omp_get_max_threads()))
+    _publish(store, "a", seed=1, n_items=20)
+    serving.start()
+    try:
+        assert _wait(lambda: len(seen) == 1)
+    finally:
+        serving.stop()
+    assert seen == [threads]
 
 
 class CountingStore(MemoryPartition):
