@@ -556,6 +556,21 @@ def quantiles(values: Sequence[float]) -> dict[str, float | None]:
     }
 
 
+#: a /metrics scrape slower than this is listed with when it happened
+SLOW_SCRAPE_MS = 50.0
+
+
+def slow_scrapes(result: SizeResult) -> list[dict[str, Any]]:
+    """The scrapes over :data:`SLOW_SCRAPE_MS`, each with its phase, its time (epoch
+    seconds, to find it in the worker's log) and seconds since the phase's worker start."""
+    return [
+        {"phase": name, "t": s.t, "after_start_s": s.t - p.started_at, "ms": 1000 * s.scrape_s}
+        for name, p in result.phases.items()
+        for s in p.samples
+        if 1000 * s.scrape_s > SLOW_SCRAPE_MS
+    ]
+
+
 def latency_quantiles(values_ms: Sequence[float]) -> dict[str, float | None]:
     """p50 / p90 / p99 / max (and n) of latencies in ms; ``None`` each when there are none."""
     if not values_ms:
@@ -1188,6 +1203,17 @@ class ScaleRun:
 # ======================================================================================
 
 
+def _slow_text(slow: list[dict[str, Any]]) -> str:
+    """How many scrapes were slow, and where (phase, seconds after its worker started)."""
+    if not slow:
+        return f"none over {SLOW_SCRAPE_MS:.0f} ms"
+    where = ", ".join(
+        f"{x['ms']:.0f} ms {x['phase']} +{x['after_start_s']:.0f} s"
+        for x in sorted(slow, key=lambda x: -x["ms"])[:5]
+    )
+    return f"{len(slow)} over {SLOW_SCRAPE_MS:.0f} ms: {where}"
+
+
 def figures(result: SizeResult, min_items: int) -> dict[str, Any]:
     """The table's numbers from the phases' samples and logs."""
     out = dict(result.figures)
@@ -1227,6 +1253,7 @@ def figures(result: SizeResult, min_items: int) -> dict[str, Any]:
     out["longest_batch_bound_s"] = max(bounds) if bounds else None
     out["peak_rss_mib"] = max((s.hwm_mib for s in every), default=None)
     out["scrape_ms"] = quantiles([1000 * s.scrape_s for s in every])
+    out["slow_scrapes"] = slow_scrapes(result)
     rounds = code_rounds(lines)
     out["code_rounds"] = {
         "n": len(rounds),
@@ -1313,9 +1340,10 @@ def render_table(result: SizeResult) -> str:
             f"{_f((rounds.get('ms') or {}).get('max'), '{:.1f}')} ({rounds.get('n', 0)} rounds logged)",
         ),
         (
-            "/metrics scrape ms (median / max)",
-            f"{_f(scrape.get('median'), '{:.1f}')} / {_f(scrape.get('max'), '{:.1f}')} "
-            f"({scrape.get('n', 0)} scrapes)",
+            "/metrics scrape ms (median / p99 / max)",
+            f"{_f(scrape.get('median'), '{:.1f}')} / {_f(scrape.get('p99'), '{:.1f}')} / "
+            f"{_f(scrape.get('max'), '{:.1f}')} ({scrape.get('n', 0)} scrapes; "
+            f"{_slow_text(f.get('slow_scrapes') or [])})",
         ),
         (
             "worker RSS after ingest / at the end / peak",

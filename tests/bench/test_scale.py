@@ -21,6 +21,7 @@ from bench.scale import (
     DIM,
     KeepAlive,
     LogLine,
+    Phase,
     Sample,
     Shot,
     SizeResult,
@@ -39,8 +40,10 @@ from bench.scale import (
     paced_figures,
     parse_log_line,
     poll_until_ok,
+    quantiles,
     render_table,
     run_paced,
+    slow_scrapes,
 )
 from worker.ingest.events import EventLimits, parse_interaction, parse_item
 
@@ -364,3 +367,28 @@ def test_serve_rows_only_when_serving_ran() -> None:
     assert "goal p99 < 10 ms" in table and "1 not 200" in table
     assert "| new item produce-to-servable p50 / p99 / max ms | 50.0 / 59.8 / 60.0" in table
     assert "2 of 3 servable" in table
+
+
+def test_slow_scrapes_are_listed_with_their_phase_and_time() -> None:
+    """Each scrape over 50 ms is kept with its phase and its time after the phase's worker
+    started (to find it in the worker's log); the table names the slowest."""
+
+    def sample(t: float, ms: float) -> Sample:
+        return Sample(t, ms / 1000, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, None)
+
+    result = SizeResult(SPEC)
+    items = Phase("items", 3000, started_at=100.0)
+    items.samples = [sample(101.0, 3.0), sample(102.0, 75.0)]
+    inter = Phase("interactions", 20_000, started_at=200.0)
+    inter.samples = [sample(230.0, 120.0), sample(231.0, 50.0)]
+    result.phases = {"items": items, "interactions": inter}
+    slow = slow_scrapes(result)
+    assert [(x["phase"], x["after_start_s"], x["ms"]) for x in slow] == [
+        ("items", 2.0, 75.0),
+        ("interactions", 30.0, 120.0),
+    ]
+    result.figures = {"scrape_ms": quantiles([3.0, 75.0, 120.0, 50.0]), "slow_scrapes": slow}
+    table = render_table(result)
+    assert "2 over 50 ms: 120 ms interactions +30 s, 75 ms items +2 s" in table
+    result.figures["slow_scrapes"] = []
+    assert "none over 50 ms" in render_table(result)
