@@ -7,6 +7,7 @@ import gc
 import platform
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,20 @@ def test_capped_mmap_threshold_returns_freed_large_blocks_without_a_trim() -> No
 
 def test_frozen_objects_are_out_of_the_collectors_reach_and_later_ones_are_not() -> None:
     """After start-up the worker freezes what it loaded: a full collection then walks only
-    the objects made since (the long-lived ones no longer stall every thread)."""
+    the objects made since (the long-lived ones no longer stall every thread). Young garbage
+    of the loading is collected first, not frozen."""
     loaded = [[i] for i in range(300_000)]  # stands in for imported modules and models
+
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.self = garbage  # type: ignore[attr-defined]
+    gone = weakref.ref(garbage)
+    del garbage
     try:
         assert freeze_long_lived("a test") >= len(loaded)
+        assert gone() is None  # collected before the freeze
         assert not any(o is loaded for o in gc.get_objects())  # frozen: not tracked
         later = [[0]]
         assert any(o is later for o in gc.get_objects())  # made after: collected as before
