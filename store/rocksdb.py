@@ -382,7 +382,7 @@ class RocksDBPartition(StorePartition):
                 return
             if found is None and writable and _is_blank(db, existing):
                 # Created by us and interrupted before the marker was written.
-                meta.put(FORMAT_KEY, FORMAT, _synced())
+                meta.put(FORMAT_KEY, FORMAT, _write_sync(True))
                 return
         finally:
             meta.close()
@@ -538,7 +538,7 @@ class RocksDBPartition(StorePartition):
                 "start a new one with partition.batch()"
             )
         batch._consumed = True  # rocksdict consumes it even when the write fails
-        options = self._write_options if sync is None else _synced(sync)
+        options = self._write_options if sync is None else _write_sync(sync)
         try:
             self._db.write(batch._batch, options)
         except rocksdict.DbClosedError as exc:
@@ -665,7 +665,7 @@ class RocksDBPartition(StorePartition):
             ) from failures[-1]
 
 
-def _synced(sync: bool = True) -> rocksdict.WriteOptions:
+def _write_sync(sync: bool) -> rocksdict.WriteOptions:
     options = rocksdict.WriteOptions()
     options.sync = sync
     return options

@@ -18,7 +18,6 @@ import orjson
 from quantize.assign import AssignerState, CodeAssigner
 from quantize.codebook import ResidualCodebook
 from quantize.drift import CodebookDrift
-from quantize.prefix_nodes import GIL_CHUNK
 from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.records import DomainCounters, ItemRecord, LoggedInteraction, Popularity
@@ -161,9 +160,7 @@ def committed_codes(
     prefix = code_row_prefix(domain)
     cut = len(prefix)
     raw_keys, rows = store.scan("codes", prefix=prefix)  # 1M rows: one bulk read
-    keys: list[str] = []
-    for lo in range(0, len(raw_keys), GIL_CHUNK):
-        keys += [key[cut:].decode() for key in raw_keys[lo : lo + GIL_CHUNK]]
+    keys = [key[cut:].decode() for key in raw_keys]
     del raw_keys
     assigner, extra = CodeAssigner.from_rows(raw, keys, rows)
     return assigner, extra, False
