@@ -19,11 +19,7 @@ from tests.worker_process import (
     wait_for,
 )
 from worker.commands.topics import create_topics
-from worker.ingest.consumer import (
-    DEAD_LETTER_MAX_BYTES,
-    DEAD_LETTER_VALUE_BYTES,
-    FETCH_MAX_PARTITION_BYTES,
-)
+from worker.ingest.consumer import DEAD_LETTER_MAX_BYTES, DEAD_LETTER_VALUE_BYTES
 from worker.ingest.events import interaction_payload, item_payload
 from worker.state.reads import domain_counters
 
@@ -54,8 +50,7 @@ def test_a_2mb_event_is_dead_lettered_cut_with_its_coordinates_and_digest(
 ) -> None:
     s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "state")  # max_message_bytes: 1e6
     create_topics(s, partitions=1)
-    # larger than a fetch takes per partition too: the broker returns it whole (KIP-74)
-    huge = item_payload("huge", "shop", 2, text="y" * (FETCH_MAX_PARTITION_BYTES + 65_536))
+    huge = item_payload("huge", "shop", 2, text="y" * 2_000_000)
     assert len(huge) > 2 * s.max_message_bytes
     placed = _produce_large(
         kafka_bootstrap,
