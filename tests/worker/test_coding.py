@@ -474,3 +474,71 @@ def test_a_threshold_move_flips_at_most_its_budget_and_reaches_the_target(
     follow_head_fraction(jump, goal, 1, n)
     enter, exit_ = thresholds_for_fraction(jump.all_popularity(), goal)
     assert (jump.enter_threshold, jump.exit_threshold) == (enter, exit_)
+
+
+# --- the bootstrap's sample does not depend on batch cuts --------------------------------
+
+
+def _bootstrap_stream(seed: int) -> tuple[list[SourceRecord], dict[str, np.ndarray]]:
+    """150 items (offsets 0..), two of them sent again with a new embedding (one before the
+    64th item, one after), and interactions that make placeholders of items not yet sent.
+    Returns the records and, per item, its embedding as of the 64th item's event."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(8, 16))
+    events: list[tuple[str, np.ndarray]] = []
+    for i in range(150):
+        events.append((f"i{i}", centers[i % 8] + 0.3 * rng.normal(size=16)))
+        if i == 40:
+            events.append(("i3", rng.normal(size=16)))  # before the 64th item: in the sample
+        if i == 100:
+            events.append(("i5", rng.normal(size=16)))  # after it: not in the sample
+    as_of: dict[str, np.ndarray] = {}  # replayed one event at a time, up to the 64th item
+    records = []
+    for offset, (item, vec) in enumerate(events):
+        if len(as_of) < S.codebook_min_items:
+            as_of[item] = vec.astype("<f4")
+        payload = item_payload(item, "shop", offset, embedding=vec)
+        records.append(SourceRecord(ITEMS, 0, offset, b"shop", payload))
+    for k in range(60):  # items 90..149 first seen as placeholders
+        payload = interaction_payload(f"u{k}", f"i{90 + k}", "shop", k)
+        records.append(SourceRecord(INTER, 0, k, b"shop", payload))
+    return records, as_of
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_bootstrap_sample_ends_at_the_event_that_fills_it_whatever_the_batches(
+    seed: int,
+) -> None:
+    from quantize.codebook import POINTS_PER_CENTROID, ResidualCodebook, suggest_shape
+
+    records, as_of = _bootstrap_stream(seed)
+    assert len(as_of) == S.codebook_min_items and "i64" not in as_of
+    # the slow reference: the first 64 items, each as of the 64th item's event, key order
+    keys = sorted(item_key("shop", i) for i in as_of)
+    vectors = np.stack([as_of[k.decode().split("\x00")[1]] for k in keys])
+    levels, k = suggest_shape(S.codebook_min_items)
+    want = ResidualCodebook.train(
+        vectors, levels, k, seed=0, points_per_centroid=POINTS_PER_CENTROID
+    ).codebook_id
+
+    items = [r for r in records if r.topic == ITEMS]
+    inters = [r for r in records if r.topic == INTER]
+    rng = np.random.default_rng(100 + seed)
+    trained = []
+    for _ in range(6):  # batches of random sizes, the two topics interleaved at random
+        store = MemoryPartition()
+        proc = Processor(store, S, None)
+        queues = [list(items), list(inters)]
+        while any(queues):
+            batch: list[SourceRecord] = []
+            for q in queues:
+                take = int(rng.integers(0, 70))
+                batch += q[:take]
+                del q[:take]
+            if batch:
+                _apply(store, proc, batch)
+        codebook = load_codebook(store)
+        assert codebook is not None
+        trained.append(codebook.codebook_id)
+        assert len(_state(store).keys) == 150  # every item coded in the end
+    assert trained == [want] * 6

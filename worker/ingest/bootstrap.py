@@ -6,7 +6,10 @@ Two steps, each bounded whatever the catalogue size:
    column family once, in chunks, and keeps the keys of the ``cap`` items with embeddings
    whose :func:`sample_rank` (an 8-byte blake2b of the key) is smallest, in a bounded heap.
    The choice depends only on the *set* of stored items: not on the order they arrived in,
-   nor on the chunk size, nor on the store. Memory: ``cap`` keys, never every item.
+   nor on the chunk size, nor on the store. Memory: ``cap`` keys, never every item. (The
+   worker's own bootstrap fixes that set at the item event that fills
+   ``codebook_min_items``, see ``CodeService._choose_sample``; these scans serve tools,
+   benches, and a state already past the threshold without a sample.)
 2. :class:`Bootstrap` reads the sample's embeddings with ``multi_get`` in chunks into one
    float32 array and trains :meth:`ResidualCodebook.train` (``seed=0``,
    ``points_per_centroid=POINTS_PER_CENTROID``) in one daemon thread, while the caller

@@ -45,7 +45,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Protocol
@@ -210,6 +210,22 @@ def codes_after_round(
     pops = popularity_at_reference(store, domain, keys, ref_ts, half_life)
     changes = round_codes(assigner, keys, pops, ts, settings.code_head_fraction)
     return RoundedCodes(assigner, len(keys), changes)
+
+
+#: an applied item event, while there is no codebook: (item key, its embedding after the
+#: event, whether it made the item held: new, or a placeholder filled in)
+Arrival = tuple[bytes, bytes, bool]
+
+
+def _by_rank(keys: Iterable[bytes], cap: int) -> list[bytes]:
+    """At most ``cap`` of ``keys``, those of smallest ``sample_rank``; ascending."""
+    from worker.ingest.bootstrap import sample_rank
+
+    return sorted(sorted(keys, key=lambda k: (sample_rank(k), k))[:cap])
+
+
+def _stacked(vectors: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.stack(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
 
 
 def _upper(prefix: bytes) -> bytes:
@@ -430,10 +446,14 @@ class CodeService:
         moves: PopularityMoves,
         before: Mapping[str, DomainCounters],
         counters: Mapping[str, DomainCounters],
+        *,
+        arrivals: Sequence[Arrival] = (),
     ) -> CodingResult:
         """Code ``new_items`` (domain -> item -> float32 bytes), follow the popularity the
         batch's interactions ``moves``, and run the code rounds that fall in the batch
-        (``before`` / ``counters``: the domains as the batch found and leaves them).
+        (``before`` / ``counters``: the domains as the batch found and leaves them;
+        ``arrivals``: while there is no codebook, the batch's item events in offset order,
+        see :meth:`_choose_sample`).
 
         1. Without a codebook: start or resume its bootstrap, or adopt it once trained.
         2. Code the batch's new items (cold), and a chunk of the items held from before
@@ -444,7 +464,9 @@ class CodeService:
         """
         with self.lock:
             result = CodingResult()
-            if self.codebook is None and not self._adopt(batch, new_items, counters, result):
+            if self.codebook is None and not self._adopt(
+                batch, new_items, counters, arrivals, result
+            ):
                 return result
             for domain, items in sorted(new_items.items()):
                 ts = counters[domain].last_ts if domain in counters else 0
@@ -461,11 +483,12 @@ class CodeService:
         batch: WriteBatch,
         new_items: dict[str, dict[str, bytes]],
         counters: Mapping[str, DomainCounters],
+        arrivals: Sequence[Arrival],
         result: CodingResult,
     ) -> bool:
         """Whether a codebook is adopted in this batch (then the items held so far are
         coded from the first key on, in chunks)."""
-        codebook = self._group_codebook() or self._trained(batch, new_items, counters)
+        codebook = self._group_codebook() or self._trained(batch, new_items, counters, arrivals)
         if codebook is None:
             return False
         self.adopt(batch, codebook)
@@ -492,6 +515,7 @@ class CodeService:
         batch: WriteBatch,
         new_items: dict[str, dict[str, bytes]],
         counters: Mapping[str, DomainCounters],
+        arrivals: Sequence[Arrival],
     ) -> ResidualCodebook | None:
         """The bootstrap codebook once trained; starts (or resumes) its training when enough
         items are held. Without a trainer, it trains here (tools, tests)."""
@@ -502,21 +526,22 @@ class CodeService:
                 log.error("codebook bootstrap failed (%s); trying again", exc)
                 self._training = False
                 return None
-        sample = self.store.get("meta", BOOTSTRAP_SAMPLE)
-        if sample is None:
-            n = self._held_items(counters)
-            if n < self.settings.codebook_min_items:
+        saved = self.store.get("meta", BOOTSTRAP_SAMPLE)
+        if saved is None:
+            chosen = self._choose_sample(counters, arrivals, new_items)
+            if chosen is None:
                 return None
-            keys = self._choose_sample(new_items)
-            sample = orjson.dumps({"n": n, "keys": [k.decode() for k in keys]})
-            batch.put("meta", BOOTSTRAP_SAMPLE, sample)
-        doc = orjson.loads(sample)
-        keys = [k.encode() for k in doc["keys"]]
-        vectors = self._sample_vectors(keys, new_items)  # a batch's items are not written yet
+            keys, vectors, n = chosen
+            doc = {"n": n, "keys": [k.decode() for k in keys]}
+            batch.put("meta", BOOTSTRAP_SAMPLE, orjson.dumps(doc))
+        else:
+            doc = orjson.loads(saved)
+            keys, n = [k.encode() for k in doc["keys"]], int(doc["n"])
+            vectors = self._sample_vectors(keys, new_items)  # a batch's items: not written yet
         if self.make_trainer is None:
-            return self._train_here(vectors, int(doc["n"]))
+            return self._train_here(vectors, n)
         self.trainer = self.make_trainer()
-        self.trainer.start(keys, int(doc["n"]), vectors=vectors)
+        self.trainer.start(keys, n, vectors=vectors)
         self._training = True
         return None
 
@@ -525,14 +550,57 @@ class CodeService:
         total.update((d, c.items) for d, c in counters.items())
         return sum(total.values())
 
-    def _choose_sample(self, new_items: dict[str, dict[str, bytes]]) -> list[bytes]:
-        from worker.ingest.bootstrap import choose_sample, sample_cap, sample_rank
+    def _choose_sample(
+        self,
+        counters: Mapping[str, DomainCounters],
+        arrivals: Sequence[Arrival],
+        new_items: dict[str, dict[str, bytes]],
+    ) -> tuple[list[bytes], np.ndarray, int] | None:
+        """The bootstrap's sample, once ``codebook_min_items`` items are held: ``(keys
+        ascending, their embeddings, items it stands for)``, else ``None``.
 
-        cap = sample_cap(self.settings)
-        held = choose_sample(self.store, cap, stop_event=threading.Event())
-        fresh = [item_key(d, i) for d, items in new_items.items() for i in items]
-        keys = sorted(set(held) | set(fresh), key=lambda k: (sample_rank(k), k))[:cap]
-        return sorted(keys)
+        The sample is the items held at the very item event that makes ``codebook_min_items``
+        (each with its embedding as of that event), whatever batch that event falls in: so a
+        run replayed after a crash, or fed by other fetch sizes, trains the same codebook.
+        Of those, at most :func:`~worker.ingest.bootstrap.sample_cap` are kept, by
+        :func:`~worker.ingest.bootstrap.sample_rank`. (Only a state kept from before this
+        rule, already past the threshold without a sample, samples every held item.)
+        """
+        from worker.ingest.bootstrap import choose_sample, sample_cap
+
+        wanted = self.settings.codebook_min_items
+        n_after = self._held_items(counters)
+        if n_after < wanted:
+            return None
+        n_before = n_after - sum(1 for _, _, held in arrivals if held)
+        if n_before >= wanted:
+            keys = choose_sample(
+                self.store, sample_cap(self.settings), stop_event=threading.Event()
+            )
+            fresh = [item_key(d, i) for d, items in new_items.items() for i in items]
+            keys = _by_rank(set(keys) | set(fresh), sample_cap(self.settings))
+            return keys, self._sample_vectors(keys, new_items), n_after
+        sample = self._stored_embeddings()  # fewer than ``wanted``: the batch did not start
+        count = n_before
+        for key, embedding, held in arrivals:
+            if held or key in sample:
+                sample[key] = embedding
+            count += held
+            if count == wanted:
+                break
+        keys = _by_rank(sample, sample_cap(self.settings))
+        vectors = [np.frombuffer(sample[key], dtype="<f4") for key in keys]
+        return keys, _stacked(vectors, self.settings.embedding_dim), wanted
+
+    def _stored_embeddings(self) -> dict[bytes, bytes]:
+        """Every stored item's embedding (placeholders left out): only called while fewer
+        than ``codebook_min_items`` are held."""
+        out: dict[bytes, bytes] = {}
+        for key, raw in self.store.items("items"):
+            record = ItemRecord.decode(raw)
+            if not record.placeholder and record.embedding:
+                out[key] = record.embedding
+        return out
 
     def _sample_vectors(
         self, keys: list[bytes], new_items: dict[str, dict[str, bytes]]
@@ -546,9 +614,7 @@ class CodeService:
                 vectors.append(np.frombuffer(fresh[key], dtype="<f4"))
             elif (raw := stored[key]) is not None and (rec := ItemRecord.decode(raw)).embedding:
                 vectors.append(np.frombuffer(rec.embedding, dtype="<f4"))
-        if not vectors:
-            return np.zeros((0, self.settings.embedding_dim), dtype=np.float32)
-        return np.stack(vectors)
+        return _stacked(vectors, self.settings.embedding_dim)
 
     def _train_here(self, data: np.ndarray, n: int) -> ResidualCodebook:
         levels, k = suggest_shape(n)

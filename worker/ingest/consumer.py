@@ -67,13 +67,12 @@ DEAD_LETTER_MAX_BYTES = (
 #: the most bytes one fetch response holds, and per partition. kafka-python decodes a
 #: response on its I/O thread in calls that hold the interpreter for the whole response
 #: (its frame is zero-filled, copied and sliced in one piece each): 64 MiB responses of
-#: item events held it 40-110 ms at a time. Smaller limits (8 MiB / 2 MiB) removed those
-#: holds, but cut the items topic into other batches, and the codebook bootstrap's sample
-#: then differed between a run resumed after a SIGKILL and an uninterrupted one
-#: (tests/integration/test_bootstrap.py): the sample depends on where the batch that
-#: starts the bootstrap ends. Kept here until that is fixed.
-FETCH_MAX_BYTES = 64 * 1024 * 1024
-FETCH_MAX_PARTITION_BYTES = 16 * 1024 * 1024
+#: item events held it 40-110 ms at a time, stalling the API's threads; 8 MiB / 2 MiB
+#: removed those holds (Kafka still returns a larger record batch whole, so no event is
+#: too large for them). Batch cuts follow from these limits, and no state depends on them
+#: (the bootstrap's sample included: it ends at the event that fills it).
+FETCH_MAX_BYTES = 8 * 1024 * 1024
+FETCH_MAX_PARTITION_BYTES = 2 * 1024 * 1024
 #: the producer's largest request (kafka-python's default, stated): every dead letter fits,
 #: with its key and the record's overhead, so Kafka never refuses one for its size
 PRODUCER_MAX_REQUEST_BYTES = 1024 * 1024

@@ -262,6 +262,9 @@ class _Work:
     domains: set[str]  # every domain the batch's events name
     counters: dict[str, DomainCounters]  # as the batch leaves them
     before: dict[str, DomainCounters]  # as the batch found them
+    #: while there is no codebook: every applied item event in offset order, as
+    #: (item key, its embedding after the event, whether it made the item held)
+    arrivals: list[tuple[bytes, bytes, bool]] = field(default_factory=list)
 
 
 _K = TypeVar("_K")
@@ -440,12 +443,20 @@ class Processor:
     ) -> None:
         """Apply item events in offset order; an item that needs an encoder there is none
         of becomes a dead letter."""
+        arrivals = work.arrivals if self._before_codebook() else None
         for (rec, event), vector in zip(items, vectors, strict=True):
             if vector == b"":
                 reason = "item has only text and this worker has no text encoder configured"
                 result.dead.append(DeadLetter(reason, rec))
                 continue
-            self._apply_item(event, vector, work.items, work.counters, result)
+            record, held = self._apply_item(event, vector, work.items, work.counters, result)
+            if arrivals is not None:
+                arrivals.append((item_key(event.domain, event.item_id), record.embedding, held))
+
+    def _before_codebook(self) -> bool:
+        """Whether the batch may start the codebook's bootstrap (then its item events are
+        kept in order: the bootstrap's sample ends at the very event that fills it)."""
+        return self.codes is not None and self.codes.codebook is None
 
     # -- 6. retention, 7. control commands --------------------------------------------------
 
@@ -561,7 +572,9 @@ class Processor:
         cache: _Cache,
         counters: dict[str, DomainCounters],
         result: BatchResult,
-    ) -> None:
+    ) -> tuple[ItemRecord, bool]:
+        """Apply one item event: the item's record now, and whether the event made it held
+        (new, or a placeholder filled in)."""
         key = item_key(event.domain, event.item_id)
         raw = cache.get(key)
         stored = ItemRecord.decode(raw) if raw else None
@@ -589,6 +602,7 @@ class Processor:
         counters[event.domain] = c
         cache.put(key, record.encode())
         result.applied["item", event.domain] += 1
+        return record, stored is None or stored.placeholder
 
     def _apply_interactions(
         self, parsed: _Parsed, work: _Work, touched: _Touched, result: BatchResult
@@ -733,7 +747,9 @@ class Processor:
             touched.before,
             touched.popularity,
         )
-        result.coding = codes.apply(result.batch, new, moves, work.before, work.counters)
+        result.coding = codes.apply(
+            result.batch, new, moves, work.before, work.counters, arrivals=work.arrivals
+        )
 
     @staticmethod
     def _new_embeddings(
