@@ -21,7 +21,7 @@ import torch
 from quantize.table_model import ModelConfig, Snapshot, build_model, export_params
 from quantize.train import score_histories
 from store.memory import MemoryPartition
-from tests.worker.vector_reference import slow_served_rows, slow_vector
+from tests.worker.vector_reference import slow_served_rows, slow_trained_code, slow_vector
 from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import BatchResult, Processor, SourceRecord
@@ -670,14 +670,20 @@ def test_untrained_and_new_items_are_served_their_deepest_trained_relatives_code
             doc["vector"], slow_vector(table.snapshot, rows, found[k]), rtol=1e-4, atol=1e-5
         )
     assert borrowed > 0
+
     # a brand-new item on the path of the deepest trained code: that code's rows + its W @ e
-    deepest = max(np.flatnonzero(trained), key=lambda i: depth[i])
+    # (a code as others borrow it: a disambiguation row, off the path, is not lent)
+    def lent(i: int) -> list[int]:
+        return slow_trained_code(table.item_rows[i], table.full_rows[i])
+
+    deepest = max(np.flatnonzero(trained), key=lambda i: len(lent(i)))
+    assert len(lent(deepest)) >= 2
     emb = found[keys[deepest]] + np.float32(1e-4)
     before = e.serving.builds
     e.feed("items", [item_payload("newbie", "shop", 50, embedding=emb)])
     assert _full(e, "newbie") == table.full_rows[deepest].tolist()
     rows = slow_served_rows(assigner.row_ids("newbie").tolist(), _full(e, "newbie"), t_rows, t_full)
-    assert rows == table.item_rows[deepest][: depth[deepest]].tolist()
+    assert rows == lent(deepest)
     assert rows != assigner.row_ids("newbie").tolist()  # its own code is shorter
     status, doc = e.call("GET", "/v1/domains/shop/items/newbie/vector")
     assert status == 200 and doc["version"] == 2 and e.serving.builds == before
