@@ -893,22 +893,58 @@ class CodeAssigner:
         rows = np.asarray(known, dtype=np.int64)
         given = np.asarray(batch_rows, dtype=np.int64)
         recoded = np.any(items.paths[rows] != paths[given], axis=1)
+        if recoded.any():
+            self._recode(rows[recoded], paths[given[recoded]], moved)
         noted = rows if popularity is not None else rows[recoded]
         moved.note(noted, items.popularity[noted], items.is_head[noted])
-        if recoded.any():  # rare: the call re-evaluates every item (see _reassign)
-            re_rows = rows[recoded]
-            for i, code in zip(re_rows.tolist(), self._codes(re_rows), strict=True):
-                moved.fixed[i] = (code, "recode")
-            moved.recoded = True
-            items.paths[re_rows] = paths[given[recoded]]
-            items.lengths[re_rows] = 0
-            items.uses_digit[re_rows] = False
-            items.digits[re_rows] = -1
-            items.shrink_streak[re_rows] = 0
-            items.eval_round[re_rows] = self._rounds
-            items.below[re_rows] = False
         if popularity is not None:
             items.popularity[rows] = popularity[given]
+
+    def _recode(self, rows: np.ndarray, paths: np.ndarray, moved: _Moved) -> None:
+        """Known items ``rows`` take new ``paths``: their code starts over (as a new item's,
+        their popularity and head flag kept).
+
+        Incrementally (O(items re-coded), whatever the catalogue): their old code leaves the
+        counts, the head codes and the length sums; they leave their old prefix nodes (whose
+        crowding flags are kept, to find those that flip) and join the new ones as cold
+        items, which is how they are noted; the round re-evaluates them like new items.
+        Otherwise :meth:`_reassign_all` re-evaluates every item and rebuilds the rest.
+        """
+        items = self._items
+        old_codes = self._codes(rows)
+        for i, code in zip(rows.tolist(), old_codes, strict=True):
+            moved.fixed[i] = (code, "recode")
+        if self.incremental:
+            self._leave_codes(rows, old_codes, moved)
+        items.paths[rows] = paths
+        items.lengths[rows] = 0
+        items.uses_digit[rows] = False
+        items.digits[rows] = -1
+        items.shrink_streak[rows] = 0
+        items.eval_round[rows] = self._rounds
+        items.below[rows] = False
+        if self.incremental:
+            self._nodes.place(rows, paths)
+            self._use_levels(paths, 1)
+        else:
+            moved.recoded = True
+
+    def _leave_codes(self, rows: np.ndarray, old_codes: list[Code], moved: _Moved) -> None:
+        """Take ``rows`` (about to be re-coded) out of what their old path and code count
+        in; they are noted as cold tail items, as the prefix statistics now hold them."""
+        items = self._items
+        heads = items.is_head[rows]
+        self._uncount(old_codes)
+        self._sum_lengths(items.lengths[rows] + items.uses_digit[rows], heads, -1)
+        for i, code, head in zip(rows.tolist(), old_codes, heads.tolist(), strict=True):
+            if head and self._head_codes.get(code) == i:
+                del self._head_codes[code]
+        if getattr(self.policy, "node_flags", None) is not None:
+            for d, nodes in enumerate(self._nodes.nodes_of(rows)):
+                moved.left.append((d, nodes, self._flags(d, nodes)))
+        self._nodes.remove(rows, items.popularity[rows], heads)
+        self._use_levels(items.paths[rows], -1)
+        moved.note(rows, np.zeros(rows.size), np.zeros(rows.size, dtype=bool))
 
     def _append(self, keys: list[str], batch: _Items, moved: _Moved) -> None:
         """Append new items (their rows in ``batch``); they get old code ``()``."""
@@ -1165,6 +1201,7 @@ class CodeAssigner:
         if not rows.size:
             return []
         flipped, nodes = self._follow_heads(rows, old_pop, was_head)
+        flipped = self._flipped_left(flipped, moved)
         if any(f.size for f in flipped):
             rows, _, was_head = self._join_crowded(flipped, moved)
         lengths, uses, old_len, old_uses = self._settle_lengths(rows, nodes, round_=round_)
@@ -1256,6 +1293,17 @@ class CodeAssigner:
             for d, ((nodes, entropy), was) in enumerate(zip(now, before, strict=True))
         ]
         return flipped, now
+
+    def _flipped_left(self, flipped: list[np.ndarray], moved: _Moved) -> list[np.ndarray]:
+        """``flipped`` with the nodes that re-coded items left whose crowding flipped."""
+        if not moved.left:
+            return flipped
+        out = list(flipped) or [np.zeros(0, dtype=np.int64) for _ in range(self.levels)]
+        for d, nodes, before in moved.left:
+            now = nodes[self._flags(d, nodes) != before]
+            if now.size:
+                out[d] = np.union1d(out[d], now)
+        return out
 
     def _flags(self, d: int, nodes: np.ndarray, entropy: np.ndarray | None = None) -> np.ndarray:
         flags = self.policy.node_flags  # type: ignore[attr-defined]
@@ -1667,7 +1715,9 @@ class _Moved:
 
     fixed: dict[int, tuple[Code, str]] = field(default_factory=dict)
     unknown: list[int] = field(default_factory=list)
-    recoded: bool = False  # a known item got a new path
+    recoded: bool = False  # a known item got a new path (and the call re-evaluates all)
+    #: the prefix nodes re-coded items left, per depth, with their crowding flags before
+    left: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
     _parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def note(self, rows: np.ndarray, pop: np.ndarray, head: np.ndarray) -> None:

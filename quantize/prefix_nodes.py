@@ -103,6 +103,22 @@ def _distinct(values: np.ndarray) -> np.ndarray:
     return out
 
 
+#: above this share of the bound, :func:`_distinct_below` marks a bitmap instead of sorting
+_BITMAP_SHARE = 1 / 32
+
+
+def _distinct_below(values: np.ndarray, bound: int) -> np.ndarray:
+    """:func:`_distinct` of non-negative ``values`` below ``bound``. Many values (the members
+    of a shallow node of a large catalogue: a quarter of a million rows and more) are marked
+    in a bitmap of ``bound`` flags, O(values + bound), instead of sorted (a sort of 500k rows
+    took ~30 ms of a round)."""
+    if values.size <= bound * _BITMAP_SHARE:
+        return _distinct(values)
+    seen = np.zeros(bound, dtype=bool)
+    seen[values] = True
+    return np.flatnonzero(seen)
+
+
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
     """The concatenation of ``arange(start, stop)`` over the pairs (int64)."""
     sizes = stops - starts
@@ -244,6 +260,10 @@ class PrefixNodes:
         #: there (built when needed; rows placed later are scanned until it is rebuilt)
         self._members: list[tuple[np.ndarray, np.ndarray]] = []
         self._indexed = 0
+        #: indexed rows placed again since (their entries in the index are out of date):
+        #: left out of what the index finds and scanned instead, until it is rebuilt
+        self._stale_rows: list[int] = []
+        self._stale = np.zeros(0, dtype=bool)
 
     def place(self, rows: np.ndarray, paths: np.ndarray) -> None:
         """Give ``rows`` (new, or removed before) the nodes of ``paths``; they count as
@@ -251,8 +271,7 @@ class PrefixNodes:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return
-        if int(rows.min()) < self._indexed:
-            self._forget_members()
+        self._mark_stale(rows)
         self.node_ids = _grown(self.node_ids, int(rows.max()) + 1)
         self.n = max(self.n, int(rows.max()) + 1)
         parent = np.zeros(rows.size, dtype=np.int64)
@@ -267,8 +286,9 @@ class PrefixNodes:
 
     def remove(self, rows: np.ndarray, popularity: np.ndarray, head: np.ndarray) -> None:
         """Take ``rows`` (with their current popularity and head flags) out of their nodes."""
+        rows = np.asarray(rows, dtype=np.int64)
         self.contribute(rows, popularity, head, -1)
-        self._forget_members()
+        self._mark_stale(rows)
         for d, depth in enumerate(self.depths):
             np.subtract.at(depth.count, self.node_ids[rows, d], 1)
 
@@ -303,18 +323,23 @@ class PrefixNodes:
         self._index_members()
         found: list[np.ndarray] = []
         start, stop = self._indexed, self.n
+        stale = np.asarray(self._stale_rows, dtype=np.int64)
         for d, wanted in enumerate(nodes):
             if not wanted.size:
                 continue
             order, offsets = self._members[d]
             known = wanted[wanted < offsets.size - 1]
-            found.append(order[_ranges(offsets[known], offsets[known + 1])])
+            indexed = order[_ranges(offsets[known], offsets[known + 1])]
+            if stale.size:  # placed again since: found by their nodes now, below
+                indexed = indexed[~self._stale[indexed]]
+                found.append(stale[np.isin(self.node_ids[stale, d], wanted)])
+            found.append(indexed)
             if stop > start:  # placed since the index was built
                 late = np.isin(self.node_ids[start:stop, d], wanted)
                 found.append(np.flatnonzero(late) + start)
         if not found:
             return np.zeros(0, dtype=np.int64)
-        return _distinct(np.concatenate(found).astype(np.int64, copy=False))
+        return _distinct_below(np.concatenate(found).astype(np.int64, copy=False), self.n)
 
     def index_members(self) -> None:
         """Bring the index of rows by node up to date: the rows placed since it was built
@@ -322,8 +347,10 @@ class PrefixNodes:
         nodes' runs: O(rows) copies, no sort of the indexed rows); without an index, or
         after rows changed nodes, it is built from every row (:func:`stable_order`)."""
         n = self.n
-        if self._members and n == self._indexed:
+        if self._members and n == self._indexed and not self._stale_rows:
             return
+        if self._stale_rows:  # rows changed nodes: merging is not enough
+            self._forget_members()
         row_type = np.int32 if n < 2**31 else np.int64
         merged = []
         for d, depth in enumerate(self.depths):
@@ -355,14 +382,31 @@ class PrefixNodes:
     def _index_members(self) -> None:
         """Bring the index up to date when rows placed since outnumber a quarter of those
         indexed (the scans of the newer rows stay small, merges amortized)."""
-        if self._members and self.n - self._indexed <= max(4096, self._indexed // 4):
+        slack = max(4096, self._indexed // 4)
+        if self._members and self.n - self._indexed <= slack and len(self._stale_rows) <= slack:
             return
         self.index_members()
 
+    def _mark_stale(self, rows: np.ndarray) -> None:
+        """``rows`` leave their nodes: those the index holds are scanned from now on (an item
+        re-coded costs O(rows found), not a rebuild of the index over every row)."""
+        if not self._members:
+            return
+        old = rows[rows < self._indexed]
+        if not old.size:
+            return
+        if self._stale.size < self._indexed:
+            self._stale = _grown(self._stale, self._indexed)
+        fresh = old[~self._stale[old]]
+        self._stale[fresh] = True
+        self._stale_rows += _distinct(fresh).tolist()
+
     def _forget_members(self) -> None:
-        """Rows changed nodes: the index of rows by node is rebuilt when next needed."""
+        """The index of rows by node is rebuilt when next needed."""
         self._members = []
         self._indexed = 0
+        self._stale_rows = []
+        self._stale = np.zeros(0, dtype=bool)
 
     def head_count(self, d: int, nodes: np.ndarray) -> np.ndarray:
         return self.depths[d].heads[nodes]

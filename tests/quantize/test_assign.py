@@ -649,8 +649,8 @@ def test_a_round_touches_only_the_items_that_moved() -> None:
 def test_prefix_node_members_equal_a_scan_of_every_row() -> None:
     """The rows under given nodes (what a round re-evaluates when a node's crowding flips)
     come from an index of rows by node, built when first needed, that newer rows join by
-    a scan until it is rebuilt, and that re-placed rows drop: always what a scan of every
-    row finds, nodes created after the index included."""
+    a scan until it is rebuilt, and whose re-placed rows are scanned until it is rebuilt:
+    always what a scan of every row finds, nodes created after the index included."""
     rng = np.random.default_rng(3)
     levels, k = 3, 8
     nodes = PrefixNodes(levels, k)
@@ -670,10 +670,13 @@ def test_prefix_node_members_equal_a_scan_of_every_row() -> None:
         nodes.place(np.arange(n, n + size), rng.integers(0, k, size=(size, levels)))
         n += size
         check()
-    moved = rng.choice(n, 500, replace=False)
-    nodes.remove(moved, np.zeros(moved.size), np.zeros(moved.size, dtype=bool))
-    nodes.place(moved, rng.integers(0, k, size=(moved.size, levels)))
-    check()
+    # re-placed rows: scanned while few (the same rows twice, too), then a rebuild
+    for count in (500, 300, 9000):
+        moved = rng.choice(n if count < 9000 else 9000, count, replace=False)
+        nodes.remove(moved, np.zeros(moved.size), np.zeros(moved.size, dtype=bool))
+        nodes.place(moved, rng.integers(0, k, size=(moved.size, levels)))
+        check()
+    assert not nodes._stale_rows  # 9,000 re-placed rows outnumbered the slack: rebuilt
 
 
 def test_prefix_node_index_merged_from_newer_rows_equals_one_built_from_every_row() -> None:
