@@ -68,12 +68,14 @@ def freeze_long_lived(what: str) -> int:
     they are frozen once loaded; objects made later are collected as before.
     Called after start-up, the fine-tune warm-up and the encoder's load (``what`` says which).
 
-    The young and middle generations are collected first (their garbage would never be
-    collected once frozen); not the old one: a full pass there, after the imports, found ~20
-    unreachable objects and held the interpreter ~110 ms, a stall of the API the worker
-    already serves at start-up."""
+    The young generation is collected first (its garbage would never be collected once
+    frozen); not the older ones: a full pass there, after the imports, found ~20
+    unreachable objects and held the interpreter ~110 ms, and a pass over the middle one
+    (up to ten young generations of :data:`GC_YOUNG_THRESHOLD` objects) held it ~100 ms
+    after a restart's warm-up while the domains loaded beside it: stalls of the API the
+    worker already serves. What cyclic garbage they hold then stays, once."""
     started = time.perf_counter()
-    gc.collect(1)
+    gc.collect(0)
     gc.freeze()
     frozen = gc.get_freeze_count()
     log.info(
