@@ -568,17 +568,15 @@ class CodeService:
         """
         from worker.ingest.bootstrap import choose_sample, sample_cap
 
-        wanted = self.settings.codebook_min_items
+        wanted, cap = self.settings.codebook_min_items, sample_cap(self.settings)
         n_after = self._held_items(counters)
         if n_after < wanted:
             return None
         n_before = n_after - sum(1 for _, _, held in arrivals if held)
         if n_before >= wanted:
-            keys = choose_sample(
-                self.store, sample_cap(self.settings), stop_event=threading.Event()
-            )
+            keys = choose_sample(self.store, cap, stop_event=threading.Event())
             fresh = [item_key(d, i) for d, items in new_items.items() for i in items]
-            keys = _by_rank(set(keys) | set(fresh), sample_cap(self.settings))
+            keys = _by_rank(set(keys) | set(fresh), cap)
             return keys, self._sample_vectors(keys, new_items), n_after
         sample = self._stored_embeddings()  # fewer than ``wanted``: the batch did not start
         count = n_before
@@ -588,7 +586,7 @@ class CodeService:
             count += held
             if count == wanted:
                 break
-        keys = _by_rank(sample, sample_cap(self.settings))
+        keys = _by_rank(sample, cap)
         vectors = [np.frombuffer(sample[key], dtype="<f4") for key in keys]
         return keys, _stacked(vectors, self.settings.embedding_dim), wanted
 
