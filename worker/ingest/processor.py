@@ -32,6 +32,7 @@ from store.records import (
 )
 from worker.core.settings import Settings
 from worker.ingest.coding import (
+    Arrival,
     CodebookSource,
     CodeService,
     CodingResult,
@@ -262,9 +263,8 @@ class _Work:
     domains: set[str]  # every domain the batch's events name
     counters: dict[str, DomainCounters]  # as the batch leaves them
     before: dict[str, DomainCounters]  # as the batch found them
-    #: while there is no codebook: every applied item event in offset order, as
-    #: (item key, its embedding after the event, whether it made the item held)
-    arrivals: list[tuple[bytes, bytes, bool]] = field(default_factory=list)
+    #: while there is no codebook: every applied item event in offset order
+    arrivals: list[Arrival] = field(default_factory=list)
 
 
 _K = TypeVar("_K")
