@@ -187,6 +187,22 @@ class CodeTable(nn.Module):
         return vectors
 
 
+class _Dropout(nn.Module):
+    """Inverted dropout whose mask is drawn with ``uniform_``: the same distribution as
+    :class:`torch.nn.Dropout`, about twice as fast on CPU (its ``bernoulli_`` draw took a
+    tenth of a training step)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty_like(x, requires_grad=False).uniform_() >= self.p
+        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
 class _Block(nn.Module):
     """Pre-norm transformer block with a boolean attention mask."""
 
@@ -199,19 +215,20 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
         self.ff1 = nn.Linear(hidden, hidden)
         self.ff2 = nn.Linear(hidden, hidden)
-        self.dropout = nn.Dropout(dropout)
-        self.attn_dropout = dropout
+        self.dropout = _Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, h // self.heads).unbind(2)
-        attn = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask.unsqueeze(1),
-            dropout_p=self.attn_dropout if self.training else 0.0,
-        )
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.training and self.dropout.p > 0.0:
+            # what scaled_dot_product_attention computes with dropout on CPU, with the
+            # faster mask: softmax(q k^T / sqrt(d) + mask), dropped out, times v
+            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+            weights = torch.softmax(scores.masked_fill(~mask.unsqueeze(1), float("-inf")), -1)
+            attn = self.dropout(weights) @ v
+        else:
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
         x = x + self.dropout(self.out(attn.transpose(1, 2).reshape(b, t, h)))
         return x + self.dropout(self.ff2(self.dropout(F.gelu(self.ff1(self.norm2(x))))))
 
@@ -232,7 +249,7 @@ class SequenceEncoder(nn.Module):
         self.position = nn.Embedding(config.max_len, h)
         nn.init.normal_(self.position.weight, std=0.02)
         self.in_norm = nn.LayerNorm(h)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = _Dropout(config.dropout)
         self.blocks = nn.ModuleList()
         self.score: nn.Linear | None = None
         self.recency: nn.Embedding | None = None
@@ -298,15 +315,23 @@ class CodeTableRecommender(nn.Module):
         items = item_vecs[sequences.clamp(min=0)] * valid.unsqueeze(-1)
         return self.encoder(items, valid)
 
-    def logits(self, states: torch.Tensor, item_vecs: torch.Tensor) -> torch.Tensor:
-        """Scores ``[..., n_items]`` of user states ``[..., hidden]`` against all items."""
+    def logits(
+        self,
+        states: torch.Tensor,
+        item_vecs: torch.Tensor,
+        *,
+        precision: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Scores ``[..., n_items]`` of user states ``[..., hidden]`` against all items.
+
+        ``precision=torch.bfloat16`` multiplies in bfloat16 (float32 accumulation, result
+        and gradients back in float32): a training loss's largest product, about 2.5x
+        faster where the CPU multiplies bfloat16 natively; scoring for ranking keeps
+        float32."""
         if self.config.score == "cosine":
-            return (
-                F.normalize(states, dim=-1)
-                @ F.normalize(item_vecs, dim=-1).T
-                / self.config.temperature
-            )
-        return states @ item_vecs.T
+            a, b = F.normalize(states, dim=-1), F.normalize(item_vecs, dim=-1)
+            return _product(a, b, precision) / self.config.temperature
+        return _product(states, item_vecs, precision)
 
     def repeat_offset(self) -> torch.Tensor | None:
         """Score added to items already in the history (``None`` when disabled)."""
@@ -358,6 +383,13 @@ class CodeTableRecommender(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         """The shared parameters (``encoder.*``)."""
         return list(self.encoder.parameters())
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, precision: torch.dtype) -> torch.Tensor:
+    """``a @ b.T``, multiplied in ``precision`` and returned in ``a``'s dtype."""
+    if precision == a.dtype:
+        return a @ b.T
+    return (a.to(precision) @ b.to(precision).T).to(a.dtype)
 
 
 def history_pairs(

@@ -13,6 +13,8 @@ from quantize.table_model import (
     DOMAIN_PREFIX,
     ModelConfig,
     Snapshot,
+    _Block,
+    _Dropout,
     borrow_trained_codes,
     build_model,
     domain_names,
@@ -378,3 +380,32 @@ def test_borrowing_gives_a_new_item_its_relatives_row_vector() -> None:
     vecs = model.item_vectors(torch.as_tensor(out)).detach()
     assert torch.equal(vecs[2], vecs[0])  # shares every trained row of item 0
     assert not torch.equal(vecs[2], model.item_vectors(torch.as_tensor(served)).detach()[2])
+
+
+def test_dropout_keeps_the_expectation_and_drops_its_share() -> None:
+    drop = _Dropout(0.25).train()
+    x = torch.ones(200, 500)
+    torch.manual_seed(0)
+    y = drop(x)
+    dropped = float((y == 0).float().mean())
+    assert dropped == pytest.approx(0.25, abs=0.01)
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.75))
+    assert float(y.mean()) == pytest.approx(1.0, abs=0.02)
+    assert torch.equal(drop.eval()(x), x)  # eval: the identity
+
+
+def test_training_attention_is_scaled_dot_product_attention_when_nothing_drops() -> None:
+    """The block's own attention (taken in training, for its faster dropout mask) computes
+    what ``scaled_dot_product_attention`` does: with a dropout too small to drop anything,
+    training and evaluation outputs agree."""
+    torch.manual_seed(1)
+    block = _Block(hidden=16, heads=2, dropout=1e-12)
+    x = torch.randn(3, 7, 16)
+    idx = torch.arange(7)
+    mask = (idx.view(1, -1) <= idx.view(-1, 1)).unsqueeze(0).expand(3, 7, 7).clone()
+    mask[0, :, :2] = False
+    mask[0, torch.arange(7), torch.arange(7)] = True
+    trained = block.train()(x, mask)
+    evaluated = block.eval()(x, mask)
+    torch.testing.assert_close(trained, evaluated, rtol=1e-5, atol=1e-6)

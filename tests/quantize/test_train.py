@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import quantize.train as train_module
 from quantize.evaluate import (
@@ -30,6 +31,8 @@ from quantize.train import (
     _candidates,
     _loss,
     _prepare,
+    bfloat16_pays,
+    logits_precision,
     pool_log_q,
     rank_histories,
     sampled_softmax_loss,
@@ -130,7 +133,8 @@ def test_same_seed_gives_identical_params(trained, log) -> None:
 def test_seeded_runs_reproduce_the_pinned_losses_and_params(log) -> None:
     """Pinned from the code before `_run` was split into steps: a refactor of the training
     loop must keep the order of the random draws (same device and thread count; the
-    tolerance only absorbs float differences between CPUs)."""
+    tolerance only absorbs float differences between CPUs; float32 logits, which every CPU
+    computes alike)."""
     users, items, stamps, split = log
     keep = ~split.test
     u, it, ts = users[keep], items[keep], stamps[keep]
@@ -147,7 +151,8 @@ def test_seeded_runs_reproduce_the_pinned_losses_and_params(log) -> None:
         total = float(sum(np.abs(v).sum() for v in result.params.values()))
         assert total == pytest.approx(all_l1, rel=1e-4)
 
-    base = train_domain(_codes(), u, it, ts, model_config=MODEL, config=replace(TRAIN, epochs=3))
+    pinned = replace(TRAIN, logits_precision="float32")  # the same on every CPU
+    base = train_domain(_codes(), u, it, ts, model_config=MODEL, config=replace(pinned, epochs=3))
     check(
         base,
         [6.890487194061279, 3.999786138534546, 2.7937142848968506],
@@ -167,7 +172,7 @@ def test_seeded_runs_reproduce_the_pinned_losses_and_params(log) -> None:
         ts,
         model_config=MODEL,
         config=replace(
-            TRAIN,
+            pinned,
             epochs=2,
             negatives=8,
             replay_ratio=0.5,
@@ -562,6 +567,60 @@ def test_every_item_sampled_once_with_uniform_q_is_the_full_softmax() -> None:
     assert float(sampled.detach()) == pytest.approx(float(full.detach()), rel=1e-6)
     for a, b in zip(sampled_grads, full_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bfloat16_logits_follow_the_float32_loss_and_gradient(seed: int) -> None:
+    """The training loss with its logits' product in bfloat16 stays within bfloat16's
+    rounding of the float32 loss, and every gradient points the same way."""
+    model, rows, text, inputs, targets = _loss_setup(seed)
+    windows = type("W", (), {"inputs": inputs.numpy(), "targets": targets.numpy()})
+    candidates, slot = _candidates(windows, N_ITEMS, "all", torch.device("cpu"))  # type: ignore[arg-type]
+
+    def loss(precision: torch.dtype) -> torch.Tensor:
+        vecs = model.item_vectors(rows, text)
+        return _loss(model, vecs, inputs, targets, candidates, slot, precision)
+
+    single, half = loss(torch.float32), loss(torch.bfloat16)
+    single_grads, half_grads = _grads(model, single), _grads(model, half)
+    assert float(half.detach()) == pytest.approx(float(single.detach()), rel=2e-2)
+    assert float(half.detach()) != float(single.detach())  # the bfloat16 path did run
+    for a, b in zip(single_grads, half_grads, strict=True):
+        if a.abs().max() > 0:
+            assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_bfloat16_logits_train_as_well_as_float32(log) -> None:
+    """Forced either way, training learns the planted log: the same validation ranking
+    quality within a few points, both far above popularity."""
+    users, items, stamps, split = log
+    keep = ~split.test
+    results = {
+        precision: train_domain(
+            _codes(),
+            users[keep],
+            items[keep],
+            stamps[keep],
+            model_config=MODEL,
+            config=replace(TRAIN, logits_precision=precision),
+        )
+        for precision in ("float32", "bfloat16")
+    }
+    single, half = results["float32"], results["bfloat16"]
+    assert half.val_recall >= single.val_recall - 0.05
+    assert _test_recall(half.params, log) >= _test_recall(single.params, log) - 0.05
+    assert not np.array_equal(half.params["table.rows"], single.params["table.rows"])
+
+
+def test_logits_precision_auto_takes_bfloat16_only_where_measured_faster() -> None:
+    cpu = torch.device("cpu")
+    auto = TrainConfig(logits_precision="auto")
+    assert logits_precision(auto, cpu) == (torch.bfloat16 if bfloat16_pays(cpu) else torch.float32)
+    assert logits_precision(replace(auto, logits_precision="float32"), cpu) == torch.float32
+    assert logits_precision(replace(auto, logits_precision="bfloat16"), cpu) == torch.bfloat16
+    assert not bfloat16_pays(torch.device("cuda"))  # not measured there: float32
+    with pytest.raises(QuantizeError, match="logits_precision='half'"):
+        TrainConfig(logits_precision="half")  # type: ignore[arg-type]
 
 
 def test_pool_log_q_is_the_inclusion_probability() -> None:
