@@ -22,6 +22,7 @@ import pytest
 from store.memory import MemoryPartition
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
+from worker.core.threads import lower_priority, thread_nice
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError
 from worker.ingest.processor import BatchResult
 from worker.state.requests import Standing, pending_request, put_request
@@ -478,3 +479,69 @@ def test_queue_metrics_and_the_domains_awaiting_a_first_version(
     assert _gauge(metrics, "adacode_finetune_queue_length") == 0
     assert _gauge(metrics, "adacode_finetune_oldest_wait_seconds") == 0
     assert s.status()["awaiting_first_version"] == []
+
+
+# -- background priority ------------------------------------------------------------------------
+
+
+class NiceTuner(FixedTuner):
+    """Records the nice value of the threads its warm-up and runs are called in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nice: dict[str, int] = {}
+
+    def run(self, domain: str) -> Outcome:
+        self.nice[domain] = thread_nice()
+        return super().run(domain)
+
+    def warm_up(self) -> None:
+        self.nice["warm-up"] = thread_nice()
+        super().warm_up()
+
+
+@pytest.mark.parametrize("increment", [0, 7])
+def test_fine_tunes_and_their_warm_up_run_at_the_background_priority(
+    increment: int, made: list[FinetuneScheduler]
+) -> None:
+    """The consumer and the API keep their priority; the fine-tune threads yield by
+    ``background_nice`` (0: nothing changes)."""
+    base = thread_nice()
+    tuner = NiceTuner()
+    s = FinetuneScheduler(tuner, Settings(background_nice=increment, finetune_workers=2))
+    made.append(s)
+    s.start()
+    s.run_soon("shop", "test")
+    s.run_soon("home", "test")
+    _wait(lambda: s.runs >= 2)
+    want = min(19, base + increment)
+    assert tuner.nice == {"warm-up": want, "shop": want, "home": want}
+    assert thread_nice() == base  # the caller's thread (here: the consumer's) is untouched
+
+
+def test_lower_priority_is_per_thread_and_inherited_by_the_threads_it_starts() -> None:
+    base = thread_nice()
+    seen: dict[str, int | bool] = {}
+
+    def child() -> None:
+        seen["child"] = thread_nice()
+
+    def background() -> None:
+        seen["changed"] = lower_priority(3)
+        seen["background"] = thread_nice()
+        started = threading.Thread(target=child)
+        started.start()
+        started.join()
+        seen["unchanged"] = lower_priority(0)
+
+    worker = threading.Thread(target=background)
+    worker.start()
+    worker.join()
+    want = min(19, base + 3)
+    assert seen == {
+        "changed": want != base,
+        "background": want,
+        "child": want,
+        "unchanged": False,
+    }
+    assert thread_nice() == base

@@ -218,6 +218,14 @@ class Settings:
         minimum=1,
         maximum=64,
     )
+    background_nice: int = setting(
+        10,
+        "nice increment of the background threads (fine-tunes, serving-index builds, the "
+        "codebook bootstrap), so the consumer and the API get the CPU first when they want "
+        "it; 0 = the same priority",
+        minimum=0,
+        maximum=19,
+    )
     finetune_workers: int = setting(
         max(1, (os.cpu_count() or 2) - 1),
         "fine-tunes run at once (default: the cores less one for the consumer, at least 1)",

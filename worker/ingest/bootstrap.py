@@ -59,6 +59,7 @@ from quantize.codebook import (
 from store.partition import StorePartition
 from store.records import ItemRecord
 from worker.core.settings import Settings
+from worker.core.threads import lower_priority
 from worker.ingest.coding import CodebookSource
 from worker.ingest.exceptions import BootstrapError, BootstrapStopped
 
@@ -286,7 +287,8 @@ class Bootstrap:
 
     def _run(self, sample: Callable[[], SampleScan]) -> None:
         # k-means on every core starved the consumer and the API (OpenMP threads are set
-        # per thread: this one starts at one per core)
+        # per thread: this one starts at one per core); background work yields the CPU
+        lower_priority(self.settings.background_nice)
         faiss.omp_set_num_threads(self.settings.background_threads)
         try:
             scan = sample()

@@ -81,6 +81,7 @@ from store.partition import StorePartition
 from worker.core.exceptions import WorkerError
 from worker.core.memory import release_free_memory
 from worker.core.settings import Settings
+from worker.core.threads import lower_priority
 from worker.ingest.coding import CodeService
 from worker.ingest.processor import BatchResult
 from worker.serving.exceptions import (
@@ -724,6 +725,7 @@ class Serving:
         faiss builds here with ``background_threads`` OpenMP threads (a setting of this
         thread: threads start at one per core): an IVF build on every core starved the
         consumer and the API, /metrics scrapes took 50-225 ms while it ran."""
+        lower_priority(self.settings.background_nice)  # before faiss starts its threads
         faiss.omp_set_num_threads(self.settings.background_threads)
         while not self._stop.is_set():
             due = self._take_due()

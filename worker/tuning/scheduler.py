@@ -62,6 +62,7 @@ from store.partition import StorePartition
 from worker.core.memory import release_free_memory
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
+from worker.core.threads import lower_priority
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, NotOwnedError
 from worker.ingest.processor import BatchResult
 from worker.state.requests import (
@@ -261,12 +262,20 @@ class FinetuneScheduler:
         self._oldest: float | None = None
         self._stopping = False
         self._cond = threading.Condition()
-        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="finetune")
+        # background work: each pool thread lowers its own priority when it starts
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.workers,
+            thread_name_prefix="finetune",
+            initializer=lower_priority,
+            initargs=(settings.background_nice,),
+        )
         self._thread = threading.Thread(target=self._dispatch, name="finetune-queue", daemon=True)
         # torch's one-time set-up, off to the side: the dispatcher starts nothing before it is
         # done; a shutdown waits for it a bounded time (WARM_UP_GRACE_S: it checks the stop
         # between steps, but its first step may sit in torch's set-up for seconds)
-        self._warm_up = threading.Thread(target=tuner.warm_up, name="finetune-warm-up", daemon=True)
+        self._warm_up = threading.Thread(
+            target=self._warm_up_in_background, name="finetune-warm-up", daemon=True
+        )
         if metrics is not None:
             metrics.watch_finetune_queue(lambda: self._oldest)
 
@@ -280,6 +289,11 @@ class FinetuneScheduler:
         self.apscheduler.start()
         self._warm_up.start()
         self._thread.start()
+
+    def _warm_up_in_background(self) -> None:
+        """The tuner's warm-up, at the background priority of the fine-tunes."""
+        lower_priority(self.settings.background_nice)
+        self.tuner.warm_up()
 
     def shutdown(self) -> None:
         """Stop firing and dispatching; a running fine-tune is abandoned at its next epoch (its
