@@ -29,8 +29,14 @@ _MIN_CAPACITY = 64
 #: the most items one C-level call (a dict update, a list conversion) takes at a time.
 #: Python threads switch only between such calls, so a load of a million items made of
 #: whole-catalogue calls held the interpreter ~0.5 s at a time from the threads that
-#: answer HTTP; in chunks of this size each call takes a few milliseconds
-GIL_CHUNK = 32_768
+#: answer HTTP; in chunks of this size each call takes a few milliseconds. A thread waiting
+#: for the interpreter waits for the call under way to end, and a scrape takes the
+#: interpreter several times (accept, read, the handler's thread, render, write): chunks of
+#: 32,768 keys held it 12 ms a call on a quiet machine and 40-56 ms beside the 1M bench's
+#: ingest, and a scrape that waited out several of them took 100-230 ms. 4,096 keys: 1.2 ms a
+#: call (median, quiet), the same total; a dict's resize past a power of two stays one call
+#: (26 ms at a million keys)
+GIL_CHUNK = 4_096
 
 
 def number_keys(keys: Sequence[Hashable], start: int, into: dict[Any, int]) -> None:
