@@ -281,7 +281,9 @@ def produce(bootstrap: str, topic: str, events: Sequence[Event]) -> None:
 def partitions_and_ends(
     bootstrap: str, topics: list[str]
 ) -> tuple[list[tuple[str, int]], dict[tuple[str, int], int]]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="adacode-bench")
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, client_id="adacode-bench", enable_auto_commit=False
+    )
     try:
         consumer.topics()  # fetch metadata so partitions_for_topic knows every topic
         tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,12 +62,27 @@ def start_worker(env: dict[str, str], log_path: Path) -> WorkerProcess:
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` every 0.2 s; on timeout, fail with where every other thread of this
+    process stands (an in-process worker that stopped making progress shows where)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{thread_stacks()}")
+
+
+def thread_stacks(depth: int = 12) -> str:
+    """The innermost ``depth`` frames of every thread but the caller's, by thread name."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    me = threading.get_ident()
+    parts = []
+    for ident, frame in sys._current_frames().items():
+        if ident == me:
+            continue
+        stack = "".join(traceback.format_stack(frame)[-depth:])
+        parts.append(f"--- thread {names.get(ident, ident)}\n{stack}")
+    return "".join(parts) or "(no other threads)"
 
 
 @contextmanager
@@ -159,7 +176,8 @@ def settings_for(bootstrap: str, prefix: str, state_dir: Path, **over: object) -
 
 
 def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    # no group, so nothing to commit (kafka-python warns about auto-commit otherwise)
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         consumer.topics()  # fetch metadata, so partitions_for_topic knows every topic
         tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]

@@ -33,7 +33,7 @@ from worker.state.versions import VersionRecord, current_version, get_record
 
 
 def _end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
-    consumer = KafkaConsumer(**settings.kafka_common())
+    consumer = KafkaConsumer(**settings.kafka_common(), enable_auto_commit=False)
     try:
         consumer.topics()
         tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]

@@ -281,7 +281,7 @@ class VersionsLog:
         return self._partitions
 
     def _count_partitions(self) -> int:
-        consumer = KafkaConsumer(**self.settings.kafka_common())
+        consumer = KafkaConsumer(**self.settings.kafka_common(), enable_auto_commit=False)
         try:
             found = consumer.partitions_for_topic(self.topic)
         except KafkaError as exc:
