@@ -193,8 +193,8 @@ def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]
 class InProcessWorker:
     """The consumer loop on a thread, with its own RocksDB (no encoder: items carry embeddings)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.store = RocksDBPartition.open(settings.state_path)
+    def __init__(self, settings: Settings, store: RocksDBPartition | None = None) -> None:
+        self.store = store if store is not None else RocksDBPartition.open(settings.state_path)
         self.loop = ConsumerLoop(
             settings, self.store, Processor(self.store, settings, None), Metrics()
         )

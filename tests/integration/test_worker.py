@@ -6,9 +6,12 @@ import random
 import signal
 import subprocess
 import threading
+import time
+from collections.abc import Collection
 from pathlib import Path
 
 import orjson
+from kafka import KafkaAdminClient
 
 from store.records import DomainCounters
 from store.rocksdb import RocksDBPartition
@@ -54,6 +57,56 @@ def test_counts_in_rocksdb_match_what_was_produced(
         assert c.items == len(produced_items)
         assert c.placeholders == len(named[d] - produced_items)
     assert sum(c.interactions for c in counters.values()) == 3000
+
+
+class _SlowRestore(RocksDBPartition):
+    """A store whose first restore on assignment takes longer than the session timeout
+    (as restoring many domains' table versions from the versions topic can)."""
+
+    restore_s = 0.0
+    restoring = threading.Event()
+    calls = 0
+
+    def restore_owned(self, partitions: Collection[int]) -> list[str]:
+        type(self).calls += 1
+        if type(self).calls == 1:
+            self.restoring.set()
+            time.sleep(self.restore_s)
+        return []
+
+
+def _group_members(bootstrap: str, group: str) -> list[str]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        return sorted(m["member_id"] for m in admin.describe_groups([group])[group]["members"])
+    finally:
+        admin.close()
+
+
+def test_a_restore_longer_than_the_session_timeout_keeps_the_worker_in_its_group(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """kafka-python 3 calls the rebalance listener on the I/O thread that also heartbeats:
+    the listener's work runs beside it, so a restore of 1.5 x the session timeout does not
+    get the worker expelled (the coordinator would drop its member id, and the rejoin
+    would restore again under a new one), and every event is applied once."""
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "state")
+    _items, inters, end = produce_events(s, 60, 600, partitions=2)
+    _SlowRestore.restore_s = 1.5 * s.kafka_session_timeout_ms / 1000
+    _SlowRestore.restoring.clear()
+    _SlowRestore.calls = 0
+    worker = InProcessWorker(s, _SlowRestore.open(s.state_path))
+    try:
+        assert _SlowRestore.restoring.wait(30), "no assignment"
+        during = _group_members(kafka_bootstrap, s.kafka_group_id)
+        wait_for(lambda: worker.store.offsets() == end, 60, "the worker to apply every event")
+        after = _group_members(kafka_bootstrap, s.kafka_group_id)
+        counters = domain_counters(worker.store)
+    finally:
+        worker.stop()
+    assert len(during) == 1
+    assert after == during, f"expelled: member {during} during the restore, {after} after it"
+    assert sum(c.interactions for c in counters.values()) == len(inters)
 
 
 def test_kill9_at_random_moments_equals_an_uninterrupted_run(

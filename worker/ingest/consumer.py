@@ -19,9 +19,10 @@ from typing import Any
 
 import orjson
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import KafkaError
+from kafka.future import Future
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
@@ -136,23 +137,78 @@ def dead_letter_payload(dead: DeadLetter) -> bytes:
     return orjson.dumps(doc)
 
 
-class _SeekToStoredOffsets(ConsumerRebalanceListener):
+async def _off_the_io_thread(consumer: Any, work: Callable[[], None], name: str) -> None:
+    """Run ``work`` on a thread of its own and await it from kafka-python's I/O loop.
+
+    kafka-python 3 calls a rebalance listener on its I/O thread, whose loop also sends the
+    group's heartbeats. A callback that waits there (for a publish in progress, for a
+    restore from the versions topic, for a broker through an outage) stops the heartbeats:
+    past the session timeout the coordinator expels the worker, and the rejoin that follows
+    calls the listener again (a rebalance storm). Awaiting a :class:`kafka.future.Future`
+    instead suspends only the rebalance: the loop goes on heartbeating meanwhile. The
+    future is resolved on the loop itself (``call_soon_threadsafe``, which wakes it up);
+    an error of ``work`` is raised here, where kafka-python logs a listener's errors.
+    """
+    done: Future = Future()
+    net = getattr(consumer, "_net", None)  # kafka-python 3's NetworkSelector (no public name)
+
+    def resolve(error: BaseException | None) -> None:
+        def settle() -> None:
+            if error is None:
+                done.success(None)
+            else:
+                done.failure(error)
+
+        if net is not None and hasattr(net, "call_soon_threadsafe"):
+            try:
+                net.call_soon_threadsafe(settle)
+                return
+            except RuntimeError:  # the selector closed meanwhile: nobody awaits any more
+                pass
+        settle()
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the awaiting listener, which raises it
+            resolve(exc)
+        else:
+            resolve(None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
+
+
+class _SeekToStoredOffsets(AsyncConsumerRebalanceListener):
     """On assignment, restore what moves between owners, then seek to the stored offsets.
 
-    Runs inside ``poll`` on the loop's thread, between batches: every applied batch
-    is already committed with its offsets, so a revocation has nothing pending.
+    Called by kafka-python inside a ``poll`` of the loop's thread, between batches (every
+    applied batch is already committed with its offsets, so a revocation has nothing
+    pending), on kafka-python's I/O thread: each callback's work runs on a thread of its own
+    that the callback awaits (:func:`_off_the_io_thread`), so that waiting for a publish or
+    a restore never stops the heartbeats.
     """
 
     def __init__(self, loop: ConsumerLoop) -> None:
         self.loop = loop
 
-    def on_partitions_revoked(self, revoked: Any) -> None:
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await _off_the_io_thread(
+            self.loop.consumer, lambda: self.revoke(revoked), "adacode-rebalance-revoke"
+        )
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await _off_the_io_thread(
+            self.loop.consumer, lambda: self.assign(assigned), "adacode-rebalance-assign"
+        )
+
+    def revoke(self, revoked: Any) -> None:
         # waits for a publish in progress: it either lands before the move or not at all
         with self.loop.versions_lock:
             self.loop.assigned = set()
         log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in revoked))
 
-    def on_partitions_assigned(self, assigned: Any) -> None:
+    def assign(self, assigned: Any) -> None:
         """1. Restore what other owners of the assigned partitions committed (the store's
            :meth:`~store.partition.StorePartition.restore_owned`: the table versions of a
            group's store, see worker.ingest.group; nothing for a plain store).
@@ -165,7 +221,7 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):
         try:  # a group's store waits out an outage here, under the Kafka policy
             changed = loop.store.restore_owned({tp.partition for tp in assigned})
         except BatchAbandoned as exc:
-            # kafka-python swallows a listener's errors and would fetch from Kafka's own
+            # kafka-python logs a listener's errors and would fetch from Kafka's own
             # offsets: fetch nothing instead; the loop sees the stop and closes
             loop.consumer.pause(*assigned)
             log.warning("%s (partitions %s paused)", exc, sorted(map(str, assigned)))
