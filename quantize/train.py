@@ -452,15 +452,16 @@ def shared_init(params: Mapping[str, np.ndarray], shared_rows: int) -> Params:
     ``L * K``) mean the same codewords everywhere; rows beyond them (disambiguation rows)
     belong to that domain's items, so they are dropped and start fresh in the new domain.
     Everything else (encoder, text projection, level weights, repeat bias) is kept. Pass
-    the result as ``init_from``.
+    the result as ``init_from``. ``shared_rows=0``: a model of another codebook, whose rows
+    stand for other codewords: every row starts fresh.
     """
     key = DOMAIN_PREFIX + "rows"
     if key not in params:
         raise QuantizeError(f"params lack {key!r}; pass a full export from export_params")
-    if not 0 < shared_rows <= params[key].shape[0]:
+    if not 0 <= shared_rows <= params[key].shape[0]:
         raise QuantizeError(
-            f"shared_rows={shared_rows} must be in [1, {params[key].shape[0]}] (the table's "
-            "rows); pass levels * k of the shared codebook"
+            f"shared_rows={shared_rows} must be in [0, {params[key].shape[0]}] (the table's "
+            "rows); pass levels * k of the shared codebook, or 0 for another codebook's model"
         )
     out = {name: np.array(value, copy=True) for name, value in params.items()}
     out[key] = out[key][:shared_rows].copy()

@@ -115,7 +115,8 @@ class Env:
         table = VersionTable.build(
             snapshot, assigner.keys, rows, embeddings, trained=trained, full_rows=full
         )
-        record = VersionRecord(0, None, 0.0, "cb", {}, {}, status=PUBLISHED)
+        assert codes.codebook is not None  # the version is of the codebook of its codes
+        record = VersionRecord(0, None, 0.0, codes.codebook.codebook_id, {}, {}, status=PUBLISHED)
         batch = self.store.batch()
         record = add_version(self.store, batch, "shop", record, table, keep=10)
         self.store.write(batch)

@@ -19,9 +19,10 @@ from store.memory import MemoryPartition
 from store.records import ItemRecord
 from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.core.settings import Settings
-from worker.ingest.coding import codes_after_round
+from worker.ingest.coding import codes_after_round, retrain_codebook
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
+from worker.serving.exceptions import UnknownItemError
 from worker.serving.index import Serving
 from worker.state.layout import item_key
 from worker.state.reads import (
@@ -30,6 +31,7 @@ from worker.state.reads import (
     load_codebook,
     stored_embeddings,
 )
+from worker.state.requests import pending_request
 from worker.state.versions import (
     REJECTED,
     TEXT_PROJ,
@@ -341,6 +343,65 @@ def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() 
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_after_a_codebook_retrain_old_versions_serve_their_own_items_and_training_starts_over() -> (
+    None
+):
+    """``adacode codebook train`` re-codes every item with a new codebook, so a version of
+    the old one names other codewords than the items' codes: it keeps serving its own items
+    exactly as before, takes no rows from the new codes for later items (the error says
+    why), and the next fine-tune (requested by the retrain) trains the whole log from the
+    version's shared parts with fresh rows, and publishes a version of the new codebook
+    that serves later items again."""
+    settings = replace(S, gate_tolerance=1.0)
+    store, _, offset = _setup(settings)
+    tuner = RecordingTuner(store, settings)
+    first = tuner.run("shop")
+    assert first.status is FinetuneStatus.PUBLISHED and first.record is not None
+    old = load_codebook(store)
+    assert old is not None and first.record.codebook_id == old.codebook_id
+    before = Serving(store, settings)
+    before.refresh()
+    served = {k: before.index("shop").vector(k) for k in ("i3", "i42", "i117")}
+
+    codebook, recoded = retrain_codebook(store, settings, seed=7)
+    assert codebook.codebook_id != old.codebook_id and recoded == 120
+    request = pending_request(store, "shop")
+    assert request is not None and codebook.codebook_id in request.source
+
+    serving = Serving(store, settings)  # a restarted worker
+    serving.refresh()
+    index = serving.index("shop")
+    assert index.foreign_codes is not None and codebook.codebook_id in index.foreign_codes
+    for k, vector in served.items():
+        np.testing.assert_array_equal(index.vector(k), vector)
+    proc = Processor(store, settings, None)
+    emb = np.random.default_rng(11).normal(size=16)
+    result = proc.process(
+        [SourceRecord(ITEMS, 0, offset, b"shop", item_payload("later", "shop", 99, embedding=emb))]
+    )
+    store.write(result.batch)
+    assert result.coding.changes  # coded with the new codebook
+    serving.on_applied(result)
+    with pytest.raises(UnknownItemError, match="codebook"):
+        index.vector("later")
+
+    second = tuner.run("shop")
+    assert second.status is FinetuneStatus.PUBLISHED and second.record is not None
+    assert second.record.note.startswith(f"scratch (v1 was trained on codebook {old.codebook_id}")
+    assert second.record.parent == 1 and second.record.codebook_id == codebook.codebook_id
+    init = tuner.inits[-1]
+    v1 = load_table(store, "shop", 1).snapshot
+    assert init is not None and init.params["table.rows"].shape[0] == 0  # rows start fresh
+    for name, arr in v1.params.items():
+        if not name.startswith("table."):
+            np.testing.assert_array_equal(init.params[name], arr)
+    assert second.metrics["train_interactions"] == first.metrics["train_interactions"]
+    serving.refresh()
+    fresh = serving.index("shop")
+    assert fresh.version == 2 and fresh.foreign_codes is None
+    assert fresh.vector("later").shape == (settings.finetune_hidden,)
 
 
 def test_a_warm_start_from_a_version_without_text_projection() -> None:

@@ -84,6 +84,8 @@ from worker.state.reads import (
     load_drift,
     round_pending,
 )
+from worker.state.requests import put_request
+from worker.state.versions import domains_with_versions
 
 log = logging.getLogger(__name__)
 
@@ -933,8 +935,12 @@ def retrain_codebook(
 
     ``vectors`` defaults to the stored items' embeddings. Every item gets a new full
     path and starts again from the short code of its length policy (reason
-    ``recode`` in its history); popularity is kept. Returns the codebook and the
-    number of items re-coded. The caller holds the store as primary (worker stopped).
+    ``recode`` in its history); popularity is kept. Every domain with a version gets a
+    pending fine-tune request in the same batch: its versions stand for the old codebook's
+    codewords (they serve their own items only, see
+    :func:`worker.serving.index.foreign_codebook`), so the worker trains one on the new
+    codes when it starts. Returns the codebook and the number of items re-coded. The caller
+    holds the store as primary (worker stopped).
     """
     held: dict[str, dict[str, bytes]] = {}
     newest: dict[str, int] = {}
@@ -979,5 +985,7 @@ def retrain_codebook(
     service.codebook = codebook
     put_codebook(batch, codebook)
     service._flush(batch, result)
+    for domain in domains_with_versions(store):
+        put_request(batch, domain, time.time(), f"codebook {codebook.codebook_id}")
     store.write(batch)
     return codebook, sum(len(v) for v in held.values())

@@ -104,6 +104,7 @@ from worker.state.versions import (
     VersionTable,
     current_version,
     domains_with_versions,
+    get_record,
     item_vectors,
     load_table,
 )
@@ -369,15 +370,21 @@ class DomainIndex:
         borrow: bool = True,
         levels: int | None = None,
         stop: threading.Event | None = None,
+        foreign_codes: str | None = None,
     ) -> None:
         """``rule``: the index type by catalogue size (default :class:`IndexRule`);
         ``borrow``: serve untrained items borrowed codes (see the module docstring);
         ``levels``: the codebook's levels, needed to borrow for new items from a version
         written before borrowing (without full-path rows; ``None``: they keep their own);
         ``stop``: checked between chunks of the build; when it is set the build ends early
-        and :attr:`complete` is false (the index must not be served)."""
+        and :attr:`complete` is false (the index must not be served); ``foreign_codes``:
+        why the items' live codes do not fit this version (it was trained on another
+        codebook than the one they are coded with now): then :meth:`upsert` adds nothing,
+        since their rows would stand for another codebook's codewords, and the version
+        serves its own items only (``None``: the codes fit)."""
         self.domain = domain
         self.version = version
+        self.foreign_codes = foreign_codes
         self.rule = rule or IndexRule()
         self.vectorizer = ItemVectorizer(table.snapshot)
         self.model = self.vectorizer.model  # the version's encoder (and code table)
@@ -509,8 +516,10 @@ class DomainIndex:
         ``codes``: item id -> row ids of its current served code; ``full_rows``: item id ->
         its full-path rows (items left out keep their own code, see :meth:`live_rows`).
         Versions that project text read the items' embeddings with the index's
-        ``embeddings`` reader.
+        ``embeddings`` reader. A version of another codebook (``foreign_codes``) adds none.
         """
+        if self.foreign_codes is not None:
+            return 0
         keys = [k for k in codes if self.pos.get(k, self.n_version) >= self.n_version]
         if not keys:
             return 0
@@ -550,10 +559,15 @@ class DomainIndex:
         with self.lock:
             i = self.pos.get(item_id)
             if i is None:
+                since = (
+                    f"; {self.foreign_codes}"
+                    if self.foreign_codes is not None
+                    else " or since; an item is served once its item event (text or "
+                    "embedding) is consumed and coded"
+                )
                 raise UnknownItemError(
-                    f"domain {self.domain!r} has no item {item_id!r} in version {self.version} "
-                    f"or since; an item is served once its item event (text or embedding) is "
-                    f"consumed and coded"
+                    f"domain {self.domain!r} has no item {item_id!r} in version "
+                    f"{self.version}{since}"
                 )
             return self.raw[i].copy()
 
@@ -625,6 +639,7 @@ def build_index(
     when ``stop`` was set during the build."""
     table = load_table(store, domain, version)
     assigner = live if live is not None else committed_assigner(store, domain)
+    foreign = foreign_codebook(store, domain, version)
     index = DomainIndex(
         domain,
         version,
@@ -632,15 +647,35 @@ def build_index(
         embeddings=lambda keys: stored_embeddings(store, domain, keys),
         rule=IndexRule.of(settings),
         borrow=settings.serve_borrow_trained,
-        levels=None if assigner is None else assigner.levels,
+        levels=None if assigner is None or foreign is not None else assigner.levels,
         stop=stop,
+        foreign_codes=foreign,
     )
     if not index.complete:
         return None
-    if assigner is not None:
+    if assigner is not None and foreign is None:
         later = [k for k in assigner.keys if k not in index.pos]
         index.upsert({k: assigner.row_ids(k) for k in later}, full_path_rows(assigner, later))
     return index
+
+
+def foreign_codebook(store: StorePartition, domain: str, version: int) -> str | None:
+    """Why the items' live codes do not fit ``version`` (``None``: they do). A version is
+    trained on the codebook its items were coded with (its record's ``codebook_id``); once
+    the state's codebook is another (``adacode codebook train``), a code names that
+    codebook's codewords, and the version's rows stand for the old ones."""
+    record = get_record(store, domain, version)
+    codebook = load_codebook(store)
+    if record is None or codebook is None or not record.codebook_id:
+        return None
+    if record.codebook_id == codebook.codebook_id:
+        return None
+    return (
+        f"version {version} was trained on codebook {record.codebook_id} and the items are "
+        f"now coded with codebook {codebook.codebook_id}: it serves its own items only, and "
+        f"items that arrived since are served once a fine-tune on the current codebook "
+        f"publishes"
+    )
 
 
 def version_vector(

@@ -457,6 +457,21 @@ def trained_by(table: VersionTable, item_ids: list[str]) -> np.ndarray:
     return np.fromiter((i in trained for i in item_ids), dtype=bool, count=len(item_ids))
 
 
+def own_rows(table: VersionTable, item_ids: list[str], borrow: bool = True) -> np.ndarray:
+    """The rows the version ``table`` serves each of ``item_ids`` with (its own, in
+    ``item_ids`` order; ``borrow``: see :meth:`VersionTable.served_rows`); ``-1`` rows for
+    items it does not hold, which it cannot serve from rows (a version of another codebook
+    than the items' codes)."""
+    served = table.served_rows(borrow)
+    out = np.full((len(item_ids), served.shape[1]), -1, dtype=np.int64)
+    pos = {item: i for i, item in enumerate(table.item_ids)}
+    for j, item in enumerate(item_ids):
+        i = pos.get(item)
+        if i is not None:
+            out[j] = served[i]
+    return out
+
+
 class _Phases:
     """Wall time and the process's peak resident memory at the end of each phase of a run,
     for its log line ("reading 41.2 s to 3,012 MiB peak, training ...")."""
@@ -580,7 +595,7 @@ class FineTuner:
             return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NOT_READY, reason))
         holdout = self._hold_out(data)
         parent = current_version(self.store, domain)
-        init, mode, new_since = self._warm_start(domain, parent)
+        init, mode, new_since = self._warm_start(domain, parent, data.codebook_id)
         if new_since is not None and not (data.timestamps[holdout.train] >= new_since).any():
             reason = f"no new interactions since version {parent}"
             return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NO_NEW_DATA, reason))
@@ -687,13 +702,20 @@ class FineTuner:
         base_recall = base_ndcg = None
         if parent is not None:
             current = load_table(self.store, domain, parent)
+            record = get_record(self.store, domain, parent)
+            rows, base_full = data.item_rows, full
+            if record is not None and record.codebook_id not in ("", data.codebook_id):
+                # trained on another codebook: scored with the rows it serves its own
+                # items with (the items' codes now name other codewords)
+                rows = own_rows(current, data.item_ids, self.settings.serve_borrow_trained)
+                base_full = None
             base_recall, base_ndcg = recall_at_10(
                 current.snapshot,
-                data.item_rows,
+                rows,
                 holdout.histories,
                 holdout.targets,
                 data.text,
-                full_rows=full,
+                full_rows=base_full,
                 trained=trained_by(current, data.item_ids),
                 check=self._stopper(domain, "gating"),
             )
@@ -910,11 +932,30 @@ class FineTuner:
         )
 
     def _warm_start(
-        self, domain: str, parent: int | None
+        self, domain: str, parent: int | None, codebook_id: str
     ) -> tuple[Snapshot | None, str, int | None]:
+        """Where a run starts: ``(init, mode, new_since)``.
+
+        1. The domain's current version (``parent``), incrementally (the log since its
+           watermark), when it has the settings' model shape and was trained on the
+           codebook the items are coded with now (``codebook_id``). A version of another
+           codebook (``adacode codebook train`` re-coded the items) seeds only what does
+           not depend on codes (encoder, text projection, level weights): its rows stand
+           for the old codewords, so they start fresh and the whole log is trained.
+        2. Else another domain's current version of the same codebook (shared parts and
+           level rows: one codebook means the same codewords everywhere).
+        3. Else from scratch.
+        """
         if parent is not None:
             record = get_record(self.store, domain, parent)
             table = load_table(self.store, domain, parent)
+            old = "" if record is None else record.codebook_id
+            if self._fits(table.snapshot) and old and codebook_id and old != codebook_id:
+                return (
+                    replace(table.snapshot, params=shared_init(table.snapshot.params, 0)),
+                    f"scratch (v{parent} was trained on codebook {old}; shared parts kept)",
+                    None,
+                )
             if self._fits(table.snapshot):
                 since = None if record is None else int(record.watermark.get("ts", 0)) + 1
                 return table.snapshot, "incremental", since
