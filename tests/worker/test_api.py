@@ -381,6 +381,7 @@ def test_versions_lists_records_and_what_is_served(env: Env) -> None:
     env.serving.refresh()
     status, doc = env.call("GET", "/v1/domains/shop/versions")
     assert status == 200 and doc["current"] == 2 and doc["served"]["version"] == 2
+    assert doc["served"]["live_codes"] is True and doc["served"]["why"] is None
     assert [v["version"] for v in doc["versions"]] == [1, 2]
     assert [(s["from"], s["to"]) for s in doc["switches"]] == [(None, 1), (1, 2)]
     assert doc["pending_finetune"] is None
@@ -479,6 +480,7 @@ def test_unknown_routes_and_methods(env: Env) -> None:
     conn.close()
     status, doc = env.call("GET", "/v1/domains")
     assert status == 200 and doc["domains"][0]["domain"] == "shop"
+    assert doc["domains"][0]["live_codes"] is True  # a version of the codes' codebook
 
 
 # -- swaps under load ---------------------------------------------------------------------------

@@ -238,7 +238,13 @@ class ApiRoutes:
             200,
             {
                 "domains": [
-                    {"domain": d, "version": ix.version, "items": len(ix), "index": ix.kind}
+                    {
+                        "domain": d,
+                        "version": ix.version,
+                        "items": len(ix),
+                        "index": ix.kind,
+                        "live_codes": ix.foreign_codes is None,
+                    }
                     for d, ix in sorted(self.serving.domains().items())
                 ]
             },
@@ -342,7 +348,15 @@ class ApiRoutes:
                 "current": current_version(self.store, domain),
                 "served": None
                 if served is None
-                else {"version": served.version, "items": len(served), "index": served.kind},
+                else {
+                    "version": served.version,
+                    "items": len(served),
+                    "index": served.kind,
+                    # false after a codebook retrain, until a version of the new one is
+                    # published: the version serves its own items only (see "why")
+                    "live_codes": served.foreign_codes is None,
+                    "why": served.foreign_codes,
+                },
                 "versions": [r.__dict__ for r in records],
                 "switches": switches(self.store, domain),
                 "pending_finetune": pending_request_doc(self.store, domain),
