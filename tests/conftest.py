@@ -12,6 +12,7 @@ If none works the fixture fails with the reasons; integration tests are never sk
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -183,3 +184,20 @@ def _no_worker_left_behind() -> Iterator[None]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+@pytest.fixture(autouse=True)
+def _worker_info_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In integration tests the worker's INFO lines (assignments, code rounds, fine-tunes)
+    are kept with the test's captured log, so a failure's report says what the worker did
+    (the root logger passes only warnings; kafka-python's INFO lines stay out)."""
+    if request.node.get_closest_marker("integration") is None:
+        yield
+        return
+    logger = logging.getLogger("worker")
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
