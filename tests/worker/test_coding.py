@@ -542,35 +542,3 @@ def test_the_bootstrap_sample_ends_at_the_event_that_fills_it_whatever_the_batch
         trained.append(codebook.codebook_id)
         assert len(_state(store).keys) == 150  # every item coded in the end
     assert trained == [want] * 6
-
-
-def test_a_large_assigner_is_frozen_out_of_full_collections_when_loaded_and_as_it_doubles(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Past ``FREEZE_LOADED_ITEMS`` a domain's assigner is frozen (``gc.freeze``) when it is
-    coded or loaded, and again only once it has doubled since."""
-    import gc
-
-    from worker.ingest import coding
-
-    monkeypatch.setattr(coding, "FREEZE_LOADED_ITEMS", 100)
-    gc.unfreeze()
-    try:
-        store = MemoryPartition()
-        proc = Processor(store, S, None)
-        _apply(store, proc, _items(90))  # 90 coded: under the floor
-        assert gc.get_freeze_count() == 0
-        _apply(store, proc, _items(30, start=90))  # 120: frozen
-        first = gc.get_freeze_count()
-        assert first > 0
-        gc.unfreeze()
-        _apply(store, proc, _items(100, start=120))  # 220 < 2 x 120: not again
-        assert gc.get_freeze_count() == 0
-        _apply(store, proc, _items(30, start=220))  # 250 >= 240: again
-        assert gc.get_freeze_count() > 0
-        gc.unfreeze()
-        restarted = Processor(store, S, None)  # a restart loads 250 items: frozen at load
-        _apply(store, restarted, _items(1, start=250))
-        assert gc.get_freeze_count() > 0
-    finally:
-        gc.unfreeze()

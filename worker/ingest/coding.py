@@ -60,7 +60,6 @@ from quantize.lengths import make_policy, thresholds_for_fraction
 from store.partition import StorePartition, WriteBatch, prefix_upper_bound
 from store.records import DomainCounters, ItemRecord, fold_popularity, popularity_since
 from worker.core.exceptions import WorkerError
-from worker.core.memory import freeze_long_lived
 from worker.core.settings import Settings
 from worker.state.layout import (
     BOOTSTRAP_CURSOR,
@@ -92,12 +91,6 @@ log = logging.getLogger(__name__)
 
 #: items coded per batch while the items held before the codebook catch up
 CATCH_UP_ITEMS = 20_000
-#: a domain's assigner of at least this many items is frozen out of the cyclic collector's
-#: reach (``gc.freeze``, worker.core.memory) when it is loaded and each time it doubles: a
-#: full pass walked its million-entry containers with the interpreter held, 45-198 ms at
-#: 1M items (bench/scale.py at 1M / 10M with a 1 ms ticker probe: the slow /metrics scrapes
-#: during the ingest fell in those passes). It lives as long as the worker.
-FREEZE_LOADED_ITEMS = 100_000
 #: a domain's popularity is expressed at a reference time on this grid (half-lives);
 #: moved by whole steps (an exact power of two) once values would grow past 2 ** REBASE_AT
 REFERENCE_GRID = 32
@@ -323,7 +316,6 @@ class _Domain:
     ref_ts: int  # the popularity reference time (see the module docstring)
     last_round: int  # the domain's interaction count at its last round
     resave: bool = False  # read in the first format: save every row once
-    frozen_items: int = 0  # the assigner's size when it was last frozen (gc.freeze)
     #: the marked items (moved since the last round) -> their popularity record as the
     #: batch that marked them left it: what the ``pend`` keys and the ``popularity`` rows
     #: say, kept so that a round reads neither (read once, when the domain is loaded)
@@ -398,18 +390,7 @@ class CodeService:
         if found is None:
             found = self._load(domain, ts)
             self.domains[domain] = found
-            self._freeze_if_grown(domain, found, "loading")
         return found
-
-    @staticmethod
-    def _freeze_if_grown(domain: str, state: _Domain, when: str) -> None:
-        """Freeze the domain's assigner out of the collector's full passes once it holds
-        :data:`FREEZE_LOADED_ITEMS` items, and again each time it doubles (containers made
-        as it grew): at most ~7 times up to 10M items."""
-        n = len(state.assigner)
-        if n >= FREEZE_LOADED_ITEMS and n >= 2 * state.frozen_items:
-            state.frozen_items = n
-            freeze_long_lived(f"{when} the codes of {domain} ({n:,} items)")
 
     def _load(self, domain: str, ts: int) -> _Domain:
         committed = committed_codes(self.store, domain)
@@ -914,7 +895,6 @@ class CodeService:
             self._drift_dirty = False
         for domain in sorted(self._dirty):
             state = self.domains[domain]
-            self._freeze_if_grown(domain, state, "coding")
             assigner = state.assigner
             keys, rows = assigner.take_rows(everything=state.resave)
             state.resave = False
