@@ -666,9 +666,7 @@ def foreign_codebook(store: StorePartition, domain: str, version: int) -> str | 
     codebook's codewords, and the version's rows stand for the old ones."""
     record = get_record(store, domain, version)
     codebook = load_codebook(store)
-    if record is None or codebook is None or not record.codebook_id:
-        return None
-    if record.codebook_id == codebook.codebook_id:
+    if record is None or codebook is None or not record.of_another_codebook(codebook.codebook_id):
         return None
     return (
         f"version {version} was trained on codebook {record.codebook_id} and the items are "

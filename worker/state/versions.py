@@ -108,6 +108,12 @@ class VersionRecord:
     def encode(self) -> bytes:
         return orjson.dumps(asdict(self))
 
+    def of_another_codebook(self, codebook_id: str) -> bool:
+        """Whether the version was trained on another codebook than ``codebook_id`` (the one
+        the items are coded with now), so its rows stand for other codewords than their
+        codes name; unknown on either side (``""``) counts as the same."""
+        return bool(self.codebook_id and codebook_id) and self.codebook_id != codebook_id
+
     @classmethod
     def decode(cls, raw: bytes) -> VersionRecord:
         return cls(**orjson.loads(raw))

@@ -704,7 +704,7 @@ class FineTuner:
             current = load_table(self.store, domain, parent)
             record = get_record(self.store, domain, parent)
             rows, base_full = data.item_rows, full
-            if record is not None and record.codebook_id not in ("", data.codebook_id):
+            if record is not None and record.of_another_codebook(data.codebook_id):
                 # trained on another codebook: scored with the rows it serves its own
                 # items with (the items' codes now name other codewords)
                 rows = own_rows(current, data.item_ids, self.settings.serve_borrow_trained)
@@ -949,14 +949,15 @@ class FineTuner:
         if parent is not None:
             record = get_record(self.store, domain, parent)
             table = load_table(self.store, domain, parent)
-            old = "" if record is None else record.codebook_id
-            if self._fits(table.snapshot) and old and codebook_id and old != codebook_id:
+            fits = self._fits(table.snapshot)
+            if fits and record is not None and record.of_another_codebook(codebook_id):
                 return (
                     replace(table.snapshot, params=shared_init(table.snapshot.params, 0)),
-                    f"scratch (v{parent} was trained on codebook {old}; shared parts kept)",
+                    f"scratch (v{parent} was trained on codebook {record.codebook_id}; "
+                    "shared parts kept)",
                     None,
                 )
-            if self._fits(table.snapshot):
+            if fits:
                 since = None if record is None else int(record.watermark.get("ts", 0)) + 1
                 return table.snapshot, "incremental", since
             log.warning(
