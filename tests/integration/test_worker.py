@@ -75,16 +75,12 @@ class _SlowRestore(RocksDBPartition):
         return []
 
 
-def _group_members(bootstrap: str, group: str) -> list[str]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        return sorted(m["member_id"] for m in admin.describe_groups([group])[group]["members"])
-    finally:
-        admin.close()
+def _group_members(admin: KafkaAdminClient, group: str) -> list[str]:
+    return sorted(m["member_id"] for m in admin.describe_groups([group])[group]["members"])
 
 
 def test_a_restore_longer_than_the_session_timeout_keeps_the_worker_in_its_group(
-    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path, admin: KafkaAdminClient
 ) -> None:
     """kafka-python 3 calls the rebalance listener on the I/O thread that also heartbeats:
     the listener's work runs beside it, so a restore of 1.5 x the session timeout does not
@@ -98,9 +94,9 @@ def test_a_restore_longer_than_the_session_timeout_keeps_the_worker_in_its_group
     worker = InProcessWorker(s, _SlowRestore.open(s.state_path))
     try:
         assert _SlowRestore.restoring.wait(30), "no assignment"
-        during = _group_members(kafka_bootstrap, s.kafka_group_id)
+        during = _group_members(admin, s.kafka_group_id)
         wait_for(lambda: worker.store.offsets() == end, 60, "the worker to apply every event")
-        after = _group_members(kafka_bootstrap, s.kafka_group_id)
+        after = _group_members(admin, s.kafka_group_id)
         counters = domain_counters(worker.store)
     finally:
         worker.stop()

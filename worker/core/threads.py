@@ -3,10 +3,10 @@
 A fine-tune, a serving-index build and the codebook bootstrap are background work: on a
 machine with few cores they compete with the consumer thread and the HTTP server for the
 same CPUs (an IVF build on both cores made scrapes take 50-225 ms; with the build on one
-core, a scrape still waited 1-8 ms for a CPU in the 1M bench). Each such thread raises its own nice value by ``background_nice`` when it
-starts (:func:`lower_priority`): Linux keeps the nice value per thread, so the rest of the
-process keeps its priority, and the threads a background thread creates afterwards (its
-OpenMP team) inherit it. The kernel gives a nice-10 thread about a tenth of the CPU weight
+core, a scrape still waited 1-8 ms for a CPU in the 1M bench). Each such thread raises its
+own nice value by ``background_nice`` when it starts (:func:`lower_priority`): Linux keeps
+the nice value per thread, so the rest of the process keeps its priority, and the threads a
+background thread creates afterwards (its OpenMP team) inherit it. The kernel gives a nice-10 thread about a tenth of the CPU weight
 of a nice-0 one when both want the same core; on an idle core it runs at full speed.
 """
 
