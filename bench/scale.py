@@ -931,7 +931,8 @@ class ScaleRun:
                 self.optional_stages(worker, monitor)
         finally:
             monitor.done.set()
-            monitor.join(timeout=120)
+            if monitor.is_alive():  # not started when the worker died before answering
+                monitor.join(timeout=120)
             stopping = time.perf_counter()
             phase.exit_code = worker.stop(timeout_s=120)
             phase.stop_s = time.perf_counter() - stopping

@@ -38,6 +38,7 @@ from worker.ingest.kafka_calls import (
     KafkaFault,
     classify,
     close_producer,
+    poll_records,
 )
 from worker.ingest.processor import BatchResult, DeadLetter, Processor
 
@@ -411,7 +412,8 @@ class ConsumerLoop:
         try:
             while not self.stop_event.is_set():
                 try:
-                    polled = self.consumer.poll(
+                    polled = poll_records(
+                        self.consumer,
                         timeout_ms=self.settings.poll_timeout_ms,
                         max_records=self.settings.poll_max_records,
                     )

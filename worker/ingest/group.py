@@ -42,7 +42,7 @@ from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
 from worker.ingest.coding import CodeService
 from worker.ingest.exceptions import CodebookConflictError, KafkaUnavailableError, NotOwnedError
-from worker.ingest.kafka_calls import KafkaCall, KafkaCalls, close_producer
+from worker.ingest.kafka_calls import KafkaCall, KafkaCalls, close_producer, poll_records
 from worker.state.layout import (
     mirrored_offset_key,
     restore_position_key,
@@ -375,7 +375,7 @@ class VersionsLog:
                             f"restoring {tp.topic}-{tp.partition} stalled at offset {position} "
                             f"of {ends[tp]}; check the broker at {self.settings.kafka_bootstrap}"
                         )
-                    for records in consumer.poll(timeout_ms=500).values():
+                    for records in poll_records(consumer, timeout_ms=500).values():
                         for rec in records:
                             self._apply(store, batch, rec.key, rec.value, report)
                             position = rec.offset + 1
@@ -506,7 +506,7 @@ class CodebookLog:
             consumer.seek_to_beginning(tp)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
-                for records in consumer.poll(timeout_ms=500).values():
+                for records in poll_records(consumer, timeout_ms=500).values():
                     for rec in records:
                         if rec.value:
                             return ResidualCodebook.from_bytes(rec.value)
