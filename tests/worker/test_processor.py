@@ -19,7 +19,7 @@ from store.partition import COLUMN_FAMILIES, StorePartition
 from store.records import DomainCounters, ItemRecord, Popularity
 from worker.core.settings import Settings
 from worker.ingest.events import control_payload, interaction_payload, item_payload
-from worker.ingest.processor import Processor, SourceRecord
+from worker.ingest.processor import Processor, SourceRecord, _bounded
 from worker.state.layout import domain_counters_key, item_key
 
 SETTINGS = Settings(embedding_dim=8, topic_prefix="t.")
@@ -418,3 +418,14 @@ def test_a_huge_key_and_reason_are_cut_and_the_worst_letter_fits_a_request() -> 
     assert orjson.loads(payload)["truncated"] is True
     wrapped = len(payload) + len(dead_letter_key(worst) or b"") + 1024  # record overhead
     assert wrapped < PRODUCER_MAX_REQUEST_BYTES
+
+
+def test_the_committed_cache_drops_only_its_oldest_entries_past_its_bound() -> None:
+    values = {b"k%d" % i: b"v%d" % i for i in range(10)}
+    _bounded(values, 10)  # at the bound: nothing goes
+    assert len(values) == 10
+    values[b"k3"] = b"newer"  # an update keeps its place (dicts keep first insertion)
+    values.update({b"k10": b"v10", b"k11": b"v11", b"k12": b"v12"})
+    _bounded(values, 10)
+    assert list(values) == [b"k%d" % i for i in range(3, 13)]  # the three oldest went
+    assert values[b"k3"] == b"newer"
