@@ -15,7 +15,6 @@ import numpy as np
 from worker.core.memory import (
     GC_YOUNG_THRESHOLD,
     cap_mmap_threshold,
-    collect_young,
     freeze_long_lived,
     release_free_memory,
     space_young_collections,
@@ -145,32 +144,3 @@ def test_spaced_young_collections_keep_batch_objects_out_of_the_old_generation()
     finally:
         thaw()
     assert gc.get_threshold() == found
-
-
-def test_replacing_long_lived_objects_one_for_one_fills_the_young_generation_until_a_young_pass_empties_it() -> (
-    None
-):
-    """The premise of collect_young, and what it does: new code tuples that each replace an
-    old one keep CPython's allocation count near zero (no automatic young pass comes) while
-    every one of them waits in the young generation; collect_young empties it, and does
-    nothing while the collector is off."""
-    try:
-        space_young_collections()
-        codes = {i: (i, 1, 2) for i in range(30_000)}
-        gc.collect()
-        for round_ in range(5):  # five "rounds", each re-coding every item
-            for i in range(30_000):
-                codes[i] = (i, round_, 3)
-        young = len(gc.get_objects(generation=0))
-        assert young >= 30_000  # the last round's tuples at least, all still young
-        assert gc.get_count()[0] < GC_YOUNG_THRESHOLD
-        gc.disable()
-        collect_young()
-        assert len(gc.get_objects(generation=0)) >= 30_000  # off: left as it was
-        gc.enable()
-        collect_young()
-        assert len(gc.get_objects(generation=0)) < 100
-    finally:
-        gc.enable()
-        thaw()
-    assert len(codes) == 30_000

@@ -113,23 +113,6 @@ def space_young_collections(young: int = GC_YOUNG_THRESHOLD) -> tuple[int, int, 
     return found[0], found[1], found[2]
 
 
-def collect_young() -> None:
-    """A young-generation pass of the cyclic collector now, if it is on. The consumer calls
-    it after each batch, when the batch's own objects are gone.
-
-    CPython starts a young pass when allocations outnumber deallocations by the threshold
-    (:data:`GC_YOUNG_THRESHOLD`). Work that replaces long-lived objects one for one (a code
-    round's new code tuples in the assigner's dicts, each freeing the one it replaces) keeps
-    that difference near zero while the young generation fills with the new objects, so the
-    pass that finally comes walks them all: at 1M items, one young pass per run found
-    ~350,000 code tuples and held the interpreter 260-325 ms. After each batch the young
-    generation holds what that batch kept, a pass over it costs ~1 ms, and the automatic
-    passes (counted from the threshold) still run inside a batch that allocates more.
-    """
-    if gc.isenabled():
-        gc.collect(0)
-
-
 def thaw() -> None:
     """Undo :func:`freeze_long_lived` and :func:`space_young_collections` (a daemon that
     stops inside a longer-lived process, as in tests, leaves the collector as it found

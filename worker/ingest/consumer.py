@@ -26,7 +26,7 @@ from kafka.future import Future
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
-from worker.core.memory import collect_young, release_free_memory
+from worker.core.memory import release_free_memory
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, KafkaUnavailableError
@@ -424,8 +424,7 @@ class ConsumerLoop:
                     log.warning(
                         "polling Kafka at %s failed: %r", self.settings.kafka_bootstrap, exc
                     )
-                had_records = bool(polled)
-                if had_records or self.processor.background_work():
+                if polled or self.processor.background_work():
                     # an empty batch too while background work waits to be written (a
                     # codebook trained meanwhile, items held from before it to code)
                     try:
@@ -433,8 +432,6 @@ class ConsumerLoop:
                     except BatchAbandoned as exc:
                         log.warning("%s", exc)
                         break
-                    polled.clear()  # the batch's records go before the young pass
-                    collect_young()
                 if time.monotonic() - trimmed_at >= TRIM_EVERY_S:
                     # each batch's parsed events, freed, leave holes in the heap that glibc
                     # keeps; without this the resident size climbs between fine-tunes
@@ -442,7 +439,7 @@ class ConsumerLoop:
                     trimmed_at = time.monotonic()
                 state = watch.check()
                 self._healthy = state.healthy and poll_failures < 3
-                if had_records or (state.healthy and not poll_failures):
+                if polled or (state.healthy and not poll_failures):
                     if state.connected:
                         self._report_lag()
                     continue
