@@ -190,7 +190,7 @@ def poll_records(consumer: Any, *, timeout_ms: int, max_records: int | None = No
     returns meanwhile, each with the locals it ended with: the dict of records it returned.
     Those records then lived until the cyclic collector found the cycle. Measured in the
     daemon (``bench/scale.py`` at 1M items / 10M interactions, a collector probe): 15-20k
-    records of 3-4 batches per young-generation pass, in passes of 30-105 ms with the
+    records of 3-4 batches per young-generation pass, in passes of 47-166 ms with the
     interpreter held. Emptied, the records are freed as soon as the batch lets them go, and
     what the cycles keep is a few dozen small objects. For the same reason this function
     keeps no local of its own: its frame is one of those caught in the cycle.
