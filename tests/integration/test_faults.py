@@ -101,7 +101,7 @@ def test_sigterm_during_a_fine_tune_publishes_nothing(
         finetune_epochs=500,
         finetune_retry_s=1,
         finetune_max_seconds=600,
-        finetune_hidden=64,
+        finetune_hidden=512,  # epochs long enough that the stop lands inside one, not after
     )
     log = tmp_path / "w.log"
     worker = start_worker(env, log)
