@@ -6,8 +6,9 @@ same CPUs (an IVF build on both cores made scrapes take 50-225 ms; with the buil
 core, a scrape still waited 1-8 ms for a CPU in the 1M bench). Each such thread raises its
 own nice value by ``background_nice`` when it starts (:func:`lower_priority`): Linux keeps
 the nice value per thread, so the rest of the process keeps its priority, and the threads a
-background thread creates afterwards (its OpenMP team) inherit it. The kernel gives a nice-10 thread about a tenth of the CPU weight
-of a nice-0 one when both want the same core; on an idle core it runs at full speed.
+background thread creates afterwards (its OpenMP team) inherit it. The kernel gives a
+nice-10 thread about a tenth of the CPU weight of a nice-0 one when both want the same core;
+on an idle core it runs at full speed.
 """
 
 from __future__ import annotations
