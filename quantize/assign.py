@@ -53,7 +53,7 @@ import io
 import json
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -77,8 +77,10 @@ from quantize.lengths import (
 from quantize.prefix_nodes import (
     GIL_CHUNK,
     PrefixNodes,
+    code_key,
     join_records,
     number_keys,
+    row_keys,
     row_tuples,
     take_items,
 )
@@ -87,6 +89,8 @@ STATE_VERSION = 1
 DEFAULT_DEMOTE_AFTER = 3
 
 Code = tuple[int, ...]
+#: a served code as the key of the assigner's long-lived dictionaries (:func:`code_key`)
+CodeKey = bytes
 
 
 @contextmanager
@@ -660,13 +664,14 @@ class CodeAssigner:
         #: popularity rounds so far (lazy demotions count them)
         self._rounds = 0
         self._nodes = PrefixNodes(levels, k)
-        #: served code -> the head item serving it (head codes are unique)
-        self._head_codes: dict[Code, int] = {}
+        #: served code (its key) -> the head item serving it (head codes are unique)
+        self._head_codes: dict[CodeKey, int] = {}
         #: round -> items whose lazy demotion falls due then (checked when popped)
         self._due: dict[int, list[np.ndarray]] = {}
         #: rows changed since :meth:`take_rows`
         self._unsaved: set[int] = set()
-        self._code_count: Counter[Code] = Counter()
+        #: served code (its key) -> how many items serve it
+        self._code_count: Counter[CodeKey] = Counter()
         self._len_sum = [0, 0]  # served digits of tail, head items
         self._level_use = np.zeros((levels, k), dtype=np.int64)
 
@@ -727,6 +732,21 @@ class CodeAssigner:
     ) -> list[Code]:
         """The served codes of ``rows`` (with these ``lengths`` / ``uses`` instead of the
         current ones when given): one array read for all of them."""
+        return self._code_rows(rows, lengths, uses, row_tuples)
+
+    def _code_keys(self, rows: Sequence[int] | np.ndarray) -> list[CodeKey]:
+        """:func:`code_key` of the served codes of ``rows``, made from the arrays."""
+        return self._code_rows(rows, None, None, row_keys)
+
+    def _code_rows(
+        self,
+        rows: Sequence[int] | np.ndarray,
+        lengths: np.ndarray | None,
+        uses: np.ndarray | None,
+        convert: Callable[[np.ndarray], list[Any]],
+    ) -> list[Any]:
+        """The served codes of ``rows``, each shape's digits ``convert``-ed a table at a
+        time."""
         items = self._items
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         if idx.size == 0:
@@ -739,11 +759,11 @@ class CodeAssigner:
         shape = shape[order]
         table = np.concatenate([items.paths[idx[order]], items.digits[idx[order]][:, None]], axis=1)
         cuts = (np.flatnonzero(shape[1:] != shape[:-1]) + 1).tolist()
-        grouped: list[Code] = []
+        grouped: list[Any] = []
         for start, stop in zip([0, *cuts], [*cuts, idx.size], strict=True):
             n, digit = divmod(int(shape[start]), 2)
             cols = [*range(n), self.levels] if digit else list(range(n))
-            grouped += row_tuples(table[start:stop][:, cols])
+            grouped += convert(table[start:stop][:, cols])
         place = np.empty(idx.size, dtype=np.int64)
         place[order] = np.arange(idx.size)
         return take_items(grouped, place)
@@ -937,8 +957,8 @@ class CodeAssigner:
         self._uncount(old_codes)
         self._sum_lengths(items.lengths[rows] + items.uses_digit[rows], heads, -1)
         for i, code, head in zip(rows.tolist(), old_codes, heads.tolist(), strict=True):
-            if head and self._head_codes.get(code) == i:
-                del self._head_codes[code]
+            if head and self._head_codes.get(key := code_key(code)) == i:
+                del self._head_codes[key]
         if getattr(self.policy, "node_flags", None) is not None:
             for d, nodes in enumerate(self._nodes.nodes_of(rows)):
                 moved.left.append((d, nodes, self._flags(d, nodes)))
@@ -1233,7 +1253,7 @@ class CodeAssigner:
         self._uncount([old[i] for i in moved_idx[kept ^ had[touched]].tolist()])
         changed = [*moved_idx[~kept].tolist(), *extra]
         codes = self._codes(changed)
-        self._code_count.update(codes)
+        self._code_count.update(map(code_key, codes))
         for i in extra:
             heads_before.setdefault(i, True)
         self._unsaved.update(rows.tolist())
@@ -1378,8 +1398,8 @@ class CodeAssigner:
         items = self._items
         codes = self._head_codes
         for i, code in old.items():  # the items of moved_rows that served a code before
-            if was_head[i] and codes.get(code) == i:
-                del codes[code]
+            if was_head[i] and codes.get(key := code_key(code)) == i:
+                del codes[key]
         heads = items.is_head[np.asarray(moved_rows, dtype=np.int64)].tolist()
         active = [i for i, head in zip(moved_rows, heads, strict=True) if head]
         extra: list[int] = []
@@ -1407,7 +1427,7 @@ class CodeAssigner:
         each code is recorded, the losers are returned in index order."""
         items = self._items
         codes = self._head_codes
-        mine = self._codes(active)
+        mine = self._code_keys(active)
 
         def rank(i: int) -> tuple[bool, float, int]:
             return held.get(i, True), float(items.popularity[i]), -i
@@ -1422,7 +1442,7 @@ class CodeAssigner:
                     keeper = codes[code] = max(holder, i, key=rank)
                     losers.append(i if keeper == holder else holder)
             return sorted(losers)
-        groups: dict[Code, list[int]] = {}
+        groups: dict[CodeKey, list[int]] = {}
         for i, code in zip(active, mine, strict=True):
             groups.setdefault(code, []).append(i)
         for code, members in groups.items():
@@ -1463,7 +1483,7 @@ class CodeAssigner:
         """Take ``codes`` (served before) out of the counts (the callers keep the length
         sums)."""
         counts = self._code_count
-        for code in codes:
+        for code in map(code_key, codes):
             left = counts[code] - 1
             if left:
                 counts[code] = left
@@ -1476,7 +1496,7 @@ class CodeAssigner:
         self._len_sum[0] += sign * int(served[~heads].sum())
         self._len_sum[1] += sign * int(served[heads].sum())
 
-    def _count_codes(self, n: int) -> Counter[Code]:
+    def _count_codes(self, n: int) -> Counter[CodeKey]:
         """How many of the first ``n`` items serve each code: the distinct codes found as
         rows of one array (paths cut at their length, the digit or -1), a tuple built per
         distinct code, not per item."""
@@ -1489,21 +1509,21 @@ class CodeAssigner:
         digit = np.where(items.uses_digit[:n], items.digits[:n], -1)
         rows = np.concatenate([table, digit[:, None]], axis=1)
         _, counts, first = group_rows(rows)
-        out: Counter[Code] = Counter()
+        out: Counter[CodeKey] = Counter()
         # summed, not set: a path cut at length l + 1 and a path cut at l plus a digit can
-        # be the same tuple (digits are numbered from 0)
-        for code, count in zip(self._codes(first), counts.tolist(), strict=True):
+        # be the same code (digits are numbered from 0)
+        for code, count in zip(self._code_keys(first), counts.tolist(), strict=True):
             out[code] += count
         return out
 
     def _rebuild_derived(self) -> None:
         """Prefix statistics, head codes, counts and the demotion schedule from the arrays.
 
-        The collector stays on here, unlike in a round: the code tuples made here live on,
-        and its young passes untrack them (tuples of ints) as they come, a chunk at a time.
-        Paused, they were all left for the first pass after it, one young pass over a
-        million objects that held the interpreter 60-170 ms (a fine-tune's read, the index
-        build, a restart's load)."""
+        The codes' keys are ``bytes`` (:func:`code_key`), which the collector does not
+        track. It stays on here, unlike in a round: with tuple keys, paused, the keys were
+        all left for the first pass after it, one young pass over a million objects that
+        held the interpreter 60-170 ms (a fine-tune's read, the index build, a restart's
+        load)."""
         items = self._items
         n = len(self._keys)
         rows = np.arange(n, dtype=np.int64)
@@ -1515,7 +1535,7 @@ class CodeAssigner:
         self._code_count = self._count_codes(n)
         heads = np.flatnonzero(items.is_head[:n])
         self._head_codes = {}
-        head_codes, head_rows = self._codes(heads), heads.tolist()
+        head_codes, head_rows = self._code_keys(heads), heads.tolist()
         for lo in range(0, len(head_rows), GIL_CHUNK):
             hi = lo + GIL_CHUNK
             self._head_codes.update(zip(head_codes[lo:hi], head_rows[lo:hi], strict=True))

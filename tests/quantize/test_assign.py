@@ -4,6 +4,8 @@ slow references."""
 from __future__ import annotations
 
 import base64
+import gc
+import sys
 import zlib
 from collections import Counter
 from dataclasses import replace
@@ -27,7 +29,15 @@ from quantize.assign import (
 from quantize.code_metrics import code_report, collision_rate, level_balance, level_utilization
 from quantize.exceptions import AssignmentError, LengthPolicyError
 from quantize.lengths import POLICIES, make_policy
-from quantize.prefix_nodes import PrefixNodes, join_records, stable_order, take_items
+from quantize.prefix_nodes import (
+    GIL_CHUNK,
+    PrefixNodes,
+    code_key,
+    join_records,
+    row_keys,
+    stable_order,
+    take_items,
+)
 
 POLICY_NAMES = sorted(POLICIES)
 GROWING = {"new", "recode", "promote", "deepen", "disambiguate"}
@@ -557,6 +567,50 @@ def test_incremental_rounds_equal_a_full_reevaluation(s: dict[str, object]) -> N
     assert fast.stats() == CodeAssigner.from_state(slow.state()).stats()
 
 
+@settings(max_examples=100, deadline=None)
+@given(streams())
+def test_the_code_dictionaries_hold_keys_the_collector_does_not_track(s: dict[str, object]) -> None:
+    """The head codes and code counts live as long as the domain and change with every
+    round: their keys are ``bytes`` (:func:`code_key` of the served code), never tuples,
+    which the cyclic collector tracks until a pass walks them. Live, re-evaluated in full
+    and rebuilt from the state alike."""
+    for incremental in (True, False):
+        live = stream_assigner(s, incremental=incremental)
+        play(s, live)
+        rebuilt = CodeAssigner.from_state(live.state())
+        for assigner in (live, rebuilt):
+            keys = [*assigner._code_count, *assigner._head_codes]
+            assert [k for k in keys if gc.is_tracked(k) or not isinstance(k, bytes)] == []
+            served = Counter(code_key(assigner.served_code(k)) for k in assigner.keys)
+            assert assigner._code_count == served
+
+
+def _slow_key(row: list[int]) -> bytes:
+    return b"".join(int(v).to_bytes(4, sys.byteorder, signed=True) for v in row)
+
+
+@given(
+    hnp.arrays(
+        np.int64,
+        st.tuples(st.integers(0, 12), st.integers(0, 6)),
+        elements=st.integers(0, 2**31 - 1),
+    )
+)
+def test_row_keys_are_the_code_keys_of_the_rows(table: np.ndarray) -> None:
+    """Keys made from an array a table at a time equal the keys of single codes and a slow
+    byte-by-byte reference; codes of different lengths never share a key."""
+    rows = table.tolist()
+    assert row_keys(table) == [code_key(tuple(r)) for r in rows] == [_slow_key(r) for r in rows]
+    assert len({code_key(tuple(r[:n])) for r in rows[:1] for n in range(len(r) + 1)}) == (
+        len(rows[0]) + 1 if rows else 0
+    )
+
+
+def test_row_keys_span_chunks() -> None:
+    table = np.random.default_rng(3).integers(0, 300_000, size=(GIL_CHUNK * 2 + 5, 5))
+    assert row_keys(table) == [_slow_key(r) for r in table.tolist()]
+
+
 @settings(max_examples=150, deadline=None)
 @given(streams(), st.integers(min_value=0, max_value=13))
 def test_saved_rows_rebuild_the_assigner_at_any_point(s: dict[str, object], cut: int) -> None:
@@ -576,9 +630,9 @@ def test_saved_rows_rebuild_the_assigner_at_any_point(s: dict[str, object], cut:
     assert state_equal(rebuilt.state(), live.state())
     # the counts rebuilt from arrays against a slow reference: one served code per item
     served = [rebuilt.served_code(k) for k in rebuilt.keys]
-    assert rebuilt._code_count == Counter(served) == live._code_count
+    assert rebuilt._code_count == Counter(map(code_key, served)) == live._code_count
     heads = {
-        c: i
+        code_key(c): i
         for i, (c, k) in enumerate(zip(served, rebuilt.keys, strict=True))
         if rebuilt.is_head(k)
     }
