@@ -19,7 +19,7 @@ from store.partition import COLUMN_FAMILIES, StorePartition
 from store.records import DomainCounters, ItemRecord, Popularity
 from worker.core.settings import Settings
 from worker.ingest.events import control_payload, interaction_payload, item_payload
-from worker.ingest.processor import Processor, SourceRecord, _bounded
+from worker.ingest.processor import Processor, SourceRecord, _bounded, _Committed
 from worker.state.layout import domain_counters_key, item_key
 
 SETTINGS = Settings(embedding_dim=8, topic_prefix="t.")
@@ -429,3 +429,22 @@ def test_the_committed_cache_drops_only_its_oldest_entries_past_its_bound() -> N
     _bounded(values, 10)
     assert list(values) == [b"k%d" % i for i in range(3, 13)]  # the three oldest went
     assert values[b"k3"] == b"newer"
+
+
+def test_the_committed_item_keys_drop_only_their_oldest_past_their_bound() -> None:
+    """Known item keys are bounded like the values: past the bound the oldest batches' keys
+    go, one batch's worth at a time, never the whole set; a batch that was not written
+    still forgets everything."""
+    store = MemoryPartition()
+    committed = _Committed(items_bound=4)
+    for n in range(3):
+        batch = store.batch()
+        batch.set_offset("t", 0, n + 1)
+        store.write(batch)
+        keys = {b"i%d" % (2 * n), b"i%d" % (2 * n + 1)}
+        committed.pending = ({("t", 0): n + 1}, {}, {}, keys)
+        committed.settle(store)
+    assert set(committed.items) == {b"i2", b"i3", b"i4", b"i5"}
+    committed.pending = ({("t", 0): 9}, {}, {}, {b"i6"})  # offset 9 never written
+    committed.settle(store)
+    assert not committed.items

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby, islice
 from operator import attrgetter
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -156,7 +156,7 @@ COMMITTED_USERS = 65_536
 COMMITTED_ITEMS = 1_048_576
 
 
-def _bounded(values: dict[bytes, bytes], limit: int) -> None:
+def _bounded(values: dict[bytes, Any], limit: int) -> None:
     """Drop the oldest entries (first inserted) of ``values`` past ``limit``: as many as the
     last batch added, so each batch pays for its own. Dropping a quarter at a time held the
     interpreter ~60 ms every dozen batches at 1M items (65k keys and their values freed in
@@ -174,13 +174,24 @@ class _Committed:
     Only committed values are served: a batch's values wait in ``pending`` until the next
     batch starts and finds the batch's offsets in the store (they are written in the same
     atomic batch as the values). Anything else (a failed or skipped write, a replay) drops
-    every value. Items are never deleted, so a key once seen stays valid.
+    every value. Items are never deleted, so a key once seen stays valid. Each cache keeps
+    at most its bound of entries, dropping its oldest as new ones come (:func:`_bounded`).
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        popularity_bound: int = COMMITTED_POPULARITY,
+        users_bound: int = COMMITTED_USERS,
+        items_bound: int = COMMITTED_ITEMS,
+    ) -> None:
+        self.bounds = (popularity_bound, users_bound, items_bound)
         self.popularity: dict[bytes, bytes] = {}
         self.users: dict[bytes, bytes] = {}
-        self.items: set[bytes] = set()
+        #: keys of items known to exist, oldest first (a dict: insertion-ordered, unlike a
+        #: set, so the oldest can go; a set cleared whole past its bound freed a million
+        #: keys in one call and sent every known item back to RocksDB)
+        self.items: dict[bytes, None] = {}
         self.pending: (
             tuple[dict[tuple[str, int], int], dict[bytes, bytes], dict[bytes, bytes], set[bytes]]
             | None
@@ -195,11 +206,11 @@ class _Committed:
         if all(store.get_offset(t, p) == off for (t, p), off in offsets.items()):
             self.popularity.update(popularity)
             self.users.update(users)
-            self.items |= items
-            _bounded(self.popularity, COMMITTED_POPULARITY)
-            _bounded(self.users, COMMITTED_USERS)
-            if len(self.items) > COMMITTED_ITEMS:
-                self.items.clear()
+            self.items.update(dict.fromkeys(items))
+            popularity_bound, users_bound, items_bound = self.bounds
+            _bounded(self.popularity, popularity_bound)
+            _bounded(self.users, users_bound)
+            _bounded(self.items, items_bound)
         else:
             self.popularity.clear()
             self.users.clear()
