@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 from quantize.exceptions import QuantizeError
 from quantize.table_model import (
     DOMAIN_PREFIX,
+    PRODUCT_PAD,
     ModelConfig,
     Snapshot,
     _Block,
     _Dropout,
+    _product,
     borrow_trained_codes,
     build_model,
     domain_names,
@@ -409,3 +411,46 @@ def test_training_attention_is_scaled_dot_product_attention_when_nothing_drops()
     trained = block.train()(x, mask)
     evaluated = block.eval()(x, mask)
     torch.testing.assert_close(trained, evaluated, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lead", [(37,), (3, 29), (PRODUCT_PAD,), (1,)])
+@pytest.mark.parametrize("m", [1, 200, PRODUCT_PAD * 2])
+def test_the_bfloat16_product_is_the_unpadded_product(lead: tuple[int, ...], m: int) -> None:
+    """Padding the operands' rows changes no entry: the result (any leading dimensions) is
+    the plain bfloat16 product's, within float32 summation order, and the float32 one's
+    within bfloat16 rounding; gradients reach both operands alike."""
+    gen = torch.Generator().manual_seed(m)
+    a = torch.randn(*lead, 24, generator=gen, requires_grad=True)
+    b = torch.randn(m, 24, generator=gen, requires_grad=True)
+    out = _product(a, b, torch.bfloat16)
+    assert out.shape == (*lead, m) and out.dtype == torch.float32
+    plain = (a.bfloat16() @ b.bfloat16().T).float()
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, a @ b.T, rtol=0.05, atol=0.1)
+    (out * plain.detach()).sum().backward()
+    grad_a, grad_b = a.grad, b.grad
+    a.grad = b.grad = None
+    ((a.bfloat16() @ b.bfloat16().T).float() * plain.detach()).sum().backward()
+    torch.testing.assert_close(grad_a, a.grad, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_b, b.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_the_bfloat16_product_reaches_few_shapes() -> None:
+    """A sampled loss's operands change size at every step; the bfloat16 kernel (oneDNN on
+    the CPU, which keeps a kernel and its buffers per shape) sees rows in multiples of
+    PRODUCT_PAD only: 300 products of 300 random sizes, a few dozen shapes."""
+    shapes: set[tuple[tuple[int, ...], tuple[int, ...]]] = set()
+
+    class Shapes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm"):
+                shapes.add((tuple(args[0].shape), tuple(args[1].shape)))
+            return func(*args, **(kwargs or {}))
+
+    rng = np.random.default_rng(0)
+    with Shapes():
+        for p, m in zip(rng.integers(1, 800, 300), rng.integers(900, 1900, 300), strict=True):
+            _product(torch.zeros(int(p), 8), torch.zeros(int(m), 8), torch.bfloat16)
+    assert shapes  # the products were seen
+    assert all(s[0][0] % PRODUCT_PAD == 0 and s[1][1] % PRODUCT_PAD == 0 for s in shapes)
+    assert len(shapes) <= (800 // PRODUCT_PAD + 1) * (1000 // PRODUCT_PAD + 2)

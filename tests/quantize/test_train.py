@@ -28,6 +28,7 @@ from quantize.table_model import (
 from quantize.train import (
     EpochReport,
     TrainConfig,
+    _all_item_vectors,
     _candidates,
     _loss,
     _prepare,
@@ -831,3 +832,19 @@ def test_an_epoch_longer_than_the_budget_is_cut_so_the_run_still_validates(log) 
         *args, model_config=MODEL, config=replace(slow, epochs=50, max_seconds=0.8 * per_epoch)
     )
     assert result.out_of_time and result.validated and result.epochs_run >= 2
+
+
+def test_item_vectors_in_chunks_are_the_vectors_of_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every item's vector computed a chunk at a time (a last chunk shorter), written into
+    one tensor, equals one call over every item (to the last bits of the products of
+    other sizes); ``check`` runs before each chunk."""
+    model, rows, text, _, _ = _loss_setup(0)
+    monkeypatch.setattr("quantize.train._VECTOR_CHUNK", 7)
+    calls: list[int] = []
+    with torch.no_grad():
+        chunked = _all_item_vectors(model, rows, text, lambda: calls.append(1))
+        whole = model.item_vectors(rows, text)
+    assert len(calls) == -(-N_ITEMS // 7) and N_ITEMS % 7
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)  # matmul sizes differ
