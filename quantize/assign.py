@@ -1498,7 +1498,7 @@ class CodeAssigner:
 
     def _count_codes(self, n: int) -> Counter[CodeKey]:
         """How many of the first ``n`` items serve each code: the distinct codes found as
-        rows of one array (paths cut at their length, the digit or -1), a tuple built per
+        rows of one array (paths cut at their length, the digit or -1), a key built per
         distinct code, not per item."""
         items = self._items
         if n == 0:
@@ -1520,10 +1520,9 @@ class CodeAssigner:
         """Prefix statistics, head codes, counts and the demotion schedule from the arrays.
 
         The codes' keys are ``bytes`` (:func:`code_key`), which the collector does not
-        track. It stays on here, unlike in a round: with tuple keys, paused, the keys were
-        all left for the first pass after it, one young pass over a million objects that
-        held the interpreter 60-170 ms (a fine-tune's read, the index build, a restart's
-        load)."""
+        track, so a load leaves it nothing to walk (tuple keys left it a young pass over a
+        million objects that held the interpreter 60-170 ms: a fine-tune's read, the index
+        build, a restart's load)."""
         items = self._items
         n = len(self._keys)
         rows = np.arange(n, dtype=np.int64)
