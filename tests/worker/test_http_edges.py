@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import orjson
 import pytest
 from openapi_spec_validator import validate
@@ -25,7 +27,7 @@ from worker.app import daemon as daemon_module
 from worker.app.daemon import Daemon
 from worker.core.settings import Settings
 from worker.ingest.consumer import LoopStats
-from worker.serving.http import HttpServer
+from worker.serving.http import HttpServer, Request, Response, Router
 from worker.serving.routes import openapi_document
 
 READ_TIMEOUT_S = 1.0
@@ -379,6 +381,75 @@ def test_the_server_stops_within_seconds_with_requests_in_flight(tmp_path: Path)
         assert _closed(sock)
         sock.close()
     s.check_stderr()
+
+
+async def _pool_size() -> int:
+    return int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+
+
+def test_inline_routes_answer_on_the_event_loop_while_the_pool_is_taken(
+    tmp_path: Path,
+) -> None:
+    """An inline handler (the daemon's /metrics and /healthz) runs on the server's own
+    thread: it answers while every thread of the pool waits in a slow handler, a pool route
+    waits with them, and HEAD and a failing inline handler are answered as everywhere."""
+    release = threading.Event()
+    router = Router()
+
+    def held(_: Request) -> Response:
+        release.wait(30)
+        return Response.json(200, {"thread": threading.current_thread().name})
+
+    def where(_: Request) -> Response:
+        return Response.json(200, {"thread": threading.current_thread().name})
+
+    def broken(_: Request) -> Response:
+        raise RuntimeError("inline bug")
+
+    router.add("GET", "/held", held)
+    router.add("GET", "/pool", where)
+    router.add("GET", "/inline", where, inline=True)
+    router.add("GET", "/broken", broken, inline=True)
+    server = HttpServer(router, "127.0.0.1", 0)
+    server.start()
+    host, port = server.address
+    pool = anyio.run(_pool_size)  # anyio's default, as the server's loop gets it
+
+    def get(path: str, method: str = "GET", timeout: float = 10.0) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        try:
+            connection.request(method, path)
+            answer = connection.getresponse()
+            return answer.status, answer.read()
+        finally:
+            connection.close()
+
+    holders = [
+        threading.Thread(target=get, args=("/held",), kwargs={"timeout": 30}) for _ in range(pool)
+    ]
+    waiting: list[tuple[int, bytes]] = []
+    try:
+        for holder in holders:
+            holder.start()
+        time.sleep(0.5)  # every thread of the pool now waits in /held
+        behind = threading.Thread(target=lambda: waiting.append(get("/pool", timeout=30)))
+        behind.start()
+        status, body = get("/inline", timeout=5)
+        assert status == 200
+        assert orjson.loads(body)["thread"] == "http"  # the server's thread, not the pool's
+        assert get("/inline", "HEAD", timeout=5) == (200, b"")
+        status, body = get("/broken", timeout=5)
+        assert status == 500 and orjson.loads(body)["error"] == "internal"
+        time.sleep(0.2)
+        assert not waiting  # the pool route waits for a thread of the pool
+    finally:
+        release.set()
+        for holder in holders:
+            holder.join(30)
+        server.stop()
+    behind.join(30)
+    assert waiting and waiting[0][0] == 200
+    assert orjson.loads(waiting[0][1])["thread"] != "http"
 
 
 # -- the OpenAPI document -----------------------------------------------------------------------

@@ -247,9 +247,11 @@ class Daemon:
         )
         # -- 6. HTTP ---------------------------------------------------------------------
         self.router = Router()
-        self.router.add("GET", "/healthz", self._healthz)
+        # the probe and the scrape answer from memory: on the server's event loop, so the
+        # consumer's Python does not stretch them by two more waits for the interpreter
+        self.router.add("GET", "/healthz", self._healthz, inline=True)
         self.router.add("GET", "/readyz", self._readyz)
-        self.router.add("GET", "/metrics", self._metrics)
+        self.router.add("GET", "/metrics", self._metrics, inline=True)
         ApiRoutes(self.serving, self.store, settings, self._send_control).register(self.router)
         self.http: HttpServer | None = None
         if settings.http_port:

@@ -4,8 +4,8 @@ It knows no route itself: the daemon adds health, readiness and Prometheus metri
 (:mod:`worker.app.daemon`), :mod:`worker.serving.routes` the read API (``/v1``).
 Routes are ``(method, path template) -> handler``, a template being a path with
 ``{name}`` segments; a handler takes a :class:`Request` and returns a :class:`Response`
-(synchronous: it runs on the server's thread pool). :meth:`Router.dispatch` calls the
-same handlers without HTTP (tests, benchmarks).
+(synchronous: it runs on the server's thread pool, or, where added ``inline``, on the event
+loop itself). :meth:`Router.dispatch` calls the same handlers without HTTP (tests, benchmarks).
 
 HTTP itself is uvicorn's (h11 parser) with Starlette's routing, on a background thread
 bound to 127.0.0.1 unless configured. Every answer is JSON, errors
@@ -117,11 +117,25 @@ class Router:
     def __init__(self) -> None:
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self._paths: dict[str, dict[str, Handler]] = {}
+        self._inline: set[tuple[str, str]] = set()
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
-        """``path``: a template such as ``/v1/domains/{domain}/versions``."""
+    def add(self, method: str, path: str, handler: Handler, *, inline: bool = False) -> None:
+        """``path``: a template such as ``/v1/domains/{domain}/versions``.
+
+        ``inline``: the handler is quick and never blocks (in-memory reads, well under a
+        millisecond of work), so the server calls it on its event loop instead of handing it
+        to the thread pool. The hand-off there and back is two waits for the interpreter
+        lock, each up to the switch interval while the consumer thread runs Python, and the
+        pool's thread may first have to be started: what a scrape's tail was made of.
+        """
         self.routes.append((method, re.compile(f"^{template_regex(path)}$"), handler))
         self._paths.setdefault(path, {})[method] = handler
+        if inline:
+            self._inline.add((path, method))
+
+    def inline(self, path: str) -> set[str]:
+        """The methods of ``path`` whose handlers run on the event loop."""
+        return {method for p, method in self._inline if p == path}
 
     def paths(self) -> dict[str, dict[str, Handler]]:
         """Each path template with its handlers by method."""
@@ -215,7 +229,7 @@ async def _read_body(request: StarletteRequest, limit: int) -> bytes:
 
 
 def _endpoint(
-    handlers: dict[str, Handler], max_body_bytes: int
+    handlers: dict[str, Handler], inline: set[str], max_body_bytes: int
 ) -> Callable[[StarletteRequest], Any]:
     allow = allow_header([*handlers, *(["HEAD"] if "GET" in handlers else []), "OPTIONS"])
 
@@ -223,7 +237,8 @@ def _endpoint(
         method = request.method
         if method == "OPTIONS":
             return StarletteResponse(status_code=204, headers={"Allow": allow})
-        handler = handlers["GET" if method == "HEAD" else method]
+        answering = "GET" if method == "HEAD" else method
+        handler = handlers[answering]
         try:
             body = await _read_body(request, max_body_bytes)
         except _BodyTooLarge:
@@ -247,6 +262,8 @@ def _endpoint(
             body,
             {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
         )
+        if answering in inline:
+            return _starlette(Router.call(handler, ours))
         return _starlette(await run_in_threadpool(Router.call, handler, ours))
 
     return endpoint
@@ -268,7 +285,11 @@ async def _http_error(request: StarletteRequest, exc: Exception) -> StarletteRes
 def build_app(router: Router, max_body_bytes: int) -> Callable[[Scope, Receive, Send], Any]:
     """The ASGI application serving ``router``'s routes as they are now."""
     routes = [
-        StarletteRoute(path, _endpoint(handlers, max_body_bytes), methods=[*handlers, "OPTIONS"])
+        StarletteRoute(
+            path,
+            _endpoint(handlers, router.inline(path), max_body_bytes),
+            methods=[*handlers, "OPTIONS"],
+        )
         for path, handlers in router.paths().items()
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
