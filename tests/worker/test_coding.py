@@ -19,12 +19,21 @@ from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.state.layout import (
     CODEBOOK_CURRENT,
+    UNPREFIXED_CODE_PREFIXES,
     assigner_key,
     code_row_prefix,
     item_key,
+    namespace_prefix,
     round_pending_prefix,
 )
-from worker.state.reads import code_history, committed_assigner, load_codebook, round_pending
+from worker.state.reads import (
+    code_history,
+    code_namespaces,
+    committed_assigner,
+    load_codebook,
+    load_codebook_by_id,
+    round_pending,
+)
 
 S = Settings(
     embedding_dim=16,
@@ -156,9 +165,21 @@ def test_retraining_is_explicit_and_recodes_every_item_with_history() -> None:
     assert state.paths.shape == (100, 2) and int(state.paths.max()) < 8
     history = code_history(store, "shop", "i7")
     assert [h["reason"] for h in history] == ["new", "recode"]
-    # a worker started afterwards serves the new codes
+    # no version was trained on the old codebook: its codes went in the same batch
+    assert code_namespaces(store) == {codebook.codebook_id: namespace_prefix(codebook.codebook_id)}
+    for prefix in UNPREFIXED_CODE_PREFIXES:
+        assert store.count("codes", prefix=prefix) == 0
+    assert load_codebook_by_id(store, first.codebook_id) is None
+    # a worker started afterwards serves the new codes, and keeps no others
     again = Processor(store, S, None)
     assert again.codes is not None and again.codes.codebook == codebook
+    assert again.kept is not None and again.kept.services == {}
+    assert again.codes.assigner("shop") is not None and len(again.codes.assigner("shop")) == 100
+    # a second retrain moves from one namespace to the next
+    third, _ = retrain_codebook(store, S, levels=2, k=8, seed=4)
+    assert code_namespaces(store) == {third.codebook_id: namespace_prefix(third.codebook_id)}
+    assert store.count("codes", prefix=namespace_prefix(codebook.codebook_id)) == 0
+    assert _state(store).paths.shape == (100, 2)
 
 
 def test_drift_is_measured_as_items_are_coded_saved_with_them_and_read_by_stats() -> None:

@@ -18,17 +18,20 @@ from quantize.table_model import Snapshot
 from store.memory import MemoryPartition
 from store.records import ItemRecord
 from tests.worker.vector_reference import slow_served_rows, slow_vector
+from worker.commands.inspection import stats
 from worker.core.settings import Settings
 from worker.ingest.coding import codes_after_round, retrain_codebook
 from worker.ingest.events import interaction_payload, item_payload
-from worker.ingest.processor import Processor, SourceRecord
-from worker.serving.exceptions import UnknownItemError
+from worker.ingest.processor import BatchResult, Processor, SourceRecord
 from worker.serving.index import Serving
-from worker.state.layout import item_key
+from worker.state.layout import UNPREFIXED_CODE_PREFIXES, item_key, namespace_prefix
 from worker.state.reads import (
+    code_history,
+    code_namespaces,
     committed_assigner,
     iter_interactions,
     load_codebook,
+    load_codebook_by_id,
     stored_embeddings,
 )
 from worker.state.requests import pending_request
@@ -345,15 +348,27 @@ def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() 
     )
 
 
-def test_after_a_codebook_retrain_old_versions_serve_their_own_items_and_training_starts_over() -> (
+def _item(
+    proc: Processor, store: MemoryPartition, item_id: str, offset: int, seed: int
+) -> tuple[np.ndarray, BatchResult]:
+    """One new item of ``shop`` through the processor; (its embedding, the batch result)."""
+    emb = np.random.default_rng(seed).normal(size=16)
+    result = proc.process(
+        [SourceRecord(ITEMS, 0, offset, b"shop", item_payload(item_id, "shop", 99, embedding=emb))]
+    )
+    store.write(result.batch)
+    return emb.astype(np.float32), result
+
+
+def test_after_a_codebook_retrain_old_versions_serve_as_before_and_a_rollback_back_to_them() -> (
     None
 ):
-    """``adacode codebook train`` re-codes every item with a new codebook, so a version of
-    the old one names other codewords than the items' codes: it keeps serving its own items
-    exactly as before, takes no rows from the new codes for later items (the error says
-    why), and the next fine-tune (requested by the retrain) trains the whole log from the
-    version's shared parts with fresh rows, and publishes a version of the new codebook
-    that serves later items again."""
+    """``adacode codebook train`` codes every item with a new codebook in its own namespace
+    and keeps the old codebook's codes, fed by every batch, while a published version was
+    trained on it: that version goes on serving its items as before, and items that come
+    later with the old codebook's codes; the next fine-tune (requested by the retrain)
+    trains the new codes from the version's shared parts with fresh rows; a rollback to the
+    old version then serves what a fresh build of it serves, from the cache at once."""
     settings = replace(S, gate_tolerance=1.0)
     store, _, offset = _setup(settings)
     tuner = RecordingTuner(store, settings)
@@ -363,29 +378,37 @@ def test_after_a_codebook_retrain_old_versions_serve_their_own_items_and_trainin
     assert old is not None and first.record.codebook_id == old.codebook_id
     before = Serving(store, settings)
     before.refresh()
-    served = {k: before.index("shop").vector(k) for k in ("i3", "i42", "i117")}
+    own = ("i3", "i42", "i117")
+    served = {k: before.index("shop").vector(k) for k in own}
 
     codebook, recoded = retrain_codebook(store, settings, seed=7)
+    new_ns = namespace_prefix(codebook.codebook_id)
     assert codebook.codebook_id != old.codebook_id and recoded == 120
+    assert code_namespaces(store) == {old.codebook_id: b"", codebook.codebook_id: new_ns}
+    assert stats(store)["codebook"]["kept"] == {old.codebook_id: ["shop@1"]}
     request = pending_request(store, "shop")
     assert request is not None and codebook.codebook_id in request.source
 
     serving = Serving(store, settings)  # a restarted worker
     serving.refresh()
     index = serving.index("shop")
-    assert index.foreign_codes is not None and codebook.codebook_id in index.foreign_codes
+    assert index.foreign_codes is None and index.codebook_id == old.codebook_id
     for k, vector in served.items():
         np.testing.assert_array_equal(index.vector(k), vector)
     proc = Processor(store, settings, None)
-    emb = np.random.default_rng(11).normal(size=16)
-    result = proc.process(
-        [SourceRecord(ITEMS, 0, offset, b"shop", item_payload("later", "shop", 99, embedding=emb))]
-    )
-    store.write(result.batch)
-    assert result.coding.changes  # coded with the new codebook
+    assert proc.kept is not None and list(proc.kept.services) == [old.codebook_id]
+    emb, result = _item(proc, store, "later", offset, 11)
+    assert result.coding.changes and result.kept_coding[old.codebook_id].changes
+    current, kept = committed_assigner(store, "shop"), committed_assigner(store, "shop", ns=b"")
+    assert current is not None and kept is not None
+    assert current.full_path("later") == tuple(codebook.encode(emb[None])[0])
+    assert kept.full_path("later") == tuple(old.encode(emb[None])[0])
     serving.on_applied(result)
-    with pytest.raises(UnknownItemError, match="codebook"):
-        index.vector("later")
+    rebuilt = Serving(store, settings)
+    rebuilt.refresh()
+    np.testing.assert_allclose(
+        index.vector("later"), rebuilt.index("shop").vector("later"), rtol=1e-5, atol=1e-6
+    )
 
     second = tuner.run("shop")
     assert second.status is FinetuneStatus.PUBLISHED and second.record is not None
@@ -400,8 +423,63 @@ def test_after_a_codebook_retrain_old_versions_serve_their_own_items_and_trainin
     assert second.metrics["train_interactions"] == first.metrics["train_interactions"]
     serving.refresh()
     fresh = serving.index("shop")
-    assert fresh.version == 2 and fresh.foreign_codes is None
+    assert fresh.version == 2 and fresh.codebook_id == codebook.codebook_id
     assert fresh.vector("later").shape == (settings.finetune_hidden,)
+    _, result = _item(proc, store, "after", offset + 1, 12)  # v1 is cached meanwhile
+    assert old.codebook_id in result.kept_coding  # v1 is still published: its codes are kept
+    serving.on_applied(result)
+
+    batch = store.batch()
+    rollback(store, batch, "shop", to=1)
+    store.write(batch)
+    hits = serving.cache_hits
+    assert serving.refresh() == ["shop"] and serving.cache_hits == hits + 1
+    back = serving.index("shop")
+    assert back.version == 1 and back.foreign_codes is None
+    rebuilt = Serving(store, settings)
+    rebuilt.refresh()
+    built = rebuilt.index("shop")
+    assert built.version == 1 and len(built) == len(back) == 122
+    for k in own:
+        np.testing.assert_array_equal(back.vector(k), served[k])
+    for k in (*own, "later", "after"):
+        np.testing.assert_allclose(back.vector(k), built.vector(k), rtol=1e-5, atol=1e-6)
+
+
+def test_an_old_codebooks_codes_go_once_no_published_version_was_trained_on_it() -> None:
+    """The old codebook's codes are kept while v1 is published; once v1 expires (the
+    version of the new codebook published, ``versions_keep`` 1), the next batch deletes
+    them, and the codebook with them; the code history stays."""
+    settings = replace(S, gate_tolerance=1.0, versions_keep=1)
+    store, _, offset = _setup(settings)
+    tuner = RecordingTuner(store, settings)
+    assert tuner.run("shop").status is FinetuneStatus.PUBLISHED
+    old = load_codebook(store)
+    assert old is not None
+    codebook, _ = retrain_codebook(store, settings, seed=7)
+    proc = Processor(store, settings, None)
+    assert proc.kept is not None
+    offset = _feed(store, proc, 5000, 40, 6, offset)
+    proc.kept.versions_moved()  # as the daemon does after a publish or a rollback
+    offset = _feed(store, proc, 6000, 10, 7, offset)
+    assert old.codebook_id in code_namespaces(store)  # v1 is published: kept
+    assert store.count("codes", prefix=b"row\x00") == 120
+
+    second = tuner.run("shop")
+    assert second.status is FinetuneStatus.PUBLISHED
+    assert get_record(store, "shop", 1).status == "expired"  # type: ignore[union-attr]
+    _feed(store, proc, 7000, 10, 8, offset)
+    assert old.codebook_id in code_namespaces(store)  # nobody said that versions moved
+    proc.kept.versions_moved()
+    _item(proc, store, "later", offset + 100, 3)
+    assert code_namespaces(store) == {codebook.codebook_id: namespace_prefix(codebook.codebook_id)}
+    assert proc.kept.services == {} and load_codebook_by_id(store, old.codebook_id) is None
+    assert stats(store)["codebook"]["kept"] == {}
+    for prefix in UNPREFIXED_CODE_PREFIXES:
+        assert store.count("codes", prefix=prefix) == 0
+    assert [h["reason"] for h in code_history(store, "shop", "i7")][:2] == ["new", "recode"]
+    again = Processor(store, settings, None)
+    assert again.kept is not None and again.kept.services == {}
 
 
 def test_a_warm_start_from_a_version_without_text_projection() -> None:

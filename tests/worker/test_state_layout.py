@@ -20,8 +20,13 @@ from worker.state.layout import (
     CODEBOOK_DRIFT,
     CURRENT_PREFIX,
     DOMAIN_COUNTERS_PREFIX,
+    UNPREFIXED_CODE_PREFIXES,
     assigner_key,
+    code_namespace_key,
+    code_row_key,
+    code_row_prefix,
     codebook_key,
+    codebook_of_namespace_key,
     domain_counters_key,
     domain_of_assigner_key,
     domain_of_counters_key,
@@ -36,12 +41,16 @@ from worker.state.layout import (
     item_ids_of,
     item_key,
     mirrored_offset_key,
+    namespace_prefix,
     restore_position_key,
+    round_pending_key,
+    round_pending_prefix,
     split_item_key,
     split_mirrored_offset_key,
     user_key,
     version_key,
     version_key_domain,
+    version_kind_prefix,
     version_part_key,
     version_prefix,
 )
@@ -157,6 +166,38 @@ def test_interaction_keys_sort_by_time(domain: str, rows: list[tuple[int, int, i
     assert [interaction_key_ts(k) for k in sorted(keys)] == sorted(ts for ts, _, _ in rows)
 
 
+def _code_keys(domain: str, ns: bytes) -> list[tuple[bytes, bytes]]:
+    """(prefix scanned or read, key) of each code key kind of ``domain`` in namespace ``ns``."""
+    return [
+        (assigner_key(domain, ns=ns), assigner_key(domain, ns=ns)),
+        (code_row_prefix(domain, ns=ns), code_row_key(domain, "x", ns=ns)),
+        (round_pending_prefix(domain, ns=ns), round_pending_key(domain, "x", ns=ns)),
+    ]
+
+
+@ROUND_TRIPS
+@given(domains, domains, st.text(alphabet="0123456789abcdef", min_size=1, max_size=16))
+def test_code_namespaces_keep_their_keys_apart(a: str, b: str, codebook_id: str) -> None:
+    """A namespaced key lies in its namespace, under the domain's prefix there, and in no
+    range of the unprefixed keys (of any domain) nor of another namespace; the unprefixed
+    keys lie outside every namespace, and the registry key gives back its codebook."""
+    ns = namespace_prefix(codebook_id)
+    other = namespace_prefix(codebook_id + "0")
+    assert codebook_of_namespace_key(code_namespace_key(codebook_id)) == codebook_id
+    for prefix, key in _code_keys(a, ns):
+        assert key.startswith(ns) and key.startswith(prefix)
+        assert not any(key.startswith(p) for p in UNPREFIXED_CODE_PREFIXES)
+        assert not any(key.startswith(p) for p, _ in _code_keys(b, b""))
+        assert not key.startswith(other)
+    for prefix, key in _code_keys(b, b""):
+        assert key.startswith(prefix) and not key.startswith(ns)
+        assert any(key.startswith(p) for p in UNPREFIXED_CODE_PREFIXES)
+    if a != b:  # the scanned ranges are the domain's own; its header is its own key
+        assert assigner_key(a, ns=ns) != assigner_key(b, ns=ns)
+        for _, key in _code_keys(a, ns)[1:]:
+            assert not any(key.startswith(p) for p, _ in _code_keys(b, ns)[1:])
+
+
 def test_the_default_domain_pattern_keeps_the_separator_out_of_domains() -> None:
     pattern = re.compile(Settings().domain_pattern)
     assert pattern.fullmatch("shop.eu-1_x")
@@ -182,6 +223,12 @@ PINNED = [
     (codebook_key(b"cb1234"), b"codebook/cb1234"),
     (restore_position_key("t.versions", 3), b"restore/t.versions/3"),
     (assigner_key("shop"), b"state\x00shop"),
+    (code_row_key("shop", "i1"), b"row\x00shop\x00i1"),
+    (round_pending_key("shop", "i1"), b"pend\x00shop\x00i1"),
+    (namespace_prefix("cb12"), b"ns\x00cb12\x00"),
+    (code_row_key("shop", "i1", ns=namespace_prefix("cb12")), b"ns\x00cb12\x00row\x00shop\x00i1"),
+    (code_namespace_key("cb12"), b"codes/ns/cb12"),
+    (version_kind_prefix("rec"), b"rec\x00"),
     (history_prefix("shop"), b"hist\x00shop\x00"),
     (
         history_key("shop", 5, "i1", "promote"),

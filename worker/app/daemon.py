@@ -211,7 +211,9 @@ class Daemon:
         # -- 3. serving (full paths of new items, without a re-read) ---------------------
         codes = self.processor.codes
         self.serving = Serving(
-            self.store, settings, paths=None if codes is None else live_paths(codes)
+            self.store,
+            settings,
+            paths=None if codes is None else live_paths(codes, self.processor.kept),
         )
         # -- 4. the consumer loop ---------------------------------------------------------
         self.loop = ConsumerLoop(
@@ -288,9 +290,12 @@ class Daemon:
             self._versions_moved(domain)
 
     def _versions_moved(self, domain: str) -> None:
-        """The next scrape reads ``domain``'s versions again (published, rolled back)."""
+        """The next scrape reads ``domain``'s versions again (published, rolled back), and
+        the next batch checks which older codebooks' codes a version still needs."""
         with self._gauges_lock:
             self._versions_changed.add(domain)
+        if self.processor.kept is not None:
+            self.processor.kept.versions_moved()
 
     def _join_group_codebook(self) -> None:
         """Agree on the group's codebook before the first batch (see worker.ingest.group)."""

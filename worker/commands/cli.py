@@ -236,11 +236,15 @@ def cmd_codebook(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.action == "show":
-        from worker.commands.inspection import open_state_readonly
+        from worker.commands.inspection import kept_codebooks, open_state_readonly
 
         with open_state_readonly(settings) as store:
             cb = load_codebook(store)
+            kept = kept_codebooks(store)
         print("no codebook" if cb is None else repr(cb))
+        for codebook_id, versions in sorted(kept.items()):
+            used = ", ".join(versions) or "none (deleted by the next batch)"
+            print(f"kept: codebook {codebook_id}, for the published versions {used}")
         return 0
     vectors = None
     if args.dataset is not None:

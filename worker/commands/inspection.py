@@ -21,6 +21,7 @@ from worker.core.settings import Settings
 from worker.state.reads import (
     code_changes,
     code_history,
+    code_namespaces,
     committed_assigner,
     domain_counters,
     item_popularity,
@@ -28,6 +29,7 @@ from worker.state.reads import (
     load_codebook,
     load_drift,
 )
+from worker.state.versions import PUBLISHED, domains_with_versions, list_records
 
 
 @contextmanager
@@ -59,6 +61,7 @@ def stats(store: StorePartition, drift_threshold: float = DRIFT_THRESHOLD) -> di
             "levels": codebook.levels,
             "k": codebook.k,
             "drift": None if drift is None else drift.report(drift_threshold).to_dict(),
+            "kept": kept_codebooks(store),
         },
         "codes": {d: code_stats(store, d) for d in sorted(domain_counters(store))},
         "domains": {
@@ -73,6 +76,20 @@ def stats(store: StorePartition, drift_threshold: float = DRIFT_THRESHOLD) -> di
         },
         "offsets": {f"{t}-{p}": o for (t, p), o in sorted(store.offsets().items())},
     }
+
+
+def kept_codebooks(store: StorePartition) -> dict[str, list[str]]:
+    """The older codebooks whose codes are kept (see :class:`worker.ingest.coding.KeptCodes`),
+    each with the published versions trained on it (``domain@version``)."""
+    current = load_codebook(store)
+    kept: dict[str, list[str]] = {
+        c: [] for c in code_namespaces(store) if current is None or c != current.codebook_id
+    }
+    for domain in domains_with_versions(store):
+        for record in list_records(store, domain):
+            if record.status == PUBLISHED and record.codebook_id in kept:
+                kept[record.codebook_id].append(f"{domain}@{record.version}")
+    return kept
 
 
 def code_stats(store: StorePartition, domain: str) -> dict[str, Any] | None:

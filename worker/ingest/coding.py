@@ -16,6 +16,14 @@ Keys in ``codes`` (built by :mod:`worker.state.layout`)::
 
 and in ``meta``: ``codebook/current`` -> id, ``codebook/<id>`` -> codebook bytes.
 
+Codebooks after the first (``adacode codebook train``) code into their own namespace
+(the same keys behind ``ns \\0 <id> \\0``, named by ``codes/ns/<id>`` in ``meta``; see
+:mod:`worker.state.layout`). The codes of an older codebook are kept, and fed by every
+batch like the current one's (:class:`KeptCodes`), while a published version trained on it
+may be served: a rollback to it serves what it served, and the items that came since with
+its codebook's codes. Once no published version of any domain names it, the next batch
+deletes its namespace.
+
 Bootstrap: while there is no codebook, items are stored uncoded. Once
 ``codebook_min_items`` items have embeddings, a bounded sample of them is chosen and
 saved, and :class:`~worker.ingest.bootstrap.Bootstrap` trains the codebook on it in the
@@ -66,26 +74,31 @@ from worker.state.layout import (
     BOOTSTRAP_SAMPLE,
     CODEBOOK_CURRENT,
     CODEBOOK_DRIFT,
+    UNPREFIXED_CODE_PREFIXES,
     assigner_key,
+    code_namespace_key,
     code_row_key,
-    code_row_prefix,
     codebook_key,
     domain_counters_key,
     history_key,
     item_key,
+    namespace_prefix,
     round_pending_key,
     round_pending_prefix,
     split_item_key,
 )
 from worker.state.reads import (
+    code_namespaces,
     committed_codes,
+    current_namespace,
     domain_counters,
     load_codebook,
+    load_codebook_by_id,
     load_drift,
     round_pending,
 )
 from worker.state.requests import put_request
-from worker.state.versions import domains_with_versions
+from worker.state.versions import codebooks_in_use, domains_with_versions
 
 log = logging.getLogger(__name__)
 
@@ -200,11 +213,12 @@ def codes_after_round(
     the same round (:func:`round_codes`, the popularity as committed) to the fine-tune's
     copy, so head items are trained and published with their long codes at once. The
     state itself is left as it is: its round still falls at its interaction."""
-    committed = committed_codes(store, domain)
+    ns = current_namespace(store)
+    committed = committed_codes(store, domain, ns=ns)
     if committed is None:
         return None
     assigner, extra, _ = committed
-    keys = sorted(k for k in round_pending(store, domain) if k in assigner)
+    keys = sorted(k for k in round_pending(store, domain, ns=ns) if k in assigner)
     raw_counters = store.get("meta", domain_counters_key(domain)) if keys else None
     ts = DomainCounters.decode(raw_counters).last_ts if raw_counters else 0
     half_life = settings.popularity_half_life_hours * 3600.0
@@ -332,14 +346,23 @@ class CodeService:
         *,
         group: CodebookSource | None = None,
         trainer: Callable[[], Trainer] | None = None,
+        kept: tuple[ResidualCodebook, bytes] | None = None,
     ) -> None:
         """``group``: where a group of workers agrees on one codebook (``None``: a worker
         on its own, which trains and keeps its own); ``trainer``: trains the first codebook
         in the background, a new one per try (``None``: in the batch that has enough items,
-        for tools and tests)."""
+        for tools and tests).
+
+        ``kept``: an older codebook and the prefix of its namespace, kept for the versions
+        trained on it (see :class:`KeptCodes`): the service codes new items and runs the
+        rounds in that namespace, and leaves the bootstrap, the catch-up, the drift and the
+        code history to the current codebook's service."""
         self.store = store
         self.settings = settings
-        self.codebook = load_codebook(store)
+        self.current = kept is None
+        self.codebook = load_codebook(store) if kept is None else kept[0]
+        #: the prefix of this codebook's code keys (``b""``: the unprefixed ones)
+        self.ns = current_namespace(store) if kept is None else kept[1]
         self.domains: dict[str, _Domain] = {}
         #: held while a batch changes the assigners; readers on other threads take it
         self.lock = threading.Lock()
@@ -364,7 +387,7 @@ class CodeService:
         self.drift: CodebookDrift | None = None
         self._drift_report: DriftReport | None = None
         self._drift_dirty = False
-        if self.codebook is not None:
+        if self.codebook is not None and self.current:
             self.drift = load_drift(store, self.codebook)
             if self.drift is not None:
                 self._drift_report = self._report_drift(self.drift)
@@ -393,11 +416,11 @@ class CodeService:
         return found
 
     def _load(self, domain: str, ts: int) -> _Domain:
-        committed = committed_codes(self.store, domain)
+        committed = committed_codes(self.store, domain, ns=self.ns)
         if committed is None:
             return self._load_fresh(domain, ts)
         assigner, extra, first_format = committed
-        marked = round_pending(self.store, domain)
+        marked = round_pending(self.store, domain, ns=self.ns)
         records = self.store.multi_get("popularity", [item_key(domain, i) for i in marked])
         return _Domain(
             assigner,
@@ -669,7 +692,9 @@ class CodeService:
         paths = self.codebook.encode(vectors)
         # held items (catch-up, retraining) and anything coded before the catch-up ends
         # are the catalogue the codebook was adopted for
-        self._measure_drift(vectors, paths, adoption=popularity is not None or self._catching_up())
+        if self.current:
+            adoption = popularity is not None or self._catching_up()
+            self._measure_drift(vectors, paths, adoption=adoption)
         # items of a batch start cold (their interactions are marked for the next round);
         # items held from before the codebook come with the popularity they have
         pops = None if popularity is None else self._popularity(state, domain, keys, popularity)
@@ -694,6 +719,8 @@ class CodeService:
     def _catching_up(self) -> bool:
         """Whether items held from before the codebook are still being coded (the items
         coded until then are the catalogue the codebook was adopted for)."""
+        if not self.current:
+            return False
         if not self._cursor_loaded:
             self._cursor = self.store.get("meta", BOOTSTRAP_CURSOR)
             self._cursor_loaded = True
@@ -809,7 +836,7 @@ class CodeService:
             state.last_round = found.interactions + cursor
         moved.update(moves.item_ids[j] for j in positions[cursor:])
         for item_id in sorted(moved):
-            batch.put("codes", round_pending_key(domain, item_id), b"")
+            batch.put("codes", round_pending_key(domain, item_id, ns=self.ns), b"")
             state.marked[item_id] = moves.after[item_key(domain, item_id)]
 
     def _fold(
@@ -856,7 +883,7 @@ class CodeService:
         pops = self._popularity(state, domain, keys, records)
         read_s = time.perf_counter() - popularity_started
         changes = round_codes(assigner, keys, pops, ts, self.settings.code_head_fraction)
-        prefix = round_pending_prefix(domain)
+        prefix = round_pending_prefix(domain, ns=self.ns)
         batch.delete_range("codes", prefix, _upper(prefix))
         state.marked.clear()
         result.changes += [(domain, change) for change in changes]
@@ -864,9 +891,10 @@ class CodeService:
         seconds = time.perf_counter() - started
         result.rounds.append((domain, len(keys), seconds))
         log.info(
-            "code round in %s: %d items moved, %d code changes, %d heads of %d items, %.1f ms "
+            "code round in %s%s: %d items moved, %d code changes, %d heads of %d items, %.1f ms "
             "(reading popularity %.1f ms)",
             domain,
+            "" if self.current or self.codebook is None else f" (kept {self.codebook.codebook_id})",
             len(keys),
             len(changes),
             assigner.n_head,
@@ -899,14 +927,16 @@ class CodeService:
             keys, rows = assigner.take_rows(everything=state.resave)
             state.resave = False
             for key, row in zip(keys, rows, strict=True):
-                batch.put("codes", code_row_key(domain, key), row)
+                batch.put("codes", code_row_key(domain, key, ns=self.ns), row)
             extra = {"ref_ts": state.ref_ts, "last_round": state.last_round}
-            batch.put("codes", assigner_key(domain), assigner.header(extra))
+            batch.put("codes", assigner_key(domain, ns=self.ns), assigner.header(extra))
             stats = assigner.stats()
             self.stats[domain] = stats
             with self._stats_lock:
                 self._fresh_stats[domain] = stats
         self._dirty.clear()
+        if not self.current:
+            return  # an item's history is that of its codes in the current codebook
         for domain, change in result.changes:
             batch.put(
                 "codes",
@@ -922,6 +952,80 @@ class CodeService:
             )
 
 
+class KeptCodes:
+    """The codes of older codebooks, each in its namespace, kept while a published version
+    trained on one may be served (see the module docstring).
+
+    Built from the namespace registry when the processor starts; :meth:`apply` runs in each
+    batch after the current codebook's service, with the same new items, moves and
+    counters, so every namespace holds every item and follows its popularity as the current
+    one does. :meth:`versions_moved` (a publish, a rollback, a restore) has the next batch
+    check which namespaces are still used and delete the others in that batch.
+    """
+
+    def __init__(self, store: StorePartition, settings: Settings) -> None:
+        self.store = store
+        self.services: dict[str, CodeService] = {}
+        current = store.get("meta", CODEBOOK_CURRENT)
+        for codebook_id, prefix in sorted(code_namespaces(store).items()):
+            if current is not None and codebook_id == current.decode():
+                continue
+            codebook = load_codebook_by_id(store, codebook_id)
+            if codebook is None:
+                log.warning(
+                    "the codes of codebook %s are kept but the codebook is not", codebook_id
+                )
+                continue
+            self.services[codebook_id] = CodeService(store, settings, kept=(codebook, prefix))
+        self._check_use = bool(self.services)
+
+    def versions_moved(self) -> None:
+        """Versions were published, rolled back or restored: the next batch checks which
+        kept codebooks a published version still uses (safe from any thread)."""
+        self._check_use = bool(self.services)
+
+    def assigner(self, codebook_id: str, domain: str) -> CodeAssigner | None:
+        service = self.services.get(codebook_id)
+        return None if service is None else service.assigner(domain)
+
+    def apply(
+        self,
+        batch: WriteBatch,
+        new_items: dict[str, dict[str, bytes]],
+        moves: PopularityMoves,
+        before: Mapping[str, DomainCounters],
+        counters: Mapping[str, DomainCounters],
+    ) -> dict[str, CodingResult]:
+        """1. Delete the namespaces that no published version uses any more (once versions
+        moved). 2. Code the batch in every kept namespace; returns each one's result."""
+        if self._check_use:
+            self._check_use = False
+            self._retire_unused(batch)
+        return {
+            codebook_id: service.apply(batch, new_items, moves, before, counters)
+            for codebook_id, service in self.services.items()
+        }
+
+    def _retire_unused(self, batch: WriteBatch) -> None:
+        used = codebooks_in_use(self.store)
+        for codebook_id in [c for c in self.services if c not in used]:
+            service = self.services.pop(codebook_id)
+            retire_namespace(batch, codebook_id, service.ns)
+            log.info(
+                "codes of codebook %s deleted: no published version was trained on it",
+                codebook_id,
+            )
+
+
+def retire_namespace(batch: WriteBatch, codebook_id: str, prefix: bytes) -> None:
+    """Delete the codes of codebook ``codebook_id`` (its namespace ``prefix``), its entry in
+    the registry and the codebook itself (the code history is the current codebook's)."""
+    for start in [prefix] if prefix else UNPREFIXED_CODE_PREFIXES:
+        batch.delete_range("codes", start, _upper(start))
+    batch.delete("meta", code_namespace_key(codebook_id))
+    batch.delete("meta", codebook_key(codebook_id.encode()))
+
+
 def retrain_codebook(
     store: StorePartition,
     settings: Settings,
@@ -931,16 +1035,17 @@ def retrain_codebook(
     k: int = 0,
     seed: int = 0,
 ) -> tuple[ResidualCodebook, int]:
-    """Train a new codebook and re-code every stored item with it, in one atomic batch.
+    """Train a new codebook and code every stored item with it, in one atomic batch.
 
     ``vectors`` defaults to the stored items' embeddings. Every item gets a new full
     path and starts again from the short code of its length policy (reason
-    ``recode`` in its history); popularity is kept. Every domain with a version gets a
-    pending fine-tune request in the same batch: its versions stand for the old codebook's
-    codewords (they serve their own items only, see
-    :func:`worker.serving.index.foreign_codebook`), so the worker trains one on the new
-    codes when it starts. Returns the codebook and the number of items re-coded. The caller
-    holds the store as primary (worker stopped).
+    ``recode`` in its history); popularity is kept. The new codes go to the new codebook's
+    own namespace; the old codebook's codes are kept while a published version was trained
+    on it (see :class:`KeptCodes`: such a version goes on serving its items, and those that
+    come later, with the old codes), and deleted in this batch otherwise. Every domain with
+    a version gets a pending fine-tune request in the same batch, so the worker trains one
+    on the new codes when it starts. Returns the codebook and the number of items coded.
+    The caller holds the store as primary (worker stopped).
     """
     held: dict[str, dict[str, bytes]] = {}
     newest: dict[str, int] = {}
@@ -963,29 +1068,44 @@ def retrain_codebook(
     levels = levels or settings.code_levels or rule_levels
     k = min(k or settings.code_k or rule_k, max(n, 2))
     codebook = ResidualCodebook.train(vectors.astype(np.float32), levels, k, seed=seed)
-    had_codes = load_codebook(store) is not None
-    service = CodeService(store, settings)
+    old = load_codebook(store)
+    service = CodeService(store, settings)  # reads the old codes (their history's "old")
     batch = store.batch()
     result = CodingResult(trained=codebook.codebook_id)
     for domain in sorted(held):
-        old = service.assigner(domain) if had_codes else None
-        old_codes = {} if old is None else {key: old.served_code(key) for key in old.keys}
-        service.codebook = codebook
+        before = service.assigner(domain) if old is not None else None
+        old_codes = {} if before is None else {key: before.served_code(key) for key in before.keys}
+        service.codebook, service.ns = codebook, namespace_prefix(codebook.codebook_id)
         service.domains[domain] = service._load_fresh(domain, newest[domain])
-        rows = code_row_prefix(domain)
-        batch.delete_range("codes", rows, _upper(rows))
         service._code_items(domain, held[domain], newest[domain], {}, result)
         service.domains[domain].resave = True
+        service.codebook, service.ns = old, current_namespace(store)
         result.changes = [
             (d, CodeChange(c.key, old_codes.get(c.key, ()), c.new, "recode", c.ts))
             if d == domain
             else (d, c)
             for d, c in result.changes
         ]
-    service.codebook = codebook
+    service.codebook, service.ns = codebook, namespace_prefix(codebook.codebook_id)
+    _register_namespaces(store, batch, codebook)
     put_codebook(batch, codebook)
     service._flush(batch, result)
     for domain in domains_with_versions(store):
         put_request(batch, domain, time.time(), f"codebook {codebook.codebook_id}")
     store.write(batch)
     return codebook, sum(len(v) for v in held.values())
+
+
+def _register_namespaces(
+    store: StorePartition, batch: WriteBatch, codebook: ResidualCodebook
+) -> None:
+    """Name the new codebook's namespace in the registry, beside those of the older
+    codebooks that a published version still uses; the others are deleted."""
+    used = codebooks_in_use(store)
+    for codebook_id, prefix in code_namespaces(store).items():
+        if codebook_id in used and codebook_id != codebook.codebook_id:
+            batch.put("meta", code_namespace_key(codebook_id), prefix)  # a first registry entry
+        else:
+            retire_namespace(batch, codebook_id, prefix)
+    new = codebook.codebook_id
+    batch.put("meta", code_namespace_key(new), namespace_prefix(new))

@@ -36,6 +36,7 @@ from worker.ingest.coding import (
     CodebookSource,
     CodeService,
     CodingResult,
+    KeptCodes,
     PopularityMoves,
     Trainer,
 )
@@ -114,6 +115,8 @@ class BatchResult:
     new_items: list[tuple[str, str]] = field(default_factory=list)  # (domain, item_id)
     texts_encoded: int = 0
     coding: CodingResult = field(default_factory=CodingResult)
+    #: codebook id -> the codes of a kept older codebook the batch changed (see KeptCodes)
+    kept_coding: dict[str, CodingResult] = field(default_factory=dict)
     finetune_requests: list[str] = field(default_factory=list)  # domains (control topic)
     switches: list[dict[str, object]] = field(default_factory=list)  # rollbacks applied
     #: topic -> records dead-lettered because their key is not their event's domain
@@ -348,6 +351,8 @@ class Processor:
             if settings.codes_enabled
             else None
         )
+        #: the codes of older codebooks kept for their versions (none until a retrain)
+        self.kept = KeptCodes(store, settings) if settings.codes_enabled else None
         self.committed = _Committed()
 
     # ------------------------------------------------------------------------------------
@@ -368,7 +373,8 @@ class Processor:
         4. Apply item events in offset order, then the interactions grouped per item and
            per user (each group in offset order): popularity, placeholders, the log, each
            user's recent items (see :mod:`worker.state.users`).
-        5. Code new items and re-evaluate code lengths of items whose popularity moved.
+        5. Code new items and re-evaluate code lengths of items whose popularity moved
+           (with the current codebook, and with each older one kept for its versions).
         6. Trim each domain's interaction log to its retention.
         7. Apply control commands (rollback, pin) to the version pointers.
         8. Put every change and the next offset of each partition into one batch
@@ -766,6 +772,10 @@ class Processor:
         result.coding = codes.apply(
             result.batch, new, moves, work.before, work.counters, arrivals=work.arrivals
         )
+        if self.kept is not None and self.kept.services:
+            result.kept_coding = self.kept.apply(
+                result.batch, new, moves, work.before, work.counters
+            )
 
     @staticmethod
     def _new_embeddings(

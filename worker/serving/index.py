@@ -82,7 +82,7 @@ from worker.core.exceptions import WorkerError
 from worker.core.memory import release_free_memory
 from worker.core.settings import Settings
 from worker.core.threads import lower_priority
-from worker.ingest.coding import CodeService
+from worker.ingest.coding import CodeService, CodingResult, KeptCodes
 from worker.ingest.processor import BatchResult
 from worker.serving.exceptions import (
     IndexBuildingError,
@@ -91,11 +91,14 @@ from worker.serving.exceptions import (
     UnknownItemError,
 )
 from worker.state.exceptions import VersionError
+from worker.state.layout import CODEBOOK_CURRENT
 from worker.state.reads import (
+    code_namespaces,
     committed_assigner,
     has_domain,
     known_domains,
     load_codebook,
+    load_codebook_by_id,
     stored_embeddings,
 )
 from worker.state.versions import (
@@ -121,8 +124,9 @@ class Neighbour:
 EmbeddingReader = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 """Item ids -> their stored embeddings (items without one are left out)."""
 
-PathReader = Callable[[str, Sequence[str]], Mapping[str, np.ndarray]]
-"""(domain, item ids) -> their full-path rows ``l * K + path[l]`` (unknown items left out)."""
+PathReader = Callable[[str, Sequence[str], str], Mapping[str, np.ndarray]]
+"""(domain, item ids, codebook id) -> their full-path rows ``l * K + path[l]`` in that
+codebook (unknown items left out; ``""``: the current codebook)."""
 
 
 def full_path_rows(assigner: CodeAssigner, keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -136,12 +140,17 @@ def full_path_rows(assigner: CodeAssigner, keys: Sequence[str]) -> dict[str, np.
     }
 
 
-def live_paths(codes: CodeService) -> PathReader:
-    """A :data:`PathReader` over the processor's live assigners, for :attr:`Serving.paths`:
-    exact and ``O(levels)`` per item; call it from the consumer thread (``on_applied``)."""
+def live_paths(codes: CodeService, kept: KeptCodes | None = None) -> PathReader:
+    """A :data:`PathReader` over the processor's live assigners (the current codebook's and
+    those ``kept`` for older versions), for :attr:`Serving.paths`: exact and ``O(levels)``
+    per item; call it from the consumer thread (``on_applied``)."""
 
-    def read(domain: str, keys: Sequence[str]) -> Mapping[str, np.ndarray]:
-        assigner = codes.assigner(domain)
+    def read(domain: str, keys: Sequence[str], codebook: str = "") -> Mapping[str, np.ndarray]:
+        current = codes.codebook
+        if not codebook or (current is not None and codebook == current.codebook_id):
+            assigner = codes.assigner(domain)
+        else:
+            assigner = None if kept is None else kept.assigner(codebook, domain)
         return {} if assigner is None else full_path_rows(assigner, keys)
 
     return read
@@ -371,6 +380,7 @@ class DomainIndex:
         levels: int | None = None,
         stop: threading.Event | None = None,
         foreign_codes: str | None = None,
+        codebook_id: str = "",
     ) -> None:
         """``rule``: the index type by catalogue size (default :class:`IndexRule`);
         ``borrow``: serve untrained items borrowed codes (see the module docstring);
@@ -381,10 +391,13 @@ class DomainIndex:
         why the items' live codes do not fit this version (it was trained on another
         codebook than the one they are coded with now): then :meth:`upsert` adds nothing,
         since their rows would stand for another codebook's codewords, and the version
-        serves its own items only (``None``: the codes fit)."""
+        serves its own items only (``None``: the codes fit). ``codebook_id``: the codebook
+        the version was trained on, whose codes :meth:`Serving.apply_codes` brings it
+        (``""``: unknown, any codes)."""
         self.domain = domain
         self.version = version
         self.foreign_codes = foreign_codes
+        self.codebook_id = codebook_id
         self.rule = rule or IndexRule()
         self.vectorizer = ItemVectorizer(table.snapshot)
         self.model = self.vectorizer.model  # the version's encoder (and code table)
@@ -638,8 +651,12 @@ def build_index(
     plus every item coded since (from ``live``, else the committed code state); ``None``
     when ``stop`` was set during the build."""
     table = load_table(store, domain, version)
-    assigner = live if live is not None else committed_assigner(store, domain)
-    foreign = foreign_codebook(store, domain, version)
+    codebook_id, ns, foreign = version_codes(store, domain, version)
+    assigner = None
+    if foreign is None:
+        assigner = (
+            live if live is not None and ns is None else committed_assigner(store, domain, ns=ns)
+        )
     index = DomainIndex(
         domain,
         version,
@@ -647,26 +664,49 @@ def build_index(
         embeddings=lambda keys: stored_embeddings(store, domain, keys),
         rule=IndexRule.of(settings),
         borrow=settings.serve_borrow_trained,
-        levels=None if assigner is None or foreign is not None else assigner.levels,
+        levels=None if assigner is None else assigner.levels,
         stop=stop,
         foreign_codes=foreign,
+        codebook_id=codebook_id,
     )
     if not index.complete:
         return None
-    if assigner is not None and foreign is None:
+    if assigner is not None:
         later = [k for k in assigner.keys if k not in index.pos]
         index.upsert({k: assigner.row_ids(k) for k in later}, full_path_rows(assigner, later))
     return index
+
+
+def version_codes(
+    store: StorePartition, domain: str, version: int
+) -> tuple[str, bytes | None, str | None]:
+    """Which codes serve ``version``'s later items: ``(codebook id, namespace, foreign)``.
+    The namespace is ``None`` for the current codebook's codes, else the prefix of the
+    older codebook's codes kept for it (see :class:`~worker.ingest.coding.KeptCodes`);
+    ``foreign`` says why no codes fit (see :func:`foreign_codebook`), else ``None``."""
+    record = get_record(store, domain, version)
+    codebook_id = "" if record is None else record.codebook_id
+    current = store.get("meta", CODEBOOK_CURRENT)
+    if not codebook_id or current is None or codebook_id == current.decode():
+        return codebook_id, None, None
+    ns = code_namespaces(store).get(codebook_id)
+    if ns is None:
+        return codebook_id, None, foreign_codebook(store, domain, version)
+    return codebook_id, ns, None
 
 
 def foreign_codebook(store: StorePartition, domain: str, version: int) -> str | None:
     """Why the items' live codes do not fit ``version`` (``None``: they do). A version is
     trained on the codebook its items were coded with (its record's ``codebook_id``); once
     the state's codebook is another (``adacode codebook train``), a code names that
-    codebook's codewords, and the version's rows stand for the old ones."""
+    codebook's codewords, and the version's rows stand for the old ones, unless the old
+    codebook's codes are kept (they are while a published version uses them; a version
+    rejected by its gate, or an old state from before they were kept, has none)."""
     record = get_record(store, domain, version)
     codebook = load_codebook(store)
     if record is None or codebook is None or not record.of_another_codebook(codebook.codebook_id):
+        return None
+    if record.codebook_id in code_namespaces(store):
         return None
     return (
         f"version {version} was trained on codebook {record.codebook_id} and the items are "
@@ -692,6 +732,15 @@ def version_vector(
     return item_vectors(table, np.asarray([i]), borrow=borrow)[0]
 
 
+_Upsert = tuple[dict[str, np.ndarray], Mapping[str, np.ndarray], str]
+"""Codes applied while an index was built: (item -> row ids, full-path rows, codebook)."""
+
+
+def _fits(index: DomainIndex, codebook: str) -> bool:
+    """Whether codes of ``codebook`` go to ``index`` (unknown on either side: they do)."""
+    return not codebook or not index.codebook_id or index.codebook_id == codebook
+
+
 class Serving:
     """Every domain's current :class:`DomainIndex`, kept in step with versions and new items."""
 
@@ -715,15 +764,17 @@ class Serving:
         # current with new items: a rollback to one of them swaps without a build
         self._cached: dict[str, OrderedDict[int, DomainIndex]] = {}
         self._lock = threading.Lock()  # orders live upserts against swaps
-        # domain being built -> (codes, full-path rows) of the batches since its build began
-        self._pending: dict[str, list[tuple[dict[str, np.ndarray], Mapping[str, np.ndarray]]]] = {}
+        # domain being built -> (codes, full-path rows, codebook) of the batches since its
+        # build began
+        self._pending: dict[str, list[_Upsert]] = {}
         self._due: set[str] = set()  # domains whose pointer may have moved (notified)
         self._scan = True  # read every domain's pointer at the next refresh (start, poll)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failed: dict[tuple[str, int], str] = {}
-        self._shape: tuple[int, int] | None = None  # (levels, k) of the codebook
+        self._current: str | None = None  # the current codebook's id, once read
+        self._shapes: dict[str, tuple[int, int]] = {}  # codebook id -> (levels, k)
         self._rebuild = False  # rebuild every index at the next refresh, version or not
         self.builds = 0
         self.cache_hits = 0
@@ -859,8 +910,9 @@ class Serving:
         that changed during its build; the one it replaces goes to the domain's cache.
         Returns the version served before."""
         with self._lock:
-            for codes, full in self._pending.pop(domain, []):
-                index.upsert(codes, full)
+            for codes, full, codebook in self._pending.pop(domain, []):
+                if _fits(index, codebook):
+                    index.upsert(codes, full)
             old = self._indexes.get(domain)
             if index.built_here:
                 self.builds += 1  # counted first: whoever sees the new index sees the count
@@ -885,32 +937,44 @@ class Serving:
         domain: str,
         codes: dict[str, np.ndarray],
         full_rows: Mapping[str, np.ndarray] | None = None,
+        *,
+        codebook: str = "",
     ) -> None:
         """Serve items whose served code is new or changed (from the consumer thread), in
         the domain's index, its cached ones and (replayed at the swap) one being built;
-        ``full_rows``: their full-path rows, for borrowed codes (see :meth:`DomainIndex.upsert`)."""
+        ``full_rows``: their full-path rows, for borrowed codes (see :meth:`DomainIndex.upsert`);
+        ``codebook``: the codebook of ``codes``, which only the indexes of versions trained
+        on it take (``""``: every index)."""
         if not codes:
             return
         full = full_rows or {}
         with self._lock:
             building = self._pending.get(domain)
             if building is not None:
-                building.append((codes, full))
+                building.append((codes, full, codebook))
             index = self._indexes.get(domain)
-            if index is not None:
+            if index is not None and _fits(index, codebook):
                 index.upsert(codes, full)
             for cached in self._cached.get(domain, {}).values():
-                cached.upsert(codes, full)
+                if _fits(cached, codebook):
+                    cached.upsert(codes, full)
 
-    def _full_rows(self, domain: str, keys: Sequence[str]) -> Mapping[str, np.ndarray]:
-        """Full-path rows of ``keys`` (none when borrowing is off)."""
+    def _full_rows(
+        self, domain: str, keys: Sequence[str], codebook: str
+    ) -> Mapping[str, np.ndarray]:
+        """Full-path rows of ``keys`` in ``codebook`` (none when borrowing is off)."""
         if not self.settings.serve_borrow_trained:
             return {}
         if self.paths is not None:
-            return self.paths(domain, keys)
+            return self.paths(domain, keys, codebook)
         if domain not in self._indexes and current_version(self.store, domain) is None:
             return {}  # nothing is served for it: spare the read of its code state
-        assigner = committed_assigner(self.store, domain)
+        ns = None
+        if codebook != self._current:
+            ns = code_namespaces(self.store).get(codebook)
+            if ns is None:
+                return {}
+        assigner = committed_assigner(self.store, domain, ns=ns)
         return {} if assigner is None else full_path_rows(assigner, keys)
 
     def on_applied(self, result: BatchResult) -> None:
@@ -926,23 +990,45 @@ class Serving:
             self.wake()
 
     def _apply_result(self, result: BatchResult) -> None:
-        changes = result.coding.changes
-        redescribed = result.coding.redescribed
-        if changes or redescribed:
-            if self._shape is None or result.coding.trained:
-                codebook = load_codebook(self.store)
-                self._shape = None if codebook is None else (codebook.levels, codebook.k)
-            if self._shape is not None:
-                levels, k = self._shape
-                by_domain: dict[str, dict[str, np.ndarray]] = {}
-                for domain, change in changes:
-                    by_domain.setdefault(domain, {})[change.key] = row_ids(change.new, k, levels)
-                for domain, key, code in redescribed:  # same code, new embedding
-                    by_domain.setdefault(domain, {}).setdefault(key, row_ids(code, k, levels))
-                for domain, codes in sorted(by_domain.items()):
-                    self.apply_codes(domain, codes, self._full_rows(domain, list(codes)))
+        """The batch's codes, the current codebook's and each kept one's, to the indexes of
+        the versions trained on that codebook; a wake-up for the domains rolled back."""
+        if self._current is None or result.coding.trained:
+            current = self.store.get("meta", CODEBOOK_CURRENT)
+            self._current = None if current is None else current.decode()
+        if self._current is not None:
+            self._apply_coding(self._current, result.coding)
+        for codebook, coding in result.kept_coding.items():
+            self._apply_coding(codebook, coding)
         if result.switches:
             self.wake(str(switch["domain"]) for switch in result.switches)
+
+    def _apply_coding(self, codebook: str, coding: CodingResult) -> None:
+        """One codebook's changed codes of a batch, by domain (see :meth:`apply_codes`)."""
+        changes, redescribed = coding.changes, coding.redescribed
+        if not (changes or redescribed):
+            return
+        shape = self._shape(codebook)
+        if shape is None:
+            return
+        levels, k = shape
+        by_domain: dict[str, dict[str, np.ndarray]] = {}
+        for domain, change in changes:
+            by_domain.setdefault(domain, {})[change.key] = row_ids(change.new, k, levels)
+        for domain, key, code in redescribed:  # same code, new embedding
+            by_domain.setdefault(domain, {}).setdefault(key, row_ids(code, k, levels))
+        for domain, codes in sorted(by_domain.items()):
+            full = self._full_rows(domain, list(codes), codebook)
+            self.apply_codes(domain, codes, full, codebook=codebook)
+
+    def _shape(self, codebook: str) -> tuple[int, int] | None:
+        """``(levels, k)`` of ``codebook`` (read once; ``None``: not stored)."""
+        shape = self._shapes.get(codebook)
+        if shape is None:
+            found = load_codebook_by_id(self.store, codebook)
+            if found is None:
+                return None
+            shape = self._shapes[codebook] = (found.levels, found.k)
+        return shape
 
     # -- reads ----------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ meta          ``restore/`` topic ``/`` partition        restore position (``>q``
 meta          ``bootstrap/sample``                      {"n", "keys"} while it trains    ingest.coding
 meta          ``bootstrap/cursor``                      last item key coded since        ingest.coding
 meta          ``drift/codebook``                        the codebook's drift sums        ingest.coding
+meta          ``codes/ns/`` id                          prefix of that codebook's codes  ingest.coding
 items         domain \\0 item_id                         :class:`ItemRecord`              ingest.processor
 popularity    domain \\0 item_id                         :class:`Popularity`              ingest.processor
 interactions  domain \\0 ts(>q) partition(>i) offset(>q)  :class:`LoggedInteraction`       ingest.processor
@@ -29,6 +30,7 @@ codes         ``state`` \\0 domain                       assigner header (JSON; 
 codes         ``row`` \\0 domain \\0 item_id              one item's assigner row          ingest.coding
 codes         ``pend`` \\0 domain \\0 item_id             b"" (popularity moved)           ingest.coding
 codes         ``hist`` \\0 domain \\0 ts(>q) item \\0 why   {"item", "old", "new", "reason"} ingest.coding
+codes         ``ns`` \\0 id \\0 + a key of the 3 above  that key, for codebook id        ingest.coding
 versions      ``rec`` \\0 domain \\0 v                    VersionRecord (JSON)             state.versions
 versions      ``table`` \\0 domain \\0 v                  model snapshot (npz)             state.versions
 versions      ``items`` \\0 domain \\0 v                  the version's items (npz)        state.versions
@@ -39,6 +41,15 @@ versions      ``switch`` \\0 domain \\0 seq(>q)           {"from", "to", "reason
 versions      ``request`` \\0 domain                     {"requested_at", "source"}       ingest.processor
 offsets       topic \\0 partition(>i)                    next offset (``>q``)             store (consumer batches)
 ============  ========================================  ===============================  =======================
+
+**Code namespaces.** The ``state``, ``row`` and ``pend`` keys of the codes are those of one
+codebook. A state that has only ever had one codebook keeps them unprefixed; once another
+codebook comes (``adacode codebook train``), each codebook's codes live under their own
+prefix, named in ``meta`` by ``codes/ns/`` + the codebook's id (the prefix ``b""``: the
+unprefixed keys), and an older codebook's namespace is kept, and fed with every new item,
+while a version trained on it may be served (:mod:`worker.ingest.coding`). A prefix is
+``ns`` \\0 id \\0 (:func:`namespace_prefix`): it starts with ``n``, apart from every
+unprefixed code key, so a domain's unprefixed range never holds a namespaced key.
 
 The ``offsets`` keys are built by the store itself, which commits offsets in the same
 batch as the state (:func:`store.partition.offset_key`, :func:`store.partition.decode_offset_key`).
@@ -169,6 +180,26 @@ CODEBOOK_DRIFT = b"drift/codebook"
 """``meta`` key of the current codebook's drift sums (JSON of
 :meth:`quantize.drift.CodebookDrift.to_dict`; written with the items coded)."""
 
+CODE_NAMESPACES_PREFIX = b"codes/ns/"
+"""The prefix of every :func:`code_namespace_key` (none until a second codebook came)."""
+
+
+def code_namespace_key(codebook_id: str) -> bytes:
+    """``meta`` key naming the prefix of codebook ``codebook_id``'s codes (see the module
+    docstring's code namespaces)."""
+    return CODE_NAMESPACES_PREFIX + codebook_id.encode()
+
+
+def codebook_of_namespace_key(key: bytes) -> str:
+    """Inverse of :func:`code_namespace_key`."""
+    return key[len(CODE_NAMESPACES_PREFIX) :].decode()
+
+
+def namespace_prefix(codebook_id: str) -> bytes:
+    """The prefix of the codes of codebook ``codebook_id`` in their own namespace."""
+    return b"ns" + _SEP + codebook_id.encode() + _SEP
+
+
 BOOTSTRAP_SAMPLE = b"bootstrap/sample"
 """``meta`` key of the sample the bootstrap codebook trains on, while it trains (JSON)."""
 
@@ -186,37 +217,42 @@ def restore_position_key(topic: str, partition: int) -> bytes:
 # --- codes: assigner state, code history ---------------------------------------------------
 
 ASSIGNER_PREFIX = b"state\x00"
-"""The prefix of every :func:`assigner_key`."""
+"""The prefix of every :func:`assigner_key` (of the unprefixed namespace)."""
 
 
-def assigner_key(domain: str) -> bytes:
-    """Key of a domain's code assigner state in ``codes``."""
-    return ASSIGNER_PREFIX + domain.encode()
+def assigner_key(domain: str, *, ns: bytes = b"") -> bytes:
+    """Key of a domain's code assigner state in ``codes`` (``ns``: the namespace's prefix,
+    ``b""`` for the unprefixed keys)."""
+    return ns + ASSIGNER_PREFIX + domain.encode()
 
 
-def domain_of_assigner_key(key: bytes) -> str:
+def domain_of_assigner_key(key: bytes, *, ns: bytes = b"") -> str:
     """Inverse of :func:`assigner_key`."""
-    return key[len(ASSIGNER_PREFIX) :].decode()
+    return key[len(ns) + len(ASSIGNER_PREFIX) :].decode()
 
 
-def code_row_prefix(domain: str) -> bytes:
+def code_row_prefix(domain: str, *, ns: bytes = b"") -> bytes:
     """The prefix of every :func:`code_row_key` of ``domain``."""
-    return b"row\x00" + domain.encode() + _SEP
+    return ns + b"row\x00" + domain.encode() + _SEP
 
 
-def code_row_key(domain: str, item_id: str) -> bytes:
+def code_row_key(domain: str, item_id: str, *, ns: bytes = b"") -> bytes:
     """Key of one item's saved assigner row (:meth:`CodeAssigner.take_rows`)."""
-    return code_row_prefix(domain) + item_id.encode()
+    return code_row_prefix(domain, ns=ns) + item_id.encode()
 
 
-def round_pending_prefix(domain: str) -> bytes:
+UNPREFIXED_CODE_PREFIXES = (ASSIGNER_PREFIX, b"row\x00", b"pend\x00")
+"""The prefixes of the unprefixed namespace's keys (every domain's), ``hist`` aside."""
+
+
+def round_pending_prefix(domain: str, *, ns: bytes = b"") -> bytes:
     """The prefix of every :func:`round_pending_key` of ``domain``."""
-    return b"pend\x00" + domain.encode() + _SEP
+    return ns + b"pend\x00" + domain.encode() + _SEP
 
 
-def round_pending_key(domain: str, item_id: str) -> bytes:
+def round_pending_key(domain: str, item_id: str, *, ns: bytes = b"") -> bytes:
     """Key marking an item whose popularity moved since the domain's last code round."""
-    return round_pending_prefix(domain) + item_id.encode()
+    return round_pending_prefix(domain, ns=ns) + item_id.encode()
 
 
 def history_prefix(domain: str) -> bytes:
@@ -250,6 +286,11 @@ def version_key(kind: VersionKind, domain: str, version: int | None = None) -> b
 def version_prefix(kind: VersionKind, domain: str) -> bytes:
     """The prefix of every numbered ``kind`` key of ``domain``, in number order."""
     return version_key(kind, domain) + _SEP
+
+
+def version_kind_prefix(kind: VersionKind) -> bytes:
+    """The prefix of every ``kind`` key of every domain."""
+    return kind.encode() + _SEP
 
 
 def version_part_key(

@@ -22,12 +22,14 @@ from store.exceptions import StoreError
 from store.partition import StorePartition
 from store.records import DomainCounters, ItemRecord, LoggedInteraction, Popularity
 from worker.state.layout import (
+    CODE_NAMESPACES_PREFIX,
     CODEBOOK_CURRENT,
     CODEBOOK_DRIFT,
     DOMAIN_COUNTERS_PREFIX,
     assigner_key,
     code_row_prefix,
     codebook_key,
+    codebook_of_namespace_key,
     domain_counters_key,
     domain_of_counters_key,
     domain_prefix,
@@ -124,10 +126,36 @@ def load_codebook(store: StorePartition) -> ResidualCodebook | None:
     current = store.get("meta", CODEBOOK_CURRENT)
     if current is None:
         return None
-    raw = store.get("meta", codebook_key(current))
-    if raw is None:
-        return None
-    return ResidualCodebook.from_bytes(raw)
+    return load_codebook_by_id(store, current.decode())
+
+
+def load_codebook_by_id(store: StorePartition, codebook_id: str) -> ResidualCodebook | None:
+    """The stored codebook ``codebook_id`` (the current one or one kept for its versions),
+    or ``None`` when it is not stored."""
+    raw = store.get("meta", codebook_key(codebook_id.encode()))
+    return None if raw is None else ResidualCodebook.from_bytes(raw)
+
+
+def code_namespaces(store: StorePartition) -> dict[str, bytes]:
+    """Codebook id -> the prefix of its codes, for every codebook whose codes are kept (see
+    :mod:`worker.state.layout`'s code namespaces): a state that has only had one codebook
+    has no registry, and its current codebook's codes are the unprefixed ones."""
+    found = {
+        codebook_of_namespace_key(k): v
+        for k, v in store.items("meta", prefix=CODE_NAMESPACES_PREFIX)
+    }
+    if found:
+        return found
+    current = store.get("meta", CODEBOOK_CURRENT)
+    return {} if current is None else {current.decode(): b""}
+
+
+def current_namespace(store: StorePartition) -> bytes:
+    """The prefix of the current codebook's codes (``b""`` without a codebook)."""
+    current = store.get("meta", CODEBOOK_CURRENT)
+    if current is None:
+        return b""
+    return code_namespaces(store).get(current.decode(), b"")
 
 
 def load_drift(store: StorePartition, codebook: ResidualCodebook) -> CodebookDrift | None:
@@ -140,24 +168,29 @@ def load_drift(store: StorePartition, codebook: ResidualCodebook) -> CodebookDri
     return drift if drift.codebook_id == codebook.codebook_id else None
 
 
-def committed_assigner(store: StorePartition, domain: str) -> CodeAssigner | None:
-    """The domain's code assigner as committed, or ``None`` when it has no codes yet."""
-    found = committed_codes(store, domain)
+def committed_assigner(
+    store: StorePartition, domain: str, *, ns: bytes | None = None
+) -> CodeAssigner | None:
+    """The domain's code assigner as committed, or ``None`` when it has no codes yet
+    (``ns``: the namespace's prefix; ``None``: the current codebook's)."""
+    found = committed_codes(store, domain, ns=ns)
     return None if found is None else found[0]
 
 
 def committed_codes(
-    store: StorePartition, domain: str
+    store: StorePartition, domain: str, *, ns: bytes | None = None
 ) -> tuple[CodeAssigner, dict[str, Any], bool] | None:
     """The domain's code assigner as committed, the extra fields of its header, and whether
     it was saved in the first format (one state for the whole domain, to be saved again
-    row by row); ``None`` when the domain has no codes yet."""
-    raw = store.get("codes", assigner_key(domain))
+    row by row); ``None`` when the domain has no codes yet. ``ns``: the namespace's prefix
+    (``None``: the current codebook's)."""
+    ns = current_namespace(store) if ns is None else ns
+    raw = store.get("codes", assigner_key(domain, ns=ns))
     if raw is None:
         return None
     if not raw.startswith(b"{"):
         return CodeAssigner.from_state(AssignerState.from_bytes(raw)), {}, True
-    prefix = code_row_prefix(domain)
+    prefix = code_row_prefix(domain, ns=ns)
     cut = len(prefix)
     raw_keys, rows = store.scan("codes", prefix=prefix)  # 1M rows: one bulk read
     keys = [key[cut:].decode() for key in raw_keys]
@@ -166,9 +199,11 @@ def committed_codes(
     return assigner, extra, False
 
 
-def round_pending(store: StorePartition, domain: str) -> list[str]:
-    """The items of ``domain`` whose popularity moved since its last code round."""
-    prefix = round_pending_prefix(domain)
+def round_pending(store: StorePartition, domain: str, *, ns: bytes | None = None) -> list[str]:
+    """The items of ``domain`` whose popularity moved since its last code round (``ns``: as
+    for :func:`committed_codes`)."""
+    ns = current_namespace(store) if ns is None else ns
+    prefix = round_pending_prefix(domain, ns=ns)
     cut = len(prefix)
     return [key[cut:].decode() for key, _ in store.items("codes", prefix=prefix)]
 

@@ -68,6 +68,7 @@ from worker.state.layout import (
     CURRENT_PREFIX,
     domain_of_current_key,
     version_key,
+    version_kind_prefix,
     version_part_key,
     version_prefix,
 )
@@ -610,6 +611,17 @@ def list_records(store: StorePartition, domain: str) -> list[VersionRecord]:
 def switches(store: StorePartition, domain: str) -> list[dict[str, Any]]:
     prefix = version_prefix("switch", domain)
     return [orjson.loads(v) for _, v in store.items("versions", prefix=prefix)]
+
+
+def codebooks_in_use(store: StorePartition) -> set[str]:
+    """The codebooks that a published version of any domain was trained on: the codes that
+    serving it, now or after a rollback, needs (expired and rejected versions need none)."""
+    used = set()
+    for _, raw in store.items("versions", prefix=version_kind_prefix("rec")):
+        record = VersionRecord.decode(raw)
+        if record.status == PUBLISHED and record.codebook_id:
+            used.add(record.codebook_id)
+    return used
 
 
 def domains_with_versions(store: StorePartition) -> list[str]:
