@@ -28,6 +28,17 @@ from worker.ingest.processor import Processor
 
 REPO = Path(__file__).resolve().parent.parent
 DIM = 8
+#: a small worker that fine-tunes on requests only (no interval, no interaction trigger)
+ON_REQUEST: dict[str, object] = {
+    "codebook_min_items": 60,
+    "finetune_min_interactions": 50,
+    "finetune_interval_s": 0,
+    "finetune_after_interactions": 0,
+    "finetune_workers": 1,
+    "finetune_epochs": 20,
+    "finetune_hidden": 16,
+    "gate_tolerance": 1.0,
+}
 
 
 def worker_env(bootstrap: str, prefix: str, state_dir: Path, **over: object) -> dict[str, str]:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import orjson
+import pytest
 
 from quantize.codebook import ResidualCodebook
 from store.memory import MemoryPartition
 from tests.worker_process import settings_for
 from worker.commands.topics import create_topics
-from worker.ingest.group import CodebookLog, MirroredStore, VersionsLog, domain_partition
+from worker.ingest.coding import CodeService, put_codebook
+from worker.ingest.exceptions import CodebookConflictError
+from worker.ingest.group import (
+    CodebookLog,
+    MirroredStore,
+    VersionsLog,
+    adopt_group_codebook,
+    domain_partition,
+)
+from worker.state.layout import MIGRATE_REQUEST
+from worker.state.reads import load_codebook_by_id
 
 
 def _put(store: MirroredStore, cf: str, key: bytes, value: bytes | None) -> None:
@@ -79,3 +91,61 @@ def test_the_first_codebook_on_the_topic_is_the_groups(
     # a second worker's candidate loses to the first, whoever reads
     assert CodebookLog(s).agree(b).codebook_id == a.codebook_id
     assert CodebookLog(s).first().codebook_id == a.codebook_id  # type: ignore[union-attr]
+
+
+def _codebook(seed: int) -> ResidualCodebook:
+    rng = np.random.default_rng(seed)
+    return ResidualCodebook.train(rng.normal(size=(200, 8)).astype(np.float32), 2, 8, seed=seed)
+
+
+def test_a_successor_moves_the_groups_codebook_and_the_first_one_of_a_head_wins(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path
+) -> None:
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    create_topics(s, partitions=1)
+    a, b, c, d = (_codebook(seed) for seed in range(4))
+    assert CodebookLog(s).chain() == [] and CodebookLog(s).succeed(a.codebook_id, b) is None
+    CodebookLog(s).agree(a)
+    assert CodebookLog(s).succeed(a.codebook_id, b) == b
+    assert CodebookLog(s).succeed(a.codebook_id, c) == b  # a's successor came first
+    assert CodebookLog(s).succeed(c.codebook_id, d) == b  # c is nobody's codebook
+    assert CodebookLog(s).succeed(b.codebook_id, d) == d
+    assert [x.codebook_id for x in CodebookLog(s).chain()] == [
+        a.codebook_id,
+        b.codebook_id,
+        d.codebook_id,
+    ]
+    assert CodebookLog(s).first() == a  # the bootstrap's agreement is unchanged
+    assert CodebookLog(s).agree(c) == a
+
+
+def test_workers_follow_a_group_codebook_that_moved_on_and_move_it_on(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path
+) -> None:
+    """At start: a worker whose state migrated past the group's codebook moves the group on
+    (its lineage holds the group's); a worker whose codebook the group moved past migrates
+    to the group's; an unrelated one is refused."""
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused", embedding_dim=8)
+    create_topics(s, partitions=1)
+    a, b, c = (_codebook(seed) for seed in range(3))
+    log = CodebookLog(s)
+    log.agree(a)
+
+    def worker_on(*lineage: ResidualCodebook) -> tuple[MemoryPartition, CodeService]:
+        store = MemoryPartition()
+        for codebook in lineage:  # each made current in turn (lineage: oldest first)
+            batch = store.batch()
+            put_codebook(batch, codebook, store)
+            store.write(batch)
+        return store, CodeService(store, s)
+
+    ahead, codes = worker_on(a, b)  # migrated a -> b while alone
+    adopt_group_codebook(ahead, codes, CodebookLog(s))
+    assert CodebookLog(s).chain()[-1] == b
+    behind, codes = worker_on(a)
+    adopt_group_codebook(behind, codes, CodebookLog(s))
+    assert orjson.loads(behind.get("meta", MIGRATE_REQUEST) or b"{}")["codebook"] == b.codebook_id
+    assert load_codebook_by_id(behind, b.codebook_id) == b
+    other, codes = worker_on(c)
+    with pytest.raises(CodebookConflictError, match=b.codebook_id):
+        adopt_group_codebook(other, codes, CodebookLog(s))

@@ -15,6 +15,7 @@ from store.rocksdb import RocksDBPartition
 from tests.kafka_utils import produce_json
 from tests.worker_process import (
     DIM,
+    ON_REQUEST,
     secondary,
     settings_for,
     start_worker,
@@ -26,16 +27,7 @@ from worker.state.requests import pending_requests
 from worker.state.versions import domains_with_versions, list_records
 
 DOMAINS = tuple(f"d{k}" for k in range(5))
-SETTINGS = {
-    "codebook_min_items": 60,
-    "finetune_min_interactions": 50,
-    "finetune_interval_s": 0,  # only the requests trigger fine-tunes
-    "finetune_after_interactions": 0,
-    "finetune_workers": 1,
-    "finetune_epochs": 20,
-    "finetune_hidden": 16,
-    "gate_tolerance": 1.0,
-}
+SETTINGS = ON_REQUEST  # only the requests trigger fine-tunes
 
 
 def _events() -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:

@@ -5,20 +5,27 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
+import worker.ingest.coding as coding
 from quantize.assign import AssignerState, CodeAssigner
+from quantize.codebook import suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.memory import MemoryPartition
 from worker.core.settings import Settings
 from worker.ingest.coding import HEAD_DRIFT, codes_after_round, follow_head_fraction
-from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.events import control_payload, interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
 from worker.state.layout import (
+    BOOTSTRAP_CURSOR,
     CODEBOOK_CURRENT,
+    MIGRATE_REQUEST,
+    MIGRATE_STATE,
     UNPREFIXED_CODE_PREFIXES,
     assigner_key,
     code_row_prefix,
@@ -563,3 +570,137 @@ def test_the_bootstrap_sample_ends_at_the_event_that_fills_it_whatever_the_batch
         trained.append(codebook.codebook_id)
         assert len(_state(store).keys) == 150  # every item coded in the end
     assert trained == [want] * 6
+
+
+# --- live migration ---------------------------------------------------------------------------
+
+CONTROL = S.topic("control")
+
+
+def _migrate_command(offset: int) -> SourceRecord:
+    """``adacode codebook migrate`` as the worker reads it (no domain, any key)."""
+    return SourceRecord(CONTROL, 0, offset, b"", control_payload("migrate", ""))
+
+
+def _embeddings(records: list[SourceRecord]) -> dict[str, np.ndarray]:
+    out = {}
+    for rec in records:
+        doc = orjson.loads(rec.value or b"{}")
+        out[doc["item_id"]] = np.asarray(doc["embedding"], dtype=np.float32)
+    return out
+
+
+def test_a_live_migration_trains_cuts_over_and_codes_every_item_in_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``migrate`` saves a request with the batch; the next batch trains the candidate on a
+    sample of today's items (here, without a background trainer) and cuts over: the new
+    codebook is current in its own namespace, the old codes go at once (no version was
+    trained on them), and the items held before are coded ``CATCH_UP_ITEMS`` per batch,
+    each with its full path in the new codebook, while new items are coded as they come."""
+    monkeypatch.setattr(coding, "CATCH_UP_ITEMS", 60)
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    sent = _items(100) + _items(300, start=100, seed=7)
+    _apply(store, proc, sent[:100])
+    _apply(store, proc, sent[100:])
+    old = load_codebook(store)
+    assert old is not None and proc.codes is not None
+    result = _apply(store, proc, [_migrate_command(0)])
+    assert not result.dead and store.get("meta", MIGRATE_REQUEST) is not None
+    assert load_codebook(store) == old
+
+    batches = 0
+    while True:
+        records = _items(20, start=400 + 20 * batches, seed=9)
+        sent += records
+        result = _apply(store, proc, records)
+        batches += 1
+        if batches == 1:  # the cut-over
+            new = load_codebook(store)
+            assert new is not None and new != old and result.coding.trained == new.codebook_id
+            assert store.get("meta", MIGRATE_REQUEST) is None
+            state = orjson.loads(store.get("meta", MIGRATE_STATE) or b"{}")
+            assert (state["from"], state["to"]) == (old.codebook_id, new.codebook_id)
+            assert code_namespaces(store) == {new.codebook_id: namespace_prefix(new.codebook_id)}
+            assert load_codebook_by_id(store, old.codebook_id) is None  # no version needs it
+            for prefix in UNPREFIXED_CODE_PREFIXES:
+                assert store.count("codes", prefix=prefix) == 0
+            # shaped by rule for today's catalogue (420 items), not for the first 64
+            assert (new.levels, new.k) == suggest_shape(420) != (old.levels, old.k)
+        if store.get("meta", MIGRATE_STATE) is None:
+            break
+        assert proc.background_work() and store.get("meta", BOOTSTRAP_CURSOR) is not None
+        coded = len(_state(store).keys)
+        assert coded <= 80 * batches and coded < len(sent)  # a chunk + the batch a batch
+    assert batches >= math.ceil(420 / 60)
+    assert store.get("meta", BOOTSTRAP_CURSOR) is None and not proc.background_work()
+    assigner = committed_assigner(store, "shop")
+    assert assigner is not None and len(assigner) == len(sent) == 400 + 20 * batches
+    vectors = _embeddings(sent)
+    keys = sorted(vectors)
+    paths = new.encode(np.stack([vectors[k] for k in keys]))
+    for key, path in zip(keys, paths, strict=True):
+        assert assigner.full_path(key) == tuple(int(c) for c in path)
+    report = proc.codes.drift_report()
+    # every item coded until the catch-up ended is the new codebook's baseline
+    assert report is not None and report.baseline_items == len(sent) and not report.drifted
+
+
+def _migration_run(monkeypatch: pytest.MonkeyPatch, restart_before: int | None) -> dict:
+    """The stream of the test above, the processor rebuilt (a restart) before batch
+    ``restart_before`` after the command; the committed codes and meta, key by key."""
+    monkeypatch.setattr(coding, "CATCH_UP_ITEMS", 60)
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    _apply(store, proc, _items(100))
+    _apply(store, proc, _items(300, start=100, seed=7))
+    _apply(store, proc, [_migrate_command(0)])
+    for n in range(14):
+        if n == restart_before:
+            proc = Processor(store, S, None)
+        _apply(store, proc, _items(20, start=400 + 20 * n, seed=9))
+    assert store.get("meta", MIGRATE_STATE) is None
+    return {cf: dict(store.items(cf)) for cf in ("codes", "meta")}
+
+
+@pytest.mark.parametrize("restart_before", [0, 1, 4])
+def test_a_migration_restarted_at_any_step_ends_in_the_same_state(
+    monkeypatch: pytest.MonkeyPatch, restart_before: int
+) -> None:
+    """A restart before the cut-over trains the same candidate again (same sample, same
+    seed); one during the catch-up resumes at the committed cursor: the same codes."""
+    assert _migration_run(monkeypatch, restart_before) == _migration_run(monkeypatch, None)
+
+
+def test_migrate_without_a_codebook_is_refused_and_a_second_request_is_the_same() -> None:
+    store = MemoryPartition()
+    proc = Processor(store, S, None)
+    result = _apply(store, proc, [_migrate_command(0)])
+    assert [d.reason for d in result.dead] == ["control command refused: there is no codebook yet"]
+    _apply(store, proc, _items(100))
+    assert proc.codes is not None and proc.codes.codebook is not None
+    batch = store.batch()
+    assert proc.codes.request_migration(batch, "first")
+    store.write(batch)
+    batch = store.batch()
+    assert not proc.codes.request_migration(batch, "second")
+    assert orjson.loads(store.get("meta", MIGRATE_REQUEST) or b"{}") == {"source": "first"}
+
+
+def test_the_catch_up_after_a_bootstrap_codes_every_held_item_chunk_by_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Items held before the codebook are coded ``CATCH_UP_ITEMS`` per batch until the last
+    one (each scan starts at the last key coded, which it reads again and skips)."""
+    monkeypatch.setattr(coding, "CATCH_UP_ITEMS", 60)
+    settings = replace(S, codebook_min_items=200)
+    store = MemoryPartition()
+    proc = Processor(store, settings, None)
+    sent = _items(400)
+    for start in range(0, 400, 50):
+        _apply(store, proc, sent[start : start + 50])
+    while proc.background_work():
+        _apply(store, proc, [])
+    assigner = committed_assigner(store, "shop")
+    assert assigner is not None and sorted(assigner.keys) == sorted(_embeddings(sent))

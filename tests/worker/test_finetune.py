@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+import worker.ingest.coding as coding
 from quantize.evaluate import holdout_split, pad_histories, user_sequences
 from quantize.table_model import Snapshot
 from store.memory import MemoryPartition
@@ -21,10 +22,15 @@ from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.commands.inspection import stats
 from worker.core.settings import Settings
 from worker.ingest.coding import codes_after_round, retrain_codebook
-from worker.ingest.events import interaction_payload, item_payload
+from worker.ingest.events import control_payload, interaction_payload, item_payload
 from worker.ingest.processor import BatchResult, Processor, SourceRecord
 from worker.serving.index import Serving
-from worker.state.layout import UNPREFIXED_CODE_PREFIXES, item_key, namespace_prefix
+from worker.state.layout import (
+    MIGRATE_STATE,
+    UNPREFIXED_CODE_PREFIXES,
+    item_key,
+    namespace_prefix,
+)
 from worker.state.reads import (
     code_history,
     code_namespaces,
@@ -60,6 +66,7 @@ from worker.tuning.finetune import (
     read_embeddings,
     read_log,
 )
+from worker.tuning.scheduler import behind_codebook
 
 S = Settings(
     embedding_dim=16,
@@ -480,6 +487,63 @@ def test_an_old_codebooks_codes_go_once_no_published_version_was_trained_on_it()
     assert [h["reason"] for h in code_history(store, "shop", "i7")][:2] == ["new", "recode"]
     again = Processor(store, settings, None)
     assert again.kept is not None and again.kept.services == {}
+
+
+@pytest.mark.parametrize("chunk", [50, coding.CATCH_UP_ITEMS])
+def test_a_live_migration_serves_the_old_codes_until_a_version_of_the_new_codebook(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    """``migrate`` with a published version: after the cut-over the version goes on being
+    served, with the old codebook's codes for new items (kept: the version uses them);
+    fine-tunes wait while the catch-up codes the items (over several batches, or within
+    the cut-over's own), then the request it leaves trains a version of the new codebook,
+    gated against the old one."""
+    monkeypatch.setattr(coding, "CATCH_UP_ITEMS", chunk)
+    settings = replace(S, gate_tolerance=1.0)
+    store, proc, offset = _setup(settings)
+    tuner = RecordingTuner(store, settings)
+    assert tuner.run("shop").status is FinetuneStatus.PUBLISHED
+    old = load_codebook(store)
+    assert old is not None
+    serving = Serving(store, settings)
+    serving.refresh()
+    control = SourceRecord(S.topic("control"), 0, 0, b"", control_payload("migrate", ""))
+    result = proc.process([control])
+    store.write(result.batch)
+    emb, result = _item(proc, store, "later", offset, 11)  # the cut-over batch
+    new = load_codebook(store)
+    assert new is not None and new != old and result.coding.trained == new.codebook_id
+    assert proc.kept is not None and list(proc.kept.services) == [old.codebook_id]
+    assert result.kept_coding[old.codebook_id].changes  # "later" in the old codes too
+    serving.on_applied(result)
+    index = serving.index("shop")
+    assert index.version == 1 and index.codebook_id == old.codebook_id
+    kept = committed_assigner(store, "shop", ns=b"")
+    assert kept is not None and kept.full_path("later") == tuple(old.encode(emb[None])[0])
+    assert index.vector("later").shape == (settings.finetune_hidden,)
+
+    if chunk < 121:  # the catch-up codes ``chunk`` items a batch: not every item yet
+        waiting = tuner.run("shop")
+        assert waiting.status is FinetuneStatus.SKIPPED_NOT_READY and "migration" in waiting.reason
+        assert behind_codebook(store) == []  # the scheduler queues nothing yet
+    n = 0
+    while proc.background_work():
+        result = proc.process([])
+        store.write(result.batch)
+        serving.on_applied(result)
+        n += 1
+    assert (n >= 2 if chunk < 121 else n == 0) and store.get("meta", MIGRATE_STATE) is None
+    assert result.coding.migrated == new.codebook_id  # the batch that ended the catch-up
+    assert behind_codebook(store) == ["shop"]  # what the scheduler queues then
+    second = tuner.run("shop")
+    assert second.status is FinetuneStatus.PUBLISHED and second.record is not None
+    assert second.record.codebook_id == new.codebook_id
+    assert second.record.note.startswith(f"scratch (v1 was trained on codebook {old.codebook_id}")
+    assert behind_codebook(store) == []
+    serving.refresh()
+    fresh = serving.index("shop")
+    assert fresh.version == 2 and fresh.codebook_id == new.codebook_id
+    assert len(fresh) == 121 and fresh.vector("later").shape == (settings.finetune_hidden,)
 
 
 def test_a_warm_start_from_a_version_without_text_projection() -> None:

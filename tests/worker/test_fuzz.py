@@ -196,7 +196,9 @@ def ref_control(raw: bytes | None) -> ControlCommand:
     op = data.get("op")
     if type(op) is not str or op not in CONTROL_OPS:
         bad.add("op")
-    domain = _ref_domain(data, bad)
+    # migrate is for the worker's codebook: no domain needed
+    no_domain = op == "migrate" and data.get("domain") in (None, "")
+    domain = "" if no_domain else _ref_domain(data, bad)
     version = data.get("version")
     if version is not None and (type(version) is not int or version < 1):
         bad.add("version")

@@ -193,7 +193,7 @@ def _drift_line(drift: dict[str, Any] | None) -> str:
     coded = f"{drift['baseline_items']} items at adoption, {drift['recent_items']} after"
     if drift["score"] is None:
         return f"too few items after the adoption to score ({coded})"
-    verdict = "DRIFTED: consider retraining the codebook" if drift["drifted"] else "ok"
+    verdict = "DRIFTED: consider adacode codebook migrate" if drift["drifted"] else "ok"
     return (
         f"score {drift['score']:.3f} ({verdict}); error ratio {drift['error_ratio']:.2f}, "
         f"balance {drift['balance']:.2f}, catalogue share {drift['catalogue_share']:.1%}; "
@@ -245,6 +245,11 @@ def cmd_codebook(args: argparse.Namespace) -> int:
         for codebook_id, versions in sorted(kept.items()):
             used = ", ".join(versions) or "none (deleted by the next batch)"
             print(f"kept: codebook {codebook_id}, for the published versions {used}")
+        return 0
+    if args.action == "migrate":
+        from worker.commands.operations import do_migrate
+
+        print(do_migrate(settings))
         return 0
     vectors = None
     if args.dataset is not None:
@@ -379,8 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", type=Path, default=Path(".cache/demo"))
     p.add_argument("--limit", type=_positive_int, default=None, help="most interactions sent")
 
-    p = command("codebook", cmd_codebook, "train (and re-code every item) or show the codebook")
-    p.add_argument("action", choices=("train", "show"))
+    p = command(
+        "codebook",
+        cmd_codebook,
+        "show the codebook, migrate live to a new one (worker running or not), or train one "
+        "(worker stopped)",
+    )
+    p.add_argument("action", choices=("train", "show", "migrate"))
     p.add_argument("--dataset", type=_existing_dir, default=None, help="train on its item texts")
     p.add_argument("--levels", type=_positive_int, default=None)
     p.add_argument("--k", type=_positive_int, default=None)

@@ -19,7 +19,9 @@ from kafka import KafkaProducer
 from store.exceptions import StateLockedError
 from store.rocksdb import RocksDBPartition
 from worker.commands.inspection import open_state_readonly
+from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
+from worker.ingest.coding import CodeService
 from worker.ingest.events import control_payload
 from worker.ingest.exceptions import KafkaUnavailableError
 from worker.ingest.group import command_calls
@@ -95,6 +97,28 @@ def do_finetune(settings: Settings, domain: str) -> Outcome | str:
         return FineTuner(store, settings).run(domain)
     finally:
         store.close()
+
+
+def do_migrate(settings: Settings) -> str:
+    """Ask for a live codebook migration (see :meth:`CodeService.request_migration`): on
+    the control topic while the worker runs, else saved in the state for its next start."""
+    try:
+        store = RocksDBPartition.open(settings.state_path, sync_writes=settings.sync_writes)
+    except StateLockedError:
+        send_control(settings, "migrate", "")
+        return f"the worker is running: codebook migration requested on {settings.topic('control')}"
+    try:
+        codes = CodeService(store, settings)
+        if codes.codebook is None:
+            raise WorkerError("there is no codebook yet: nothing to migrate from")
+        batch = store.batch()
+        requested = codes.request_migration(batch, "adacode codebook migrate")
+        store.write(batch)
+    finally:
+        store.close()
+    if not requested:
+        return "a codebook migration is already under way: it goes on when the worker starts"
+    return "codebook migration requested: the worker trains the candidate when it starts"
 
 
 def versions_report(settings: Settings, domain: str) -> dict[str, Any]:

@@ -174,6 +174,11 @@ class Settings:
         "drift score at which the codebook counts as drifted (log 1.5: see quantize.drift)",
         minimum=0.0,
     )
+    codebook_migrate_on_drift: bool = setting(
+        False,
+        "migrate live to a codebook trained on today's items once the drift score passes "
+        "codebook_drift_threshold (adacode codebook migrate asks for one at any time)",
+    )
 
     # --- fine-tuning and versions ------------------------------------------------------
     finetune_interval_s: float = setting(

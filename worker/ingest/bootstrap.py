@@ -214,6 +214,7 @@ class Bootstrap:
         self._result: ResidualCodebook | None = None
         self._error: BootstrapError | None = None
         self._thread: threading.Thread | None = None
+        self._agree = True  # take / offer the group's codebook (see start_scan)
 
     # -- the caller's side ----------------------------------------------------------------
 
@@ -232,12 +233,14 @@ class Bootstrap:
         self._given = vectors
         self._start(lambda: SampleScan(keys, n_items_total))
 
-    def start_scan(self, cap: int) -> None:
+    def start_scan(self, cap: int, *, agree: bool = True) -> None:
         """Like :meth:`start`, but the thread also chooses the sample (:func:`scan_sample`
         of at most ``cap`` items) from ``store``: nothing is read on the caller's thread
         (measured: 17 s for 1M items). For a result that does not depend on timing, give
         the Bootstrap a store that no longer changes, e.g. a checkpoint taken at the batch
-        that decided to bootstrap."""
+        that decided to bootstrap. ``agree=False``: train a codebook of its own even when
+        the group has one (a migration's candidate, offered to the group by the caller)."""
+        self._agree = agree
         self._start(
             lambda: scan_sample(self.store, cap, stop_event=self.stop_event, chunk=self.chunk)
         )
@@ -315,7 +318,7 @@ class Bootstrap:
     def _bootstrap(self, keys: list[bytes], n_items_total: int) -> ResidualCodebook:
         """Take the group's codebook if it has one; else read the sample, train on it and
         agree with the group."""
-        if self.group is not None:
+        if self.group is not None and self._agree:
             found = self.group.first()
             if found is not None:
                 log.info("codebook bootstrap: using the group's codebook %s", found.codebook_id)
@@ -344,7 +347,7 @@ class Bootstrap:
             time.perf_counter() - started,
             rss.growth_mib,
         )
-        if self.group is not None:
+        if self.group is not None and self._agree:
             codebook = self.group.agree(codebook)
         return codebook
 

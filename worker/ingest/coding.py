@@ -74,6 +74,9 @@ from worker.state.layout import (
     BOOTSTRAP_SAMPLE,
     CODEBOOK_CURRENT,
     CODEBOOK_DRIFT,
+    CODEBOOK_LINEAGE,
+    MIGRATE_REQUEST,
+    MIGRATE_STATE,
     UNPREFIXED_CODE_PREFIXES,
     assigner_key,
     code_namespace_key,
@@ -89,6 +92,7 @@ from worker.state.layout import (
 )
 from worker.state.reads import (
     code_namespaces,
+    codebook_lineage,
     committed_codes,
     current_namespace,
     domain_counters,
@@ -233,6 +237,16 @@ def codes_after_round(
 Arrival = tuple[bytes, bytes, bool]
 
 
+def _poll(trainer: Trainer, what: str) -> tuple[bool, ResidualCodebook | None]:
+    """``(failed, the codebook once trained)``; a failure is logged (the trainer logged its
+    cause) and the next batch starts a new training."""
+    try:
+        return False, trainer.poll()
+    except WorkerError as exc:
+        log.error("%s failed (%s); trying again", what, exc)
+        return True, None
+
+
 def _by_rank(keys: Iterable[bytes], cap: int) -> list[bytes]:
     """At most ``cap`` of ``keys``, those of smallest ``sample_rank``; ascending."""
     from worker.ingest.bootstrap import sample_rank
@@ -251,10 +265,19 @@ def _upper(prefix: bytes) -> bytes:
     return bound
 
 
-def put_codebook(batch: WriteBatch, codebook: ResidualCodebook) -> None:
+def put_codebook(
+    batch: WriteBatch, codebook: ResidualCodebook, store: StorePartition | None = None
+) -> None:
+    """Make ``codebook`` the current one in ``batch``; with the ``store`` it is added to the
+    state's lineage of codebooks (:func:`~worker.state.reads.codebook_lineage`)."""
     cid = codebook.codebook_id.encode()
     batch.put("meta", codebook_key(cid), codebook.to_bytes())
     batch.put("meta", CODEBOOK_CURRENT, cid)
+    if store is not None:
+        lineage = codebook_lineage(store)
+        if not lineage or lineage[-1] != codebook.codebook_id:
+            lineage.append(codebook.codebook_id)
+        batch.put("meta", CODEBOOK_LINEAGE, orjson.dumps(lineage))
 
 
 class CodebookSource(Protocol):
@@ -265,6 +288,9 @@ class CodebookSource(Protocol):
 
     def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
         """Offer ``candidate``; returns the group's codebook."""
+
+    def succeed(self, old_id: str, new: ResidualCodebook) -> ResidualCodebook | None:
+        """Offer ``new`` as the successor of ``old_id``; returns the group's codebook."""
 
 
 class Trainer(Protocol):
@@ -277,6 +303,8 @@ class Trainer(Protocol):
         *,
         vectors: np.ndarray | None = None,
     ) -> None: ...
+
+    def start_scan(self, cap: int, *, agree: bool = True) -> None: ...
 
     def poll(self) -> ResidualCodebook | None: ...
 
@@ -295,6 +323,8 @@ class CodingResult:
     redescribed: list[tuple[str, str, Code]] = field(default_factory=list)
     #: code rounds run: (domain, items re-evaluated, seconds)
     rounds: list[tuple[str, int, float]] = field(default_factory=list)
+    #: id of the codebook whose migration's catch-up ended in this batch (every item coded)
+    migrated: str | None = None
 
 
 @dataclass(frozen=True)
@@ -387,6 +417,15 @@ class CodeService:
         self.drift: CodebookDrift | None = None
         self._drift_report: DriftReport | None = None
         self._drift_dirty = False
+        #: a requested migration (``None``: none), read once; its candidate's trainer; and
+        #: the service of the codebook cut over from, for the processor to keep
+        self._migration: dict[str, str] | None = None
+        self._migration_loaded = False
+        self._candidate_trainer: Trainer | None = None
+        self.handed_over: CodeService | None = None
+        #: a migration cut over, while its catch-up runs (read once; see _migration_state)
+        self._cut: dict[str, str] | None = None
+        self._cut_loaded = False
         if self.codebook is not None and self.current:
             self.drift = load_drift(store, self.codebook)
             if self.drift is not None:
@@ -442,12 +481,13 @@ class CodeService:
 
     def background_work(self) -> bool:
         """Whether the next batch has work even without events: a bootstrap codebook to
-        adopt once trained, or items held from before the codebook still to code."""
+        adopt once trained, items held from before the codebook still to code, or a
+        migration's candidate to start training or to cut over to."""
         if self.codebook is None:
             if not self._training:  # a sample saved before a restart: resume its training
                 return self.store.get("meta", BOOTSTRAP_SAMPLE) is not None
             return self._ready()
-        return self._catching_up()
+        return self._catching_up() or self._candidate_ready() or self._candidate_to_start()
 
     def _ready(self) -> bool:
         try:
@@ -486,6 +526,10 @@ class CodeService:
         3. Each round that falls in the batch runs at its very interaction (see
            :meth:`_rounds`); the items moved after the last one are marked.
         4. Save the changed rows, headers and the history.
+
+        A requested migration cuts over before step 2, once its candidate is trained (see
+        :meth:`_migrate`): from then on this service codes with the candidate, and the
+        service of the codebook before it is in :attr:`handed_over`.
         """
         with self.lock:
             result = CodingResult()
@@ -493,12 +537,14 @@ class CodeService:
                 batch, new_items, counters, arrivals, result
             ):
                 return result
+            self._migrate(batch, result)
             for domain, items in sorted(new_items.items()):
                 ts = counters[domain].last_ts if domain in counters else 0
                 self._code_items(domain, items, ts, None, result)
             self._catch_up(batch, result)
             self._rounds(batch, moves, before, counters, result)
             self._flush(batch, result)
+            self._migrate_on_drift(batch)
             return result
 
     # -- 1. bootstrap ---------------------------------------------------------------------
@@ -529,7 +575,7 @@ class CodeService:
     def adopt(self, batch: WriteBatch, codebook: ResidualCodebook) -> None:
         """Use ``codebook`` from this batch on; the items held so far are coded from the
         first key on, ``CATCH_UP_ITEMS`` per batch."""
-        put_codebook(batch, codebook)
+        put_codebook(batch, codebook, self.store)
         batch.delete("meta", BOOTSTRAP_SAMPLE)
         batch.put("meta", BOOTSTRAP_CURSOR, b"")
         self._cursor, self._cursor_loaded = b"", True
@@ -545,12 +591,9 @@ class CodeService:
         """The bootstrap codebook once trained; starts (or resumes) its training when enough
         items are held. Without a trainer, it trains here (tools, tests)."""
         if self._training and self.trainer is not None:
-            try:
-                return self.trainer.poll()
-            except WorkerError as exc:  # logged by the trainer; the next batch tries again
-                log.error("codebook bootstrap failed (%s); trying again", exc)
-                self._training = False
-                return None
+            failed, codebook = _poll(self.trainer, "codebook bootstrap")
+            self._training = not failed
+            return codebook
         saved = self.store.get("meta", BOOTSTRAP_SAMPLE)
         if saved is None:
             chosen = self._choose_sample(counters, arrivals, new_items)
@@ -639,14 +682,14 @@ class CodeService:
                 vectors.append(np.frombuffer(rec.embedding, dtype="<f4"))
         return _stacked(vectors, self.settings.embedding_dim)
 
-    def _train_here(self, data: np.ndarray, n: int) -> ResidualCodebook:
+    def _train_here(self, data: np.ndarray, n: int, *, agree: bool = True) -> ResidualCodebook:
         levels, k = suggest_shape(n)
         levels = self.settings.code_levels or levels
         k = min(self.settings.code_k or k, data.shape[0])
         codebook = ResidualCodebook.train(
             data, levels, k, seed=0, points_per_centroid=POINTS_PER_CENTROID
         )
-        if self.group is not None:
+        if self.group is not None and agree:
             codebook = self.group.agree(codebook)
         log.info(
             "trained codebook %s (%d levels x %d codewords) on %d of %d items",
@@ -754,8 +797,9 @@ class CodeService:
             return
         cursor = self._cursor
         assert cursor is not None
-        rows = list(islice(self.store.items("items", start=cursor or None), CATCH_UP_ITEMS + 1))
-        rows = [(k, v) for k, v in rows if k != cursor]
+        # the scan starts at the cursor (the last key coded) itself: one row more, dropped
+        ahead = islice(self.store.items("items", start=cursor or None), CATCH_UP_ITEMS + 2)
+        rows = [(k, v) for k, v in ahead if k != cursor][: CATCH_UP_ITEMS + 1]
         chunk = rows[:CATCH_UP_ITEMS]
         per_domain: dict[str, dict[str, bytes]] = {}
         newest: dict[str, int] = {}
@@ -777,6 +821,194 @@ class CodeService:
             self._cursor = None
             batch.delete("meta", BOOTSTRAP_CURSOR)
             log.info("every item held before the codebook is coded")
+            result.migrated = self._migrated(batch)
+
+    # -- 5. migration ------------------------------------------------------------------------
+
+    def request_migration(
+        self, batch: WriteBatch, source: str, *, target: ResidualCodebook | None = None
+    ) -> bool:
+        """Ask for a live migration to a codebook trained on today's catalogue (``adacode
+        codebook migrate``, or a drift past its threshold with ``codebook_migrate_on_drift``)
+        or to ``target`` (the group's, which moved on: no training): saved in ``batch``; the
+        candidate trains from the next batch on (see :meth:`_migrate`). A request while one
+        is pending or cutting over is the same request (false), but a ``target`` replaces a
+        pending request (the group's codebook is where this worker goes)."""
+        pending = self._pending_migration() is not None and target is None
+        if pending or self._migration_state() is not None:
+            log.info("codebook migration requested (%s): one is already under way", source)
+            return False
+        self._migration = {"source": source}
+        self._candidate_trainer = None  # a candidate in training is not needed any more
+        if target is not None:
+            batch.put("meta", codebook_key(target.codebook_id.encode()), target.to_bytes())
+            self._migration["codebook"] = target.codebook_id
+        batch.put("meta", MIGRATE_REQUEST, orjson.dumps(self._migration))
+        log.info("codebook migration requested (%s)", source)
+        return True
+
+    def _migrate_on_drift(self, batch: WriteBatch) -> None:
+        """With ``codebook_migrate_on_drift``, a drift past its threshold requests a
+        migration (once: the new codebook measures its drift from its own catch-up on)."""
+        report = self._drift_report
+        if not self.settings.codebook_migrate_on_drift or report is None or not report.drifted:
+            return
+        if self._pending_migration() is None and not self._catching_up():
+            self.request_migration(batch, f"drift score {report.score or 0.0:.3f}")
+
+    def _pending_migration(self) -> dict[str, str] | None:
+        if not self._migration_loaded:
+            raw = self.store.get("meta", MIGRATE_REQUEST)
+            self._migration = None if raw is None else orjson.loads(raw)
+            self._migration_loaded = True
+        return self._migration
+
+    def _migration_state(self) -> dict[str, str] | None:
+        """The migration cut over and still catching up (``migrate/state``), if any."""
+        if not self._cut_loaded:
+            raw = self.store.get("meta", MIGRATE_STATE)
+            self._cut = None if raw is None else dict(orjson.loads(raw))
+            self._cut_loaded = True
+        return self._cut
+
+    def _migrate(self, batch: WriteBatch, result: CodingResult) -> None:
+        """A requested migration: train a candidate codebook on a sample of today's items
+        in the background (the trainer scans the store in its own thread), then cut over in
+        the first batch after it is trained (:meth:`_cut_over`). Waits while items held
+        from before the codebook are still being coded."""
+        if not self.current:
+            return  # a kept codebook's service follows; the current one migrates
+        request = self._pending_migration()
+        if request is None or self.codebook is None or self._catching_up():
+            return
+        candidate = self._candidate(request)
+        if candidate is not None and self.group is not None and "codebook" not in request:
+            candidate = self._agree_successor(batch, candidate)
+        if candidate is not None:
+            self._cut_over(batch, candidate, request, result)
+
+    def _agree_successor(
+        self, batch: WriteBatch, candidate: ResidualCodebook
+    ) -> ResidualCodebook | None:
+        """Offer the trained candidate to the group as its codebook's successor; returns
+        what to cut over to: the group's codebook after the offer (another worker's
+        successor if it came first), ``None`` (request dropped) if the group's codebook is
+        not the one this worker migrates from."""
+        assert self.group is not None and self.codebook is not None
+        old = self.codebook.codebook_id
+        head = self.group.succeed(old, candidate)
+        if head is None or head.codebook_id == old:
+            log.error(
+                "codebook migration dropped: the group's codebook is %s, not %s; restart the "
+                "worker to follow the group",
+                None if head is None else head.codebook_id,
+                old,
+            )
+            self._drop_request(batch)
+            self._candidate_trainer = None
+            return None
+        if head.codebook_id != candidate.codebook_id:
+            log.info("codebook migration: the group moved to %s first; following it", head)
+        return head
+
+    def _candidate(self, request: dict[str, str]) -> ResidualCodebook | None:
+        """The request's codebook (the group's) or the trained candidate, or ``None`` while
+        it trains (started here on first call; without a trainer it trains in this batch:
+        tools and tests)."""
+        from worker.ingest.bootstrap import choose_sample, sample_cap
+
+        if "codebook" in request:
+            return load_codebook_by_id(self.store, request["codebook"])
+        cap = sample_cap(self.settings)
+        if self.make_trainer is None:
+            keys = choose_sample(self.store, cap, stop_event=threading.Event())
+            n = sum(c.items for c in domain_counters(self.store).values())
+            vectors = self._sample_vectors(keys, {})
+            return self._train_here(vectors, max(n, len(keys)), agree=False)
+        if self._candidate_trainer is None:
+            self._candidate_trainer = self.make_trainer()
+            self._candidate_trainer.start_scan(cap, agree=False)
+            log.info("codebook migration: training a candidate on a sample of the items")
+        failed, codebook = _poll(self._candidate_trainer, "codebook migration: the candidate")
+        if failed:
+            self._candidate_trainer = None
+        return codebook
+
+    def _candidate_to_start(self) -> bool:
+        """A migration was requested and its candidate's training is not started yet."""
+        return (
+            self.current
+            and self._candidate_trainer is None
+            and self._pending_migration() is not None
+        )
+
+    def _candidate_ready(self) -> bool:
+        try:
+            trainer = self._candidate_trainer
+            return trainer is not None and trainer.poll() is not None
+        except WorkerError:
+            return True
+
+    def _cut_over(
+        self,
+        batch: WriteBatch,
+        codebook: ResidualCodebook,
+        request: dict[str, str],
+        result: CodingResult,
+    ) -> None:
+        """Code with ``codebook`` from this batch on, in its own namespace; the codebook
+        before it goes on in :attr:`handed_over` (its loaded assigners with it), kept while
+        a published version was trained on it. The items held so far are coded in chunks,
+        as after a bootstrap; the batch whose chunk ends that catch-up requests a fine-tune
+        of every domain with a version (:meth:`_migrated`)."""
+        old = self.codebook
+        assert old is not None
+        self._drop_request(batch)
+        self._candidate_trainer = None
+        if codebook.codebook_id == old.codebook_id:
+            log.info("codebook migration: the candidate is the current codebook; nothing to do")
+            return
+        new_ns = namespace_prefix(codebook.codebook_id)
+        batch.put("meta", code_namespace_key(old.codebook_id), self.ns)
+        batch.put("meta", code_namespace_key(codebook.codebook_id), new_ns)
+        state = {"from": old.codebook_id, "to": codebook.codebook_id, **request}
+        batch.put("meta", MIGRATE_STATE, orjson.dumps(state))
+        self._cut, self._cut_loaded = state, True
+        self.handed_over = CodeService(self.store, self.settings, kept=(old, self.ns))
+        self.handed_over.domains = self.domains
+        self.codebook, self.ns, self.domains = codebook, new_ns, {}
+        self.adopt(batch, codebook)
+        self.drift = None
+        with self._stats_lock:
+            self._drift_report = None
+        result.trained = codebook.codebook_id
+        log.info(
+            "codebook migration: cut over from %s to %s (%d levels x %d); coding the items "
+            "held before it in chunks of %d",
+            old.codebook_id,
+            codebook.codebook_id,
+            codebook.levels,
+            codebook.k,
+            CATCH_UP_ITEMS,
+        )
+
+    def _drop_request(self, batch: WriteBatch) -> None:
+        batch.delete("meta", MIGRATE_REQUEST)
+        self._migration, self._migration_loaded = None, True
+
+    def _migrated(self, batch: WriteBatch) -> str | None:
+        """The catch-up after a cut-over ended in this batch: the migration is done; returns
+        the new codebook's id. The fine-tune scheduler then queues every domain it owns
+        whose version was trained on another codebook (the new codes' first versions, each
+        gated against the domain's version of the old codebook; see
+        :func:`worker.tuning.scheduler.behind_codebook`)."""
+        state = self._migration_state()
+        if state is None:
+            return None
+        batch.delete("meta", MIGRATE_STATE)
+        self._cut = None
+        log.info("codebook migration to %s: every item is coded", state["to"])
+        return state["to"]
 
     # -- 3. rounds --------------------------------------------------------------------------
 
@@ -984,6 +1216,13 @@ class KeptCodes:
         kept codebooks a published version still uses (safe from any thread)."""
         self._check_use = bool(self.services)
 
+    def adopt(self, service: CodeService) -> None:
+        """Keep the codes of the codebook a migration cut over from (its service, with the
+        assigners it has loaded); the next batch checks whether a version uses them."""
+        assert service.codebook is not None
+        self.services[service.codebook.codebook_id] = service
+        self._check_use = True
+
     def assigner(self, codebook_id: str, domain: str) -> CodeAssigner | None:
         service = self.services.get(codebook_id)
         return None if service is None else service.assigner(domain)
@@ -1088,7 +1327,7 @@ def retrain_codebook(
         ]
     service.codebook, service.ns = codebook, namespace_prefix(codebook.codebook_id)
     _register_namespaces(store, batch, codebook)
-    put_codebook(batch, codebook)
+    put_codebook(batch, codebook, store)
     service._flush(batch, result)
     for domain in domains_with_versions(store):
         put_request(batch, domain, time.time(), f"codebook {codebook.codebook_id}")

@@ -299,8 +299,11 @@ def key_fault(key: bytes | None, domain: str) -> str | None:
     Events and commands are keyed by their domain: the key picks the partition, and the
     partition the one worker of a group that owns the domain. An event under another key,
     or under none (a null key spreads records over partitions), would be applied by a
-    worker that does not own its domain, so it is dead-lettered with this reason.
+    worker that does not own its domain, so it is dead-lettered with this reason. A command
+    for the whole worker (``migrate``: no domain) may have any key.
     """
+    if not domain:
+        return None
     if key is None:
         return (
             f"no key: events are keyed by their domain {domain!r}, so that one worker owns "
@@ -389,7 +392,7 @@ def interaction_payload(
     )
 
 
-CONTROL_OPS = ("rollback", "pin", "unpin", "finetune")
+CONTROL_OPS = ("rollback", "pin", "unpin", "finetune", "migrate")
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +400,9 @@ class ControlCommand:
     """An operator command on the control topic, applied in order by the worker.
 
     ``{"op": "rollback", "domain": d, "version": V | null, "previous": bool}``,
-    ``{"op": "pin" | "unpin", "domain": d, "version": V}``, ``{"op": "finetune", "domain": d}``.
+    ``{"op": "pin" | "unpin", "domain": d, "version": V}``, ``{"op": "finetune", "domain": d}``,
+    ``{"op": "migrate"}`` (the worker's codebook, for every domain: ``domain`` may be left out,
+    and is ``""`` then; see :meth:`worker.ingest.coding.CodeService.request_migration`).
     """
 
     op: str
@@ -411,7 +416,7 @@ def parse_control(raw: bytes | None, limits: EventLimits) -> ControlCommand:
     op = data.get("op")
     if op not in CONTROL_OPS:
         raise EventError(f"field 'op' must be one of {', '.join(CONTROL_OPS)}, got {op!r}")
-    domain = _domain(data, limits)
+    domain = "" if op == "migrate" and data.get("domain") in (None, "") else _domain(data, limits)
     version = data.get("version")
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 1

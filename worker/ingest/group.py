@@ -19,7 +19,10 @@ topics. Two things are not derived and must travel between owners:
 * **the codebook**, shared by every domain so that table rows are comparable. The
   ``codebook`` topic has one partition; the first codebook on it wins: a worker
   that trains one at bootstrap sends it, then adopts whichever codebook came
-  first, so a group agrees on one.
+  first, so a group agrees on one. A codebook migration moves it on: a *successor*
+  record (key ``next\0`` + the new id, value the id it follows, ``\0``, the new
+  codebook) counts when it follows the chain's last codebook, the first such record in
+  offset order winning; the group's codebook is the chain's last (:meth:`CodebookLog.chain`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from worker.state.layout import (
     split_mirrored_offset_key,
     version_key_domain,
 )
+from worker.state.reads import codebook_lineage
 
 log = logging.getLogger(__name__)
 
@@ -428,8 +432,17 @@ class VersionsLog:
 # -- the codebook topic -----------------------------------------------------------------------
 
 
+def _successor(key: bytes) -> bool:
+    return key.startswith(SUCCESSOR)
+
+
+#: the key prefix of a successor record on the codebook topic (see the module docstring)
+SUCCESSOR = b"next\x00"
+
+
 class CodebookLog:
-    """The one-partition ``codebook`` topic: the first codebook on it is the group's."""
+    """The one-partition ``codebook`` topic: the first codebook on it, then each successor
+    that follows the last (see the module docstring)."""
 
     def __init__(self, settings: Settings, *, calls: KafkaCalls | None = None) -> None:
         """``calls``: the worker's Kafka policy (by default :func:`command_calls`)."""
@@ -440,13 +453,44 @@ class CodebookLog:
         self._first: ResidualCodebook | None = None
 
     def first(self, timeout_s: float = 5.0) -> ResidualCodebook | None:
-        """The group's codebook, or ``None`` when none was published yet."""
+        """The group's first codebook, or ``None`` when none was published yet."""
         with self._lock:
             if self._first is None:
-                self._first = self.calls.call(
-                    KafkaCall.CODEBOOK_READ, lambda: self._read_first(timeout_s)
+                records = self.calls.call(KafkaCall.CODEBOOK_READ, lambda: self._read(timeout_s))
+                self._first = next(
+                    (ResidualCodebook.from_bytes(v) for k, v in records if not _successor(k)),
+                    None,
                 )
             return self._first
+
+    def chain(self, timeout_s: float = 5.0) -> list[ResidualCodebook]:
+        """The group's codebooks in the order it moved through them (read now); the last
+        is the group's codebook (empty: none yet)."""
+        records = self.calls.call(KafkaCall.CODEBOOK_READ, lambda: self._read(timeout_s))
+        chain: list[ResidualCodebook] = []
+        for key, value in records:
+            if not _successor(key):
+                if not chain:
+                    chain.append(ResidualCodebook.from_bytes(value))
+                continue
+            follows, _, raw = value.partition(b"\x00")
+            if chain and follows.decode() == chain[-1].codebook_id:
+                chain.append(ResidualCodebook.from_bytes(raw))
+        return chain
+
+    def succeed(self, old_id: str, new: ResidualCodebook) -> ResidualCodebook | None:
+        """Offer ``new`` as the successor of ``old_id``; returns the group's codebook after
+        the offer (``new`` if it follows the chain's last and no other successor came
+        first)."""
+        chain = self.chain()
+        if chain and chain[-1].codebook_id == old_id:
+            value = old_id.encode() + b"\x00" + new.to_bytes()
+            self.calls.call(
+                KafkaCall.CODEBOOK_OFFER,
+                lambda: self._offer(new, key=SUCCESSOR + new.codebook_id.encode(), value=value),
+            )
+            chain = self.chain()
+        return chain[-1] if chain else None
 
     def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
         """Offer ``candidate``; returns the group's codebook (``candidate`` if it came first)."""
@@ -468,7 +512,9 @@ class CodebookLog:
             )
         return winner
 
-    def _offer(self, candidate: ResidualCodebook) -> None:
+    def _offer(
+        self, candidate: ResidualCodebook, *, key: bytes | None = None, value: bytes | None = None
+    ) -> None:
         try:
             producer = KafkaProducer(
                 **self.settings.kafka_common(),
@@ -486,7 +532,9 @@ class CodebookLog:
         getattr(producer, "_unregister_cleanup", lambda: None)()
         try:
             producer.send(
-                self.topic, key=candidate.codebook_id.encode(), value=candidate.to_bytes()
+                self.topic,
+                key=candidate.codebook_id.encode() if key is None else key,
+                value=candidate.to_bytes() if value is None else value,
             ).get(timeout=10)
         except KafkaError as exc:
             raise KafkaUnavailableError(
@@ -495,23 +543,23 @@ class CodebookLog:
         finally:
             close_producer(producer, 10, "codebook")
 
-    def _read_first(self, timeout_s: float) -> ResidualCodebook | None:
+    def _read(self, timeout_s: float) -> list[tuple[bytes, bytes]]:
+        """Every record of the topic with a value, ``(key, value)`` in offset order."""
         consumer = topic_reader(self.settings, f"read the group's codebook from {self.topic}")
+        out: list[tuple[bytes, bytes]] = []
         try:
             tp = TopicPartition(self.topic, 0)
             consumer.assign([tp])
             end = consumer.end_offsets([tp], timeout_ms=CALL_TIMEOUT_MS)[tp]
             if not end:
-                return None
+                return out
             consumer.seek_to_beginning(tp)
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 for records in poll_records(consumer, timeout_ms=500).values():
-                    for rec in records:
-                        if rec.value:
-                            return ResidualCodebook.from_bytes(rec.value)
+                    out.extend((rec.key or b"", rec.value) for rec in records if rec.value)
                 if consumer.position(tp, timeout_ms=CALL_TIMEOUT_MS) >= end:
-                    return None
+                    return out
         except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"could not read the group's codebook from {self.topic}: {exc}"
@@ -519,7 +567,7 @@ class CodebookLog:
         finally:
             consumer.close()
         raise KafkaUnavailableError(
-            f"reading the first codebook of {self.topic} took more than {timeout_s:.0f} s"
+            f"reading the codebooks of {self.topic} took more than {timeout_s:.0f} s"
         )
 
 
@@ -528,13 +576,21 @@ def adopt_group_codebook(store: StorePartition, codes: CodeService, group: Codeb
 
     1. No group codebook yet and a local one (a worker that ran alone): offer it.
     2. A group codebook and none locally: store it; items are coded as they arrive.
-    3. Both, and they differ: refuse to start (the codes would not be comparable).
+    3. The local one moved past the group's (this worker migrated, or its state was
+       retrained, since the group's was offered: the group's is in its lineage): offer the
+       local one as the group's successor.
+    4. The group's moved past the local one (another worker migrated: the local one is in
+       the group's chain): migrate to the group's, live, from the first batch on.
+    5. Both, unrelated: refuse to start (the codes would not be comparable).
     """
     local = codes.codebook
+    chain = group.chain()
     # -- 1. offer the local one ---------------------------------------------------------------
-    winner = group.first() if local is None else group.agree(local)
-    if winner is None:
-        return  # nobody has one: the first worker to bootstrap offers its own
+    if not chain:
+        if local is None:
+            return  # nobody has one: the first worker to bootstrap offers its own
+        chain = [group.agree(local)]
+    winner = chain[-1]
     # -- 2. adopt -----------------------------------------------------------------------------
     if local is None:
         batch = store.batch()
@@ -542,11 +598,36 @@ def adopt_group_codebook(store: StorePartition, codes: CodeService, group: Codeb
         store.write(batch)
         log.info("using the group's codebook %s", winner.codebook_id)
         return
-    # -- 3. conflict --------------------------------------------------------------------------
-    if winner.codebook_id != local.codebook_id:
-        raise CodebookConflictError(
-            f"the state in {codes.settings.state_dir} was coded with codebook "
-            f"{local.codebook_id}, but the group's codebook on {group.topic} is "
-            f"{winner.codebook_id}; start this worker with an empty state directory (it "
-            "rebuilds its partitions from the topics) or use another topic prefix"
+    if winner.codebook_id == local.codebook_id:
+        return
+    # -- 3. this worker moved on: the group follows -------------------------------------------
+    if winner.codebook_id in codebook_lineage(store):
+        moved = group.succeed(winner.codebook_id, local)
+        if moved is not None and moved.codebook_id == local.codebook_id:
+            log.info(
+                "the group's codebook moves from %s to this worker's %s",
+                winner.codebook_id,
+                local.codebook_id,
+            )
+            return
+        winner = moved or winner
+    # -- 4. the group moved on: this worker follows --------------------------------------------
+    elif local.codebook_id in {c.codebook_id for c in chain}:
+        batch = store.batch()
+        codes.request_migration(
+            batch, f"the group's codebook is {winner.codebook_id}", target=winner
         )
+        store.write(batch)
+        log.info(
+            "the group's codebook moved from %s to %s: migrating to it",
+            local.codebook_id,
+            winner.codebook_id,
+        )
+        return
+    # -- 5. conflict --------------------------------------------------------------------------
+    raise CodebookConflictError(
+        f"the state in {codes.settings.state_dir} was coded with codebook "
+        f"{local.codebook_id}, but the group's codebook on {group.topic} is "
+        f"{winner.codebook_id}; start this worker with an empty state directory (it "
+        "rebuilds its partitions from the topics) or use another topic prefix"
+    )

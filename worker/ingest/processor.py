@@ -772,6 +772,9 @@ class Processor:
         result.coding = codes.apply(
             result.batch, new, moves, work.before, work.counters, arrivals=work.arrivals
         )
+        if codes.handed_over is not None and self.kept is not None:  # a migration cut over
+            self.kept.adopt(codes.handed_over)
+            codes.handed_over = None
         if self.kept is not None and self.kept.services:
             result.kept_coding = self.kept.apply(
                 result.batch, new, moves, work.before, work.counters
@@ -793,6 +796,15 @@ class Processor:
         return new
 
     def _apply_control(self, rec: Record, command: ControlCommand, result: BatchResult) -> None:
+        if command.op == "migrate":
+            if self.codes is None or self.codes.codebook is None:
+                why = "codes are off" if self.codes is None else "there is no codebook yet"
+                result.dead.append(DeadLetter(f"control command refused: {why}", rec))
+            else:
+                self.codes.request_migration(
+                    result.batch, f"{rec.topic}-{rec.partition}@{rec.offset}"
+                )
+            return
         if command.op == "finetune":  # durable: pending until its outcome is final
             from worker.state.requests import put_request  # (kept inside this method)
 

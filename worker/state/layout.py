@@ -20,6 +20,9 @@ meta          ``bootstrap/sample``                      {"n", "keys"} while it t
 meta          ``bootstrap/cursor``                      last item key coded since        ingest.coding
 meta          ``drift/codebook``                        the codebook's drift sums        ingest.coding
 meta          ``codes/ns/`` id                          prefix of that codebook's codes  ingest.coding
+meta          ``lineage/codebook``                      ids of every codebook, in order  ingest.coding
+meta          ``migrate/request``                       {"source"} until it cuts over    ingest.coding
+meta          ``migrate/state``                         {"from", "to", ...} until coded  ingest.coding
 items         domain \\0 item_id                         :class:`ItemRecord`              ingest.processor
 popularity    domain \\0 item_id                         :class:`Popularity`              ingest.processor
 interactions  domain \\0 ts(>q) partition(>i) offset(>q)  :class:`LoggedInteraction`       ingest.processor
@@ -199,6 +202,18 @@ def namespace_prefix(codebook_id: str) -> bytes:
     """The prefix of the codes of codebook ``codebook_id`` in their own namespace."""
     return b"ns" + _SEP + codebook_id.encode() + _SEP
 
+
+CODEBOOK_LINEAGE = b"lineage/codebook"
+"""``meta`` key of the ids of every codebook the state was coded with, oldest first, the
+current one last (JSON list; absent in a state from before it: the current one alone)."""
+
+MIGRATE_REQUEST = b"migrate/request"
+"""``meta`` key of a requested codebook migration, until the candidate is trained and the
+worker cuts over to it (JSON ``{"source"}``; see :mod:`worker.ingest.coding`)."""
+
+MIGRATE_STATE = b"migrate/state"
+"""``meta`` key of a migration cut over, while its catch-up codes the items held before it
+(JSON ``{"from", "to", "source"}``)."""
 
 BOOTSTRAP_SAMPLE = b"bootstrap/sample"
 """``meta`` key of the sample the bootstrap codebook trains on, while it trains (JSON)."""

@@ -25,6 +25,7 @@ from worker.state.layout import (
     CODE_NAMESPACES_PREFIX,
     CODEBOOK_CURRENT,
     CODEBOOK_DRIFT,
+    CODEBOOK_LINEAGE,
     DOMAIN_COUNTERS_PREFIX,
     assigner_key,
     code_row_prefix,
@@ -127,6 +128,16 @@ def load_codebook(store: StorePartition) -> ResidualCodebook | None:
     if current is None:
         return None
     return load_codebook_by_id(store, current.decode())
+
+
+def codebook_lineage(store: StorePartition) -> list[str]:
+    """The ids of every codebook the state was coded with, oldest first (see
+    :data:`~worker.state.layout.CODEBOOK_LINEAGE`)."""
+    raw = store.get("meta", CODEBOOK_LINEAGE)
+    if raw is not None:
+        return [str(c) for c in orjson.loads(raw)]
+    current = store.get("meta", CODEBOOK_CURRENT)
+    return [] if current is None else [current.decode()]
 
 
 def load_codebook_by_id(store: StorePartition, codebook_id: str) -> ResidualCodebook | None:

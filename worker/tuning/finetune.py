@@ -52,7 +52,7 @@ from store.partition import StorePartition
 from worker.core.memory import freeze_long_lived
 from worker.core.settings import Settings
 from worker.ingest.coding import codes_after_round
-from worker.state.layout import domain_prefix, interaction_key_ts
+from worker.state.layout import MIGRATE_STATE, domain_prefix, interaction_key_ts
 from worker.state.reads import (
     committed_assigner,
     load_codebook,
@@ -588,6 +588,9 @@ class FineTuner:
 
     def _fine_tune(self, domain: str, started: float) -> Outcome:
         """The steps of :meth:`run`; a stop raises :class:`Abandoned` out of step 3 or 4."""
+        if self.store.get("meta", MIGRATE_STATE) is not None:
+            reason = "a codebook migration is still coding the items with its new codebook"
+            return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NOT_READY, reason))
         data = self._read(domain)
         if data is None or len(data.items) < self.settings.finetune_min_interactions:
             n = 0 if data is None else len(data.items)

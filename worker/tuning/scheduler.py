@@ -65,6 +65,7 @@ from worker.core.settings import Settings
 from worker.core.threads import lower_priority
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, NotOwnedError
 from worker.ingest.processor import BatchResult
+from worker.state.layout import CODEBOOK_CURRENT, MIGRATE_STATE
 from worker.state.requests import (
     FinetuneRequest,
     Standing,
@@ -73,7 +74,28 @@ from worker.state.requests import (
     pending_request,
     pending_requests,
 )
+from worker.state.versions import current_version, domains_with_versions, get_record
 from worker.tuning.finetune import FinetuneStatus, Outcome
+
+#: why a domain whose version is of another codebook than the current one is queued
+MIGRATION = "a version of the codebook before the current one"
+
+
+def behind_codebook(store: StorePartition) -> list[str]:
+    """The domains whose current version was trained on another codebook than the current
+    one: a migration's (or a retrain's) new codes have no version of theirs yet. None while
+    a migration's catch-up still codes the items (``migrate/state``)."""
+    current = store.get("meta", CODEBOOK_CURRENT)
+    if current is None or store.get("meta", MIGRATE_STATE) is not None:
+        return []
+    behind = []
+    for domain in domains_with_versions(store):
+        version = current_version(store, domain)
+        record = None if version is None else get_record(store, domain, version)
+        if record is not None and record.of_another_codebook(current.decode()):
+            behind.append(domain)
+    return behind
+
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +369,8 @@ class FinetuneScheduler:
             self.run_soon(domain, "after new interactions")
         for domain in result.finetune_requests:
             self.run_soon(domain, REQUESTED)
+        if result.coding.migrated:
+            self.queue_behind_codebook()
 
     def run_soon(
         self, domain: str, why: str, delay_s: float = 0.0, *, queued_at: float | None = None
@@ -362,7 +386,8 @@ class FinetuneScheduler:
             self._cond.notify_all()
 
     def requeue_pending(self) -> int:
-        """Queue every pending request of a domain this worker owns; how many."""
+        """Queue every pending request of a domain this worker owns, and every domain it owns
+        that is behind the codebook (:func:`behind_codebook`); how many requests."""
         if self.store is None:
             return 0
         owned = [r for r in pending_requests(self.store) if self._owned(r.domain)]
@@ -371,7 +396,21 @@ class FinetuneScheduler:
             self.run_soon(request.domain, PENDING, queued_at=at)
         if owned:
             log.info("queued %d pending fine-tune request(s)", len(owned))
+        self.queue_behind_codebook()
         return len(owned)
+
+    def queue_behind_codebook(self) -> list[str]:
+        """Queue the domains this worker owns whose current version was trained on another
+        codebook than the current one (after a migration's catch-up, a restart or a new
+        assignment); returns them."""
+        if self.store is None:
+            return []
+        behind = [d for d in behind_codebook(self.store) if self._owned(d)]
+        for domain in behind:
+            self.run_soon(domain, MIGRATION)
+        if behind:
+            log.info("queued %d domain(s) behind the codebook: %s", len(behind), behind[:10])
+        return behind
 
     # -- what /readyz and the metrics read ----------------------------------------------
 
