@@ -354,6 +354,8 @@ _CODEBOOK_START = re.compile(
 
 
 _FINETUNE_VERSION = re.compile(r"fine-tune \S+: version \d+")
+_CUT_OVER = re.compile(r"codebook migration: cut over from")
+_MIGRATED = re.compile(r"codebook migration to \S+: every item is coded")
 _FINETUNE_FAILED = re.compile(
     r"fine-tune.*\b(over budget|rejected|skipped|abandoned|dropped|failed|not published)\b",
     re.IGNORECASE,
@@ -1046,13 +1048,14 @@ class ScaleRun:
                 self.args.incremental,
                 lambda: self.incremental(worker, monitor),
             ),
+            ("codebook migration", self.args.migrate, lambda: self.migrate(worker, monitor)),
         ]
         for name, asked, stage in stages:
             if not asked:
                 continue
-            if name == "incremental fine-tune" and not self.result.figures.get("served"):
+            if name != "fine-tune" and name != "serving" and not self.result.figures.get("served"):
                 self.result.figures.setdefault("notes", []).append(
-                    "incremental fine-tune not run: the first fine-tune served nothing"
+                    f"{name} not run: the first fine-tune served nothing"
                 )
                 continue
             try:
@@ -1096,6 +1099,49 @@ class ScaleRun:
         f["incremental_line"] = runs[-1] if runs else None
         if ended is not None:
             f["incremental_outcome"] = ended
+
+    def migrate(self, worker: WorkerProcess, monitor: Monitor) -> None:
+        """``--migrate N``: ``adacode codebook migrate`` sent while ``N`` more interactions
+        are produced; its steps timed from the worker's log (the candidate trained and cut
+        over to, every item coded with it) and the versions route (the domain's version of
+        the new codebook served), with the longest consumer pause and the peak RSS from the
+        command until every item was coded."""
+        from worker.commands.operations import send_control
+
+        d, extra = self.spec.domain, self.args.migrate
+        _, doc = self.api("GET", f"/v1/domains/{d}/versions")
+        before = (doc or {}).get("current")
+        offset = self.log_path.stat().st_size
+        sample = monitor.last()
+        target = (sample.interactions if sample is not None else 0.0) + extra
+        started = time.time()
+        send_control(self.settings, "migrate", "")
+        self.produce(
+            "interactions", self.domain.interaction_events(extra), extra, label="migration"
+        )
+        m: dict[str, Any] = {"interactions": extra}
+        self.result.figures["migration"] = m
+        deadline = time.monotonic() + self.args.finetune_timeout_s
+        while time.monotonic() < deadline and worker.poll() is None:
+            for line in read_log(self.log_path, offset):
+                if line.ts is not None and _CUT_OVER.search(line.msg):
+                    m.setdefault("cut_over_s", line.ts - started)
+                if line.ts is not None and _MIGRATED.search(line.msg):
+                    m.setdefault("coded_s", line.ts - started)
+            status, doc = self.api("GET", f"/v1/domains/{d}/versions")
+            moved = status == 200 and doc and doc.get("current") not in (None, before)
+            if moved and doc.get("served"):
+                m["served_s"] = time.time() - started
+                break
+            time.sleep(1.0)
+        until = started + (m.get("coded_s") or (time.time() - started))
+        window = [x for x in monitor.samples if started <= x.t <= until + 1.0]
+        if window:
+            m["longest_pause_s"] = longest_pause(
+                [x.t for x in window], [x.interactions for x in window], target
+            )
+            m["peak_rss_mib"] = max(x.rss_mib for x in window)
+            m["max_batch_bound_s"] = max((x.batch_bound_s or 0.0) for x in window)
 
     def serve(self) -> None:
         """Sequential samples, then the paced load, then new items to servable."""
@@ -1378,6 +1424,7 @@ def render_table(result: SizeResult) -> str:
         ),
     ]
     rows += serve_rows(f)
+    rows += migration_rows(f)
     notes = list(f.get("notes") or [])
     if f.get("finetune_outcome"):
         notes.append(f"fine-tune: {f['finetune_outcome']}")
@@ -1388,6 +1435,28 @@ def render_table(result: SizeResult) -> str:
     lines = [f"### {spec.items:,} items", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def migration_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
+    """The ``--migrate`` stage's rows (none when it did not run)."""
+    m = f.get("migration")
+    if not m:
+        return []
+    return [
+        (
+            f"codebook migration (+{_f(m.get('interactions'))} interactions meanwhile): "
+            "cut over / every item coded / new version served, s after the command",
+            f"{_f(m.get('cut_over_s'), '{:.1f}')} / {_f(m.get('coded_s'), '{:.1f}')} / "
+            f"{_f(m.get('served_s'), '{:.1f}')}",
+        ),
+        (
+            "during the migration (command to every item coded): longest consumer pause, "
+            "longest batch, peak RSS",
+            f"{_f(m.get('longest_pause_s'), '{:.2f} s')}, "
+            f"<= {_f(m.get('max_batch_bound_s'), '{:.1f} s')}, "
+            f"{_f(m.get('peak_rss_mib'), '{:,.0f} MiB')}",
+        ),
+    ]
 
 
 def serve_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
@@ -1574,6 +1643,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="after serving: produce this many more interactions and time the fine-tune "
         "that follows (0: none)",
+    )
+    parser.add_argument(
+        "--migrate",
+        type=int,
+        default=0,
+        help="after the other stages: request a live codebook migration while producing this "
+        "many more interactions, and time it until the new codebook's version is served "
+        "(0: none)",
     )
     parser.add_argument("--serve", action="store_true", help="sample API latencies after ingest")
     parser.add_argument("--serve-requests", type=int, default=200, help="sequential samples")

@@ -18,6 +18,8 @@ import pytest
 from bench.broker import free_port
 from bench.common import longest_batch_bound
 from bench.scale import (
+    _CUT_OVER,
+    _MIGRATED,
     DIM,
     KeepAlive,
     LogLine,
@@ -367,6 +369,28 @@ def test_serve_rows_only_when_serving_ran() -> None:
     assert "goal p99 < 10 ms" in table and "1 not 200" in table
     assert "| new item produce-to-servable p50 / p99 / max ms | 50.0 / 59.8 / 60.0" in table
     assert "2 of 3 servable" in table
+
+
+def test_migration_rows_only_when_the_migration_ran_and_its_log_lines_match() -> None:
+    assert "codebook migration" not in render_table(SizeResult(SPEC))
+    result = SizeResult(SPEC)
+    result.figures = {
+        "migration": {
+            "interactions": 100_000,
+            "cut_over_s": 81.25,
+            "coded_s": 140.0,
+            "served_s": 455.5,
+            "longest_pause_s": 1.5,
+            "max_batch_bound_s": 2.5,
+            "peak_rss_mib": 4321.0,
+        }
+    }
+    table = render_table(result)
+    assert "codebook migration (+100,000 interactions meanwhile)" in table
+    assert "| 81.2 / 140.0 / 455.5 |" in table and "| 1.50 s, <= 2.5 s, 4,321 MiB |" in table
+    assert _CUT_OVER.search("codebook migration: cut over from ab12 to cd34 (4 levels x 256)")
+    assert _MIGRATED.search("codebook migration to cd34: every item is coded")
+    assert not _MIGRATED.search("codebook migration requested (t.control-0@3)")
 
 
 def test_slow_scrapes_are_listed_with_their_phase_and_time() -> None:
