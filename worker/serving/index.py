@@ -1017,8 +1017,19 @@ class Serving:
         for domain, key, code in redescribed:  # same code, new embedding
             by_domain.setdefault(domain, {}).setdefault(key, row_ids(code, k, levels))
         for domain, codes in sorted(by_domain.items()):
+            if not self._takes(domain, codebook):
+                continue  # e.g. a migration's catch-up: no version of that codebook yet
             full = self._full_rows(domain, list(codes), codebook)
             self.apply_codes(domain, codes, full, codebook=codebook)
+
+    def _takes(self, domain: str, codebook: str) -> bool:
+        """Whether an index of ``domain`` (served, cached or being built) takes codes of
+        ``codebook``."""
+        with self._lock:
+            if domain in self._pending:
+                return True
+            held = [self._indexes.get(domain), *self._cached.get(domain, {}).values()]
+        return any(index is not None and _fits(index, codebook) for index in held)
 
     def _shape(self, codebook: str) -> tuple[int, int] | None:
         """``(levels, k)`` of ``codebook`` (read once; ``None``: not stored)."""
