@@ -247,6 +247,15 @@ def _poll(trainer: Trainer, what: str) -> tuple[bool, ResidualCodebook | None]:
         return True, None
 
 
+def _trained(trainer: Trainer | None) -> bool:
+    """Whether ``trainer`` has a codebook for the next batch, or failed (the next batch
+    logs it and starts again)."""
+    try:
+        return trainer is not None and trainer.poll() is not None
+    except WorkerError:
+        return True
+
+
 def _by_rank(keys: Iterable[bytes], cap: int) -> list[bytes]:
     """At most ``cap`` of ``keys``, those of smallest ``sample_rank``; ascending."""
     from worker.ingest.bootstrap import sample_rank
@@ -490,10 +499,7 @@ class CodeService:
         return self._catching_up() or self._candidate_ready() or self._candidate_to_start()
 
     def _ready(self) -> bool:
-        try:
-            return self.trainer is not None and self.trainer.poll() is not None
-        except WorkerError:
-            return True  # the next batch logs it and starts again
+        return _trained(self.trainer)
 
     def take_stats(self) -> dict[str, CodeStats]:
         """The :class:`CodeStats` of the domains whose codes changed since the last call
@@ -943,11 +949,7 @@ class CodeService:
         )
 
     def _candidate_ready(self) -> bool:
-        try:
-            trainer = self._candidate_trainer
-            return trainer is not None and trainer.poll() is not None
-        except WorkerError:
-            return True
+        return _trained(self._candidate_trainer)
 
     def _cut_over(
         self,
@@ -959,8 +961,9 @@ class CodeService:
         """Code with ``codebook`` from this batch on, in its own namespace; the codebook
         before it goes on in :attr:`handed_over` (its loaded assigners with it), kept while
         a published version was trained on it. The items held so far are coded in chunks,
-        as after a bootstrap; the batch whose chunk ends that catch-up requests a fine-tune
-        of every domain with a version (:meth:`_migrated`)."""
+        as after a bootstrap; the batch whose chunk ends that catch-up reports it
+        (:meth:`_migrated`), and the scheduler then fine-tunes the domains behind the
+        codebook."""
         old = self.codebook
         assert old is not None
         self._drop_request(batch)
@@ -1309,23 +1312,24 @@ def retrain_codebook(
     codebook = ResidualCodebook.train(vectors.astype(np.float32), levels, k, seed=seed)
     old = load_codebook(store)
     service = CodeService(store, settings)  # reads the old codes (their history's "old")
+    old_ns, new_ns = service.ns, namespace_prefix(codebook.codebook_id)
     batch = store.batch()
     result = CodingResult(trained=codebook.codebook_id)
     for domain in sorted(held):
         before = service.assigner(domain) if old is not None else None
         old_codes = {} if before is None else {key: before.served_code(key) for key in before.keys}
-        service.codebook, service.ns = codebook, namespace_prefix(codebook.codebook_id)
+        service.codebook, service.ns = codebook, new_ns
         service.domains[domain] = service._load_fresh(domain, newest[domain])
         service._code_items(domain, held[domain], newest[domain], {}, result)
         service.domains[domain].resave = True
-        service.codebook, service.ns = old, current_namespace(store)
+        service.codebook, service.ns = old, old_ns
         result.changes = [
             (d, CodeChange(c.key, old_codes.get(c.key, ()), c.new, "recode", c.ts))
             if d == domain
             else (d, c)
             for d, c in result.changes
         ]
-    service.codebook, service.ns = codebook, namespace_prefix(codebook.codebook_id)
+    service.codebook, service.ns = codebook, new_ns
     _register_namespaces(store, batch, codebook)
     put_codebook(batch, codebook, store)
     service._flush(batch, result)

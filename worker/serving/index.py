@@ -97,7 +97,6 @@ from worker.state.reads import (
     committed_assigner,
     has_domain,
     known_domains,
-    load_codebook,
     load_codebook_by_id,
     stored_embeddings,
 )
@@ -682,37 +681,31 @@ def version_codes(
 ) -> tuple[str, bytes | None, str | None]:
     """Which codes serve ``version``'s later items: ``(codebook id, namespace, foreign)``.
     The namespace is ``None`` for the current codebook's codes, else the prefix of the
-    older codebook's codes kept for it (see :class:`~worker.ingest.coding.KeptCodes`);
-    ``foreign`` says why no codes fit (see :func:`foreign_codebook`), else ``None``."""
+    older codebook's codes kept for it (see :class:`~worker.ingest.coding.KeptCodes`).
+
+    ``foreign`` says why no codes fit, else ``None``. A version is trained on the codebook
+    its items were coded with (its record's ``codebook_id``); once the state's codebook is
+    another (``adacode codebook train``, a migration), a code names that codebook's
+    codewords and the version's rows stand for the old ones, so the version serves its own
+    items only, unless the old codebook's codes are kept (they are while a published version
+    uses them; a version rejected by its gate, or an old state from before they were kept,
+    has none). An unknown codebook on either side counts as the same."""
     record = get_record(store, domain, version)
     codebook_id = "" if record is None else record.codebook_id
-    current = store.get("meta", CODEBOOK_CURRENT)
-    if not codebook_id or current is None or codebook_id == current.decode():
+    raw = store.get("meta", CODEBOOK_CURRENT)
+    current = "" if raw is None else raw.decode()
+    if not codebook_id or not current or codebook_id == current:
         return codebook_id, None, None
     ns = code_namespaces(store).get(codebook_id)
-    if ns is None:
-        return codebook_id, None, foreign_codebook(store, domain, version)
-    return codebook_id, ns, None
-
-
-def foreign_codebook(store: StorePartition, domain: str, version: int) -> str | None:
-    """Why the items' live codes do not fit ``version`` (``None``: they do). A version is
-    trained on the codebook its items were coded with (its record's ``codebook_id``); once
-    the state's codebook is another (``adacode codebook train``), a code names that
-    codebook's codewords, and the version's rows stand for the old ones, unless the old
-    codebook's codes are kept (they are while a published version uses them; a version
-    rejected by its gate, or an old state from before they were kept, has none)."""
-    record = get_record(store, domain, version)
-    codebook = load_codebook(store)
-    if record is None or codebook is None or not record.of_another_codebook(codebook.codebook_id):
-        return None
-    if record.codebook_id in code_namespaces(store):
-        return None
+    if ns is not None:
+        return codebook_id, ns, None
     return (
-        f"version {version} was trained on codebook {record.codebook_id} and the items are "
-        f"now coded with codebook {codebook.codebook_id}: it serves its own items only, and "
+        codebook_id,
+        None,
+        f"version {version} was trained on codebook {codebook_id} and the items are "
+        f"now coded with codebook {current}: it serves its own items only, and "
         f"items that arrived since are served once a fine-tune on the current codebook "
-        f"publishes"
+        f"publishes",
     )
 
 
