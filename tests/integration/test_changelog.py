@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import orjson
 import pytest
@@ -116,7 +119,36 @@ def test_a_successor_moves_the_groups_codebook_and_the_first_one_of_a_head_wins(
         d.codebook_id,
     ]
     assert CodebookLog(s).first() == a  # the bootstrap's agreement is unchanged
-    assert CodebookLog(s).agree(c) == a
+    # a worker that bootstraps now takes where the group went, not where it started
+    group = CodebookLog(s)
+    assert group.seen() is None  # nothing read yet
+    assert group.agree(c) == d == group.current() and group.seen() == [a, b, d]
+
+
+def test_the_watch_follows_the_topic_until_stopped(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path
+) -> None:
+    """``CodebookLog.watch`` re-reads the chain on its thread: a successor another worker
+    offers shows in :meth:`seen` within the interval; the thread ends with the stop event."""
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused")
+    create_topics(s, partitions=1)
+    a, b = _codebook(0), _codebook(1)
+    CodebookLog(s).agree(a)
+    group, stop = CodebookLog(s), threading.Event()
+    assert group.watch(0, stop) is None
+    thread = group.watch(0.2, stop)
+    assert thread is not None
+    deadline = time.monotonic() + 30
+    while group.seen() != [a] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group.seen() == [a]
+    CodebookLog(s).succeed(a.codebook_id, b)
+    while group.seen() != [a, b] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert group.seen() == [a, b]
+    stop.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_workers_follow_a_group_codebook_that_moved_on_and_move_it_on(

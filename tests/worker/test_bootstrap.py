@@ -226,8 +226,11 @@ class Group:
         self.codebook = existing
         self.offered: list[str] = []
 
-    def first(self) -> ResidualCodebook | None:
+    def current(self) -> ResidualCodebook | None:
         return self.codebook
+
+    def seen(self) -> list[ResidualCodebook] | None:
+        return None if self.codebook is None else [self.codebook]
 
     def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
         self.offered.append(candidate.codebook_id)

@@ -14,7 +14,7 @@ import pytest
 
 import worker.ingest.coding as coding
 from quantize.assign import AssignerState, CodeAssigner
-from quantize.codebook import suggest_shape
+from quantize.codebook import ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.memory import MemoryPartition
 from worker.core.settings import Settings
@@ -36,6 +36,7 @@ from worker.state.layout import (
 from worker.state.reads import (
     code_history,
     code_namespaces,
+    codebook_lineage,
     committed_assigner,
     load_codebook,
     load_codebook_by_id,
@@ -704,3 +705,111 @@ def test_the_catch_up_after_a_bootstrap_codes_every_held_item_chunk_by_chunk(
         _apply(store, proc, [])
     assigner = committed_assigner(store, "shop")
     assert assigner is not None and sorted(assigner.keys) == sorted(_embeddings(sent))
+
+
+class _Group:
+    """An in-process CodebookSource: a chain of codebooks another worker can move on."""
+
+    def __init__(self) -> None:
+        self.chain: list[ResidualCodebook] = []
+
+    def current(self) -> ResidualCodebook | None:
+        return self.chain[-1] if self.chain else None
+
+    def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
+        if not self.chain:
+            self.chain.append(candidate)
+        return self.chain[-1]
+
+    def succeed(self, old_id: str, new: ResidualCodebook) -> ResidualCodebook | None:
+        if self.chain and self.chain[-1].codebook_id == old_id:
+            self.chain.append(new)
+        return self.current()
+
+    def seen(self) -> list[ResidualCodebook]:
+        return list(self.chain)
+
+
+def _codebook_of(records: list[SourceRecord], levels: int, k: int, seed: int) -> ResidualCodebook:
+    vectors = _embeddings(records)
+    return ResidualCodebook.train(np.stack(list(vectors.values())), levels, k, seed=seed)
+
+
+def _until_migrated(store: MemoryPartition, proc: Processor, sent: list[SourceRecord]) -> int:
+    """Batches of new items until no migration is requested or under way; how many."""
+    n = 0
+    while store.get("meta", MIGRATE_REQUEST) or store.get("meta", MIGRATE_STATE):
+        records = _items(10, start=10_000 + 10 * len(sent), seed=len(sent))
+        sent += records
+        _apply(store, proc, records)
+        n += 1
+        assert n < 50, "the migration does not end"
+    return n
+
+
+def _coded_with(store: MemoryPartition, codebook: ResidualCodebook, sent: list[SourceRecord]):
+    assigner = committed_assigner(store, "shop")
+    assert assigner is not None
+    vectors = _embeddings(sent)
+    keys = sorted(vectors)
+    assert sorted(assigner.keys) == keys
+    paths = codebook.encode(np.stack([vectors[k] for k in keys]))
+    return all(
+        assigner.full_path(k) == tuple(int(c) for c in p) for k, p in zip(keys, paths, strict=True)
+    )
+
+
+def test_a_running_worker_follows_the_group_codebook_another_worker_moved_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another worker migrates the group (a successor on the codebook topic): the next batch
+    requests a migration to it (no training here), the one after cuts over, the items are
+    caught up and every item ends coded with the group's codebook, without a restart. A
+    group that moves on again during the catch-up is followed once it ends; a worker ahead
+    of the group (its lineage holds the group's codebook) and a group of another lineage
+    are left alone, the latter logged once."""
+    monkeypatch.setattr(coding, "CATCH_UP_ITEMS", 60)
+    store, group = MemoryPartition(), _Group()
+    proc = Processor(store, S, None, group=group)
+    sent = _items(100) + _items(200, start=100, seed=7)
+    _apply(store, proc, sent[:100])
+    _apply(store, proc, sent[100:])
+    old = load_codebook(store)
+    assert old is not None and group.chain == [old]
+    _apply(store, proc, _items(0))
+    assert store.get("meta", MIGRATE_REQUEST) is None  # the group is where this worker is
+
+    # -- another worker migrates; then the group moves on again during the catch-up --------
+    second = _codebook_of(sent, 3, 16, seed=1)
+    group.chain.append(second)
+    records = _items(10, start=300, seed=3)
+    sent += records
+    _apply(store, proc, records)
+    request = orjson.loads(store.get("meta", MIGRATE_REQUEST) or b"{}")
+    assert request["codebook"] == second.codebook_id
+    records = _items(10, start=310, seed=4)
+    sent += records
+    _apply(store, proc, records)  # the cut-over
+    assert load_codebook(store) == second and store.get("meta", MIGRATE_STATE) is not None
+    third = _codebook_of(sent, 2, 32, seed=2)
+    group.chain.append(third)
+    records = _items(10, start=320, seed=5)
+    sent += records
+    _apply(store, proc, records)
+    assert orjson.loads(store.get("meta", MIGRATE_STATE) or b"{}")["to"] == second.codebook_id
+    _until_migrated(store, proc, sent)
+    assert load_codebook(store) == third and _coded_with(store, third, sent)
+    assert codebook_lineage(store) == [c.codebook_id for c in (old, second, third)]
+
+    # -- ahead of the group, or a group of another lineage: nothing requested ----------------
+    group.chain = [old, second]
+    records = _items(10, start=20_000, seed=6)
+    sent += records
+    _apply(store, proc, records)
+    assert store.get("meta", MIGRATE_REQUEST) is None
+    other = _codebook_of(sent, 2, 8, seed=3)
+    group.chain = [other]
+    for n in range(2):
+        _apply(store, proc, _items(5, start=30_000 + 5 * n, seed=n))
+    assert store.get("meta", MIGRATE_REQUEST) is None and load_codebook(store) == third
+    assert caplog.text.count(f"the group's codebook is {other.codebook_id}") == 1

@@ -385,6 +385,8 @@ class Daemon:
         code = 0
         self.scheduler.start()
         self.serving.start()
+        # a migration another worker of the group makes is followed while this one runs
+        self.codebooks.watch(self.settings.codebook_watch_s, self.stop_event)
         if self.settings.encoder_preload:
             # in the background: start-up and items with embeddings don't wait for it;
             # the first batch with texts waits for the load to finish

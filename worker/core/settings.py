@@ -179,6 +179,12 @@ class Settings:
         "migrate live to a codebook trained on today's items once the drift score passes "
         "codebook_drift_threshold (adacode codebook migrate asks for one at any time)",
     )
+    codebook_watch_s: float = setting(
+        30.0,
+        "seconds between two reads of the group's codebook topic by a running worker, which "
+        "follows a migration another worker made (0: only at start)",
+        minimum=0.0,
+    )
 
     # --- fine-tuning and versions ------------------------------------------------------
     finetune_interval_s: float = setting(

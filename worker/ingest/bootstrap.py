@@ -319,7 +319,7 @@ class Bootstrap:
         """Take the group's codebook if it has one; else read the sample, train on it and
         agree with the group."""
         if self.group is not None and self._agree:
-            found = self.group.first()
+            found = self.group.current()
             if found is not None:
                 log.info("codebook bootstrap: using the group's codebook %s", found.codebook_id)
                 return found

@@ -292,14 +292,18 @@ def put_codebook(
 class CodebookSource(Protocol):
     """Where a group of workers agrees on one codebook (see :mod:`worker.ingest.group`)."""
 
-    def first(self) -> ResidualCodebook | None:
-        """The group's codebook, or ``None`` while there is none."""
+    def current(self) -> ResidualCodebook | None:
+        """The group's codebook (read now), or ``None`` while there is none."""
 
     def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
         """Offer ``candidate``; returns the group's codebook."""
 
     def succeed(self, old_id: str, new: ResidualCodebook) -> ResidualCodebook | None:
         """Offer ``new`` as the successor of ``old_id``; returns the group's codebook."""
+
+    def seen(self) -> Sequence[ResidualCodebook] | None:
+        """The group's chain of codebooks as last read, oldest first (no call to the group;
+        ``None`` before the first read)."""
 
 
 class Trainer(Protocol):
@@ -435,6 +439,8 @@ class CodeService:
         #: a migration cut over, while its catch-up runs (read once; see _migration_state)
         self._cut: dict[str, str] | None = None
         self._cut_loaded = False
+        #: group codebooks of another lineage, logged once each (see _follow_group)
+        self._unrelated: set[str] = set()
         if self.codebook is not None and self.current:
             self.drift = load_drift(store, self.codebook)
             if self.drift is not None:
@@ -535,7 +541,8 @@ class CodeService:
 
         A requested migration cuts over before step 2, once its candidate is trained (see
         :meth:`_migrate`): from then on this service codes with the candidate, and the
-        service of the codebook before it is in :attr:`handed_over`.
+        service of the codebook before it is in :attr:`handed_over`. A group whose codebook
+        moved past this worker's is followed the same way (:meth:`_follow_group`).
         """
         with self.lock:
             result = CodingResult()
@@ -551,6 +558,7 @@ class CodeService:
             self._rounds(batch, moves, before, counters, result)
             self._flush(batch, result)
             self._migrate_on_drift(batch)
+            self._follow_group(batch)
             return result
 
     # -- 1. bootstrap ---------------------------------------------------------------------
@@ -715,7 +723,7 @@ class CodeService:
         if now - self._group_checked < GROUP_CODEBOOK_POLL_S:
             return None
         self._group_checked = now
-        found = self.group.first()
+        found = self.group.current()
         if found is not None:
             log.info("using the group's codebook %s", found.codebook_id)
         return found
@@ -852,6 +860,40 @@ class CodeService:
         batch.put("meta", MIGRATE_REQUEST, orjson.dumps(self._migration))
         log.info("codebook migration requested (%s)", source)
         return True
+
+    def _follow_group(self, batch: WriteBatch) -> None:
+        """The group's codebook moved past this worker's while it runs (another worker
+        migrated; the daemon re-reads the codebook topic every ``codebook_watch_s``): request
+        a migration to it, as a worker that starts behind the group does (a migration with a
+        target: no training; it replaces a migration of this worker's own not cut over yet).
+
+        Nothing to do while this worker's own cut-over catches up (it follows afterwards, if
+        the group moved on meanwhile) or when the group's codebook is in this worker's
+        lineage (this worker is ahead: its next start offers its own); a codebook of
+        another lineage is logged once (the next start refuses it)."""
+        if self.group is None or self.codebook is None or not self.current:
+            return
+        chain = self.group.seen()
+        if not chain or chain[-1].codebook_id == self.codebook.codebook_id:
+            return
+        head = chain[-1]
+        pending = self._pending_migration() or {}
+        if self._catching_up() or pending.get("codebook") == head.codebook_id:
+            return
+        if self.codebook.codebook_id in {c.codebook_id for c in chain}:
+            self.request_migration(
+                batch, f"the group's codebook moved on to {head.codebook_id}", target=head
+            )
+        elif head.codebook_id not in self._unrelated and head.codebook_id not in (
+            codebook_lineage(self.store)
+        ):
+            self._unrelated.add(head.codebook_id)
+            log.error(
+                "the group's codebook is %s, of another lineage than this worker's %s: not "
+                "followed; the next start of this worker refuses it",
+                head.codebook_id,
+                self.codebook.codebook_id,
+            )
 
     def _migrate_on_drift(self, batch: WriteBatch) -> None:
         """With ``codebook_migrate_on_drift``, a drift past its threshold requests a

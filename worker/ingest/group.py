@@ -40,11 +40,18 @@ from kafka.errors import KafkaError
 from kafka.partitioner import murmur2
 
 from quantize.codebook import ResidualCodebook
+from quantize.exceptions import CodebookError
 from store.partition import StorePartition, WriteBatch, decode_offset_key
 from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
 from worker.ingest.coding import CodeService
-from worker.ingest.exceptions import CodebookConflictError, KafkaUnavailableError, NotOwnedError
+from worker.ingest.exceptions import (
+    BatchAbandoned,
+    CodebookConflictError,
+    KafkaRefusedError,
+    KafkaUnavailableError,
+    NotOwnedError,
+)
 from worker.ingest.kafka_calls import KafkaCall, KafkaCalls, close_producer, poll_records
 from worker.state.layout import (
     mirrored_offset_key,
@@ -440,6 +447,22 @@ def _successor(key: bytes) -> bool:
 SUCCESSOR = b"next\x00"
 
 
+def follow_chain(records: Iterable[tuple[bytes, bytes]]) -> list[ResidualCodebook]:
+    """The chain of codebooks in the codebook topic's ``(key, value)`` records (offset
+    order): the first codebook, then each successor record that follows the chain's last
+    (the first such record wins)."""
+    chain: list[ResidualCodebook] = []
+    for key, value in records:
+        if not _successor(key):
+            if not chain:
+                chain.append(ResidualCodebook.from_bytes(value))
+            continue
+        follows, _, raw = value.partition(b"\x00")
+        if chain and follows.decode() == chain[-1].codebook_id:
+            chain.append(ResidualCodebook.from_bytes(raw))
+    return chain
+
+
 class CodebookLog:
     """The one-partition ``codebook`` topic: the first codebook on it, then each successor
     that follows the last (see the module docstring)."""
@@ -451,9 +474,11 @@ class CodebookLog:
         self.topic = settings.topic("codebook")
         self._lock = threading.Lock()
         self._first: ResidualCodebook | None = None
+        self._seen: list[ResidualCodebook] | None = None
 
     def first(self, timeout_s: float = 5.0) -> ResidualCodebook | None:
-        """The group's first codebook, or ``None`` when none was published yet."""
+        """The group's first codebook (the bootstrap's agreement), or ``None`` when none was
+        published yet."""
         with self._lock:
             if self._first is None:
                 records = self.calls.call(KafkaCall.CODEBOOK_READ, lambda: self._read(timeout_s))
@@ -463,20 +488,49 @@ class CodebookLog:
                 )
             return self._first
 
+    def current(self, timeout_s: float = 5.0) -> ResidualCodebook | None:
+        """The group's codebook now: the chain's last (read now), ``None`` when none was
+        published yet."""
+        chain = self.chain(timeout_s)
+        return chain[-1] if chain else None
+
     def chain(self, timeout_s: float = 5.0) -> list[ResidualCodebook]:
         """The group's codebooks in the order it moved through them (read now); the last
         is the group's codebook (empty: none yet)."""
         records = self.calls.call(KafkaCall.CODEBOOK_READ, lambda: self._read(timeout_s))
-        chain: list[ResidualCodebook] = []
-        for key, value in records:
-            if not _successor(key):
-                if not chain:
-                    chain.append(ResidualCodebook.from_bytes(value))
-                continue
-            follows, _, raw = value.partition(b"\x00")
-            if chain and follows.decode() == chain[-1].codebook_id:
-                chain.append(ResidualCodebook.from_bytes(raw))
+        chain = follow_chain(records)
+        with self._lock:
+            self._seen = chain
         return chain
+
+    def seen(self) -> list[ResidualCodebook] | None:
+        """The chain as it was last read (at start, by an offer or by :meth:`watch`), without
+        a Kafka call; ``None`` before the first read."""
+        with self._lock:
+            return self._seen
+
+    def watch(self, interval_s: float, stop_event: threading.Event) -> threading.Thread | None:
+        """Read the chain again every ``interval_s`` on a thread of its own until
+        ``stop_event`` is set, so that :meth:`seen` follows a migration another worker made
+        (``interval_s`` 0: no thread). A read that fails (the broker is down) is logged and
+        tried again at the next interval."""
+        if interval_s <= 0:
+            return None
+
+        def run() -> None:
+            while not stop_event.wait(interval_s):
+                try:
+                    self.chain()
+                except BatchAbandoned:
+                    return  # stopping while the broker is down
+                except (KafkaUnavailableError, KafkaRefusedError) as exc:
+                    log.warning("could not read the group's codebook: %s", exc)
+                except CodebookError as exc:
+                    log.error("%s holds a codebook that cannot be read: %s", self.topic, exc)
+
+        thread = threading.Thread(target=run, name="codebook-watch", daemon=True)
+        thread.start()
+        return thread
 
     def succeed(self, old_id: str, new: ResidualCodebook) -> ResidualCodebook | None:
         """Offer ``new`` as the successor of ``old_id``; returns the group's codebook after
@@ -493,12 +547,13 @@ class CodebookLog:
         return chain[-1] if chain else None
 
     def agree(self, candidate: ResidualCodebook) -> ResidualCodebook:
-        """Offer ``candidate``; returns the group's codebook (``candidate`` if it came first)."""
-        found = self.first()
+        """Offer ``candidate`` as the group's first codebook; returns the group's codebook
+        (``candidate`` if it came first; the chain's last if the group moved on since)."""
+        found = self.current()
         if found is not None:
             return found
         self.calls.call(KafkaCall.CODEBOOK_OFFER, lambda: self._offer(candidate))
-        winner = self.first()
+        winner = self.current()
         if winner is None:
             raise KafkaUnavailableError(
                 f"codebook {candidate.codebook_id} was acknowledged by {self.topic} but cannot "
