@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from quantize.evaluate import holdout_split, recall_ndcg, user_histories
+from quantize.remap import FittedRows, code_vectors, fit_rows
 from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
 from quantize.train import EpochReport, TrainConfig, rank_histories, shared_init, train_domain
 from store.partition import StorePartition
@@ -598,7 +599,7 @@ class FineTuner:
             return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NOT_READY, reason))
         holdout = self._hold_out(data)
         parent = current_version(self.store, domain)
-        init, mode, new_since = self._warm_start(domain, parent, data.codebook_id)
+        init, mode, new_since = self._warm_start(domain, parent, data)
         if new_since is not None and not (data.timestamps[holdout.train] >= new_since).any():
             reason = f"no new interactions since version {parent}"
             return self._settle(Outcome(domain, FinetuneStatus.SKIPPED_NO_NEW_DATA, reason))
@@ -935,16 +936,19 @@ class FineTuner:
         )
 
     def _warm_start(
-        self, domain: str, parent: int | None, codebook_id: str
+        self, domain: str, parent: int | None, data: DomainData
     ) -> tuple[Snapshot | None, str, int | None]:
         """Where a run starts: ``(init, mode, new_since)``.
 
         1. The domain's current version (``parent``), incrementally (the log since its
            watermark), when it has the settings' model shape and was trained on the
-           codebook the items are coded with now (``codebook_id``). A version of another
-           codebook (``adacode codebook train`` re-coded the items) seeds only what does
-           not depend on codes (encoder, text projection, level weights): its rows stand
-           for the old codewords, so they start fresh and the whole log is trained.
+           codebook the items are coded with now (``data.codebook_id``). A version of
+           another codebook (a migration or ``adacode codebook train`` re-coded the items)
+           seeds what does not depend on codes (encoder, text projection, level weights)
+           as it is, and the rows fitted to its items' code vectors
+           (:func:`mapped_rows`): its rows stand for the old codewords, the items that
+           moved together into a new cell carry over what they learned; the whole log is
+           trained.
         2. Else another domain's current version of the same codebook (shared parts and
            level rows: one codebook means the same codewords everywhere).
         3. Else from scratch.
@@ -953,11 +957,16 @@ class FineTuner:
             record = get_record(self.store, domain, parent)
             table = load_table(self.store, domain, parent)
             fits = self._fits(table.snapshot)
-            if fits and record is not None and record.of_another_codebook(codebook_id):
+            if fits and record is not None and record.of_another_codebook(data.codebook_id):
+                params = shared_init(table.snapshot.params, 0)
+                fit = mapped_rows(table, data, check=self._stopper(domain, "mapping the rows"))
+                params[ROWS] = fit.rows
                 return (
-                    replace(table.snapshot, params=shared_init(table.snapshot.params, 0)),
+                    replace(table.snapshot, params=params),
                     f"scratch (v{parent} was trained on codebook {record.codebook_id}; "
-                    "shared parts kept)",
+                    f"shared parts kept, {int(fit.fitted.sum())} of {len(fit.rows)} rows fitted "
+                    f"to its items' code vectors, error {fit.error_before:.3g} -> "
+                    f"{fit.error_after:.3g})",
                     None,
                 )
             if fits:
@@ -986,3 +995,34 @@ class FineTuner:
                 None,
             )
         return None, "scratch", None
+
+
+#: the table's rows in a snapshot's params
+ROWS = "table.rows"
+
+
+def mapped_rows(table: VersionTable, data: DomainData, *, check: Check | None = None) -> FittedRows:
+    """Rows for ``data``'s codes (a codebook other than ``table``'s), fitted so that each
+    item the version trained gets a code vector as close as it can to the one it had in the
+    version (:func:`quantize.remap.fit_rows`); rows no such item uses start fresh (seeded).
+    The level weights are the version's (the warm start keeps them)."""
+    params = table.snapshot.params
+    hidden = params[ROWS].shape[1]
+    trained = np.ones(len(table.item_ids), bool) if table.trained is None else table.trained
+    position = {item: i for i, item in enumerate(table.item_ids)}
+    pairs = np.asarray(
+        [(i, position[item]) for i, item in enumerate(data.item_ids) if item in position],
+        dtype=np.int64,
+    ).reshape(-1, 2)
+    pairs = pairs[trained[pairs[:, 1]]]
+    del position
+    old_weights = params.get("table.level_weight")
+    width = data.item_rows.shape[1]
+    weights = np.ones(width)
+    if old_weights is not None:
+        n = min(width, len(old_weights))
+        weights[:n] = old_weights[:n]
+    targets = code_vectors(params[ROWS], table.item_rows[pairs[:, 1]], old_weights)
+    rng = np.random.default_rng(0)
+    init = (rng.standard_normal((data.n_rows, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    return fit_rows(targets, data.item_rows[pairs[:, 0]], init, weights, check=check)
