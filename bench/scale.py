@@ -356,6 +356,9 @@ _CODEBOOK_START = re.compile(
 _FINETUNE_VERSION = re.compile(r"fine-tune \S+: version \d+")
 _CUT_OVER = re.compile(r"codebook migration: cut over from")
 _MIGRATED = re.compile(r"codebook migration to \S+: every item is coded")
+_FINETUNE_OUTCOME = re.compile(
+    r"fine-tune \S+: version (\d+) (published|rejected) \((.*)\) in ([\d.]+) s"
+)
 _FINETUNE_FAILED = re.compile(
     r"fine-tune.*\b(over budget|rejected|skipped|abandoned|dropped|failed|not published)\b",
     re.IGNORECASE,
@@ -1128,6 +1131,12 @@ class ScaleRun:
                     m.setdefault("cut_over_s", line.ts - started)
                 if line.ts is not None and _MIGRATED.search(line.msg):
                     m.setdefault("coded_s", line.ts - started)
+                outcome = _FINETUNE_OUTCOME.search(line.msg)
+                if outcome and "coded_s" in m and "verdict" not in m:
+                    m["new_version"], m["verdict"] = int(outcome[1]), outcome[2]
+                    m["gate"], m["finetune_s"] = outcome[3], float(outcome[4])
+            if m.get("verdict") == "rejected":
+                break  # the domain stays on the old codebook: nothing more to wait for
             status, doc = self.api("GET", f"/v1/domains/{d}/versions")
             moved = status == 200 and doc and doc.get("current") not in (None, before)
             if moved and doc.get("served"):
@@ -1448,6 +1457,11 @@ def migration_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
             "cut over / every item coded / new version served, s after the command",
             f"{_f(m.get('cut_over_s'), '{:.1f}')} / {_f(m.get('coded_s'), '{:.1f}')} / "
             f"{_f(m.get('served_s'), '{:.1f}')}",
+        ),
+        (
+            "the new codebook's first version: fine-tune, gate",
+            f"v{_f(m.get('new_version'))} {m.get('verdict', 'n/a')} after "
+            f"{_f(m.get('finetune_s'), '{:.1f} s')} ({m.get('gate', 'n/a')})",
         ),
         (
             "during the migration (command to every item coded): longest consumer pause, "
