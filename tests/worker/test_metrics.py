@@ -132,6 +132,21 @@ def test_the_codebook_drift_is_exposed_and_nan_until_it_can_be_scored() -> None:
     assert samples[("adacode_codebook_coded_items", (("window", "recent"),))] == 400
 
 
+@pytest.mark.parametrize(
+    ("chain", "current", "mine"),
+    [(["a"], "a", 1), (["a", "b", "c"], "b", 2), (["a", "b"], "b", 2), (["a", "b"], "x", 0)],
+    ids=["first", "behind", "level", "other-lineage"],
+)
+def test_the_worker_and_group_codebook_generations(
+    chain: list[str], current: str, mine: int
+) -> None:
+    m = Metrics()
+    m.observe_codebook_chain(chain, current)
+    samples = _samples(m.render().decode())
+    assert samples[("adacode_codebook_generation", ())] == mine
+    assert samples[("adacode_group_codebook_generation", ())] == len(chain)
+
+
 def _gc_count(metrics: Metrics, generation: str) -> float:
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:

@@ -349,6 +349,11 @@ class Daemon:
             drift = codes.drift_report()
             if drift is not None:
                 self.metrics.observe_drift(drift)
+            chain, current = self.codebooks.seen(), codes.codebook
+            if chain is not None and current is not None:
+                self.metrics.observe_codebook_chain(
+                    [c.codebook_id for c in chain], current.codebook_id
+                )
         self._observe_versions()
         return Response(200, self.metrics.render(), "text/plain; version=0.0.4")
 

@@ -11,7 +11,7 @@ import gc
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 from prometheus_client import (
@@ -302,6 +302,19 @@ class Metrics:
             ["window"],
             registry=r,
         )
+        # the group's chain of codebooks (worker.ingest.group): set at a scrape from the last read
+        self.codebook_generation = Gauge(
+            "adacode_codebook_generation",
+            "place of this worker's codebook in the group's chain of codebooks (1: the first; "
+            "0: not in it)",
+            registry=r,
+        )
+        self.group_codebook_generation = Gauge(
+            "adacode_group_codebook_generation",
+            "codebooks in the group's chain as last read: a worker whose generation is lower "
+            "is behind the group (it follows within codebook_watch_s and a migration)",
+            registry=r,
+        )
         # process_* (RSS, CPU, open fds) of this process, read at each scrape
         ProcessCollector(registry=r)
 
@@ -329,6 +342,11 @@ class Metrics:
         self.drift_share.set(report.catalogue_share)
         self.drift_items.labels("baseline").set(report.baseline_items)
         self.drift_items.labels("recent").set(report.recent_items)
+
+    def observe_codebook_chain(self, chain: Sequence[str], current: str) -> None:
+        """The group's chain of codebook ids as last read, and this worker's codebook."""
+        self.group_codebook_generation.set(len(chain))
+        self.codebook_generation.set(chain.index(current) + 1 if current in chain else 0)
 
     def observe_finetune_queue(self, waiting: int, running: int, first_versions: int) -> None:
         """The queue changed: ``waiting`` domains due, ``running`` fine-tunes, and
