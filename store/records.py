@@ -17,6 +17,7 @@ meta            :class:`DomainCounters`
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -76,6 +77,26 @@ class ItemRecord:
 
     def seen(self, ts: int) -> ItemRecord:
         return replace(self, first_seen=min(self.first_seen, ts), last_seen=max(self.last_seen, ts))
+
+
+def hold_embeddings(raws: Sequence[bytes]) -> np.ndarray:
+    """Per encoded :class:`ItemRecord`, whether it holds an embedding (not a placeholder,
+    a non-empty vector), read from the records' heads in bulk (no Python call per record:
+    a scan of a million items does not hold the interpreter record by record). A record that
+    :meth:`ItemRecord.decode` would refuse raises the same error."""
+    n, size = len(raws), _ITEM_HEAD.size
+    lengths = np.fromiter(map(len, raws), dtype=np.int64, count=n)
+    if n and lengths.min() < size:
+        raise _corrupt("item", raws[int(np.argmin(lengths))])
+    heads = np.frombuffer(
+        b"".join(map(operator.itemgetter(slice(0, size)), raws)), dtype=np.uint8
+    ).reshape(n, size)
+    text = heads[:, size - 2].astype(np.int64) << 8 | heads[:, size - 1]  # ">H", last
+    body = lengths - size
+    bad = (heads[:, 0] != _V1) | (body < text) | ((body - text) % 4 != 0)
+    if bad.any():
+        raise _corrupt("item", raws[int(np.argmax(bad))])
+    return ((heads[:, 1] & _PLACEHOLDER) == 0) & (body > text)
 
 
 # --- popularity ----------------------------------------------------------------------

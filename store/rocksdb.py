@@ -74,9 +74,6 @@ MEMTABLE_BUDGET_BYTES = 64 * 1024 * 1024
 #: resident size followed the state's size on disk.
 BLOCK_CACHE_BYTES = 64 * 1024 * 1024
 _BLOCK_CACHE = rocksdict.Cache(BLOCK_CACHE_BYTES)
-#: rows :meth:`RocksDBPartition.scan` reads per call into rocksdict (~10 ms with the GIL
-#: held at ~1 us a row: between two chunks, other threads run)
-SCAN_CHUNK = 8192
 #: the most seconds a checkpoint waits for the memtables' background flush (see
 #: RocksDBPartition._flush_in_background)
 FLUSH_WAIT_S = 5.0
@@ -226,6 +223,27 @@ class _Cursor(Iterator[tuple[bytes, bytes]]):
             self._rows = self._read_options = None
             raise StopIteration
         return key, value
+
+    def take(self, n: int) -> list[tuple[bytes, bytes]]:
+        """The next ``n`` rows at most, read in one call into rocksdict (no Python call per
+        row); forward cursors only (a reverse one has a floor to check row by row)."""
+        rows = self._rows
+        if rows is None or self._floor is not None:
+            return list(itertools.islice(self, n))
+        try:
+            chunk = cast(list[tuple[bytes, bytes]], list(itertools.islice(rows, n)))
+        except rocksdict.DbClosedError as exc:
+            raise StoreClosedError(
+                f"state store {self._owner.path} was closed while being iterated"
+            ) from exc
+        except Exception as exc:
+            raise StoreError(
+                f"reading state store {self._owner.path} failed ({exc}); "
+                "check the disk, then restart the worker"
+            ) from exc
+        if len(chunk) < n:
+            self._rows = self._read_options = None
+        return chunk
 
     def release(self) -> None:
         self._rows = self._read_options = None
@@ -485,28 +503,21 @@ class RocksDBPartition(StorePartition):
         self._cursors.add(cursor)
         return cursor
 
-    def scan(self, cf: str, *, prefix: bytes = b"") -> tuple[list[bytes], list[bytes]]:
-        family = self._family(cf)
-        lower, upper = key_range(prefix, None, None)
-        read_options = rocksdict.ReadOptions()
-        read_options.fill_cache(False)  # type: ignore[call-arg]  # as items()
-        if upper is not None:
-            read_options.set_iterate_upper_bound(upper)
-        try:  # rocksdict's iterator into a list, SCAN_CHUNK rows per call: no wrapper
-            # call per row, and other threads (a scrape, a request) get the GIL between
-            # chunks instead of waiting for a million rows (~1 s held in one call)
-            rows = family.items(from_key=lower, read_opt=read_options)
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            while chunk := list(itertools.islice(rows, SCAN_CHUNK)):
-                chunk_keys, chunk_values = zip(*chunk, strict=True)  # the pairs die here
-                keys += chunk_keys
-                values += chunk_values
-            return keys, values
-        except rocksdict.DbClosedError as exc:
-            raise self._closed_error() from exc
-        except Exception as exc:
-            raise self._read_error(exc) from exc
+    def scan_chunks(
+        self, cf: str, size: int, *, prefix: bytes = b""
+    ) -> Iterator[tuple[list[bytes], list[bytes]]]:
+        # rocksdict's iterator into a list, ``size`` rows per call: no wrapper call per row,
+        # and other threads (a scrape, a request) get the GIL between chunks instead of
+        # waiting for a million rows (~1 s held in one call); the cursor is released with
+        # the partition, as any scan's
+        if size < 1:
+            raise ValueError(f"scan_chunks: size={size}; it must be at least 1")
+        rows = self.items(cf, prefix=prefix)
+        if not isinstance(rows, _Cursor):  # an empty range
+            return
+        while chunk := rows.take(size):
+            keys, values = zip(*chunk, strict=True)  # the pairs die here
+            yield list(keys), list(values)
 
     # ---- writes --------------------------------------------------------------------
 

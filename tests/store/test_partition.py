@@ -18,12 +18,12 @@ from store.partition import (
     COLUMN_FAMILIES,
     FORMAT,
     FORMAT_KEY,
+    SCAN_CHUNK,
     decode_offset_key,
     key_range,
     offset_key,
     prefix_upper_bound,
 )
-from store.rocksdb import SCAN_CHUNK
 
 
 @pytest.fixture(params=["memory", "rocksdb"])
@@ -208,6 +208,31 @@ def test_a_scan_longer_than_its_read_chunk_returns_every_row_once_in_order(
     put_all(partition, "codes", rows | {b"o": b"before", b"q": b"after"})
     keys, values = partition.scan("codes", prefix=b"p")
     assert list(zip(keys, values, strict=True)) == sorted(rows.items())
+
+
+@pytest.mark.parametrize("size", [1, 7, 4096])
+def test_chunked_scans_give_every_row_once_in_order_from_one_snapshot(
+    partition: StorePartition, size: int
+) -> None:
+    """``scan_chunks``: chunks of at most ``size`` rows, together the scan's rows; rows
+    written after the first chunk was read are not in the later ones."""
+    rows = {b"p" + i.to_bytes(4, "big"): i.to_bytes(4, "little") for i in range(3 * 7 + 2)}
+    put_all(partition, "codes", rows | {b"o": b"before", b"q": b"after"})
+    chunks = partition.scan_chunks("codes", size, prefix=b"p")
+    first_keys, first_values = next(chunks)
+    batch = partition.batch()
+    batch.put("codes", b"p\xff", b"later")
+    batch.delete("codes", b"p" + (22).to_bytes(4, "big"))
+    partition.write(batch)
+    rest = list(chunks)
+    assert len(first_keys) == min(size, len(rows))
+    assert all(0 < len(k) <= size and len(k) == len(v) for k, v in rest)
+    keys = first_keys + [k for ks, _ in rest for k in ks]
+    values = first_values + [v for _, vs in rest for v in vs]
+    assert list(zip(keys, values, strict=True)) == sorted(rows.items())
+    assert list(partition.scan_chunks("codes", 3, prefix=b"zz")) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        next(partition.scan_chunks("codes", 0))
 
 
 def test_prefix_helpers_match_a_brute_force_scan() -> None:

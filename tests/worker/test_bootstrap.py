@@ -22,6 +22,7 @@ from worker.ingest.bootstrap import (
     choose_sample,
     sample_cap,
     sample_rank,
+    sample_ranks,
     scan_sample,
 )
 from worker.ingest.exceptions import BootstrapError, BootstrapStopped
@@ -111,6 +112,13 @@ def test_sample_is_bounded_and_skips_items_without_embeddings(store: StorePartit
     assert grown == set(expected_sample({**items, **more}, 50))
     cut = max(sample_rank(k) for k in grown)
     assert {k for k in small if sample_rank(k) <= cut} <= grown
+
+
+def test_bulk_ranks_equal_the_rank_of_each_key() -> None:
+    keys = [b"", b"a", b"shop\x00i1", *(f"d\x00item-{i}".encode() for i in range(500))]
+    ranks = sample_ranks(keys)
+    assert ranks.dtype == np.uint64 and [int(r) for r in ranks] == [sample_rank(k) for k in keys]
+    assert sample_ranks([]).shape == (0,)
 
 
 def test_sample_cap_follows_the_configured_k() -> None:

@@ -211,6 +211,11 @@ class MirroredStore(StorePartition):
     def scan(self, cf: str, *, prefix: bytes = b"") -> tuple[list[bytes], list[bytes]]:
         return self.inner.scan(cf, prefix=prefix)
 
+    def scan_chunks(
+        self, cf: str, size: int, *, prefix: bytes = b""
+    ) -> Iterator[tuple[list[bytes], list[bytes]]]:
+        return self.inner.scan_chunks(cf, size, prefix=prefix)
+
     def batch(self) -> WriteBatch:
         return _RecordingBatch(self.inner.batch(), self)
 
