@@ -210,15 +210,8 @@ class _Cursor(Iterator[tuple[bytes, bytes]]):
         except StopIteration:
             self._rows = self._read_options = None
             raise
-        except rocksdict.DbClosedError as exc:
-            raise StoreClosedError(
-                f"state store {self._owner.path} was closed while being iterated"
-            ) from exc
         except Exception as exc:
-            raise StoreError(
-                f"reading state store {self._owner.path} failed ({exc}); "
-                "check the disk, then restart the worker"
-            ) from exc
+            raise self._failed(exc) from exc
         if self._floor is not None and key < self._floor:
             self._rows = self._read_options = None
             raise StopIteration
@@ -232,18 +225,22 @@ class _Cursor(Iterator[tuple[bytes, bytes]]):
             return list(itertools.islice(self, n))
         try:
             chunk = cast(list[tuple[bytes, bytes]], list(itertools.islice(rows, n)))
-        except rocksdict.DbClosedError as exc:
-            raise StoreClosedError(
-                f"state store {self._owner.path} was closed while being iterated"
-            ) from exc
         except Exception as exc:
-            raise StoreError(
-                f"reading state store {self._owner.path} failed ({exc}); "
-                "check the disk, then restart the worker"
-            ) from exc
+            raise self._failed(exc) from exc
         if len(chunk) < n:
             self._rows = self._read_options = None
         return chunk
+
+    def _failed(self, exc: Exception) -> StoreError:
+        """The error a failed read of the iterator raises (closed, or the disk)."""
+        if isinstance(exc, rocksdict.DbClosedError):
+            return StoreClosedError(
+                f"state store {self._owner.path} was closed while being iterated"
+            )
+        return StoreError(
+            f"reading state store {self._owner.path} failed ({exc}); "
+            "check the disk, then restart the worker"
+        )
 
     def release(self) -> None:
         self._rows = self._read_options = None
