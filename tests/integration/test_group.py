@@ -38,8 +38,8 @@ from worker.core.settings import Settings
 from worker.ingest.events import interaction_payload, item_payload
 from worker.ingest.group import CodebookLog, domain_partition
 from worker.state.layout import ASSIGNER_PREFIX, domain_of_assigner_key, domain_prefix
-from worker.state.reads import committed_assigner, domain_counters
-from worker.state.versions import current_version, list_records
+from worker.state.reads import committed_assigner, domain_counters, load_codebook
+from worker.state.versions import current_version, get_record, list_records
 
 PARTITIONS = 3
 #: fine-tunes only on request (control topic), small and fast
@@ -390,3 +390,107 @@ def test_workers_killed_and_restarted_repeatedly_apply_every_record_exactly_once
         assert counters.items == 60
     ref = _reference(kafka_bootstrap, f"{topic_prefix}ref.", tmp_path, vectors, items, inters)
     _assert_equal_to_reference(final, ref, domains, f"{kills} kills")
+
+
+def _owner(tmp_path: Path, names: list[str], topic: str, domain: str) -> str | None:
+    """The worker whose last assignment holds ``domain``'s partition of ``topic``."""
+    part = f"{topic}-{domain_partition(domain, PARTITIONS)}"
+    return next((n for n in names if part in _assigned(tmp_path / f"{n}.log")), None)
+
+
+def _current_codebook(state_dir: Path, domain: str) -> str | None:
+    """The codebook id of ``domain``'s current version in a worker's state (None: none)."""
+    with secondary(state_dir) as store:
+        version = current_version(store, domain)
+        record = None if version is None else get_record(store, domain, version)
+        return None if record is None else record.codebook_id
+
+
+def test_a_migration_reaches_every_worker_of_the_group_and_one_that_joins_midway(
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
+    """Two workers with a version of every domain; ``adacode codebook migrate`` reaches the
+    owner of its key's partition, which trains a candidate and moves the group on; the
+    other follows while it runs (``codebook_watch_s``) and a third joins midway (it takes
+    the group's codebook at start). In the end every worker codes with the new codebook,
+    every domain's owner has coded each of its items with it and serves a version trained
+    on it, and the topic's chain is the old codebook, then the new one."""
+    over = {**TUNING, "codebook_watch_s": 1}
+    domains = _domains()
+    vectors, items, inters = _stream(domains, seed=5)
+    s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused", **over)
+    create_topics(s, partitions=PARTITIONS)
+    _publish_codebook(s, vectors)
+    produce_json(kafka_bootstrap, s.topic("items"), items)
+    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
+    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    topic = s.topic("interactions")
+    names = ["w0", "w1", "w2"]
+    dirs = {n: tmp_path / n for n in names}
+    procs: dict[str, WorkerProcess] = {}
+
+    def start(n: str) -> None:
+        env = worker_env(kafka_bootstrap, topic_prefix, dirs[n], kafka_group_instance_id=n, **over)
+        procs[n] = start_worker(env, tmp_path / f"{n}.log")
+
+    def settled(running: list[str]) -> bool:
+        owners = [_owner(tmp_path, running, topic, d) for d in domains]
+        return (
+            None not in owners
+            and all(_caught_up(dirs[n], tmp_path / f"{n}.log", end) for n in running)
+            and {*owners} == {*running}
+        )
+
+    def on_codebook(codebook_id: str, running: list[str]) -> bool:
+        owners = [_owner(tmp_path, running, topic, d) for d in domains]
+        return None not in owners and all(
+            _current_codebook(dirs[o], d) == codebook_id  # type: ignore[index]
+            for o, d in zip(owners, domains, strict=True)
+        )
+
+    old = CodebookLog(s).chain()[-1]
+    start("w0")
+    start("w1")
+    try:
+        wait_for(lambda: settled(names[:2]), 180, "two workers to share and apply the stream")
+        for d in domains:
+            send_control(s, "finetune", d)
+        wait_for(lambda: on_codebook(old.codebook_id, names[:2]), 240, "v1 of every domain")
+
+        send_control(s, "migrate", "")
+        wait_for(lambda: len(CodebookLog(s).chain()) == 2, 180, "the group's codebook to move")
+        new = CodebookLog(s).chain()[-1]
+        start("w2")  # joins while the others code their items with the new codebook
+        wait_for(lambda: settled(names), 180, "three workers to share the partitions")
+        wait_for(lambda: on_codebook(new.codebook_id, names), 300, "versions of the new codebook")
+        owners = {d: _owner(tmp_path, names, topic, d) for d in domains}
+    finally:
+        stopped = _stop(procs)
+    for n, code in stopped.items():
+        assert code == 0, f"{n} exited {code}: " + (tmp_path / f"{n}.log").read_text()[-3000:]
+
+    assert CodebookLog(s).chain() == [old, new]
+    logs = {n: (tmp_path / f"{n}.log").read_text() for n in names}
+    migrated = [n for n in names[:2] if "codebook migration: training a candidate" in logs[n]]
+    followed = [
+        n for n in names[:2] if f"the group's codebook moved on to {new.codebook_id}" in logs[n]
+    ]
+    assert len(migrated) == 1 and followed == [n for n in names[:2] if n not in migrated], logs
+    assert f"using the group's codebook {new.codebook_id}" in logs["w2"]
+    by_domain = dict(zip([f"i{i}" for i in range(60)], range(60), strict=True))
+    for n in names:
+        store = RocksDBPartition.open(dirs[n], read_only=True)
+        try:
+            assert load_codebook(store) == new, n
+        finally:
+            store.close()
+    for k, d in enumerate(domains):
+        store = RocksDBPartition.open(dirs[owners[d]], read_only=True)  # type: ignore[index]
+        try:
+            assigner = committed_assigner(store, d)
+            assert assigner is not None and sorted(assigner.keys) == sorted(by_domain), d
+            mine = vectors[60 * k : 60 * (k + 1)]
+            for item, path in zip((f"i{i}" for i in range(60)), new.encode(mine), strict=True):
+                assert assigner.full_path(item) == tuple(int(c) for c in path), (d, item)
+        finally:
+            store.close()

@@ -781,12 +781,15 @@ def test_a_running_worker_follows_the_group_codebook_another_worker_moved_on(
 
     # -- another worker migrates; then the group moves on again during the catch-up --------
     second = _codebook_of(sent, 3, 16, seed=1)
+    assert not proc.background_work()
     group.chain.append(second)
+    assert proc.background_work()  # an idle stream follows too: an empty batch does it
+    _apply(store, proc, [])
+    request = orjson.loads(store.get("meta", MIGRATE_REQUEST) or b"{}")
+    assert request["codebook"] == second.codebook_id
     records = _items(10, start=300, seed=3)
     sent += records
     _apply(store, proc, records)
-    request = orjson.loads(store.get("meta", MIGRATE_REQUEST) or b"{}")
-    assert request["codebook"] == second.codebook_id
     records = _items(10, start=310, seed=4)
     sent += records
     _apply(store, proc, records)  # the cut-over
@@ -806,10 +809,34 @@ def test_a_running_worker_follows_the_group_codebook_another_worker_moved_on(
     records = _items(10, start=20_000, seed=6)
     sent += records
     _apply(store, proc, records)
-    assert store.get("meta", MIGRATE_REQUEST) is None
+    assert store.get("meta", MIGRATE_REQUEST) is None and not proc.background_work()
     other = _codebook_of(sent, 2, 8, seed=3)
     group.chain = [other]
     for n in range(2):
         _apply(store, proc, _items(5, start=30_000 + 5 * n, seed=n))
     assert store.get("meta", MIGRATE_REQUEST) is None and load_codebook(store) == third
     assert caplog.text.count(f"the group's codebook is {other.codebook_id}") == 1
+    assert not proc.background_work()
+
+
+def test_a_worker_that_starts_on_the_groups_codebook_descends_from_its_chain() -> None:
+    """A state whose first codebook is the group's (moved on twice) takes the group's chain
+    up to it as its lineage: versions restored from the group that were trained on the
+    older codebooks count as behind it (see worker.tuning.scheduler.behind_codebook)."""
+    vectors = _items(100)
+    chain = [_codebook_of(vectors, 2, 4 * (n + 1), seed=n) for n in range(3)]
+    store, group = MemoryPartition(), _Group()
+    group.chain = list(chain)
+    proc = Processor(store, S, None, group=group)
+    assert proc.codes is not None
+    batch = store.batch()
+    proc.codes.adopt(batch, chain[-1])
+    store.write(batch)
+    assert codebook_lineage(store) == [c.codebook_id for c in chain]
+    other = MemoryPartition()  # not in the chain: its lineage is its own
+    proc = Processor(other, S, None, group=group)
+    assert proc.codes is not None
+    batch = other.batch()
+    proc.codes.adopt(batch, _codebook_of(vectors, 2, 8, seed=9))
+    other.write(batch)
+    assert len(codebook_lineage(other)) == 1

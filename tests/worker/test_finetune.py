@@ -11,6 +11,7 @@ import weakref
 from dataclasses import replace
 
 import numpy as np
+import orjson
 import pytest
 
 import worker.ingest.coding as coding
@@ -26,6 +27,8 @@ from worker.ingest.events import control_payload, interaction_payload, item_payl
 from worker.ingest.processor import BatchResult, Processor, SourceRecord
 from worker.serving.index import Serving
 from worker.state.layout import (
+    CODEBOOK_CURRENT,
+    CODEBOOK_LINEAGE,
     MIGRATE_STATE,
     UNPREFIXED_CODE_PREFIXES,
     item_key,
@@ -1015,3 +1018,28 @@ def test_the_warm_up_trains_once_on_made_up_data_and_writes_nothing(
     caplog.clear()
     stopped.warm_up()
     assert not any("warm" in r.getMessage() for r in caplog.records)
+
+
+def test_only_versions_of_an_older_codebook_are_behind_it() -> None:
+    """A version trained on a codebook earlier in the state's lineage is behind (its domain
+    is queued for one on the current codes); one of a codebook this state never had (a
+    newer one the group moved to, restored from its changelog before this worker followed)
+    is not: training it again on the older codes would take the domain back."""
+    settings = replace(S, gate_tolerance=1.0)
+    store, _, _ = _setup(settings)
+    tuner = RecordingTuner(store, settings)
+    assert tuner.run("shop").status is FinetuneStatus.PUBLISHED
+    assert behind_codebook(store) == []
+    first = load_codebook(store)
+    newer, _ = retrain_codebook(store, settings, seed=7)
+    assert first is not None and behind_codebook(store) == ["shop"]
+    assert tuner.run("shop").status is FinetuneStatus.PUBLISHED  # v2, of the newer codebook
+    assert behind_codebook(store) == []
+    # a state on the first codebook alone that holds v2 (restored from the group)
+    batch = store.batch()
+    batch.put("meta", CODEBOOK_CURRENT, first.codebook_id.encode())
+    batch.put("meta", CODEBOOK_LINEAGE, orjson.dumps([first.codebook_id]))
+    store.write(batch)
+    record = get_record(store, "shop", current_version(store, "shop") or 0)
+    assert record is not None and record.codebook_id == newer.codebook_id
+    assert behind_codebook(store) == []

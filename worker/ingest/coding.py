@@ -275,15 +275,20 @@ def _upper(prefix: bytes) -> bytes:
 
 
 def put_codebook(
-    batch: WriteBatch, codebook: ResidualCodebook, store: StorePartition | None = None
+    batch: WriteBatch,
+    codebook: ResidualCodebook,
+    store: StorePartition | None = None,
+    *,
+    ancestors: Sequence[str] = (),
 ) -> None:
     """Make ``codebook`` the current one in ``batch``; with the ``store`` it is added to the
-    state's lineage of codebooks (:func:`~worker.state.reads.codebook_lineage`)."""
+    state's lineage of codebooks (:func:`~worker.state.reads.codebook_lineage`), after
+    ``ancestors`` (the group's chain before it) when the state has no lineage yet."""
     cid = codebook.codebook_id.encode()
     batch.put("meta", codebook_key(cid), codebook.to_bytes())
     batch.put("meta", CODEBOOK_CURRENT, cid)
     if store is not None:
-        lineage = codebook_lineage(store)
+        lineage = codebook_lineage(store) or list(ancestors)
         if not lineage or lineage[-1] != codebook.codebook_id:
             lineage.append(codebook.codebook_id)
         batch.put("meta", CODEBOOK_LINEAGE, orjson.dumps(lineage))
@@ -439,8 +444,9 @@ class CodeService:
         #: a migration cut over, while its catch-up runs (read once; see _migration_state)
         self._cut: dict[str, str] | None = None
         self._cut_loaded = False
-        #: group codebooks of another lineage, logged once each (see _follow_group)
-        self._unrelated: set[str] = set()
+        #: group codebooks not to follow: of another lineage (logged once each), or older
+        #: than this worker's (it is ahead); see _follow_group
+        self._not_followed: set[str] = set()
         if self.codebook is not None and self.current:
             self.drift = load_drift(store, self.codebook)
             if self.drift is not None:
@@ -496,13 +502,19 @@ class CodeService:
 
     def background_work(self) -> bool:
         """Whether the next batch has work even without events: a bootstrap codebook to
-        adopt once trained, items held from before the codebook still to code, or a
-        migration's candidate to start training or to cut over to."""
+        adopt once trained, items held from before the codebook still to code, a
+        migration's candidate to start training or to cut over to, or a group codebook
+        that moved past this worker's to follow."""
         if self.codebook is None:
             if not self._training:  # a sample saved before a restart: resume its training
                 return self.store.get("meta", BOOTSTRAP_SAMPLE) is not None
             return self._ready()
-        return self._catching_up() or self._candidate_ready() or self._candidate_to_start()
+        return (
+            self._catching_up()
+            or self._candidate_ready()
+            or self._candidate_to_start()
+            or self._group_moved_on() is not None
+        )
 
     def _ready(self) -> bool:
         return _trained(self.trainer)
@@ -588,12 +600,19 @@ class CodeService:
 
     def adopt(self, batch: WriteBatch, codebook: ResidualCodebook) -> None:
         """Use ``codebook`` from this batch on; the items held so far are coded from the
-        first key on, ``CATCH_UP_ITEMS`` per batch."""
-        put_codebook(batch, codebook, self.store)
+        first key on, ``CATCH_UP_ITEMS`` per batch. A state's first codebook taken from the
+        group descends from the group's chain before it (its lineage)."""
+        put_codebook(batch, codebook, self.store, ancestors=self._ancestors(codebook))
         batch.delete("meta", BOOTSTRAP_SAMPLE)
         batch.put("meta", BOOTSTRAP_CURSOR, b"")
         self._cursor, self._cursor_loaded = b"", True
         self.codebook = codebook
+
+    def _ancestors(self, codebook: ResidualCodebook) -> list[str]:
+        """The group's codebooks before ``codebook`` in its chain as last read (none when
+        ``codebook`` is not in it)."""
+        ids = [c.codebook_id for c in (self.group.seen() or [])] if self.group else []
+        return ids[: ids.index(codebook.codebook_id)] if codebook.codebook_id in ids else []
 
     def _trained(
         self,
@@ -871,29 +890,44 @@ class CodeService:
         the group moved on meanwhile) or when the group's codebook is in this worker's
         lineage (this worker is ahead: its next start offers its own); a codebook of
         another lineage is logged once (the next start refuses it)."""
-        if self.group is None or self.codebook is None or not self.current:
+        head = self._group_moved_on()
+        if head is None or self.codebook is None:
             return
-        chain = self.group.seen()
-        if not chain or chain[-1].codebook_id == self.codebook.codebook_id:
-            return
-        head = chain[-1]
-        pending = self._pending_migration() or {}
-        if self._catching_up() or pending.get("codebook") == head.codebook_id:
-            return
-        if self.codebook.codebook_id in {c.codebook_id for c in chain}:
+        chain = self.group.seen() if self.group is not None else None
+        if self.codebook.codebook_id in {c.codebook_id for c in chain or ()}:
             self.request_migration(
                 batch, f"the group's codebook moved on to {head.codebook_id}", target=head
             )
-        elif head.codebook_id not in self._unrelated and head.codebook_id not in (
-            codebook_lineage(self.store)
-        ):
-            self._unrelated.add(head.codebook_id)
+        elif head.codebook_id not in codebook_lineage(self.store):
+            self._not_followed.add(head.codebook_id)
             log.error(
                 "the group's codebook is %s, of another lineage than this worker's %s: not "
                 "followed; the next start of this worker refuses it",
                 head.codebook_id,
                 self.codebook.codebook_id,
             )
+        else:
+            self._not_followed.add(head.codebook_id)  # this worker is ahead: nothing to follow
+
+    def _group_moved_on(self) -> ResidualCodebook | None:
+        """The group's codebook as last read, when it is not this worker's and nothing is
+        under way towards it (no catch-up running, no request for it pending, not seen
+        already as one not to follow); else ``None``. No Kafka call, no store read once
+        loaded: asked before every batch (:meth:`background_work`)."""
+        if self.group is None or self.codebook is None or not self.current:
+            return None
+        chain = self.group.seen()
+        if not chain or chain[-1].codebook_id == self.codebook.codebook_id:
+            return None
+        head = chain[-1]
+        pending = self._pending_migration() or {}
+        if (
+            head.codebook_id in self._not_followed
+            or self._catching_up()
+            or pending.get("codebook") == head.codebook_id
+        ):
+            return None
+        return head
 
     def _migrate_on_drift(self, batch: WriteBatch) -> None:
         """With ``codebook_migrate_on_drift``, a drift past its threshold requests a

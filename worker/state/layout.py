@@ -205,7 +205,9 @@ def namespace_prefix(codebook_id: str) -> bytes:
 
 CODEBOOK_LINEAGE = b"lineage/codebook"
 """``meta`` key of the ids of every codebook the state was coded with, oldest first, the
-current one last (JSON list; absent in a state from before it: the current one alone)."""
+current one last (JSON list; absent in a state from before it: the current one alone). A
+state whose first codebook is the group's takes the group's chain up to it as its own
+(it descends from those codebooks: versions trained on them are older than its codes)."""
 
 MIGRATE_REQUEST = b"migrate/request"
 """``meta`` key of a requested codebook migration, until the candidate is trained and the

@@ -66,6 +66,7 @@ from worker.core.threads import lower_priority
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, NotOwnedError
 from worker.ingest.processor import BatchResult
 from worker.state.layout import CODEBOOK_CURRENT, MIGRATE_STATE
+from worker.state.reads import codebook_lineage
 from worker.state.requests import (
     FinetuneRequest,
     Standing,
@@ -82,17 +83,21 @@ MIGRATION = "a version of the codebook before the current one"
 
 
 def behind_codebook(store: StorePartition) -> list[str]:
-    """The domains whose current version was trained on another codebook than the current
-    one: a migration's (or a retrain's) new codes have no version of theirs yet. None while
-    a migration's catch-up still codes the items (``migrate/state``)."""
+    """The domains whose current version was trained on a codebook older than the current
+    one (earlier in the state's lineage): a migration's (or a retrain's) new codes have no
+    version of theirs yet. None while a migration's catch-up still codes the items
+    (``migrate/state``). A version of a codebook *newer* than this worker's (restored from
+    the group's changelog before this worker followed the group) is not behind: training
+    it again on the older codes would take the domain back."""
     current = store.get("meta", CODEBOOK_CURRENT)
     if current is None or store.get("meta", MIGRATE_STATE) is not None:
         return []
+    older = set(codebook_lineage(store)) - {current.decode()}
     behind = []
     for domain in domains_with_versions(store):
         version = current_version(store, domain)
         record = None if version is None else get_record(store, domain, version)
-        if record is not None and record.of_another_codebook(current.decode()):
+        if record is not None and record.codebook_id in older:
             behind.append(domain)
     return behind
 
