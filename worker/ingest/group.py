@@ -504,15 +504,14 @@ class CodebookLog:
         is the group's codebook (empty: none yet)."""
         records = self.calls.call(KafkaCall.CODEBOOK_READ, lambda: self._read(timeout_s))
         chain = follow_chain(records)
-        with self._lock:
-            self._seen = chain
+        self._seen = chain  # one reference assigned: readers see the old list or this one
         return chain
 
     def seen(self) -> list[ResidualCodebook] | None:
         """The chain as it was last read (at start, by an offer or by :meth:`watch`), without
-        a Kafka call; ``None`` before the first read."""
-        with self._lock:
-            return self._seen
+        a Kafka call and without waiting for one in progress (the consumer asks before every
+        batch); ``None`` before the first read."""
+        return self._seen
 
     def watch(self, interval_s: float, stop_event: threading.Event) -> threading.Thread | None:
         """Read the chain again every ``interval_s`` on a thread of its own until
