@@ -47,7 +47,7 @@ from bench.common import Dataset, add_dataset_args, item_embeddings, load_datase
 from bench.quality import Domain, Settings, make_domain, served_rows, serving_rows, train
 from quantize.codebook import POINTS_PER_CENTROID, ResidualCodebook, suggest_shape
 from quantize.evaluate import evaluate_ranking
-from quantize.remap import code_vectors, fit_rows
+from quantize.remap import refit
 from quantize.table_model import ModelConfig, Params, model_from_params
 from quantize.train import TrainConfig, TrainResult, score_histories, shared_init
 
@@ -105,14 +105,14 @@ def fitted_rows(v1: TrainResult, rows_a: np.ndarray, rows_b: np.ndarray, init: n
     """B's rows fitted to the code vectors of the items v1 trained (as the fine-tune does);
     rows no such item uses keep ``init``."""
     trained = np.ones(len(rows_a), bool) if v1.seen_items is None else v1.seen_items
-    weights_a = v1.params.get("table.level_weight")
-    targets = code_vectors(v1.params["table.rows"], rows_a[trained], weights_a)
-    width = rows_b.shape[1]
-    weights = np.ones(width)
-    if weights_a is not None:
-        n = min(width, len(weights_a))
-        weights[:n] = weights_a[:n]
-    return fit_rows(targets, rows_b[trained], init, weights)
+    return refit(
+        v1.params["table.rows"],
+        rows_a[trained],
+        rows_b[trained],
+        len(init),
+        v1.params.get("table.level_weight"),
+        init=init,
+    )
 
 
 def run_dataset(st: Settings, ds: Dataset, emb: np.ndarray, bootstrap: int) -> list[Cell]:

@@ -17,8 +17,9 @@ rows in turn become the mean residual, divided by ``w_j``, of the items whose co
 them, the other positions held. Each pass can only lower the error. Rows no such item uses
 keep their fresh initialisation (``init``).
 
-:func:`code_vectors` and :func:`fit_rows` are plain numpy over arrays; the fine-tune
-(``worker.tuning.finetune``) joins the two versions' items and calls them.
+:func:`code_vectors`, :func:`fit_rows` and :func:`refit` (a whole table from an old one)
+are plain numpy over arrays; the fine-tune (``worker.tuning.finetune``) joins the two
+versions' items and calls :func:`refit`, as ``bench/remap.py`` does.
 """
 
 from __future__ import annotations
@@ -138,3 +139,32 @@ def fit_rows(
 def _mse(residual: np.ndarray) -> float:
     """Mean over the items of the squared norm of their residual."""
     return float(np.square(residual).sum(axis=1).mean()) if len(residual) else 0.0
+
+
+def refit(
+    rows: np.ndarray,
+    old_item_rows: np.ndarray,
+    new_item_rows: np.ndarray,
+    n_rows: int,
+    weights: np.ndarray | None = None,
+    *,
+    init: np.ndarray | None = None,
+    seed: int = 0,
+    check: Callable[[], None] | None = None,
+) -> FittedRows:
+    """A table of ``n_rows`` rows for the new codes ``new_item_rows`` of the items an old
+    table (``rows``, its codes ``old_item_rows``, one item per row of both) trained: their
+    old code vectors are the targets of :func:`fit_rows`. ``weights``: the old model's per
+    position weights, kept by the new model (positions beyond them weigh 1). ``init``: the
+    fresh rows (default: normal, scaled by ``1 / sqrt(hidden)`` as a new table's, seeded)."""
+    hidden = rows.shape[1]
+    if init is None:
+        rng = np.random.default_rng(seed)
+        init = (rng.standard_normal((n_rows, hidden)) / np.sqrt(hidden)).astype(np.float32)
+    width = new_item_rows.shape[1]
+    new_weights = np.ones(width)
+    if weights is not None:
+        n = min(width, len(weights))
+        new_weights[:n] = weights[:n]
+    targets = code_vectors(rows, old_item_rows, weights)
+    return fit_rows(targets, new_item_rows, init, new_weights, check=check)

@@ -101,6 +101,21 @@ def _publish_codebook(settings: Settings, vectors: np.ndarray) -> None:
     CodebookLog(settings).agree(ResidualCodebook.train(vectors, 2, 8, seed=0))
 
 
+def _load(
+    s: Settings,
+    vectors: np.ndarray,
+    items: list[tuple[str, bytes]],
+    inters: list[tuple[str, bytes]],
+) -> dict[tuple[str, int], int]:
+    """The topics, the group's codebook and the whole stream on the broker; the end
+    offsets of the items and interactions topics."""
+    create_topics(s, partitions=PARTITIONS)
+    _publish_codebook(s, vectors)
+    produce_json(s.kafka_bootstrap, s.topic("items"), items)
+    produce_json(s.kafka_bootstrap, s.topic("interactions"), inters)
+    return end_offsets(s.kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+
+
 def _served_codes(state_dir: Path) -> dict[str, dict[str, tuple[tuple[int, ...], bool]]]:
     out: dict[str, dict[str, tuple[tuple[int, ...], bool]]] = {}
     store = RocksDBPartition.open(state_dir, read_only=True)
@@ -135,11 +150,7 @@ def _reference(
 ) -> Path:
     """One uninterrupted worker over the same events, on its own topics."""
     s = settings_for(bootstrap, prefix, tmp / "ref", **TUNING)
-    create_topics(s, partitions=PARTITIONS)
-    _publish_codebook(s, vectors)
-    produce_json(bootstrap, s.topic("items"), items)
-    produce_json(bootstrap, s.topic("interactions"), inters)
-    end = end_offsets(bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = _load(s, vectors, items, inters)
     env = worker_env(bootstrap, prefix, tmp / "ref", **TUNING)
     worker = start_worker(env, tmp / "ref.log")
     try:
@@ -419,11 +430,7 @@ def test_a_migration_reaches_every_worker_of_the_group_and_one_that_joins_midway
     domains = _domains()
     vectors, items, inters = _stream(domains, seed=5)
     s = settings_for(kafka_bootstrap, topic_prefix, tmp_path / "unused", **over)
-    create_topics(s, partitions=PARTITIONS)
-    _publish_codebook(s, vectors)
-    produce_json(kafka_bootstrap, s.topic("items"), items)
-    produce_json(kafka_bootstrap, s.topic("interactions"), inters)
-    end = end_offsets(kafka_bootstrap, [s.topic("items"), s.topic("interactions")])
+    end = _load(s, vectors, items, inters)
     topic = s.topic("interactions")
     names = ["w0", "w1", "w2"]
     dirs = {n: tmp_path / n for n in names}

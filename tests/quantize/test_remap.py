@@ -10,7 +10,7 @@ import pytest
 
 from quantize.codebook import ResidualCodebook
 from quantize.exceptions import QuantizeError
-from quantize.remap import code_vectors, fit_rows
+from quantize.remap import code_vectors, fit_rows, refit
 
 
 def _codes(paths: np.ndarray, k: int, lengths: np.ndarray, own_from: int | None = None):
@@ -150,3 +150,23 @@ def test_bad_shapes_are_named() -> None:
         fit_rows(targets[:-1], item_rows, init)
     with pytest.raises(QuantizeError, match="covering every id"):
         fit_rows(targets, item_rows, init[:10])
+
+
+def test_refit_fits_the_old_tables_code_vectors_with_its_weights_then_ones() -> None:
+    """``refit`` = the old code vectors as targets, the old weights for the positions they
+    cover and 1 beyond, fresh rows seeded and scaled as a new table's."""
+    _, new_rows, _, _ = _case(7, n=120, levels=3)
+    rng = np.random.default_rng(8)
+    old_rows = rng.normal(size=(30, 5)).astype(np.float32)
+    old_item_rows = rng.integers(-1, 30, size=(120, 2))
+    weights = np.array([0.5, 2.0])
+    got = refit(old_rows, old_item_rows, new_rows, 200, weights, seed=3)
+    init = (np.random.default_rng(3).standard_normal((200, 5)) / np.sqrt(5)).astype(np.float32)
+    want = fit_rows(
+        code_vectors(old_rows, old_item_rows, weights),
+        new_rows,
+        init,
+        np.r_[weights, np.ones(new_rows.shape[1] - 2)],
+    )
+    np.testing.assert_array_equal(got.rows, want.rows)
+    assert got.error_after == want.error_after < got.error_before

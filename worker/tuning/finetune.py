@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from quantize.evaluate import holdout_split, recall_ndcg, user_histories
-from quantize.remap import FittedRows, code_vectors, fit_rows
+from quantize.remap import FittedRows, refit
 from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
 from quantize.train import EpochReport, TrainConfig, rank_histories, shared_init, train_domain
 from store.partition import StorePartition
@@ -1004,10 +1004,9 @@ ROWS = "table.rows"
 def mapped_rows(table: VersionTable, data: DomainData, *, check: Check | None = None) -> FittedRows:
     """Rows for ``data``'s codes (a codebook other than ``table``'s), fitted so that each
     item the version trained gets a code vector as close as it can to the one it had in the
-    version (:func:`quantize.remap.fit_rows`); rows no such item uses start fresh (seeded).
+    version (:func:`quantize.remap.refit`); rows no such item uses start fresh (seeded).
     The level weights are the version's (the warm start keeps them)."""
     params = table.snapshot.params
-    hidden = params[ROWS].shape[1]
     trained = np.ones(len(table.item_ids), bool) if table.trained is None else table.trained
     position = {item: i for i, item in enumerate(table.item_ids)}
     pairs = np.asarray(
@@ -1016,13 +1015,11 @@ def mapped_rows(table: VersionTable, data: DomainData, *, check: Check | None = 
     ).reshape(-1, 2)
     pairs = pairs[trained[pairs[:, 1]]]
     del position
-    old_weights = params.get("table.level_weight")
-    width = data.item_rows.shape[1]
-    weights = np.ones(width)
-    if old_weights is not None:
-        n = min(width, len(old_weights))
-        weights[:n] = old_weights[:n]
-    targets = code_vectors(params[ROWS], table.item_rows[pairs[:, 1]], old_weights)
-    rng = np.random.default_rng(0)
-    init = (rng.standard_normal((data.n_rows, hidden)) / np.sqrt(hidden)).astype(np.float32)
-    return fit_rows(targets, data.item_rows[pairs[:, 0]], init, weights, check=check)
+    return refit(
+        params[ROWS],
+        table.item_rows[pairs[:, 1]],
+        data.item_rows[pairs[:, 0]],
+        data.n_rows,
+        params.get("table.level_weight"),
+        check=check,
+    )
