@@ -165,9 +165,14 @@ class StorePartition(ABC):
         if size < 1:
             raise ValueError(f"scan_chunks: size={size}; it must be at least 1")
         rows = self.items(cf, prefix=prefix)
-        while chunk := list(itertools.islice(rows, size)):
-            keys, values = zip(*chunk, strict=True)
+        while chunk := self._take(rows, size):
+            keys, values = zip(*chunk, strict=True)  # the pairs die here
             yield list(keys), list(values)
+
+    def _take(self, rows: Iterator[tuple[bytes, bytes]], n: int) -> list[tuple[bytes, bytes]]:
+        """The next ``n`` rows at most of an :meth:`items` iterator (a backend may read
+        them in one call instead of one by one)."""
+        return list(itertools.islice(rows, n))
 
     @abstractmethod
     def batch(self) -> WriteBatch:

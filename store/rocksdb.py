@@ -500,21 +500,14 @@ class RocksDBPartition(StorePartition):
         self._cursors.add(cursor)
         return cursor
 
-    def scan_chunks(
-        self, cf: str, size: int, *, prefix: bytes = b""
-    ) -> Iterator[tuple[list[bytes], list[bytes]]]:
-        # rocksdict's iterator into a list, ``size`` rows per call: no wrapper call per row,
-        # and other threads (a scrape, a request) get the GIL between chunks instead of
-        # waiting for a million rows (~1 s held in one call); the cursor is released with
-        # the partition, as any scan's
-        if size < 1:
-            raise ValueError(f"scan_chunks: size={size}; it must be at least 1")
-        rows = self.items(cf, prefix=prefix)
-        if not isinstance(rows, _Cursor):  # an empty range
-            return
-        while chunk := rows.take(size):
-            keys, values = zip(*chunk, strict=True)  # the pairs die here
-            yield list(keys), list(values)
+    def _take(self, rows: Iterator[tuple[bytes, bytes]], n: int) -> list[tuple[bytes, bytes]]:
+        # rocksdict's iterator into a list, ``n`` rows per call: no wrapper call per row, and
+        # other threads (a scrape, a request) get the GIL between chunks instead of waiting
+        # for a million rows (~1 s held in one call); the cursor is released with the
+        # partition, as any scan's
+        if isinstance(rows, _Cursor):
+            return rows.take(n)
+        return super()._take(rows, n)  # an empty range
 
     # ---- writes --------------------------------------------------------------------
 

@@ -89,11 +89,11 @@ def test_the_first_codebook_on_the_topic_is_the_groups(
     a = ResidualCodebook.train(rng.normal(size=(200, 8)).astype(np.float32), 2, 8, seed=0)
     b = ResidualCodebook.train(rng.normal(size=(200, 8)).astype(np.float32), 2, 8, seed=1)
     assert a.codebook_id != b.codebook_id
-    assert CodebookLog(s).first() is None
+    assert CodebookLog(s).current() is None
     assert CodebookLog(s).agree(a).codebook_id == a.codebook_id
     # a second worker's candidate loses to the first, whoever reads
     assert CodebookLog(s).agree(b).codebook_id == a.codebook_id
-    assert CodebookLog(s).first().codebook_id == a.codebook_id  # type: ignore[union-attr]
+    assert CodebookLog(s).current() == CodebookLog(s).chain()[0] == a
 
 
 def _codebook(seed: int) -> ResidualCodebook:
@@ -118,7 +118,7 @@ def test_a_successor_moves_the_groups_codebook_and_the_first_one_of_a_head_wins(
         b.codebook_id,
         d.codebook_id,
     ]
-    assert CodebookLog(s).first() == a  # the bootstrap's agreement is unchanged
+    assert CodebookLog(s).chain()[0] == a  # the bootstrap's agreement is unchanged
     # a worker that bootstraps now takes where the group went, not where it started
     group = CodebookLog(s)
     assert group.seen() is None  # nothing read yet

@@ -477,21 +477,7 @@ class CodebookLog:
         self.settings = settings
         self.calls = calls or command_calls(settings)
         self.topic = settings.topic("codebook")
-        self._lock = threading.Lock()
-        self._first: ResidualCodebook | None = None
         self._seen: list[ResidualCodebook] | None = None
-
-    def first(self, timeout_s: float = 5.0) -> ResidualCodebook | None:
-        """The group's first codebook (the bootstrap's agreement), or ``None`` when none was
-        published yet."""
-        with self._lock:
-            if self._first is None:
-                records = self.calls.call(KafkaCall.CODEBOOK_READ, lambda: self._read(timeout_s))
-                self._first = next(
-                    (ResidualCodebook.from_bytes(v) for k, v in records if not _successor(k)),
-                    None,
-                )
-            return self._first
 
     def current(self, timeout_s: float = 5.0) -> ResidualCodebook | None:
         """The group's codebook now: the chain's last (read now), ``None`` when none was
