@@ -26,8 +26,8 @@ policy):
 
 Per stage and arm: Recall@10 / NDCG@10 with the standard protocol (per user of the stage's
 log: last interaction = test, second-last = validation; full ranking over the stage's
-catalogue; items the version never trained borrow their deepest trained relative's code, as
-served), on every test case (``all``), on targets from the categories that arrived after the
+catalogue; items the version never trained borrow the deepest prefix their trained relatives
+share, as served), on every test case (``all``), on targets from the categories that arrived after the
 bootstrap (``new``), from the bootstrap's categories (``old``), and never in a training
 interaction (``cold``); and the drift score of each arm's codebook before its migration.
 The issue's goal, read off the last stage: ``new`` R@10 with migration at least 1.2x

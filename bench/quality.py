@@ -17,8 +17,8 @@ Rows per dataset:
   best validation NDCG@10 as served on that dataset (chosen on validation, never on
   test; per domain, as the product picks it).
 * Serving rule of every code model: items the version never trained (no interaction in
-  its training log) borrow the deepest trained code on their path
-  (``quantize.table_model.borrow_trained_codes``); ``adaptive codes (<primary>), no
+  its training log) borrow the deepest prefix of their path that several trained items'
+  codes share (``quantize.table_model.borrow_trained_codes``); ``adaptive codes (<primary>), no
   borrow`` is the ablation (same model, new items keep their own codes), and the summary
   gives the validation evidence (cold validation targets, plain -> borrowed).
 * ``adaptive codes (<primary>), no text``: the ablation that justifies the text projection.
@@ -275,7 +275,7 @@ def train(
 
 def serving_rows(dom: Domain, rows: np.ndarray, result: TrainResult) -> np.ndarray:
     """Code rows as served by ``result``'s version: items it never trained borrow the
-    deepest trained code on their path (:func:`borrow_trained_codes`)."""
+    deepest prefix of their path that trained items share (:func:`borrow_trained_codes`)."""
     if result.seen_items is None:
         return rows
     return borrow_trained_codes(rows, dom.full_rows, result.seen_items)

@@ -16,7 +16,7 @@ projection, level weights) and either
 trained for a budget of 0 (the starting point itself), 1, 2, 4 epochs, and the rule's
 (``full``, early-stopped). Test Recall@10 / NDCG@10 with the standard protocol (per user:
 last interaction = test, second-last = validation; full ranking; items a version did not
-train served their deepest trained relative's code), beside v1's own on A's codes (what
+train served the deepest prefix their trained relatives share), beside v1's own on A's codes (what
 was served before the migration). The gate compares the new version with v1 on held-out
 cases: a new version that starts below v1 and has one epoch in its budget (a 1M-item
 domain's fine-tune has about one) is rejected, and the domain stays on the old codebook.

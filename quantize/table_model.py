@@ -16,8 +16,9 @@ Parameters are split in two groups, by name:
   per-domain fine-tune.
 
 Serving new items: an item without training interactions has no trained vector of its own;
-:func:`borrow_trained_codes` serves it the deepest code of a trained item on its path, so its
-vector is made of rows trained together as an item vector, plus its own text.
+:func:`borrow_trained_codes` serves it the deepest prefix of its path that several trained
+items' codes share, so its vector is made of rows trained by a group of its relatives, plus
+its own text.
 
 :func:`export_params` / :func:`load_params` convert to and from plain numpy arrays (exact round
 trip), and :class:`Snapshot` packs the arrays with their :class:`ModelConfig` into bytes.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -537,19 +538,73 @@ class _PrefixGroups:
         return self.ids
 
 
+BORROW_MIN_SHARE = 2
+"""How many trained items' served codes must pass through a path prefix before an untrained
+item is served it (:func:`borrow_trained_codes`): more than one, so the prefix's rows were
+trained as a group, never as one item's own vector."""
+
+
+def _shared_groups(
+    full: np.ndarray, depth: np.ndarray, trained: np.ndarray, min_share: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Per depth ``d`` (1, 2, ...): ``(d, group, shared)``, where ``group`` numbers every
+    item's path prefix of depth ``d`` and ``shared`` marks the items whose prefix at least
+    ``min_share`` trained items' served codes (``depth``: their served depth) pass through.
+    Stops at the first depth with none (a prefix shared at ``d`` is shared at ``d - 1``)."""
+    if min_share < 1:
+        raise QuantizeError(f"min_share must be at least 1 (got {min_share})")
+    prefix = _PrefixGroups(full)
+    for d in range(1, full.shape[1] + 1):
+        through = trained & (depth >= d)
+        if int(through.sum()) < min_share:
+            return  # no prefix this deep is trained by enough items
+        group = prefix.deeper()
+        counts = np.bincount(group[through], minlength=int(group.max()) + 1)
+        shared = counts[group] >= min_share
+        if not shared.any():
+            return
+        yield d, group, shared
+
+
+def shared_prefixes(
+    full_rows: np.ndarray,
+    depth: np.ndarray,
+    trained: np.ndarray,
+    min_share: int = BORROW_MIN_SHARE,
+) -> list[np.ndarray]:
+    """The path prefixes an untrained item may borrow (see :func:`borrow_trained_codes`):
+    per depth ``d`` = 1, 2, ..., the distinct prefixes ``[m_d, d]`` of ``full_rows`` that at
+    least ``min_share`` trained items' served codes (served depth ``depth``) pass through;
+    the list ends at the first depth with none."""
+    full = check_item_rows(full_rows)
+    mask = np.asarray(trained, dtype=bool)
+    out = []
+    for d, group, shared in _shared_groups(full, np.asarray(depth), mask, min_share):
+        owners = np.flatnonzero(shared & mask & (depth >= d))
+        first = np.unique(group[owners], return_index=True)[1]
+        out.append(full[owners[first], :d])
+    return out
+
+
 def borrow_trained_codes(
-    item_rows: np.ndarray, full_rows: np.ndarray, trained: np.ndarray
+    item_rows: np.ndarray,
+    full_rows: np.ndarray,
+    trained: np.ndarray,
+    min_share: int = BORROW_MIN_SHARE,
 ) -> np.ndarray:
-    """Serve every untrained item the deepest code of a trained item on its own path.
+    """Serve every untrained item the deepest prefix of its own path that trained items share.
 
     An item without training interactions (a new item) has no row of its own worth
-    anything: its vector is only as good as the rows it shares. Here it takes the served
-    code (the path prefix, without any disambiguation row) of a trained item whose code is
-    the deepest prefix of the new item's full path, so its rows sum to a vector that was
-    trained as an item vector, that of its most specific trained relative, and its text
-    embedding (when projected) tells the two apart. An untrained item with no trained code
-    on its path keeps its code. Trained items never change. Returns a new row-id matrix of
-    the same width.
+    anything: its vector is only as good as the rows it shares. Here it is served the
+    deepest prefix of its full path that the served codes of at least ``min_share`` trained
+    items pass through, so every row it sums was trained by a group of its relatives, and
+    its text embedding (when projected) tells it apart. One trained item is not enough:
+    with a fine codebook a head item's served code is often a prefix that no other trained
+    item reaches, and an untrained neighbour served those rows is the head item's
+    near-clone in every ranking (at 1M items such neighbours pushed the targets out of the
+    top 10; see the README's migration figures). An untrained item with no shared prefix on
+    its path keeps its code. Trained items never change. Returns a new row-id matrix of the
+    same width.
     """
     rows = check_item_rows(item_rows)
     full = check_item_rows(full_rows)
@@ -561,17 +616,8 @@ def borrow_trained_codes(
     depth = served_depth(rows, full)
     levels = min(full.shape[1], rows.shape[1])
     borrow = np.zeros(rows.shape[0], dtype=np.int64)
-    prefix = _PrefixGroups(full[:, :levels])
-    for d in range(1, levels + 1):
-        if not (mask & (depth >= d)).any():
-            break  # no trained code this deep: nothing to borrow from here on
-        group = prefix.deeper()  # the items' path prefixes of depth d, numbered
-        owners = mask & (depth == d)
-        if not owners.any():
-            continue
-        has = np.zeros(int(group.max()) + 1, dtype=bool)
-        has[group[owners]] = True
-        borrow[has[group] & ~mask] = d
+    for d, _, shared in _shared_groups(full[:, :levels], depth, mask, min_share):
+        borrow[shared & ~mask] = d  # the deepest shared prefix is the last one marked
     out = rows.copy()
     take = np.flatnonzero(borrow > 0)
     path = np.full((len(take), rows.shape[1]), PAD, dtype=np.int64)

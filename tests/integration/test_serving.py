@@ -132,7 +132,7 @@ def test_a_cold_start_item_is_served_by_the_api_while_the_worker_runs(
         assigner = committed_assigner(daemon.store, "shop")
         assert assigner is not None
         table_rows = v1.params["table.rows"]
-        # served rows: its own code, or the code of its deepest trained relative (borrowed)
+        # served rows: its own code, or the deepest prefix its trained relatives share
         served = daemon.serving.index("shop").live_rows(
             assigner.row_ids("fresh"), full_path_rows(assigner, ["fresh"])["fresh"]
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -273,19 +275,25 @@ def test_invalid_inputs_raise_quantize_error() -> None:
         ModelConfig.from_dict({"hidden": 8, "colour": "red"})
 
 
-def _reference_borrow(served: np.ndarray, full: np.ndarray, trained: np.ndarray) -> np.ndarray:
-    """Slow reference: each untrained item takes the longest trained path-prefix code."""
+def _reference_borrow(
+    served: np.ndarray, full: np.ndarray, trained: np.ndarray, min_share: int = 2
+) -> np.ndarray:
+    """Slow reference: each untrained item takes the longest prefix of its path that at
+    least ``min_share`` trained items' codes (path prefixes) pass through."""
     out = served.copy()
     codes = []
     for j in np.flatnonzero(trained):
         depth = 0
         while depth < full.shape[1] and served[j, depth] == full[j, depth]:
             depth += 1
-        if depth:
-            codes.append(tuple(full[j, :depth].tolist()))
+        codes.append(tuple(full[j, :depth].tolist()))
     for i in np.flatnonzero(~trained):
         own = tuple(full[i].tolist())
-        best = max((len(c) for c in codes if own[: len(c)] == c), default=0)
+        best = 0
+        for d in range(1, len(own) + 1):
+            through = sum(1 for c in codes if len(c) >= d and c[:d] == own[:d])
+            if through >= min_share:
+                best = d
         if best:
             out[i] = -1
             out[i, :best] = full[i, :best]
@@ -323,18 +331,16 @@ def test_borrow_trained_codes_matches_reference(seed: int) -> None:
 
 
 def _rowwise_borrow(served: np.ndarray, full: np.ndarray, trained: np.ndarray) -> np.ndarray:
-    """The former implementation, a reference at sizes the loop reference cannot take:
-    prefix groups by ``np.unique(full[:, :d], axis=0)`` (row-wise compares)."""
+    """A reference at sizes the loop reference cannot take: prefix groups by
+    ``np.unique(full[:, :d], axis=0)`` (row-wise compares), counted with a Counter."""
     depth = served_depth(served, full)
     levels = min(full.shape[1], served.shape[1])
     borrow = np.zeros(served.shape[0], dtype=np.int64)
     for d in range(1, levels + 1):
-        owners = trained & (depth == d)
-        if owners.any():
-            inverse = np.unique(full[:, :d], axis=0, return_inverse=True)[1].reshape(-1)
-            has = np.zeros(int(inverse.max()) + 1, dtype=bool)
-            has[inverse[owners]] = True
-            borrow[has[inverse] & ~trained] = d
+        inverse = np.unique(full[:, :d], axis=0, return_inverse=True)[1].reshape(-1)
+        through = Counter(inverse[trained & (depth >= d)].tolist())
+        shared = np.array([through[g] >= 2 for g in inverse.tolist()])
+        borrow[shared & ~trained] = d
     out = served.copy()
     for i in np.flatnonzero(borrow):
         out[i] = -1
@@ -359,29 +365,42 @@ def test_borrow_trained_codes_matches_the_rowwise_grouping_at_size(
     assert (out != served).any()  # some items did borrow
 
 
-def test_borrowed_code_is_the_most_specific_trained_relative() -> None:
+def test_borrowed_code_is_the_deepest_prefix_several_trained_items_share() -> None:
     full = np.array([[0, 10, 20], [0, 10, 21], [0, 11, 20], [1, 10, 20], [0, 10, 22]])
-    served = pad_rows([[0, 10], [0], [0, 11, 20, 99], [1], [0]], width=4)
+    served = pad_rows([[0, 10], [0, 10, 21], [0, 11, 20, 99], [1], [0]], width=4)
     trained = np.array([True, True, True, False, False])
     out = borrow_trained_codes(served, full, trained)
-    assert out[4].tolist() == [0, 10, -1, -1]  # the deepest trained code on its path
+    assert out[4].tolist() == [0, 10, -1, -1]  # items 0 and 1 both pass through [0, 10]
     assert out[3].tolist() == [1, -1, -1, -1]  # no trained code on its path: unchanged
-    assert served_depth(served, full).tolist() == [2, 1, 3, 1, 1]  # row 99 is off the path
+    assert served_depth(served, full).tolist() == [2, 3, 3, 1, 1]  # row 99 is off the path
+    # one trained item is not enough: item 1's own code [0, 10, 21] is not borrowed, and
+    # with item 1 untrained [0, 10] is item 0's alone, so item 4 falls back to [0]
+    assert borrow_trained_codes(served, full, trained, min_share=1)[4].tolist() == [0, 10, -1, -1]
+    alone = np.array([True, False, True, False, False])
+    assert borrow_trained_codes(served, full, alone)[4].tolist() == [0, -1, -1, -1]
+    assert borrow_trained_codes(served, full, alone)[1].tolist() == [0, -1, -1, -1]
+    assert borrow_trained_codes(served, full, alone, min_share=1)[4].tolist() == [0, 10, -1, -1]
     with pytest.raises(QuantizeError):
         borrow_trained_codes(served, full, trained[:3])
     with pytest.raises(QuantizeError):
         borrow_trained_codes(served, full[:3], trained)
+    with pytest.raises(QuantizeError, match="min_share"):
+        borrow_trained_codes(served, full, trained, min_share=0)
 
 
-def test_borrowing_gives_a_new_item_its_relatives_row_vector() -> None:
+def test_borrowing_gives_a_new_item_its_relatives_shared_row_vector() -> None:
     model = build_model(_config(), pad_rows([[0, 3], [0], [1, 4]], width=3), n_rows=6)
-    full = np.array([[0, 3, 5], [0, 2, 5], [0, 3, 4]])
-    served = pad_rows([[0, 3], [0], [0]], width=3)
-    trained = np.array([True, True, False])
+    full = np.array([[0, 3, 5], [0, 2, 5], [0, 3, 4], [0, 3, 5]])
+    served = pad_rows([[0, 3], [0], [0, 3, 4], [0, 3, 5]], width=3)
+    trained = np.array([True, True, False, False])
     out = borrow_trained_codes(served, full, trained)
     vecs = model.item_vectors(torch.as_tensor(out)).detach()
-    assert torch.equal(vecs[2], vecs[0])  # shares every trained row of item 0
+    # row 0 was trained by both items, row 3 by item 0 alone: the new item is not item 0's clone
+    assert torch.equal(vecs[2], vecs[1])
     assert not torch.equal(vecs[2], model.item_vectors(torch.as_tensor(served)).detach()[2])
+    trained[3] = True  # a second trained item through [0, 3]: now it is shared
+    out = borrow_trained_codes(served, full, trained)
+    assert out[2].tolist() == [0, 3, -1]
 
 
 def test_dropout_keeps_the_expectation_and_drops_its_share() -> None:

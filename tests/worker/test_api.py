@@ -2,7 +2,7 @@
 against slow references (numpy / the model's own scoring), live cold-start items, the
 per-user index, the OpenAPI document, index swaps under concurrent reads, versions that
 project the items' text embeddings (vectors against a slow numpy reference), and borrowed
-codes (untrained and brand-new items served their deepest trained relative's code)."""
+codes (untrained and brand-new items served the deepest prefix their trained relatives share)."""
 
 from __future__ import annotations
 
@@ -643,7 +643,7 @@ def _full(e: Env, key: str) -> list[int]:
 
 
 @pytest.mark.parametrize("live", [False, True])
-def test_untrained_and_new_items_are_served_their_deepest_trained_relatives_code(
+def test_untrained_and_new_items_are_served_the_deepest_prefix_trained_relatives_share(
     request: pytest.FixtureRequest, live: bool
 ) -> None:
     e: Env = request.getfixturevalue("deep_live_env" if live else "deep_env")
@@ -674,19 +674,21 @@ def test_untrained_and_new_items_are_served_their_deepest_trained_relatives_code
         )
     assert borrowed > 0
 
-    # a brand-new item on the path of the deepest trained code: that code's rows + its W @ e
-    # (a code as others borrow it: a disambiguation row, off the path, is not lent)
-    def lent(i: int) -> list[int]:
-        return slow_trained_code(table.item_rows[i], table.full_rows[i])
+    # a brand-new twin of the trained item with the deepest shared prefix on its path: that
+    # prefix's rows + its W @ e (a disambiguation row, off the path, is never lent)
+    def shared(i: int) -> list[int]:
+        return slow_served_rows([], table.full_rows[i], t_rows, t_full)
 
-    deepest = max(np.flatnonzero(trained), key=lambda i: len(lent(i)))
-    assert len(lent(deepest)) >= 2
+    deepest = max(np.flatnonzero(trained), key=lambda i: len(shared(i)))
+    assert len(shared(deepest)) >= 2
     emb = found[keys[deepest]] + np.float32(1e-4)
     before = e.serving.builds
     e.feed("items", [item_payload("newbie", "shop", 50, embedding=emb)])
     assert _full(e, "newbie") == table.full_rows[deepest].tolist()
     rows = slow_served_rows(assigner.row_ids("newbie").tolist(), _full(e, "newbie"), t_rows, t_full)
-    assert rows == lent(deepest)
+    assert rows == shared(deepest)
+    lent = slow_trained_code(table.item_rows[deepest], table.full_rows[deepest])
+    assert rows == lent[: len(rows)]  # a prefix of its twin's code, shared with others
     assert rows != assigner.row_ids("newbie").tolist()  # its own code is shorter
     status, doc = e.call("GET", "/v1/domains/shop/items/newbie/vector")
     assert status == 200 and doc["version"] == 2 and e.serving.builds == before

@@ -2,7 +2,7 @@
 item vectors with and without text projection (against a slow numpy reference), versions
 written before text projection, what an export hands a serving system, and borrowed codes
 (trained mask and full paths stored, the version's untrained items and later items served
-their deepest trained relative's code, versions written before borrowing)."""
+the deepest prefix their trained relatives share, versions written before borrowing)."""
 
 from __future__ import annotations
 
@@ -455,7 +455,7 @@ def test_versions_written_before_borrowing_load_as_all_trained_and_serve(
         np.testing.assert_allclose(
             index.vector(item), slow_vector(snapshot, served[i].tolist(), emb[i]), atol=1e-4
         )
-    # a brand-new item on the path of item 0 borrows the deepest code of the version's items
+    # a brand-new item on the path of item 0 borrows the deepest prefix the version's items share
     path = full[0]
     rows_all = [served[i].tolist() for i in range(n)]
     want = slow_served_rows([int(path[0])], path.tolist(), rows_all, full.tolist())

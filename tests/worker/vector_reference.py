@@ -44,15 +44,19 @@ def slow_served_rows(
     path: Rows,
     trained_rows: Sequence[Rows],
     trained_full: Sequence[Rows],
+    min_share: int = 2,
 ) -> list[int]:
     """The rows an untrained item with served rows ``own`` and full-path rows ``path`` is
-    served: the deepest trained code that is a prefix of ``path``, else ``own`` (pads
-    dropped)."""
+    served: the deepest prefix of ``path`` that the codes of at least ``min_share`` trained
+    items pass through, else ``own`` (pads dropped)."""
+    codes = [
+        slow_trained_code(rows, full) for rows, full in zip(trained_rows, trained_full, strict=True)
+    ]
     best: list[int] = []
-    for rows, full in zip(trained_rows, trained_full, strict=True):
-        code = slow_trained_code(rows, full)
-        if len(code) <= len(best) or len(code) > len(path):
-            continue
-        if all(code[j] == path[j] for j in range(len(code))):
-            best = code
+    for d in range(1, len(path) + 1):
+        through = sum(
+            1 for code in codes if len(code) >= d and all(code[j] == path[j] for j in range(d))
+        )
+        if through >= min_share:
+            best = [int(r) for r in path[:d]]
     return best if best else [int(r) for r in own if r >= 0]

@@ -253,7 +253,8 @@ class Settings:
     )
     serve_borrow_trained: bool = setting(
         True,
-        "untrained and new items are served with the code of their deepest trained relative",
+        "untrained and new items are served the deepest prefix of their code path that "
+        "several trained items share",
     )
     gate_tolerance: float = setting(
         0.005, "a candidate may lose this much Recall@10 against the current version", minimum=0.0

@@ -37,12 +37,13 @@ How it follows the state (:class:`Serving`):
   record in the store.
 * **Borrowed codes** (``serve_borrow_trained``, on by default). An item the version
   did not train (no training interaction) has no row of its own worth anything, so it
-  is served the code (path prefix, no disambiguation row) of the trained item whose
-  code is the deepest prefix of its own full path, plus its own text part: the
+  is served the deepest prefix of its own full path that the codes of several trained
+  items pass through (never one item's own rows: it would be that item's near-clone in
+  every ranking), plus its own text part: the
   version's untrained items through :meth:`~worker.state.versions.VersionTable.served_rows`,
   items coded later through the version's :class:`~worker.state.versions.TrainedCodes`
-  (built with the index; ``O(levels)`` dict lookups per new item). An item with no
-  trained code on its path keeps its own code. Trained items are never changed.
+  (built with the index; ``O(levels)`` set lookups per new item). An item with no
+  shared prefix on its path keeps its own code. Trained items are never changed.
 * **New items** (cold start). After each committed batch, the consumer thread
   hands over the served codes that changed (new items included, coded in that very
   batch) with the items' full paths. An item that is not in the version's own table
@@ -479,9 +480,9 @@ class DomainIndex:
         return self.vectorizer.vectors(rows, self.vectorizer.text_part(embeddings))
 
     def live_rows(self, own: np.ndarray, full_rows: np.ndarray | None) -> np.ndarray:
-        """The row ids an item coded after the version is served: the deepest trained code
-        on its full path ``full_rows`` when the index borrows and there is one, else its own
-        served code ``own``."""
+        """The row ids an item coded after the version is served: the deepest shared prefix
+        of its full path ``full_rows`` (see :class:`~worker.state.versions.TrainedCodes`)
+        when the index borrows and there is one, else its own served code ``own``."""
         if self.trained_codes is None or full_rows is None:
             return own
         borrowed = self.trained_codes.borrow(full_rows)

@@ -30,9 +30,8 @@ trained even if an item is described again later; an item the version never saw 
 Borrowed codes (:meth:`VersionTable.served_rows`): a version also stores which of its
 items it trained (``trained``: inputs or targets of a training window) and every item's
 full-path rows (``full_rows[i, l] = l * K + path[i, l]``). An item it did not train is
-served the code (path prefix, no disambiguation row) of the trained item whose code is the
-deepest prefix of its own full path (:func:`~quantize.table_model.borrow_trained_codes`),
-plus its own text part; trained items are served their own rows. Items coded after the
+served the deepest prefix of its own full path that the codes of several trained items pass
+through (:func:`~quantize.table_model.borrow_trained_codes`), plus its own text part; trained items are served their own rows. Items coded after the
 version follow the same rule through :class:`TrainedCodes`. Versions written before
 (no ``trained`` array) read as "every item trained".
 """
@@ -61,6 +60,7 @@ from quantize.table_model import (
     borrow_trained_codes,
     model_from_params,
     served_depth,
+    shared_prefixes,
 )
 from store.partition import StorePartition, WriteBatch
 from worker.state.exceptions import VersionError
@@ -219,7 +219,7 @@ class VersionTable:
 
     def served_rows(self, borrow: bool = True) -> np.ndarray:
         """The row ids the version serves its items with (``[n, width]``): with ``borrow``,
-        untrained items take the code of their deepest trained relative
+        untrained items take the deepest prefix their trained relatives share
         (:func:`~quantize.table_model.borrow_trained_codes`); trained items, versions
         without a trained mask and ``borrow=False`` give :attr:`item_rows` unchanged."""
         if not borrow or self.trained is None or self.full_rows is None:
@@ -236,28 +236,28 @@ class VersionTable:
 
 
 class TrainedCodes:
-    """The codes a version's trained items are served (path prefixes, without a
-    disambiguation row), for items coded after the version to borrow.
+    """The path prefixes items coded after a version borrow (the rule of
+    :func:`~quantize.table_model.borrow_trained_codes`: the deepest prefix that the served
+    codes of several of the version's trained items pass through).
 
-    Built once per index (:meth:`of`, ``O(n * levels)``); :meth:`borrow` is ``O(levels)``
-    dict lookups per item. ``prefixes`` maps a trained code (a tuple of full-path rows) to
-    its depth.
+    Built once per index (:meth:`of`, ``O(n * levels)`` in numpy); :meth:`borrow` is
+    ``O(levels)`` set lookups per item. ``prefixes``: the shared prefixes, as tuples of
+    full-path rows.
     """
 
-    def __init__(self, prefixes: dict[tuple[int, ...], int], levels: int) -> None:
+    def __init__(self, prefixes: set[tuple[int, ...]], levels: int) -> None:
         self.prefixes = prefixes
         self.levels = levels
 
     @classmethod
     def of(cls, table: VersionTable, levels: int) -> TrainedCodes:
-        """The trained codes of ``table``. A version with full-path rows cuts each trained
+        """The shared prefixes of ``table``. A version with full-path rows cuts each trained
         item's full path at its :func:`~quantize.table_model.served_depth`; one without
         (written before) counts every item as trained and cuts its served rows at
         ``levels`` (the disambiguation row sits at position ``levels``)."""
         rows = table.item_rows
-        prefixes: dict[tuple[int, ...], int] = {}
         if not len(table.item_ids):
-            return cls(prefixes, levels)
+            return cls(set(), levels)
         if table.full_rows is not None:
             levels = int(table.full_rows.shape[1])
             try:
@@ -269,17 +269,18 @@ class TrainedCodes:
                 ) from exc
             paths = table.full_rows
         else:
-            head = rows[:, :levels]
-            depth = np.cumprod(head != PAD, axis=1).sum(axis=1)
-            paths = head
-        for i in np.flatnonzero(table.trained_mask() & (depth >= 1)):
-            d = int(depth[i])
-            prefixes[tuple(int(r) for r in paths[i, :d])] = d
+            paths = rows[:, :levels]
+            depth = np.cumprod(paths != PAD, axis=1).sum(axis=1)
+        prefixes = {
+            tuple(prefix)
+            for level in shared_prefixes(paths, depth, table.trained_mask())
+            for prefix in level.tolist()
+        }
         return cls(prefixes, levels)
 
     def borrow(self, full_rows: np.ndarray) -> tuple[int, ...] | None:
-        """The deepest trained code on the path ``full_rows`` (its level rows), or ``None``
-        when no trained item's code is a prefix of it."""
+        """The deepest shared prefix of the path ``full_rows`` (its level rows), or ``None``
+        when none of its prefixes is shared."""
         path = tuple(int(r) for r in full_rows[: self.levels])
         for d in range(len(path), 0, -1):
             if path[:d] in self.prefixes:

@@ -16,8 +16,8 @@ learns the projection from there.
 
 Borrowed codes (``serve_borrow_trained``): the version stores which items its training
 windows used (``TrainResult.seen_items``) and every item's full-path rows, and serves an
-untrained item the code of its deepest trained relative (see :mod:`worker.state.versions`). The
-gate scores the candidate and the current version with that same rule, so what is gated is
+untrained item the deepest prefix of its path that several trained items' codes share (see
+:mod:`worker.state.versions`). The gate scores the candidate and the current version with that same rule, so what is gated is
 what is served.
 
 Scale: the domain is read in chunks straight into arrays (:func:`read_log`,
@@ -406,8 +406,8 @@ def _read_embeddings(
 def serving_rows(
     item_rows: np.ndarray, full_rows: np.ndarray | None, trained: np.ndarray | None
 ) -> np.ndarray:
-    """The rows a version serves items with: untrained items borrow the code of their
-    deepest trained relative (:func:`~quantize.table_model.borrow_trained_codes`) when
+    """The rows a version serves items with: untrained items borrow the deepest prefix
+    their trained relatives share (:func:`~quantize.table_model.borrow_trained_codes`) when
     ``full_rows`` and ``trained`` are given, else ``item_rows`` unchanged."""
     if full_rows is None or trained is None or not len(item_rows) or trained.all():
         return item_rows
