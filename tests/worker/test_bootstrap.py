@@ -16,9 +16,11 @@ from quantize.codebook import ResidualCodebook, suggest_shape
 from store import MemoryPartition, RocksDBPartition, StorePartition
 from store.records import ItemRecord
 from worker.core.settings import Settings
+from worker.core.threads import STEP_ASIDE_MAX_S, Foreground
 from worker.ingest.bootstrap import (
     Bootstrap,
     BootstrapPhase,
+    SampleScan,
     choose_sample,
     sample_cap,
     sample_rank,
@@ -279,3 +281,68 @@ def test_start_scan_chooses_the_sample_in_the_thread(store: StorePartition) -> N
     stopped = Bootstrap(store, settings, stop)
     stopped.start_scan(500)
     assert stopped.join(timeout=10) and stopped.phase is BootstrapPhase.STOPPED
+
+
+# -- stepping aside for the foreground --------------------------------------------------------
+
+
+class _Takes(MemoryPartition):
+    """A memory partition that counts the chunks its scans take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taken = 0
+
+    def _take(self, rows: Iterator[tuple[bytes, bytes]], n: int) -> list[tuple[bytes, bytes]]:
+        self.taken += 1
+        return super()._take(rows, n)
+
+
+def test_foreground_steps_nest_and_overlap_and_end_idle() -> None:
+    fg = Foreground()
+    assert fg.idle and fg.wait_idle(0)
+    with fg.busy():
+        assert not fg.idle and not fg.wait_idle(0.01)
+        with fg.busy():  # a scrape during a round
+            assert not fg.idle
+        assert not fg.idle  # the round still runs
+    assert fg.idle
+    with pytest.raises(RuntimeError), fg.busy():
+        raise RuntimeError("a failed step")
+    assert fg.idle  # a step that raised ends too
+
+
+def test_a_scan_takes_no_chunk_while_a_foreground_step_runs() -> None:
+    items = rows(50)
+    store = _Takes()
+    fill(store, items, sorted(items), per=50)
+    fg = Foreground()
+    found: list[SampleScan] = []
+    scan = threading.Thread(
+        target=lambda: found.append(
+            scan_sample(store, 20, stop_event=threading.Event(), chunk=10, foreground=fg)
+        )
+    )
+    with fg.busy():
+        scan.start()
+        time.sleep(0.2)
+        assert store.taken == 0 and scan.is_alive()  # waiting before its first chunk
+    scan.join(10)
+    assert not scan.is_alive() and store.taken == 6  # 5 chunks of 10, then the empty one
+    assert found[0].keys == expected_sample(items, 20) and found[0].n_items == 50
+
+
+def test_a_foreground_step_that_never_ends_does_not_stall_a_scan_or_its_stop() -> None:
+    items = rows(30)
+    store = _Takes()
+    fill(store, items, sorted(items), per=30)
+    fg = Foreground()
+    with fg.busy():  # held for the whole scan: each chunk waits at most STEP_ASIDE_MAX_S
+        started = time.monotonic()
+        scan = scan_sample(store, 10, stop_event=threading.Event(), chunk=10, foreground=fg)
+        assert time.monotonic() - started < 4 * STEP_ASIDE_MAX_S + 5
+        assert scan.keys == expected_sample(items, 10) and store.taken == 4
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(BootstrapStopped):
+            scan_sample(store, 10, stop_event=stop, chunk=10, foreground=fg)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -18,6 +20,7 @@ from quantize.codebook import ResidualCodebook, suggest_shape
 from quantize.lengths import make_policy, thresholds_for_fraction
 from store.memory import MemoryPartition
 from worker.core.settings import Settings
+from worker.core.threads import Foreground
 from worker.ingest.coding import HEAD_DRIFT, codes_after_round, follow_head_fraction
 from worker.ingest.events import control_payload, interaction_payload, item_payload
 from worker.ingest.processor import Processor, SourceRecord
@@ -840,3 +843,34 @@ def test_a_worker_that_starts_on_the_groups_codebook_descends_from_its_chain() -
     proc.codes.adopt(batch, _codebook_of(vectors, 2, 8, seed=9))
     other.write(batch)
     assert len(codebook_lineage(other)) == 1
+
+
+class _Steps(Foreground):
+    """A foreground that records, per step, whether a round was running inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    @contextmanager
+    def busy(self) -> Iterator[None]:
+        with super().busy():
+            self.steps += 1
+            yield
+
+
+def test_every_code_round_runs_as_a_foreground_step() -> None:
+    """Rounds say they run (background scans step aside meanwhile), and only rounds do: a
+    batch of item events or interactions that reach no round marks nothing."""
+    steps = _Steps()
+    store = MemoryPartition()
+    proc = Processor(store, ROUNDS, None, foreground=steps)
+    _apply(store, proc, _items(100))
+    assert steps.steps == 0 and steps.idle
+    rounds = 0
+    stream = _interactions(437, seed=3)
+    for at in range(0, 437, 40):
+        result = _apply(store, proc, stream[at : at + 40])
+        rounds += len(result.coding.rounds)
+        assert steps.steps == rounds and steps.idle  # each round inside its own step
+    assert rounds == 437 // 50

@@ -31,6 +31,7 @@ from worker.core.memory import (
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.core.signals import install_stop_handlers
+from worker.core.threads import Foreground
 from worker.ingest.bootstrap import Bootstrap
 from worker.ingest.consumer import ConsumerLoop
 from worker.ingest.encoder import TextEncoder
@@ -200,6 +201,8 @@ class Daemon:
         self.metrics.watch_state_memory(self.store.memory_usage)
         # -- 2. codebook, encoder, processor ----------------------------------------------
         self.codebooks = CodebookLog(settings, calls=self.kafka)
+        #: code rounds and scrapes mark themselves here; the codebook's scans step aside
+        self.foreground = Foreground()
         self.encoder = TextEncoder(settings.text_batch_size, settings.torch_threads)
         self.processor = Processor(
             self.store,
@@ -207,6 +210,7 @@ class Daemon:
             self.encoder.encode,
             group=self.codebooks,
             trainer=self._bootstrap,
+            foreground=self.foreground,
         )
         # -- 3. serving (full paths of new items, without a re-read) ---------------------
         codes = self.processor.codes
@@ -276,7 +280,13 @@ class Daemon:
 
     def _bootstrap(self) -> Bootstrap:
         """What trains the first codebook, in the background (see worker.ingest.coding)."""
-        return Bootstrap(self.store, self.settings, self.stop_event, group=self.codebooks)
+        return Bootstrap(
+            self.store,
+            self.settings,
+            self.stop_event,
+            group=self.codebooks,
+            foreground=self.foreground,
+        )
 
     def _on_applied(self, result: BatchResult) -> None:
         self.serving.on_applied(result)  # new items servable at once; rollbacks wake it
@@ -341,6 +351,10 @@ class Daemon:
         return Response.json(200 if ready else 503, doc)
 
     def _metrics(self, _: Request) -> Response:
+        with self.foreground.busy():  # background scans wait (see Foreground)
+            return self._scrape()
+
+    def _scrape(self) -> Response:
         self.metrics.up.set(1 if self.loop.healthy else 0)
         codes = self.processor.codes
         if codes is not None:  # kept by the batches that changed them: no lock, no recount

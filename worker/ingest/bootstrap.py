@@ -14,7 +14,9 @@ Two steps, each bounded whatever the catalogue size:
    float32 array and trains :meth:`ResidualCodebook.train` (``seed=0``,
    ``points_per_centroid=POINTS_PER_CENTROID``) in one daemon thread, while the caller
    (the consumer) goes on; :meth:`Bootstrap.poll` hands over the codebook once it is ready.
-   :meth:`Bootstrap.start_scan` does step 1 in that thread too.
+   :meth:`Bootstrap.start_scan` does step 1 in that thread too. Given a
+   :class:`~worker.core.threads.Foreground`, both steps wait between chunks while a code
+   round or a scrape runs (a Python loop beside them made them convoy on the interpreter).
 
 Measured (``python -m bench.codes --bootstrap-items 100000 1000000``, 384-d, 2 busy cores,
 L=5, K=256 by rule): 100k items: sample 65,536, choose 0.8 s, read + train 95 s, peak RSS
@@ -61,7 +63,7 @@ from quantize.codebook import (
 from store.partition import StorePartition
 from store.records import ItemRecord, hold_embeddings
 from worker.core.settings import Settings
-from worker.core.threads import lower_priority
+from worker.core.threads import Foreground, lower_priority
 from worker.ingest.coding import CodebookSource
 from worker.ingest.exceptions import BootstrapError, BootstrapStopped
 
@@ -107,6 +109,7 @@ def scan_sample(
     *,
     stop_event: threading.Event,
     chunk: int = SCAN_ITEMS,
+    foreground: Foreground | None = None,
 ) -> SampleScan:
     """One streamed pass over ``items``: the sample of at most ``cap`` keys, and the count.
 
@@ -119,16 +122,25 @@ def scan_sample(
     does): 12.8 s (57.8 s), that thread's rounds p99 4.1 ms (2.5 ms), their median unchanged
     (a migration's candidate scans on a thread beside the consumer).
 
-    Raises :class:`BootstrapStopped` when ``stop_event`` is set (checked between chunks).
+    With a ``foreground``, each chunk waits while a latency-bound step runs (see
+    :class:`~worker.core.threads.Foreground`). Raises :class:`BootstrapStopped` when
+    ``stop_event`` is set (checked between chunks).
     """
     if cap < 1 or chunk < 1:
         raise ValueError(f"scan_sample: cap={cap}, chunk={chunk}; both must be at least 1")
     # the worst kept entry is on top: order by (rank ascending, key descending), negated
     heap: list[tuple[int, bytes]] = []
     n_items = 0
-    for keys, values in store.scan_chunks("items", chunk):
+    chunks = store.scan_chunks("items", chunk)
+    while True:
+        if foreground is not None:
+            foreground.wait_idle()
         if stop_event.is_set():
             raise BootstrapStopped("the codebook bootstrap was stopped while scanning items")
+        part = next(chunks, None)
+        if part is None:
+            break
+        keys, values = part
         held = hold_embeddings(values)
         del values
         n_items += int(held.sum())
@@ -214,10 +226,12 @@ class Bootstrap:
         stop_event: threading.Event,
         *,
         group: CodebookSource | None = None,
+        foreground: Foreground | None = None,
         chunk: int = CHUNK_ITEMS,
         points_per_centroid: int = POINTS_PER_CENTROID,
     ) -> None:
         self.store = store
+        self.foreground = foreground
         self.settings = settings
         self.stop_event = stop_event
         self.group = group
@@ -254,7 +268,11 @@ class Bootstrap:
         that decided to bootstrap. ``agree=False``: train a codebook of its own even when
         the group has one (a migration's candidate, offered to the group by the caller)."""
         self._agree = agree
-        self._start(lambda: scan_sample(self.store, cap, stop_event=self.stop_event))
+        self._start(
+            lambda: scan_sample(
+                self.store, cap, stop_event=self.stop_event, foreground=self.foreground
+            )
+        )
 
     def _start(self, sample: Callable[[], SampleScan]) -> None:
         if self._thread is not None:
@@ -369,6 +387,8 @@ class Bootstrap:
         out = np.empty((len(keys), dim), dtype=np.float32)
         filled = 0
         for start in range(0, len(keys), self.chunk):
+            if self.foreground is not None:
+                self.foreground.wait_idle()
             if self.stop_event.is_set():
                 raise BootstrapStopped("the codebook bootstrap was stopped while reading")
             part = keys[start : start + self.chunk]

@@ -69,6 +69,7 @@ from store.partition import StorePartition, WriteBatch, prefix_upper_bound
 from store.records import DomainCounters, ItemRecord, fold_popularity, popularity_since
 from worker.core.exceptions import WorkerError
 from worker.core.settings import Settings
+from worker.core.threads import Foreground
 from worker.state.layout import (
     BOOTSTRAP_CURSOR,
     BOOTSTRAP_SAMPLE,
@@ -395,6 +396,7 @@ class CodeService:
         group: CodebookSource | None = None,
         trainer: Callable[[], Trainer] | None = None,
         kept: tuple[ResidualCodebook, bytes] | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         """``group``: where a group of workers agrees on one codebook (``None``: a worker
         on its own, which trains and keeps its own); ``trainer``: trains the first codebook
@@ -404,8 +406,12 @@ class CodeService:
         ``kept``: an older codebook and the prefix of its namespace, kept for the versions
         trained on it (see :class:`KeptCodes`): the service codes new items and runs the
         rounds in that namespace, and leaves the bootstrap, the catch-up, the drift and the
-        code history to the current codebook's service."""
+        code history to the current codebook's service.
+
+        ``foreground``: where the code rounds say they run, so that background loops (the
+        codebook's sample scan) step aside meanwhile (see :class:`Foreground`)."""
         self.store = store
+        self.foreground = foreground or Foreground()
         self.settings = settings
         self.current = kept is None
         self.codebook = load_codebook(store) if kept is None else kept[0]
@@ -1053,7 +1059,9 @@ class CodeService:
         state = {"from": old.codebook_id, "to": codebook.codebook_id, **request}
         batch.put("meta", MIGRATE_STATE, orjson.dumps(state))
         self._cut, self._cut_loaded = state, True
-        self.handed_over = CodeService(self.store, self.settings, kept=(old, self.ns))
+        self.handed_over = CodeService(
+            self.store, self.settings, kept=(old, self.ns), foreground=self.foreground
+        )
         self.handed_over.domains = self.domains
         self.codebook, self.ns, self.domains = codebook, new_ns, {}
         self.adopt(batch, codebook)
@@ -1142,7 +1150,8 @@ class CodeService:
             stop = max(cursor, self._next_round(state) - found.interactions)
             self._fold(moves, positions[cursor:stop], current, moved, newest)
             cursor = stop
-            self._round(batch, domain, state, moved, current, newest[0], result)
+            with self.foreground.busy():  # background scans wait (see Foreground)
+                self._round(batch, domain, state, moved, current, newest[0], result)
             moved.clear()
             state.last_round = found.interactions + cursor
         moved.update(moves.item_ids[j] for j in positions[cursor:])
@@ -1274,7 +1283,9 @@ class KeptCodes:
     check which namespaces are still used and delete the others in that batch.
     """
 
-    def __init__(self, store: StorePartition, settings: Settings) -> None:
+    def __init__(
+        self, store: StorePartition, settings: Settings, *, foreground: Foreground | None = None
+    ) -> None:
         self.store = store
         self.services: dict[str, CodeService] = {}
         current = store.get("meta", CODEBOOK_CURRENT)
@@ -1287,7 +1298,9 @@ class KeptCodes:
                     "the codes of codebook %s are kept but the codebook is not", codebook_id
                 )
                 continue
-            self.services[codebook_id] = CodeService(store, settings, kept=(codebook, prefix))
+            self.services[codebook_id] = CodeService(
+                store, settings, kept=(codebook, prefix), foreground=foreground
+            )
         self._check_use = bool(self.services)
 
     def versions_moved(self) -> None:

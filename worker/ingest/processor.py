@@ -31,6 +31,7 @@ from store.records import (
     fold_popularity,
 )
 from worker.core.settings import Settings
+from worker.core.threads import Foreground
 from worker.ingest.coding import (
     Arrival,
     CodebookSource,
@@ -328,11 +329,13 @@ class Processor:
         *,
         group: CodebookSource | None = None,
         trainer: Callable[[], Trainer] | None = None,
+        foreground: Foreground | None = None,
     ) -> None:
         """``encode``: the text encoder (``None``: items must carry embeddings); ``group``:
         where a group of workers agrees on one codebook, and ``trainer``: what trains the
         first codebook in the background, both handed to the :class:`CodeService`
-        (``None``: a worker on its own; trained in the batch)."""
+        (``None``: a worker on its own; trained in the batch); ``foreground``: where the
+        code rounds say they run (handed to every code service)."""
         self.store = store
         self.settings = settings
         self.encode = encode
@@ -347,12 +350,14 @@ class Processor:
         )
         self.half_life_s = settings.popularity_half_life_hours * 3600.0
         self.codes = (
-            CodeService(store, settings, group=group, trainer=trainer)
+            CodeService(store, settings, group=group, trainer=trainer, foreground=foreground)
             if settings.codes_enabled
             else None
         )
         #: the codes of older codebooks kept for their versions (none until a retrain)
-        self.kept = KeptCodes(store, settings) if settings.codes_enabled else None
+        self.kept = (
+            KeptCodes(store, settings, foreground=foreground) if settings.codes_enabled else None
+        )
         self.committed = _Committed()
 
     # ------------------------------------------------------------------------------------
