@@ -578,8 +578,9 @@ def shared_prefixes(
     the list ends at the first depth with none."""
     full = check_item_rows(full_rows)
     mask = np.asarray(trained, dtype=bool)
+    depth = np.asarray(depth)
     out = []
-    for d, group, shared in _shared_groups(full, np.asarray(depth), mask, min_share):
+    for d, group, shared in _shared_groups(full, depth, mask, min_share):
         owners = np.flatnonzero(shared & mask & (depth >= d))
         first = np.unique(group[owners], return_index=True)[1]
         out.append(full[owners[first], :d])

@@ -41,7 +41,7 @@ from worker.state.versions import (
     STAGED_PART_BYTES,
     TEXT_PROJ,
     ItemVectorizer,
-    TrainedCodes,
+    SharedPrefixes,
     VersionRecord,
     VersionTable,
     add_version,
@@ -370,7 +370,7 @@ def test_new_items_borrow_the_deepest_trained_code_like_the_slow_reference(seed:
     trained = np.flatnonzero(table.trained)
     t_rows = [table.item_rows[i].tolist() for i in trained]
     t_full = [table.full_rows[i].tolist() for i in trained]
-    codes = TrainedCodes.of(table, LEVELS)
+    codes = SharedPrefixes.of(table, LEVELS)
     rng = np.random.default_rng(seed + 7)
     for _ in range(20):  # brand-new items: random paths, own codes of random length
         path = np.arange(LEVELS) * K + rng.integers(0, K, size=LEVELS)

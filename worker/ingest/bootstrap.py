@@ -235,10 +235,10 @@ class Bootstrap:
         points_per_centroid: int = POINTS_PER_CENTROID,
     ) -> None:
         self.store = store
-        self.foreground = foreground
         self.settings = settings
         self.stop_event = stop_event
         self.group = group
+        self.foreground = foreground
         self.chunk = chunk
         self.points_per_centroid = points_per_centroid
         self._phase = BootstrapPhase.IDLE

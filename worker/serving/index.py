@@ -41,7 +41,7 @@ How it follows the state (:class:`Serving`):
   items pass through (never one item's own rows: it would be that item's near-clone in
   every ranking), plus its own text part: the
   version's untrained items through :meth:`~worker.state.versions.VersionTable.served_rows`,
-  items coded later through the version's :class:`~worker.state.versions.TrainedCodes`
+  items coded later through the version's :class:`~worker.state.versions.SharedPrefixes`
   (built with the index; ``O(levels)`` set lookups per new item). An item with no
   shared prefix on its path keeps its own code. Trained items are never changed.
 * **New items** (cold start). After each committed batch, the consumer thread
@@ -103,7 +103,7 @@ from worker.state.reads import (
 )
 from worker.state.versions import (
     ItemVectorizer,
-    TrainedCodes,
+    SharedPrefixes,
     VersionTable,
     current_version,
     domains_with_versions,
@@ -408,9 +408,9 @@ class DomainIndex:
         self.ids: list[str] = list(table.item_ids)
         self.pos: dict[str, int] = {item: i for i, item in enumerate(self.ids)}
         self.n_version = len(self.ids)  # items 0..n_version-1 keep the version's own rows
-        self.trained_codes: TrainedCodes | None = None
+        self.borrowable: SharedPrefixes | None = None
         if borrow and (table.full_rows is not None or levels is not None):
-            self.trained_codes = TrainedCodes.of(table, levels or 0)
+            self.borrowable = SharedPrefixes.of(table, levels or 0)
         self.dim = self.vectorizer.hidden
         n = len(self.ids)
         self.raw = np.zeros((n + max(16, n // 8), self.dim), dtype=np.float32)
@@ -481,11 +481,11 @@ class DomainIndex:
 
     def live_rows(self, own: np.ndarray, full_rows: np.ndarray | None) -> np.ndarray:
         """The row ids an item coded after the version is served: the deepest shared prefix
-        of its full path ``full_rows`` (see :class:`~worker.state.versions.TrainedCodes`)
+        of its full path ``full_rows`` (see :class:`~worker.state.versions.SharedPrefixes`)
         when the index borrows and there is one, else its own served code ``own``."""
-        if self.trained_codes is None or full_rows is None:
+        if self.borrowable is None or full_rows is None:
             return own
-        borrowed = self.trained_codes.borrow(full_rows)
+        borrowed = self.borrowable.borrow(full_rows)
         return own if borrowed is None else np.asarray(borrowed, dtype=np.int64)
 
     def _live_vectors(

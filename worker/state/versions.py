@@ -31,9 +31,10 @@ Borrowed codes (:meth:`VersionTable.served_rows`): a version also stores which o
 items it trained (``trained``: inputs or targets of a training window) and every item's
 full-path rows (``full_rows[i, l] = l * K + path[i, l]``). An item it did not train is
 served the deepest prefix of its own full path that the codes of several trained items pass
-through (:func:`~quantize.table_model.borrow_trained_codes`), plus its own text part; trained items are served their own rows. Items coded after the
-version follow the same rule through :class:`TrainedCodes`. Versions written before
-(no ``trained`` array) read as "every item trained".
+through (:func:`~quantize.table_model.borrow_trained_codes`), plus its own text part;
+trained items are served their own rows. Items coded after the version follow the same
+rule through :class:`SharedPrefixes`. Versions written before (no ``trained`` array) read as
+"every item trained".
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ class VersionTable:
             ) from exc
 
 
-class TrainedCodes:
+class SharedPrefixes:
     """The path prefixes items coded after a version borrow (the rule of
     :func:`~quantize.table_model.borrow_trained_codes`: the deepest prefix that the served
     codes of several of the version's trained items pass through).
@@ -250,7 +251,7 @@ class TrainedCodes:
         self.levels = levels
 
     @classmethod
-    def of(cls, table: VersionTable, levels: int) -> TrainedCodes:
+    def of(cls, table: VersionTable, levels: int) -> SharedPrefixes:
         """The shared prefixes of ``table``. A version with full-path rows cuts each trained
         item's full path at its :func:`~quantize.table_model.served_depth`; one without
         (written before) counts every item as trained and cuts its served rows at
