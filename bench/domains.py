@@ -130,7 +130,7 @@ def round_robin(streams: Sequence[Iterable[Any]], block: int = BLOCK) -> Iterato
         live = still
 
 
-_FINETUNE = re.compile(r"^fine-tune (\S+): version (\d+) (\w+) \(.*\) in ([\d.]+) s$")
+_FINETUNE = re.compile(r"^fine-tune (\S+): version (\d+) (\w+) \(.*?\) in ([\d.]+) s\b")
 _FINETUNE_ENDED = re.compile(
     r"^fine-tune of (\S+) (skipped|dropped|not published|failed)\b", re.IGNORECASE
 )

@@ -26,6 +26,7 @@ from bench.domains import (
 )
 from bench.scale import LogLine, Sample, SyntheticDomain
 from worker.core.settings import Settings
+from worker.tuning.finetune import OUTCOME_LINE
 
 
 def test_domain_specs_are_distinct_small_domains() -> None:
@@ -45,10 +46,19 @@ def test_round_robin_keeps_each_stream_in_order_and_loses_nothing() -> None:
 
 
 def test_finetune_line_reads_the_workers_outcome_lines() -> None:
-    published = finetune_line(
-        LogLine(5.0, "fine-tune d0003: version 1 published (first version) in 0.9 s")
+    # the line as the worker writes it (its format, phases included: a format change that
+    # the bench cannot read fails here, not in a 30-minute run that waits for nothing)
+    line = OUTCOME_LINE % (
+        "d0003",
+        1,
+        "published",
+        "recall@10 0.6000 vs current none",
+        0.94,
+        "reading 0.1 s to 1,726 MiB peak, training 0.7 s to 1,726 MiB peak",
     )
-    assert published == FinetuneLine(5.0, "d0003", 1, "published", 0.9)
+    assert finetune_line(LogLine(5.0, line)) == FinetuneLine(5.0, "d0003", 1, "published", 0.9)
+    rejected = OUTCOME_LINE % ("d0003", 2, "rejected", "recall@10 0.1 vs current 0.6", 2.0, "")
+    assert finetune_line(LogLine(5.5, rejected)) == FinetuneLine(5.5, "d0003", 2, "rejected", 2.0)
     skipped = finetune_line(LogLine(6.0, "fine-tune of d0004 skipped: no codes yet"))
     assert skipped == FinetuneLine(6.0, "d0004", None, "skipped", None)
     assert finetune_line(LogLine(7.0, "fine-tune d0003 epoch 2: loss 1.0 (0.1 s)")) is None

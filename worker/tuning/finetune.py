@@ -76,6 +76,10 @@ from worker.tuning.exceptions import Abandoned, FineTuneDataError
 
 log = logging.getLogger(__name__)
 
+OUTCOME_LINE = "fine-tune %s: version %d %s (%s) in %.1f s (%s)"
+"""The INFO line of a fine-tune that made a version: domain, version, status (published or
+rejected), the gate's reason, seconds, and where they went (benchmarks read it)."""
+
 
 @dataclass
 class DomainData:
@@ -628,7 +632,7 @@ class FineTuner:
             )
         )
         log.info(
-            "fine-tune %s: version %d %s (%s) in %.1f s (%s)",
+            OUTCOME_LINE,
             domain,
             record.version,
             record.status,
