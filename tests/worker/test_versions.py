@@ -364,7 +364,7 @@ def _borrowing_table(seed: int, *, text: bool) -> tuple[VersionTable, np.ndarray
 
 @settings(max_examples=50, deadline=None)
 @given(st.integers(0, 10_000))
-def test_new_items_borrow_the_deepest_trained_code_like_the_slow_reference(seed: int) -> None:
+def test_new_items_borrow_the_deepest_shared_prefix_like_the_slow_reference(seed: int) -> None:
     table, _ = _borrowing_table(seed, text=False)
     assert table.trained is not None and table.full_rows is not None
     trained = np.flatnonzero(table.trained)
