@@ -39,8 +39,8 @@ How it follows the state (:class:`Serving`):
   did not train (no training interaction) has no row of its own worth anything, so it
   is served the deepest prefix of its own full path that the codes of several trained
   items pass through (never one item's own rows: it would be that item's near-clone in
-  every ranking), plus its own text part: the
-  version's untrained items through :meth:`~worker.state.versions.VersionTable.served_rows`,
+  every ranking), plus its own text part: the version's untrained items through
+  :meth:`~worker.state.versions.VersionTable.served_rows`,
   items coded later through the version's :class:`~worker.state.versions.SharedPrefixes`
   (built with the index; ``O(levels)`` set lookups per new item). An item with no
   shared prefix on its path keeps its own code. Trained items are never changed.

@@ -17,8 +17,8 @@ learns the projection from there.
 Borrowed codes (``serve_borrow_trained``): the version stores which items its training
 windows used (``TrainResult.seen_items``) and every item's full-path rows, and serves an
 untrained item the deepest prefix of its path that several trained items' codes share (see
-:mod:`worker.state.versions`). The gate scores the candidate and the current version with that same rule, so what is gated is
-what is served.
+:mod:`worker.state.versions`). The gate scores the candidate and the current version with
+that same rule, so what is gated is what is served.
 
 Scale: the domain is read in chunks straight into arrays (:func:`read_log`,
 :func:`read_embeddings`: no per-interaction objects); training picks its loss by rule
