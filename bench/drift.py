@@ -274,7 +274,14 @@ def _evaluate_once(
     ev: Evaluation = evaluate_ranking(
         lambda idx: score_histories(model, served, dom.histories[idx], text=text),
         dom.test_items,
-        slices={"new": target_stage > 0, "old": target_stage == 0, "cold": dom.slices["cold"]},
+        slices={
+            "new": target_stage > 0,
+            "old": target_stage == 0,
+            "cold": dom.slices["cold"],
+            # the issue's "why": new items outside the head, and those never trained
+            "new_tail": (target_stage > 0) & ~dom.slices["head"],
+            "new_cold": (target_stage > 0) & dom.slices["cold"],
+        },
     )
     return ev.as_dict(), result.wall_s
 
@@ -360,15 +367,28 @@ def _line(r: StageRow) -> str:
         f"{_f(m.get('recall'))} | {_f(m.get('new_recall'))}{_sd(m.get('new_recall_sd'))} "
         f"({int(m.get('new_n', 0))}) | "
         f"{_f(m.get('old_recall'))} ({int(m.get('old_n', 0))}) | "
-        f"{_f(m.get('cold_recall'))} ({int(m.get('cold_n', 0))}) | {r.train_s:.1f} |"
+        f"{_f(m.get('cold_recall'))} ({int(m.get('cold_n', 0))}) | "
+        f"{_f(m.get('new_tail_recall'))} ({int(m.get('new_tail_n', 0))}) | "
+        f"{_f(m.get('new_cold_recall'))} ({int(m.get('new_cold_n', 0))}) | {r.train_s:.1f} |"
     )
 
 
 HEADER = (
     "| catalogue | stage | arm | items | categories | codebook | drift score | R@10 all | "
-    "R@10 new (n) | R@10 old (n) | R@10 cold (n) | train s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "R@10 new (n) | R@10 old (n) | R@10 cold (n) | R@10 new tail (n) | R@10 new cold (n) | "
+    "train s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+
+
+def _ratio_line(keep: dict[str, float], move: dict[str, float], part: str) -> str:
+    """``part``'s R@10 without -> with migration, its ratio and its number of cases."""
+    before, after = keep.get(f"{part}_recall"), move.get(f"{part}_recall")
+    n = int(keep.get(f"{part}_n", 0))
+    if before is None or after is None or not n:
+        return "n/a (no case)"
+    ratio = f"{after / before:.2f}x" if before > 0 else "n/a"
+    return f"{before:.4f} -> {after:.4f} ({ratio}, {n} cases)"
 
 
 def verdict(rows: list[StageRow]) -> list[str]:
@@ -390,7 +410,9 @@ def verdict(rows: list[StageRow]) -> list[str]:
             f"seeds {keep['new_recall_sd']:.4f} / {move['new_recall_sd']:.4f}; goal "
             f">= {GOAL_NEW_RATIO}x: {'met' if ratio >= GOAL_NEW_RATIO else 'not met'}); old "
             f"items {keep['old_recall']:.4f} -> {move['old_recall']:.4f} ({old:+.4f}); all "
-            f"{keep['recall']:.4f} -> {move['recall']:.4f}"
+            f"{keep['recall']:.4f} -> {move['recall']:.4f}; new tail items "
+            f"{_ratio_line(keep, move, 'new_tail')}; new cold items "
+            f"{_ratio_line(keep, move, 'new_cold')}"
         )
     return out
 
