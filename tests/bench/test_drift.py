@@ -114,6 +114,10 @@ def test_a_catalogue_that_moves_is_migrated_and_the_arms_split_only_then(text: b
     for r in rows:
         assert r.metrics["new_n"] + r.metrics["old_n"] == r.metrics["n"] > 0
         assert (r.metrics["new_n"] > 0) == (r.stage > 0)
+        # the new items' tail and cold parts are parts of the new items (and of the cold)
+        assert r.metrics["new_tail_n"] <= r.metrics["new_n"]
+        assert r.metrics["new_cold_n"] <= min(r.metrics["new_n"], r.metrics["cold_n"])
+    assert any(r.metrics["new_tail_n"] for r in rows)
 
 
 @pytest.mark.parametrize("keep_shape", [False, True], ids=["rule", "keep-shape"])
