@@ -15,8 +15,10 @@ import orjson
 import pytest
 
 import worker.ingest.coding as coding
+import worker.tuning.finetune as finetune_module
 from quantize.evaluate import holdout_split, pad_histories, user_sequences
 from quantize.table_model import Snapshot
+from quantize.train import TrainResult
 from store.memory import MemoryPartition
 from store.records import ItemRecord
 from tests.worker.vector_reference import slow_served_rows, slow_vector
@@ -59,6 +61,7 @@ from worker.state.versions import (
 from worker.tuning.exceptions import Abandoned, FineTuneDataError
 from worker.tuning.finetune import (
     EMBEDDING_CHUNK,
+    WARM_UP_LOSSES,
     Candidate,
     DomainData,
     FineTuner,
@@ -1002,7 +1005,7 @@ def test_a_run_out_of_budget_before_any_validated_epoch_is_abandoned() -> None:
 
 
 def test_the_warm_up_trains_once_on_made_up_data_and_writes_nothing(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The daemon's fine-tune warm-up: torch's one-time set-up paid at start, the store left
     untouched; with the stop set it gives up at its first step."""
@@ -1014,10 +1017,21 @@ def test_the_warm_up_trains_once_on_made_up_data_and_writes_nothing(
 
     before = contents()
     tuner = FineTuner(store, B)
+    losses: list[str] = []
+    real = finetune_module.train_domain
+
+    def train_domain(*args: object, **kwargs: object) -> TrainResult:
+        result = real(*args, **kwargs)  # type: ignore[arg-type]
+        losses.append(result.loss)
+        return result
+
+    monkeypatch.setattr(finetune_module, "train_domain", train_domain)
     with caplog.at_level("INFO", logger="worker.tuning.finetune"):
         tuner.warm_up()
     assert any("warmed up" in r.getMessage() for r in caplog.records)
     assert contents() == before
+    # every loss the rule can pick ran once, so none loads its modules in a real run
+    assert losses == ["full", "sampled"] == list(WARM_UP_LOSSES)
     stopped = FineTuner(store, B, stop=threading.Event())
     stopped.stop.set()
     caplog.clear()

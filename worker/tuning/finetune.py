@@ -48,7 +48,14 @@ import numpy as np
 from quantize.evaluate import holdout_split, recall_ndcg, user_histories
 from quantize.remap import FittedRows, refit
 from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
-from quantize.train import EpochReport, TrainConfig, rank_histories, shared_init, train_domain
+from quantize.train import (
+    EpochReport,
+    SoftmaxKind,
+    TrainConfig,
+    rank_histories,
+    shared_init,
+    train_domain,
+)
 from store.partition import StorePartition
 from worker.core.memory import freeze_long_lived
 from worker.core.settings import Settings
@@ -75,6 +82,9 @@ from worker.state.versions import (
 from worker.tuning.exceptions import Abandoned, FineTuneDataError
 
 log = logging.getLogger(__name__)
+
+WARM_UP_LOSSES: tuple[SoftmaxKind, ...] = ("full", "sampled")
+"""The losses the start-up warm-up trains with: every one ``softmax="auto"`` can pick."""
 
 OUTCOME_LINE = "fine-tune %s: version %d %s (%s) in %.1f s (%s)"
 """The INFO line of a fine-tune that made a version: domain, version, status (published or
@@ -533,25 +543,37 @@ class FineTuner:
 
         The first training step of a process pays torch's one-time set-up (about 2 s here,
         up to 8 s on a busy machine); done here at start-up, it no longer falls on the first
-        domain's fine-tune (nor after every restart). A failure is logged and otherwise
-        ignored: the first real run pays the set-up instead."""
+        domain's fine-tune (nor after every restart). It trains once with each loss the rule
+        can pick (:data:`WARM_UP_LOSSES`): the sampled loss's sparse rows and sparse Adam load
+        modules of their own, which took ~250 ms holding the interpreter when the first large
+        domain's fine-tune loaded them, and every other thread (the consumer, the API) waited.
+        A failure is logged and otherwise ignored: the first real run pays the set-up instead."""
         started = time.perf_counter()
         log.info("fine-tune warm-up: training a tiny model once")
         rng = np.random.default_rng(0)
         n_items, n_events = 64, 240
         rows = np.stack([rng.integers(0, 8, n_items), 8 + rng.integers(0, 8, n_items)], axis=1)
         text_dim = self.model_config.text_dim
+        text = rng.normal(size=(n_items, text_dim)).astype(np.float32) if text_dim else None
         try:
-            train_domain(
-                rows,
-                np.repeat(np.arange(n_events // 8), 8),
-                rng.integers(0, n_items, n_events),
-                np.arange(n_events),
-                model_config=self.model_config,
-                config=TrainConfig(epochs=1, threads=self.settings.finetune_threads, seed=0),
-                text=rng.normal(size=(n_items, text_dim)).astype(np.float32) if text_dim else None,
-                check=self._stopper("warm-up", "warming up"),
-            )
+            for loss in WARM_UP_LOSSES:
+                config = TrainConfig(
+                    epochs=1,
+                    softmax=loss,
+                    negatives=16,
+                    threads=self.settings.finetune_threads,
+                    seed=0,
+                )
+                train_domain(
+                    rows,
+                    np.repeat(np.arange(n_events // 8), 8),
+                    rng.integers(0, n_items, n_events),
+                    np.arange(n_events),
+                    model_config=self.model_config,
+                    config=config,
+                    text=text,
+                    check=self._stopper("warm-up", "warming up"),
+                )
         except Abandoned:
             return
         except Exception as exc:  # only a warm-up: the first run pays the set-up instead
