@@ -539,7 +539,7 @@ class FineTuner:
         self.last: dict[str, Outcome] = {}
 
     def warm_up(self) -> None:
-        """Train a tiny model once on made-up data (one epoch; nothing kept or written).
+        """Train a tiny model on made-up data, once per loss (one epoch; nothing kept or written).
 
         The first training step of a process pays torch's one-time set-up (about 2 s here,
         up to 8 s on a busy machine); done here at start-up, it no longer falls on the first
@@ -549,7 +549,7 @@ class FineTuner:
         domain's fine-tune loaded them, and every other thread (the consumer, the API) waited.
         A failure is logged and otherwise ignored: the first real run pays the set-up instead."""
         started = time.perf_counter()
-        log.info("fine-tune warm-up: training a tiny model once")
+        log.info("fine-tune warm-up: training a tiny model once with each loss")
         rng = np.random.default_rng(0)
         n_items, n_events = 64, 240
         rows = np.stack([rng.integers(0, 8, n_items), 8 + rng.integers(0, 8, n_items)], axis=1)
