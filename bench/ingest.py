@@ -1041,7 +1041,7 @@ def measure_quix(wl: Workload, tag: str) -> Run | str:
 
 @dataclass
 class Headline:
-    """The headline rows: the daemon, its peer, and two bounds on the same interactions."""
+    """The headline rows: the daemon, its peer, and three bounds on the same interactions."""
 
     daemon: Row
     peer: Row
@@ -1056,13 +1056,15 @@ class Headline:
 
 def measure_headline(bootstrap: str, base: Settings, args: argparse.Namespace) -> Headline:
     """The headline row (the daemon) and its peer row, interleaved per repeat on one mix;
-    then two bounds on a copy of the mix's interactions (same events, an interactions-only
-    topic set): the raw kafka-python consume and the floor worker (:class:`FloorProcessor`).
+    then, in the same repeats, three bounds on a copy of the mix's interactions (same events,
+    an interactions-only topic set): the raw kafka-python consume, the floor worker
+    (:class:`FloorProcessor`) and the peer's own state work in the worker's loop
+    (:class:`PeerWorkProcessor`).
 
     The bounds say what the goal against the peer can reach with kafka-python (the design
     card's client): a worker that decodes each record with kafka-python, parses it and
-    puts it once, durably, keeping no state, runs at the floor's rate; every state the
-    daemon keeps costs on top of it.
+    puts it once, durably, keeping no state, runs at the floor's rate; one doing just the
+    peer's work at the last bound's; every state the daemon keeps costs on top of them.
     """
     cat = make_catalogue(args.daemon_items, args.seed + 7)
     events = interaction_events(args.interactions, cat, args.seed, args.daemon_users)
