@@ -555,6 +555,8 @@ class FineTuner:
         rows = np.stack([rng.integers(0, 8, n_items), 8 + rng.integers(0, 8, n_items)], axis=1)
         text_dim = self.model_config.text_dim
         text = rng.normal(size=(n_items, text_dim)).astype(np.float32) if text_dim else None
+        users = np.repeat(np.arange(n_events // 8), 8)
+        items = rng.integers(0, n_items, n_events)
         try:
             for loss in WARM_UP_LOSSES:
                 config = TrainConfig(
@@ -566,8 +568,8 @@ class FineTuner:
                 )
                 train_domain(
                     rows,
-                    np.repeat(np.arange(n_events // 8), 8),
-                    rng.integers(0, n_items, n_events),
+                    users,
+                    items,
                     np.arange(n_events),
                     model_config=self.model_config,
                     config=config,
