@@ -358,6 +358,8 @@ class Scrape:
     batch_buckets: dict[float, float]  # adacode_batch_seconds cumulative buckets (le -> count)
     gc_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
     """adacode_gc_pause_seconds cumulative buckets per generation (gen -> le -> count)"""
+    trim_buckets: dict[str, dict[float, float]] = field(default_factory=dict)
+    """adacode_memory_trim_seconds cumulative buckets per caller (where -> le -> count)"""
 
 
 def scrape_metrics(port: int, timeout_s: float = 60.0) -> Scrape:
@@ -372,6 +374,7 @@ def scrape_metrics(port: int, timeout_s: float = 60.0) -> Scrape:
     lag = 0.0
     buckets: dict[float, float] = {}
     gc_buckets: dict[str, dict[float, float]] = {}
+    trim_buckets: dict[str, dict[float, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == "adacode_applied_events_total":
@@ -385,18 +388,35 @@ def scrape_metrics(port: int, timeout_s: float = 60.0) -> Scrape:
             elif sample.name == "adacode_gc_pause_seconds_bucket":
                 gen = gc_buckets.setdefault(sample.labels.get("generation", ""), {})
                 gen[float(sample.labels.get("le", "inf"))] = sample.value
-    return Scrape(seconds, applied, lag, buckets, gc_buckets)
+            elif sample.name == "adacode_memory_trim_seconds_bucket":
+                caller = trim_buckets.setdefault(sample.labels.get("where", ""), {})
+                caller[float(sample.labels.get("le", "inf"))] = sample.value
+    return Scrape(seconds, applied, lag, buckets, gc_buckets, trim_buckets)
+
+
+def _histograms_between(
+    before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]
+) -> dict[str, dict[str, float | None]]:
+    """Per label value, the observations between two scrapes of a labelled histogram and
+    the upper bound (s) of the longest (see :func:`longest_batch_bound`)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for label, buckets in sorted(after.items()):
+        old = before.get(label, {})
+        diff = {le: count - old.get(le, 0.0) for le, count in buckets.items()}
+        out[label] = {"passes": diff.get(math.inf, 0.0), "longest_s": longest_batch_bound(diff)}
+    return out
 
 
 def gc_pauses_between(before: Scrape, after: Scrape) -> dict[str, dict[str, float | None]]:
     """Per collector generation, the passes between two scrapes and the upper bound (s) of
     the longest of them (see :func:`longest_batch_bound`)."""
-    out: dict[str, dict[str, float | None]] = {}
-    for gen, buckets in sorted(after.gc_buckets.items()):
-        old = before.gc_buckets.get(gen, {})
-        diff = {le: count - old.get(le, 0.0) for le, count in buckets.items()}
-        out[gen] = {"passes": diff.get(math.inf, 0.0), "longest_s": longest_batch_bound(diff)}
-    return out
+    return _histograms_between(before.gc_buckets, after.gc_buckets)
+
+
+def trims_between(before: Scrape, after: Scrape) -> dict[str, dict[str, float | None]]:
+    """Per caller (consumer, finetune, index), the worker's heap trims between two scrapes
+    and the upper bound (s) of the longest (``passes``: how many)."""
+    return _histograms_between(before.trim_buckets, after.trim_buckets)
 
 
 def longest_batch_bound(buckets: dict[float, float]) -> float | None:

@@ -116,6 +116,7 @@ from bench.common import (
     proc_cpu_s,
     proc_memory_mib,
     scrape_metrics,
+    trims_between,
     worker_env,
 )
 from worker.commands.launch import WorkerProcess
@@ -1200,7 +1201,9 @@ class ScaleRun:
         finally:
             client.close()
         self.result.figures["paced_latency_ms"] = paced_figures(shots)
-        self.result.figures["paced_gc"] = gc_pauses_between(before, scrape_metrics(self.port))
+        after = scrape_metrics(self.port)
+        self.result.figures["paced_gc"] = gc_pauses_between(before, after)
+        self.result.figures["paced_trims"] = trims_between(before, after)
         self.result.figures["paced_client_gc"] = client_gc.summary()
         self.result.figures["paced_client_frozen"] = client_gc.frozen
         self.result.figures["paced"] = {
@@ -1509,6 +1512,18 @@ def serve_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
                     ),
                 )
             )
+    trims = f.get("paced_trims") or {}
+    if trims:
+        rows.append(
+            (
+                "heap trims during the paced load, worker (caller: trims, longest: its "
+                "histogram's bound)",
+                "; ".join(
+                    f"{where}: {v.get('passes', 0):.0f}, {_f(v.get('longest_s'), '{:.3f}')} s"
+                    for where, v in trims.items()
+                ),
+            )
+        )
     new = f.get("new_item_ms")
     if new:
         stopped = (

@@ -16,7 +16,7 @@ import orjson
 import pytest
 
 from bench.broker import free_port
-from bench.common import longest_batch_bound
+from bench.common import Scrape, gc_pauses_between, longest_batch_bound, trims_between
 from bench.scale import (
     _CUT_OVER,
     _MIGRATED,
@@ -178,6 +178,36 @@ def test_longest_batch_bound_from_the_histogram() -> None:
 
 
 # -- the worker's log ---------------------------------------------------------------------
+
+
+def test_trims_and_collector_passes_between_two_scrapes() -> None:
+    """The paced window's heap trims (and collector passes) are the histograms' difference
+    between the scrapes before and after it: counts by label, the longest's bucket bound."""
+    inf = float("inf")
+    before = Scrape(
+        0.01,
+        {},
+        0.0,
+        {},
+        {"2": {0.1: 3.0, inf: 3.0}},
+        {"consumer": {0.01: 4.0, 0.25: 5.0, inf: 5.0}},
+    )
+    after = Scrape(
+        0.01,
+        {},
+        0.0,
+        {},
+        {"2": {0.1: 3.0, inf: 3.0}},
+        {
+            "consumer": {0.01: 4.0, 0.25: 7.0, inf: 7.0},
+            "index": {0.01: 1.0, 0.25: 1.0, inf: 1.0},
+        },
+    )
+    assert trims_between(before, after) == {
+        "consumer": {"passes": 2.0, "longest_s": 0.25},
+        "index": {"passes": 1.0, "longest_s": 0.01},
+    }
+    assert gc_pauses_between(before, after) == {"2": {"passes": 0.0, "longest_s": None}}
 
 
 def test_parse_log_line_json_and_other() -> None:

@@ -17,8 +17,11 @@ from worker.core.memory import (
     cap_mmap_threshold,
     freeze_long_lived,
     release_free_memory,
+    release_if_grown,
+    resident_bytes,
     space_young_collections,
     thaw,
+    watch_trims,
 )
 
 
@@ -43,6 +46,37 @@ def test_release_returns_freed_small_allocations_to_the_os() -> None:
     assert release_free_memory()
     after = _rss_mb()
     assert before - after > 300, (before, after)
+
+
+def test_a_trim_without_growth_since_the_last_is_skipped_and_one_after_growth_returns_it() -> None:
+    """The consuming thread's periodic trim: a trim walks the whole heap, a stall for the
+    threads of the arena it walks, so it runs only when the resident size grew since the
+    last; then it returns what the growth left behind. Every trim is told to the
+    watchers with its caller and duration."""
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    if not glibc:
+        assert release_if_grown(0) is False
+        return
+    seen: list[tuple[str, float]] = []
+    unwatch = watch_trims(lambda where, seconds: seen.append((where, seconds)))
+    try:
+        assert release_free_memory("finetune")  # the last trim: the floor is now
+        assert release_if_grown(64 << 20) is False  # no growth since: not walked again
+        assert [w for w, _ in seen] == ["finetune"]
+        rss = resident_bytes()
+        assert rss is not None and abs(rss - _rss_mb() * (1 << 20)) < 64 << 20
+        blocks = [np.ones(2000) for _ in range(30_000)]  # ~500 MB of 16 KB heap blocks
+        del blocks[:-1]  # freed but kept by glibc: the resident size stays up
+        before = _rss_mb()
+        assert release_if_grown(64 << 20) is True
+        assert before - _rss_mb() > 200, (before, _rss_mb())
+        assert [w for w, _ in seen] == ["finetune", "consumer"]
+        assert all(seconds >= 0.0 for _, seconds in seen)
+        assert release_if_grown(64 << 20) is False  # returned: nothing grew since
+    finally:
+        unwatch()
+    release_free_memory()
+    assert len(seen) == 2  # no longer watched after unwatching
 
 
 _LARGE_BLOCKS = """

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import gc
 import math
+import platform
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from worker.core.memory import release_free_memory
 from worker.core.metrics import Metrics, TextFamily
 
 TRICKY = ["plain", 'q"uote', "back\\\\slash", "new\nline", "ünï", ""]
@@ -171,3 +173,30 @@ def test_collector_passes_are_timed_while_watched_and_not_after() -> None:
     assert watched >= 1.0 and _gc_count(metrics, "0") >= 1.0
     gc.collect()
     assert _gc_count(metrics, "2") == watched  # no longer watched
+
+
+def _trim_count(metrics: Metrics, where: str) -> float:
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if (
+                sample.name == "adacode_memory_trim_seconds_count"
+                and sample.labels.get("where") == where
+            ):
+                return sample.value
+    raise AssertionError(f"no adacode_memory_trim_seconds series for {where}")
+
+
+def test_heap_trims_are_timed_by_caller_while_watched_and_not_after() -> None:
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    metrics = Metrics()
+    assert _trim_count(metrics, "consumer") == 0.0  # every caller's series from the start
+    unwatch = metrics.watch_trims()
+    try:
+        trimmed = release_free_memory("index")
+    finally:
+        unwatch()
+    assert trimmed is glibc
+    assert _trim_count(metrics, "index") == (1.0 if glibc else 0.0)
+    assert _trim_count(metrics, "finetune") == 0.0
+    release_free_memory("index")
+    assert _trim_count(metrics, "index") == (1.0 if glibc else 0.0)  # no longer watched

@@ -415,6 +415,7 @@ class Daemon:
         freeze_long_lived("start-up")
         space_young_collections()
         unwatch_gc = self.metrics.watch_gc()
+        unwatch_trims = self.metrics.watch_trims()
         try:
             self.loop.run()
         except StoreError as exc:
@@ -427,6 +428,7 @@ class Daemon:
                 self.http.stop()
             self.store.close()
             unwatch_gc()
+            unwatch_trims()
             thaw()
         log.info(
             "stopped after %.1f s: %d batches, %d records, %d dead-lettered",

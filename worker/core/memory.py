@@ -5,6 +5,14 @@ frees them at the end; glibc keeps much of it in that thread's malloc arena, so 
 long-lived worker's resident memory would grow by a step at each round.
 ``malloc_trim(0)`` returns the free pages (measured: ~110 MB after a fine-tune of 24k
 interactions). Elsewhere than glibc it is not available and nothing is done.
+
+A trim is not free: it walks every free chunk of every arena, each arena's lock held, and
+advises the kernel of each free page range, so a thread that allocates from the arena being
+trimmed waits for it. On a fragmented heap (measured in process: 1.7 GB of 1.5 KB blocks
+freed with every 20th kept) the first trim took 210 ms and every later one, with nothing new
+to return, still ~24 ms. So the periodic trim of the consuming thread runs only when the
+resident size has grown since the last trim (:func:`release_if_grown`), and every trim is
+timed for whoever watches (:func:`watch_trims`; ``adacode_memory_trim_seconds``).
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import time
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +41,66 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-def release_free_memory() -> bool:
-    """Return free heap pages to the OS; whether the platform could (glibc only)."""
+#: callbacks told of every trim: ``(where, seconds)``
+_TRIM_WATCHERS: list[Callable[[str, float], None]] = []
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: the lowest resident size seen since the last trim (bytes; None: no trim yet)
+_rss_floor: int | None = None
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set size in bytes (Linux ``/proc/self/statm``; None elsewhere).
+    One read of a short file: cheap enough for every loop of the consumer."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_free_memory(where: str = "other") -> bool:
+    """Return free heap pages to the OS; whether the platform could (glibc only).
+
+    ``where`` names the caller for :func:`watch_trims` (``consumer``, ``finetune``,
+    ``index``). ``malloc_trim`` is called through ``ctypes.CDLL``, which lets the
+    interpreter go for the call: only threads allocating from the arena being trimmed
+    wait."""
+    global _rss_floor
     if _TRIM is None:
         return False
+    started = time.perf_counter()
     _TRIM(0)
+    seconds = time.perf_counter() - started
+    _rss_floor = resident_bytes()
+    for watcher in list(_TRIM_WATCHERS):
+        watcher(where, seconds)
     return True
+
+
+def release_if_grown(min_growth_bytes: int, where: str = "consumer") -> bool:
+    """Trim (:func:`release_free_memory`) only when the resident size has grown by at least
+    ``min_growth_bytes`` over the lowest seen since the last trim; whether it trimmed.
+
+    Freed memory that glibc keeps shows as resident size that stays up, so growth since
+    the last trim bounds what a trim could return of the work done since; with none, a
+    trim would only walk the heap again (a stall for the threads of the arena it walks,
+    ~24 ms a time on a fragmented heap) to return nothing. Where the resident size cannot
+    be read, it trims every time."""
+    global _rss_floor
+    rss = resident_bytes()
+    if rss is None or _rss_floor is None:
+        return release_free_memory(where)
+    _rss_floor = min(_rss_floor, rss)
+    if rss - _rss_floor < min_growth_bytes:
+        return False
+    return release_free_memory(where)
+
+
+def watch_trims(callback: Callable[[str, float], None]) -> Callable[[], None]:
+    """Call ``callback(where, seconds)`` after every trim; returns the function that stops
+    it."""
+    _TRIM_WATCHERS.append(callback)
+    return lambda: _TRIM_WATCHERS.remove(callback)
 
 
 def cap_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from store.exceptions import StoreError
+from worker.core.memory import watch_trims
 
 if TYPE_CHECKING:
     from quantize.assign import CodeStats
@@ -186,6 +187,16 @@ class Metrics:
         )
         for generation in ("0", "1", "2"):  # every series from the first scrape, at 0
             self.gc_pause.labels(generation)
+        self.memory_trim = Histogram(
+            "adacode_memory_trim_seconds",
+            "returns of free heap pages to the OS (malloc_trim), by caller; threads that "
+            "allocate from the arena being trimmed wait for it",
+            ["where"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        for where in ("consumer", "finetune", "index"):
+            self.memory_trim.labels(where)
         self.code_changes = TextFamily(
             "adacode_code_changes",
             "served-code changes (new, promote, deepen, disambiguate, demote, recode)",
@@ -410,6 +421,11 @@ class Metrics:
 
         gc.callbacks.append(callback)
         return lambda: gc.callbacks.remove(callback)
+
+    def watch_trims(self) -> Callable[[], None]:
+        """Time every return of free heap pages to the OS into :attr:`memory_trim`
+        (:func:`worker.core.memory.watch_trims`); returns the function that stops it."""
+        return watch_trims(lambda where, seconds: self.memory_trim.labels(where).observe(seconds))
 
     def render(self) -> bytes:
         """The exposition: the registry's (process, batch, Kafka: a fixed size) and the

@@ -26,7 +26,7 @@ from kafka.future import Future
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
-from worker.core.memory import release_free_memory
+from worker.core.memory import release_if_grown
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, KafkaUnavailableError
@@ -44,8 +44,13 @@ from worker.ingest.processor import BatchResult, DeadLetter, Processor
 
 log = logging.getLogger(__name__)
 
-#: seconds between returns of free heap pages to the OS from the consuming thread
+#: seconds between two looks, from the consuming thread, at whether free heap pages are
+#: worth returning to the OS
 TRIM_EVERY_S = 30.0
+#: the growth of the resident size since the last trim that makes the consuming thread trim
+#: (:func:`worker.core.memory.release_if_grown`): below it a trim would walk the heap, a
+#: stall for the threads that share the arena it walks, to return next to nothing
+TRIM_GROWTH_BYTES = 64 << 20
 #: how long a send waits for metadata, and a flush for acknowledgements, before the Kafka
 #: policy (worker.ingest.kafka_calls) takes over: short, so a stop request is honoured
 MAX_BLOCK_MS = 5_000
@@ -435,7 +440,7 @@ class ConsumerLoop:
                 if time.monotonic() - trimmed_at >= TRIM_EVERY_S:
                     # each batch's parsed events, freed, leave holes in the heap that glibc
                     # keeps; without this the resident size climbs between fine-tunes
-                    release_free_memory()
+                    release_if_grown(TRIM_GROWTH_BYTES, "consumer")
                     trimmed_at = time.monotonic()
                 state = watch.check()
                 self._healthy = state.healthy and poll_failures < 3

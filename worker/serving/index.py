@@ -859,7 +859,7 @@ class Serving:
             if index is None:
                 return False
         old_version = self._swap(domain, index)
-        release_free_memory()  # an evicted index and the build's buffers: back to the OS
+        release_free_memory("index")  # an evicted index and the build's buffers: back to the OS
         log.info(
             "serving %s version %d (%d items, %s) %s in %.2f s",
             domain,
