@@ -149,15 +149,16 @@ def test_the_worker_and_group_codebook_generations(
     assert samples[("adacode_group_codebook_generation", ())] == len(chain)
 
 
-def _gc_count(metrics: Metrics, generation: str) -> float:
+def _histogram_count(metrics: Metrics, name: str, label: str, value: str) -> float:
     for family in text_string_to_metric_families(metrics.render().decode()):
         for sample in family.samples:
-            if (
-                sample.name == "adacode_gc_pause_seconds_count"
-                and sample.labels.get("generation") == generation
-            ):
+            if sample.name == f"{name}_count" and sample.labels.get(label) == value:
                 return sample.value
-    raise AssertionError(f"no adacode_gc_pause_seconds series for generation {generation}")
+    raise AssertionError(f"no {name} series with {label}={value}")
+
+
+def _gc_count(metrics: Metrics, generation: str) -> float:
+    return _histogram_count(metrics, "adacode_gc_pause_seconds", "generation", generation)
 
 
 def test_collector_passes_are_timed_while_watched_and_not_after() -> None:
@@ -176,14 +177,7 @@ def test_collector_passes_are_timed_while_watched_and_not_after() -> None:
 
 
 def _trim_count(metrics: Metrics, where: str) -> float:
-    for family in text_string_to_metric_families(metrics.render().decode()):
-        for sample in family.samples:
-            if (
-                sample.name == "adacode_memory_trim_seconds_count"
-                and sample.labels.get("where") == where
-            ):
-                return sample.value
-    raise AssertionError(f"no adacode_memory_trim_seconds series for {where}")
+    return _histogram_count(metrics, "adacode_memory_trim_seconds", "where", where)
 
 
 def test_heap_trims_are_timed_by_caller_while_watched_and_not_after() -> None:
