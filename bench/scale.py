@@ -620,6 +620,29 @@ class Shot:
     status: int
 
 
+#: a paced request slower than this is part of a stall (:func:`paced_stalls`)
+STALL_MS = 50.0
+
+
+def paced_stalls(shots: Sequence[Shot], gap_s: float = 0.5) -> list[dict[str, float]]:
+    """The stalls of a paced run: requests over :data:`STALL_MS`, every kind, grouped while
+    each was due within ``gap_s`` of the last; per stall its first due instant (s from the
+    start), how many requests it delayed and the slowest (ms). Where in the window the tail
+    came from, to set beside the worker's log."""
+    slow = sorted((s for s in shots if 1000 * (s.done - s.due) > STALL_MS), key=lambda s: s.due)
+    stalls: list[dict[str, float]] = []
+    last = -math.inf
+    for shot in slow:
+        ms = 1000 * (shot.done - shot.due)
+        if shot.due - last > gap_s:
+            stalls.append({"at_s": shot.due, "requests": 0.0, "max_ms": 0.0})
+        stall = stalls[-1]
+        stall["requests"] += 1
+        stall["max_ms"] = max(stall["max_ms"], ms)
+        last = shot.due
+    return stalls
+
+
 def paced_figures(shots: Sequence[Shot]) -> dict[str, dict[str, Any]]:
     """Per kind: latency quantiles from each request's scheduled instant (so queueing,
     in the bench's pool or in the worker, counts: no coordinated omission), the achieved
@@ -1195,12 +1218,14 @@ class ScaleRun:
         ]
         client = KeepAlive(self.port)
         before = scrape_metrics(self.port)
+        started_at = time.time()
         try:
             with ClientGc(freeze=self.args.client_gc == "freeze") as client_gc:
                 shots = run_paced(requests, offsets, client.get, self.args.serve_threads)
         finally:
             client.close()
         self.result.figures["paced_latency_ms"] = paced_figures(shots)
+        self.result.figures["paced_stalls"] = paced_stalls(shots)
         after = scrape_metrics(self.port)
         self.result.figures["paced_gc"] = gc_pauses_between(before, after)
         self.result.figures["paced_trims"] = trims_between(before, after)
@@ -1211,6 +1236,7 @@ class ScaleRun:
             "seconds": self.args.serve_seconds,
             "threads": self.args.serve_threads,
             "requests": len(offsets),
+            "started_at": started_at,
         }
 
     def new_items_servable(self) -> None:
@@ -1512,6 +1538,20 @@ def serve_rows(f: dict[str, Any]) -> list[tuple[str, str]]:
                     ),
                 )
             )
+    stalls = f.get("paced_stalls")
+    if stalls is not None:
+        began = (f.get("paced") or {}).get("started_at")
+        clock = time.strftime("%H:%M:%S", time.gmtime(began)) + " UTC" if began else "its start"
+        rows.append(
+            (
+                f"paced stalls (requests over {STALL_MS:g} ms, grouped; s after {clock})",
+                "; ".join(
+                    f"+{st['at_s']:.2f} s: {st['requests']:.0f} requests, max {st['max_ms']:.0f} ms"
+                    for st in stalls
+                )
+                or "none",
+            )
+        )
     trims = f.get("paced_trims") or {}
     if trims:
         rows.append(

@@ -40,6 +40,7 @@ from bench.scale import (
     longest_pause,
     pace_schedule,
     paced_figures,
+    paced_stalls,
     parse_log_line,
     poll_until_ok,
     quantiles,
@@ -302,6 +303,22 @@ def test_pace_schedule_is_even_and_ends_before_the_window() -> None:
     np.testing.assert_allclose(np.diff(offsets), 0.005)
     assert len(pace_schedule(3, 2.5)) == 7  # 0, 1/3, ..., 2
     assert len(pace_schedule(0, 10)) == 0 and len(pace_schedule(100, 0)) == 0
+
+
+def test_paced_stalls_group_the_slow_requests_of_every_kind() -> None:
+    """Requests over 50 ms, whatever their kind, due within half a second of the last slow
+    one, are one stall: its start, how many it delayed, the slowest."""
+    shots = [Shot("a" if k % 2 else "b", 0.005 * k, 0.005 * k + 0.002, 200) for k in range(2000)]
+    shots[400] = Shot("a", 2.0, 2.12, 200)  # a stall at 2.0 s: three slow requests
+    shots[401] = Shot("b", 2.005, 2.09, 200)
+    shots[402] = Shot("a", 2.01, 2.06, 200)
+    shots[1600] = Shot("b", 8.0, 8.2, 200)  # another, alone, later
+    shots[1601] = Shot("a", 8.005, 8.04, 200)  # 35 ms: not slow
+    assert paced_stalls(shots) == [
+        {"at_s": 2.0, "requests": 3.0, "max_ms": pytest.approx(120.0)},
+        {"at_s": 8.0, "requests": 1.0, "max_ms": pytest.approx(200.0)},
+    ]
+    assert paced_stalls(shots[:300]) == []
 
 
 def test_count_statuses_and_paced_figures() -> None:

@@ -194,3 +194,25 @@ def test_heap_trims_are_timed_by_caller_while_watched_and_not_after() -> None:
     assert _trim_count(metrics, "finetune") == 0.0
     release_free_memory("index")
     assert _trim_count(metrics, "index") == (1.0 if glibc else 0.0)  # no longer watched
+
+
+def test_long_collector_passes_and_trims_are_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pass or a trim at least ``LONG_PAUSE_S`` long is logged with what it did (here
+    every one is long enough)."""
+    import worker.core.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "LONG_PAUSE_S", 0.0)
+    metrics = Metrics()
+    unwatch_gc, unwatch_trims = metrics.watch_gc(), metrics.watch_trims()
+    try:
+        with caplog.at_level("INFO", logger="worker.core.metrics"):
+            gc.collect()
+            trimmed = release_free_memory("finetune")
+    finally:
+        unwatch_gc()
+        unwatch_trims()
+    text = caplog.text
+    assert "collector pass of generation 2 took" in text and "objects collected" in text
+    assert ("heap trim (finetune) took" in text) is trimmed

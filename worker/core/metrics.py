@@ -8,6 +8,7 @@ alert in ``ops/prometheus/alerts.yml`` reads the worker's RSS from it.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import threading
 import time
@@ -33,6 +34,12 @@ if TYPE_CHECKING:
     from quantize.assign import CodeStats
     from quantize.code_metrics import CodeReport
     from quantize.drift import DriftReport
+
+log = logging.getLogger(__name__)
+
+#: a collector pass or a heap trim at least this long is logged as well as timed (every
+#: thread waits for a pass; those of the trimmed arena for a trim): where a tail came from
+LONG_PAUSE_S = 0.05
 
 
 class _StateMemory(Collector):
@@ -415,9 +422,17 @@ class Metrics:
             if phase == "start":
                 began[0] = time.perf_counter()
             else:
-                self.gc_pause.labels(str(info["generation"])).observe(
-                    time.perf_counter() - began[0]
-                )
+                seconds = time.perf_counter() - began[0]
+                self.gc_pause.labels(str(info["generation"])).observe(seconds)
+                if seconds >= LONG_PAUSE_S:
+                    log.info(
+                        "collector pass of generation %d took %.0f ms (%d objects collected, "
+                        "%d uncollectable)",
+                        info["generation"],
+                        1000 * seconds,
+                        info.get("collected", 0),
+                        info.get("uncollectable", 0),
+                    )
 
         gc.callbacks.append(callback)
         return lambda: gc.callbacks.remove(callback)
@@ -425,7 +440,13 @@ class Metrics:
     def watch_trims(self) -> Callable[[], None]:
         """Time every return of free heap pages to the OS into :attr:`memory_trim`
         (:func:`worker.core.memory.watch_trims`); returns the function that stops it."""
-        return watch_trims(lambda where, seconds: self.memory_trim.labels(where).observe(seconds))
+
+        def observe(where: str, seconds: float) -> None:
+            self.memory_trim.labels(where).observe(seconds)
+            if seconds >= LONG_PAUSE_S:
+                log.info("heap trim (%s) took %.0f ms", where, 1000 * seconds)
+
+        return watch_trims(observe)
 
     def render(self) -> bytes:
         """The exposition: the registry's (process, batch, Kafka: a fixed size) and the
