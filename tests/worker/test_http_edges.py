@@ -5,6 +5,7 @@ OpenAPI document: valid, and describing exactly the routes the daemon serves."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import socket
 import subprocess
@@ -16,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import orjson
 import pytest
 from openapi_spec_validator import validate
@@ -27,7 +26,7 @@ from worker.app import daemon as daemon_module
 from worker.app.daemon import Daemon
 from worker.core.settings import Settings
 from worker.ingest.consumer import LoopStats
-from worker.serving.http import HttpServer, Request, Response, Router
+from worker.serving.http import HandlerPool, HttpServer, Request, Response, Router
 from worker.serving.routes import openapi_document
 
 READ_TIMEOUT_S = 1.0
@@ -383,10 +382,6 @@ def test_the_server_stops_within_seconds_with_requests_in_flight(tmp_path: Path)
     s.check_stderr()
 
 
-async def _pool_size() -> int:
-    return int(anyio.to_thread.current_default_thread_limiter().total_tokens)
-
-
 def test_inline_routes_answer_on_the_event_loop_while_the_pool_is_taken(
     tmp_path: Path,
 ) -> None:
@@ -413,7 +408,7 @@ def test_inline_routes_answer_on_the_event_loop_while_the_pool_is_taken(
     server = HttpServer(router, "127.0.0.1", 0)
     server.start()
     host, port = server.address
-    pool = anyio.run(_pool_size)  # anyio's default, as the server's loop gets it
+    pool = server.pool.threads  # every handler thread, started with the server
 
     def get(path: str, method: str = "GET", timeout: float = 10.0) -> tuple[int, bytes]:
         connection = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -450,6 +445,72 @@ def test_inline_routes_answer_on_the_event_loop_while_the_pool_is_taken(
     behind.join(30)
     assert waiting and waiting[0][0] == 200
     assert orjson.loads(waiting[0][1])["thread"] != "http"
+
+
+def _handler_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("http-handler")}
+
+
+def test_handler_threads_all_start_with_the_server_and_a_burst_starts_none() -> None:
+    """Every handler thread exists once the server has started; a burst of more slow
+    requests than threads queues for them and starts no thread (a thread started on the
+    event loop blocks it until the thread runs: every request waited behind such starts);
+    the handlers ran on the pool's threads, and a stop lets them go."""
+    router = Router()
+    ran: set[threading.Thread] = set()
+    lock = threading.Lock()
+
+    def slow(_: Request) -> Response:
+        with lock:
+            ran.add(threading.current_thread())
+        time.sleep(0.05)
+        return Response.json(200, {})
+
+    router.add("GET", "/slow", slow)
+    before = _handler_threads()
+    server = HttpServer(router, "127.0.0.1", 0, pool=HandlerPool(4))
+    server.start()
+    try:
+        started = _handler_threads() - before
+        assert len(started) == 4
+        host, port = server.address
+
+        def get() -> int:
+            connection = http.client.HTTPConnection(host, port, timeout=30)
+            try:
+                connection.request("GET", "/slow")
+                answer = connection.getresponse()
+                answer.read()
+                return answer.status
+            finally:
+                connection.close()
+
+        statuses: list[int] = []
+        burst = [threading.Thread(target=lambda: statuses.append(get())) for _ in range(24)]
+        for client in burst:
+            client.start()
+        for client in burst:
+            client.join(30)
+        assert statuses == [200] * 24
+        assert _handler_threads() - before == started  # the same four, no other started
+        assert ran == started
+    finally:
+        server.stop()
+    deadline = time.monotonic() + 5
+    while _handler_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _handler_threads() - before
+
+
+def test_a_handler_pool_needs_a_thread_and_runs_nothing_before_it_starts() -> None:
+    with pytest.raises(ValueError, match="at least one thread"):
+        HandlerPool(0)
+
+    async def call() -> object:
+        return await HandlerPool(2).run(lambda: 1)
+
+    with pytest.raises(RuntimeError, match="not started"):
+        asyncio.run(call())
 
 
 # -- the OpenAPI document -----------------------------------------------------------------------

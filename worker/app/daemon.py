@@ -41,7 +41,7 @@ from worker.ingest.group import CodebookLog, MirroredStore, VersionsLog, adopt_g
 from worker.ingest.kafka_calls import KafkaCall, KafkaCalls
 from worker.ingest.processor import BatchResult, Processor
 from worker.serving.exceptions import NotServedError, ServingError
-from worker.serving.http import HttpServer, Request, Response, Router
+from worker.serving.http import HandlerPool, HttpServer, Request, Response, Router
 from worker.serving.index import Serving, live_paths
 from worker.serving.routes import ApiRoutes
 from worker.state.versions import REJECTED, current_version, domains_with_versions, list_records
@@ -266,6 +266,7 @@ class Daemon:
                 settings.http_host,
                 settings.http_port,
                 max_body_bytes=settings.http_max_body_bytes,
+                pool=HandlerPool(settings.http_threads),
             )
 
     # -- callbacks of the parts (called once the daemon runs) -----------------------------

@@ -270,6 +270,13 @@ class Settings:
     http_max_body_bytes: int = setting(
         1 << 20, "largest HTTP request body; a larger one is answered 413 unread", minimum=1024
     )
+    http_threads: int = setting(
+        16,
+        "threads that run API request handlers, all started with the server (a burst "
+        "queues for them; none is started while requests wait)",
+        minimum=1,
+        maximum=256,
+    )
     admin_token: str = setting(
         "",
         "bearer token of the admin endpoints (rollback); empty: admin endpoints answer 403",

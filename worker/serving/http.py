@@ -33,12 +33,14 @@ process: ``log_config=None``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +48,6 @@ import h11
 import orjson
 import uvicorn
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
@@ -71,6 +72,8 @@ MAX_CONNECTIONS = 512
 BACKLOG = 128
 #: how long :meth:`HttpServer.stop` lets requests in flight finish
 GRACEFUL_STOP_S = 3.0
+#: threads that run the request handlers by default (the ``http_threads`` setting)
+DEFAULT_HANDLER_THREADS = 16
 
 
 @dataclass
@@ -228,8 +231,52 @@ async def _read_body(request: StarletteRequest, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class HandlerPool:
+    """The threads that run request handlers, every one started with the server.
+
+    Starlette's ``run_in_threadpool`` (AnyIO's worker threads) starts a thread whenever
+    every thread it has is busy, and lets a thread go after 10 s idle. Starting one blocks
+    the event loop until the new thread runs (``Thread.start`` waits for it), and under load
+    that wait is a wait for the interpreter: in the 1M-item bench a short slowdown made
+    requests overlap, the loop started ~15 threads one after the other, and every request
+    waited behind them (stalls of 250-600 ms at 200 requests/s). Here the threads are
+    started once, before the first request, and live as long as the server: a burst waits
+    in the pool's queue, never behind a thread start.
+    """
+
+    def __init__(self, threads: int = DEFAULT_HANDLER_THREADS) -> None:
+        if threads < 1:
+            raise ValueError(f"a handler pool needs at least one thread, got {threads}")
+        self.threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        """Start every thread now (each waits at a barrier until all exist)."""
+        if self._executor is not None:
+            return
+        executor = ThreadPoolExecutor(self.threads, thread_name_prefix="http-handler")
+        ready = threading.Barrier(self.threads + 1)
+        for _ in range(self.threads):  # each submit finds no idle thread: it starts one
+            executor.submit(ready.wait)
+        ready.wait()
+        self._executor = executor
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on one of the pool's threads, awaited on the event loop."""
+        if self._executor is None:
+            raise RuntimeError("the handler pool is not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    def stop(self) -> None:
+        """Let the threads go once the handlers they run return (nothing waits for them)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
 def _endpoint(
-    handlers: dict[str, Handler], inline: set[str], max_body_bytes: int
+    handlers: dict[str, Handler], inline: set[str], max_body_bytes: int, pool: HandlerPool
 ) -> Callable[[StarletteRequest], Any]:
     allow = allow_header([*handlers, *(["HEAD"] if "GET" in handlers else []), "OPTIONS"])
 
@@ -264,7 +311,7 @@ def _endpoint(
         )
         if answering in inline:
             return _starlette(Router.call(handler, ours))
-        return _starlette(await run_in_threadpool(Router.call, handler, ours))
+        return _starlette(await pool.run(Router.call, handler, ours))
 
     return endpoint
 
@@ -282,12 +329,15 @@ async def _http_error(request: StarletteRequest, exc: Exception) -> StarletteRes
     return _starlette(Response.error(exc.status_code, "http_error", str(exc.detail)))
 
 
-def build_app(router: Router, max_body_bytes: int) -> Callable[[Scope, Receive, Send], Any]:
-    """The ASGI application serving ``router``'s routes as they are now."""
+def build_app(
+    router: Router, max_body_bytes: int, pool: HandlerPool
+) -> Callable[[Scope, Receive, Send], Any]:
+    """The ASGI application serving ``router``'s routes as they are now; handlers that are
+    not inline run on ``pool``'s threads."""
     routes = [
         StarletteRoute(
             path,
-            _endpoint(handlers, router.inline(path), max_body_bytes),
+            _endpoint(handlers, router.inline(path), max_body_bytes, pool),
             methods=[*handlers, "OPTIONS"],
         )
         for path, handlers in router.paths().items()
@@ -443,8 +493,10 @@ class HttpServer:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
         keep_alive_s: float = DEFAULT_KEEP_ALIVE_S,
+        pool: HandlerPool | None = None,
     ) -> None:
         self.router = router
+        self.pool = pool if pool is not None else HandlerPool()
         self.max_body_bytes = max_body_bytes
         self.read_timeout_s = read_timeout_s
         self.keep_alive_s = keep_alive_s
@@ -460,8 +512,9 @@ class HttpServer:
     def start(self, timeout_s: float = 10.0) -> None:
         """Serve the router's routes; returns once the server accepts connections."""
         protocol = type("Protocol", (_Protocol,), {"read_timeout_s": self.read_timeout_s})
+        self.pool.start()
         config = uvicorn.Config(
-            build_app(self.router, self.max_body_bytes),
+            build_app(self.router, self.max_body_bytes, self.pool),
             http=protocol,
             loop="asyncio",
             ws="none",
@@ -492,4 +545,5 @@ class HttpServer:
         if self.server is not None and self.thread is not None:
             self.server.should_exit = True
             self.thread.join(timeout=GRACEFUL_STOP_S + 5.0)
+        self.pool.stop()
         self.socket.close()
