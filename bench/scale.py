@@ -744,9 +744,14 @@ def run_paced(
 ) -> list[Shot]:
     """Fire ``requests[k]`` (kind, path) at ``offsets[k]`` s from now on a pool of
     ``threads``; each shot's latency counts from its due instant, whether it left late
-    (the pool was busy) or not."""
+    (the pool was busy) or not.
+
+    Every thread of the pool is started before the first shot: a ``ThreadPoolExecutor``
+    starts one at a submit that finds none idle, and ``Thread.start`` waits for the new
+    thread to run, so a short delay of the worker made the scheduling loop start threads
+    one after the other, every shot due meanwhile counted late (the client measuring
+    itself, as the worker's server did before its handler threads were started up front)."""
     shots: list[Shot | None] = [None] * len(offsets)
-    start = time.perf_counter() + 0.05
 
     def fire(k: int, due: float) -> None:
         kind, path = requests[k]
@@ -754,6 +759,11 @@ def run_paced(
         shots[k] = Shot(kind, due - start, time.perf_counter() - start, status)
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scale-paced") as pool:
+        ready = threading.Barrier(threads + 1)
+        for _ in range(threads):  # each submit finds no idle thread: it starts one
+            pool.submit(ready.wait)
+        ready.wait()
+        start = time.perf_counter() + 0.05
         for k, offset in enumerate(offsets.tolist()):
             due = start + offset
             wait = due - time.perf_counter()

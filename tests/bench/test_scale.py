@@ -351,6 +351,20 @@ def test_run_paced_counts_the_wait_for_a_busy_pool() -> None:
     assert {s.status for s in spread} == {200} and len(spread) == 10
 
 
+def test_run_paced_starts_every_thread_before_the_first_shot() -> None:
+    """A thread started while shots are due would count its start as their latency: all
+    of the pool's threads exist when the first shot is sent."""
+    seen: list[int] = []
+
+    def send(_path: str) -> int:
+        seen.append(sum(t.name.startswith("scale-paced") for t in threading.enumerate()))
+        return 200
+
+    offsets = pace_schedule(200, 0.05)
+    shots = run_paced([("x", "/") for _ in offsets], offsets, send, threads=6)
+    assert len(shots) == 10 and seen and min(seen) >= 6
+
+
 def test_poll_until_ok_times_from_the_start_and_gives_up() -> None:
     answers = iter([404, 404, 404, 200])
     started = time.perf_counter()
