@@ -14,7 +14,9 @@ import numpy as np
 
 from worker.core.memory import (
     GC_YOUNG_THRESHOLD,
+    IDLE_COLLECT_MIN_YOUNG,
     cap_mmap_threshold,
+    collect_young_garbage,
     freeze_long_lived,
     release_free_memory,
     release_if_grown,
@@ -178,3 +180,33 @@ def test_spaced_young_collections_keep_batch_objects_out_of_the_old_generation()
     finally:
         thaw()
     assert gc.get_threshold() == found
+
+
+def test_an_idle_collection_frees_young_cycles_only_past_its_floor() -> None:
+    """The idle consumer's pass: below the floor nothing runs; past it the young
+    generation's cycles are freed now, in a pass of a few thousand objects."""
+    gc.collect()
+    gone: list[weakref.ref[object]] = []
+
+    class Node:
+        pass
+
+    def cycles(n: int) -> None:
+        for _ in range(n):
+            node = Node()
+            node.self = node  # type: ignore[attr-defined]
+            gone.append(weakref.ref(node))
+
+    enabled = gc.isenabled()
+    gc.disable()  # only the passes under test run
+    try:
+        cycles(10)
+        assert collect_young_garbage() is False  # a handful: left to the collector
+        assert all(ref() is not None for ref in gone)
+        cycles(IDLE_COLLECT_MIN_YOUNG)
+        assert collect_young_garbage() is True
+        assert all(ref() is None for ref in gone)
+        assert gc.get_count()[0] < IDLE_COLLECT_MIN_YOUNG
+    finally:
+        if enabled:
+            gc.enable()

@@ -163,6 +163,27 @@ GC_YOUNG_THRESHOLD = 50_000
 
 _DEFAULT_THRESHOLDS: tuple[int, int, int] | None = None
 
+#: young tracked objects past which an idle consumer runs the young generation's pass itself
+#: (:func:`collect_young_garbage`)
+IDLE_COLLECT_MIN_YOUNG = 2_000
+
+
+def collect_young_garbage(min_young: int = IDLE_COLLECT_MIN_YOUNG) -> bool:
+    """Run the young generation's pass now if it holds at least ``min_young`` objects;
+    whether it ran.
+
+    Called by the consuming thread when a poll brought nothing: kafka-python 3's idle poll
+    leaves ~80 objects in reference cycles (futures, frames and tracebacks of the timeouts
+    it raises and catches; measured: 4,144 over 50 polls), which only the collector frees.
+    Left to the collector, they pile up to :data:`GC_YOUNG_THRESHOLD` and are freed in one
+    pass: 58-90 ms for 27-51k objects in the daemon at 1M items, every one to two minutes, a
+    stall of every request. Collected while idle, a pass frees a couple of thousand, ~3 ms.
+    """
+    if gc.get_count()[0] < min_young:
+        return False
+    gc.collect(0)
+    return True
+
 
 def space_young_collections(young: int = GC_YOUNG_THRESHOLD) -> tuple[int, int, int]:
     """Run the young generation's pass every ``young`` allocations (see

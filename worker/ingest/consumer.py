@@ -26,7 +26,7 @@ from kafka.future import Future
 
 from store.exceptions import StoreError
 from store.partition import StorePartition
-from worker.core.memory import release_if_grown
+from worker.core.memory import collect_young_garbage, release_if_grown
 from worker.core.metrics import Metrics
 from worker.core.settings import Settings
 from worker.ingest.exceptions import BatchAbandoned, KafkaRefusedError, KafkaUnavailableError
@@ -437,6 +437,8 @@ class ConsumerLoop:
                     except BatchAbandoned as exc:
                         log.warning("%s", exc)
                         break
+                else:  # idle: the Kafka client's cyclic garbage, a little at a time
+                    collect_young_garbage()
                 if time.monotonic() - trimmed_at >= TRIM_EVERY_S:
                     # each batch's parsed events, freed, leave holes in the heap that glibc
                     # keeps; without this the resident size climbs between fine-tunes
