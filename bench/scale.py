@@ -122,6 +122,7 @@ from bench.common import (
 from worker.commands.launch import WorkerProcess
 from worker.commands.topics import create_topics
 from worker.core.settings import Settings
+from worker.core.threads import start_every_thread
 from worker.ingest.events import interaction_payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -759,10 +760,7 @@ def run_paced(
         shots[k] = Shot(kind, due - start, time.perf_counter() - start, status)
 
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scale-paced") as pool:
-        ready = threading.Barrier(threads + 1)
-        for _ in range(threads):  # each submit finds no idle thread: it starts one
-            pool.submit(ready.wait)
-        ready.wait()
+        start_every_thread(pool, threads)
         start = time.perf_counter() + 0.05
         for k, offset in enumerate(offsets.tolist()):
             due = start + offset

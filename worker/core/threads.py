@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
@@ -105,3 +106,17 @@ class Foreground:
     @property
     def idle(self) -> bool:
         return self._idle.is_set()
+
+
+def start_every_thread(executor: ThreadPoolExecutor, threads: int) -> None:
+    """Start all ``threads`` threads of a fresh ``executor`` now, before any work.
+
+    A ``ThreadPoolExecutor`` starts a thread at a submit that finds none idle, and
+    ``Thread.start`` waits until the new thread runs: under load, a wait for the
+    interpreter in the submitting thread (an event loop, a paced client), repeated once per
+    thread while a burst piles up. Each task here waits at one barrier, so every submit
+    finds no idle thread and starts one; the barrier lets them all go at the end."""
+    ready = threading.Barrier(threads + 1)
+    for _ in range(threads):
+        executor.submit(ready.wait)
+    ready.wait()

@@ -56,6 +56,8 @@ from starlette.routing import Route as StarletteRoute
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from worker.core.threads import start_every_thread
+
 log = logging.getLogger(__name__)
 
 #: the largest request body by default (the ``http_max_body_bytes`` setting)
@@ -251,14 +253,11 @@ class HandlerPool:
         self._executor: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
-        """Start every thread now (each waits at a barrier until all exist)."""
+        """Start every thread now (:func:`worker.core.threads.start_every_thread`)."""
         if self._executor is not None:
             return
         executor = ThreadPoolExecutor(self.threads, thread_name_prefix="http-handler")
-        ready = threading.Barrier(self.threads + 1)
-        for _ in range(self.threads):  # each submit finds no idle thread: it starts one
-            executor.submit(ready.wait)
-        ready.wait()
+        start_every_thread(executor, self.threads)
         self._executor = executor
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
