@@ -176,7 +176,7 @@ def collect_young_garbage(min_young: int = IDLE_COLLECT_MIN_YOUNG) -> bool:
     leaves ~80 objects in reference cycles (futures, frames and tracebacks of the timeouts
     it raises and catches; measured: 4,144 over 50 polls), which only the collector frees.
     Left to the collector, they pile up to :data:`GC_YOUNG_THRESHOLD` and are freed in one
-    pass: 58-90 ms for 27-51k objects in the daemon at 1M items, every one to two minutes, a
+    pass: 58-105 ms for 22-51k objects in the daemon at 1M items, every one to two minutes, a
     stall of every request. Collected while idle, a pass frees a couple of thousand, ~3 ms.
     """
     if gc.get_count()[0] < min_young:
