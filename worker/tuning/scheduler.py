@@ -530,9 +530,8 @@ class FinetuneScheduler:
         try:
             tried = self._run(entry.domain, entry.why)
         finally:
-            release_free_memory(
-                "finetune"
-            )  # the run's tensors, freed in this thread, back to the OS
+            # the run's tensors, freed in this thread, back to the OS
+            release_free_memory("finetune")
         with self._cond:
             self.running.discard(entry.domain)
             self.runs += 1
