@@ -68,6 +68,9 @@ class ModelConfig:
     ``"attention"`` (one causal attention-pooling layer with recency biases). ``combine``:
     ``"sum"`` of the code rows, or ``"level"`` (a learned weight per code position).
     ``text_dim``: width of the frozen text embedding projected into item vectors (0 = off).
+    ``text_hidden``: width of the text adaptor's hidden layer: the embedding is mapped by
+    ``W @ gelu(A @ e + b)`` (``A`` ``[text_hidden, text_dim]``), or by one linear map ``W @ e``
+    with ``0`` (configurations written before the adaptor existed read as ``0``).
     ``score``: ``"cosine"`` (divided by ``temperature``) or ``"dot"``. ``repeat_bias``: a
     learned per-domain score offset for items already in the encoded history (how likely
     users are to consume an item again: negative where they never do, positive where they
@@ -75,7 +78,7 @@ class ModelConfig:
     """
 
     hidden: int = 64
-    max_len: int = 50
+    max_len: int = 200
     encoder: EncoderKind = "transformer"
     layers: int = 1
     heads: int = 2
@@ -85,6 +88,7 @@ class ModelConfig:
     score: ScoreKind = "cosine"
     temperature: float = 0.07
     repeat_bias: bool = True
+    text_hidden: int = 128
 
     def __post_init__(self) -> None:
         problems = []
@@ -100,8 +104,8 @@ class ModelConfig:
             problems.append(f"combine={self.combine!r} is not 'sum' or 'level'")
         if self.score not in ("cosine", "dot"):
             problems.append(f"score={self.score!r} is not 'cosine' or 'dot'")
-        if self.text_dim < 0 or self.temperature <= 0:
-            problems.append("text_dim must be >= 0 and temperature > 0")
+        if self.text_dim < 0 or self.text_hidden < 0 or self.temperature <= 0:
+            problems.append("text_dim and text_hidden must be >= 0 and temperature > 0")
         if problems:
             raise QuantizeError(
                 "invalid ModelConfig: " + "; ".join(problems) + "; fix the model configuration"
@@ -113,7 +117,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> ModelConfig:
-        """Rebuild a configuration written by :meth:`to_dict` (unknown keys are an error)."""
+        """Rebuild a configuration written by :meth:`to_dict` (unknown keys are an error;
+        keys added since take the value that means what was built before them:
+        :data:`ADDED_KEYS`)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -121,7 +127,28 @@ class ModelConfig:
                 f"model configuration has unknown keys {unknown}; it was written by an "
                 "incompatible version: retrain the domain or drop those keys"
             )
-        return cls(**data)  # type: ignore[arg-type]
+        return cls(**{**ADDED_KEYS, **data})  # type: ignore[arg-type]
+
+
+ADDED_KEYS: dict[str, object] = {"text_hidden": 0}
+""":class:`ModelConfig` keys added after snapshots were first written, with the value a
+snapshot written before a key existed was built with (a linear text map)."""
+
+
+def text_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes of the text map's parameters, by snapshot name (none for ``text_dim=0``):
+    ``table.text_proj.weight`` ``W``, and for the adaptor ``table.text_in.weight`` ``A`` and
+    ``table.text_in.bias`` ``b``."""
+    if config.text_dim == 0:
+        return {}
+    width = config.text_hidden or config.text_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        DOMAIN_PREFIX + "text_proj.weight": (config.hidden, width)
+    }
+    if config.text_hidden:
+        shapes[DOMAIN_PREFIX + "text_in.weight"] = (config.text_hidden, config.text_dim)
+        shapes[DOMAIN_PREFIX + "text_in.bias"] = (config.text_hidden,)
+    return shapes
 
 
 class CodeTable(nn.Module):
@@ -129,7 +156,8 @@ class CodeTable(nn.Module):
 
     ``rows``: ``[n_rows, hidden]``. An item whose row ids are ``r_0..r_{m-1}`` (padding ``-1``)
     gets ``sum_j w_j * rows[r_j]`` (``w_j = 1`` for ``combine="sum"``), plus
-    ``text_proj(text)`` when ``text_dim > 0``. ``max_code_len`` bounds the code length only
+    ``text_proj(gelu(text_in(text)))`` when ``text_dim > 0`` (``text_proj(text)`` with
+    ``text_hidden=0``). ``max_code_len`` bounds the code length only
     for ``combine="level"`` (one weight per code position); sums take any length.
     """
 
@@ -154,8 +182,12 @@ class CodeTable(nn.Module):
         self.sparse_rows = False
         """With ``True`` the rows get sparse gradients (only the rows a step used), for
         optimisers that update only those (:class:`torch.optim.SparseAdam`)."""
+        self.text_in: nn.Linear | None = None
         self.text_proj: nn.Linear | None = None
-        if config.text_dim > 0:
+        if config.text_dim > 0 and config.text_hidden > 0:
+            self.text_in = nn.Linear(config.text_dim, config.text_hidden)
+            self.text_proj = nn.Linear(config.text_hidden, config.hidden, bias=False)
+        elif config.text_dim > 0:
             self.text_proj = nn.Linear(config.text_dim, config.hidden, bias=False)
             nn.init.normal_(self.text_proj.weight, std=1.0 / math.sqrt(config.text_dim))
 
@@ -182,10 +214,19 @@ class CodeTable(nn.Module):
                     "the code table projects text embeddings (text_dim > 0) but no text was "
                     "given; pass the items' frozen text embeddings"
                 )
-            # text held in float16 (a large catalogue's embeddings, half the memory) is
-            # widened here, for the rows of this call only
-            vectors = vectors + self.text_proj(text.to(self.text_proj.weight.dtype))
+            vectors = vectors + self.text_part(text)
         return vectors
+
+    def text_part(self, text: torch.Tensor) -> torch.Tensor:
+        """The text part of item vectors ``[n, hidden]`` from frozen embeddings ``[n, text_dim]``
+        (``text_dim > 0`` only)."""
+        assert self.text_proj is not None
+        # text held in float16 (a large catalogue's embeddings, half the memory) is widened
+        # here, for the rows of this call only
+        features = text.to(self.text_proj.weight.dtype)
+        if self.text_in is not None:
+            features = F.gelu(self.text_in(features))
+        return self.text_proj(features)
 
 
 class _Dropout(nn.Module):

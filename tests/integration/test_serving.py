@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 
 from tests.kafka_utils import produce_json
+from tests.text_reference import slow_text_part
 from tests.worker_process import DIM, settings_for, wait_for
 from worker.app.daemon import Daemon
 from worker.commands.topics import create_topics
@@ -23,7 +24,7 @@ from worker.ingest.events import interaction_payload, item_payload
 from worker.serving.index import full_path_rows
 from worker.serving.routes import DAEMON_ROUTES, ROUTES
 from worker.state.reads import committed_assigner, stored_embeddings
-from worker.state.versions import TEXT_PROJ, current_version, load_table
+from worker.state.versions import current_version, load_table
 
 TOKEN = "t0ken"
 
@@ -126,7 +127,8 @@ def test_a_cold_start_item_is_served_by_the_api_while_the_worker_runs(
         assert status == 200 and doc["version"] == 1 and len(doc["vector"]) == 16
         assert daemon.serving.builds == builds  # added live, not rebuilt
         assert latency < 10, latency
-        # its vector: the version's rows of its served code + W @ its stored embedding
+        # its vector: the version's rows of its served code + the text part of its stored
+        # embedding (the text adaptor)
         v1 = load_table(daemon.store, "shop", 1).snapshot
         assert v1.config.text_dim == DIM
         assigner = committed_assigner(daemon.store, "shop")
@@ -139,7 +141,8 @@ def test_a_cold_start_item_is_served_by_the_api_while_the_worker_runs(
         code_part = sum(table_rows[r] for r in served if 0 <= r < len(table_rows))
         stored = stored_embeddings(daemon.store, "shop", ["fresh"])["fresh"]
         np.testing.assert_allclose(stored, emb, rtol=1e-6)
-        expected = code_part + v1.params[TEXT_PROJ] @ stored
+        assert v1.config.text_hidden > 0
+        expected = code_part + slow_text_part(v1.params, stored)
         np.testing.assert_allclose(doc["vector"], expected, rtol=1e-4, atol=1e-5)
 
         status, sim = _call(daemon, "GET", "/v1/domains/shop/items/fresh/similar?k=10")

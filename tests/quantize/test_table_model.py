@@ -30,6 +30,7 @@ from quantize.table_model import (
     served_depth,
     shared_names,
 )
+from tests.text_reference import TEXT_IN, slow_text_part
 
 ROWS = pad_rows([[0, 3], [1], [2, 4, 5], [0, 4]])
 
@@ -70,21 +71,30 @@ def test_level_weights_scale_each_code_position() -> None:
         model.item_vectors(torch.as_tensor(pad_rows([[0, 1, 2, 3]])))
 
 
-def test_text_projection_is_added() -> None:
+@pytest.mark.parametrize("text_hidden", [0, 6])
+def test_the_text_part_is_added_to_the_code_rows(text_hidden: int) -> None:
     torch.manual_seed(0)
-    model = build_model(_config(text_dim=5), ROWS)
+    model = build_model(_config(text_dim=5, text_hidden=text_hidden), ROWS)
     text = torch.randn(4, 5)
-    with_text = model.item_vectors(torch.as_tensor(ROWS), text)
-    zero_text = model.item_vectors(torch.as_tensor(ROWS), torch.zeros(4, 5))
-    assert model.table.text_proj is not None
-    np.testing.assert_allclose(
-        (with_text - zero_text).detach().numpy(),
-        model.table.text_proj(text).detach().numpy(),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    got = model.item_vectors(torch.as_tensor(ROWS), text).detach().numpy()
+    params = export_params(model)
+    assert (TEXT_IN in params) == bool(text_hidden)
+    rows = params["table.rows"].astype(np.float64)
+    for i, item_rows in enumerate(ROWS):
+        code = sum((rows[r] for r in item_rows if r >= 0), np.zeros(rows.shape[1]))
+        expected = code + slow_text_part(params, text[i].numpy())
+        np.testing.assert_allclose(got[i], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(QuantizeError):
         model.item_vectors(torch.as_tensor(ROWS))
+
+
+def test_configurations_written_before_the_text_adaptor_read_as_a_linear_map() -> None:
+    old = {k: v for k, v in _config(text_dim=5).to_dict().items() if k != "text_hidden"}
+    assert ModelConfig.from_dict(old).text_hidden == 0
+    assert ModelConfig().text_hidden > 0  # the adaptor is the default for new models
+    assert ModelConfig.from_dict(_config(text_hidden=7).to_dict()).text_hidden == 7
+    with pytest.raises(QuantizeError, match="text_hidden"):
+        ModelConfig(text_hidden=-1)
 
 
 @pytest.mark.parametrize("encoder", ["transformer", "attention"])
@@ -254,6 +264,8 @@ def test_params_split_into_domain_and_shared() -> None:
         "table.rows",
         "table.level_weight",
         "table.text_proj.weight",
+        "table.text_in.weight",
+        "table.text_in.bias",
         "table.repeat",
     }
     assert all(n.startswith("encoder.") for n in shared)

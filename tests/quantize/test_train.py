@@ -311,7 +311,8 @@ def test_progress_time_budget_and_threads(log) -> None:
     assert torch.get_num_threads() == before
 
 
-def test_text_projection_model_trains(log) -> None:
+@pytest.mark.parametrize("text_hidden", [0, 7])
+def test_text_projection_model_trains(log, text_hidden: int) -> None:
     users, items, stamps, split = log
     keep = ~split.test
     text = np.random.default_rng(0).normal(size=(N_ITEMS, 5)).astype(np.float32)
@@ -320,11 +321,12 @@ def test_text_projection_model_trains(log) -> None:
         users[keep],
         items[keep],
         stamps[keep],
-        model_config=replace(MODEL, text_dim=5, combine="level"),
+        model_config=replace(MODEL, text_dim=5, combine="level", text_hidden=text_hidden),
         config=replace(TRAIN, epochs=3),
         text=text,
     )
-    assert result.params["table.text_proj.weight"].shape == (16, 5)
+    assert result.params["table.text_proj.weight"].shape == (16, text_hidden or 5)
+    assert ("table.text_in.weight" in result.params) == bool(text_hidden)
     assert result.history[-1].loss < result.history[0].loss
 
 

@@ -21,6 +21,7 @@ from quantize.table_model import Snapshot
 from quantize.train import TrainResult
 from store.memory import MemoryPartition
 from store.records import ItemRecord
+from tests.text_reference import numpy_text_part
 from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.commands.inspection import stats
 from worker.core.settings import Settings
@@ -48,12 +49,15 @@ from worker.state.reads import (
 from worker.state.requests import pending_request
 from worker.state.versions import (
     REJECTED,
+    TEXT_IN,
+    TEXT_PARAMS,
     TEXT_PROJ,
     VersionRecord,
     VersionTable,
     add_version,
     current_version,
     get_record,
+    item_vectors,
     list_records,
     load_table,
     rollback,
@@ -258,14 +262,18 @@ def test_the_embeddings_are_let_go_before_the_version_is_written(broken: bool) -
     assert second.status is (FinetuneStatus.REJECTED if broken else FinetuneStatus.PUBLISHED)
     # every reference to the 1.5 GB-at-1M array is gone when the write begins ...
     assert tuner.alive_at_write == [False]
-    # ... and the published table was projected from them before: W @ e of every item
+    # ... and the published table was projected from them before: the text part of every item
     if not broken:
         table = load_table(store, "shop", 2)
         data = read_domain(store, "shop", settings=S)
         assert data is not None and table.text_vectors is not None
-        w = table.snapshot.params[TEXT_PROJ]
         order = [table.item_ids.index(i) for i in data.item_ids]
-        np.testing.assert_allclose(table.text_vectors[order], data.text @ w.T, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            table.text_vectors[order],
+            numpy_text_part(table.snapshot.params, data.text),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_too_little_coded_data_is_a_not_ready_skip() -> None:
@@ -315,16 +323,18 @@ def test_fine_tunes_project_the_embeddings_and_serving_vectors_an_unseen_item() 
     table = load_table(store, "shop", 1)
     snapshot = table.snapshot
     assert snapshot.config.text_dim == S.embedding_dim
-    w = snapshot.params[TEXT_PROJ]
-    assert w.shape == (S.finetune_hidden, S.embedding_dim)
-    # the version keeps W @ e of the embeddings it was trained on (read from the store and
-    # held in float16: read_embeddings' rule)
+    assert snapshot.config.text_hidden == S.finetune_text_hidden > 0  # the text adaptor
+    assert snapshot.params[TEXT_PROJ].shape == (S.finetune_hidden, S.finetune_text_hidden)
+    # the version keeps the text parts of the embeddings it was trained on (read from the
+    # store and held in float16: read_embeddings' rule)
     found = stored_embeddings(store, "shop", table.item_ids)
     emb = np.stack([found[k] for k in table.item_ids])
     held = emb.astype(np.float16).astype(np.float32)
     assert not np.array_equal(held, emb)  # the rounding is visible: the reference sees it
     assert table.text_vectors is not None
-    np.testing.assert_allclose(table.text_vectors, held @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        table.text_vectors, numpy_text_part(snapshot.params, held), rtol=1e-5, atol=1e-5
+    )
     serving = Serving(store, S)
     assert serving.refresh() == ["shop"]
     index = serving.index("shop")
@@ -559,35 +569,61 @@ def test_a_live_migration_serves_the_old_codes_until_a_version_of_the_new_codebo
     assert len(fresh) == 121 and fresh.vector("later").shape == (settings.finetune_hidden,)
 
 
-def test_a_warm_start_from_a_version_without_text_projection() -> None:
+@pytest.mark.parametrize(
+    "before",
+    [{"finetune_text_projection": False}, {"finetune_text_hidden": 0}],
+    ids=["no text map", "a linear map"],
+)
+def test_a_warm_start_from_a_version_of_another_text_map(before: dict[str, object]) -> None:
+    """A version without text projection, or with the linear map of the builds before the
+    text adaptor: the next run starts from it with ``W = 0`` (so it starts as that version)
+    and learns the adaptor on the whole log; the run after is incremental again."""
     store, proc, offset = _setup()
-    plain = RecordingTuner(store, replace(S, finetune_text_projection=False))
-    assert plain.model_config.text_dim == 0
-    assert plain.run("shop").status is FinetuneStatus.PUBLISHED
+    old = RecordingTuner(store, replace(S, **before))  # type: ignore[arg-type]
+    assert old.run("shop").status is FinetuneStatus.PUBLISHED
     v1 = load_table(store, "shop", 1).snapshot
-    assert v1.config.text_dim == 0 and TEXT_PROJ not in v1.params
-    _feed(store, proc, 5000, 40, 6, offset)
+    assert TEXT_IN not in v1.params
+    offset = _feed(store, proc, 5000, 40, 6, offset)
     tuner = RecordingTuner(store, replace(S, gate_tolerance=1.0))
     start = tuner.start_params(v1)
-    np.testing.assert_array_equal(start[TEXT_PROJ], np.zeros((16, 16)))  # starts as v1
+    width = (S.finetune_hidden, S.finetune_text_hidden)
+    np.testing.assert_array_equal(start[TEXT_PROJ], np.zeros(width))  # starts as v1
+    assert TEXT_IN not in start  # the adaptor's layer starts as drawn
     second = tuner.run("shop")
     assert second.status is FinetuneStatus.PUBLISHED and second.record is not None
-    assert (second.record.parent, second.record.note) == (1, "incremental")
+    assert second.record.parent == 1
+    assert second.record.note.startswith("full log (v1's text map has another shape")
     assert tuner.inits[-1] is not None
     np.testing.assert_array_equal(tuner.inits[-1].params["table.rows"], v1.params["table.rows"])
     v2 = load_table(store, "shop", 2).snapshot
     assert v2.config.text_dim == S.embedding_dim
-    assert np.abs(v2.params[TEXT_PROJ]).max() > 0  # the projection was learned from zero
+    assert v2.config.text_hidden == S.finetune_text_hidden
+    assert np.abs(v2.params[TEXT_PROJ]).max() > 0  # the map was learned from zero
     for name, arr in v1.params.items():
         if not name.startswith("table."):
             np.testing.assert_array_equal(arr, v2.params[name])  # shared parts frozen
+    # the same map from now on: the next run is incremental and starts from v2's map
+    kept = tuner.start_params(v2)
+    for name in TEXT_PARAMS:
+        np.testing.assert_array_equal(kept[name], v2.params[name])
+    _feed(store, proc, 9000, 40, 7, offset)
+    third = tuner.run("shop")
+    assert third.record is not None and third.record.note == "incremental"
     # both versions are served, back and forth
     serving = Serving(store, S)
     assert serving.refresh() == ["shop"] and serving.index("shop").text_dim == S.embedding_dim
     batch = store.batch()
     rollback(store, batch, "shop", to=1)
     store.write(batch)
-    assert serving.refresh() == ["shop"] and serving.index("shop").text_dim == 0
+    assert serving.refresh() == ["shop"]
+    assert serving.index("shop").text_dim == (S.embedding_dim if v1.config.text_dim else 0)
+    table = load_table(store, "shop", 1)
+    np.testing.assert_allclose(
+        serving.index("shop").vector("i42"),
+        item_vectors(table)[table.item_ids.index("i42")],
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_a_new_domain_starts_from_the_shared_init_of_another_domain() -> None:

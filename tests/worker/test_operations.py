@@ -36,11 +36,13 @@ def test_an_export_writes_the_versions_arrays_and_a_manifest(tmp_path: Path) -> 
     with np.load(out, allow_pickle=False) as npz:
         assert list(npz["item_ids"]) == ["a", "b", "c", "d"]
         np.testing.assert_allclose(npz["item_vectors"], item_vectors(table), rtol=1e-6)
-        assert npz["text_proj"].shape == (8, TEXT_DIM)
+        assert npz["text_proj"].shape == (8, config.text_hidden)
+        assert npz["text_in"].shape == (config.text_hidden, TEXT_DIM)
+        assert npz["text_in_bias"].shape == (config.text_hidden,)
         assert orjson.loads(npz["manifest"].tobytes())["version"] == 1
     side = orjson.loads(out.with_suffix(".npz.manifest.json").read_bytes())
     assert side["version"] == manifest["version"] == 1
-    assert set(side["arrays"]) >= {"item_ids", "item_vectors", "rows", "text_proj"}
+    assert set(side["arrays"]) >= {"item_ids", "item_vectors", "rows", "text_proj", "text_in"}
 
 
 def test_exporting_a_domain_without_versions_says_what_to_run(tmp_path: Path) -> None:

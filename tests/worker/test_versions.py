@@ -7,6 +7,7 @@ the deepest prefix their trained relatives share, versions written before borrow
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from quantize.prefix_nodes import GIL_CHUNK
 from quantize.table_model import (
+    ADDED_KEYS,
     ModelConfig,
     Snapshot,
     borrow_trained_codes,
@@ -29,6 +31,7 @@ from quantize.table_model import (
 from store.memory import MemoryPartition
 from store.partition import StorePartition
 from store.rocksdb import RocksDBPartition
+from tests.text_reference import slow_text_part
 from tests.worker.vector_reference import slow_served_rows, slow_vector
 from worker.serving.index import DomainIndex
 from worker.state.exceptions import VersionError
@@ -39,6 +42,7 @@ from worker.state.versions import (
     PUBLISHED,
     REJECTED,
     STAGED_PART_BYTES,
+    TEXT_PARAMS,
     TEXT_PROJ,
     ItemVectorizer,
     SharedPrefixes,
@@ -176,14 +180,28 @@ def test_readers_during_publishes_see_a_whole_version(store: StorePartition) -> 
 # -- item vectors and text projection -------------------------------------------------------
 
 TEXT_DIM = 6
+TEXT_HIDDEN = 5
+
+
+def _text_config(text_hidden: int, **kw: object) -> ModelConfig:
+    """:data:`CONFIG` with text projection: the adaptor of width ``text_hidden`` (0: linear)."""
+    return replace(CONFIG, text_dim=TEXT_DIM, text_hidden=text_hidden, **kw)  # type: ignore[arg-type]
+
+
 ROWS = np.array([[0, 5, -1], [1, -1, -1], [2, 7, 11], [3, 4, -1]], dtype=np.int64)
 
 
 def _put_version_1(store: StorePartition, snapshot: Snapshot, items_blob: bytes) -> None:
-    """Write version 1 of domain ``d`` by hand, byte for byte as an older build stored it."""
+    """Write version 1 of domain ``d`` by hand, byte for byte as an older build stored it
+    (its configuration without the keys added since: :data:`ADDED_KEYS`)."""
+    assert all(getattr(snapshot.config, k) == v for k, v in ADDED_KEYS.items())
+    config = {k: v for k, v in snapshot.config.to_dict().items() if k not in ADDED_KEYS}
+    blob = io.BytesIO()
+    meta = np.frombuffer(json.dumps(config, sort_keys=True).encode(), dtype=np.uint8)
+    np.savez(blob, __config__=meta, **snapshot.params)
     v = (1).to_bytes(8, "big")
     batch = store.batch()
-    batch.put("versions", b"table\x00d\x00" + v, snapshot.to_bytes())
+    batch.put("versions", b"table\x00d\x00" + v, blob.getvalue())
     batch.put("versions", b"items\x00d\x00" + v, items_blob)
     batch.put("versions", b"rec\x00d\x00" + v, VersionRecord(1, None, 1.0, "cb", {}, {}).encode())
     batch.put("versions", b"current\x00d", v)
@@ -202,7 +220,8 @@ def _random_snapshot(config: ModelConfig, n_rows: int = 12, seed: int = 0) -> Sn
 
 
 def _reference_vectors(snapshot: Snapshot, rows: np.ndarray, emb: np.ndarray | None) -> np.ndarray:
-    """Slow reference: sum_j w_j * rows[r_j] over valid ids below the table size, plus W @ e."""
+    """Slow reference: sum_j w_j * rows[r_j] over valid ids below the table size, plus the
+    text part (:func:`~tests.text_reference.slow_text_part`)."""
     table = snapshot.params["table.rows"].astype(np.float64)
     weights = snapshot.params.get("table.level_weight")
     out = np.zeros((len(rows), table.shape[1]))
@@ -211,16 +230,15 @@ def _reference_vectors(snapshot: Snapshot, rows: np.ndarray, emb: np.ndarray | N
             if 0 <= r < table.shape[0]:
                 out[i] += (1.0 if weights is None else float(weights[j])) * table[r]
         if emb is not None:
-            w = snapshot.params[TEXT_PROJ].astype(np.float64)
-            for h in range(w.shape[0]):
-                out[i, h] += sum(w[h, d] * float(emb[i, d]) for d in range(w.shape[1]))
+            out[i] += slow_text_part(snapshot.params, emb[i])
     return out
 
 
-def test_a_text_projected_version_stores_w_e_and_rebuilds_its_vectors(
-    store: StorePartition,
+@pytest.mark.parametrize("text_hidden", [TEXT_HIDDEN, 0])
+def test_a_text_projected_version_stores_its_text_parts_and_rebuilds_its_vectors(
+    store: StorePartition, text_hidden: int
 ) -> None:
-    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM)
+    config = _text_config(text_hidden)
     snapshot = _random_snapshot(config)
     emb = np.random.default_rng(1).normal(size=(len(ROWS), TEXT_DIM)).astype(np.float32)
     table = VersionTable.build(snapshot, ["a", "b", "c", "d"], ROWS, emb)
@@ -249,7 +267,7 @@ def test_a_text_projected_version_stores_w_e_and_rebuilds_its_vectors(
 
 def test_versions_written_before_text_projection_still_load(store: StorePartition) -> None:
     """The exact bytes the worker wrote before text projection: ids and rows only."""
-    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1)
+    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_hidden=0)
     snapshot = _random_snapshot(config, seed=3)
     assert TEXT_PROJ not in snapshot.params
     old_items = io.BytesIO()
@@ -265,9 +283,11 @@ def test_versions_written_before_text_projection_still_load(store: StorePartitio
     assert ItemVectorizer(table.snapshot).text_dim == 0
 
 
-def test_an_export_holds_what_vectors_a_new_item() -> None:
-    """From the exported arrays alone: a new item's vector = weighted rows + text_proj @ e."""
-    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM, combine="level")
+@pytest.mark.parametrize("text_hidden", [TEXT_HIDDEN, 0])
+def test_an_export_holds_what_vectors_a_new_item(text_hidden: int) -> None:
+    """From the exported arrays alone: a new item's vector = weighted rows + its text part
+    (``text_proj @ gelu(text_in @ e + text_in_bias)``, or ``text_proj @ e``)."""
+    config = _text_config(text_hidden, combine="level")
     snapshot = _random_snapshot(config, seed=4)
     rng = np.random.default_rng(5)
     emb = rng.normal(size=(len(ROWS), TEXT_DIM)).astype(np.float32)
@@ -278,8 +298,14 @@ def test_an_export_holds_what_vectors_a_new_item() -> None:
     np.testing.assert_array_equal(arrays["item_vectors"], item_vectors(table))
     new_rows = np.array([[6, 2, 9]])
     new_emb = rng.normal(size=(1, TEXT_DIM)).astype(np.float32)
-    weights, rows, w = arrays["level_weight"], arrays["rows"], arrays["text_proj"]
-    outside = sum(weights[j] * rows[r] for j, r in enumerate(new_rows[0])) + w @ new_emb[0]
+    weights, rows = arrays["level_weight"], arrays["rows"]
+    assert ("text_in" in arrays) == ("text_in_bias" in arrays) == bool(text_hidden)
+    text_map = {"table.text_proj.weight": arrays["text_proj"]}
+    if text_hidden:
+        text_map |= {"table.text_in.weight": arrays["text_in"]}
+        text_map |= {"table.text_in.bias": arrays["text_in_bias"]}
+    outside = sum(weights[j] * rows[r] for j, r in enumerate(new_rows[0]))
+    outside = outside + slow_text_part(text_map, new_emb[0])
     vectorizer = ItemVectorizer(table.snapshot)
     served = vectorizer.vectors(new_rows, vectorizer.text_part(new_emb))
     np.testing.assert_allclose(served[0], outside, rtol=1e-5, atol=1e-5)
@@ -292,11 +318,12 @@ def test_an_export_holds_what_vectors_a_new_item() -> None:
     n=st.integers(1, 6),
     width=st.integers(1, 3),
     combine=st.sampled_from(["sum", "level"]),
+    text_hidden=st.sampled_from([0, TEXT_HIDDEN]),
 )
 def test_code_part_plus_text_part_is_the_models_item_vector(
-    seed: int, n: int, width: int, combine: str
+    seed: int, n: int, width: int, combine: str, text_hidden: int
 ) -> None:
-    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM, combine=combine)  # type: ignore[arg-type]
+    config = _text_config(text_hidden, combine=combine)
     snapshot = _random_snapshot(config, n_rows=12, seed=seed)
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, 12, size=(n, width))
@@ -311,22 +338,27 @@ def test_code_part_plus_text_part_is_the_models_item_vector(
     np.testing.assert_allclose(got, own.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_text_projected_tables_refuse_missing_or_misfit_embeddings() -> None:
-    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM)
+@pytest.mark.parametrize("text_hidden", [TEXT_HIDDEN, 0])
+def test_text_projected_tables_refuse_missing_or_misfit_embeddings(text_hidden: int) -> None:
+    config = _text_config(text_hidden)
     snapshot = _random_snapshot(config)
     ids = ["a", "b", "c", "d"]
     with pytest.raises(VersionError, match="pass the embeddings"):
         VersionTable.build(snapshot, ids, ROWS)
     with pytest.raises(VersionError, match="text vectors of shape"):
         VersionTable(snapshot, ids, ROWS)
-    with pytest.raises(VersionError, match=r"do not fit the text projection"):
+    with pytest.raises(VersionError, match=r"do not fit the text map"):
         VersionTable.build(snapshot, ids, ROWS, np.zeros((4, TEXT_DIM + 1)))
     plain = _random_snapshot(ModelConfig(hidden=8, max_len=4, layers=1, heads=1))
     with pytest.raises(VersionError, match="without text projection"):
         VersionTable(plain, ids, ROWS, np.zeros((4, 8), dtype=np.float32))
-    broken = Snapshot(config, {k: v for k, v in snapshot.params.items() if k != TEXT_PROJ})
-    with pytest.raises(VersionError, match="corrupt"):
-        ItemVectorizer(broken)
+    for part in TEXT_PARAMS if text_hidden else (TEXT_PROJ,):
+        broken = Snapshot(config, {k: v for k, v in snapshot.params.items() if k != part})
+        with pytest.raises(VersionError, match="corrupt"):
+            ItemVectorizer(broken)
+    other = _text_config(3)
+    with pytest.raises(VersionError, match="corrupt"):  # a map of another width
+        ItemVectorizer(Snapshot(other, snapshot.params))
 
 
 # -- borrowed codes -------------------------------------------------------------------------
@@ -352,7 +384,7 @@ def _random_version(seed: int, n: int = 24) -> tuple[np.ndarray, np.ndarray, np.
 def _borrowing_table(seed: int, *, text: bool) -> tuple[VersionTable, np.ndarray]:
     served, full, trained = _random_version(seed)
     n = len(served)
-    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM if text else 0)
+    config = replace(CONFIG, text_dim=TEXT_DIM if text else 0, text_hidden=TEXT_HIDDEN)
     snapshot = _random_snapshot(config, n_rows=LEVELS * K + n, seed=seed)
     emb = np.random.default_rng(seed + 1).normal(size=(n, TEXT_DIM)).astype(np.float32)
     ids = [f"i{j}" for j in range(n)]
@@ -430,8 +462,9 @@ def test_a_version_stores_its_trained_mask_and_serves_untrained_items_borrowed_c
 def test_versions_written_before_borrowing_load_as_all_trained_and_serve(
     store: StorePartition,
 ) -> None:
-    """The exact bytes the worker wrote before borrowing: ids, rows and text vectors."""
-    config = ModelConfig(hidden=8, max_len=4, layers=1, heads=1, text_dim=TEXT_DIM)
+    """The exact bytes the worker wrote before borrowing (and before the text adaptor): ids,
+    rows and text vectors ``W @ e``."""
+    config = _text_config(0)
     served, full, _ = _random_version(5)
     n = len(served)
     snapshot = _random_snapshot(config, n_rows=LEVELS * K + n, seed=5)
@@ -442,6 +475,7 @@ def test_versions_written_before_borrowing_load_as_all_trained_and_serve(
     np.savez(old_items, ids=np.asarray(ids, dtype=str), rows=served, text_vectors=text)
     _put_version_1(store, snapshot, old_items.getvalue())
     table = load_table(store, "d", 1)
+    assert table.snapshot.config.text_hidden == 0  # a linear map, as it was written
     assert table.trained is None and table.full_rows is None and table.trained_mask().all()
     assert table.served_rows() is table.item_rows
     index = DomainIndex(

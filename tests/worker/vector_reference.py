@@ -8,23 +8,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from quantize.table_model import Snapshot
+from tests.text_reference import slow_text_part
 from worker.state.versions import TEXT_PROJ
 
 Rows = Sequence[int] | np.ndarray
 
 
 def slow_vector(snapshot: Snapshot, rows: Rows, emb: np.ndarray | None) -> np.ndarray:
-    """The sum of the item's code rows the version has, plus W @ e (when the version
-    projects text), in plain loops."""
+    """The sum of the item's code rows the version has, plus the text part of ``emb`` (when
+    the version projects text: :func:`~tests.text_reference.slow_text_part`), in plain loops."""
     table = snapshot.params["table.rows"].astype(np.float64)
     out = np.zeros(table.shape[1])
     for r in rows:
         if 0 <= r < table.shape[0]:
             out += table[r]
     if TEXT_PROJ in snapshot.params and emb is not None:
-        w = snapshot.params[TEXT_PROJ].astype(np.float64)
-        for h in range(w.shape[0]):
-            out[h] += sum(w[h, d] * float(emb[d]) for d in range(w.shape[1]))
+        out += slow_text_part(snapshot.params, emb)
     return out
 
 

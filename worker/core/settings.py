@@ -251,6 +251,13 @@ class Settings:
         True,
         "item vectors add a learned projection of the frozen text embedding to the code rows",
     )
+    finetune_text_hidden: int = setting(
+        128,
+        "hidden width of the text adaptor (the frozen embedding through a GELU layer of this "
+        "width, then into the item vector); 0 = one linear map",
+        minimum=0,
+        maximum=4096,
+    )
     serve_borrow_trained: bool = setting(
         True,
         "untrained and new items are served the deepest prefix of their code path that "

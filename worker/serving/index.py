@@ -31,10 +31,11 @@ How it follows the state (:class:`Serving`):
   them besides the current one) are kept, and kept current with new items, so a rollback
   to one of them swaps at once, without a build.
 * **Item vectors** (:class:`~worker.state.versions.ItemVectorizer`): the sum of the item's
-  code rows, plus ``W @ e`` when the version projects text (``text_dim > 0``). Items
-  of the version's table use the rows and the ``W @ e`` they were trained with; any
-  other item uses its served code and ``W`` times its embedding read from its item
-  record in the store.
+  code rows, plus the text part ``t(e)`` of its frozen embedding when the version projects
+  text (``text_dim > 0``; :class:`~worker.state.versions.TextMap`: the text adaptor, or
+  ``W @ e`` in versions of a linear map). Items of the version's table use the rows and
+  the text parts they were trained with; any other item uses its served code and ``t`` of
+  its embedding read from its item record in the store.
 * **Borrowed codes** (``serve_borrow_trained``, on by default). An item the version
   did not train (no training interaction) has no row of its own worth anything, so it
   is served the deepest prefix of its own full path that the codes of several trained
@@ -468,7 +469,7 @@ class DomainIndex:
 
     def vectors_of(self, rows: np.ndarray, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Vectors ``[n, hidden]`` of padded row ids (rows beyond this version's table
-        dropped), plus ``W @ e`` of ``embeddings`` ``[n, text_dim]`` when the version
+        dropped), plus the text parts of ``embeddings`` ``[n, text_dim]`` when the version
         projects text (then they are required)."""
         if self.text_dim == 0:
             return self.vectorizer.code_part(rows)

@@ -19,13 +19,16 @@ current one and pinned ones; older tables are deleted, their records stay.
 
 Item vectors (:class:`ItemVectorizer`): an item's vector is the sum of its code rows
 (per-level weighted for ``combine="level"``) plus, when the model projects text
-(``text_dim > 0``), ``W @ e`` where ``W`` is the snapshot's ``table.text_proj.weight``
-``[hidden, text_dim]`` and ``e`` the item's frozen embedding. A version stores ``W @ e``
-of the items it was trained on (``text_vectors``, ``[n, hidden]``: 6x smaller than the
-embeddings at hidden 64 and text_dim 384), so their vectors are rebuilt exactly as
-trained even if an item is described again later; an item the version never saw gets
-``W`` times its stored embedding. Versions written before text projection existed
-(``text_dim = 0``) have no ``text_vectors`` array and read as before.
+(``text_dim > 0``), the text part ``t(e)`` of the item's frozen embedding ``e``: the text
+adaptor ``W @ gelu(A @ e + b)`` (``text_hidden > 0``; ``A``, ``b`` are the snapshot's
+``table.text_in.*``, ``W`` its ``table.text_proj.weight``), or ``W @ e`` for versions of a
+linear map (:class:`TextMap`). A version stores ``t(e)`` of the items it was trained on
+(``text_vectors``, ``[n, hidden]``: 6x smaller than the embeddings at hidden 64 and text_dim
+384), so their vectors are rebuilt exactly as trained even if an item is described again
+later; an item the version never saw gets ``t`` of its stored embedding. Versions written
+before text projection existed (``text_dim = 0``) have no ``text_vectors`` array and read as
+before; versions written before the adaptor read as a linear map (their configuration has no
+``text_hidden``: :data:`quantize.table_model.ADDED_KEYS`).
 
 Borrowed codes (:meth:`VersionTable.served_rows`): a version also stores which of its
 items it trained (``trained``: inputs or targets of a training window) and every item's
@@ -50,6 +53,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import orjson
 import torch
+import torch.nn.functional as F
 
 from quantize.exceptions import QuantizeError
 from quantize.prefix_nodes import GIL_CHUNK
@@ -62,6 +66,7 @@ from quantize.table_model import (
     model_from_params,
     served_depth,
     shared_prefixes,
+    text_param_shapes,
 )
 from store.partition import StorePartition, WriteBatch
 from worker.state.exceptions import VersionError
@@ -87,7 +92,13 @@ STAGED_PART_BYTES = 1024 * 1024
 PARTS_MAGIC = b"\x00adacode-parts\x00"
 
 TEXT_PROJ = DOMAIN_PREFIX + "text_proj.weight"
-"""Snapshot parameter holding the text projection ``W`` ``[hidden, text_dim]``."""
+"""Snapshot parameter holding the text projection ``W`` ``[hidden, text_hidden or text_dim]``."""
+TEXT_IN = DOMAIN_PREFIX + "text_in.weight"
+"""Snapshot parameter holding the text adaptor's hidden layer ``A`` ``[text_hidden, text_dim]``."""
+TEXT_IN_BIAS = DOMAIN_PREFIX + "text_in.bias"
+"""Snapshot parameter holding the text adaptor's hidden bias ``b`` ``[text_hidden]``."""
+TEXT_PARAMS = (TEXT_PROJ, TEXT_IN, TEXT_IN_BIAS)
+"""Every parameter of the text map."""
 
 PUBLISHED, REJECTED, EXPIRED = "published", "rejected", "expired"
 
@@ -124,7 +135,7 @@ class VersionRecord:
 @dataclass(frozen=True)
 class VersionTable:
     """What serving needs of a version: the model, the items' row ids at training time and,
-    when the model projects text, the items' projected text vectors ``W @ e`` at training
+    when the model projects text, the items' text parts (:class:`TextMap`) at training
     time (``None`` for ``text_dim = 0``). Build one with :meth:`build`.
 
     ``trained`` (bool ``[n]``) and ``full_rows`` (int64 ``[n, levels]``, the full-path rows
@@ -136,7 +147,7 @@ class VersionTable:
     snapshot: Snapshot
     item_ids: list[str]
     item_rows: np.ndarray  # int64 [n, width], -1 padded
-    text_vectors: np.ndarray | None = None  # float32 [n, hidden]: W @ e per item
+    text_vectors: np.ndarray | None = None  # float32 [n, hidden]: t(e) per item
     trained: np.ndarray | None = None  # bool [n]: items the version trained
     full_rows: np.ndarray | None = None  # int64 [n, levels]: full-path rows per item
 
@@ -208,7 +219,7 @@ class VersionTable:
                 f"the model projects text embeddings (text_dim={snapshot.config.text_dim}); "
                 "pass the embeddings of the items it was trained on"
             )
-        text = project_text(text_projection(snapshot), embeddings)
+        text = project_text(TextMap.of(snapshot), embeddings)
         return cls(snapshot, list(item_ids), rows, text, mask, full)
 
     def trained_mask(self) -> np.ndarray:
@@ -289,42 +300,82 @@ class SharedPrefixes:
         return None
 
 
-def text_projection(snapshot: Snapshot) -> np.ndarray | None:
-    """The snapshot's text projection ``W`` ``[hidden, text_dim]`` (float32), or ``None``."""
-    weight = snapshot.params.get(TEXT_PROJ)
-    if snapshot.config.text_dim == 0:
-        return None
-    if weight is None or weight.shape != (snapshot.config.hidden, snapshot.config.text_dim):
-        got = None if weight is None else weight.shape
-        raise VersionError(
-            f"the snapshot says text_dim={snapshot.config.text_dim} but {TEXT_PROJ!r} has "
-            f"shape {got}; the stored version is corrupt: roll back to another version"
-        )
-    return np.asarray(weight, dtype=np.float32)
+@dataclass(frozen=True)
+class TextMap:
+    """A version's map from frozen text embeddings ``e`` to the text part of item vectors:
+    ``W @ gelu(A @ e + b)`` with the text adaptor (``text_hidden > 0``), ``W @ e`` without.
+
+    ``weight``: ``W`` ``[hidden, width]`` (the snapshot's :data:`TEXT_PROJ`); ``hidden_weight``
+    / ``hidden_bias``: ``A`` ``[text_hidden, text_dim]`` / ``b`` (:data:`TEXT_IN`,
+    :data:`TEXT_IN_BIAS`), ``None`` for a linear map. Applied with torch's own linear and
+    GELU, so the numbers are the model's.
+    """
+
+    weight: np.ndarray
+    hidden_weight: np.ndarray | None = None
+    hidden_bias: np.ndarray | None = None
+
+    @property
+    def text_dim(self) -> int:
+        source = self.weight if self.hidden_weight is None else self.hidden_weight
+        return int(source.shape[1])
+
+    @classmethod
+    def of(cls, snapshot: Snapshot) -> TextMap | None:
+        """The snapshot's text map (float32), or ``None`` when it projects no text."""
+        config = snapshot.config
+        expected = text_param_shapes(config)
+        if not expected:
+            return None
+        for name, shape in expected.items():
+            array = snapshot.params.get(name)
+            if array is None or array.shape != shape:
+                got = None if array is None else array.shape
+                raise VersionError(
+                    f"the snapshot says text_dim={config.text_dim}, "
+                    f"text_hidden={config.text_hidden} but {name!r} has shape {got}, not "
+                    f"{shape}; the stored version is corrupt: roll back to another version"
+                )
+        arrays = {n: np.asarray(snapshot.params[n], dtype=np.float32) for n in expected}
+        return cls(arrays[TEXT_PROJ], arrays.get(TEXT_IN), arrays.get(TEXT_IN_BIAS))
+
+    def apply(self, embeddings: np.ndarray) -> np.ndarray:
+        """The text parts (float32 ``[n, hidden]``) of ``embeddings`` ``[n, text_dim]``
+        (float16 or float32), :data:`PROJECT_CHUNK` rows at a time."""
+        emb = np.asarray(embeddings)
+        if emb.ndim != 2 or emb.shape[1] != self.text_dim:
+            raise VersionError(
+                f"embeddings of shape {emb.shape} do not fit the text map of "
+                f"text_dim={self.text_dim}; pass [n, {self.text_dim}] embeddings (the "
+                "worker's embedding_dim)"
+            )
+        out = np.empty((emb.shape[0], self.weight.shape[0]), dtype=np.float32)
+        weight = torch.from_numpy(self.weight)
+        hidden = None
+        if self.hidden_weight is not None and self.hidden_bias is not None:
+            hidden = (torch.from_numpy(self.hidden_weight), torch.from_numpy(self.hidden_bias))
+        with torch.no_grad():
+            for start in range(0, emb.shape[0], PROJECT_CHUNK):
+                part = torch.from_numpy(
+                    np.ascontiguousarray(emb[start : start + PROJECT_CHUNK], dtype=np.float32)
+                )
+                if hidden is not None:
+                    part = F.gelu(F.linear(part, *hidden))
+                out[start : start + len(part)] = F.linear(part, weight).numpy()
+        return out
 
 
 PROJECT_CHUNK = 1 << 16
-"""Embeddings widened to float32 at once by :func:`project_text` (float16 ones are not
+"""Embeddings widened to float32 at once by :meth:`TextMap.apply` (float16 ones are not
 copied whole)."""
 
 
-def project_text(weight: np.ndarray | None, embeddings: np.ndarray) -> np.ndarray:
-    """``W @ e`` (float32) for every row ``e`` of ``embeddings`` ``[n, text_dim]`` (float16 or
-    float32) -> ``[n, hidden]``, :data:`PROJECT_CHUNK` rows at a time."""
-    if weight is None:
-        raise VersionError("the version projects no text (text_dim=0); there is no W to apply")
-    emb = np.asarray(embeddings)
-    if emb.ndim != 2 or emb.shape[1] != weight.shape[1]:
-        raise VersionError(
-            f"embeddings of shape {emb.shape} do not fit the text projection of shape "
-            f"{weight.shape} (text_dim={weight.shape[1]}); pass [n, {weight.shape[1]}] "
-            "embeddings (the worker's embedding_dim)"
-        )
-    out = np.empty((emb.shape[0], weight.shape[0]), dtype=np.float32)
-    for start in range(0, emb.shape[0], PROJECT_CHUNK):
-        part = emb[start : start + PROJECT_CHUNK].astype(np.float32, copy=False)
-        out[start : start + len(part)] = part @ weight.T
-    return out
+def project_text(text_map: TextMap | None, embeddings: np.ndarray) -> np.ndarray:
+    """The text parts of ``embeddings`` by ``text_map`` (:meth:`TextMap.apply`); an error
+    for a version that projects no text."""
+    if text_map is None:
+        raise VersionError("the version projects no text (text_dim=0); there is no text map")
+    return text_map.apply(embeddings)
 
 
 class ItemVectorizer:
@@ -337,8 +388,8 @@ class ItemVectorizer:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self.config = snapshot.config
-        self.projection = text_projection(snapshot)
-        params = {k: v for k, v in snapshot.params.items() if k != TEXT_PROJ}
+        self.text_map = TextMap.of(snapshot)
+        params = {k: v for k, v in snapshot.params.items() if k not in TEXT_PARAMS}
         try:
             model = model_from_params(replace(snapshot.config, text_dim=0), params)
         except QuantizeError as exc:
@@ -368,19 +419,19 @@ class ItemVectorizer:
         return out.numpy().astype(np.float32)
 
     def text_part(self, embeddings: np.ndarray) -> np.ndarray:
-        """``W @ e`` per embedding row (``[n, hidden]``); only for ``text_dim > 0``."""
-        return project_text(self.projection, embeddings)
+        """The text map of each embedding row (``[n, hidden]``); only for ``text_dim > 0``."""
+        return project_text(self.text_map, embeddings)
 
     def vectors(self, item_rows: np.ndarray, text_vectors: np.ndarray | None) -> np.ndarray:
-        """Item vectors ``[n, hidden]``: code parts plus the given text parts (``W @ e``)."""
+        """Item vectors ``[n, hidden]``: code parts plus the given text parts (:meth:`text_part`)."""
         out = self.code_part(item_rows)
-        if self.projection is None:
+        if self.text_map is None:
             return out
         if text_vectors is None or text_vectors.shape != out.shape:
             got = None if text_vectors is None else text_vectors.shape
             raise VersionError(
                 f"the version projects text (text_dim={self.text_dim}): item vectors need "
-                f"text parts of shape {out.shape}, got {got}; pass W @ embedding per item"
+                f"text parts of shape {out.shape}, got {got}; pass the text part of each item (text_part)"
             )
         return out + text_vectors.astype(np.float32, copy=False)
 
@@ -678,8 +729,10 @@ def export_arrays(
     Always: ``item_ids``, ``item_vectors`` (the served vectors), ``item_rows`` (the served
     row ids: borrowed codes for untrained items, see :meth:`VersionTable.served_rows`) and
     the code table ``rows``; ``level_weight`` for ``combine="level"``; with text projection,
-    ``text_proj`` (``W``) and ``item_text_vectors`` (``W @ e`` of the version's items), so
-    a new item's vector is ``sum_j level_weight[j] * rows[r_j] + text_proj @ embedding``;
+    ``text_proj`` (``W``), for the text adaptor ``text_in`` / ``text_in_bias`` (``A``, ``b``),
+    and ``item_text_vectors`` (the text parts of the version's items), so a new item's
+    vector is ``sum_j level_weight[j] * rows[r_j] + W @ gelu(A @ e + b)`` (``W @ e`` without
+    the adaptor);
     with a trained mask, ``item_trained`` and ``item_full_rows`` (a new item borrows the
     deepest ``item_rows`` of a trained item that is a prefix of its full-path rows).
     """
@@ -704,14 +757,24 @@ def export_arrays(
     if DOMAIN_PREFIX + "level_weight" in params:
         arrays["level_weight"] = params[DOMAIN_PREFIX + "level_weight"]
         described["level_weight"] = "weight of the row at each code position"
-    projection = text_projection(table.snapshot)
-    if projection is not None and table.text_vectors is not None:
-        arrays["text_proj"] = projection
+    text_map = TextMap.of(table.snapshot)
+    if text_map is not None and table.text_vectors is not None:
+        arrays["text_proj"] = text_map.weight
         arrays["item_text_vectors"] = table.text_vectors
-        described["text_proj"] = (
-            "float32 [dim, text_dim] W: an item's vector adds W @ its frozen text embedding"
-        )
-        described["item_text_vectors"] = "float32 [n, dim]: W @ embedding of each item"
+        if text_map.hidden_weight is not None and text_map.hidden_bias is not None:
+            arrays["text_in"] = text_map.hidden_weight
+            arrays["text_in_bias"] = text_map.hidden_bias
+            described["text_in"] = "float32 [text_hidden, text_dim] A: the text adaptor's layer"
+            described["text_in_bias"] = "float32 [text_hidden] b: its bias"
+            described["text_proj"] = (
+                "float32 [dim, text_hidden] W: an item's vector adds "
+                "W @ gelu(A @ e + b) of its frozen text embedding e (exact, erf GELU)"
+            )
+        else:
+            described["text_proj"] = (
+                "float32 [dim, text_dim] W: an item's vector adds W @ its frozen text embedding"
+            )
+        described["item_text_vectors"] = "float32 [n, dim]: the text part of each item"
     return arrays, described
 
 

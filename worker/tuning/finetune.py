@@ -3,16 +3,17 @@
 Runs off the consumer thread (see :mod:`worker.tuning.scheduler`), on a RocksDB
 checkpoint of the state: a consistent copy at one instant, so ingestion never
 stalls and the job never sees half a batch. The text encoder is never trained:
-items enter the model through their residual codes and a learned linear projection
-of their frozen embedding (``text_dim = embedding_dim``), read from the same
-checkpoint; the version keeps ``W @ e`` of its items (see :mod:`worker.state.versions`).
+items enter the model through their residual codes and a learned map of their frozen
+embedding (``text_dim = embedding_dim``; the text adaptor ``W @ gelu(A @ e + b)`` of
+``finetune_text_hidden`` width, or one linear map ``W @ e`` with 0), read from the same
+checkpoint; the version keeps the text parts of its items (see :mod:`worker.state.versions`).
 
 Warm starts: from the domain's current version (incremental), else from another
 domain's current version on the same codebook through :func:`quantize.train.shared_init`
 (its level rows, encoder and projection; its disambiguation rows are dropped), else
-from scratch. A start without a text projection (a version trained with ``text_dim =
-0``, or of another width) gets ``W = 0``: the candidate starts as that version and
-learns the projection from there.
+from scratch. A start without the model's text map (a version trained with ``text_dim =
+0``, a linear one under the adaptor, or of another width) gets ``W = 0``: the candidate
+starts as that version and learns the map from there, on the whole log.
 
 Borrowed codes (``serve_borrow_trained``): the version stores which items its training
 windows used (``TrainResult.seen_items``) and every item's full-path rows, and serves an
@@ -47,7 +48,13 @@ import numpy as np
 
 from quantize.evaluate import holdout_split, recall_ndcg, user_histories
 from quantize.remap import FittedRows, refit
-from quantize.table_model import ModelConfig, Params, Snapshot, borrow_trained_codes
+from quantize.table_model import (
+    ModelConfig,
+    Params,
+    Snapshot,
+    borrow_trained_codes,
+    text_param_shapes,
+)
 from quantize.train import (
     EpochReport,
     SoftmaxKind,
@@ -69,6 +76,7 @@ from worker.state.reads import (
 from worker.state.versions import (
     PUBLISHED,
     REJECTED,
+    TEXT_PARAMS,
     TEXT_PROJ,
     VersionRecord,
     VersionTable,
@@ -535,6 +543,7 @@ class FineTuner:
             hidden=settings.finetune_hidden,
             encoder="transformer" if settings.finetune_encoder == "transformer" else "attention",
             text_dim=settings.embedding_dim if settings.finetune_text_projection else 0,
+            text_hidden=settings.finetune_text_hidden,
         )
         self.last: dict[str, Outcome] = {}
 
@@ -938,19 +947,27 @@ class FineTuner:
         return Candidate(Snapshot(result.config, result.params), metrics, seen.astype(bool))
 
     def start_params(self, init: Snapshot) -> Params:
-        """``init``'s params made to fit :attr:`model_config`'s text projection: kept when
-        it has the same shape, else ``W = 0`` (the candidate starts as ``init``); dropped
-        when the model projects no text."""
-        params = dict(init.params)
+        """``init``'s params made to fit :attr:`model_config`'s text map: kept when ``init``'s
+        has the same shape (:meth:`_same_text_map`), else ``W = 0`` (the candidate starts as
+        ``init``; a text adaptor's hidden layer starts as drawn); dropped when the model
+        projects no text."""
+        params = {k: v for k, v in init.params.items() if k not in TEXT_PARAMS}
         cfg = self.model_config
         if cfg.text_dim == 0:
-            params.pop(TEXT_PROJ, None)
+            return params
+        if self._same_text_map(init):
+            params.update({k: init.params[k] for k in TEXT_PARAMS if k in init.params})
         else:
-            shape = (cfg.hidden, cfg.text_dim)
-            weight = params.get(TEXT_PROJ)
-            if weight is None or weight.shape != shape:
-                params[TEXT_PROJ] = np.zeros(shape, dtype=np.float32)
+            width = cfg.text_hidden or cfg.text_dim
+            params[TEXT_PROJ] = np.zeros((cfg.hidden, width), dtype=np.float32)
         return params
+
+    def _same_text_map(self, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot``'s text map has :attr:`model_config`'s shape (a linear map or
+        an adaptor of the same width)."""
+        have = snapshot.params
+        expected = text_param_shapes(self.model_config)
+        return all(n in have and have[n].shape == shape for n, shape in expected.items())
 
     def _fits(self, snapshot: Snapshot) -> bool:
         """Whether ``snapshot``'s shared parts and rows can seed :attr:`model_config`."""
@@ -970,7 +987,9 @@ class FineTuner:
 
         1. The domain's current version (``parent``), incrementally (the log since its
            watermark), when it has the settings' model shape and was trained on the
-           codebook the items are coded with now (``data.codebook_id``). A version of
+           codebook the items are coded with now (``data.codebook_id``); on the whole log
+           when only its text map differs (a linear version under the text adaptor: the map
+           starts at ``W = 0`` and has every interaction to learn from). A version of
            another codebook (a migration or ``adacode codebook train`` re-coded the items)
            seeds what does not depend on codes (encoder, text projection, level weights)
            as it is, and the rows fitted to its items' code vectors
@@ -995,6 +1014,12 @@ class FineTuner:
                     f"shared parts kept, {int(fit.fitted.sum())} of {len(fit.rows)} rows fitted "
                     f"to its items' code vectors, error {fit.error_before:.3g} -> "
                     f"{fit.error_after:.3g})",
+                    None,
+                )
+            if fits and self.model_config.text_dim and not self._same_text_map(table.snapshot):
+                return (
+                    table.snapshot,
+                    f"full log (v{parent}'s text map has another shape; it is learned anew)",
                     None,
                 )
             if fits:
