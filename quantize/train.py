@@ -294,9 +294,43 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class _Windows:
-    inputs: np.ndarray  # int32 [n_windows, max_len], left-padded with -1
-    targets: np.ndarray  # int32 [n_windows, max_len], -1 = no loss at this position
+    """Training windows as slices of one array: window ``w`` has ``lengths[w]`` pairs,
+    inputs ``items[at[w] : at[w] + lengths[w]]`` and targets one position later. Nothing
+    is padded until a step asks for its windows (:meth:`inputs`, :meth:`targets`: left-padded
+    to the step's width), so memory follows the log, not ``n_windows x max_len`` (at 1M
+    items and 10M interactions of 500k users, two padded int32 matrices at ``max_len`` 200
+    were 800 MB, 90 % of it padding)."""
+
+    items: (
+        np.ndarray
+    )  # int32 [n interactions]: the users' time-ordered sequences, one after another
+    at: np.ndarray  # int64 [n_windows]: where each window's inputs begin in items
+    lengths: np.ndarray  # int64 [n_windows]: its (input, target) pairs, 1..max_len
     is_new: np.ndarray  # bool [n_windows]: holds a target at/after new_since
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def inputs(self, idx: np.ndarray, width: int) -> np.ndarray:
+        """The inputs of windows ``idx``, int32 ``[len(idx), width]``, left-padded with -1."""
+        return pad_slices(self.items, self.at[idx], self.lengths[idx], width)
+
+    def targets(self, idx: np.ndarray, width: int) -> np.ndarray:
+        """The targets of windows ``idx``, int32 ``[len(idx), width]``, left-padded with -1."""
+        return pad_slices(self.items, self.at[idx] + 1, self.lengths[idx], width)
+
+    def item_counts(self, idx: np.ndarray | None, n_items: int, *, inputs: bool) -> np.ndarray:
+        """How often each item is a target of windows ``idx`` (all with ``None``), or with
+        ``inputs`` an input or a target (int64 ``[n_items]``), from a difference array over
+        the positions of :attr:`items` (no per-window copies)."""
+        at = self.at if idx is None else self.at[idx]
+        lengths = self.lengths if idx is None else self.lengths[idx]
+        first = at if inputs else at + 1
+        size = len(self.items) + 1
+        depth = np.cumsum(
+            np.bincount(first, minlength=size) - np.bincount(at + lengths + 1, minlength=size)
+        )[:-1]
+        return np.bincount(self.items, weights=depth, minlength=n_items).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -380,8 +414,6 @@ def _cut(
     end = pairs[owner] - nth * max_len  # pairs [begin, end) of the user's sequence
     begin = np.maximum(0, end - max_len)
     at = starts[owner] + begin
-    inputs = pad_slices(items, at, end - begin, max_len)
-    targets = pad_slices(items, at + 1, end - begin, max_len)
     if new_since is None:
         is_new = np.zeros(len(owner), dtype=bool)
     else:
@@ -390,14 +422,14 @@ def _cut(
             # the newest target of a window: its targets are time-ordered, so the last one
             last_stamp = stamps[at + (end - begin)]
         is_new = last_stamp >= new_since
-    return _Windows(inputs, targets, is_new)
+    return _Windows(items.astype(np.int32), at, end - begin, is_new)
 
 
 def _select_windows(
     windows: _Windows, new_since: int | None, replay_ratio: float, rng: np.random.Generator
 ) -> np.ndarray:
     if new_since is None:
-        return np.arange(len(windows.inputs))
+        return np.arange(len(windows))
     new = np.flatnonzero(windows.is_new)
     old = np.flatnonzero(~windows.is_new)
     n_replay = min(len(old), round(replay_ratio * len(new)))
@@ -425,10 +457,7 @@ def _batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generator) -
 
 def _seen(windows: _Windows, n_items: int) -> np.ndarray:
     """Items that are an input or a target of some training window."""
-    used = np.concatenate([windows.inputs.ravel(), windows.targets.ravel()])
-    seen = np.zeros(n_items, dtype=bool)
-    seen[used[used >= 0]] = True
-    return seen
+    return windows.item_counts(None, n_items, inputs=True) > 0
 
 
 def _candidates(
@@ -438,8 +467,7 @@ def _candidates(
     if softmax_items == "all":
         ids = np.arange(n_items)
     else:
-        used = np.concatenate([windows.inputs.ravel(), windows.targets.ravel()])
-        ids = np.unique(used[used >= 0]).astype(np.int64)
+        ids = np.flatnonzero(_seen(windows, n_items)).astype(np.int64)
     slot = np.full(n_items, -1, dtype=np.int64)
     slot[ids] = np.arange(len(ids))
     return torch.as_tensor(ids, device=device), torch.as_tensor(slot, device=device)
@@ -812,7 +840,7 @@ class _Run:
     def planned_epochs(self) -> int:
         """Epochs by the config's rule; an incremental run gets its share of them."""
         cfg = self.config
-        epochs = cfg.epochs_for(int((self.data.windows.targets >= 0).sum()))
+        epochs = cfg.epochs_for(int(self.data.windows.lengths.sum()))
         if self.new_since is not None and cfg.epochs is None:
             epochs = max(1, round(cfg.incremental_share * epochs))
         return epochs
@@ -820,16 +848,32 @@ class _Run:
 
 @dataclass(frozen=True)
 class _TrainingSet:
-    """The chosen training windows, on the device."""
+    """The chosen training windows (padded a step at a time: :meth:`batch`)."""
 
+    windows: _Windows
     chosen: np.ndarray  # window indices
-    inputs: torch.Tensor  # int64 [n, max_len]
-    targets: torch.Tensor  # int64 [n, max_len]
-    lengths: np.ndarray  # inputs per window (padding excluded)
+    lengths: np.ndarray  # pairs per chosen window
+    device: torch.device
 
     @property
     def n_targets(self) -> int:
-        return int((self.targets >= 0).sum())
+        return int(self.lengths.sum())
+
+    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets (int64, on the device) of the chosen windows ``idx``, padded
+        to their longest."""
+        width = int(self.lengths[idx].max())
+        windows = self.chosen[idx]
+        inputs = self.windows.inputs(windows, width)
+        targets = self.windows.targets(windows, width)
+        return (
+            torch.as_tensor(inputs, device=self.device).long(),
+            torch.as_tensor(targets, device=self.device).long(),
+        )
+
+    def target_counts(self, n_items: int) -> np.ndarray:
+        """How often each item is a target of the chosen windows."""
+        return self.windows.item_counts(self.chosen, n_items, inputs=False)
 
 
 @dataclass(frozen=True)
@@ -915,15 +959,7 @@ def _training_set(run: _Run, rng: np.random.Generator) -> _TrainingSet:
             "no training windows: every user has at most one interaction besides the "
             "validation target (or none is new); collect more interactions before training"
         )
-    every = len(chosen) == len(windows.inputs)  # chosen is then arange: no copy
-    inputs = windows.inputs if every else windows.inputs[chosen]
-    targets = windows.targets if every else windows.targets[chosen]
-    return _TrainingSet(
-        chosen=chosen,
-        inputs=torch.as_tensor(inputs, device=run.device),
-        targets=torch.as_tensor(targets, device=run.device),
-        lengths=(inputs >= 0).sum(axis=1),
-    )
+    return _TrainingSet(windows, chosen, windows.lengths[chosen], run.device)
 
 
 def _validation_set(run: _Run, rng: np.random.Generator) -> _ValidationSet:
@@ -984,7 +1020,7 @@ class _Trainer:
         self.candidates, self.slot = _candidates(
             run.data.windows, run.n_items, cfg.softmax_items, run.device
         )
-        self.target_share = _target_share(train.targets, self.candidates, run.n_items)
+        self.target_share = _target_share(train.target_counts(run.n_items), run.device)
         self.precision = logits_precision(cfg, run.device)
         self.planned_epochs = run.planned_epochs()
         self.total_steps = self.planned_epochs * len(self._batches())
@@ -1022,11 +1058,8 @@ class _Trainer:
         return total / max(steps, 1)
 
     def _step(self, idx: np.ndarray) -> float:
-        """One optimiser step on the windows ``idx`` (trimmed to their longest input)."""
-        batch = torch.as_tensor(idx, device=self.train.inputs.device)
-        width = int(self.train.lengths[idx].max())
-        inputs = self.train.inputs[batch, -width:].long()
-        targets = self.train.targets[batch, -width:].long()
+        """One optimiser step on the windows ``idx`` (padded to their longest input)."""
+        inputs, targets = self.train.batch(idx)
         loss = self._sampled(inputs, targets) if self.sampled else self._full(inputs, targets)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -1131,11 +1164,10 @@ def _optimizers(
     return out
 
 
-def _target_share(targets: torch.Tensor, candidates: torch.Tensor, n_items: int) -> torch.Tensor:
-    """Each item's share of the training targets (float64 ``[n_items]``)."""
-    t = targets[targets >= 0].long()
-    counts = torch.bincount(t, minlength=n_items).double()
-    return counts / max(len(t), 1)
+def _target_share(counts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Each item's share of the training targets (float64 ``[n_items]``) from their counts."""
+    share = torch.as_tensor(counts, dtype=torch.float64, device=device)
+    return share / max(int(counts.sum()), 1)
 
 
 @dataclass(frozen=True)

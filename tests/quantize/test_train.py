@@ -478,9 +478,24 @@ def test_numpy_windows_equal_the_per_user_loop(seed: int) -> None:
     since = None if seed == 0 else 25
     data = _prepare(users, items, stamps, 30, 7, since, validate=True)
     inputs, targets, is_new, val_h, val_t, val_ts = _slow_prepare(users, items, stamps, 7, since)
-    np.testing.assert_array_equal(data.windows.inputs, np.array(inputs))
-    np.testing.assert_array_equal(data.windows.targets, np.array(targets))
+    every = np.arange(len(data.windows))
+    np.testing.assert_array_equal(data.windows.inputs(every, 7), np.array(inputs))
+    np.testing.assert_array_equal(data.windows.targets(every, 7), np.array(targets))
     np.testing.assert_array_equal(data.windows.is_new, np.array(is_new))
+    # each window padded to a narrower width keeps its last positions (a step's padding)
+    width = int(data.windows.lengths.max())
+    np.testing.assert_array_equal(data.windows.inputs(every, width), np.array(inputs)[:, -width:])
+    # item counts from the slices: the targets, and every item a window uses
+    np.testing.assert_array_equal(
+        data.windows.item_counts(None, 30, inputs=False),
+        np.bincount(np.array(targets)[np.array(targets) >= 0], minlength=30),
+    )
+    some = every[::3]
+    used = np.concatenate([np.array(inputs)[some].ravel(), np.array(targets)[some].ravel()])
+    np.testing.assert_array_equal(
+        data.windows.item_counts(some, 30, inputs=True) > 0,
+        np.bincount(used[used >= 0], minlength=30) > 0,
+    )
     np.testing.assert_array_equal(data.val_histories, val_h)
     np.testing.assert_array_equal(data.val_targets, val_t)
     np.testing.assert_array_equal(data.val_times, val_ts)
