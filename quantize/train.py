@@ -301,9 +301,8 @@ class _Windows:
     items and 10M interactions of 500k users, two padded int32 matrices at ``max_len`` 200
     were 800 MB, 90 % of it padding)."""
 
-    items: (
-        np.ndarray
-    )  # int32 [n interactions]: the users' time-ordered sequences, one after another
+    # int32 [n interactions]: the users' time-ordered sequences, one after another
+    items: np.ndarray
     at: np.ndarray  # int64 [n_windows]: where each window's inputs begin in items
     lengths: np.ndarray  # int64 [n_windows]: its (input, target) pairs, 1..max_len
     is_new: np.ndarray  # bool [n_windows]: holds a target at/after new_since
